@@ -1,0 +1,89 @@
+"""Where a DSV4 forward rounds or quantises: the explicit simulation points (spec 4.4, 4.5, section 8).
+
+``GOLDEN`` simulates nothing (pure fp32/fp64 math from unquantised inputs). ``official()`` is the model as
+DeepSeek's current reference code runs it (QAT simulation points of spec 4.4). ``serving(profile)`` is a
+numerics model of the vLLM serving path for a platform profile, used by the ``emulated:<profile>``
+subject: bf16 activations between ops, block-FP8 linear activations, FP8 KV cache in the platform's
+dialect, the indexer's FP8 q/K, MXFP4 experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats.blockscale import BlockFP8
+
+
+@dataclass(frozen=True)
+class Numerics:
+    name: str = "golden"
+    # dtype activations are rounded to between ops (None = never round)
+    act_dtype: torch.dtype | None = None
+    # FP8 quantise-dequantise of every FP8-linear input (block (1,128))
+    linear_act: BlockFP8 | None = None
+    # FP8 quantise-dequantise of the KV nope part (SWA and compressed attention cache, block (1,64))
+    kv_nope: BlockFP8 | None = None
+    # indexer q / compressed indexer K: "fp4" (official: Hadamard + MXFP4 block 32), a BlockFP8 (vLLM:
+    # one FP8 block per 128-vector), or None
+    indexer_q: object = None
+    indexer_k: object = None
+    indexer_hadamard: bool = False
+    # attention probabilities rounded before P.V (official: bf16)
+    attn_probs_dtype: torch.dtype | None = None
+    # expert weights as stored (dequantised MXFP4 / FP8) versus the unquantised originals: the golden uses
+    # whatever weights it is given, so this flag only documents intent
+    dialect: str = "none"
+
+    @property
+    def simulates_anything(self) -> bool:
+        return any(v is not None and v is not False for k, v in vars(self).items()
+                   if k not in ("name", "dialect"))
+
+
+GOLDEN = Numerics()
+
+
+def official() -> Numerics:
+    """DeepSeek's current official inference code (act_quant really rounds to FP8; spec section 0)."""
+    return Numerics(
+        name="official",
+        act_dtype=torch.bfloat16,
+        linear_act=BlockFP8.of("ocp", (1, 128)),
+        kv_nope=BlockFP8.of("ocp", (1, 64)),
+        indexer_q="fp4",
+        indexer_k="fp4",
+        indexer_hadamard=True,
+        attn_probs_dtype=torch.bfloat16,
+        dialect="float8_e4m3fn",
+    )
+
+
+# Serving profiles: the FP8 dialect and the fmax each vLLM path uses on that platform.
+PROFILES = {
+    # MI300X / MI325X: e4m3fnuz; Triton cache writers use finfo(fnuz).max = 240; the indexer-q kernel's
+    # USE_FNUZ branch uses 224 (spec 3.8 / notes); block-FP8 activations use 240.
+    "gfx942": dict(dialect="float8_e4m3fnuz", fmax=240.0, indexer_q_fmax=224.0),
+    # OCP everywhere else (CUDA, gfx950, CPU)
+    "ocp": dict(dialect="float8_e4m3fn", fmax=448.0, indexer_q_fmax=448.0),
+}
+
+
+def serving(profile: str) -> Numerics:
+    try:
+        p = PROFILES[profile]
+    except KeyError:
+        raise KeyError(f"unknown serving profile {profile!r}; known: {sorted(PROFILES)}") from None
+    d, fmax = p["dialect"], p["fmax"]
+    return Numerics(
+        name=f"serving:{profile}",
+        act_dtype=torch.bfloat16,
+        linear_act=BlockFP8.of(d, (1, 128), fmax=fmax, scale_fmt="fp32", amax_floor=1e-10),
+        kv_nope=BlockFP8.of(d, (1, 64), fmax=fmax),
+        indexer_q=BlockFP8.of(d, (1, 128), fmax=p["indexer_q_fmax"]),
+        indexer_k=BlockFP8.of(d, (1, 128), fmax=fmax),
+        indexer_hadamard=False,
+        attn_probs_dtype=None,
+        dialect=d,
+    )
