@@ -1,0 +1,1 @@
+"""Checks: numeric conformance, FP8 dialect forensics, MoE routing, graph replay, end to end."""
