@@ -1,0 +1,9 @@
+"""Case rows, one module per component family. Importing this package registers every family.
+
+A case is a declarative row; ``Case.id`` is stable and is what ``python -m conformance rerun`` takes.
+"""
+
+from __future__ import annotations
+
+from . import formats  # noqa: F401,E402
+from ._case import CASES, Case, all_cases, cases_for, dist_tensor  # noqa: F401

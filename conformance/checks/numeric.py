@@ -1,0 +1,163 @@
+"""Numeric conformance: one case, one subject -> result rows at up to two levels.
+
+Level 1 compares the subject with the fp32 golden (the "fp64" bound for the reference subject, the
+formats' precision budget for serving subjects). Level 2 compares a serving subject with the emulated
+serving numerics of its profile, far tighter, so a bug hidden inside the FP8 budget is still caught.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+
+from references.numerics import PROFILES
+from references.precision import golden_mode
+
+from .. import components
+from ..cases import Case
+from ..metrics import Comparison, compare_exact, compare_float, compare_index_sets
+from ..results import VERDICT_RANK, CheckResult
+from ..subjects.base import Subject, SubjectInfo
+
+
+def _as_outputs(spec: components.ComponentSpec, out) -> dict:
+    if isinstance(out, dict):
+        return out
+    if isinstance(out, (tuple, list)):
+        return {o.name: v for o, v in zip(spec.outputs, out)}
+    return {spec.outputs[0].name: out}
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, dict):
+        return {k: _clone(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_clone(x) for x in v)
+    return v
+
+
+def _absmax(kw) -> float:
+    m = 0.0
+    for v in kw.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            m = max(m, float(v.detach().abs().max()))
+        elif isinstance(v, dict):
+            m = max(m, _absmax(v))
+    return m
+
+
+def _check_finite_inputs(kw, case_id: str):
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"case {case_id}: input {k!r} has NaN/Inf; cases must feed finite inputs")
+
+
+def context_params(info: SubjectInfo) -> dict:
+    profile = info.profile or "ocp"
+    p = PROFILES.get(profile, PROFILES["ocp"])
+    return {"profile": profile, "dialect": p["dialect"], "fmax": p["fmax"]}
+
+
+def compare_outputs(spec, got: dict, want: dict, params: dict, level: str, label: str,
+                    kwargs: dict) -> list[Comparison]:
+    comps = []
+    for o in spec.outputs:
+        if o.name not in want:
+            continue
+        if o.name not in got:
+            comps.append(Comparison(o.name, "fail", message=f"{label} {o.name}: the subject returned no "
+                                    f"{o.name!r} output (returned {sorted(got)})"))
+            continue
+        g, w = got[o.name], want[o.name]
+        if o.kind == "float":
+            scale = o.scale(kwargs, w) if o.scale else None
+            comps.append(compare_float(g.float() if g.dtype == torch.bfloat16 else g, w,
+                                       o.tolerance(params, level), output=o.name, scale=scale, label=label))
+        elif o.kind == "index-set":
+            comps.append(compare_index_sets(g, w, output=o.name, label=label))
+        else:
+            fmt = params.get("dialect") if o.kind == "fp8-codes" else None
+            comps.append(compare_exact(g, w, output=o.name, label=label, fp8_format=fmt))
+    return comps
+
+
+def _row(subject_name, info, impl, case, level, comps, t, ctx, rerun) -> CheckResult:
+    worst = max(comps, key=lambda c: VERDICT_RANK[c.verdict]) if comps else None
+    if worst is None:
+        return CheckResult(subject_name, case.id, case.component, "numeric", level, "error",
+                           message="no output to compare", rerun=rerun)
+    verdict = worst.verdict
+    return CheckResult(
+        subject=subject_name, case_id=case.id, component=case.component, check="numeric", level=level,
+        verdict=verdict, message=" | ".join(c.message for c in comps if c.verdict != "pass") or worst.message,
+        metrics={f"{c.output}.{k}": v for c in comps for k, v in c.metrics.items()},
+        bounds={f"{c.output}.{k}": v for c in comps for k, v in c.bounds.items()},
+        derivation={c.output: c.derivation.get("tolerance", "") for c in comps},
+        worst=dict(worst.worst, output=worst.output), function=impl.function, backend=impl.backend,
+        device=info.device, dialect=info.dialect, emulated=info.emulated,
+        params=dict(case.params, **ctx, dist=case.dist), seed=case.seed, duration_s=t, rerun=rerun,
+        extra={"histogram": {c.output: c.histogram for c in comps}, "impl_note": impl.note,
+               "outputs": {c.output: c.verdict for c in comps}, "tags": list(case.tags)},
+    )
+
+
+def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None, rerun: str = "",
+                emulated_cache: dict | None = None) -> list[CheckResult]:
+    spec = components.get(case.component)
+    info = subject.info()
+    name = subject_name or info.name
+    impls = subject.provides()
+    if case.component not in impls:
+        return [CheckResult(name, case.id, case.component, "numeric", "-", "not-provided",
+                            message=f"{case.component} is not provided by subject {name}",
+                            device=info.device, dialect=info.dialect, emulated=info.emulated, rerun=rerun)]
+    impl = impls[case.component]
+    ctx = context_params(info)
+    kwargs = case.make_inputs()
+    _check_finite_inputs(kwargs, case.id)
+    params = dict(case.params, **ctx, inputs_absmax=_absmax(kwargs))
+    t0 = time.perf_counter()
+    try:
+        with golden_mode():
+            want = _as_outputs(spec, spec.reference(**_clone(kwargs)))
+    except Exception as e:  # the golden itself failing is a harness bug: say so loudly
+        raise RuntimeError(f"golden reference for {case.component} failed on case {case.id}: {e}") from e
+    try:
+        got = _as_outputs(spec, impl.fn(**_clone(kwargs)))
+    except Exception as e:
+        return [CheckResult(name, case.id, case.component, "numeric", "-", "error",
+                            message=f"{impl.function} raised {type(e).__name__}: {e}",
+                            function=impl.function, backend=impl.backend, device=info.device,
+                            dialect=info.dialect, emulated=info.emulated, params=dict(case.params, **ctx),
+                            seed=case.seed, rerun=rerun,
+                            extra={"traceback": traceback.format_exc(limit=8)})]
+    t = time.perf_counter() - t0
+    level = getattr(subject, "comparison_level", lambda: "serving")()
+    label = f"[{case.component} | {case.id} | {name}]"
+    rows = [_row(name, info, impl, case, level, compare_outputs(spec, got, want, params, level, label, kwargs),
+                 t, ctx, rerun)]
+    profile = subject.emulation_profile()
+    if profile and spec.emulate is not None:
+        key = (case.id, profile)
+        if emulated_cache is not None and key in emulated_cache:
+            emu = emulated_cache[key]
+        else:
+            with golden_mode():
+                emu = _as_outputs(spec, spec.emulate(profile)(**_clone(kwargs)))
+            if emulated_cache is not None:
+                emulated_cache[key] = emu
+        rows.append(_row(name, info, impl, case, "emulated",
+                         compare_outputs(spec, got, emu, params, "emulated", label + f" vs emulated:{profile}",
+                                         kwargs), t, ctx, rerun))
+    return rows
+
+
+def worst_verdict(rows: list[CheckResult]) -> str:
+    return max((r.verdict for r in rows), key=lambda v: VERDICT_RANK[v]) if rows else "error"
+
+
+__all__ = ["run_numeric", "worst_verdict", "compare_outputs", "context_params"]

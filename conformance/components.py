@@ -1,0 +1,72 @@
+"""Component registry: name -> ComponentSpec (golden reference, outputs and their tolerances).
+
+A component is registered once, next to its case rows, in ``conformance/cases/<family>.py``. Its
+reference is the golden function from ``references``; each subject provides an ``Impl`` with exactly the
+same call signature. Output tolerances are functions of the case parameters and the comparison level:
+
+  "fp64"     the fp32 golden against the fp64 run of the same reference (reference subject)
+  "serving"  a serving-precision subject (bf16 activations, FP8 / FP4 formats) against the fp32 golden
+  "emulated" a serving subject against the emulated serving numerics of its profile (tight)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .tolerances import EXACT, Tolerance
+
+LEVELS = ("fp64", "serving", "emulated")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    kind: str = "float"                      # float | exact | index-set | fp8-codes
+    tol: Callable[[dict, str], Tolerance] | None = None   # (params, level) -> Tolerance
+    scale: Callable[[dict, object], object] | None = None  # (kwargs, want) -> magnitude for rtol
+    fp8_format: Callable[[str], str] | None = None  # (subject dialect) -> format of the codes
+
+    def tolerance(self, params: dict, level: str) -> Tolerance:
+        if self.kind != "float":
+            return EXACT
+        if self.tol is None:
+            raise ValueError(f"output {self.name!r} is a float output without a tolerance")
+        return self.tol(params, level)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    family: str
+    reference: Callable
+    outputs: tuple[OutputSpec, ...]
+    description: str = ""
+    # emulate(profile) -> callable with the reference's signature computing the serving numerics
+    emulate: Callable[[str], Callable] | None = None
+    spec_section: str = ""
+    divergences: tuple[str, ...] = field(default_factory=tuple)
+
+
+REGISTRY: dict[str, ComponentSpec] = {}
+
+
+def register(spec: ComponentSpec) -> ComponentSpec:
+    if spec.name in REGISTRY and REGISTRY[spec.name] is not spec:
+        raise ValueError(f"component {spec.name!r} registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> ComponentSpec:
+    load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown component {name!r}; known: {sorted(REGISTRY)}") from None
+
+
+def load_all() -> dict[str, ComponentSpec]:
+    from . import cases  # noqa: F401  (registers every family)
+
+    return REGISTRY

@@ -1,0 +1,195 @@
+"""Error metrics and comparisons, structure first, then values (the message contract of STYLE.md).
+
+Every comparison returns a ``Comparison`` with the measured metrics, the bound, the worst element (index,
+got, want), a verdict tier and a message naming component, case and output. Nothing stops at the first
+violation: counts cover every element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from references.formats.minifloat import get_format
+
+from .tolerances import EXACT, Tolerance, unit_roundoff, verdict_from_errors
+
+
+@dataclass
+class Comparison:
+    output: str
+    verdict: str
+    metrics: dict = field(default_factory=dict)
+    bounds: dict = field(default_factory=dict)
+    derivation: dict = field(default_factory=dict)
+    worst: dict = field(default_factory=dict)
+    message: str = ""
+    histogram: list = field(default_factory=list)   # (log10 err/bound bin edge, count)
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's global similarity metric 1 - 2 sum(xy) / sum(x^2 + y^2), in fp64 (0 = identical)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    denom = (x * x + y * y).sum()
+    if denom == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denom)
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double().flatten(), y.double().flatten()
+    n = x.norm() * y.norm()
+    return float((x @ y) / n) if n > 0 else (1.0 if x.norm() == y.norm() else 0.0)
+
+
+def rel_fro(got: torch.Tensor, want: torch.Tensor) -> float:
+    w = want.double()
+    n = w.norm()
+    d = (got.double() - w).norm()
+    return float(d / n) if n > 0 else float(d)
+
+
+def ulp_error(got: torch.Tensor, want: torch.Tensor, fmt_dtype) -> float:
+    """Max error in units of the target format's rounding at each reference value: |got-want| / (2u|want|)
+    (one ULP of a normal number is 2u times its magnitude, to within a factor of 2)."""
+    u = unit_roundoff(fmt_dtype)
+    w = want.double().abs().clamp_min(1e-30)
+    return float(((got.double() - want.double()).abs() / (2 * u * w)).max())
+
+
+def _histogram(ratio: torch.Tensor) -> list:
+    r = ratio[torch.isfinite(ratio) & (ratio > 0)].double()
+    if r.numel() == 0:
+        return []
+    edges = torch.arange(-6, 3, 0.5, dtype=torch.float64)
+    lg = torch.log10(r).clamp(edges[0].item(), edges[-1].item())
+    counts = torch.histc(lg, bins=len(edges) - 1, min=edges[0].item(), max=edges[-1].item())
+    return [(float(e), int(c)) for e, c in zip(edges[:-1], counts)]
+
+
+def structure_mismatch(got, want, output: str) -> str | None:
+    if not isinstance(got, torch.Tensor):
+        return f"{output}: expected a tensor, got {type(got).__name__}"
+    if tuple(got.shape) != tuple(want.shape):
+        return f"{output}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+    return None
+
+
+def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, output: str,
+                  scale: torch.Tensor | None = None, label: str = "", ulp_dtype=None) -> Comparison:
+    """Elementwise comparison against ``tol`` (bound = atol + rtol * |scale or want|)."""
+    bad = structure_mismatch(got, want, output)
+    if bad:
+        return Comparison(output, "fail", message=f"{label} {bad}")
+    g = got.detach().cpu().double()
+    w = want.detach().cpu().double()
+    s = (scale.detach().cpu().double() if scale is not None else w).expand_as(w)
+    err = (g - w).abs()
+    err = torch.where(torch.isnan(err) & torch.isnan(w) & torch.isnan(g), torch.zeros_like(err), err)
+    bound = tol.bound(s)
+    v = verdict_from_errors(err, bound, w, g, tol)
+    e_for_max = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+    flat = int(torch.argmax(e_for_max)) if err.numel() else 0
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), w.shape)) if err.numel() else ()
+    rel = err / w.abs().clamp_min(1e-30)
+    metrics = {
+        "max_abs": float(e_for_max.max()) if err.numel() else 0.0,
+        "max_rel": float(rel[torch.isfinite(rel)].max()) if torch.isfinite(rel).any() else 0.0,
+        "worst_over_bound": v.worst_ratio,
+        "rel_fro": rel_fro(g, w),
+        "calc_diff": calc_diff(g, w),
+        "cosine": cosine(g, w),
+        "violations": v.violations,
+        "elements": v.total,
+    }
+    if ulp_dtype is not None:
+        metrics["ulp_max"] = ulp_error(g, w, ulp_dtype)
+    worst = {"index": list(idx), "got": float(g[idx]) if idx else float("nan"),
+             "want": float(w[idx]) if idx else float("nan"),
+             "bound": float(bound[idx]) if idx else float("nan")}
+    msg = (f"{label} {output}: {v.tier}; {v.violations} / {v.total} "
+           f"({100.0 * v.violations / max(v.total, 1):.3g}%) beyond bound; worst at {list(idx)}: "
+           f"got {worst['got']:.8g} want {worst['want']:.8g} |err| {metrics['max_abs']:.3g} "
+           f"allowed {worst['bound']:.3g} ({v.worst_ratio:.3g}x bound); bound: {tol.derivation}")
+    if v.reasons:
+        msg += "; " + "; ".join(v.reasons)
+    ratio = err / bound.clamp_min(1e-300)
+    return Comparison(output, v.tier, metrics, {"worst_over_bound": 1.0, "violations": 0},
+                      {"tolerance": tol.derivation}, worst, msg.strip(), _histogram(ratio))
+
+
+def compare_exact(got: torch.Tensor, want: torch.Tensor, *, output: str, label: str = "",
+                  fp8_format: str | None = None) -> Comparison:
+    """Bit-for-bit comparison (indices, codes, bytes). For FP8 bytes the worst element is decoded with
+    sign / exponent / mantissa in the expected format and in the other e4m3 dialect."""
+    bad = structure_mismatch(got, want, output)
+    if bad:
+        return Comparison(output, "fail", message=f"{label} {bad}")
+    g, w = got.detach().cpu(), want.detach().cpu()
+    neq = g != w
+    if g.is_floating_point():
+        neq &= ~(torch.isnan(g) & torch.isnan(w))
+    n = int(neq.sum())
+    metrics = {"mismatches": n, "elements": w.numel()}
+    if n == 0:
+        return Comparison(output, "pass", metrics, {"mismatches": 0}, {"tolerance": EXACT.derivation},
+                          message=f"{label} {output}: exact match")
+    flat = int(torch.nonzero(neq.flatten())[0])
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), w.shape))
+    worst = {"index": list(idx), "got": g[idx].item(), "want": w[idx].item()}
+    msg = (f"{label} {output}: {n} / {w.numel()} elements differ; first at {list(idx)}: "
+           f"got {worst['got']} want {worst['want']}")
+    if fp8_format:
+        f = get_format(fp8_format)
+        other = get_format("float8_e4m3fnuz" if f.name == "float8_e4m3fn" else "float8_e4m3fn")
+        worst["got_decoded"] = f.describe(int(worst["got"]))
+        worst["want_decoded"] = f.describe(int(worst["want"]))
+        worst["got_as_other_dialect"] = other.describe(int(worst["got"]))
+        msg += f"; got {worst['got_decoded']} [{worst['got_as_other_dialect']}], want {worst['want_decoded']}"
+    return Comparison(output, "fail", metrics, {"mismatches": 0}, {"tolerance": EXACT.derivation}, worst, msg)
+
+
+def topk_overlap(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Per row |got ∩ want| / |want| of index sets (-1 entries ignored)."""
+    out = []
+    for a, b in zip(got.tolist(), want.tolist()):
+        sa, sb = {i for i in a if i >= 0}, {i for i in b if i >= 0}
+        out.append(len(sa & sb) / len(sb) if sb else float(not sa))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def compare_index_sets(got: torch.Tensor, want: torch.Tensor, *, output: str, label: str = "",
+                       scores: torch.Tensor | None = None, tie_window: float = 0.0) -> Comparison:
+    """Set equality per row (order ignored). Differences whose scores lie within ``tie_window`` of the
+    k-th selected score are near-ties: reported, not failed."""
+    bad = structure_mismatch(got, want, output)
+    if bad:
+        return Comparison(output, "fail", message=f"{label} {bad}")
+    rows_bad, ties, first = 0, 0, None
+    for r, (a, b) in enumerate(zip(got.tolist(), want.tolist())):
+        sa, sb = {i for i in a if i >= 0}, {i for i in b if i >= 0}
+        if sa == sb:
+            continue
+        diff = (sa - sb) | (sb - sa)
+        if scores is not None and tie_window > 0 and sb and all(i >= 0 for i in diff):
+            kth = min(scores[r, i].item() for i in sb)
+            if all(abs(scores[r, i].item() - kth) <= tie_window for i in diff) and len(sa) == len(sb):
+                ties += 1
+                continue
+        rows_bad += 1
+        if first is None:
+            first = (r, sorted(sa - sb), sorted(sb - sa))
+    ov = topk_overlap(got, want)
+    metrics = {"rows_differing": rows_bad, "near_tie_rows": ties, "rows": got.shape[0],
+               "min_overlap": float(ov.min()) if ov.numel() else 1.0}
+    if rows_bad == 0:
+        return Comparison(output, "pass", metrics, {"rows_differing": 0}, {"tolerance": "exact set equality; "
+                          f"differences within {tie_window:.3g} of the k-th score are near-ties"},
+                          message=f"{label} {output}: sets equal ({ties} near-tie rows)")
+    r, extra, missing = first
+    msg = (f"{label} {output}: {rows_bad} / {got.shape[0]} rows select a different set; row {r}: "
+           f"selected {extra[:8]} not expected, missing {missing[:8]}")
+    return Comparison(output, "fail", metrics, {"rows_differing": 0}, {"tolerance": "exact set equality"},
+                      {"index": [r], "got": extra[:8], "want": missing[:8]}, msg)

@@ -1,0 +1,151 @@
+"""pytest plugin: options, subject loading, per-case result capture, report at the end of the session.
+
+Hooks only; run state lives in one ``ConformanceRun`` object on ``config``. Under pytest-xdist every
+worker writes its own results file and the controller renders the report once all workers finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from .results import FAILING, ResultWriter
+
+DEFAULT_OUT = "out/conformance"
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("dsv4-conformance")
+    g.addoption("--subject", action="append", default=[],
+                help="implementation under test: reference | emulated:<gfx942|ocp> | transformers | vllm | "
+                     "vllm-triton:<gfx942|ocp> | module:factory[@profile] (repeatable)")
+    g.addoption("--out", default=DEFAULT_OUT, help=f"output folder for results and the report ({DEFAULT_OUT})")
+    g.addoption("--case", action="append", default=[], help="run only this case id (repeatable)")
+    g.addoption("--component", action="append", default=[], help="run only cases of this component")
+    g.addoption("--baseline", default=None, help="results folder or baseline file to compare against")
+    g.addoption("--no-report", action="store_true", help="do not render the HTML report at the end")
+    g.addoption("--append", action="store_true", help="keep earlier results in --out (default: start fresh)")
+
+
+class ConformanceRun:
+    def __init__(self, config):
+        self.config = config
+        self.out = Path(config.getoption("--out"))
+        self.subject_specs = config.getoption("--subject") or []
+        self._subjects = {}
+        self.writer = None
+        self.emulated_cache: dict = {}
+
+    def subject(self, spec: str):
+        if spec not in self._subjects:
+            from .subjects import load_subject
+
+            self._subjects[spec] = load_subject(spec)
+        return self._subjects[spec]
+
+    def write(self, row):
+        if self.writer is None:
+            self.writer = ResultWriter(self.out)
+        self.writer.write(row)
+
+    def rerun_command(self, subject: str, case_id: str) -> str:
+        return ("python -m conformance rerun " + shlex.quote(case_id) + " --subject " + shlex.quote(subject))
+
+
+def _is_controller(config) -> bool:
+    return not hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "conformance: a conformance case against a subject")
+    run = ConformanceRun(config)
+    config._dsv4_run = run
+    if not run.subject_specs:
+        return
+    from .subjects import SubjectError
+
+    # Fail fast, in one sentence, before collecting anything: unknown subject, missing package, no device.
+    for spec in run.subject_specs:
+        try:
+            run.subject(spec)
+        except SubjectError as e:
+            raise pytest.UsageError(str(e)) from None
+    if _is_controller(config):
+        from . import env
+
+        run.out.mkdir(parents=True, exist_ok=True)
+        # a run owns its folder: results of an earlier run there would mix into this report
+        old = run.out / "results"
+        if old.exists() and not config.getoption("--append"):
+            for f in old.glob("*.jsonl"):
+                f.unlink()
+        infos = {}
+        for spec in run.subject_specs:
+            i = run.subject(spec).info()
+            infos[spec] = {"name": i.name, "implementation": i.implementation, "device": i.device,
+                           "dialect": i.dialect, "emulated": i.emulated, "profile": i.profile,
+                           "versions": i.versions, "shims": list(i.shims), "banner": i.banner,
+                           "provides": {k: {"function": v.function, "backend": v.backend, "note": v.note}
+                                        for k, v in run.subject(spec).provides().items()}}
+        (run.out / "subjects.json").write_text(json.dumps(infos, indent=1))
+        (run.out / "env.json").write_text(json.dumps(env.capture(), indent=1))
+        (run.out / "command.txt").write_text(" ".join(shlex.quote(a) for a in sys.argv) + "\n")
+
+
+def pytest_generate_tests(metafunc):
+    if "conformance_case" not in metafunc.fixturenames:
+        return
+    from .cases import all_cases
+
+    run = metafunc.config._dsv4_run
+    if not run.subject_specs:
+        raise pytest.UsageError("the conformance suite needs at least one --subject")
+    want_cases = set(metafunc.config.getoption("--case"))
+    want_comp = set(metafunc.config.getoption("--component"))
+    cases = [c for c in all_cases() if (not want_cases or c.id in want_cases)
+             and (not want_comp or c.component in want_comp)]
+    if want_cases and not cases:
+        raise pytest.UsageError(f"no case has id {sorted(want_cases)}")
+    params, ids = [], []
+    for s in run.subject_specs:
+        for c in cases:
+            if getattr(metafunc.module, "select", lambda c: True)(c):
+                params.append((s, c))
+                ids.append(f"{s}::{c.id}")
+    metafunc.parametrize("conformance_subject,conformance_case", params, ids=ids)
+
+
+@pytest.fixture
+def conformance_run(request):
+    return request.config._dsv4_run
+
+
+def record(run: ConformanceRun, rows) -> None:
+    """Write rows, then turn the worst verdict into the pytest outcome (with the diagnostic message)."""
+    for r in rows:
+        run.write(r)
+    bad = [r for r in rows if r.verdict in FAILING]
+    if bad:
+        pytest.fail("\n".join(f"{r.verdict.upper()} {r.message}\n  rerun: {r.rerun}" for r in bad), pytrace=False)
+    missing = [r for r in rows if r.verdict in ("not-provided", "needs-gpu", "not-run")]
+    if missing:
+        pytest.skip("; ".join(f"{r.verdict}: {r.message}" for r in missing))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    run = getattr(config, "_dsv4_run", None)
+    if run is None or not run.subject_specs or not _is_controller(config):
+        return
+    if config.getoption("--no-report"):
+        return
+    from reports.render import render_report
+
+    path = render_report(run.out)
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"DSV4 conformance report: {path}")

