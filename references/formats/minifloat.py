@@ -161,7 +161,11 @@ class MiniFloat:
 
         # overflow: beyond max by at least half a step (the step max would have to the next value)
         top = vals_sorted[-1]
-        step = top - vals_sorted[-2]
+        # The step past max is the spacing of max's own binade, 2**(exponent(max) - man_bits). It is not
+        # max minus the previous value when max opens its binade: E8M0's values are all powers of two, so
+        # the step past 2**127 is 2**127 (boundary 1.5 * 2**127), not 2**126 (boundary 1.25 * 2**127).
+        _, e = np.frexp(top)  # top in [2**(e-1), 2**e)
+        step = np.ldexp(1.0, int(e) - 1 - self.man_bits)
         boundary = top + step / 2  # a tie at the boundary rounds to even: max's code parity decides
         max_code = codes_sorted[-1]
         over = (mag > boundary) | ((mag == boundary) & (max_code % 2 == 1)) | np.isinf(mag)
