@@ -138,7 +138,7 @@ class MiniFloat:
     def describe(self, code: int) -> str:
         """'0x38 s=0 e=0111 m=000 (1.0)' - the diagnostic form used in every FP8 failure message."""
         s, e, m = self.fields(code)
-        val = self.table[int(code)]
+        val = float(self.table[int(code)])  # plain float: numpy 2 would print np.float64(...)
         return (f"0x{int(code):02X} s={s} e={e:0{self.exp_bits}b} m={m:0{self.man_bits}b}"
                 f" ({val!r} as {self.name})") if self.man_bits else (
                 f"0x{int(code):02X} e={e:0{self.exp_bits}b} ({val!r} as {self.name})")
