@@ -253,3 +253,38 @@ def check_same_dequant(before: np.ndarray, after: np.ndarray, codes: np.ndarray,
             msg += (f"; scale {E8M0.describe(int(scale_bytes[0][j]))} -> {E8M0.describe(int(scale_bytes[1][j]))}")
         out.append(Mismatch(check, code_fmts[0].name, int(i), msg))
     return out
+
+
+def check_codes(got, want, fmt: MiniFloat, *, check: str, where: Callable[[int], str] | None = None,
+                limit: int | None = None) -> list[Mismatch]:
+    """Two code arrays of the same shape must hold the same codes (two NaN codes count as equal).
+
+    ``where`` renders a flat index as a position (e.g. 'row 3 col 70, block (0, 1)'); ``limit`` stops
+    building messages after that many (the count in ``report`` needs the full list, so the default is all).
+    """
+    got = np.asarray(got).astype(np.int64)
+    want = np.asarray(want).astype(np.int64)
+    if got.shape != want.shape:
+        return [Mismatch(check, fmt.name, -1, f"shape {got.shape} != expected {want.shape}")]
+    g, w = got.ravel(), want.ravel()
+    bad = np.flatnonzero((g != w) & ~(np.isnan(fmt.table[g]) & np.isnan(fmt.table[w])))
+    out = []
+    for i in bad[:limit]:
+        pos = where(int(i)) if where else f"index {np.unravel_index(i, got.shape)}"
+        out.append(Mismatch(check, fmt.name, int(i),
+                            f"{pos}: expected {fmt.describe(w[i])}, got {fmt.describe(g[i])}"))
+    return out
+
+
+def check_values(got, want, *, check: str, fmt_name: str = "float32", where: Callable[[int], str] | None = None
+                 ) -> list[Mismatch]:
+    """Exact elementwise equality of two float arrays (NaN == NaN; +0 == -0, as dequantised values)."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return [Mismatch(check, fmt_name, -1, f"shape {got.shape} != expected {want.shape}")]
+    g, w = got.ravel(), want.ravel()
+    bad = np.flatnonzero(~((g == w) | (np.isnan(g) & np.isnan(w))))
+    return [Mismatch(check, fmt_name, int(i),
+                     f"{where(int(i)) if where else f'index {np.unravel_index(i, got.shape)}'}: expected "
+                     f"{float(w[i])!r}, got {float(g[i])!r}") for i in bad]
