@@ -19,7 +19,7 @@ from references.formats.minifloat import FNUZ, OCP, MiniFloat, get_format
 from references.formats.scales import fp32_scale, pow2_scale
 
 from .probes import FMAX_CANDIDATES, block_amax, expand_scales
-from .ratio import NOISE, ratio_signature
+from .ratio import EXACT, NOISE, ratio_signature
 
 DIALECT_FORMATS = (OCP, FNUZ)
 NEITHER, AMBIGUOUS = "neither", "ambiguous"
@@ -61,12 +61,12 @@ def _rank(fmt: MiniFloat, codes: np.ndarray) -> np.ndarray:
 
 @dataclass
 class DialectVerdict:
-    dialect: str                                  # float8_e4m3fn | float8_e4m3fnuz | neither | ambiguous
+    dialect: str  # float8_e4m3fn | float8_e4m3fnuz | neither | ambiguous
     evidence: list = field(default_factory=list)
     fmax_guess: float | None = None
-    defects: list = field(default_factory=list)   # {"kind", "message", "count", "index"}
-    match: dict = field(default_factory=dict)     # dialect -> fraction of discriminating bytes equal
-    scale_rule: str = ""                          # pow2 | fp32
+    defects: list = field(default_factory=list)  # {"kind", "message", "count", "index"}
+    match: dict = field(default_factory=dict)  # dialect -> fraction of discriminating bytes equal
+    scale_rule: str = ""  # pow2 | fp32
     scale_offset_log2: dict = field(default_factory=dict)  # dialect -> k when bytes = D(value * 2**k)
     worst: dict = field(default_factory=dict)
 
@@ -83,8 +83,9 @@ class DialectVerdict:
         return f"wrote {self.dialect}{f}{d}"
 
 
-def infer_fmax(values: np.ndarray, scale_el: np.ndarray, block, rule: str | None = None,
-               amax_floor: float = 0.0):
+def infer_fmax(
+    values: np.ndarray, scale_el: np.ndarray, block, rule: str | None = None, amax_floor: float = 0.0
+):
     """fmax in {448, 240, 224} whose scale rule reproduces every block's scale, and the rule used."""
     amax = np.maximum(block_amax(values, block), amax_floor)
     br, bc = block
@@ -97,13 +98,21 @@ def infer_fmax(values: np.ndarray, scale_el: np.ndarray, block, rule: str | None
         want = pow2_scale(amax, f, 1e-30) if rule == "pow2" else fp32_scale(amax, f, 1e-30)
         if rule == "pow2" and np.array_equal(want, sb):
             hits.append(f)
-        elif rule == "fp32" and np.allclose(want, sb, rtol=2.0 ** -20, atol=0):
+        elif rule == "fp32" and np.allclose(want, sb, rtol=2.0**-20, atol=0):
             hits.append(f)
     return hits, rule, (amax / sb)
 
 
-def classify_codes(codes, values_fed, scale, fmax: float | None = None, *, block=None,
-                   scale_rule: str | None = None, amax_floor: float = 0.0) -> DialectVerdict:
+def classify_codes(
+    codes,
+    values_fed,
+    scale,
+    fmax: float | None = None,
+    *,
+    block=None,
+    scale_rule: str | None = None,
+    amax_floor: float = 0.0,
+) -> DialectVerdict:
     """Decide which dialect (and fmax) wrote ``codes`` for ``values_fed`` quantised with ``scale``.
 
     codes      : uint8 bytes produced, any shape
@@ -117,13 +126,23 @@ def classify_codes(codes, values_fed, scale, fmax: float | None = None, *, block
     if c.shape != x.shape:
         raise ValueError(f"classify_codes: codes {c.shape} and values {x.shape} differ in shape")
     s = _np(scale, np.float64)
-    s = expand_scales(s, block, x.shape) if block is not None and s.shape != x.shape else np.broadcast_to(s, x.shape)
+    s = (
+        expand_scales(s, block, x.shape)
+        if block is not None and s.shape != x.shape
+        else np.broadcast_to(s, x.shape)
+    )
     v = DialectVerdict(dialect=AMBIGUOUS)
     if not np.isfinite(s).all() or (s <= 0).any():
         bad = np.argwhere(~np.isfinite(s) | (s <= 0))[0]
         v.dialect = NEITHER
-        v.defects.append(dict(kind="bad_scale", count=int((~np.isfinite(s) | (s <= 0)).sum()), index=bad.tolist(),
-                              message=f"scale at {_idx(bad)} is {s[tuple(bad)]!r} (not a positive finite number)"))
+        v.defects.append(
+            dict(
+                kind="bad_scale",
+                count=int((~np.isfinite(s) | (s <= 0)).sum()),
+                index=bad.tolist(),
+                message=f"scale at {_idx(bad)} is {s[tuple(bad)]!r} (not a positive finite number)",
+            )
+        )
         return v
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         y = x / s
@@ -135,13 +154,25 @@ def classify_codes(codes, values_fed, scale, fmax: float | None = None, *, block
     if block is not None:
         hits, v.scale_rule, ratio = infer_fmax(x, s, block, scale_rule, amax_floor)
         v.fmax_guess = hits[0] if len(hits) == 1 else None
-        v.evidence.append(f"scales ({v.scale_rule} rule) imply fmax {hits or 'none of 448/240/224'}"
-                          f" (block amax/scale = {np.unique(ratio.round(3)).tolist()[:6]})")
+        v.evidence.append(
+            f"scales ({v.scale_rule} rule) imply fmax {hits or 'none of 448/240/224'}"
+            f" (block amax/scale = {np.unique(ratio.round(3)).tolist()[:6]})"
+        )
     ymax = float(np.abs(y).max())
     v.evidence.append(f"max |value/scale| = {ymax:g}")
     n = int(discr.sum())
     if n == 0:
-        v.evidence.append("no probe element tells the dialects apart (all values round to zero?)")
+        stray = (c != exp[OCP.name]) & (c != exp[FNUZ.name])
+        if stray.any():  # bytes where both dialects expect (signed) zero: the scale is off, not the dialect
+            v.dialect = NEITHER
+            i = tuple(np.argwhere(stray)[0])
+            v.evidence.append(
+                f"{int(stray.sum())} bytes are nonzero where both dialects round value/scale to zero, "
+                f"e.g. {_idx(i)} fed {x[i]:g} (value/scale {y[i]:g}): {both_decodings(c[i])}"
+            )
+            _scale_offsets(v, c, y)
+        else:
+            v.evidence.append("no probe element tells the dialects apart (all values round to zero?)")
         return v
     good = {}
     for f in DIALECT_FORMATS:
@@ -159,8 +190,10 @@ def classify_codes(codes, values_fed, scale, fmax: float | None = None, *, block
         v.dialect = NEITHER
     # evidence: the first discriminating element (1.0 by design) and the worst mismatch
     i0 = tuple(np.argwhere(discr)[0])
-    v.evidence.append(f"element {_idx(i0)} fed {x[i0]:g} (value/scale {y[i0]:g}): produced {both_decodings(c[i0])}; "
-                      f"OCP would write 0x{exp[OCP.name][i0]:02X}, fnuz 0x{exp[FNUZ.name][i0]:02X}")
+    v.evidence.append(
+        f"element {_idx(i0)} fed {x[i0]:g} (value/scale {y[i0]:g}): produced {both_decodings(c[i0])}; "
+        f"OCP would write 0x{exp[OCP.name][i0]:02X}, fnuz 0x{exp[FNUZ.name][i0]:02X}"
+    )
     best = v.dialect if v.dialect in exp else max(v.match, key=v.match.get)
     fb = get_format(best)
     bad = discr & (c != exp[best]) & (np.abs(y) <= fb.max)
@@ -168,11 +201,19 @@ def classify_codes(codes, values_fed, scale, fmax: float | None = None, *, block
         err = np.abs(fb.decode(c) - y)
         err = np.where(np.isnan(err), np.inf, err)
         wi = tuple(np.argwhere(bad)[np.argmax(err[bad])])
-        v.worst = dict(index=list(map(int, wi)), fed=float(x[wi]), value_over_scale=float(y[wi]),
-                       code=int(c[wi]), expected_code=int(exp[best][wi]), against=best)
-        v.evidence.append(f"{int(bad.sum())}/{n} discriminating bytes differ from {best}; worst {_idx(wi)} fed "
-                          f"{x[wi]:g} (value/scale {y[wi]:g}): produced {both_decodings(c[wi])}; "
-                          f"{best} expects {describe(fb, exp[best][wi])}")
+        v.worst = dict(
+            index=list(map(int, wi)),
+            fed=float(x[wi]),
+            value_over_scale=float(y[wi]),
+            code=int(c[wi]),
+            expected_code=int(exp[best][wi]),
+            against=best,
+        )
+        v.evidence.append(
+            f"{int(bad.sum())}/{n} discriminating bytes differ from {best}; worst {_idx(wi)} fed "
+            f"{x[wi]:g} (value/scale {y[wi]:g}): produced {both_decodings(c[wi])}; "
+            f"{best} expects {describe(fb, exp[best][wi])}"
+        )
     if v.dialect == NEITHER:
         _scale_offsets(v, c, y)
         return v
@@ -189,10 +230,12 @@ def _scale_offsets(v: DialectVerdict, c: np.ndarray, y: np.ndarray) -> None:
             continue
         d = np.log2(np.abs(dv[ok] / y[ok]))
         k = float(np.round(np.median(d)))
-        if k != 0 and np.mean(np.abs(d - k) <= NOISE + 2 ** -7) >= 0.9:
+        if k != 0 and np.mean(np.abs(d - k) <= NOISE + EXACT) >= 0.9:
             v.scale_offset_log2[f.name] = int(k)
-            v.evidence.append(f"bytes are {f.name} codes of value x 2**{int(k)}: the scale reported is 2**{int(k)} "
-                              f"times the one the bytes were written with")
+            v.evidence.append(
+                f"bytes are {f.name} codes of value x 2**{int(k)}: the scale reported is 2**{int(k)} "
+                f"times the one the bytes were written with"
+            )
 
 
 def _special_values(v, c, y, x, signed_zero, f: MiniFloat, fmax_expected) -> None:
@@ -202,46 +245,78 @@ def _special_values(v, c, y, x, signed_zero, f: MiniFloat, fmax_expected) -> Non
         m = signed_zero & (c == 0x80)
         if m.any():
             i = tuple(np.argwhere(m)[0])
-            v.defects.append(dict(kind="nan_from_negative_underflow", count=int(m.sum()), index=list(map(int, i)),
-                                  message=f"{int(m.sum())} tiny negative / -0 inputs written as 0x80 (OCP's -0 is "
-                                          f"fnuz's NaN), e.g. {_idx(i)} fed {x[i]:g}: {both_decodings(0x80)}"))
+            v.defects.append(
+                dict(
+                    kind="nan_from_negative_underflow",
+                    count=int(m.sum()),
+                    index=list(map(int, i)),
+                    message=f"{int(m.sum())} tiny negative / -0 inputs written as 0x80 (OCP's -0 is "
+                    f"fnuz's NaN), e.g. {_idx(i)} fed {x[i]:g}: {both_decodings(0x80)}",
+                )
+            )
     else:
         m = signed_zero & (c == 0x00)
         if m.any():
-            v.evidence.append(f"{int(m.sum())} negative underflows written as +0 (0x00): sign of zero dropped "
-                              "(harmless; what the OCP->fnuz code fix-up does)")
+            v.evidence.append(
+                f"{int(m.sum())} negative underflows written as +0 (0x00): sign of zero dropped "
+                "(harmless; what the OCP->fnuz code fix-up does)"
+            )
     m = nan_c & over & ~signed_zero
     if m.any():
         i = tuple(np.argwhere(m)[0])
-        v.defects.append(dict(kind="overflow_to_nan", count=int(m.sum()), index=list(map(int, i)),
-                              message=f"non-saturating cast: {int(m.sum())} values beyond {f.name} max {f.max:g} "
-                                      f"became NaN, e.g. {_idx(i)} value/scale {y[i]:g} -> {describe(f, c[i])}"))
+        v.defects.append(
+            dict(
+                kind="overflow_to_nan",
+                count=int(m.sum()),
+                index=list(map(int, i)),
+                message=f"non-saturating cast: {int(m.sum())} values beyond {f.name} max {f.max:g} "
+                f"became NaN, e.g. {_idx(i)} value/scale {y[i]:g} -> {describe(f, c[i])}",
+            )
+        )
     m = nan_c & ~over & ~signed_zero
     if m.any():
         i = tuple(np.argwhere(m)[0])
-        v.defects.append(dict(kind="nan_written", count=int(m.sum()), index=list(map(int, i)),
-                              message=f"{int(m.sum())} NaN bytes for finite in-range inputs, e.g. {_idx(i)} "
-                                      f"fed {x[i]:g}: {describe(f, c[i])}"))
+        v.defects.append(
+            dict(
+                kind="nan_written",
+                count=int(m.sum()),
+                index=list(map(int, i)),
+                message=f"{int(m.sum())} NaN bytes for finite in-range inputs, e.g. {_idx(i)} "
+                f"fed {x[i]:g}: {describe(f, c[i])}",
+            )
+        )
     if v.fmax_guess is not None and v.fmax_guess > f.max:
         n = int(over.sum())
         i = tuple(np.argwhere(over)[0]) if n else ()
-        v.defects.append(dict(kind="fmax_exceeds_format", count=n, index=list(map(int, i)),
-                              message=f"fmax {v.fmax_guess:g} exceeds {f.name} max {f.max:g}: {n} values in "
-                                      f"({f.max:g}, {v.fmax_guess:g}] clipped or NaN (x{f.max / v.fmax_guess:.3f} at "
-                                      f"the block max)" + (f", e.g. {_idx(i)} value/scale {y[i]:g} -> "
-                                                            f"{describe(f, c[i])}" if n else "")))
+        v.defects.append(
+            dict(
+                kind="fmax_exceeds_format",
+                count=n,
+                index=list(map(int, i)),
+                message=f"fmax {v.fmax_guess:g} exceeds {f.name} max {f.max:g}: {n} values in "
+                f"({f.max:g}, {v.fmax_guess:g}] clipped or NaN (x{f.max / v.fmax_guess:.3f} at "
+                f"the block max)"
+                + (f", e.g. {_idx(i)} value/scale {y[i]:g} -> {describe(f, c[i])}" if n else ""),
+            )
+        )
     if fmax_expected is not None and v.fmax_guess is not None and v.fmax_guess != fmax_expected:
-        v.defects.append(dict(kind="fmax_mismatch", count=0, index=[],
-                              message=f"scales follow fmax {v.fmax_guess:g}, expected {fmax_expected:g}"))
+        v.defects.append(
+            dict(
+                kind="fmax_mismatch",
+                count=0,
+                index=[],
+                message=f"scales follow fmax {v.fmax_guess:g}, expected {fmax_expected:g}",
+            )
+        )
 
 
 @dataclass
 class DecodingVerdict:
-    decoded_as: str                               # float8_e4m3fn | float8_e4m3fnuz | neither | ambiguous
+    decoded_as: str  # float8_e4m3fn | float8_e4m3fnuz | neither | ambiguous
     dialect_fed: str
     evidence: list = field(default_factory=list)
     factor_log2: dict = field(default_factory=dict)  # dialect -> k when read = D(code) * scale * 2**k
-    ratio: dict = field(default_factory=dict)        # RatioSignature vs the fed dialect, as a dict
+    ratio: dict = field(default_factory=dict)  # RatioSignature vs the fed dialect, as a dict
     worst: dict = field(default_factory=dict)
 
     @property
@@ -252,15 +327,20 @@ class DecodingVerdict:
         return asdict(self)
 
 
-def classify_decoding(codes_fed, dialect_fed: str, values_read, scales=None, *, block=None,
-                      rel_tol: float = 2.0 ** -8) -> DecodingVerdict:
+def classify_decoding(
+    codes_fed, dialect_fed: str, values_read, scales=None, *, block=None, rel_tol: float = 2.0**-8
+) -> DecodingVerdict:
     """How did a consumer decode bytes of ``dialect_fed``? ``scales``: float per element or per block."""
     c = _np(codes_fed).astype(np.uint8)
     r = _np(values_read, np.float64)
     if r.shape != c.shape:
         raise ValueError(f"classify_decoding: read {r.shape} for {c.shape} codes")
     s = np.ones(c.shape) if scales is None else _np(scales, np.float64)
-    s = expand_scales(s, block, c.shape) if block is not None and s.shape != c.shape else np.broadcast_to(s, c.shape)
+    s = (
+        expand_scales(s, block, c.shape)
+        if block is not None and s.shape != c.shape
+        else np.broadcast_to(s, c.shape)
+    )
     fed = get_format(dialect_fed)
     v = DecodingVerdict(decoded_as=AMBIGUOUS, dialect_fed=fed.name)
     ok = {}
@@ -272,7 +352,7 @@ def classify_decoding(codes_fed, dialect_fed: str, values_read, scales=None, *, 
         if fin.any():
             d = np.log2(np.abs(r[fin] / want[fin]))
             k = float(np.round(np.median(d)))
-            if np.mean(np.abs(d - k) <= 2 ** -7) >= 0.9:
+            if np.mean(np.abs(d - k) <= EXACT) >= 0.9:
                 v.factor_log2[f.name] = int(k)
     winners = [k for k, good in ok.items() if good]
     v.decoded_as = winners[0] if len(winners) == 1 else (AMBIGUOUS if winners else NEITHER)
@@ -284,7 +364,9 @@ def classify_decoding(codes_fed, dialect_fed: str, values_read, scales=None, *, 
     if v.decoded_as == NEITHER:
         for k, e in v.factor_log2.items():
             if e:
-                v.evidence.append(f"values read = {k} decoding x 2**{e} (another bias, or the scale mishandled)")
+                v.evidence.append(
+                    f"values read = {k} decoding x 2**{e} (another bias, or the scale mishandled)"
+                )
     if sig.worst:
         wi = tuple(sig.worst["index"])
         v.worst = dict(sig.worst, fed=describe(fed, c[wi]), both=both_decodings(c[wi]))
@@ -294,5 +376,14 @@ def classify_decoding(codes_fed, dialect_fed: str, values_read, scales=None, *, 
     return v
 
 
-__all__ = ["DialectVerdict", "DecodingVerdict", "classify_codes", "classify_decoding", "describe",
-           "both_decodings", "infer_fmax", "NEITHER", "AMBIGUOUS"]
+__all__ = [
+    "DialectVerdict",
+    "DecodingVerdict",
+    "classify_codes",
+    "classify_decoding",
+    "describe",
+    "both_decodings",
+    "infer_fmax",
+    "NEITHER",
+    "AMBIGUOUS",
+]

@@ -29,19 +29,26 @@ from .probes import consumer_probe, expand_scales, producer_probe_values, scales
 from .ratio import ratio_signature
 from .scale_checks import ScaleProvenance, check_scale_conversion
 
-_DEFECT_FACTOR = {"nan_from_negative_underflow": "NaN<->-0 at 0x80", "overflow_to_nan": "NaN (overflow)",
-                  "nan_written": "NaN", "bad_scale": "bad scale", "fmax_mismatch": "fmax"}
+_DEFECT_FACTOR = {
+    "nan_from_negative_underflow": "NaN<->-0 at 0x80",
+    "overflow_to_nan": "NaN (overflow)",
+    "nan_written": "NaN",
+    "bad_scale": "bad scale",
+    "fmax_mismatch": "fmax",
+}
 
 # where each ratio signature usually comes from (used when a comparison has no edge of its own)
 SUSPECTS = {
     "x2": "swa_cache->sparse_attn / compressed_cache->sparse_attn (fnuz cache read as OCP) or weights->gemm "
-          "(scale conversion applied twice)",
-    "x0.5": "weights->gemm (OCP weights without the scale conversion) or indexer_q->logits (OCP q read as fnuz)",
+    "(scale conversion applied twice)",
+    "x0.5": "weights->gemm (OCP weights without the scale conversion) or indexer_q->logits "
+    "(OCP q read as fnuz)",
     "fmax240/448": "a producer using fmax 448 with fnuz bytes (act_quant / cache writers)",
     "fmax448/240": "a producer scaling for 240 read by a 448 consumer",
     "fmax224/240": "indexer_q->logits (USE_FNUZ fmax 224)",
     "fmax240/224": "indexer_q->logits (USE_FNUZ fmax 224)",
-    "nan_at_0x80": "a fnuz producer writing 0x80 (cache writers, indexer q/K) or weights->gemm without the 0x80 fix",
+    "nan_at_0x80": "a fnuz producer writing 0x80 (cache writers, indexer q/K) or weights->gemm "
+    "without the 0x80 fix",
 }
 
 
@@ -55,7 +62,7 @@ class EdgeRow:
     edge: str
     producer: str
     consumer: str
-    verdict: str = "not provided"          # consistent | MISMATCH | not provided | error
+    verdict: str = "not provided"  # consistent | MISMATCH | not provided | error
     factor: str = ""
     diagnosis: str = ""
     producer_function: str = ""
@@ -123,27 +130,34 @@ def _probe(row: EdgeRow, p: Producer, c: Consumer) -> None:
     # consumer probe: bytes of its declared dialect
     fed = get_format(c.dialect)
     ccodes, cscales, cs = consumer_probe(fed, c.block, c.scale_fmt)
-    cv = classify_decoding(ccodes, fed.name, _np(c.fn(ccodes.clone(), cscales.clone())).reshape(ccodes.shape),
-                           cs, block=c.block)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cread = _np(c.fn(ccodes.clone(), cscales.clone())).reshape(ccodes.shape)
+    cv = classify_decoding(ccodes, fed.name, cread, cs, block=c.block)
     row.consumer_fed, row.consumer_decodes, row.consumer_evidence = cv.dialect_fed, cv.decoded_as, cv.evidence
     # scale conversion and provenance
     if ckpt_scales is not None:
         expected = "double" if cv.decoded_as == "float8_e4m3fnuz" else "none"
         sc = check_scale_conversion(ckpt_scales, scales, p.checkpoint.scale_fmt, expected=expected)
         row.scale_check = sc.as_dict()
-        row.scale_provenance = ScaleProvenance(row.edge, p.scale_fmt, pv.scale_rule,
-                                               p.checkpoint.fmt.name, sc.conversion, p.checkpoint.fmax).as_dict()
+        row.scale_provenance = ScaleProvenance(
+            row.edge, p.scale_fmt, pv.scale_rule, p.checkpoint.fmt.name, sc.conversion, p.checkpoint.fmax
+        ).as_dict()
     else:
-        row.scale_provenance = ScaleProvenance(row.edge, p.scale_fmt, pv.scale_rule, pv.dialect, "no",
-                                               pv.fmax_guess).as_dict()
+        row.scale_provenance = ScaleProvenance(
+            row.edge, p.scale_fmt, pv.scale_rule, pv.dialect, "no", pv.fmax_guess
+        ).as_dict()
     # the edge itself: the consumer reads the producer's bytes
-    read = _np(c.fn(codes.clone(), scales.clone() if hasattr(scales, "clone") else scales)).reshape(x.shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # a wrong scale may overflow float32: that is evidence
+        read = _np(c.fn(codes.clone(), scales.clone() if hasattr(scales, "clone") else scales)).reshape(
+            x.shape
+        )
     cn = _np(codes)
     meant_fmt = get_format(pv.dialect) if pv.dialect in ("float8_e4m3fn", "float8_e4m3fnuz") else fed
     meant = meant_fmt.decode(cn) * s_el
     rs = ratio_signature(read, meant, codes=cn, edge=row.edge)
-    ws = ratio_signature(meant, _np(x), codes=cn, edge=row.edge,
-                         ignore_below=s_el * 2.0 ** (1 - meant_fmt.bias))
+    ws = ratio_signature(
+        meant, _np(x), codes=cn, edge=row.edge, ignore_below=s_el * 2.0 ** (1 - meant_fmt.bias)
+    )
     row.read_signature, row.write_signature = rs.as_dict(), ws.as_dict()
     _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt)
 
@@ -156,13 +170,15 @@ def _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt) -> None:
     if sc and not sc["ok"]:
         f = {"not applied": "x0.5", "applied twice": "x2", "byte*2": "x2**(byte)"}.get(sc["conversion"], "?")
         if sc["conversion"] == "byte*2" and sc["factor_log2"] is not None:
-            f = f"x2**{sc['factor_log2'] - 1:g} vs the correct x2"
+            f = f"x2**{sc['factor_log2']:g} instead of x2"
         factor = factor or f
         reasons.append(sc["message"])
     for d in pv.defects:
-        factor = factor or (f"x{get_format(dp).max / pv.fmax_guess:.3f} (fmax {pv.fmax_guess:g} vs "
-                            f"{get_format(dp).max:g})" if d["kind"] == "fmax_exceeds_format"
-                            else _DEFECT_FACTOR.get(d["kind"], d["kind"]))
+        factor = factor or (
+            f"x{get_format(dp).max / pv.fmax_guess:.3f} (fmax {pv.fmax_guess:g} vs {get_format(dp).max:g})"
+            if d["kind"] == "fmax_exceeds_format"
+            else _DEFECT_FACTOR.get(d["kind"], d["kind"])
+        )
         reasons.append(f"producer: {d['message']}")
     if dp not in known:
         off = ", ".join(f"{k} x2**{v}" for k, v in pv.scale_offset_log2.items())
@@ -178,8 +194,10 @@ def _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt) -> None:
         why = ""
         if row.edge == "weights->gemm" and sc.get("conversion") == "not applied":
             why = " (OCP checkpoint used on a fnuz device without the x2 scale conversion)"
-        reasons.append(f"producer writes {dp}, consumer decodes {dc}: values read {f} "
-                       f"(bias {get_format(dp).bias} written, bias {get_format(dc).bias} read){why}")
+        reasons.append(
+            f"producer writes {dp}, consumer decodes {dc}: values read {f} "
+            f"(bias {get_format(dp).bias} written, bias {get_format(dc).bias} read){why}"
+        )
     if rs.flagged:
         factor = factor or rs.factor
         reasons.append(f"read {rs.summary()}")
@@ -191,12 +209,18 @@ def _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt) -> None:
     row.diagnosis = "; ".join(reasons) if reasons else f"{dp} written and read"
     row.worst = _worst(rs, ws, pv, x, cn, read, meant)
     w = row.worst
-    where = (f" worst element {w['index']}: fed {w['fed']:g}, byte {w['bytes']}; read {w['read']!r}, "
-             f"producer meant {w['meant']!r}." if w else "")
+    where = (
+        f" worst element {w['index']}: fed {w['fed']:g}, byte {w['bytes']}; read {w['read']!r}, "
+        f"producer meant {w['meant']!r}."
+        if w
+        else ""
+    )
     fm = f", fmax {row.producer_fmax:g}" if row.producer_fmax else ""
-    row.message = (f"edge {row.edge} [{row.verdict} {row.factor}]: producer '{row.producer}' ({row.producer_function}) "
-                   f"wrote {dp}{fm}; consumer '{row.consumer}' ({row.consumer_function}) decodes {dc} "
-                   f"(fed {cv.dialect_fed}). {row.diagnosis}.{where}")
+    row.message = (
+        f"edge {row.edge} [{row.verdict} {row.factor}]: producer '{row.producer}' ({row.producer_function}) "
+        f"wrote {dp}{fm}; consumer '{row.consumer}' ({row.consumer_function}) decodes {dc} "
+        f"(fed {cv.dialect_fed}). {row.diagnosis}.{where}"
+    )
 
 
 def _worst(rs, ws, pv, x, cn, read, meant) -> dict:
@@ -206,8 +230,14 @@ def _worst(rs, ws, pv, x, cn, read, meant) -> dict:
             return {}
         src = {"index": pv.defects[0]["index"]}
     i = tuple(src["index"])
-    return dict(index=list(i), fed=float(_np(x)[i]), code=int(cn[i]), bytes=both_decodings(int(cn[i])),
-                read=float(read[i]), meant=float(meant[i]))
+    return dict(
+        index=list(i),
+        fed=float(_np(x)[i]),
+        code=int(cn[i]),
+        bytes=both_decodings(int(cn[i])),
+        read=float(read[i]),
+        meant=float(meant[i]),
+    )
 
 
 class DialectMap:
@@ -229,43 +259,90 @@ class DialectMap:
 
     def as_rows(self) -> list[dict]:
         """One dict per edge with the columns the report table shows (full detail under 'detail')."""
-        return [dict(edge=r.edge, producer=r.producer, producer_function=r.producer_function,
-                     producer_dialect=r.producer_dialect, producer_fmax=r.producer_fmax,
-                     consumer=r.consumer, consumer_function=r.consumer_function,
-                     consumer_decodes=r.consumer_decodes, verdict=r.verdict, factor=r.factor,
-                     diagnosis=r.diagnosis, scale=r.scale_provenance, detail=r.as_dict()) for r in self.rows]
+        return [
+            dict(
+                edge=r.edge,
+                producer=r.producer,
+                producer_function=r.producer_function,
+                producer_dialect=r.producer_dialect,
+                producer_fmax=r.producer_fmax,
+                consumer=r.consumer,
+                consumer_function=r.consumer_function,
+                consumer_decodes=r.consumer_decodes,
+                verdict=r.verdict,
+                factor=r.factor,
+                diagnosis=r.diagnosis,
+                scale=r.scale_provenance,
+                detail=r.as_dict(),
+            )
+            for r in self.rows
+        ]
 
     def table(self) -> str:
         """Plain-text table (logs, terminal)."""
         lines = [f"{'edge':32} {'producer writes':18} {'fmax':>5} {'consumer reads':18} verdict"]
         for r in self.rows:
             fm = f"{r.producer_fmax:g}" if r.producer_fmax else "-"
-            lines.append(f"{r.edge:32} {r.producer_dialect or '-':18} {fm:>5} {r.consumer_decodes or '-':18} "
-                         f"{r.verdict} {r.factor if r.verdict == 'MISMATCH' else ''}")
+            lines.append(
+                f"{r.edge:32} {r.producer_dialect or '-':18} {fm:>5} {r.consumer_decodes or '-':18} "
+                f"{r.verdict} {r.factor if r.verdict == 'MISMATCH' else ''}"
+            )
         return "\n".join(lines)
 
     def check_results(self, info=None) -> list:
         """CheckResult rows (check="dialect", level="bytes"): one per edge, one for the whole map."""
         from conformance.results import CheckResult
 
-        kw = dict(device=getattr(info, "device", ""), dialect=getattr(info, "dialect", ""),
-                  emulated=bool(getattr(info, "emulated", False)))
+        kw = dict(
+            device=getattr(info, "device", ""),
+            dialect=getattr(info, "dialect", ""),
+            emulated=bool(getattr(info, "emulated", False)),
+        )
         out = []
         tiers = {"consistent": "pass", "MISMATCH": "fail", "error": "error", "not provided": "not-provided"}
         for r in self.rows:
-            out.append(CheckResult(
-                subject=self.subject, case_id=f"dialect/{r.edge}", component=r.edge, check="dialect",
-                level="bytes", verdict=tiers[r.verdict], message=r.message,
-                metrics={"read_exact_fraction": r.read_signature.get("fractions", {}).get("exact", 0.0)},
-                worst=dict(r.worst, producer_dialect=r.producer_dialect, consumer_decodes=r.consumer_decodes),
-                function=f"{r.producer_function} -> {r.consumer_function}", backend="", extra={"edge": r.as_dict()},
-                **kw))
-        worst = max((tiers[r.verdict] for r in self.rows if r.verdict != "not provided"),
-                    key=lambda v: ["pass", "fail", "error"].index(v), default="not-provided")
-        msg = "; ".join(r.message for r in self.alarms) or "every provided FP8 edge is written and read in one dialect"
-        out.append(CheckResult(subject=self.subject, case_id="dialect/map", component="dialect_map", check="dialect",
-                               level="bytes", verdict=worst, message=msg, duration_s=self.duration_s,
-                               extra={"dialect_map": self.as_rows()}, **kw))
+            out.append(
+                CheckResult(
+                    subject=self.subject,
+                    case_id=f"dialect/{r.edge}",
+                    component=r.edge,
+                    check="dialect",
+                    level="bytes",
+                    verdict=tiers[r.verdict],
+                    message=r.message,
+                    metrics={"read_exact_fraction": r.read_signature.get("fractions", {}).get("exact", 0.0)},
+                    worst=dict(
+                        r.worst, producer_dialect=r.producer_dialect, consumer_decodes=r.consumer_decodes
+                    ),
+                    function=f"{r.producer_function} -> {r.consumer_function}",
+                    backend="",
+                    extra={"edge": r.as_dict()},
+                    **kw,
+                )
+            )
+        worst = max(
+            (tiers[r.verdict] for r in self.rows if r.verdict != "not provided"),
+            key=lambda v: ["pass", "fail", "error"].index(v),
+            default="not-provided",
+        )
+        msg = (
+            "; ".join(r.message for r in self.alarms)
+            or "every provided FP8 edge is written and read in one dialect"
+        )
+        out.append(
+            CheckResult(
+                subject=self.subject,
+                case_id="dialect/map",
+                component="dialect_map",
+                check="dialect",
+                level="bytes",
+                verdict=worst,
+                message=msg,
+                duration_s=self.duration_s,
+                extra={"dialect_map": self.as_rows()},
+                **kw,
+            )
+        )
         return out
 
 
@@ -278,5 +355,13 @@ def dialect_map_for_subject(subject) -> DialectMap | None:
     return DialectMap(producers, consumers, subject=getattr(subject, "name", ""))
 
 
-__all__ = ["DialectMap", "EdgeRow", "probe_edge", "run_producer", "dialect_map_for_subject", "SUSPECTS", "describe",
-           "NEITHER"]
+__all__ = [
+    "DialectMap",
+    "EdgeRow",
+    "probe_edge",
+    "run_producer",
+    "dialect_map_for_subject",
+    "SUSPECTS",
+    "describe",
+    "NEITHER",
+]

@@ -15,11 +15,13 @@ from references.numerics import PROFILES, serving
 
 from .interface import Consumer, Producer
 
-CHECKPOINT_E8M0 = BlockFP8.of("ocp", (128, 128), scale_fmt="ue8m0")   # fp4-expert checkpoints
-CHECKPOINT_FP32 = BlockFP8.of("ocp", (128, 128), scale_fmt="fp32")    # Flash-Base
+CHECKPOINT_E8M0 = BlockFP8.of("ocp", (128, 128), scale_fmt="ue8m0")  # fp4-expert checkpoints
+CHECKPOINT_FP32 = BlockFP8.of("ocp", (128, 128), scale_fmt="fp32")  # Flash-Base
 
 
-def quantizer_producer(edge: str, spec: BlockFP8, *, scales_as_fp32: bool = False, function: str = "") -> Producer:
+def quantizer_producer(
+    edge: str, spec: BlockFP8, *, scales_as_fp32: bool = False, function: str = ""
+) -> Producer:
     """A block quantiser from references.formats; ``scales_as_fp32`` stores pow2 scales as fp32 values."""
 
     def fn(x):
@@ -29,9 +31,15 @@ def quantizer_producer(edge: str, spec: BlockFP8, *, scales_as_fp32: bool = Fals
         return codes, scales
 
     fmt = "fp32" if scales_as_fp32 else spec.scale_fmt
-    return Producer(edge, fn, spec.block, fmt, function=function or
-                    f"references quantize_fp8({spec.fmt.name}, fmax {spec.fmax:g}, {spec.scale_fmt})",
-                    amax_floor=spec.amax_floor)
+    return Producer(
+        edge,
+        fn,
+        spec.block,
+        fmt,
+        function=function
+        or f"references quantize_fp8({spec.fmt.name}, fmax {spec.fmax:g}, {spec.scale_fmt})",
+        amax_floor=spec.amax_floor,
+    )
 
 
 def loader_producer(edge: str, dialect: str, checkpoint: BlockFP8 = CHECKPOINT_E8M0) -> Producer:
@@ -41,8 +49,15 @@ def loader_producer(edge: str, dialect: str, checkpoint: BlockFP8 = CHECKPOINT_E
     def fn(codes, scales):
         return ocp_to_fnuz(codes, scales, checkpoint.scale_fmt) if fnuz else (codes, scales)
 
-    return Producer(edge, fn, checkpoint.block, checkpoint.scale_fmt, kind="loader", checkpoint=checkpoint,
-                    function="references ocp_to_fnuz" if fnuz else "references (OCP bytes as loaded)")
+    return Producer(
+        edge,
+        fn,
+        checkpoint.block,
+        checkpoint.scale_fmt,
+        kind="loader",
+        checkpoint=checkpoint,
+        function="references ocp_to_fnuz" if fnuz else "references (OCP bytes as loaded)",
+    )
 
 
 def dequant_consumer(edge: str, dialect: str, block, scale_fmt: str) -> Consumer:
@@ -51,8 +66,14 @@ def dequant_consumer(edge: str, dialect: str, block, scale_fmt: str) -> Consumer
     def fn(codes, scales):
         return dequantize_fp8(codes, scales, spec)
 
-    return Consumer(edge, fn, tuple(block), scale_fmt, spec.fmt.name,
-                    function=f"references dequantize_fp8({spec.fmt.name})")
+    return Consumer(
+        edge,
+        fn,
+        tuple(block),
+        scale_fmt,
+        spec.fmt.name,
+        function=f"references dequantize_fp8({spec.fmt.name})",
+    )
 
 
 def reference_producers(profile: str, *, checkpoint: BlockFP8 = CHECKPOINT_E8M0) -> dict[str, Producer]:
@@ -73,11 +94,20 @@ def reference_consumers(profile: str, *, checkpoint: BlockFP8 = CHECKPOINT_E8M0)
         "weights->gemm": dequant_consumer("weights->gemm", d, checkpoint.block, checkpoint.scale_fmt),
         "act_quant->gemm": dequant_consumer("act_quant->gemm", d, (1, 128), "fp32"),
         "swa_cache->sparse_attn": dequant_consumer("swa_cache->sparse_attn", d, (1, 64), "ue8m0"),
-        "compressed_cache->sparse_attn": dequant_consumer("compressed_cache->sparse_attn", d, (1, 64), "ue8m0"),
+        "compressed_cache->sparse_attn": dequant_consumer(
+            "compressed_cache->sparse_attn", d, (1, 64), "ue8m0"
+        ),
         "indexer_k->logits": dequant_consumer("indexer_k->logits", d, (1, 128), "fp32"),
         "indexer_q->logits": dequant_consumer("indexer_q->logits", d, (1, 128), "fp32"),
     }
 
 
-__all__ = ["quantizer_producer", "loader_producer", "dequant_consumer", "reference_producers",
-           "reference_consumers", "CHECKPOINT_E8M0", "CHECKPOINT_FP32"]
+__all__ = [
+    "quantizer_producer",
+    "loader_producer",
+    "dequant_consumer",
+    "reference_producers",
+    "reference_consumers",
+    "CHECKPOINT_E8M0",
+    "CHECKPOINT_FP32",
+]

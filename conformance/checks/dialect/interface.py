@@ -29,17 +29,42 @@ class Edge:
 
 
 # The DSV4 producer -> consumer edges that carry FP8 bytes (spec 3.6-3.8, 4.1-4.5).
-DSV4_EDGES: dict[str, Edge] = {e.name: e for e in (
-    Edge("weights->gemm", "checkpoint weight loading (+ OCP->fnuz conversion)", "FP8 block GEMM (weight operand)",
-         (128, 128)),
-    Edge("act_quant->gemm", "activation quantisation (per-token-group FP8)", "FP8 block GEMM (activation operand)",
-         (1, 128)),
-    Edge("swa_cache->sparse_attn", "SWA KV cache writer (nope part)", "sparse attention (SWA cache reader)", (1, 64)),
-    Edge("compressed_cache->sparse_attn", "compressed KV cache writer (compressor)",
-         "sparse attention (compressed cache reader)", (1, 64)),
-    Edge("indexer_k->logits", "indexer K writer (indexer compressor)", "indexer logits (K operand)", (1, 128)),
-    Edge("indexer_q->logits", "indexer q quantisation", "indexer logits (q operand)", (1, 128)),
-)}
+DSV4_EDGES: dict[str, Edge] = {
+    e.name: e
+    for e in (
+        Edge(
+            "weights->gemm",
+            "checkpoint weight loading (+ OCP->fnuz conversion)",
+            "FP8 block GEMM (weight operand)",
+            (128, 128),
+        ),
+        Edge(
+            "act_quant->gemm",
+            "activation quantisation (per-token-group FP8)",
+            "FP8 block GEMM (activation operand)",
+            (1, 128),
+        ),
+        Edge(
+            "swa_cache->sparse_attn",
+            "SWA KV cache writer (nope part)",
+            "sparse attention (SWA cache reader)",
+            (1, 64),
+        ),
+        Edge(
+            "compressed_cache->sparse_attn",
+            "compressed KV cache writer (compressor)",
+            "sparse attention (compressed cache reader)",
+            (1, 64),
+        ),
+        Edge(
+            "indexer_k->logits",
+            "indexer K writer (indexer compressor)",
+            "indexer logits (K operand)",
+            (1, 128),
+        ),
+        Edge("indexer_q->logits", "indexer q quantisation", "indexer logits (q operand)", (1, 128)),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -47,9 +72,9 @@ class Producer:
     edge: str
     fn: Callable
     block: tuple[int, int]
-    scale_fmt: str                      # ue8m0 | fp32
-    function: str = ""                  # what runs, e.g. "vllm...fused_indexer_q_rope_quant"
-    kind: str = "quantizer"             # quantizer | loader
+    scale_fmt: str  # ue8m0 | fp32
+    function: str = ""  # what runs, e.g. "vllm...fused_indexer_q_rope_quant"
+    kind: str = "quantizer"  # quantizer | loader
     checkpoint: BlockFP8 | None = None  # loader only: the recipe that makes the OCP checkpoint
     amax_floor: float = 0.0
     note: str = ""
@@ -67,7 +92,7 @@ class Consumer:
     fn: Callable
     block: tuple[int, int]
     scale_fmt: str
-    dialect: str                        # the dialect it declares it reads (what the probe feeds)
+    dialect: str  # the dialect it declares it reads (what the probe feeds)
     function: str = ""
     note: str = ""
 

@@ -28,15 +28,48 @@ from references.formats.scales import e8m0_decode, e8m0_encode
 
 ANCHORS = (232.0, 300.0, 448.0)
 FMAX_CANDIDATES = (448.0, 240.0, 224.0)
-TINY_NEGATIVE = -(2.0 ** -14)   # below half of fnuz's smallest subnormal (2**-10) for any scale >= 1/2
+TINY_NEGATIVE = -(2.0**-14)  # below half of fnuz's smallest subnormal (2**-10) for any scale >= 1/2
 
 # designed magnitudes (signed), in the order they appear in a block; filtered to |v| <= anchor
 _DESIGNED = (
-    1.0, -1.0, 2.0, 0.5, 0.25, 4.0, 8.0, 16.0, 64.0, 128.0, 1.125, 1.5, 3.0, -3.0,
-    224.0, 232.0, 240.0, 248.0, 256.0, 288.0, 300.0, 320.0, 384.0, 416.0, 448.0,
-    -224.0, -240.0, -448.0,
-    TINY_NEGATIVE, -0.0, -(2.0 ** -20), 0.0,
-    2.0 ** -9, 2.0 ** -10, 2.0 ** -7, 2.0 ** -6, -(2.0 ** -9), 0.015625 * 3,
+    1.0,
+    -1.0,
+    2.0,
+    0.5,
+    0.25,
+    4.0,
+    8.0,
+    16.0,
+    64.0,
+    128.0,
+    1.125,
+    1.5,
+    3.0,
+    -3.0,
+    224.0,
+    232.0,
+    240.0,
+    248.0,
+    256.0,
+    288.0,
+    300.0,
+    320.0,
+    384.0,
+    416.0,
+    448.0,
+    -224.0,
+    -240.0,
+    -448.0,
+    TINY_NEGATIVE,
+    -0.0,
+    -(2.0**-20),
+    0.0,
+    2.0**-9,
+    2.0**-10,
+    2.0**-7,
+    2.0**-6,
+    -(2.0**-9),
+    0.015625 * 3,
 )
 
 
@@ -48,7 +81,7 @@ def _block_pattern(anchor: float, width: int) -> np.ndarray:
     k = 0
     while len(vals) < width:
         man, exp = 1.0 + (k % 8) / 8.0, (k // 8) % 10 - 3
-        vals.append((-1.0) ** k * man * 2.0 ** exp)
+        vals.append((-1.0) ** k * man * 2.0**exp)
         k += 1
     return np.array(vals[:width], dtype=np.float64)
 
@@ -82,11 +115,13 @@ def consumer_probe(dialect: MiniFloat, block: tuple[int, int] = (1, 128), scale_
     if br == 1:
         c = flat.reshape(n_blocks, bc)
     else:
-        c = np.concatenate([flat[i * per_block:(i + 1) * per_block].reshape(br, bc)
-                            for i in range(n_blocks)], axis=1)
+        c = np.concatenate(
+            [flat[i * per_block : (i + 1) * per_block].reshape(br, bc) for i in range(n_blocks)], axis=1
+        )
     s = np.array([1.0, 2.0, 0.5] * n_blocks)[:n_blocks].reshape((n_blocks, 1) if br == 1 else (1, n_blocks))
-    scales = (torch.from_numpy(e8m0_encode(s)) if scale_fmt == "ue8m0"
-              else torch.from_numpy(s.astype(np.float32)))
+    scales = (
+        torch.from_numpy(e8m0_encode(s)) if scale_fmt == "ue8m0" else torch.from_numpy(s.astype(np.float32))
+    )
     return torch.from_numpy(c.copy()), scales, s
 
 
@@ -117,5 +152,13 @@ def block_amax(values: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return v.reshape(*v.shape[:-2], r // br, br, c // bc, bc).max(axis=(-3, -1))
 
 
-__all__ = ["ANCHORS", "FMAX_CANDIDATES", "TINY_NEGATIVE", "producer_probe_values", "consumer_probe",
-           "scales_as_float", "expand_scales", "block_amax"]
+__all__ = [
+    "ANCHORS",
+    "FMAX_CANDIDATES",
+    "TINY_NEGATIVE",
+    "producer_probe_values",
+    "consumer_probe",
+    "scales_as_float",
+    "expand_scales",
+    "block_amax",
+]

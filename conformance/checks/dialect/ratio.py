@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 E4M3_MAN_BITS = 3
-ROUNDING_REL = 2.0 ** -(E4M3_MAN_BITS + 1)               # 2**-4: one FP8 rounding, relative
-NOISE = -math.log2(1.0 - ROUNDING_REL)                   # 0.0931 in log2
-EXACT = 2.0 ** -7                                        # bf16 output rounding, with margin
+ROUNDING_REL = 2.0 ** -(E4M3_MAN_BITS + 1)  # 2**-4: one FP8 rounding, relative
+NOISE = -math.log2(1.0 - ROUNDING_REL)  # 0.0931 in log2
+EXACT = 2.0**-8  # > one bf16 rounding (2**-9 rel = 0.0028), and
+# < the gap 240/256 vs 224/240 (0.0064 in log2)
 
-FMAX_448_240 = math.log2(448.0 / 240.0)                  # 0.9005
-FMAX_240_224 = math.log2(240.0 / 224.0)                  # 0.0995
+FMAX_448_240 = math.log2(448.0 / 240.0)  # 0.9005
+FMAX_240_224 = math.log2(240.0 / 224.0)  # 0.0995
 
 # name -> (log2 target, factor label, meaning)
 PEAKS = {
@@ -40,25 +41,29 @@ PEAKS = {
 }
 SPECIAL = {
     "nan_at_0x80": "subject NaN at byte 0x80 where the reference is finite: fnuz's NaN is OCP's -0 "
-                   "(negative underflow written as 0x80, or -0 not cleared by the OCP->fnuz conversion)",
+    "(negative underflow written as 0x80, or -0 not cleared by the OCP->fnuz conversion)",
     "nan": "subject NaN where the reference is finite (non-saturating cast: overflow -> NaN on fnuz)",
     "inf": "subject infinite where the reference is finite",
     "zero": "subject zero where the reference is not (underflow or a lost scale)",
     "other": "ratios that match no dialect signature",
 }
 # ordering used to pick the headline: exact peaks, special values, noisy peaks, other
-_PRIORITY = ([f"{k}:exact" for k in PEAKS] + ["nan_at_0x80", "nan", "inf"]
-             + [f"{k}:noisy" for k in PEAKS] + ["zero", "other"])
+_PRIORITY = (
+    [f"{k}:exact" for k in PEAKS]
+    + ["nan_at_0x80", "nan", "inf"]
+    + [f"{k}:noisy" for k in PEAKS]
+    + ["zero", "other"]
+)
 
 
 @dataclass
 class RatioSignature:
-    n: int                                   # elements compared (reference finite, above ignore_below)
+    n: int  # elements compared (reference finite, above ignore_below)
     counts: dict = field(default_factory=dict)
-    signature: str = "match"                 # headline bin ("match" when nothing is flagged)
+    signature: str = "match"  # headline bin ("match" when nothing is flagged)
     factor: str = "x1"
     meaning: str = ""
-    suspect: str = ""                        # suspected edge / cause
+    suspect: str = ""  # suspected edge / cause
     worst: dict = field(default_factory=dict)
     histogram: dict = field(default_factory=dict)
 
@@ -79,8 +84,12 @@ class RatioSignature:
         if not self.flagged:
             return f"ratio signature: match ({self.n} elements within FP8 rounding)"
         c = self.counts.get(self.signature, 0)
-        return (f"ratio signature: {self.factor} ({self.signature}, {c}/{self.n} elements): {self.meaning}"
-                + (f"; suspected edge: {self.suspect}" if self.suspect else ""))
+        also = [f"{k} {v}" for k, v in self.counts.items() if k not in ("exact", "noise", self.signature)]
+        return (
+            f"ratio signature: {self.factor} ({self.signature}, {c}/{self.n} elements): {self.meaning}"
+            + (f" [also: {', '.join(also)}]" if also else "")
+            + (f"; suspected edge: {self.suspect}" if self.suspect else "")
+        )
 
 
 def _classify(d: np.ndarray) -> np.ndarray:
@@ -100,8 +109,9 @@ def _classify(d: np.ndarray) -> np.ndarray:
     return out
 
 
-def ratio_signature(subject, reference, *, codes=None, ignore_below=0.0, edge: str = "",
-                    suspects: dict | None = None) -> RatioSignature:
+def ratio_signature(
+    subject, reference, *, codes=None, ignore_below=0.0, edge: str = "", suspects: dict | None = None
+) -> RatioSignature:
     """Elementwise log2(|subject| / |reference|), binned onto the dialect signatures.
 
     codes        : the FP8 bytes behind ``subject`` (optional): NaN at 0x80 is then named as such
@@ -160,8 +170,12 @@ def ratio_signature(subject, reference, *, codes=None, ignore_below=0.0, edge: s
     cand = np.argwhere(sel)
     dd = np.array([abs(d[tuple(i)]) if np.isfinite(d[tuple(i)]) else np.inf for i in cand])
     i = tuple(int(x) for x in cand[int(np.argmax(dd))])
-    sig.worst = {"index": list(i), "subject": float(s[i]), "reference": float(r[i]),
-                 "log2_ratio": float(d[i]) if np.isfinite(d[i]) else None}
+    sig.worst = {
+        "index": list(i),
+        "subject": float(s[i]),
+        "reference": float(r[i]),
+        "log2_ratio": float(d[i]) if np.isfinite(d[i]) else None,
+    }
     if cb is not None:
         sig.worst["code"] = int(cb[i])
     return sig

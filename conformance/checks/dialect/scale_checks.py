@@ -20,12 +20,12 @@ CONVERSIONS = ("exponent+1", "x2", "not applied", "byte*2", "applied twice", "ot
 
 @dataclass
 class ScaleCheck:
-    conversion: str              # one of CONVERSIONS
+    conversion: str  # one of CONVERSIONS
     scale_fmt: str
-    expected: str                # "double" | "none"
+    expected: str  # "double" | "none"
     ok: bool
     message: str
-    factor_log2: float | None = None   # median log2(after / before) of the decoded scales
+    factor_log2: float | None = None  # median log2(after / before) of the decoded scales
     worst: dict = None
 
     def as_dict(self) -> dict:
@@ -35,11 +35,12 @@ class ScaleCheck:
 @dataclass(frozen=True)
 class ScaleProvenance:
     """Where a scale came from, carried into the report next to the edge it belongs to."""
+
     edge: str
-    scale_fmt: str               # ue8m0 | fp32
-    rule: str                    # pow2 | fp32 (amax / fmax)
-    computed_for: str            # dialect the scale was computed for (float8_e4m3fn for checkpoints)
-    converted: str               # "no" | conversion name from check_scale_conversion
+    scale_fmt: str  # ue8m0 | fp32
+    rule: str  # pow2 | fp32 (amax / fmax)
+    computed_for: str  # dialect the scale was computed for (float8_e4m3fn for checkpoints)
+    converted: str  # "no" | conversion name from check_scale_conversion
     fmax: float | None = None
 
     def as_dict(self) -> dict:
@@ -76,8 +77,15 @@ def check_scale_conversion(before_scales, after_scales, fmt: str, *, expected: s
         bv, av = b.astype(np.float64), a.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = av / bv
-        conv = ("x2" if np.all(q == 2) else "not applied" if np.all(q == 1) else
-                "applied twice" if np.all(q == 4) else "other")
+        conv = (
+            "x2"
+            if np.all(q == 2)
+            else "not applied"
+            if np.all(q == 1)
+            else "applied twice"
+            if np.all(q == 4)
+            else "other"
+        )
     else:
         raise ValueError(f"unknown scale format {fmt!r}")
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -88,15 +96,35 @@ def check_scale_conversion(before_scales, after_scales, fmt: str, *, expected: s
     ok = conv in good
     dev = np.abs(np.where(np.isfinite(lg), lg, np.inf) - (1.0 if expected == "double" else 0.0))
     wi = np.unravel_index(int(np.argmax(dev)), dev.shape) if dev.size else ()
-    worst = dict(index=[int(i) for i in wi], before=float(b[wi]), after=float(a[wi]),
-                 before_value=float(bv[wi]), after_value=float(av[wi])) if dev.size else {}
-    what = {"exponent+1": "e8m0 exponent byte + 1 (x2)", "x2": "fp32 scale x 2",
-            "not applied": "scales unchanged", "applied twice": "x2 applied twice (x4)",
-            "byte*2": "e8m0 byte multiplied by 2 as a number instead of exponent + 1", "other": "no known rule"}[conv]
-    msg = (f"scale conversion ({fmt}): {what}"
-           + (f"; worst block {worst['index']}: {worst['before']:g} -> {worst['after']:g}"
-              f" (scale {worst['before_value']:g} -> {worst['after_value']:g})" if worst else "")
-           + ("" if ok else f"; expected {' or '.join(good)}"))
+    worst = (
+        dict(
+            index=[int(i) for i in wi],
+            before=float(b[wi]),
+            after=float(a[wi]),
+            before_value=float(bv[wi]),
+            after_value=float(av[wi]),
+        )
+        if dev.size
+        else {}
+    )
+    what = {
+        "exponent+1": "e8m0 exponent byte + 1 (x2)",
+        "x2": "fp32 scale x 2",
+        "not applied": "scales unchanged",
+        "applied twice": "x2 applied twice (x4)",
+        "byte*2": "e8m0 byte multiplied by 2 as a number instead of exponent + 1",
+        "other": "no known rule",
+    }[conv]
+    msg = (
+        f"scale conversion ({fmt}): {what}"
+        + (
+            f"; worst block {worst['index']}: {worst['before']:g} -> {worst['after']:g}"
+            f" (scale {worst['before_value']:g} -> {worst['after_value']:g})"
+            if worst
+            else ""
+        )
+        + ("" if ok else f"; expected {' or '.join(good)}")
+    )
     return ScaleCheck(conv, fmt, expected, ok, msg, med, worst)
 
 
