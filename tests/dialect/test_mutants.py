@@ -229,3 +229,20 @@ def test_check_results_carry_the_map():
     assert len(summary.extra["dialect_map"]) == 6
     assert {r.case_id: r.verdict for r in rows[:-1]}["dialect/indexer_q->logits"] == "fail"
     summary.to_json()  # JSON-safe
+
+
+# -- MXFP4 staging (no FP8 dialect; e8m0 scale and nibble-order hazards) -----------------------------------
+def test_mxfp4_staging_reference_passes_and_mutants_are_named():
+    from conformance.checks.dialect import probe_mxfp4
+    from references.formats.blockscale import quantize_mxfp4
+
+    assert probe_mxfp4(quantize_mxfp4).ok
+    v = probe_mxfp4(lambda x: (quantize_mxfp4(x)[0], (quantize_mxfp4(x)[1].float() * 2.0).to(torch.uint8)))
+    assert not v.ok and v.scale_check["conversion"] == "byte*2", v.message
+
+    def swapped(x):
+        p, s = quantize_mxfp4(x)
+        return (p >> 4) | ((p & 0xF) << 4), s
+
+    v = probe_mxfp4(swapped)
+    assert not v.ok and v.nibbles_swapped and "low nibble" in v.message

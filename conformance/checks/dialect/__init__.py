@@ -18,6 +18,7 @@ from .emulated import (
     reference_producers,
 )
 from .interface import DSV4_EDGES, Consumer, Edge, Producer
+from .mxfp4_probe import Mxfp4Verdict, probe_mxfp4
 from .probes import consumer_probe, producer_probe_values
 from .ratio import RatioSignature, ratio_signature
 from .scale_checks import ScaleCheck, ScaleProvenance, check_scale_conversion
@@ -48,5 +49,7 @@ __all__ = [
     "ratio_signature",
     "ScaleCheck",
     "ScaleProvenance",
+    "Mxfp4Verdict",
+    "probe_mxfp4",
     "check_scale_conversion",
 ]
