@@ -27,6 +27,12 @@ class MiniFloat:
       "fnuz"  - the code 0x80 (negative zero's pattern) is the only NaN; no -0, no inf
       "fnu"   - unsigned, all-ones is NaN (float8_e8m0fnu)
       "none"  - every code is a finite number (float4_e2m1fn)
+
+    ties: how encode breaks an exact tie between two neighbouring values.
+      "even"  - to the even code (even mantissa LSB): IEEE round-to-nearest-even, every FP8 / FP4 format
+      "away"  - to the larger magnitude. E8M0 has no mantissa, so "even" would mean "even exponent"; the
+                OCP MX spec leaves E8M0 rounding to the implementation, and both ml_dtypes and torch round
+                a tie (1.5 * 2**k) up to 2**(k+1) whatever k's parity. We follow them.
     """
 
     name: str
@@ -36,6 +42,11 @@ class MiniFloat:
     signed: bool
     nan_style: str
     has_zero: bool = True
+    ties: str = "even"
+
+    def __post_init__(self):
+        if self.ties not in ("even", "away"):
+            raise ValueError(f"ties must be 'even' or 'away', not {self.ties!r}")
 
     @property
     def bits(self) -> int:
@@ -127,7 +138,7 @@ class MiniFloat:
     def describe(self, code: int) -> str:
         """'0x38 s=0 e=0111 m=000 (1.0)' - the diagnostic form used in every FP8 failure message."""
         s, e, m = self.fields(code)
-        val = self.table[int(code)]
+        val = float(self.table[int(code)])  # plain float: numpy 2 would print np.float64(...)
         return (f"0x{int(code):02X} s={s} e={e:0{self.exp_bits}b} m={m:0{self.man_bits}b}"
                 f" ({val!r} as {self.name})") if self.man_bits else (
                 f"0x{int(code):02X} e={e:0{self.exp_bits}b} ({val!r} as {self.name})")
@@ -138,7 +149,8 @@ class MiniFloat:
         return self.table[np.asarray(codes, dtype=np.int64)]
 
     def encode(self, x, *, saturate: bool = True) -> np.ndarray:
-        """Round real values once to this format (round to nearest, ties to even code).
+        """Round real values once to this format (round to nearest; ties to the even code, or away from
+        zero for ``ties="away"``).
 
         saturate=True: finite overflow and +-inf clamp to +-max (what the DSV4 quantisers do after
         their explicit clamp). saturate=False: overflow past the rounding boundary of max becomes
@@ -154,17 +166,23 @@ class MiniFloat:
         lo = np.clip(hi - 1, 0, len(vals_sorted) - 1)
         d_hi = np.abs(vals_sorted[hi] - mag)
         d_lo = np.abs(mag - vals_sorted[lo])
-        pick_lo = (d_lo < d_hi) | ((d_lo == d_hi) & (codes_sorted[lo] % 2 == 0))
+        tie_to_lo = (codes_sorted[lo] % 2 == 0) if self.ties == "even" else np.zeros_like(lo, dtype=bool)
+        pick_lo = (d_lo < d_hi) | ((d_lo == d_hi) & tie_to_lo)
         idx = np.where(pick_lo, lo, hi)
         out_codes = codes_sorted[idx].astype(np.int64)
         out_vals = vals_sorted[idx]
 
         # overflow: beyond max by at least half a step (the step max would have to the next value)
         top = vals_sorted[-1]
-        step = top - vals_sorted[-2]
+        # The step past max is the spacing of max's own binade, 2**(exponent(max) - man_bits). It is not
+        # max minus the previous value when max opens its binade: E8M0's values are all powers of two, so
+        # the step past 2**127 is 2**127 (boundary 1.5 * 2**127), not 2**126 (boundary 1.25 * 2**127).
+        _, e = np.frexp(top)  # top in [2**(e-1), 2**e)
+        step = np.ldexp(1.0, int(e) - 1 - self.man_bits)
         boundary = top + step / 2  # a tie at the boundary rounds to even: max's code parity decides
         max_code = codes_sorted[-1]
-        over = (mag > boundary) | ((mag == boundary) & (max_code % 2 == 1)) | np.isinf(mag)
+        tie_over = (max_code % 2 == 1) if self.ties == "even" else True  # the next code would be max_code + 1
+        over = (mag > boundary) | ((mag == boundary) & tie_over) | np.isinf(mag)
         if saturate:
             out_codes = np.where(mag > top, max_code, out_codes)
         else:
@@ -206,7 +224,7 @@ FLOAT8_E4M3FN = MiniFloat("float8_e4m3fn", 4, 3, 7, True, "fn")
 FLOAT8_E4M3FNUZ = MiniFloat("float8_e4m3fnuz", 4, 3, 8, True, "fnuz")
 FLOAT8_E5M2 = MiniFloat("float8_e5m2", 5, 2, 15, True, "ieee")
 FLOAT8_E5M2FNUZ = MiniFloat("float8_e5m2fnuz", 5, 2, 16, True, "fnuz")
-FLOAT8_E8M0FNU = MiniFloat("float8_e8m0fnu", 8, 0, 127, False, "fnu", has_zero=False)
+FLOAT8_E8M0FNU = MiniFloat("float8_e8m0fnu", 8, 0, 127, False, "fnu", has_zero=False, ties="away")
 FLOAT4_E2M1FN = MiniFloat("float4_e2m1fn", 2, 1, 1, True, "none")
 
 FORMATS: dict[str, MiniFloat] = {
