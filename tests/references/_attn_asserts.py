@@ -25,7 +25,8 @@ def assert_within(component: str, got: torch.Tensor, ref: torch.Tensor, bound) -
         raise AssertionError(
             f"{component}: {int(bad.sum())} / {err.numel()} elements outside the bound; worst at {idx}: "
             f"got {got[idx].item():.9g}, ref {ref[idx].item():.9g}, |diff| {err[idx].item():.3g} > "
-            f"bound {bound[idx].item():.3g}")
+            f"bound {bound[idx].item():.3g}"
+        )
 
 
 def assert_equal_idx(component: str, got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -33,8 +34,10 @@ def assert_equal_idx(component: str, got: torch.Tensor, ref: torch.Tensor) -> No
     bad = got != ref
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{component}: {int(bad.sum())} / {got.numel()} indices differ; first at {idx}: "
-                             f"got {got[idx].item()}, ref {ref[idx].item()}")
+        raise AssertionError(
+            f"{component}: {int(bad.sum())} / {got.numel()} indices differ; first at {idx}: "
+            f"got {got[idx].item()}, ref {ref[idx].item()}"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,17 @@
 import pytest
 import torch
 
-from references.components.attention import (AttentionState, attention_layer, attention_set, kv_projection,
-                                             output_projection, query_path, random_attention_weights,
-                                             sparse_attention, swa_indices)
+from references.components.attention import (
+    AttentionState,
+    attention_layer,
+    attention_set,
+    kv_projection,
+    output_projection,
+    query_path,
+    random_attention_weights,
+    sparse_attention,
+    swa_indices,
+)
 from references.components.norms import rms_norm
 from references.components.rope import apply_rope, layer_inv_freq, rope_inv_freq
 from references.config import TINY
@@ -14,7 +22,7 @@ from ._attn_asserts import U32, assert_equal_idx, assert_within, gamma, one_thre
 
 # TINY keeps head_dim 512 / rope 64; a short window and top-k make every set non-trivial at small T.
 CFG = TINY.replace(sliding_window=8, index_topk=3)
-LAYERS = {"swa": (0, 21), "csa": (1, 27), "hca": (2, 300)}   # layer id, sequence length
+LAYERS = {"swa": (0, 21), "csa": (1, 27), "hca": (2, 300)}  # layer id, sequence length
 TAU = 512**-0.5
 
 
@@ -23,7 +31,7 @@ def _attn_inputs(T=12, H=4, N=20, K=9, seed=0, dtype=torch.float64):
     q = torch.randn(T, H, 512, generator=g, dtype=torch.float64)
     kv = torch.randn(N, 512, generator=g, dtype=torch.float64)
     idx = torch.randint(-1, N, (T, K), generator=g)
-    idx[0] = -1                       # an empty row
+    idx[0] = -1  # an empty row
     sink = torch.randn(H, generator=g, dtype=torch.float64)
     return q.to(dtype), kv.to(dtype), idx, sink.to(dtype)
 
@@ -66,8 +74,9 @@ def test_sparse_attention_padding_and_order_invariance():
     q, kv, idx, sink = _attn_inputs(seed=1)
     base = sparse_attention(q, kv, idx, sink, scale=TAU)
     padded = torch.cat((torch.full((idx.shape[0], 3), -1), idx.flip(1)), 1)
-    assert_within("sparse_attention -1 padding / order", sparse_attention(q, kv, padded, sink, scale=TAU), base,
-                  1e-13)
+    assert_within(
+        "sparse_attention -1 padding / order", sparse_attention(q, kv, padded, sink, scale=TAU), base, 1e-13
+    )
     # -inf sink (padded heads of serving kernels) and an empty row: 0, not NaN
     o = sparse_attention(q, kv, torch.full_like(idx, -1), torch.full_like(sink, float("-inf")), scale=TAU)
     assert torch.equal(o, torch.zeros_like(o)), "sparse_attention: empty rows with -inf sink must give 0"
@@ -85,9 +94,9 @@ def test_sparse_attention_fp32_vs_fp64_within_derived_bound():
     #  * o = sum_j pi_j v_j with sum_j pi_j <= 1: |do| <= (2 dl + (2K + 5) u) max_j |v_j| elementwise.
     K = idx.shape[1]
     valid = idx >= 0
-    g = kv.abs()[idx.clamp(min=0)]                                              # [T, K, d]
+    g = kv.abs()[idx.clamp(min=0)]  # [T, K, d]
     dl = TAU * gamma(513) * torch.einsum("thd,tkd->thk", q.abs(), g).masked_fill(~valid[:, None], 0).amax(-1)
-    vmax = g.masked_fill(~valid[..., None], 0).amax(1)                          # [T, d]
+    vmax = g.masked_fill(~valid[..., None], 0).amax(1)  # [T, d]
     bound = (2 * dl[..., None] + (2 * K + 5) * U32) * vmax[:, None, :]
     assert_within("sparse_attention fp32 vs fp64", got, ref, bound)
 
@@ -112,12 +121,14 @@ def test_swa_indices_and_attention_sets():
 def test_query_and_kv_projection():
     w = random_attention_weights(CFG, 0, seed=3, dtype=torch.float64)
     x = torch.randn(5, CFG.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    qr, q = query_path(x, w["attn.wq_a"], w["attn.q_norm"], w["attn.wq_b"], n_heads=CFG.num_attention_heads,
-                       eps=1e-6)
+    qr, q = query_path(
+        x, w["attn.wq_a"], w["attn.q_norm"], w["attn.wq_b"], n_heads=CFG.num_attention_heads, eps=1e-6
+    )
     assert_within("query_path qr", qr, rms_norm(x @ w["attn.wq_a"].T, w["attn.q_norm"], 1e-6), 1e-13)
     assert q.shape == (5, CFG.num_attention_heads, 512)
-    assert_within("query_path per-head rms", q.square().mean(-1), torch.ones(q.shape[:2], dtype=torch.float64),
-                  1e-4)
+    assert_within(
+        "query_path per-head rms", q.square().mean(-1), torch.ones(q.shape[:2], dtype=torch.float64), 1e-4
+    )
     kv = kv_projection(x, w["attn.wkv"], w["attn.kv_norm"], eps=1e-6)
     assert_within("kv_projection", kv, rms_norm(x @ w["attn.wkv"].T, w["attn.kv_norm"], 1e-6), 1e-13)
 
@@ -132,19 +143,30 @@ def test_output_projection_inverse_rope_then_grouped():
     f = rope_inv_freq(64, 10000.0)
     got = output_projection(o, pos, f, wo_a, wo_b, o_groups=G)
     un = apply_rope(o, pos, f, inverse=True)
-    z = torch.cat([un[:, gi * H // G:(gi + 1) * H // G].reshape(T, -1) @ wo_a[gi * R:(gi + 1) * R].T
-                   for gi in range(G)], -1)
+    z = torch.cat(
+        [
+            un[:, gi * H // G : (gi + 1) * H // G].reshape(T, -1) @ wo_a[gi * R : (gi + 1) * R].T
+            for gi in range(G)
+        ],
+        -1,
+    )
     assert_within("output_projection", got, z @ wo_b.T, 1e-10)
     # RoPE'd values come back to the un-rotated frame: a rotated o equals the plain one after projection
     rot = apply_rope(o, pos, f)
-    assert_within("output_projection inverse rope", output_projection(rot, pos, f, wo_a, wo_b, o_groups=G),
-                  output_projection(o, pos * 0, f, wo_a, wo_b, o_groups=G), 1e-9)
+    assert_within(
+        "output_projection inverse rope",
+        output_projection(rot, pos, f, wo_a, wo_b, o_groups=G),
+        output_projection(o, pos * 0, f, wo_a, wo_b, o_groups=G),
+        1e-9,
+    )
 
 
 def _layer(name, dtype=torch.float64, seed=0):
     layer, T = LAYERS[name]
     w = random_attention_weights(CFG, layer, seed=seed, dtype=dtype)
-    x = torch.randn(T, CFG.hidden_size, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    x = torch.randn(
+        T, CFG.hidden_size, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
     return layer, T, w, x.to(dtype)
 
 
@@ -152,7 +174,7 @@ def _layer(name, dtype=torch.float64, seed=0):
 def test_layer_no_attention_to_future_positions(name):
     layer, T, w, x = _layer(name)
     y = attention_layer(x, w, CFG, layer, torch.arange(T))
-    cut = T - 6 if name != "hca" else 255        # HCA: entry 1 completes at token 255
+    cut = T - 6 if name != "hca" else 255  # HCA: entry 1 completes at token 255
     x2 = x.clone()
     x2[cut:] += torch.randn(T - cut, x.shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(9))
     y2 = attention_layer(x2, w, CFG, layer, torch.arange(T))
@@ -167,7 +189,7 @@ def test_layer_decode_equals_prefill_and_chunked_equals_single(name):
     # fp64 everywhere; the paths differ only in batching and summation order: ~1e-15 relative per op
     tol = 1e-11 * (1 + ref.abs())
     st, ys = AttentionState(), []
-    cut = T - 12 if name != "hca" else 200        # HCA decode crosses the entry fired at token 255
+    cut = T - 12 if name != "hca" else 200  # HCA decode crosses the entry fired at token 255
     ys.append(attention_layer(x[:cut], w, CFG, layer, torch.arange(cut), state=st))
     step = 1 if name != "hca" else 4
     for t in range(cut, T, step):
@@ -175,7 +197,7 @@ def test_layer_decode_equals_prefill_and_chunked_equals_single(name):
         ys.append(attention_layer(x[t:b], w, CFG, layer, torch.arange(t, b), state=st))
     assert_within(f"attention_layer {name} decode vs prefill", torch.cat(ys), ref, tol)
     st, ys, bounds = AttentionState(), [], (0, 5, 6, 13, T - 3, T)
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         ys.append(attention_layer(x[a:b], w, CFG, layer, torch.arange(a, b), state=st))
     assert_within(f"attention_layer {name} chunked vs single prefill", torch.cat(ys), ref, tol)
     assert st.next_pos == T and st.swa_kv.shape[0] == CFG.sliding_window
@@ -194,7 +216,9 @@ def test_layer_official_numerics_qat_and_variants():
     n = official()
     y = attention_layer(x, w, CFG, layer, torch.arange(T), numerics=n, state=st)
     nope = st.swa_kv[:, :448]
-    assert torch.equal(fake_quant_fp8(nope, n.kv_nope), nope), "attention_layer official: kv nope not on FP8 grid"
+    assert torch.equal(fake_quant_fp8(nope, n.kv_nope), nope), (
+        "attention_layer official: kv nope not on FP8 grid"
+    )
     y0 = attention_layer(x, w, CFG, layer, torch.arange(T))
     rel = ((y - y0).norm() / y0.norm()).item()
     assert 1e-3 < rel < 0.2, f"attention_layer official vs golden: relative difference {rel:.3g}"

@@ -21,11 +21,11 @@ def _complex_reference(x, positions, inv_freq, rope_dim=64):
     multiplied by exp(j pos omega_i) (OFF's view_as_complex formulation)."""
     x = x.double()
     off = x.shape[-1] - rope_dim
-    z = torch.complex(x[..., off::2], x[..., off + 1::2])
+    z = torch.complex(x[..., off::2], x[..., off + 1 :: 2])
     phi = positions.double()[:, None] * inv_freq.double()
     z = z * torch.polar(torch.ones_like(phi), phi).view(phi.shape[0], *([1] * (x.ndim - 2)), -1)
     out = x.clone()
-    out[..., off::2], out[..., off + 1::2] = z.real, z.imag
+    out[..., off::2], out[..., off + 1 :: 2] = z.real, z.imag
     return out
 
 
@@ -35,7 +35,7 @@ def _neox_mutant(x, positions, inv_freq, rope_dim=64, inverse=False):
     phi = positions.double()[:, None] * inv_freq.double() * (-1 if inverse else 1)
     phi = phi.view(phi.shape[0], *([1] * (x.ndim - 2)), -1)
     c, s = phi.cos().to(x.dtype), phi.sin().to(x.dtype)
-    a, b = x[..., off:off + rope_dim // 2], x[..., off + rope_dim // 2:]
+    a, b = x[..., off : off + rope_dim // 2], x[..., off + rope_dim // 2 :]
     return torch.cat((x[..., :off], a * c - b * s, a * s + b * c), -1)
 
 
@@ -60,8 +60,9 @@ def test_yarn_frequencies_keep_low_pairs_and_divide_high_pairs():
     assert torch.equal(yarn[:16], plain[:16]), "rope_inv_freq: pairs 0..15 (ramp 0) must keep omega"
     assert_within("rope_inv_freq yarn high pairs", yarn[25:], plain[25:] / 16, 0.0)
     ramp = (i[16:25] - 15) / 10
-    assert_within("rope_inv_freq yarn blend", yarn[16:25], plain[16:25] * (1 - ramp) + plain[16:25] / 16 * ramp,
-                  1e-18)
+    assert_within(
+        "rope_inv_freq yarn blend", yarn[16:25], plain[16:25] * (1 - ramp) + plain[16:25] / 16 * ramp, 1e-18
+    )
 
 
 def test_layer_inv_freq_variants():
@@ -70,8 +71,9 @@ def test_layer_inv_freq_variants():
     assert torch.equal(layer_inv_freq(FLASH, csa), rope_inv_freq(64, 160000.0, YARN))
     v = layer_inv_freq(FLASH, swa, variant="vllm-yarn-on-swa")
     plain = rope_inv_freq(64, 10000.0)
-    assert torch.equal(v[:21], plain[:21]) and (v[21:] < plain[21:]).all(), \
+    assert torch.equal(v[:21], plain[:21]) and (v[21:] < plain[21:]).all(), (
         "layer_inv_freq vllm-yarn-on-swa: only pairs above low=20 may change"
+    )
     assert torch.equal(layer_inv_freq(FLASH, csa, variant="vllm-yarn-on-swa"), layer_inv_freq(FLASH, csa))
     assert torch.equal(layer_inv_freq(TINY, 3), plain), "MTP layer is SWA-only: plain RoPE"
     with pytest.raises(ValueError, match="variant"):
@@ -99,8 +101,12 @@ def test_rope_then_inverse_is_identity():
     pos = torch.tensor([0, 3, 64, 127, 65536, 1_048_575])
     f = rope_inv_freq(64, 160000.0, YARN)
     x64 = _x(2, dtype=torch.float64)
-    assert_within("apply_rope inverse fp64", apply_rope(apply_rope(x64, pos, f), pos, f, inverse=True), x64,
-                  1e-14 * (1 + x64.abs()))
+    assert_within(
+        "apply_rope inverse fp64",
+        apply_rope(apply_rope(x64, pos, f), pos, f, inverse=True),
+        x64,
+        1e-14 * (1 + x64.abs()),
+    )
     x = x64.float()
     back = apply_rope(apply_rope(x, pos, f), pos, f, inverse=True)
     # Derivation: per rotation each output is a*c -/+ b*s with c, s rounded (<= u rel each), two products
@@ -123,6 +129,7 @@ def test_rope_fp32_vs_fp64_and_relative_position():
 
     def dot(pq, pk):
         return (apply_rope(q, torch.tensor([pq]), f) * apply_rope(k, torch.tensor([pk]), f)).sum().item()
+
     d0 = dot(10, 3)
     for a in (17, 4099, 900_007):
         assert math.isclose(dot(a + 7, a), d0, rel_tol=1e-9), f"apply_rope: q.k not relative at offset {a}"
