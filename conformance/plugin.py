@@ -97,6 +97,12 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
+    if "conformance_subject_only" in metafunc.fixturenames:
+        specs = metafunc.config._dsv4_run.subject_specs
+        if not specs:
+            raise pytest.UsageError("the conformance suite needs at least one --subject")
+        metafunc.parametrize("conformance_subject_only", specs, ids=specs)
+        return
     if "conformance_case" not in metafunc.fixturenames:
         return
     from .cases import all_cases

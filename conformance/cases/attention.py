@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-
 import torch
 
-from references.config import RopeScaling
 from references.components.attention import output_projection, sparse_attention
 from references.components.rope import rope_inv_freq
+from references.config import RopeScaling
 
 from ..components import ComponentSpec, OutputSpec, register
 from ._case import Case, add, dist_tensor

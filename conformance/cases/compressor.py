@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from references.config import RopeScaling
 from references.components.compressor import compress
 from references.components.rope import rope_inv_freq
+from references.config import RopeScaling
 
 from ..components import ComponentSpec, OutputSpec, register
 from ._case import Case, add, dist_tensor

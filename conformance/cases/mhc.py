@@ -40,7 +40,8 @@ def _mix_scale(kw, want):
 
 register(ComponentSpec(
     name="mhc.pre", family="mhc", reference=mhc_pre,
-    outputs=(OutputSpec("a", tol=A_TOL, scale=_mix_scale), OutputSpec("post", tol=PRE_TOL), OutputSpec("comb", tol=PRE_TOL)),
+    outputs=(OutputSpec("a", tol=A_TOL, scale=_mix_scale), OutputSpec("post", tol=PRE_TOL),
+             OutputSpec("comb", tol=PRE_TOL)),
     description="HC_pre: RMS-scaled mixes, pre/post sigmoids, Sinkhorn-Knopp comb, layer input",
     spec_section="3.4", emulate=serving_emulation(mhc_pre, bf16_inputs=("X",), bf16_outputs=("a",)),
 ))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from references.config import RopeScaling
 from references.components.rope import apply_rope, rope_inv_freq
+from references.config import RopeScaling
 
 from ..components import ComponentSpec, OutputSpec, register
 from ._case import Case, add, dist_tensor

@@ -41,6 +41,12 @@ class EmulatedSubject(Subject):
                              backend="emulation", note=f"profile {self.profile}")
         return out
 
+    def dialect_probes(self):
+        """FP8 producers and consumers of every DSV4 edge, in this profile's serving numerics."""
+        from ..checks.dialect.emulated import reference_consumers, reference_producers
+
+        return reference_producers(self.profile), reference_consumers(self.profile)
+
     def emulation_profile(self) -> str | None:
         # it *is* the emulation: comparing it against itself would be a check that cannot fail
         return None

@@ -9,12 +9,10 @@ from conformance.cases.attention import attn_sparse
 from conformance.cases.compressor import compressor_kv
 from conformance.cases.indexer import idx_topk
 from conformance.cases.mhc import mhc_pre
-from conformance.cases.rope import rope
 from conformance.checks.numeric import run_numeric
 from conformance.subjects import Impl, Subject, SubjectInfo
-
-from references.config import RopeScaling
 from references.components.rope import rope_inv_freq
+from references.config import RopeScaling
 
 
 class Mutant(Subject):
