@@ -5,6 +5,7 @@ reference is the golden function from ``references``; each subject provides an `
 same call signature. Output tolerances are functions of the case parameters and the comparison level:
 
   "fp64"     the fp32 golden against the fp64 run of the same reference (reference subject)
+  "fp32"     an independent fp32 implementation (transformers) against the fp32 golden
   "serving"  a serving-precision subject (bf16 activations, FP8 / FP4 formats) against the fp32 golden
   "emulated" a serving subject against the emulated serving numerics of its profile (tight)
 """
@@ -16,7 +17,7 @@ from typing import Callable
 
 from .tolerances import EXACT, Tolerance
 
-LEVELS = ("fp64", "serving", "emulated")
+LEVELS = ("fp64", "fp32", "serving", "emulated")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ def _scale(kw, want):
     return x.abs().amax(dim=-1, keepdim=True).expand_as(want)
 
 
-TOL = level_tolerance(n=2, k_inputs=2, what="rope", extra_serving=70000 * 2.0**-24 * 2,
+PHASE = 70000 * 2.0**-24 * 2  # |d phi| <= pos * u32 (fp32 product) + pos * |d omega|: 2 pos u32 radians
+TOL = level_tolerance(n=2, k_inputs=2, what="rope", extra_serving=PHASE, extra_fp32=PHASE,
                       extra_reason="fp32 phase at positions up to 70000")
 register(ComponentSpec(
     name="rope.apply", family="rope", reference=rope,

@@ -1,0 +1,102 @@
+"""The ``transformers`` subject: Hugging Face transformers' DeepSeek-V4 (an independent implementation).
+
+It runs in fp32 on the CPU (HF's bf16 paths round differently from the serving path; its fp32 path is an
+exact-arithmetic cross-check). Components bound: the ones HF exposes as modules or functions that can be
+called in isolation. HF has no MTP and no FP8/FP4 simulation, so those components are not provided.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from .base import Impl, Subject, SubjectError, SubjectInfo
+
+MOD = "transformers.models.deepseek_v4.modeling_deepseek_v4"
+
+
+def _load():
+    try:
+        import transformers
+
+        M = importlib.import_module(MOD)
+    except ImportError as e:
+        raise SubjectError(f"subject 'transformers' needs transformers with models.deepseek_v4 (>= 5.17): {e}") from e
+    return transformers, M
+
+
+def _config(M, *, theta: float, yarn: bool, hidden: int = 256, hc_iters: int = 20):
+    kw = dict(vocab_size=64, hidden_size=hidden, num_hidden_layers=1, compress_ratios=[0], num_attention_heads=8,
+              num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+              index_n_heads=8, index_head_dim=128, index_topk=512, sliding_window=128, hc_mult=4,
+              hc_sinkhorn_iters=hc_iters, hc_eps=1e-6, n_routed_experts=64, num_experts_per_tok=6,
+              moe_intermediate_size=64, num_hash_layers=0, rms_norm_eps=1e-6, rope_theta=theta,
+              compress_rope_theta=theta, max_position_embeddings=1048576)
+    if yarn:
+        kw["rope_scaling"] = dict(type="yarn", factor=16, original_max_position_embeddings=65536, beta_fast=32,
+                                  beta_slow=1)
+    c = M.DeepseekV4Config(**kw)
+    c._attn_implementation = "eager"
+    return c
+
+
+class TransformersSubject(Subject):
+    name = "transformers"
+
+    def __init__(self):
+        self.transformers, self.M = _load()
+
+    def info(self) -> SubjectInfo:
+        return SubjectInfo(name=self.name, implementation=f"transformers {self.transformers.__version__} "
+                           f"DeepSeek-V4 modules in fp32", device=f"cpu ({platform.machine()})", dialect="none",
+                           emulated=False, versions={"transformers": self.transformers.__version__,
+                                                     "torch": torch.__version__})
+
+    def comparison_level(self) -> str:
+        # an independent fp32 implementation of the same math (see cases/_serving.py, level "fp32")
+        return "fp32"
+
+    def provides(self) -> dict[str, Impl]:
+        M = self.M
+
+        @torch.no_grad()
+        def norm_rms(x, weight, *, eps):
+            n = M.DeepseekV4RMSNorm(x.shape[-1], eps=eps)
+            n.weight.copy_(weight)
+            return n(x.float())
+
+        @torch.no_grad()
+        def rope(x, positions, *, theta, yarn, inverse=False, rope_dim=64):
+            c = _config(M, theta=theta, yarn=yarn)
+            rot = M.DeepseekV4RotaryEmbedding(c)
+            xb = x.float().permute(1, 0, 2)[None]                  # [1, H, T, d]
+            cos, sin = rot(xb, position_ids=positions[None].long(), layer_type="compress")
+            y = M.apply_rotary_pos_emb(xb, cos, -sin if inverse else sin)
+            return y[0].permute(1, 0, 2)
+
+        @torch.no_grad()
+        def mhc_pre(X, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
+            c = _config(M, theta=10000.0, yarn=False, hidden=X.shape[-1], hc_iters=sinkhorn_iters)
+            c.rms_norm_eps, c.hc_eps = norm_eps, hc_eps
+            hc = M.DeepseekV4HyperConnection(c)
+            hc.fn.copy_(fn), hc.base.copy_(base), hc.scale.copy_(scale)
+            post, comb, a = hc(X.float()[None])
+            return {"a": a[0], "post": post[0], "comb": comb[0]}
+
+        @torch.no_grad()
+        def mhc_head(X, fn, base, scale, *, norm_eps, hc_eps):
+            c = _config(M, theta=10000.0, yarn=False, hidden=X.shape[-1])
+            c.rms_norm_eps, c.hc_eps = norm_eps, hc_eps
+            hh = M.DeepseekV4HyperHead(c)
+            hh.hc_fn.copy_(fn), hh.hc_base.copy_(base), hh.hc_scale.copy_(scale)
+            return hh(X.float()[None])[0]
+
+        return {
+            "norm.rms": Impl(norm_rms, f"{MOD}.DeepseekV4RMSNorm", "torch"),
+            "rope.apply": Impl(rope, f"{MOD}.DeepseekV4RotaryEmbedding + apply_rotary_pos_emb", "torch",
+                               note="compress rope table built for the case's theta / YaRN"),
+            "mhc.pre": Impl(mhc_pre, f"{MOD}.DeepseekV4HyperConnection", "torch"),
+            "mhc.head": Impl(mhc_head, f"{MOD}.DeepseekV4HyperHead", "torch"),
+        }
