@@ -100,9 +100,10 @@ class Variants:
     mtp: str = "official"
 
     @classmethod
-    def hf(cls) -> Variants:
-        """transformers 5.20+ (hf-api.md section 5): after-W2 weights, eps 1e-20, bf16 post/comb."""
-        return cls(route="hf-vllm", moe="after-w2", hc_post="hf")
+    def hf(cls, *, bf16_streams: bool = False) -> Variants:
+        """transformers 5.20+ (hf-api.md section 5): routing weight after W2, renorm eps 1e-20; HF casts
+        post/comb to the *stream* dtype, which only rounds when the streams are bf16."""
+        return cls(route="hf-vllm", moe="after-w2", hc_post="hf" if bf16_streams else "official")
 
 
 OFFICIAL = Variants()
