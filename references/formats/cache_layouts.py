@@ -124,7 +124,8 @@ class IndexerKLayout:
 
 @dataclass(frozen=True)
 class DsMlaTokens:
-    """Encoded tokens: nope codes uint8 [N, 448], scale bytes uint8 [N, 8] (7 UE8M0 + pad), rope bf16 [N, 64]."""
+    """Encoded tokens: nope codes uint8 [N, 448], scale bytes uint8 [N, 8] (7 UE8M0 + pad), rope bf16
+    [N, 64]."""
 
     nope: torch.Tensor
     scales: torch.Tensor
@@ -162,7 +163,9 @@ def _check_cache(cache, stride: int, what: str) -> None:
     if cache.dtype != torch.uint8:
         raise TypeError(f"{what} cache must be uint8 bytes, got {cache.dtype}")
     if cache.ndim != 2 or cache.shape[1] != stride:
-        raise ValueError(f"{what} cache must have shape [num_blocks, {stride}] for this layout, got {tuple(cache.shape)}")
+        raise ValueError(
+            f"{what} cache must have shape [num_blocks, {stride}] for this layout, got {tuple(cache.shape)}"
+        )
 
 
 def _check_slots(slots, n: int, num_slots: int, *, allow_padding: bool) -> np.ndarray:
@@ -181,8 +184,9 @@ def _check_slots(slots, n: int, num_slots: int, *, allow_padding: bool) -> np.nd
     bad = np.flatnonzero((s < low) | (s >= num_slots))
     if len(bad):
         i = int(bad[0])
-        raise IndexError(f"slot {int(s[i])} (token {i}) out of range [{low}, {num_slots}) "
-                         f"({len(bad)} bad slot(s))")
+        raise IndexError(
+            f"slot {int(s[i])} (token {i}) out of range [{low}, {num_slots}) ({len(bad)} bad slot(s))"
+        )
     valid = s[s >= 0]
     if len(np.unique(valid)) != len(valid):
         vals, counts = np.unique(valid, return_counts=True)
@@ -192,7 +196,9 @@ def _check_slots(slots, n: int, num_slots: int, *, allow_padding: bool) -> np.nd
 
 def _scatter(cache: torch.Tensor, blocks: np.ndarray, offsets: np.ndarray, data: np.ndarray) -> None:
     cols = offsets[:, None] + np.arange(data.shape[1])
-    cache[torch.from_numpy(blocks[:, None]), torch.from_numpy(cols)] = torch.from_numpy(np.ascontiguousarray(data))
+    cache[torch.from_numpy(blocks[:, None]), torch.from_numpy(cols)] = torch.from_numpy(
+        np.ascontiguousarray(data)
+    )
 
 
 def _gather(cache: torch.Tensor, blocks: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
@@ -229,7 +235,7 @@ def encode_ds_mla_tokens(kv: torch.Tensor, dialect="ocp", fmax: float | None = N
 
 
 def dequantize_ds_mla_tokens(tokens: DsMlaTokens, dialect="ocp") -> torch.Tensor:
-    """DsMlaTokens -> float32 [N, 512]: nope = code value x 2**(byte - 127) per 64-block; rope = bf16 value."""
+    """DsMlaTokens -> float32 [N, 512]: nope = code value x 2**(byte - 127) per 64-block; rope = bf16."""
     fmt = _dialect(dialect)
     vals = fmt.decode(tokens.nope.numpy()).reshape(-1, N_NOPE_BLOCKS, NOPE_BLOCK)
     s = e8m0_decode(tokens.scales.numpy()[:, :N_NOPE_BLOCKS])
@@ -237,9 +243,16 @@ def dequantize_ds_mla_tokens(tokens: DsMlaTokens, dialect="ocp") -> torch.Tensor
     return torch.cat([nope, tokens.rope.to(torch.float32)], dim=1)
 
 
-def write_ds_mla(cache: torch.Tensor, slot_mapping, kv: torch.Tensor, dialect="ocp", fmax: float | None = None,
-                 *, layout: DsMlaLayout = DsMlaLayout()) -> DsMlaTokens:
-    """Quantise ``kv`` [N, 512] and write token i to ``slot_mapping[i]`` (-1: skipped). Returns the encoding."""
+def write_ds_mla(
+    cache: torch.Tensor,
+    slot_mapping,
+    kv: torch.Tensor,
+    dialect="ocp",
+    fmax: float | None = None,
+    *,
+    layout: DsMlaLayout = DsMlaLayout(),
+) -> DsMlaTokens:
+    """Quantise ``kv`` [N, 512], write token i to ``slot_mapping[i]`` (-1: skipped); return the encoding."""
     _check_cache(cache, layout.block_stride, "fp8_ds_mla")
     _check_values(kv, KV_DIM, "kv")
     slots = _check_slots(slot_mapping, kv.shape[0], cache.shape[0] * layout.block_size, allow_padding=True)
@@ -260,18 +273,22 @@ def read_ds_mla_tokens(cache: torch.Tensor, slots, *, layout: DsMlaLayout = DsMl
     blocks, pos = np.divmod(s, layout.block_size)
     data = _gather(cache, blocks, pos * DS_MLA_TOKEN_BYTES, DS_MLA_TOKEN_BYTES)
     sb = _gather(cache, blocks, layout.scale_region + pos * DS_MLA_SCALE_BYTES, DS_MLA_SCALE_BYTES)
-    return DsMlaTokens(torch.from_numpy(data[:, :NOPE_DIM].copy()), torch.from_numpy(sb),
-                       _bytes_to_bf16(data[:, NOPE_DIM:]))
+    return DsMlaTokens(
+        torch.from_numpy(data[:, :NOPE_DIM].copy()), torch.from_numpy(sb), _bytes_to_bf16(data[:, NOPE_DIM:])
+    )
 
 
-def read_ds_mla(cache: torch.Tensor, slots, dialect="ocp", *, layout: DsMlaLayout = DsMlaLayout()) -> torch.Tensor:
+def read_ds_mla(
+    cache: torch.Tensor, slots, dialect="ocp", *, layout: DsMlaLayout = DsMlaLayout()
+) -> torch.Tensor:
     """Dequantised float32 [N, 512] of the given slots."""
     return dequantize_ds_mla_tokens(read_ds_mla_tokens(cache, slots, layout=layout), dialect)
 
 
 # -- indexer K ---------------------------------------------------------------------------------------
-def encode_indexer_k_tokens(k: torch.Tensor, dialect="ocp", fmax: float | None = None, *,
-                            value_format: str = "fp8") -> IndexerKTokens:
+def encode_indexer_k_tokens(
+    k: torch.Tensor, dialect="ocp", fmax: float | None = None, *, value_format: str = "fp8"
+) -> IndexerKTokens:
     """k [N, 128] -> value and scale bytes of one indexer-K entry.
 
     fp8: one block of 128, scale 2**ceil(log2(max(amax, 1e-4) / fmax)) stored as fp32 little-endian.
@@ -283,14 +300,18 @@ def encode_indexer_k_tokens(k: torch.Tensor, dialect="ocp", fmax: float | None =
         spec = BlockFP8(fmt, float(fmt.max if fmax is None else fmax), (1, INDEX_DIM), "ue8m0", AMAX_FLOOR)
         codes, sb = quantize_fp8(k, spec)
         scale = e8m0_decode(sb.numpy()[:, 0]).astype("<f4")  # a power of two: exact in fp32
-        return IndexerKTokens(codes, torch.from_numpy(scale.view(np.uint8).reshape(-1, INDEX_SCALE_BYTES).copy()))
+        return IndexerKTokens(
+            codes, torch.from_numpy(scale.view(np.uint8).reshape(-1, INDEX_SCALE_BYTES).copy())
+        )
     if value_format == "mxfp4":
         packed, sb = quantize_mxfp4(k)
         return IndexerKTokens(packed, sb)
     raise ValueError(f"value_format must be 'fp8' or 'mxfp4', not {value_format!r}")
 
 
-def dequantize_indexer_k_tokens(tokens: IndexerKTokens, dialect="ocp", *, value_format: str = "fp8") -> torch.Tensor:
+def dequantize_indexer_k_tokens(
+    tokens: IndexerKTokens, dialect="ocp", *, value_format: str = "fp8"
+) -> torch.Tensor:
     if value_format == "mxfp4":
         return dequantize_mxfp4(tokens.values, tokens.scales)
     fmt = _dialect(dialect)
@@ -298,8 +319,15 @@ def dequantize_indexer_k_tokens(tokens: IndexerKTokens, dialect="ocp", *, value_
     return torch.from_numpy((fmt.decode(tokens.values.numpy()) * scale).astype(np.float32))
 
 
-def write_indexer_k(cache: torch.Tensor, slot_mapping, k: torch.Tensor, dialect="ocp", fmax: float | None = None,
-                    *, layout: IndexerKLayout = IndexerKLayout()) -> IndexerKTokens:
+def write_indexer_k(
+    cache: torch.Tensor,
+    slot_mapping,
+    k: torch.Tensor,
+    dialect="ocp",
+    fmax: float | None = None,
+    *,
+    layout: IndexerKLayout = IndexerKLayout(),
+) -> IndexerKTokens:
     """Quantise ``k`` [N, 128] and write key i to ``slot_mapping[i]`` (-1: skipped). Returns the encoding."""
     what = f"indexer K ({layout.value_format})"
     _check_cache(cache, layout.block_stride, what)
@@ -313,7 +341,9 @@ def write_indexer_k(cache: torch.Tensor, slot_mapping, k: torch.Tensor, dialect=
     return tok
 
 
-def read_indexer_k_tokens(cache: torch.Tensor, slots, *, layout: IndexerKLayout = IndexerKLayout()) -> IndexerKTokens:
+def read_indexer_k_tokens(
+    cache: torch.Tensor, slots, *, layout: IndexerKLayout = IndexerKLayout()
+) -> IndexerKTokens:
     _check_cache(cache, layout.block_stride, f"indexer K ({layout.value_format})")
     s = _check_slots(slots, len(slots), cache.shape[0] * layout.block_size, allow_padding=False)
     blocks, pos = np.divmod(s, layout.block_size)
@@ -322,8 +352,10 @@ def read_indexer_k_tokens(cache: torch.Tensor, slots, *, layout: IndexerKLayout 
     return IndexerKTokens(torch.from_numpy(vals), torch.from_numpy(sb))
 
 
-def read_indexer_k(cache: torch.Tensor, slots, dialect="ocp", *, layout: IndexerKLayout = IndexerKLayout()
-                   ) -> torch.Tensor:
+def read_indexer_k(
+    cache: torch.Tensor, slots, dialect="ocp", *, layout: IndexerKLayout = IndexerKLayout()
+) -> torch.Tensor:
     """Dequantised float32 [N, 128] of the given slots."""
-    return dequantize_indexer_k_tokens(read_indexer_k_tokens(cache, slots, layout=layout), dialect,
-                                       value_format=layout.value_format)
+    return dequantize_indexer_k_tokens(
+        read_indexer_k_tokens(cache, slots, layout=layout), dialect, value_format=layout.value_format
+    )

@@ -68,14 +68,23 @@ def check_decode_table(impl: MiniFloat, oracle: np.ndarray, *, oracle_name: str 
     codes = np.arange(impl.n_codes)
     oracle = np.asarray(oracle, dtype=np.float64)
     if oracle.shape != codes.shape:
-        return [Mismatch("decode", impl.name, -1,
-                         f"oracle table has shape {oracle.shape}, expected ({impl.n_codes},)")]
+        return [
+            Mismatch(
+                "decode", impl.name, -1, f"oracle table has shape {oracle.shape}, expected ({impl.n_codes},)"
+            )
+        ]
     got = impl.decode(codes)
     out = []
     for c in np.flatnonzero(~same_value(got, oracle)):
-        out.append(Mismatch("decode", impl.name, int(c),
-                            f"code {impl.describe(c)}: {oracle_name} decodes to {float(oracle[c])!r}, codec to "
-                            f"{float(got[c])!r} ({dialect_verdict(c, got[c], impl.bits)})"))
+        out.append(
+            Mismatch(
+                "decode",
+                impl.name,
+                int(c),
+                f"code {impl.describe(c)}: {oracle_name} decodes to {float(oracle[c])!r}, codec to "
+                f"{float(got[c])!r} ({dialect_verdict(c, got[c], impl.bits)})",
+            )
+        )
     return out
 
 
@@ -133,8 +142,16 @@ def check_capabilities(impl: MiniFloat, expected: Capabilities, *, oracle_name="
 
 
 # -- encode ------------------------------------------------------------------------------------------
-def check_encode(impl: MiniFloat, x, oracle_codes, *, saturate: bool, oracle_table: np.ndarray | None = None,
-                 oracle_name: str = "oracle", check: str = "encode") -> list[Mismatch]:
+def check_encode(
+    impl: MiniFloat,
+    x,
+    oracle_codes,
+    *,
+    saturate: bool,
+    oracle_table: np.ndarray | None = None,
+    oracle_name: str = "oracle",
+    check: str = "encode",
+) -> list[Mismatch]:
     """Compare ``impl.encode(x, saturate=...)`` with the oracle's codes for the same inputs.
 
     NaN payloads and signs are not portable between libraries (ml_dtypes writes 0x7E for an e5m2 NaN,
@@ -153,10 +170,16 @@ def check_encode(impl: MiniFloat, x, oracle_codes, *, saturate: bool, oracle_tab
     ok = (got == exp) | (np.isnan(table[got]) & np.isnan(table[exp]))
     out = []
     for i in np.flatnonzero(~ok):
-        out.append(Mismatch(
-            check, impl.name, int(i),
-            f"x={float(x[i])!r} ({float(x[i]).hex()}), saturate={saturate}: {oracle_name} gives {impl.describe(exp[i])}"
-            f" [oracle value {float(table[exp[i]])!r}], codec gives {impl.describe(got[i])}"))
+        out.append(
+            Mismatch(
+                check,
+                impl.name,
+                int(i),
+                f"x={float(x[i])!r} ({float(x[i]).hex()}), saturate={saturate}: "
+                f"{oracle_name} gives {impl.describe(exp[i])}"
+                f" [oracle value {float(table[exp[i]])!r}], codec gives {impl.describe(got[i])}",
+            )
+        )
     return out
 
 
@@ -194,8 +217,10 @@ def encode_probes(fmt: MiniFloat, *, n_random: int = 100_000, seed: int = 0) -> 
         return np.concatenate([np.nextafter(v, f32(-np.inf)), np.nextafter(v, f32(np.inf))])
 
     tiny = fmt.smallest_subnormal
-    specials = np.array([np.inf, np.nan, 0.0, tiny / 4, tiny / 2, tiny * 0.75, top * 2, 1e30,
-                         np.finfo(np.float32).max], dtype=np.float64)
+    specials = np.array(
+        [np.inf, np.nan, 0.0, tiny / 4, tiny / 2, tiny * 0.75, top * 2, 1e30, np.finfo(np.float32).max],
+        dtype=np.float64,
+    )
     if fmt.signed:
         specials = np.concatenate([specials, -specials, [-0.0]])
     rng = np.random.default_rng(seed)
@@ -203,8 +228,12 @@ def encode_probes(fmt: MiniFloat, *, n_random: int = 100_000, seed: int = 0) -> 
     mag = np.exp2(rng.uniform(lo, hi, n_random))
     sign = np.where(rng.random(n_random) < 0.5, -1.0, 1.0) if fmt.signed else 1.0
     groups = {
-        "codes": vals, "midpoints": mids, "around_midpoints": around(mids), "around_codes": around(vals),
-        "overflow_boundary": np.concatenate([boundary, around(boundary)]), "specials": specials,
+        "codes": vals,
+        "midpoints": mids,
+        "around_midpoints": around(mids),
+        "around_codes": around(vals),
+        "overflow_boundary": np.concatenate([boundary, around(boundary)]),
+        "specials": specials,
         "random": sign * mag,
     }
     # float32 is what every oracle converts from; drop values float32 cannot hold (e.g. below 2**-149)
@@ -225,15 +254,28 @@ def check_e8m0_double(double_fn: Callable[[np.ndarray], np.ndarray]) -> list[Mis
     got = np.asarray(double_fn(b)).astype(np.int64)
     out = []
     for i in np.flatnonzero(~same_value(E8M0.table[got], 2 * e8m0_decode(b))):
-        out.append(Mismatch("e8m0_double", E8M0.name, int(i),
-                            f"scale {E8M0.describe(b[i])} doubled should be {2 * float(E8M0.table[b[i]])!r}, "
-                            f"got {E8M0.describe(got[i])}"))
+        out.append(
+            Mismatch(
+                "e8m0_double",
+                E8M0.name,
+                int(i),
+                f"scale {E8M0.describe(b[i])} doubled should be {2 * float(E8M0.table[b[i]])!r}, "
+                f"got {E8M0.describe(got[i])}",
+            )
+        )
     return out
 
 
-def check_same_dequant(before: np.ndarray, after: np.ndarray, codes: np.ndarray, code_fmts: tuple[MiniFloat, MiniFloat],
-                       *, check: str, scale_bytes: tuple[np.ndarray, np.ndarray] | None = None,
-                       scale_index: Callable[[int], tuple] | None = None) -> list[Mismatch]:
+def check_same_dequant(
+    before: np.ndarray,
+    after: np.ndarray,
+    codes: np.ndarray,
+    code_fmts: tuple[MiniFloat, MiniFloat],
+    *,
+    check: str,
+    scale_bytes: tuple[np.ndarray, np.ndarray] | None = None,
+    scale_index: Callable[[int], tuple] | None = None,
+) -> list[Mismatch]:
     """Elementwise: dequantised values before and after a conversion must be identical.
 
     ``codes`` are the element codes before (the byte shown with both formats' s/e/m), ``code_fmts`` the
@@ -246,17 +288,29 @@ def check_same_dequant(before: np.ndarray, after: np.ndarray, codes: np.ndarray,
     out = []
     for i in np.flatnonzero(~same_value(before, after) & ~((before == 0) & (after == 0))):
         c = int(codes[i])
-        msg = (f"code {code_fmts[0].describe(c)} / {code_fmts[1].describe(c)}: dequantised {float(before[i])!r} before, "
-               f"{float(after[i])!r} after")
+        msg = (
+            f"code {code_fmts[0].describe(c)} / {code_fmts[1].describe(c)}: "
+            f"dequantised {float(before[i])!r} before, "
+            f"{float(after[i])!r} after"
+        )
         if scale_bytes is not None and scale_index is not None:
             j = scale_index(int(i))
-            msg += (f"; scale {E8M0.describe(int(scale_bytes[0][j]))} -> {E8M0.describe(int(scale_bytes[1][j]))}")
+            msg += (
+                f"; scale {E8M0.describe(int(scale_bytes[0][j]))} -> {E8M0.describe(int(scale_bytes[1][j]))}"
+            )
         out.append(Mismatch(check, code_fmts[0].name, int(i), msg))
     return out
 
 
-def check_codes(got, want, fmt: MiniFloat, *, check: str, where: Callable[[int], str] | None = None,
-                limit: int | None = None) -> list[Mismatch]:
+def check_codes(
+    got,
+    want,
+    fmt: MiniFloat,
+    *,
+    check: str,
+    where: Callable[[int], str] | None = None,
+    limit: int | None = None,
+) -> list[Mismatch]:
     """Two code arrays of the same shape must hold the same codes (two NaN codes count as equal).
 
     ``where`` renders a flat index as a position (e.g. 'row 3 col 70, block (0, 1)'); ``limit`` stops
@@ -271,13 +325,17 @@ def check_codes(got, want, fmt: MiniFloat, *, check: str, where: Callable[[int],
     out = []
     for i in bad[:limit]:
         pos = where(int(i)) if where else f"index {np.unravel_index(i, got.shape)}"
-        out.append(Mismatch(check, fmt.name, int(i),
-                            f"{pos}: expected {fmt.describe(w[i])}, got {fmt.describe(g[i])}"))
+        out.append(
+            Mismatch(
+                check, fmt.name, int(i), f"{pos}: expected {fmt.describe(w[i])}, got {fmt.describe(g[i])}"
+            )
+        )
     return out
 
 
-def check_values(got, want, *, check: str, fmt_name: str = "float32", where: Callable[[int], str] | None = None
-                 ) -> list[Mismatch]:
+def check_values(
+    got, want, *, check: str, fmt_name: str = "float32", where: Callable[[int], str] | None = None
+) -> list[Mismatch]:
     """Exact elementwise equality of two float arrays (NaN == NaN; +0 == -0, as dequantised values)."""
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
@@ -285,6 +343,13 @@ def check_values(got, want, *, check: str, fmt_name: str = "float32", where: Cal
         return [Mismatch(check, fmt_name, -1, f"shape {got.shape} != expected {want.shape}")]
     g, w = got.ravel(), want.ravel()
     bad = np.flatnonzero(~((g == w) | (np.isnan(g) & np.isnan(w))))
-    return [Mismatch(check, fmt_name, int(i),
-                     f"{where(int(i)) if where else f'index {np.unravel_index(i, got.shape)}'}: expected "
-                     f"{float(w[i])!r}, got {float(g[i])!r}") for i in bad]
+    return [
+        Mismatch(
+            check,
+            fmt_name,
+            int(i),
+            f"{where(int(i)) if where else f'index {np.unravel_index(i, got.shape)}'}: expected "
+            f"{float(w[i])!r}, got {float(g[i])!r}",
+        )
+        for i in bad
+    ]

@@ -15,7 +15,9 @@ import torch
 from references.formats.minifloat import FORMATS
 from references.formats.verify import Capabilities
 
-NAMES = tuple(FORMATS)  # float8_e4m3fn, float8_e4m3fnuz, float8_e5m2, float8_e5m2fnuz, float8_e8m0fnu, float4_e2m1fn
+NAMES = tuple(
+    FORMATS
+)  # float8_e4m3fn, float8_e4m3fnuz, float8_e5m2, float8_e5m2fnuz, float8_e8m0fnu, float4_e2m1fn
 
 ML_DTYPES = {n: getattr(ml_dtypes, n) for n in NAMES}
 # torch has no unpacked fp4 dtype; float4_e2m1fn_x2 exists but cannot be converted to float (probed)
@@ -78,7 +80,12 @@ def finfo_capabilities(name: str) -> Capabilities:
 
     neg0 = back(-0.0)
     return Capabilities(
-        bits=int(fi.bits), has_inf=bool(np.isinf(back(np.inf))), has_nan=bool(np.isnan(back(np.nan))),
-        has_negative_zero=bool(neg0 == 0 and np.signbit(neg0)), max=float(fi.max),
-        smallest_normal=float(fi.smallest_normal), smallest_subnormal=float(fi.smallest_subnormal),
-        eps=float(fi.eps))
+        bits=int(fi.bits),
+        has_inf=bool(np.isinf(back(np.inf))),
+        has_nan=bool(np.isnan(back(np.nan))),
+        has_negative_zero=bool(neg0 == 0 and np.signbit(neg0)),
+        max=float(fi.max),
+        smallest_normal=float(fi.smallest_normal),
+        smallest_subnormal=float(fi.smallest_subnormal),
+        eps=float(fi.eps),
+    )

@@ -71,8 +71,9 @@ def torch_block_fp8(x: torch.Tensor, dialect_name: str, fmax: float, block, scal
     return codes, stored, deq
 
 
-@pytest.mark.parametrize("dialect,fmax,block,scale_fmt", CASES,
-                         ids=[f"{d}-fmax{f:g}-{b[0]}x{b[1]}-{s}" for d, f, b, s in CASES])
+@pytest.mark.parametrize(
+    "dialect,fmax,block,scale_fmt", CASES, ids=[f"{d}-fmax{f:g}-{b[0]}x{b[1]}-{s}" for d, f, b, s in CASES]
+)
 def test_block_fp8_against_torch(dialect, fmax, block, scale_fmt):
     spec = BlockFP8.of(dialect, block, fmax=fmax, scale_fmt=scale_fmt)
     x = make_x(seed=CASES.index((dialect, fmax, block, scale_fmt)))
@@ -88,7 +89,9 @@ def test_block_fp8_against_torch(dialect, fmax, block, scale_fmt):
         mism += check_codes(scales.numpy(), t_scales.numpy(), FORMATS["float8_e8m0fnu"], check="scales")
     else:
         mism += check_values(scales.numpy(), t_scales.numpy(), check="scales")
-    mism += check_values(dequantize_fp8(codes, scales, spec).numpy(), t_deq.numpy(), check="dequant", where=where)
+    mism += check_values(
+        dequantize_fp8(codes, scales, spec).numpy(), t_deq.numpy(), check="dequant", where=where
+    )
     assert not mism, report(f"block fp8 {dialect} fmax={fmax} block={block} {scale_fmt}", mism, x.numel())
 
 
@@ -106,7 +109,8 @@ def test_block_fp8_refuses_bad_input():
 
 
 def test_block_fp8_hand_example():
-    """One 64-block, OCP, fmax 448: amax 896 -> scale 2; 896 -> 448 (0x7E), 1 -> 0.5 (0x30), -3 -> -1.5 (0xBC)."""
+    """One 64-block, OCP, fmax 448: amax 896 -> scale 2 (byte 128); 896 -> 448 (0x7E), 1 -> 0.5 (0x30),
+    -3 -> -1.5 (0xBC)."""
     x = torch.zeros(64)
     x[0], x[1], x[2] = 896.0, 1.0, -3.0
     spec = BlockFP8.of("ocp", (1, 64))

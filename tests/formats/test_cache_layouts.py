@@ -40,12 +40,13 @@ def test_layout_strides():
 # Nope block j (j = 0..6): element 0 = 448 * 2**(j-3), element 1 = -2**(j-3), the rest 0.
 #   OCP,  fmax 448: scale 2**(j-3) -> byte 124+j; codes 448 -> 0x7E, -1.0 -> 0xB8
 #   fnuz, fmax 240: amax/240 = 1.87 * 2**(j-3) -> scale 2**(j-2), byte 125+j; 224 -> 0x7E, -0.5 -> 0xB8
-# Rope: [0] = 1.0 (bf16 0x3F80 -> bytes 80 3F), [1] = -2.0 (0xC000 -> 00 C0), [63] = 1 + 2**-7 (0x3F81 -> 81 3F).
+# Rope: [0] = 1.0 (bf16 0x3F80 -> bytes 80 3F), [1] = -2.0 (0xC000 -> 00 C0),
+#       [63] = 1 + 2**-7 (0x3F81 -> 81 3F).
 HAND_DS_MLA = [("ocp", 448.0, 124), ("fnuz", 240.0, 125)]
 
 
-@pytest.mark.parametrize("dialect,fmax,byte0", HAND_DS_MLA, ids=[d for d, _, _ in HAND_DS_MLA])
-def test_ds_mla_hand_built_token(dialect, fmax, byte0):
+def hand_built_ds_mla(dialect, fmax, byte0):
+    """Write the token above; return (cache, list of 'byte N: got 0x.., want 0x..' for every wrong byte)."""
     kv = torch.zeros(1, 512)
     for j in range(7):
         kv[0, 64 * j] = 448.0 * 2.0 ** (j - 3)
@@ -62,8 +63,13 @@ def test_ds_mla_hand_built_token(dialect, fmax, byte0):
     want[4480:4484] = [0x80, 0x3F, 0x00, 0xC0]
     want[4606:4608] = [0x81, 0x3F]
     got = cache.numpy().ravel()
-    bad = np.flatnonzero(got != want)
-    assert not len(bad), [(int(i), f"got 0x{got[i]:02X}", f"want 0x{want[i]:02X}") for i in bad[:10]]
+    return cache, [f"byte {i}: got 0x{got[i]:02X}, want 0x{want[i]:02X}" for i in np.flatnonzero(got != want)]
+
+
+@pytest.mark.parametrize("dialect,fmax,byte0", HAND_DS_MLA, ids=[d for d, _, _ in HAND_DS_MLA])
+def test_ds_mla_hand_built_token(dialect, fmax, byte0):
+    cache, bad = hand_built_ds_mla(dialect, fmax, byte0)
+    assert not bad, "\n".join(bad[:10])
 
     back = read_ds_mla(cache, [6], dialect, layout=DsMlaLayout(4))
     assert back[0, :2].tolist() == [56.0, -0.125] and back[0, 384].item() == 448.0 * 8
@@ -83,8 +89,13 @@ def test_ds_mla_round_trip(dialect, fmax):
     cache = torch.zeros(nb, layout.block_stride, dtype=torch.uint8)
     write_ds_mla(cache, slots_padded, kv_padded, dialect, fmax, layout=layout)
 
-    want = torch.cat([fake_quant_fp8(kv[:, :448], BlockFP8.of(dialect, (1, 64), fmax=fmax)),
-                      kv[:, 448:].to(torch.bfloat16).float()], dim=1)
+    want = torch.cat(
+        [
+            fake_quant_fp8(kv[:, :448], BlockFP8.of(dialect, (1, 64), fmax=fmax)),
+            kv[:, 448:].to(torch.bfloat16).float(),
+        ],
+        dim=1,
+    )
     mism = check_values(read_ds_mla(cache, slots, dialect, layout=layout).numpy(), want.numpy(), check="read")
     assert not mism, report(f"ds_mla round trip {dialect} fmax={fmax}", mism, want.numel())
 
@@ -94,7 +105,7 @@ def test_ds_mla_round_trip(dialect, fmax):
     unused = sorted(set(range(nb * bs)) - set(slots.tolist()))
     empty = read_ds_mla_tokens(cache, unused, layout=layout)
     assert not empty.nope.any() and not empty.scales.any() and not empty.rope.view(torch.int16).any()
-    assert not cache[:, bs * 584:].any()  # alignment padding at the end of each block untouched
+    assert not cache[:, bs * 584 :].any()  # alignment padding at the end of each block untouched
 
 
 # Indexer K, block_size 4 (stride 576), slot 5 -> block 1 (flat bytes 576..1151), position 1.
@@ -117,7 +128,9 @@ def test_indexer_fp8_hand_built(dialect, fmax, scale_bytes):
     want[704:706] = [0x7E, 0xB8]
     want[1092:1096] = scale_bytes
     got = cache.numpy().ravel()
-    assert (got == want).all(), [(int(i), hex(got[i]), hex(want[i])) for i in np.flatnonzero(got != want)[:10]]
+    assert (got == want).all(), [
+        (int(i), hex(got[i]), hex(want[i])) for i in np.flatnonzero(got != want)[:10]
+    ]
     assert read_indexer_k(cache, [5], dialect, layout=IndexerKLayout(4))[0, :2].tolist() == [1792.0, -4.0]
 
 
@@ -131,12 +144,16 @@ def test_indexer_mxfp4_hand_built():
     want[640] = 0x64
     want[836:840] = [126, 1, 1, 1]
     got = cache.numpy().ravel()
-    assert (got == want).all(), [(int(i), hex(got[i]), hex(want[i])) for i in np.flatnonzero(got != want)[:10]]
+    assert (got == want).all(), [
+        (int(i), hex(got[i]), hex(want[i])) for i in np.flatnonzero(got != want)[:10]
+    ]
     assert read_indexer_k(cache, [5], layout=layout)[0, :2].tolist() == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("value_format,dialect,fmax", [("fp8", "ocp", 448.0), ("fp8", "fnuz", 240.0),
-                                                       ("fp8", "fnuz", 224.0), ("mxfp4", "ocp", None)])
+@pytest.mark.parametrize(
+    "value_format,dialect,fmax",
+    [("fp8", "ocp", 448.0), ("fp8", "fnuz", 240.0), ("fp8", "fnuz", 224.0), ("mxfp4", "ocp", None)],
+)
 def test_indexer_round_trip(value_format, dialect, fmax):
     g = torch.Generator().manual_seed(4)
     n, bs, nb = 50, 8, 9
@@ -151,9 +168,11 @@ def test_indexer_round_trip(value_format, dialect, fmax):
         assert (np.frexp(scales)[0] == 0.5).all()  # fp32 scales are powers of two
     else:
         want = fake_quant_mxfp4(k)
-    mism = check_values(read_indexer_k(cache, slots, dialect, layout=layout).numpy(), want.numpy(), check="read")
+    mism = check_values(
+        read_indexer_k(cache, slots, dialect, layout=layout).numpy(), want.numpy(), check="read"
+    )
     assert not mism, report(f"indexer {value_format} round trip", mism, want.numel())
-    assert not cache[:, bs * (layout.value_bytes + 4):].any()
+    assert not cache[:, bs * (layout.value_bytes + 4) :].any()
 
 
 # -- refusals: (what, callable, exception, message pattern) rows --------------------------------------
@@ -168,20 +187,58 @@ REFUSALS = [
     ("read of slot -1", lambda: read_ds_mla(C, [-1], layout=L), IndexError, "slot -1"),
     ("read past the end", lambda: read_ds_mla(C, [8], layout=L), IndexError, "out of range"),
     ("duplicate slot", lambda: write_ds_mla(C.clone(), [3, 3], KV, layout=L), ValueError, "more than once"),
-    ("float slots", lambda: write_ds_mla(C.clone(), torch.tensor([0.0, 1.0]), KV, layout=L), TypeError, "integers"),
+    (
+        "float slots",
+        lambda: write_ds_mla(C.clone(), torch.tensor([0.0, 1.0]), KV, layout=L),
+        TypeError,
+        "integers",
+    ),
     ("slot count", lambda: write_ds_mla(C.clone(), [0, 1, 2], KV, layout=L), ValueError, r"shape \[2\]"),
     ("cache dtype", lambda: write_ds_mla(C.to(torch.int8), [0, 1], KV, layout=L), TypeError, "uint8"),
-    ("cache width", lambda: write_ds_mla(torch.zeros(2, 2336, dtype=torch.uint8), [0, 1], KV, layout=L),
-     ValueError, "2880"),
+    (
+        "cache width",
+        lambda: write_ds_mla(torch.zeros(2, 2336, dtype=torch.uint8), [0, 1], KV, layout=L),
+        ValueError,
+        "2880",
+    ),
     ("kv width", lambda: write_ds_mla(C.clone(), [0, 1], torch.zeros(2, 511), layout=L), ValueError, "512"),
-    ("kv dtype", lambda: write_ds_mla(C.clone(), [0, 1], KV.to(torch.int32), layout=L), TypeError, "floating"),
-    ("kv not a tensor", lambda: write_ds_mla(C.clone(), [0, 1], KV.numpy(), layout=L), TypeError, "torch.Tensor"),
-    ("kv NaN", lambda: write_ds_mla(C.clone(), [0, 1], torch.full((2, 512), float("nan")), layout=L),
-     ValueError, "NaN"),
-    ("e5m2 dialect", lambda: write_ds_mla(C.clone(), [0, 1], KV, "float8_e5m2", layout=L), ValueError, "e4m3"),
-    ("fnuz fmax 448", lambda: write_ds_mla(C.clone(), [0, 1], KV, "fnuz", 448.0, layout=L), ValueError, "fmax"),
+    (
+        "kv dtype",
+        lambda: write_ds_mla(C.clone(), [0, 1], KV.to(torch.int32), layout=L),
+        TypeError,
+        "floating",
+    ),
+    (
+        "kv not a tensor",
+        lambda: write_ds_mla(C.clone(), [0, 1], KV.numpy(), layout=L),
+        TypeError,
+        "torch.Tensor",
+    ),
+    (
+        "kv NaN",
+        lambda: write_ds_mla(C.clone(), [0, 1], torch.full((2, 512), float("nan")), layout=L),
+        ValueError,
+        "NaN",
+    ),
+    (
+        "e5m2 dialect",
+        lambda: write_ds_mla(C.clone(), [0, 1], KV, "float8_e5m2", layout=L),
+        ValueError,
+        "e4m3",
+    ),
+    (
+        "fnuz fmax 448",
+        lambda: write_ds_mla(C.clone(), [0, 1], KV, "fnuz", 448.0, layout=L),
+        ValueError,
+        "fmax",
+    ),
     ("k width", lambda: write_indexer_k(IC.clone(), [0], torch.zeros(1, 64), layout=IL), ValueError, "128"),
-    ("indexer slot", lambda: write_indexer_k(IC.clone(), [8], torch.zeros(1, 128), layout=IL), IndexError, "slot 8"),
+    (
+        "indexer slot",
+        lambda: write_indexer_k(IC.clone(), [8], torch.zeros(1, 128), layout=IL),
+        IndexError,
+        "slot 8",
+    ),
     ("indexer cache width", lambda: read_indexer_k(IC, [0], layout=IndexerKLayout(64)), ValueError, "8640"),
     ("value format", lambda: IndexerKLayout(4, value_format="fp4"), ValueError, "value_format"),
     ("block size", lambda: DsMlaLayout(0), ValueError, "block_size"),

@@ -25,8 +25,15 @@ def converted_mismatches(codes: torch.Tensor, scales: torch.Tensor, scale_fmt: s
         return (r // BLOCK[0]) * n_cols + c // BLOCK[1]
 
     sb = (scales.numpy().ravel(), s2.numpy().ravel()) if scale_fmt == "ue8m0" else None
-    return check_same_dequant(before.numpy(), after.numpy(), codes.numpy(), (OCP, FNUZ), check="ocp_to_fnuz",
-                              scale_bytes=sb, scale_index=scale_index if sb else None)
+    return check_same_dequant(
+        before.numpy(),
+        after.numpy(),
+        codes.numpy(),
+        (OCP, FNUZ),
+        check="ocp_to_fnuz",
+        scale_bytes=sb,
+        scale_index=scale_index if sb else None,
+    )
 
 
 def edge_weights(scale_fmt: str):
@@ -61,8 +68,11 @@ def test_random_weights_keep_their_values(scale_fmt):
 
 
 def test_codes_and_scales_hand_example():
-    codes, scales = ocp_to_fnuz(torch.tensor([[0x80, 0x7E, 0x01, 0xB8]], dtype=torch.uint8),
-                                torch.tensor([[126]], dtype=torch.uint8), "ue8m0")
+    codes, scales = ocp_to_fnuz(
+        torch.tensor([[0x80, 0x7E, 0x01, 0xB8]], dtype=torch.uint8),
+        torch.tensor([[126]], dtype=torch.uint8),
+        "ue8m0",
+    )
     assert codes.tolist() == [[0x00, 0x7E, 0x01, 0xB8]] and scales.tolist() == [[127]]
     assert ocp_to_fnuz_scales(torch.tensor([0.75]), "fp32").tolist() == [1.5]
 

@@ -37,13 +37,25 @@ def probes(name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _run(lib, name, transform, saturate):
-    fmt = FORMATS[name]
+def run_encode_checks(lib, name, transform, saturate, impl=None):
+    """Every probe group of format ``name`` through ``impl`` (default: our codec) against library ``lib``.
+
+    transform: what is done to the inputs before the library casts them (identity, or clamp to +-max).
+    Returns (mismatches, number of inputs). The mutant tests call this too.
+    """
+    fmt = FORMATS[name] if impl is None else impl
     table = DECODE[lib](name) if (lib, name) != ("torch", "float4_e2m1fn") else None
     mism, total = [], 0
     for group, x in probes(name).items():
-        m = check_encode(fmt, x, ENCODE[lib](name, transform(fmt, x)), saturate=saturate, oracle_table=table,
-                         oracle_name=lib, check=f"encode/{group}")
+        m = check_encode(
+            fmt,
+            x,
+            ENCODE[lib](name, transform(fmt, x)),
+            saturate=saturate,
+            oracle_table=table,
+            oracle_name=lib,
+            check=f"encode/{group}",
+        )
         mism += m
         total += len(x)
     return mism, total
@@ -52,7 +64,7 @@ def _run(lib, name, transform, saturate):
 @pytest.mark.parametrize("lib,name", ORACLES, ids=[f"{lib}-{n}" for lib, n in ORACLES])
 def test_encode_plain_cast(lib, name):
     saturate = OVERFLOW[(lib, name)] == "saturate"
-    mism, total = _run(lib, name, lambda fmt, x: x, saturate)
+    mism, total = run_encode_checks(lib, name, lambda fmt, x: x, saturate)
     assert not mism, report(f"encode {name} vs {lib} (saturate={saturate})", mism, total)
 
 
@@ -62,7 +74,7 @@ def clamp(fmt, x):
 
 @pytest.mark.parametrize("lib,name", ORACLES, ids=[f"{lib}-{n}" for lib, n in ORACLES])
 def test_encode_saturating_is_clamp_then_cast(lib, name):
-    mism, total = _run(lib, name, clamp, True)
+    mism, total = run_encode_checks(lib, name, clamp, True)
     assert not mism, report(f"saturating encode {name} vs clamp + {lib}", mism, total)
 
 

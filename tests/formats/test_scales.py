@@ -71,7 +71,9 @@ def test_e8m0_decode_matches_ml_dtypes_and_round_trips():
     assert (e8m0_encode(e8m0_decode(b[:255])) == b[:255]).all()
 
 
-@pytest.mark.parametrize("v", [3.0, 0.75, 0.0, -1.0, -2.0, np.inf, np.nan, 2.0**128, 2.0**-128, 1.5 * 2.0**-130])
+@pytest.mark.parametrize(
+    "v", [3.0, 0.75, 0.0, -1.0, -2.0, np.inf, np.nan, 2.0**128, 2.0**-128, 1.5 * 2.0**-130]
+)
 def test_e8m0_refuses(v):
     with pytest.raises(ValueError):
         e8m0_encode([1.0, v])

@@ -1,0 +1,69 @@
+"""Lightning indexer: weighted ReLU scores and the causal top-k (spec 3.8)."""
+
+from __future__ import annotations
+
+import torch
+
+from references.components.indexer import indexer_scores, indexer_topk
+
+from ..components import ComponentSpec, OutputSpec, register
+from ._case import Case, add, dist_tensor
+from ._serving import level_tolerance, serving_emulation
+
+
+def idx_scores(q, k, w) -> torch.Tensor:
+    return indexer_scores(q, k, w)
+
+
+def idx_topk(scores, positions, *, ratio: int, topk: int) -> torch.Tensor:
+    return indexer_topk(scores, positions, ratio=ratio, topk=topk)
+
+
+def _score_scale(kw, want):
+    # I = sum_h w_h ReLU(q_h . k): bounded by sum_h |w_h| sum_i |q_hi k_i|
+    q, k, w = kw["q"].double().abs(), kw["k"].double().abs(), kw["w"].double().abs()
+    return torch.einsum("th,thd,nd->tn", w, q, k)
+
+
+register(ComponentSpec(
+    name="indexer.scores", family="indexer", reference=idx_scores,
+    outputs=(OutputSpec("scores", tol=level_tolerance(n=128 * 64, k_inputs=3, what="indexer scores"),
+                        scale=_score_scale),),
+    description="I[t,s] = sum_h w[t,h] ReLU(q[t,h] . k[s])", spec_section="3.8",
+    emulate=serving_emulation(idx_scores, bf16_inputs=("q", "k", "w"), bf16_outputs=(),
+                              output_names=("scores",)),
+    divergences=("OFF: Hadamard + FP4 on q and K; vLLM: FP8 q/K without Hadamard (spec 8.4)",),
+))
+register(ComponentSpec(
+    name="indexer.topk", family="indexer", reference=idx_topk,
+    outputs=(OutputSpec("idx", kind="index-set"),),
+    description="causal top-k over compressed entries s < floor((t+1)/ratio), -1 padded", spec_section="3.8",
+    emulate=serving_emulation(idx_topk, bf16_inputs=(), bf16_outputs=(), output_names=("idx",)),
+))
+
+
+def _make_scores(g, p):
+    T, H, N = p["tokens"], p["heads"], p["n"]
+    return {"q": dist_tensor(g, (T, H, 128), p["dist"]), "k": dist_tensor(g, (N, 128), p["dist"]),
+            "w": torch.randn(T, H, generator=g) * (128 * H) ** -0.5}
+
+
+def _make_topk(g, p):
+    T, N, ratio = p["tokens"], p["n"], p["ratio"]
+    # distinct scores (a permutation of a grid) so the golden set is unambiguous; positions cover the
+    # causal boundary: entries visible = floor((t+1)/ratio)
+    scores = torch.stack([torch.randperm(N, generator=g).float() for _ in range(T)])
+    positions = torch.randint(0, N * ratio, (T,), generator=g)
+    positions[0] = p["topk"] * ratio - 1          # exactly topk visible
+    if T > 1:
+        positions[1] = p["topk"] * ratio - 2      # one fewer than topk visible
+    return {"scores": scores, "positions": positions, "ratio": ratio, "topk": p["topk"]}
+
+
+for tokens, heads, n, seed in [(1, 64, 600, 0), (9, 8, 130, 1)]:
+    add(Case(f"indexer.scores/t{tokens}h{heads}n{n}/s{seed}", "indexer.scores", _make_scores,
+             {"tokens": tokens, "heads": heads, "n": n}, seed, "normal", ("decode" if tokens == 1 else "prefill",)))
+for tokens, n, topk, seed in [(4, 600, 512, 0), (33, 1100, 512, 1), (3, 1030, 1024, 2)]:
+    add(Case(f"indexer.topk/t{tokens}n{n}k{topk}/s{seed}", "indexer.topk", _make_topk,
+             {"tokens": tokens, "n": n, "topk": topk, "ratio": 4}, seed, "permutation",
+             ("decode" if tokens == 1 else "prefill", "long-context")))

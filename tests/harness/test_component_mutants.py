@@ -1,0 +1,97 @@
+"""Every component detector fires on a deliberately broken implementation and names the component and the
+worst element; the correct subjects pass (tests/harness/test_subjects_and_suite.py)."""
+
+import pytest
+import torch
+
+from conformance.cases import cases_for
+from conformance.cases.attention import attn_sparse
+from conformance.cases.compressor import compressor_kv
+from conformance.cases.indexer import idx_topk
+from conformance.cases.mhc import mhc_pre
+from conformance.cases.rope import rope
+from conformance.checks.numeric import run_numeric
+from conformance.subjects import Impl, Subject, SubjectInfo
+
+from references.config import RopeScaling
+from references.components.rope import rope_inv_freq
+
+
+class Mutant(Subject):
+    def __init__(self, component, fn):
+        self.component, self.fn, self.name = component, fn, f"mutant:{component}"
+
+    def info(self):
+        return SubjectInfo(self.name, "deliberately broken", "cpu", "float8_e4m3fn", False, profile="ocp")
+
+    def provides(self):
+        return {self.component: Impl(self.fn, function=f"mutant.{self.component}", backend="torch")}
+
+
+def rms_without_eps(x, weight, *, eps):
+    x = x.double()
+    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True)) * weight.double()).float()
+
+
+def rope_neox(x, positions, *, theta, yarn, inverse=False, rope_dim=64):
+    # half-split pairing (x[i], x[i+32]) instead of interleaved (x[2i], x[2i+1])
+    inv = rope_inv_freq(rope_dim, theta, RopeScaling() if yarn else None)
+    phi = positions.double()[:, None] * inv.double()
+    phi = -phi if inverse else phi
+    cos, sin = phi.cos()[:, None, :], phi.sin()[:, None, :]
+    x = x.double()
+    a, b = x[..., -64:-32], x[..., -32:]
+    out = x.clone()
+    out[..., -64:-32], out[..., -32:] = a * cos - b * sin, a * sin + b * cos
+    return out.float()
+
+
+def sinkhorn_one_fewer(X, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
+    return mhc_pre(X, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters - 1)
+
+
+def attention_without_sink(q, kv, indices, sink, *, scale):
+    return attn_sparse(q, kv, indices, torch.full_like(sink, float("-inf")), scale=scale)
+
+
+def compressor_softmax_over_channels(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps):
+    real = torch.softmax
+
+    def wrong(t, dim=None, **kw):  # the pooling softmax is the only 3-D softmax over dim=1 in compress()
+        return real(t, dim=-1 if (dim == 1 and t.dim() == 3) else dim, **kw)
+
+    torch.softmax = wrong
+    try:
+        return compressor_kv(x, wkv, wgate, ape, norm, ratio=ratio, head_dim=head_dim, eps=eps)
+    finally:
+        torch.softmax = real
+
+
+
+def topk_off_by_one(scores, positions, *, ratio, topk):
+    # visible entries computed as floor((t + 2) / m): one token early at every window boundary
+    return idx_topk(scores, positions + 1, ratio=ratio, topk=topk)
+
+
+MUTANTS = [
+    ("norm.rms", rms_without_eps),
+    ("rope.apply", rope_neox),
+    ("mhc.pre", sinkhorn_one_fewer),
+    ("attn.sparse", attention_without_sink),
+    ("compressor.kv", compressor_softmax_over_channels),
+    ("indexer.topk", topk_off_by_one),
+]
+
+
+@pytest.mark.parametrize("component,fn", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_caught_with_diagnosis(component, fn):
+    subj = Mutant(component, fn)
+    caught = []
+    for case in cases_for(component):
+        for r in run_numeric(subj, case):
+            if r.verdict in ("fail", "catastrophic"):
+                caught.append(r)
+                assert component in r.message and case.id in r.message
+                assert "worst at" in r.message or "row" in r.message
+                assert r.worst.get("index") is not None
+    assert caught, f"mutant of {component} passed every case"
