@@ -152,6 +152,16 @@ def rms_norm(x, weight, eps, variant="official"):
     return _out(y=n.forward_native(x.to(BF)).float())
 
 
+def norm_head(q, eps):
+    T, H, D = q.shape
+    cache = torch.zeros(1, 584, dtype=torch.uint8)
+    cs = torch.cat([torch.ones(1, 32), torch.zeros(1, 32)], -1)
+    y = OPS.fused_qnorm_rope_kv_insert_cpu(q.to(BF).contiguous(), torch.zeros(T, D, dtype=BF),
+                                           torch.zeros(T, dtype=torch.int64), cache,
+                                           torch.full((T,), -1, dtype=torch.int64), cs, H, eps, 1)
+    return _out(y=y.float())
+
+
 def apply_rope(x, positions, inv_freq, rope_dim=64, inverse=False):
     r = vllm_rope(inv_freq, rope_dim, x.shape[-1], positions)
     pos = positions.long()
@@ -268,7 +278,7 @@ def compress(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_d
     ncb = (n + cbs - 1) // cbs + 1
     cs = cos_sin(inv_freq, rope_dim, 512, positions)
     w = norm.float().contiguous()
-    if kind == "indexer":
+    if kind == "indexer" or d == 128:  # the d=128 entries are the indexer's (compress_norm_rope_store_indexer_cpu)
         cache = torch.zeros(ncb, cbs * 132, dtype=torch.uint8)
         OPS.compress_norm_rope_store_indexer_cpu(state, gather, positions, kv_slot, w, eps, cs, cache, cbs, m)
         return _out(entries=read_indexer_k(cache, range(n), cbs))

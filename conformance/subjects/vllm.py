@@ -40,6 +40,10 @@ CANDIDATES = [
               ("cpu", "rocm", "cuda"), ("attr", "vllm.model_executor.layers.layernorm:RMSNorm"),
               "CPU IR priority is ['native'] (vllm_c rms_norm is GPGPU-only); DeepseekV4CPUAttention applies "
               "q_norm/kv_norm as separate RMSNorm calls"),
+    Candidate("norm_head", "norm_head",
+              "torch.ops._C.fused_qnorm_rope_kv_insert_cpu (q side: per-head unweighted RMSNorm, RoPE at position 0 "
+              "= identity)", "compiled", CPU, ("op", "fused_qnorm_rope_kv_insert_cpu"),
+              "DeepseekV4CPUAttention normalises q per head inside the fused q-norm/RoPE/KV-insert op"),
     Candidate("apply_rope", "apply_rope",
               "vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope."
               "DeepseekV4ScalingRotaryEmbedding.forward_native", "torch", CPU,
@@ -70,7 +74,7 @@ CANDIDATES = [
               ("op", "topk_transform_512_cpu"), "SparseAttnIndexer.forward_cpu (asserts index_topk == 512)"),
     Candidate("compress", "compress",
               "torch.ops._C.save_partial_states_cpu + torch.ops._C.compress_norm_rope_store_cpu "
-              "(indexer: compress_norm_rope_store_indexer_cpu)", "compiled", CPU,
+              "(head_dim 128: compress_norm_rope_store_indexer_cpu); entries decoded from the FP8 cache it writes", "compiled", CPU,
               ("op", "compress_norm_rope_store_cpu"), "DeepseekV4CPUCompressor.forward"),
     Candidate("sparse_attention", "sparse_attention",
               "torch.ops._C.flash_mla_with_kvcache_cpu (cache written by fused_qnorm_rope_kv_insert_cpu)",
@@ -85,6 +89,16 @@ CANDIDATES = [
               ("op", "cpu_fused_moe"),
               "CPUUnquantizedExperts; the swiglu clamp is not forwarded on this path (finding vllm-cpu-no-clamp)"),
 ]
+
+# registered component names -> adapter key (checked first)
+NAMES = {
+    "mhc.pre": "hc_pre", "mhc.post": "hc_post", "mhc.head": "hc_head", "norm.rms": "rms_norm",
+    "norm.head": "norm_head", "rope.apply": "apply_rope", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
+    "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",
+    "attn.output": "output_projection", "moe.route": "route", "moe.expert": "expert_ffn",
+}
+# goldens that fix a parameter the adapter takes (the golden's docstring says which)
+FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
 
 # component-name aliases (last dotted segment) -> adapter key, for goldens that are wrappers
 ALIASES = {
@@ -127,6 +141,8 @@ def _ref_name(fn) -> str:
 
 def adapter_key(name: str, spec) -> str | None:
     keys = {c.key for c in CANDIDATES}
+    if name in NAMES:
+        return NAMES[name]
     n = _ref_name(spec.reference)
     if n in keys:
         return n
@@ -141,6 +157,14 @@ def adapter_key(name: str, spec) -> str | None:
     return None
 
 
+def _inv_freq(theta: float, yarn: bool, rope_dim: int = 64):
+    """The golden's frequency table from (theta, yarn): YaRN factor 16, L0 65536, beta 32/1 (spec 3.3)."""
+    from references.components.rope import rope_inv_freq
+    from references.config import RopeScaling
+
+    return rope_inv_freq(rope_dim, theta, RopeScaling() if yarn else None)
+
+
 def bind(spec, core, *, fixed: dict | None = None):
     """Give ``core`` the golden's signature and output names. Returns (fn, None) or (None, why-not)."""
     gsig = inspect.signature(spec.reference)
@@ -149,7 +173,17 @@ def bind(spec, core, *, fixed: dict | None = None):
     has_var = any(p.kind == p.VAR_KEYWORD for p in gparams.values())
     needed = [p.name for p in csig.parameters.values() if p.default is p.empty
               and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    missing = [n for n in needed if n not in gparams and not has_var and n not in (fixed or {})]
+    fixed = dict(fixed or {})
+    rope_from = None
+    if "inv_freq" in csig.parameters and "inv_freq" not in gparams:
+        if "theta" in gparams:
+            rope_from = "args"
+        elif "theta" in fixed:
+            rope_from = "fixed"
+        else:
+            return None, f"golden {spec.reference.__name__}{gsig} gives no RoPE table (inv_freq or theta/yarn)"
+    missing = [n for n in needed if n not in gparams and not has_var and n not in fixed and
+               not (n == "inv_freq" and rope_from)]
     if missing:
         return None, f"golden {spec.reference.__name__}{gsig} lacks arguments the adapter needs: {missing}"
     names = [o.name for o in spec.outputs]
@@ -160,7 +194,10 @@ def bind(spec, core, *, fixed: dict | None = None):
         ba = gsig.bind(*args, **kwargs)
         ba.apply_defaults()
         kw = {k: v for k, v in ba.arguments.items() if k in accepted}
-        kw.update(fixed or {})
+        if rope_from:
+            src = ba.arguments if rope_from == "args" else fixed
+            kw["inv_freq"] = _inv_freq(src["theta"], src["yarn"], kw.get("rope_dim", 64))
+        kw.update({k: v for k, v in fixed.items() if k in accepted})
         out = core(**kw)
         if not isinstance(out, dict):
             return out
@@ -231,7 +268,7 @@ class VllmSubject(Subject):
             if key is None or key not in usable:
                 continue
             c, core = usable[key]
-            fn, why = bind(spec, core)
+            fn, why = bind(spec, core, fixed=FIXED.get(name))
             if fn is None:
                 self.skipped[name] = why
                 continue
