@@ -41,8 +41,10 @@ def finite(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def index_tensor(name: str, t, *, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: expected an int64/int32 tensor, got "
-                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        raise TypeError(
+            f"{name}: expected an int64/int32 tensor, got "
+            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+        )
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
     return t

@@ -68,10 +68,23 @@ def _finish(pooled, entry_ids, norm, *, ratio, eps, inv_freq, rope_dim, numerics
     return quant_indexer(h, numerics.indexer_k, numerics.indexer_hadamard)
 
 
-def compress(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor, norm: torch.Tensor,
-             *, ratio: int, head_dim: int, eps: float, inv_freq: torch.Tensor, rope_dim: int = 64,
-             numerics: Numerics = GOLDEN, kind: str = "attn", variant: str = "official",
-             overlap: bool | None = None) -> torch.Tensor:
+def compress(
+    x: torch.Tensor,
+    wkv: torch.Tensor,
+    wgate: torch.Tensor,
+    ape: torch.Tensor,
+    norm: torch.Tensor,
+    *,
+    ratio: int,
+    head_dim: int,
+    eps: float,
+    inv_freq: torch.Tensor,
+    rope_dim: int = 64,
+    numerics: Numerics = GOLDEN,
+    kind: str = "attn",
+    variant: str = "official",
+    overlap: bool | None = None,
+) -> torch.Tensor:
     """All compressed entries of a sequence whose tokens 0..T-1 are ``x`` [T, D] -> [T // ratio, head_dim].
 
     overlap: None means "overlap iff ratio == 4" (CSA); HCA (128) never overlaps.
@@ -83,7 +96,7 @@ def compress(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch
     overlap = _check(x, wkv, wgate, ape, norm, ratio, head_dim, overlap, kind, variant)
     T, m, d = x.shape[0], ratio, head_dim
     n = T // m
-    kv, score = _project(x[:n * m], wkv, wgate, ape, torch.arange(n * m), m)
+    kv, score = _project(x[: n * m], wkv, wgate, ape, torch.arange(n * m), m)
     kv, score = kv.view(n, m, -1), score.view(n, m, -1)
     if overlap:
         # previous window's first half (entry 0: empty, weight 0) ++ current window's second half
@@ -93,8 +106,18 @@ def compress(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch
         score = torch.cat((prev_sc, score[:, :, d:]), dim=1)
     # softmax over the SLOT (window) axis, separately for every channel
     pooled = (torch.softmax(score, dim=1) * kv).sum(dim=1)
-    return _finish(pooled, torch.arange(n), norm, ratio=m, eps=eps, inv_freq=inv_freq, rope_dim=rope_dim,
-                   numerics=numerics, kind=kind, variant=variant)
+    return _finish(
+        pooled,
+        torch.arange(n),
+        norm,
+        ratio=m,
+        eps=eps,
+        inv_freq=inv_freq,
+        rope_dim=rope_dim,
+        numerics=numerics,
+        kind=kind,
+        variant=variant,
+    )
 
 
 class CompressorState:
@@ -107,14 +130,44 @@ class CompressorState:
     the entries of ``compress`` over the same tokens.
     """
 
-    def __init__(self, wkv, wgate, ape, norm, *, ratio: int, head_dim: int, eps: float, inv_freq,
-                 rope_dim: int = 64, numerics: Numerics = GOLDEN, kind: str = "attn",
-                 variant: str = "official", overlap: bool | None = None):
+    def __init__(
+        self,
+        wkv,
+        wgate,
+        ape,
+        norm,
+        *,
+        ratio: int,
+        head_dim: int,
+        eps: float,
+        inv_freq,
+        rope_dim: int = 64,
+        numerics: Numerics = GOLDEN,
+        kind: str = "attn",
+        variant: str = "official",
+        overlap: bool | None = None,
+    ):
         float_tensor("wkv", wkv, ndim=2)
-        self.overlap = _check(torch.zeros(1, wkv.shape[1], dtype=wkv.dtype), wkv, wgate, ape, norm, ratio,
-                              head_dim, overlap, kind, variant)
+        self.overlap = _check(
+            torch.zeros(1, wkv.shape[1], dtype=wkv.dtype),
+            wkv,
+            wgate,
+            ape,
+            norm,
+            ratio,
+            head_dim,
+            overlap,
+            kind,
+            variant,
+        )
         self.w = (wkv, wgate, ape, norm)
-        self.ratio, self.head_dim, self.eps, self.inv_freq, self.rope_dim = ratio, head_dim, eps, inv_freq, rope_dim
+        self.ratio, self.head_dim, self.eps, self.inv_freq, self.rope_dim = (
+            ratio,
+            head_dim,
+            eps,
+            inv_freq,
+            rope_dim,
+        )
         self.numerics, self.kind, self.variant = numerics, kind, variant
         self.next_pos = 0
         self.n_entries = 0
@@ -133,8 +186,12 @@ class CompressorState:
         float_tensor("x", x, ndim=2, last=self.w[0].shape[1])
         index_tensor("positions", positions, ndim=1)
         T = x.shape[0]
-        if positions.shape[0] != T or not torch.equal(positions.long(), torch.arange(self.next_pos, self.next_pos + T)):
-            raise ValueError(f"positions: must be {self.next_pos}..{self.next_pos + T - 1} (contiguous continuation)")
+        if positions.shape[0] != T or not torch.equal(
+            positions.long(), torch.arange(self.next_pos, self.next_pos + T)
+        ):
+            raise ValueError(
+                f"positions: must be {self.next_pos}..{self.next_pos + T - 1} (contiguous continuation)"
+            )
         dt = compute_dtype(x)
         if self._kv_cur is None:
             self._init_buffers(dt)
@@ -163,6 +220,16 @@ class CompressorState:
             return torch.zeros(0, d, dtype=dt), torch.zeros(0, dtype=torch.long)
         ids_t = torch.tensor(ids, dtype=torch.long)
         self.n_entries += len(ids)
-        out = _finish(torch.stack(pooled), ids_t, self.w[3], ratio=m, eps=self.eps, inv_freq=self.inv_freq,
-                      rope_dim=self.rope_dim, numerics=self.numerics, kind=self.kind, variant=self.variant)
+        out = _finish(
+            torch.stack(pooled),
+            ids_t,
+            self.w[3],
+            ratio=m,
+            eps=self.eps,
+            inv_freq=self.inv_freq,
+            rope_dim=self.rope_dim,
+            numerics=self.numerics,
+            kind=self.kind,
+            variant=self.variant,
+        )
         return out, ids_t

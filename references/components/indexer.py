@@ -20,8 +20,17 @@ from .qat import linear, quant_indexer
 from .rope import apply_rope
 
 
-def indexer_q(qr: torch.Tensor, wq_b: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
-              n_heads: int, head_dim: int, numerics: Numerics = GOLDEN, rope_dim: int = 64) -> torch.Tensor:
+def indexer_q(
+    qr: torch.Tensor,
+    wq_b: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    n_heads: int,
+    head_dim: int,
+    numerics: Numerics = GOLDEN,
+    rope_dim: int = 64,
+) -> torch.Tensor:
     """``q = wq_b qr`` -> [T, Hi, hd] -> RoPE on the last ``rope_dim`` dims at t -> QAT.
 
     QAT per ``numerics.indexer_q``: OFF Hadamard + MXFP4 (result in the rotated basis, like its keys);
@@ -38,12 +47,16 @@ def indexer_q(qr: torch.Tensor, wq_b: torch.Tensor, positions: torch.Tensor, inv
     return quant_indexer(q, numerics.indexer_q, numerics.indexer_hadamard)
 
 
-def indexer_weights(x: torch.Tensor, weights_proj: torch.Tensor, *, n_heads: int, head_dim: int) -> torch.Tensor:
+def indexer_weights(
+    x: torch.Tensor, weights_proj: torch.Tensor, *, n_heads: int, head_dim: int
+) -> torch.Tensor:
     """Per-(token, head) weights ``(weights_proj x) * head_dim^-0.5 * n_heads^-0.5`` -> [T, Hi].
     OFF folds the softmax scale and n_heads^-0.5 into w; weights_proj is a plain bf16 linear."""
     float_tensor("x", x, ndim=2)
     if tuple(weights_proj.shape) != (n_heads, x.shape[1]):
-        raise ValueError(f"weights_proj: expected shape {(n_heads, x.shape[1])}, got {tuple(weights_proj.shape)}")
+        raise ValueError(
+            f"weights_proj: expected shape {(n_heads, x.shape[1])}, got {tuple(weights_proj.shape)}"
+        )
     dt = compute_dtype(x)
     return (x.to(dt) @ weights_proj.to(dt).T) * (head_dim**-0.5 * n_heads**-0.5)
 
@@ -83,13 +96,13 @@ def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, *, ratio: int, t
     if topk <= 0 or ratio <= 0:
         raise ValueError(f"topk / ratio: must be positive, got {topk} / {ratio}")
     T, N = scores.shape
-    bound = causal_bound(positions, ratio).clamp(max=N)                   # [T]
-    visible = torch.arange(N)[None, :] < bound[:, None]                  # [T, N]
+    bound = causal_bound(positions, ratio).clamp(max=N)  # [T]
+    visible = torch.arange(N)[None, :] < bound[:, None]  # [T, N]
     if not torch.isfinite(scores[visible]).all():
         raise ValueError("scores: NaN / Inf among the visible (causal) entries")
     # masked entries become -inf and sort after every (finite) visible one
     key = torch.where(visible, scores, torch.full_like(scores, float("-inf")))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices   # stable: ties -> lower index
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # stable: ties -> lower index
     k_eff = min(topk, N)
     out = torch.full((T, topk), -1, dtype=torch.long)
     sel = order[:, :k_eff]
@@ -98,8 +111,17 @@ def indexer_topk(scores: torch.Tensor, positions: torch.Tensor, *, ratio: int, t
     return out
 
 
-def indexer_topk_chunked(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, *,
-                         ratio: int, topk: int, chunk: int = 128, key_chunk: int = 4096) -> torch.Tensor:
+def indexer_topk_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    ratio: int,
+    topk: int,
+    chunk: int = 128,
+    key_chunk: int = 4096,
+) -> torch.Tensor:
     """Scores + causal top-k in bounded memory: queries in blocks of ``chunk``, keys in blocks of
     ``key_chunk``, and only keys below the block's largest causal bound are scored.
 

@@ -28,9 +28,14 @@ def yarn_low_high(rope_dim: int, theta: float, yarn: RopeScaling) -> tuple[int, 
 
     theta=160000 -> (15, 25); theta=10000 -> (20, 33).
     """
+
     def corr(k: float) -> float:
-        return rope_dim * math.log(yarn.original_max_position_embeddings / (2 * math.pi * k)) / (
-            2 * math.log(theta))
+        return (
+            rope_dim
+            * math.log(yarn.original_max_position_embeddings / (2 * math.pi * k))
+            / (2 * math.log(theta))
+        )
+
     low = max(math.floor(corr(yarn.beta_fast)), 0)
     high = min(math.ceil(corr(yarn.beta_slow)), rope_dim - 1)
     return low, high
@@ -77,8 +82,13 @@ def layer_inv_freq(cfg: DSV4Config, layer: int, variant: str = "official") -> to
     return rope_inv_freq(cfg.qk_rope_head_dim, theta, cfg.rope_scaling if use_yarn else None)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int = 64,
-               inverse: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rope_dim: int = 64,
+    inverse: bool = False,
+) -> torch.Tensor:
     """Rotate the last ``rope_dim`` dims of ``x``'s last axis (interleaved pairs), out of place.
 
     positions: integer (or float) tensor whose shape is a prefix of ``x.shape[:-1]`` (e.g. [T] for
@@ -89,9 +99,10 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
         raise ValueError(f"x: last dim {x.shape[-1]} smaller than rope_dim {rope_dim}")
     if not isinstance(positions, torch.Tensor):
         raise TypeError("positions: expected a tensor")
-    if tuple(positions.shape) != tuple(x.shape[:positions.ndim]) or positions.ndim >= x.ndim:
-        raise ValueError(f"positions: shape {tuple(positions.shape)} is not a prefix of x.shape[:-1] "
-                         f"{tuple(x.shape[:-1])}")
+    if tuple(positions.shape) != tuple(x.shape[: positions.ndim]) or positions.ndim >= x.ndim:
+        raise ValueError(
+            f"positions: shape {tuple(positions.shape)} is not a prefix of x.shape[:-1] {tuple(x.shape[:-1])}"
+        )
     if tuple(inv_freq.shape) != (rope_dim // 2,):
         raise ValueError(f"inv_freq: expected shape ({rope_dim // 2},), got {tuple(inv_freq.shape)}")
     dt = compute_dtype(x)

@@ -1,15 +1,21 @@
 import pytest
 import torch
 
-from references.components.indexer import (causal_bound, indexer_q, indexer_scores, indexer_topk,
-                                           indexer_topk_chunked, indexer_weights)
+from references.components.indexer import (
+    causal_bound,
+    indexer_q,
+    indexer_scores,
+    indexer_topk,
+    indexer_topk_chunked,
+    indexer_weights,
+)
 from references.components.qat import hadamard
 from references.components.rope import apply_rope, rope_inv_freq
 from references.config import RopeScaling
 from references.formats.blockscale import fake_quant_mxfp4
 from references.numerics import official, serving
 
-from ._helpers import assert_equal_idx, assert_within, gamma
+from ._attn_asserts import assert_equal_idx, assert_within, gamma, one_thread  # noqa: F401
 
 FREQ = rope_inv_freq(64, 160000.0, RopeScaling())
 
@@ -45,8 +51,12 @@ def test_scores_fp32_vs_fp64_within_derived_bound():
 def test_weights_scale():
     g = torch.Generator().manual_seed(3)
     x, wp = torch.randn(5, 256, generator=g), torch.randn(64, 256, generator=g)
-    assert_within("indexer_weights", indexer_weights(x.double(), wp.double(), n_heads=64, head_dim=128),
-                  (x.double() @ wp.double().T) / (128**0.5 * 64**0.5), 1e-13)
+    assert_within(
+        "indexer_weights",
+        indexer_weights(x.double(), wp.double(), n_heads=64, head_dim=128),
+        (x.double() @ wp.double().T) / (128**0.5 * 64**0.5),
+        1e-13,
+    )
 
 
 def _brute_topk_set(scores, positions, ratio, topk):
@@ -69,26 +79,31 @@ def _topk_error(topk_fn, ratio=4, topk=3):
     scores = torch.where(future, torch.full_like(scores, 1e6), scores)
     got = topk_fn(scores, pos, ratio=ratio, topk=topk)
     exp = _brute_topk_set(scores, pos, ratio, topk)
-    bad = 0
+    bad = []
     for t in range(T):
         sel = [int(s) for s in got[t] if s >= 0]
-        bad += sel != exp[t] or (got[t, len(sel):] != -1).any().item()
-    return bad
+        if sel != exp[t] or (got[t, len(sel) :] != -1).any().item():
+            bad.append(f"row t={t}: got {got[t].tolist()}, expected {exp[t]} + -1 padding")
+    return len(bad), (bad[0] if bad else "")
 
 
 def test_topk_never_selects_future_and_matches_brute_force():
-    assert _topk_error(indexer_topk) == 0, "indexer_topk: differs from brute-force causal top-k"
-    assert _topk_error(indexer_topk, ratio=4, topk=20) == 0, "indexer_topk: topk > visible count"
+    for topk in (3, 20):
+        n, first = _topk_error(indexer_topk, ratio=4, topk=topk)
+        assert n == 0, (
+            f"indexer_topk topk={topk}: {n} rows differ from brute-force causal top-k; first {first}"
+        )
 
 
 def test_topk_off_by_one_mutants_fail():
     def leaky(scores, positions, *, ratio, topk):  # admits entry floor((t+1)/m), not yet complete
         return indexer_topk(scores, positions + ratio, ratio=ratio, topk=topk)
 
-    def late(scores, positions, *, ratio, topk):   # bound floor(t/m): drops the just-completed entry
+    def late(scores, positions, *, ratio, topk):  # bound floor(t/m): drops the just-completed entry
         return indexer_topk(scores, positions - 1, ratio=ratio, topk=topk)
-    assert _topk_error(leaky) > 0, "top-k mutant admitting the entry at the causal bound was not detected"
-    assert _topk_error(late) > 0, "top-k mutant with bound floor(t/m) was not detected"
+
+    assert _topk_error(leaky)[0] > 0, "top-k mutant admitting the entry at the causal bound was not detected"
+    assert _topk_error(late)[0] > 0, "top-k mutant with bound floor(t/m) was not detected"
 
 
 def test_topk_tie_break_lower_index_and_padding():
@@ -115,10 +130,17 @@ def test_indexer_q_rope_and_qat():
     q = indexer_q(qr, wq, pos, FREQ, n_heads=8, head_dim=128)
     raw = (qr @ wq.T).view(6, 8, 128)
     assert_within("indexer_q golden", q, apply_rope(raw, pos, FREQ), 1e-6)
-    assert torch.equal(q[..., :64], raw[..., :64]), "indexer_q: RoPE touched dims [0, 64)"
-    qo = indexer_q(qr, wq, pos, FREQ, n_heads=8, head_dim=128, numerics=official().__class__(
-        name="idx-only", indexer_q="fp4", indexer_hadamard=True))
-    assert torch.equal(qo, fake_quant_mxfp4(hadamard(q))), "indexer_q official: not Hadamard then MXFP4"
+    assert_within("indexer_q: dims [0, 64) untouched by RoPE", q[..., :64], raw[..., :64], 0.0)
+    qo = indexer_q(
+        qr,
+        wq,
+        pos,
+        FREQ,
+        n_heads=8,
+        head_dim=128,
+        numerics=official().__class__(name="idx-only", indexer_q="fp4", indexer_hadamard=True),
+    )
+    assert_within("indexer_q official = MXFP4(Hadamard(q))", qo, fake_quant_mxfp4(hadamard(q)), 0.0)
     qs = indexer_q(qr, wq, pos, FREQ, n_heads=8, head_dim=128, numerics=serving("ocp"))
     rel = ((qs - q).norm() / q.norm()).item()
     assert 1e-4 < rel < 0.1, f"indexer_q serving: relative error {rel:.3g}"
@@ -130,8 +152,12 @@ def test_hadamard_orthonormal_involution():
     y = torch.randn(5, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert_within("hadamard dot", (hadamard(x) * hadamard(y)).sum(-1), (x * y).sum(-1), 1e-12)
     h = hadamard(torch.eye(4, dtype=torch.float64))
-    assert_within("hadamard H4", h, torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1],
-                                                  [1, -1, -1, 1]], dtype=torch.float64) / 2, 1e-15)
+    assert_within(
+        "hadamard H4",
+        h,
+        torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64) / 2,
+        1e-15,
+    )
 
 
 def test_refuses_bad_input():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 U32 = 2.0**-24  # unit roundoff of float32 (round to nearest)
@@ -24,7 +25,8 @@ def assert_within(component: str, got: torch.Tensor, ref: torch.Tensor, bound) -
         raise AssertionError(
             f"{component}: {int(bad.sum())} / {err.numel()} elements outside the bound; worst at {idx}: "
             f"got {got[idx].item():.9g}, ref {ref[idx].item():.9g}, |diff| {err[idx].item():.3g} > "
-            f"bound {bound[idx].item():.3g}")
+            f"bound {bound[idx].item():.3g}"
+        )
 
 
 def assert_equal_idx(component: str, got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -32,5 +34,17 @@ def assert_equal_idx(component: str, got: torch.Tensor, ref: torch.Tensor) -> No
     bad = got != ref
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{component}: {int(bad.sum())} / {got.numel()} indices differ; first at {idx}: "
-                             f"got {got[idx].item()}, ref {ref[idx].item()}")
+        raise AssertionError(
+            f"{component}: {int(bad.sum())} / {got.numel()} indices differ; first at {idx}: "
+            f"got {got[idx].item()}, ref {ref[idx].item()}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The references' tensors are tiny: on a shared 2-core box OpenMP spinning makes them 100x slower
+    with 2 threads than with 1. Import this fixture into a test module to run it single-threaded."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
