@@ -1,0 +1,239 @@
+"""MoE gate / router (spec 3.12), routed experts (3.13) and the shared expert (3.14).
+
+Everything is computed in the dtype of the floating activations (fp32 golden, fp64 cross-check); weights
+are cast to it. Quantisation is simulated only where ``numerics`` asks: ``numerics.linear_act`` is the
+block-FP8 ``act_quant`` OFF applies to the input of every FP8 / FP4 linear, ``numerics.act_dtype`` the
+bf16 cast OFF does between ops.
+
+Source divergences (spec section 8) are named variants:
+  * ``route(variant=)``: "official" (OFF ``Gate``: w / sum(w)) or "hf-vllm" (HF ``DeepseekV4TopKRouter``
+    and vLLM's torch router: w / (sum(w) + 1e-20)).
+  * ``moe(variant=)``: "official" (OFF ``MoE``/``Expert``: routing weight multiplies the fp32 SwiGLU
+    activation *before* W2) or "after-w2" (HF ``DeepseekV4Experts``, vLLM FusedMoE: after W2).
+  * ``moe(shared_variant=)``: "official" (current OFF and vLLM since #40950: shared expert clamped with
+    ``swiglu_limit``) or "no-clamp" (initial OFF release, HF commit 361455895).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as Fn
+
+from ..formats.blockscale import fake_quant_fp8
+from ..numerics import GOLDEN, Numerics
+from ._validate import check_float, compute_dtype, round_act
+
+__all__ = ["gate_logits", "sqrt_softplus", "route", "expert_ffn", "shared_expert", "moe", "linear",
+           "ROUTE_VARIANTS", "MOE_VARIANTS", "SHARED_VARIANTS"]
+
+ROUTE_VARIANTS = ("official", "hf-vllm")
+MOE_VARIANTS = ("official", "after-w2")
+SHARED_VARIANTS = ("official", "no-clamp")
+RENORM_EPS_HF_VLLM = 1e-20
+
+
+# -- linear with optional activation quantisation -----------------------------------------------------
+def quant_act(x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+    """OFF ``act_quant(x, 128, ue8m0)`` quantise-dequantise of an FP8/FP4-linear input, if simulated.
+
+    The block is (1, 128) along K; a K below 128 (tiny test configs only) uses one block of K.
+    """
+    spec = numerics.linear_act
+    if spec is None:
+        return x
+    k = x.shape[-1]
+    if k < spec.block[1]:
+        spec = type(spec)(spec.fmt, spec.fmax, (1, k), spec.scale_fmt, spec.amax_floor)
+    flat = x.reshape(-1, k)
+    return fake_quant_fp8(flat, spec).to(x.dtype).reshape(x.shape)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, numerics: Numerics = GOLDEN) -> torch.Tensor:
+    """``x @ w.T`` for an FP8/FP4-stored weight ``w [out, in]`` (already dequantised), in x's dtype."""
+    if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"w: expected [out, {x.shape[-1]}], got {tuple(w.shape)}")
+    return quant_act(x, numerics) @ w.to(x.dtype).transpose(0, 1)
+
+
+# -- gate / router ------------------------------------------------------------------------------------
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``x . W_g^T`` [..., E] in the compute dtype (OFF upcasts both to fp32; no FP8)."""
+    check_float("x", x)
+    check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight: expected [E, {x.shape[-1]}], got {tuple(weight.shape)}")
+    dt = compute_dtype(x)
+    return x.to(dt) @ weight.to(dt).transpose(0, 1)
+
+
+def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
+    """``sqrt(log(1 + e^z))`` without underflow or overflow.
+
+    * z > 0: softplus = z + log1p(e^-z) (no overflow of e^z).
+    * z <= 0: sqrt(log1p(t)) with t = e^z equals e^{z/2} * sqrt(log1p(t)/t). The naive form underflows
+      to sqrt(0) = 0 once e^z < the smallest subnormal (z < -103.3 in fp32) even though the true value
+      e^{z/2} (e.g. 3.7e-44 at z = -200) is still representable; the factored form keeps it, so the
+      renormalised routing weights of very negative logits stay finite and correct. log1p(t)/t -> 1 as
+      t -> 0 (it is exactly 1 once t is subnormal; the t == 0 case is substituted explicitly).
+    """
+    check_float("logits", logits)
+    z = logits
+    pos = z > 0
+    zp = torch.where(pos, z, torch.zeros_like(z))
+    zn = torch.where(pos, torch.zeros_like(z), z)
+    sp_pos = zp + torch.log1p(torch.exp(-zp))
+    t = torch.exp(zn)
+    ratio = torch.where(t > 0, torch.log1p(t) / torch.where(t > 0, t, torch.ones_like(t)), torch.ones_like(t))
+    neg = torch.exp(zn * 0.5) * torch.sqrt(ratio)
+    return torch.where(pos, torch.sqrt(sp_pos), neg)
+
+
+def route(logits: torch.Tensor, *, bias: torch.Tensor | None = None, topk: int, route_scale: float,
+          hash_ids: torch.Tensor | None = None, variant: str = "official"):
+    """Select experts and their weights -> (weights [T, k] float, ids [T, k] int64).
+
+    scores = sqrt_softplus(logits).
+    * learned layers: ids = the topk of (scores + bias) (bias = ``ffn.gate.bias`` /
+      e_score_correction_bias, fp32 [E]; no group-limited routing). Ties go to the lower expert index
+      (stable sort); ids are ordered by descending biased score.
+    * hash layers: ``hash_ids`` [T, k] = ``tid2eid[token_ids]`` (the caller gathers); the bias is ignored.
+    weights = scores[ids] (the UNBIASED scores), renormalised to sum 1, times ``route_scale``.
+    variant "official": w / sum(w) (OFF ``Gate``); "hf-vllm": w / (sum(w) + 1e-20) (HF, vLLM torch).
+    """
+    if variant not in ROUTE_VARIANTS:
+        raise ValueError(f"variant: unknown {variant!r}; known {ROUTE_VARIANTS}")
+    check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected [T, E], got {tuple(logits.shape)}")
+    T, E = logits.shape
+    if not isinstance(topk, int) or not 0 < topk <= E:
+        raise ValueError(f"topk: need an int in [1, {E}], got {topk!r}")
+    scores = sqrt_softplus(logits)
+    if hash_ids is not None:
+        if hash_ids.dtype.is_floating_point or tuple(hash_ids.shape) != (T, topk):
+            raise ValueError(f"hash_ids: expected integer [T={T}, topk={topk}], got "
+                             f"{hash_ids.dtype} {tuple(hash_ids.shape)}")
+        ids = hash_ids.long()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= E):
+            raise ValueError(f"hash_ids: expert ids must lie in [0, {E}), got [{ids.min()}, {ids.max()}]")
+    else:
+        sel = scores
+        if bias is not None:
+            check_float("bias", bias)
+            if tuple(bias.shape) != (E,):
+                raise ValueError(f"bias: expected shape ({E},), got {tuple(bias.shape)}")
+            sel = scores + bias.to(scores.dtype)
+        ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :topk]
+    w = scores.gather(-1, ids)
+    denom = w.sum(dim=-1, keepdim=True)
+    if variant == "hf-vllm":
+        denom = denom + RENORM_EPS_HF_VLLM
+    w = w / denom * route_scale
+    return w, ids
+
+
+# -- experts ------------------------------------------------------------------------------------------
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *,
+               limit: float | None, numerics: Numerics = GOLDEN,
+               route_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU expert with clamp: ``W2 (SiLU(min(W1 x, L)) * clamp(W3 x, -L, L) [* route_weight])``.
+
+    x [..., D]; w1, w3 [I, D]; w2 [D, I] (dequantised). ``limit`` None = no clamp (the unclamped shared
+    expert of the initial release). ``route_weight`` [...] multiplies the activation before W2, in the
+    compute dtype (OFF); pass None and scale the output to apply it after W2.
+    """
+    check_float("x", x)
+    dt = compute_dtype(x)
+    x = x.to(dt)
+    for n, w, shp in (("w1", w1, (None, x.shape[-1])), ("w3", w3, (None, x.shape[-1])),
+                      ("w2", w2, (x.shape[-1], None))):
+        check_float(n, w)
+        if w.dim() != 2 or any(s is not None and s != d for s, d in zip(shp, w.shape)):
+            raise ValueError(f"{n}: expected shape {tuple('I' if s is None else s for s in shp)}, "
+                             f"got {tuple(w.shape)}")
+    if w1.shape != w3.shape or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"w1/w3/w2: inconsistent shapes {tuple(w1.shape)}, {tuple(w3.shape)}, "
+                         f"{tuple(w2.shape)}")
+    xq = quant_act(x, numerics)
+    g = xq @ w1.to(dt).transpose(0, 1)
+    u = xq @ w3.to(dt).transpose(0, 1)
+    if limit is not None:
+        g = g.clamp(max=limit)           # gate: max side only
+        u = u.clamp(min=-limit, max=limit)  # up: both sides
+    a = Fn.silu(g) * u
+    if route_weight is not None:
+        a = a * route_weight.to(dt).unsqueeze(-1)
+    a = round_act(a, numerics)
+    return linear(a, w2, numerics)
+
+
+def shared_expert(x, w: Mapping[str, torch.Tensor], *, limit, variant="official", numerics=GOLDEN):
+    """Shared expert (spec 3.14): the routed expert math with routing weight 1.
+
+    variant "official": clamped with ``limit`` (current OFF, vLLM #40950); "no-clamp": unclamped
+    (initial OFF release, HF commit 361455895).
+    """
+    if variant not in SHARED_VARIANTS:
+        raise ValueError(f"shared_variant: unknown {variant!r}; known {SHARED_VARIANTS}")
+    return expert_ffn(x, _get(w, "w1", "shared"), _get(w, "w3", "shared"), _get(w, "w2", "shared"),
+                      limit=limit if variant == "official" else None, numerics=numerics)
+
+
+def _get(w, key, what):
+    try:
+        return w[key]
+    except KeyError:
+        raise KeyError(f"{what}: missing weight {key!r} (have {sorted(w)})") from None
+
+
+def _expert_weights(experts, e: int):
+    """Experts as {e: {"w1","w3","w2"}} (any Mapping or a callable e -> dict) or stacked
+    {"w1": [E, I, D], "w3": [E, I, D], "w2": [E, D, I]}."""
+    if callable(experts) and not isinstance(experts, Mapping):
+        w = experts(e)
+        return w["w1"], w["w3"], w["w2"]
+    if "w1" in experts and isinstance(experts["w1"], torch.Tensor):
+        return experts["w1"][e], experts["w3"][e], experts["w2"][e]
+    try:
+        w = experts[e]
+    except KeyError:
+        raise KeyError(f"experts: no weights for expert {e}") from None
+    return _get(w, "w1", f"experts[{e}]"), _get(w, "w3", f"experts[{e}]"), _get(w, "w2", f"experts[{e}]")
+
+
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shared, *, limit: float,
+        variant: str = "official", shared_variant: str = "official",
+        numerics: Numerics = GOLDEN) -> torch.Tensor:
+    """Routed experts + shared expert: ``y = sum_k w_k E_{ids_k}(x) + S(x)`` -> [T, D].
+
+    x [T, D] (after ffn_norm); ids / weights [T, k] from ``route``; experts as in ``_expert_weights``;
+    shared = {"w1","w3","w2"} or None. Accumulation follows OFF: experts in increasing index order into one
+    accumulator of the compute dtype, then the shared expert.
+    variant: "official" (weight before W2) | "after-w2" (HF, vLLM). shared_variant: see ``shared_expert``.
+    """
+    if variant not in MOE_VARIANTS:
+        raise ValueError(f"variant: unknown {variant!r}; known {MOE_VARIANTS}")
+    check_float("x", x)
+    check_float("weights", weights)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [T, D], got {tuple(x.shape)}")
+    if ids.dtype.is_floating_point or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"ids/weights: expected integer ids and float weights of one shape [T={x.shape[0]}, k],"
+                         f" got {ids.dtype} {tuple(ids.shape)} / {tuple(weights.shape)}")
+    dt = compute_dtype(x)
+    x = x.to(dt)
+    y = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        w_e = weights[tok, slot].to(dt)
+        w1, w3, w2 = _expert_weights(experts, e)
+        if variant == "official":
+            ye = expert_ffn(x[tok], w1, w3, w2, limit=limit, numerics=numerics, route_weight=w_e)
+        else:
+            ye = expert_ffn(x[tok], w1, w3, w2, limit=limit, numerics=numerics) * w_e.unsqueeze(-1)
+        y.index_add_(0, tok, ye)
+    if shared is not None:
+        y = y + shared_expert(x, shared, limit=limit, variant=shared_variant, numerics=numerics)
+    return round_act(y, numerics)
