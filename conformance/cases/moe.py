@@ -357,10 +357,11 @@ for i, T in enumerate((1, 2, 3, 7, 9, 32, 33, 128, 129, 1000, 2048)):
     add(Case(f"moe.router/T{T}E256k6/normal-flash/official/s{i}", "moe.router", _make_router, p, seed=i,
              dist="normal", tags=_tag(T)))
 # adversarial logits (direct design), Flash and Pro
-ADVERSARIAL = [("normal", "large", "official"), ("all_negative", "flash", "official"), ("pm100", "flash", "official"),
-               ("pm200", "none", "official"), ("pm200", "large", "official"), ("underflow", "flash", "official"),
-               ("underflow", "none", "hf-vllm"), ("deep_negative", "flash", "hf-vllm"), ("equal", "none", "official"),
-               ("equal", "flash", "official"), ("near_ties", "flash", "official"), ("near_ties", "none", "hf-vllm")]
+ADVERSARIAL = [("normal", "large", "official"), ("all_negative", "flash", "official"), ("pm100", "none", "official"),
+               ("pm100", "flash", "official"), ("pm200", "none", "official"), ("pm200", "large", "official"),
+               ("underflow", "flash", "official"), ("underflow", "none", "hf-vllm"), ("deep_negative", "flash", "hf-vllm"),
+               ("equal", "none", "official"), ("equal", "flash", "official"), ("near_ties", "none", "official"),
+               ("near_ties", "flash", "official"), ("near_ties", "none", "hf-vllm")]
 for i, (dist, bias, variant) in enumerate(ADVERSARIAL):
     p = dict(FLASH, tokens=33, design="direct", bias=bias, variant=variant)
     add(Case(f"moe.router/T33E256k6/{dist}-{bias}/{variant}/s{100 + i}", "moe.router", _make_router, p,
