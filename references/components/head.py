@@ -9,24 +9,11 @@ from __future__ import annotations
 import torch
 
 from ..numerics import GOLDEN, Numerics
-from ._validate import check_float, compute_dtype
+from ._validate import check_float
 from .mhc import hc_head
+from .norms import rms_norm
 
-__all__ = ["rms_norm", "lm_head", "final_head"]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``x * rsqrt(mean(x^2, -1) + eps) * weight`` in the compute dtype (OFF ``RMSNorm`` in fp32)."""
-    check_float("x", x)
-    dt = compute_dtype(x)
-    x = x.to(dt)
-    y = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        check_float("weight", weight)
-        if tuple(weight.shape) != (x.shape[-1],):
-            raise ValueError(f"weight: expected shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-        y = y * weight.to(dt)
-    return y
+__all__ = ["lm_head", "final_head"]
 
 
 def lm_head(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, *, eps: float) -> torch.Tensor:

@@ -150,7 +150,7 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Te
     for n, w, shp in (("w1", w1, (None, x.shape[-1])), ("w3", w3, (None, x.shape[-1])),
                       ("w2", w2, (x.shape[-1], None))):
         check_float(n, w)
-        if w.dim() != 2 or any(s is not None and s != d for s, d in zip(shp, w.shape)):
+        if w.dim() != 2 or any(s is not None and s != d for s, d in zip(shp, w.shape, strict=True)):
             raise ValueError(f"{n}: expected shape {tuple('I' if s is None else s for s in shp)}, "
                              f"got {tuple(w.shape)}")
     if w1.shape != w3.shape or w2.shape[1] != w1.shape[0]:

@@ -22,8 +22,9 @@ import torch
 from ..numerics import GOLDEN, Numerics
 from ._validate import check_float, compute_dtype, round_act
 from .embedding import embed
-from .head import final_head, rms_norm
+from .head import final_head
 from .moe import linear
+from .norms import rms_norm
 
 __all__ = ["mtp_input", "mtp_logits", "MTP_VARIANTS"]
 

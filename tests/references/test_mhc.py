@@ -8,6 +8,8 @@ import torch
 
 from references.components.mhc import hc_head, hc_mixes, hc_post, hc_pre, sinkhorn
 
+from ._attn_asserts import one_thread  # noqa: F401  (autouse: run single-threaded)
+
 U32 = 2.0**-24  # fp32 unit roundoff
 U64 = 2.0**-53  # fp64 unit roundoff
 HC, D, T = 4, 64, 5
@@ -85,35 +87,54 @@ def test_sinkhorn_doubly_stochastic_within_derived_bound():
     assert (c > 0).all()
 
 
+def hc_pre_fp32_bounds(X, fn, base, scale, p64, c64):
+    """Elementwise bounds (a, post) and per-matrix relative bound (comb) for an fp32 HC_pre vs fp64.
+
+    Inputs are rounded to fp32 first (relative u32 each). mu = (fn.x) * rho: the dot product of length
+    K = hc*D errs by <= (K+1) u32 (|fn|.|x|) (input rounding + gamma_K); rho = rsqrt(mean(x^2)+eps) by
+    <= (K + 4) u32 relatively. So |d mu| <= (2K + 6) u32 M with M = (|fn|.|x|) rho.
+    * post = 2 sigmoid(mu s1 + b): sigmoid' <= 1/4, so |d post| <= 2 * 1/4 (|s1| dmu + 2 u32 |arg|)
+      + 3 u32 post (sigmoid's own rounding; the factor 2 is exact).
+    * comb: logit errors |d l| <= |s2| dmu + 20 u32 (|l| <= 20 here); softmax turns them into relative
+      entry errors <= 2 max|d l| + (hc + 3) u32; Sinkhorn is non-expansive in Hilbert's metric (see above)
+      and adds <= 2 iters (hc+2) u32 of rounding; relative entry error <= 2 x Hilbert distance.
+    * a = sum_j pre_j X_j: pre errs by <= 1/4 |s0| dmu + 3 u32 pre; the hc-term sum adds (hc+2) u32 sum|.|.
+    """
+    hc = X.shape[-2]
+    K = X.shape[-2] * X.shape[-1]
+    x = X.flatten(-2)
+    rho = torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS)
+    M = (x.abs() @ fn.abs().T) * rho
+    dmu = (2 * K + 6) * U32 * M
+    arg = (p64 / 2).logit()
+    dpost = 0.5 * (scale[1] * dmu[..., hc:2 * hc] + U32 * arg.abs() * 2) + 3 * U32 * p64
+    dl = (scale[2] * dmu[..., 2 * hc:] + U32 * 20).max(-1).values
+    rel_c = 2 * 2 * dl + (hc + 3 + 2 * 20 * (hc + 2)) * U32
+    pre = torch.sigmoid((x @ fn.T * rho)[..., :hc] * scale[0] + base[:hc]) + EPS
+    dpre = 0.25 * scale[0] * dmu[..., :hc] + 3 * U32 * pre
+    da = (dpre.unsqueeze(-1) * X.abs()).sum(-2) + (hc + 2) * U32 * (pre.unsqueeze(-1) * X.abs()).sum(-2)
+    return da, dpost, rel_c
+
+
+def hc_head_fp32_bound(X, fn, base, scale):
+    """As for HC_pre's ``a`` (see hc_pre_fp32_bounds) with the head's fn [hc, hc D] and scale [1]."""
+    hc, K = X.shape[-2], X.shape[-2] * X.shape[-1]
+    x = X.flatten(-2)
+    rho = torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS)
+    pre = torch.sigmoid(x @ fn.T * rho * scale[0] + base) + EPS
+    dpre = 0.25 * scale[0] * (2 * K + 6) * U32 * (x.abs() @ fn.abs().T) * rho + 3 * U32 * pre
+    return (dpre.unsqueeze(-1) * X.abs()).sum(-2) + (hc + 2) * U32 * (pre.unsqueeze(-1) * X.abs()).sum(-2)
+
+
 def test_hc_pre_fp32_vs_fp64():
     X, fn, base, scale = _site(2)
     a64, p64, c64 = hc_pre(X, fn, base, scale, norm_eps=EPS, hc_eps=EPS, sinkhorn_iters=20)
     a32, p32, c32 = hc_pre(X.float(), fn.float(), base.float(), scale.float(), norm_eps=EPS, hc_eps=EPS,
                            sinkhorn_iters=20)
     assert a32.dtype == torch.float32 and a64.dtype == torch.float64
-    K = HC * D
-    # Inputs are rounded to fp32 first (relative u32 each). mu = (fn.x) * rho: the dot product of length
-    # K errs by <= (K+1) u32 * (|fn|.|x|) (input rounding + gamma_K); rho = rsqrt(mean(x^2)+eps) by
-    # <= (K + 4) u32 relatively. So |d mu| <= (2K + 6) u32 * M with M = (|fn|.|x|) * rho.
-    x = X.flatten(-2)
-    rho = torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS)
-    M = (x.abs() @ fn.abs().T) * rho
-    dmu = (2 * K + 6) * U32 * M
-    # post = 2 sigmoid(mu s1 + b): sigmoid' <= 1/4, so |d post| <= 2 * 1/4 * (|s1| dmu + u32 |arg|)
-    # + 3 u32 * post (sigmoid's own rounding, the factor 2 is exact).
-    arg = (p64 / 2).logit()
-    dpost = 0.5 * (scale[1] * dmu[:, HC:2 * HC] + U32 * arg.abs() * 2) + 3 * U32 * p64
+    da, dpost, rel_c = hc_pre_fp32_bounds(X, fn, base, scale, p64, c64)
     assert ((p32.double() - p64).abs() <= dpost).all()
-    # comb: logit errors |d l| <= |s2| dmu + u32 |l|; softmax turns them into relative entry errors
-    # <= 2 max|d l| + (hc + 3) u32; Sinkhorn is non-expansive in Hilbert's metric (see above) and adds
-    # <= 2*iters*(hc+2) u32 of rounding.
-    dl = (scale[2] * dmu[:, 2 * HC:] + U32 * 20).max(-1).values
-    rel_c = 2 * 2 * dl + (HC + 3 + 2 * 20 * (HC + 2)) * U32
     assert (((c32.double() - c64).abs() / c64).amax((-1, -2)) <= rel_c).all()
-    # a = sum_j pre_j X_j: pre errs by <= 1/4 |s0| dmu + 3 u32 pre; the hc-term sum adds (hc+1) u32 * sum|.|
-    pre = torch.sigmoid((x @ fn.T * rho)[:, :HC] * scale[0] + base[:HC]) + EPS
-    dpre = 0.25 * scale[0] * dmu[:, :HC] + 3 * U32 * pre
-    da = (dpre.unsqueeze(-1) * X.abs()).sum(-2) + (HC + 2) * U32 * (pre.unsqueeze(-1) * X.abs()).sum(-2)
     assert ((a32.double() - a64).abs() <= da).all()
 
 
@@ -171,14 +192,7 @@ def test_hc_head_fp32_vs_fp64_and_shapes():
     h64 = hc_head(X, fn, base, scale, norm_eps=EPS, hc_eps=EPS)
     h32 = hc_head(X.float(), fn.float(), base.float(), scale.float(), norm_eps=EPS, hc_eps=EPS)
     assert h32.shape == (T, D) and h32.dtype == torch.float32
-    # as for hc_pre's `a`: |d mu| <= (2K+6) u32 M, pre errs by <= 1/4 |s| dmu + 3 u32 pre, sum adds (hc+2) u32.
-    K = HC * D
-    x = X.flatten(-2)
-    rho = torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS)
-    pre = torch.sigmoid(x @ fn.T * rho * scale[0] + base) + EPS
-    dpre = 0.25 * scale[0] * (2 * K + 6) * U32 * (x.abs() @ fn.abs().T) * rho + 3 * U32 * pre
-    bound = (dpre.unsqueeze(-1) * X.abs()).sum(-2) + (HC + 2) * U32 * (pre.unsqueeze(-1) * X.abs()).sum(-2)
-    assert ((h32.double() - h64).abs() <= bound).all()
+    assert ((h32.double() - h64).abs() <= hc_head_fp32_bound(X, fn, base, scale)).all()
 
 
 @pytest.mark.parametrize("bad", ["fn", "base", "scale"])

@@ -8,6 +8,8 @@ import torch
 from references.components.moe import expert_ffn, gate_logits, moe, route, sqrt_softplus
 from references.numerics import official
 
+from ._attn_asserts import one_thread  # noqa: F401  (autouse: run single-threaded)
+
 U32 = 2.0**-24
 TINY32 = 2.0**-149  # smallest fp32 subnormal: the absolute resolution of results below 2**-126
 
@@ -143,6 +145,33 @@ def test_moe_equals_per_token_sum_and_stacked_form():
     assert (moe(x, ids, w, ex, sh, limit=1.0, shared_variant="no-clamp") - y).abs().max() > 1e-3
 
 
+def moe_fp32_bound(x, ids, w, ex, sh, limit=10.0):
+    """Elementwise bound on |moe_fp32 - moe_fp64| (magnitudes from fp64; the clamp is 1-Lipschitz).
+
+    Per expert: W1/W3 dot products of length D err by <= (D+2) u32 (|W||x|) incl. input rounding;
+    SiLU(g)*u with |SiLU'| <= 1.1: the activation errs by <= (D+2) u32 (1.1 |u| |W1||x| + |silu g| |W3||x|)
+    + 4 u32 |a|; W2's dot product of length I adds (I+2) u32 |W2||a|; the route weight (+2 u32) and the
+    sum over k+1 experts ((k+2) u32) give the remaining (I + 8) u32 |W2||a| term.
+    """
+    D = x.shape[-1]
+    bound = torch.zeros_like(x)
+    silu = torch.nn.functional.silu
+    for t in range(x.shape[0]):
+        terms = [(w[t, k].abs(), ex[int(ids[t, k])]) for k in range(ids.shape[1])]
+        if sh is not None:
+            terms.append((torch.tensor(1.0, dtype=torch.float64), sh))
+        for wt, p in terms:
+            I = p["w1"].shape[0]
+            xa = x[t].abs()
+            g_ = (p["w1"] @ x[t]).clamp(max=limit)
+            u_ = (p["w3"] @ x[t]).clamp(-limit, limit)
+            a = silu(g_) * u_
+            da = (D + 2) * U32 * (1.1 * u_.abs() * (p["w1"].abs() @ xa) + silu(g_).abs() * (p["w3"].abs() @ xa)) \
+                + 4 * U32 * a.abs()
+            bound[t] += wt * (p["w2"].abs() @ da + (I + 8) * U32 * (p["w2"].abs() @ a.abs()))
+    return bound
+
+
 def test_moe_fp32_vs_fp64():
     ex, sh = _moe_weights()
     g = torch.Generator().manual_seed(4)
@@ -155,17 +184,7 @@ def test_moe_fp32_vs_fp64():
     # SiLU(g)*u: |SiLU'| <= 1.1, so the activation errs by <= (D+2) u32 (1.1 |u| |W1||x| + |silu g| |W3||x|)
     # + 4 u32 |a|; W2's dot product of length I adds (I+2) u32 |W2||a|. Times route weight (+2 u32) and
     # summed over k+1 experts ((k+2) u32). We bound with the fp64 magnitudes.
-    D, I = 32, 16
-    bound = torch.zeros_like(y64)
-    for t in range(6):
-        for wt, e in [(w[t, k], int(ids[t, k])) for k in range(3)] + [(torch.tensor(1.0, dtype=torch.float64), None)]:
-            p = ex[e] if e is not None else sh
-            xa = x[t].abs()
-            g_, u_ = p["w1"] @ x[t], p["w3"] @ x[t]
-            a = torch.nn.functional.silu(g_) * u_
-            da = (D + 2) * U32 * (1.1 * u_.abs() * (p["w1"].abs() @ xa) + torch.nn.functional.silu(g_).abs()
-                                  * (p["w3"].abs() @ xa)) + 4 * U32 * a.abs()
-            bound[t] += wt.abs() * (p["w2"].abs() @ da + (I + 2 + 4 + 2) * U32 * (p["w2"].abs() @ a.abs()))
+    bound = moe_fp32_bound(x, ids, w, ex, sh)
     assert ((y32.double() - y64).abs() <= bound).all()
 
 

@@ -1,0 +1,75 @@
+"""Encode / decode one checkpoint tensor between float values and its stored form (spec 1, 4.2, 4.3).
+
+All quantisation goes through ``references.formats`` (bit-level codecs); torch's float8 dtypes are used
+only as storage containers (bytes are reinterpreted with ``.view``, never converted by torch casts).
+Matrices whose sides are not multiples of the 128x128 FP8 block (tiny configs) are zero-padded to the
+block grid, quantised, and cropped: the scale grid is ``ceil(R/128) x ceil(C/128)`` as in the release.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.blockscale import BlockFP8, dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
+from ..formats.scales import e8m0_decode
+from .layout import FP8_BLOCK, TensorSpec
+
+FP8_WEIGHT = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK))                       # ue8m0 scales
+FP8_WEIGHT_FP32 = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK), scale_fmt="fp32")  # Flash-Base style
+SCALE_DTYPES = ("e8m0", "uint8", "fp32")
+
+
+def _pad_to_block(x: torch.Tensor) -> torch.Tensor:
+    r, c = x.shape
+    return F.pad(x, (0, (-c) % FP8_BLOCK, 0, (-r) % FP8_BLOCK))
+
+
+def encode(spec: TensorSpec, value: torch.Tensor, *, scale_dtype: str = "e8m0") -> dict[str, torch.Tensor]:
+    """Float value (logical shape) -> {name: stored tensor[, scale_name: scale]}."""
+    if tuple(value.shape) != spec.shape:
+        raise ValueError(f"{spec.name}: value shape {tuple(value.shape)} != layout shape {spec.shape}")
+    if spec.kind == "fp8":
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype: one of {SCALE_DTYPES}, got {scale_dtype!r}")
+        r, c = spec.shape
+        codes, scales = quantize_fp8(_pad_to_block(value.double()), FP8_WEIGHT)
+        codes = codes[:r, :c].contiguous()
+        if scale_dtype == "fp32":
+            s = torch.from_numpy(e8m0_decode(scales.numpy())).float()  # the same powers of two, as fp32
+        elif scale_dtype == "e8m0":
+            s = scales.view(torch.float8_e8m0fnu)
+        else:
+            s = scales
+        return {spec.name: codes.view(torch.float8_e4m3fn), spec.scale_name: s}
+    if spec.kind == "fp4":
+        packed, scales = quantize_mxfp4(value.double())
+        return {spec.name: packed.view(torch.int8), spec.scale_name: scales.view(torch.float8_e8m0fnu)}
+    if spec.kind == "bf16":
+        return {spec.name: value.to(torch.bfloat16)}
+    if spec.kind == "fp32":
+        return {spec.name: value.to(torch.float32)}
+    if spec.kind == "int":
+        return {spec.name: value.to(torch.int64)}
+    raise ValueError(f"{spec.name}: unknown kind {spec.kind!r}")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def decode(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored tensor (+ scale) -> float32 values of the logical shape (exact: code value x scale)."""
+    if spec.kind == "fp8" and weight.dtype != torch.bfloat16 and weight.dtype != torch.float32:
+        r, c = spec.shape
+        codes = _pad_to_block(_bytes(weight))
+        if scale.dtype == torch.float32:
+            vals = dequantize_fp8(codes, scale, FP8_WEIGHT_FP32)
+        else:
+            vals = dequantize_fp8(codes, _bytes(scale), FP8_WEIGHT)
+        return vals[:r, :c].contiguous()
+    if spec.kind == "fp4" and weight.dtype in (torch.int8, torch.uint8):
+        return dequantize_mxfp4(_bytes(weight), _bytes(scale))
+    if spec.kind == "int":
+        return weight.to(torch.int64)
+    return weight.to(torch.float32)

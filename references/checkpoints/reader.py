@@ -1,0 +1,142 @@
+"""Lazy reader of a DSV4 checkpoint in the official layout (spec section 1).
+
+``CheckpointReader(dir)`` reads ``config.json`` and ``model.safetensors.index.json`` only. Each ``get(name)``
+opens the one shard holding that tensor with ``safetensors.safe_open`` (memory-mapped; never the whole file,
+never pickle), checks the stored dtype and shape against the layout the config implies *before* reading
+the data, reads the tensor (and its ``.scale``), and dequantises it with ``references.formats``:
+
+* FP8 e4m3 weights (``float8_e4m3fn``, or raw uint8 bytes) x 128x128 block scales (e8m0 as uint8 or
+  ``float8_e8m0fnu``; fp32 for the Flash-Base release);
+* MXFP4 experts: packed int8/uint8 [out, in/2] (low nibble first) x e8m0 [out, in/32];
+* bf16 / fp32 tensors upcast to fp32; ``tid2eid`` as int64.
+
+Every problem raises ``CheckpointError`` naming the file and the tensor: missing tensor, truncated or
+unreadable shard, wrong dtype, wrong shape. The reader implements the ``WeightSource`` protocol
+(``get(name) -> float32 tensor``) used by ``references.model``; ``layer(i)`` returns one decoder block's
+weights keyed relative to the layer (DESIGN.md), touching no other layer's tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .codec import decode
+from .hf_config import from_hf_dict
+from .layout import TensorSpec, expected_tensors, layer_prefix, layer_tensors, relative_key
+
+__all__ = ["CheckpointError", "CheckpointReader"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match the official layout; the message names file and tensor."""
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
+_FP4_DTYPES = (torch.int8, torch.uint8)
+_FLOAT_DTYPES = (torch.bfloat16, torch.float32)
+_SAFE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8,
+                "I8": torch.int8, "BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16,
+                "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}
+
+
+class CheckpointReader:
+    def __init__(self, path):
+        self.path = Path(path)
+        cfg_file = self.path / "config.json"
+        idx_file = self.path / "model.safetensors.index.json"
+        for f in (cfg_file, idx_file):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing")
+        try:
+            self.config, self.quantized = from_hf_dict(json.loads(cfg_file.read_text()), name=self.path.name)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from e
+        try:
+            self.weight_map: dict[str, str] = json.loads(idx_file.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{idx_file}: no readable weight_map ({e})") from e
+        self.specs: dict[str, TensorSpec] = expected_tensors(self.config)
+        self.reads: list[str] = []   # every tensor name whose data was read (get_tensor), in order
+
+    # -- raw access ------------------------------------------------------------------------------------
+    def _file_of(self, name: str, wanted_by: str) -> Path:
+        try:
+            return self.path / self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path / 'model.safetensors.index.json'}: tensor {name!r} "
+                                  f"(needed for {wanted_by!r}) is not in the weight_map") from None
+
+    def raw(self, name: str, *, dtypes=None, shape=None, wanted_by: str | None = None) -> torch.Tensor:
+        """Read one stored tensor after checking its dtype / shape from the shard header."""
+        f = self._file_of(name, wanted_by or name)
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard missing (tensor {name!r})")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                if name not in sf.keys():
+                    raise CheckpointError(f"{f}: tensor {name!r} listed in the index but absent from the shard")
+                sl = sf.get_slice(name)
+                dt = _SAFE_DTYPES.get(sl.get_dtype())
+                shp = tuple(sl.get_shape())
+                if dtypes is not None and dt not in dtypes:
+                    raise CheckpointError(f"{f}: tensor {name!r} has dtype {sl.get_dtype()} ({dt}); expected one "
+                                          f"of {[str(d) for d in dtypes]}")
+                if shape is not None and shp != tuple(shape):
+                    raise CheckpointError(f"{f}: tensor {name!r} has shape {shp}; the config implies "
+                                          f"{tuple(shape)}")
+                self.reads.append(name)
+                return sf.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' own errors (truncated file, bad header, ...)
+            raise CheckpointError(f"{f}: cannot read tensor {name!r}: {type(e).__name__}: {e}") from e
+
+    # -- WeightSource ----------------------------------------------------------------------------------
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: {name!r} is not a tensor of the DSV4 layout for this config") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Dequantised float32 value (int64 for tid2eid) of the logical tensor ``name``."""
+        return self._decode(self.spec(name))
+
+    def _decode(self, spec: TensorSpec) -> torch.Tensor:
+        name = spec.name
+        quant = spec.kind in ("fp8", "fp4") and self.quantized
+        if quant and spec.kind == "fp8":
+            w = self.raw(name, dtypes=_FP8_DTYPES, shape=spec.stored_shape)
+            s = self.raw(spec.scale_name, dtypes=_SCALE_DTYPES, shape=spec.scale_shape, wanted_by=name)
+        elif quant:
+            w = self.raw(name, dtypes=_FP4_DTYPES, shape=spec.stored_shape)
+            s = self.raw(spec.scale_name, dtypes=(torch.float8_e8m0fnu, torch.uint8), shape=spec.scale_shape,
+                         wanted_by=name)
+        elif spec.kind == "int":
+            w, s = self.raw(name, dtypes=(torch.int64, torch.int32), shape=spec.shape), None
+        elif spec.kind == "fp32":
+            w, s = self.raw(name, dtypes=(torch.float32,), shape=spec.shape), None
+        else:
+            w, s = self.raw(name, dtypes=_FLOAT_DTYPES, shape=spec.shape), None
+        try:
+            return decode(spec, w, s)
+        except ValueError as e:
+            raise CheckpointError(f"{self._file_of(name, name)}: tensor {name!r}: {e}") from e
+
+    def layer(self, layer: int, *, experts: bool = True) -> dict[str, torch.Tensor]:
+        """One decoder block (main or MTP) keyed relative to the layer, ``.weight`` dropped (DESIGN.md)."""
+        p = layer_prefix(self.config, layer)
+        out = {}
+        for t in layer_tensors(self.config, layer):
+            if not experts and t.name.startswith("ffn.experts."):
+                continue
+            out[relative_key(t.name)] = self.get(p + t.name)
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
