@@ -47,6 +47,10 @@ class ComponentSpec:
     emulate: Callable[[str], Callable] | None = None
     spec_section: str = ""
     divergences: tuple[str, ...] = field(default_factory=tuple)
+    # compare(got, want, params, level, label, kwargs) -> list[metrics.Comparison]: replaces the per-output
+    # elementwise comparison for components whose outputs must be compared jointly (e.g. routing: expert
+    # ids as sets with near-ties, weights aligned by expert id with a per-token derived bound)
+    compare: Callable | None = None
 
 
 REGISTRY: dict[str, ComponentSpec] = {}

@@ -1,0 +1,413 @@
+"""MoE routing components (spec 3.12, 3.13; issue 7): router, hash router, routed experts, the whole routed
+layer (expert fingerprinting) and the routing metadata a fused MoE kernel consumes.
+
+Outputs are compared jointly by ``conformance.checks.routing.routing_compare`` (the ComponentSpec
+``compare`` hook): expert ids as per-token sets (near-ties within the scores' rounding reported, not
+failed), weights aligned by expert id within a per-token derived bound, layer outputs decoded through
+the fingerprint experts, metadata exactly (and explained per token).
+
+Emulation (``emulate(profile)``, the vLLM serving numerics):
+  * gate: bf16 input x and weight -> fp32 logits; on gfx942 ``F.linear`` in bf16, so the logits are
+    rounded to bf16 and cast to fp32 (spec 3.12 step 1, spec 8 item 12); routing itself in fp32.
+  * the renormalisation follows the case's ``variant`` (the golden's), so an official-variant case is not
+    turned into the eps divergence (spec 8 item 6) by the emulation; vLLM's own choice is "hf-vllm".
+  * experts: bf16 input, SwiGLU activation rounded to bf16, routing weight applied after W2 (vLLM, spec 8
+    item 5), fp32 accumulation over experts, bf16 output.
+  * routing metadata: the block-structured builder (BLOCK = 32 top_k lanes padded to a power of two) with
+    the correct lane mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from references.components._validate import compute_dtype
+from references.components.moe import expert_ffn, gate_logits, route
+from references.numerics import Numerics
+
+from ..checks.routing import (
+    FP_FLOOR,
+    fingerprint_amplitude,
+    fingerprint_experts,
+    routing_compare,
+    routing_metadata_blocked,
+    routing_metadata_reference,
+)
+from ..components import ComponentSpec, OutputSpec, register
+from ..tolerances import Tolerance
+from ._case import Case, add
+
+SWIGLU_LIMIT = 10.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# goldens
+def router_golden(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, topk: int,
+                  route_scale: float, variant: str = "official") -> dict:
+    """Learned-router layers: logits = x W^T (compute dtype), scores sqrt(softplus), top-k of scores + bias,
+    weights = unbiased scores renormalised x route_scale (``references.components.moe.route``).
+    -> {"ids": [T, k] int64 (descending biased score), "weights": [T, k]}."""
+    w, ids = route(gate_logits(x, weight), bias=bias, topk=topk, route_scale=route_scale, variant=variant)
+    return {"ids": ids, "weights": w}
+
+
+def hash_router_golden(x: torch.Tensor, weight: torch.Tensor, tid2eid: torch.Tensor, input_ids: torch.Tensor, *,
+                       topk: int, route_scale: float, variant: str = "official") -> dict:
+    """Hash layers (0..n_hash_layers-1): ids = tid2eid[input_ids], bias unused, weights as the router."""
+    if tid2eid.dim() != 2 or tid2eid.shape[1] != topk:
+        raise ValueError(f"tid2eid: expected [vocab, {topk}], got {tuple(tid2eid.shape)}")
+    hash_ids = tid2eid[input_ids.long()]
+    w, ids = route(gate_logits(x, weight), topk=topk, route_scale=route_scale, hash_ids=hash_ids, variant=variant)
+    return {"ids": ids, "weights": w}
+
+
+def _local_ids(ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+    ids = ids.long()
+    if expert_map is None:
+        return ids
+    m = expert_map.long()
+    return torch.where(ids >= 0, m[ids.clamp(min=0)], torch.full_like(ids, -1))
+
+
+def experts_golden(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                   w2: torch.Tensor, *, limit: float, expert_map: torch.Tensor | None = None,
+                   variant: str = "official", out: torch.Tensor | None = None) -> dict:
+    """Routed experts for given routes: y[t] = sum_k w[t,k] E_{ids[t,k]}(x[t]) -> {"y": [T, D]}.
+
+    ids [T, k] are global expert ids, -1 = dropped slot (contributes nothing). w1/w3 [E_l, I, D], w2
+    [E_l, D, I] are the experts this rank holds; ``expert_map`` [E] maps global -> local (-1 = remote, not
+    computed here); None = all experts local. variant: "official" (weight before W2) | "after-w2".
+    ``out`` [T, D] (optional) receives y; nothing outside it may be written."""
+    dt = compute_dtype(x)
+    x = x.to(dt)
+    local = _local_ids(ids, expert_map)
+    y = torch.zeros_like(x)
+    for e in torch.unique(local[local >= 0]).tolist():
+        tok, slot = torch.nonzero(local == e, as_tuple=True)
+        w_e = weights[tok, slot].to(dt)
+        if variant == "official":
+            ye = expert_ffn(x[tok], w1[e], w3[e], w2[e], limit=limit, route_weight=w_e)
+        else:
+            ye = expert_ffn(x[tok], w1[e], w3[e], w2[e], limit=limit) * w_e.unsqueeze(-1)
+        y.index_add_(0, tok, ye)
+    if out is not None:
+        out.copy_(y)
+    return {"y": y}
+
+
+def layer_golden(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                 gate_bias: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None, *, topk: int, route_scale: float, limit: float,
+                 route_variant: str = "official", variant: str = "official") -> dict:
+    """Routed MoE layer (gate + router + experts, no shared expert) -> {"y": [T, D]} (plus the golden's own
+    "ids" (-1 where the weight is below the fingerprint's observable floor) and "weights", for diagnostics)."""
+    if tid2eid is not None:
+        r = hash_router_golden(x, gate_weight, tid2eid, input_ids, topk=topk, route_scale=route_scale,
+                               variant=route_variant)
+    else:
+        r = router_golden(x, gate_weight, gate_bias, topk=topk, route_scale=route_scale, variant=route_variant)
+    y = experts_golden(x, r["ids"], r["weights"], w1, w3, w2, limit=limit, variant=variant)["y"]
+    obs = r["weights"].abs() * fingerprint_amplitude() > FP_FLOOR
+    return {"y": y, "ids": torch.where(obs, r["ids"], torch.full_like(r["ids"], -1)), "weights": r["weights"]}
+
+
+def routing_metadata_golden(topk_ids: torch.Tensor, *, num_experts: int, out: dict | None = None) -> dict:
+    return routing_metadata_reference(topk_ids, num_experts=num_experts, out=out)
+
+
+routing_metadata_golden.__doc__ = routing_metadata_reference.__doc__
+
+
+# ---------------------------------------------------------------------------------------------------
+# emulations
+def _emulated_logits(x, weight, profile):
+    z = x.to(torch.bfloat16).float() @ weight.to(torch.bfloat16).float().T
+    if profile == "gfx942":
+        z = z.to(torch.bfloat16).float()   # F.linear in bf16 on ROCm, then cast to fp32
+    return z
+
+
+def _emulate_router(profile):
+    def router_emulated(x, weight, bias=None, *, topk, route_scale, variant="official"):
+        z = _emulated_logits(x, weight, profile)
+        w, ids = route(z, bias=None if bias is None else bias.float(), topk=topk, route_scale=route_scale,
+                       variant=variant)
+        return {"ids": ids, "weights": w}
+    return router_emulated
+
+
+def _emulate_hash_router(profile):
+    def hash_router_emulated(x, weight, tid2eid, input_ids, *, topk, route_scale, variant="official"):
+        z = _emulated_logits(x, weight, profile)
+        w, ids = route(z, topk=topk, route_scale=route_scale, hash_ids=tid2eid[input_ids.long()], variant=variant)
+        return {"ids": ids, "weights": w}
+    return hash_router_emulated
+
+
+_BF16_ACT = Numerics(name="serving-experts", act_dtype=torch.bfloat16)
+
+
+def _emulate_experts(profile):
+    def experts_emulated(x, ids, weights, w1, w3, w2, *, limit, expert_map=None, variant="official", out=None):
+        xb = x.to(torch.bfloat16).float()
+        local = _local_ids(ids, expert_map)
+        y = torch.zeros_like(xb)
+        for e in torch.unique(local[local >= 0]).tolist():
+            tok, slot = torch.nonzero(local == e, as_tuple=True)
+            ye = expert_ffn(xb[tok], w1[e].float(), w3[e].float(), w2[e].float(), limit=limit, numerics=_BF16_ACT)
+            ye = ye.to(torch.bfloat16).float() * weights[tok, slot].float().unsqueeze(-1)
+            y.index_add_(0, tok, ye)
+        y = y.to(torch.bfloat16).float()
+        if out is not None:
+            out.copy_(y)
+        return {"y": y}
+    return experts_emulated
+
+
+def _emulate_layer(profile):
+    r_fn, h_fn, e_fn = _emulate_router(profile), _emulate_hash_router(profile), _emulate_experts(profile)
+
+    def layer_emulated(x, gate_weight, w1, w3, w2, gate_bias=None, tid2eid=None, input_ids=None, *, topk,
+                       route_scale, limit, route_variant="official", variant="official"):
+        if tid2eid is not None:
+            r = h_fn(x, gate_weight, tid2eid, input_ids, topk=topk, route_scale=route_scale, variant=route_variant)
+        else:
+            r = r_fn(x, gate_weight, gate_bias, topk=topk, route_scale=route_scale, variant=route_variant)
+        y = e_fn(x, r["ids"], r["weights"], w1, w3, w2, limit=limit)["y"]
+        obs = r["weights"].abs() * fingerprint_amplitude() > FP_FLOOR
+        return {"y": y, "ids": torch.where(obs, r["ids"], torch.full_like(r["ids"], -1)), "weights": r["weights"]}
+    return layer_emulated
+
+
+def _emulate_metadata(profile):
+    def routing_metadata_emulated(topk_ids, *, num_experts, out=None):
+        return routing_metadata_blocked(topk_ids, num_experts=num_experts, out=out, lane_mask="block")
+    return routing_metadata_emulated
+
+
+# ---------------------------------------------------------------------------------------------------
+# registration
+def _doc_tol(what):
+    def tol(params, level):
+        return Tolerance(math.nan, math.nan, f"{what}: per-token derived bound, see conformance.checks.routing")
+    return tol
+
+
+def _hook(name):
+    def compare(got, want, params, level, label, kwargs):
+        return routing_compare(name, got, want, params, level, label, kwargs)[0]
+    return compare
+
+
+ROUTER = register(ComponentSpec(
+    name="moe.router", family="moe", reference=router_golden,
+    outputs=(OutputSpec("ids", "index-set"), OutputSpec("weights", "float", tol=_doc_tol("routing weights"))),
+    description="gate GEMM + sqrt-softplus scores, bias-corrected top-k, unbiased renormalised weights x route_scale",
+    spec_section="3.12", emulate=_emulate_router, compare=_hook("moe.router"),
+    divergences=("spec 8.6: renormalisation eps (variant hf-vllm)", "spec 8.12: bf16 gate logits on ROCm"),
+))
+HASH_ROUTER = register(ComponentSpec(
+    name="moe.hash_router", family="moe", reference=hash_router_golden,
+    outputs=(OutputSpec("ids", "index-set"), OutputSpec("weights", "float", tol=_doc_tol("routing weights"))),
+    description="hash routing (tid2eid[token id]) with sqrt-softplus weights, renormalised x route_scale",
+    spec_section="3.12", emulate=_emulate_hash_router, compare=_hook("moe.hash_router"),
+    divergences=("spec 8.6: renormalisation eps (variant hf-vllm)",),
+))
+EXPERTS = register(ComponentSpec(
+    name="moe.experts", family="moe", reference=experts_golden,
+    outputs=(OutputSpec("y", "float", tol=_doc_tol("fingerprint weights")),),
+    description="routed SwiGLU experts for given (ids, weights), -1 = dropped, optional expert-parallel map",
+    spec_section="3.13", emulate=_emulate_experts, compare=_hook("moe.experts"),
+    divergences=("spec 8.5: routing weight before (official) / after (vLLM) W2",),
+))
+LAYER = register(ComponentSpec(
+    name="moe.layer", family="moe", reference=layer_golden,
+    outputs=(OutputSpec("y", "float", tol=_doc_tol("fingerprint-decoded routing")),),
+    description="routed MoE layer (router + experts) with fingerprint experts: output lanes reveal (ids, weights)",
+    spec_section="3.12-3.13", emulate=_emulate_layer, compare=_hook("moe.layer"),
+))
+METADATA = register(ComponentSpec(
+    name="moe.routing_metadata", family="moe", reference=routing_metadata_golden,
+    outputs=tuple(OutputSpec(n, "exact") for n in ("expert_counts", "expert_offsets", "gather_idx", "scatter_idx")),
+    description="routing metadata of a fused MoE kernel: per-expert counts/offsets, expert-sorted gather and "
+                "scatter indices",
+    spec_section="7 (bitmatrix metadata)", emulate=_emulate_metadata, compare=_hook("moe.routing_metadata"),
+))
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs
+def _direct_logits(g, T, E, dist):
+    """Adversarial logit distributions (fp32 [T, E])."""
+    if dist == "normal":
+        return torch.randn(T, E, generator=g) * 2
+    if dist == "all_negative":
+        return -(torch.randn(T, E, generator=g).abs() * 8) - 1
+    if dist in ("pm100", "pm200"):
+        v = 100.0 if dist == "pm100" else 200.0
+        return torch.where(torch.rand(T, E, generator=g) < 0.5, -v, v)
+    if dist == "underflow":   # log(1 + e^z) underflows to 0 in fp32, sqrt-softplus is still ~e^{z/2} > 0
+        return -105 - 100 * torch.rand(T, E, generator=g)
+    if dist == "deep_negative":   # even e^{z/2} underflows: the scores are exactly 0 in fp32
+        return -210 - 90 * torch.rand(T, E, generator=g)
+    if dist == "equal":
+        return (torch.randn(T, 1, generator=g) * 3).expand(T, E).clone()
+    if dist == "near_ties":
+        return torch.round(torch.randn(T, E, generator=g) * 4) / 4
+    raise ValueError(f"unknown logit distribution {dist!r}")
+
+
+def _bias(g, E, kind):
+    if kind == "none":
+        return None
+    if kind == "flash":    # DSV4-Flash biases are nearly uniform, ~8.08 (spec 3.12)
+        return 8.08 + 0.02 * torch.randn(E, generator=g)
+    if kind == "large":
+        return torch.randn(E, generator=g) * 100
+    raise ValueError(f"unknown bias kind {kind!r}")
+
+
+def _gate_inputs(g, p):
+    """x [T, D] with lane 0 == 1 (the fingerprint's constant lane) and a gate weight whose column 0 is 0.
+    design "direct": D = E + 1, W = [0 | I], so the logits are exactly the chosen adversarial values;
+    design "random": bf16-exact W ~ N(0, 4/D), x ~ N(0, 1)."""
+    T, E = p["tokens"], p["experts"]
+    if p.get("design", "random") == "direct":
+        z = _direct_logits(g, T, E, p["dist"])
+        x = torch.cat([torch.ones(T, 1), z], 1)
+        w = torch.cat([torch.zeros(E, 1), torch.eye(E)], 1)
+    else:
+        D = p["dim"]
+        x = torch.randn(T, D, generator=g)
+        x[:, 0] = 1.0
+        w = (torch.randn(E, D, generator=g) * (2 / math.sqrt(D))).to(torch.bfloat16).float()
+        w[:, 0] = 0.0
+    return x, w
+
+
+def _make_router(g, p):
+    x, w = _gate_inputs(g, p)
+    return {"x": x, "weight": w, "bias": _bias(g, p["experts"], p["bias"]), "topk": p["topk"],
+            "route_scale": p["route_scale"], "variant": p["variant"]}
+
+
+def _tid2eid(g, vocab, E, k):
+    return torch.rand(vocab, E, generator=g).argsort(-1)[:, :k].to(torch.int32)
+
+
+def _make_hash_router(g, p):
+    x, w = _gate_inputs(g, p)
+    V = 512
+    return {"x": x, "weight": w, "tid2eid": _tid2eid(g, V, p["experts"], p["topk"]),
+            "input_ids": torch.randint(0, V, (p["tokens"],), generator=g), "topk": p["topk"],
+            "route_scale": p["route_scale"], "variant": p["variant"]}
+
+
+def _make_layer(g, p):
+    x, w = _gate_inputs(g, p)
+    E = p["experts"]
+    kw = {"x": x, "gate_weight": w, **fingerprint_experts(E, x.shape[1]), "topk": p["topk"],
+          "route_scale": p["route_scale"], "limit": SWIGLU_LIMIT, "route_variant": p["variant"]}
+    if p.get("hash"):
+        kw["tid2eid"] = _tid2eid(g, 512, E, p["topk"])
+        kw["input_ids"] = torch.randint(0, 512, (p["tokens"],), generator=g)
+    else:
+        kw["gate_bias"] = _bias(g, E, p["bias"])
+    return kw
+
+
+def _routes(g, T, E, k, dist):
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
+    if dist == "hot":   # 80% of the tokens on the same k experts (load imbalance)
+        hot = torch.rand(T, generator=g) < 0.8
+        ids[hot] = torch.arange(k)
+    if dist in ("dropped", "hot"):
+        ids = torch.where(torch.rand(T, k, generator=g) < 0.1, -1, ids)
+    return ids.to(torch.int32)
+
+
+def _make_experts(g, p):
+    T, E, D, k = p["tokens"], p["experts"], p["dim"], p["topk"]
+    x = torch.randn(T, D, generator=g)
+    x[:, 0] = 1.0
+    return {"x": x, "ids": _routes(g, T, E, k, p["dist"]), "weights": 0.1 + 1.4 * torch.rand(T, k, generator=g),
+            **fingerprint_experts(E, D), "limit": SWIGLU_LIMIT}
+
+
+def _make_metadata(g, p):
+    return {"topk_ids": _routes(g, p["tokens"], p["experts"], p["topk"], p["dist"]), "num_experts": p["experts"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# case rows
+FLASH = {"experts": 256, "topk": 6, "route_scale": 1.5}
+PRO = {"experts": 384, "topk": 6, "route_scale": 2.5}
+TOKEN_SWEEP = (1, 2, 3, 7, 8, 9, 21, 22, 31, 32, 33, 42, 43, 127, 128, 129, 171, 1000, 2048, 4097)
+
+
+def _tag(T):
+    return ("decode",) if T == 1 else ("prefill",)
+
+
+# learned router: token sweep on realistic (random-design, Flash-bias) inputs
+for i, T in enumerate((1, 2, 3, 7, 9, 32, 33, 128, 129, 1000, 2048)):
+    p = dict(FLASH, tokens=T, dim=128, design="random", bias="flash", variant="official")
+    add(Case(f"moe.router/T{T}E256k6/normal-flash/official/s{i}", "moe.router", _make_router, p, seed=i,
+             dist="normal", tags=_tag(T)))
+# adversarial logits (direct design), Flash and Pro
+ADVERSARIAL = [("normal", "large", "official"), ("all_negative", "flash", "official"), ("pm100", "none", "official"),
+               ("pm100", "flash", "official"), ("pm200", "none", "official"), ("pm200", "large", "official"),
+               ("underflow", "flash", "official"), ("underflow", "none", "hf-vllm"), ("deep_negative", "flash", "hf-vllm"),
+               ("equal", "none", "official"), ("equal", "flash", "official"), ("near_ties", "none", "official"),
+               ("near_ties", "flash", "official"), ("near_ties", "none", "hf-vllm")]
+for i, (dist, bias, variant) in enumerate(ADVERSARIAL):
+    p = dict(FLASH, tokens=33, design="direct", bias=bias, variant=variant)
+    add(Case(f"moe.router/T33E256k6/{dist}-{bias}/{variant}/s{100 + i}", "moe.router", _make_router, p,
+             seed=100 + i, dist=dist, tags=("adversarial",)))
+for i, (dist, bias) in enumerate([("normal", "flash"), ("underflow", "flash"), ("pm200", "large")]):
+    p = dict(PRO, tokens=9, design="direct", bias=bias, variant="official")
+    add(Case(f"moe.router/T9E384k6/{dist}-{bias}/official/s{150 + i}", "moe.router", _make_router, p,
+             seed=150 + i, dist=dist, tags=("adversarial", "pro")))
+
+# hash router (first layers)
+for i, (T, dist, variant) in enumerate([(1, "normal", "official"), (7, "normal", "official"),
+                                        (33, "normal", "official"), (129, "normal", "official"),
+                                        (33, "underflow", "official"), (33, "pm200", "official"),
+                                        (33, "all_negative", "official"), (33, "deep_negative", "hf-vllm"),
+                                        (33, "underflow", "hf-vllm")]):
+    p = dict(FLASH, tokens=T, dim=128, design="random" if dist == "normal" else "direct", variant=variant)
+    add(Case(f"moe.hash_router/T{T}E256k6/{dist}/{variant}/s{200 + i}", "moe.hash_router", _make_hash_router, p,
+             seed=200 + i, dist=dist, tags=_tag(T) + (("adversarial",) if dist != "normal" else ())))
+
+# whole routed layer with fingerprint experts (E = 64 so one output lane per expert stays small)
+for i, (T, dist, bias, design, hashed) in enumerate([
+        (1, "normal", "flash", "random", False), (9, "normal", "flash", "random", False),
+        (33, "normal", "flash", "random", False), (129, "normal", "large", "random", False),
+        (33, "pm200", "none", "direct", False), (33, "equal", "flash", "direct", False),
+        (33, "underflow", "flash", "direct", False), (33, "near_ties", "flash", "direct", False),
+        (33, "normal", "none", "random", True), (9, "underflow", "none", "direct", True)]):
+    p = dict(experts=64, topk=6, route_scale=1.5, tokens=T, dim=96, design=design, bias=bias, variant="official",
+             hash=hashed)
+    kind = "hash" if hashed else bias
+    add(Case(f"moe.layer/T{T}E64k6/{dist}-{kind}/s{300 + i}", "moe.layer", _make_layer, p, seed=300 + i, dist=dist,
+             tags=_tag(T) + (("adversarial",) if design == "direct" else ())))
+
+# routed experts for given routes (dropped ids; expert-parallel in the routing check)
+for i, (T, dist) in enumerate([(1, "uniform"), (7, "dropped"), (33, "dropped"), (200, "hot")]):
+    p = dict(experts=64, topk=6, tokens=T, dim=64)
+    add(Case(f"moe.experts/T{T}E64k6/{dist}/s{400 + i}", "moe.experts", _make_experts, p, seed=400 + i, dist=dist,
+             tags=_tag(T)))
+
+# routing metadata: token counts across block (32 tokens = 192 lanes, padded to 256) and power-of-two
+# boundaries of tokens x top_k (21/22: 126/132 lanes, 42/43: 252/258, 171: 1026)
+for i, T in enumerate(TOKEN_SWEEP):
+    dist = "dropped" if i % 3 == 1 else ("hot" if i % 3 == 2 else "uniform")
+    p = dict(experts=256, topk=6, tokens=T)
+    add(Case(f"moe.routing_metadata/T{T}E256k6/{dist}/s{500 + i}", "moe.routing_metadata", _make_metadata, p,
+             seed=500 + i, dist=dist, tags=_tag(T)))
+for i, T in enumerate((33, 129, 1000)):
+    p = dict(experts=384, topk=6, tokens=T)
+    add(Case(f"moe.routing_metadata/T{T}E384k6/uniform/s{550 + i}", "moe.routing_metadata", _make_metadata, p,
+             seed=550 + i, dist="uniform", tags=("prefill", "pro")))

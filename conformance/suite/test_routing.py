@@ -1,0 +1,21 @@
+"""MoE routing conformance (issue 7) of every moe.* case, for every --subject (see conformance.plugin).
+
+Per-token router comparison (exact id sets, near-ties reported), expert fingerprinting of the routed layer,
+routing metadata with guard bands, -1 dropped ids and expert-parallel rank sums. A subject that does not
+provide a component gets a "not-provided" row (never a pass).
+"""
+
+from conformance.checks.routing import run_routing
+from conformance.plugin import record
+
+
+def select(case) -> bool:
+    return case.component.startswith("moe.")
+
+
+def test_routing(conformance_subject, conformance_case, conformance_run):
+    subj = conformance_run.subject(conformance_subject)
+    rows = run_routing(subj, conformance_case, subject_name=conformance_subject,
+                       rerun=conformance_run.rerun_command(conformance_subject, conformance_case.id),
+                       emulated_cache=conformance_run.emulated_cache)
+    record(conformance_run, rows)

@@ -1,0 +1,133 @@
+"""Deliberately broken MoE routing subjects (issue 7 acceptance list), each otherwise the gfx942 emulation."""
+
+from __future__ import annotations
+
+import torch
+
+from conformance.cases import moe as M
+from conformance.checks.routing import raw_store, routing_metadata_blocked
+from conformance.subjects import Impl, Subject, SubjectInfo
+from references.components.moe import sqrt_softplus
+
+PROFILE = "gfx942"
+
+
+class _Mutant(Subject):
+    def __init__(self, name, impls: dict):
+        self.name, self._impls = name, impls
+
+    def info(self):
+        return SubjectInfo(self.name, f"routing mutant {self.name}", "cpu (mutant)", "float8_e4m3fnuz", False,
+                           profile=PROFILE)
+
+    def provides(self):
+        return {k: Impl(fn, function=f"tests.routing.mutants.{self.name}", backend="torch")
+                for k, fn in self._impls.items()}
+
+
+def _route(z, bias, topk, route_scale, *, hash_ids=None, score=sqrt_softplus, weights_from_biased=False,
+           eps=0.0):
+    s = score(z)
+    if hash_ids is not None:
+        ids = hash_ids.long()
+        sel = s
+    else:
+        sel = s if bias is None else s + bias.float()
+        ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :topk]
+    w = (sel if weights_from_biased else s).gather(1, ids)
+    return w / (w.sum(-1, keepdim=True) + eps) * route_scale, ids
+
+
+def _eps(variant):
+    return 1e-20 if variant == "hf-vllm" else 0.0
+
+
+def naive_score(z):
+    """softplus as log(1 + exp(z)): underflows to 0 for z < ~-103 (and overflows for z > 88)."""
+    return torch.sqrt(torch.log(1 + torch.exp(z)))
+
+
+def biased_weights():
+    """Routing weights taken from the biased scores (s + bias) instead of the unbiased ones."""
+    def router(x, weight, bias=None, *, topk, route_scale, variant="official"):
+        w, ids = _route(M._emulated_logits(x, weight, PROFILE), bias, topk, route_scale, weights_from_biased=True,
+                        eps=_eps(variant))
+        return {"ids": ids, "weights": w}
+    return _Mutant("biased_weights", {"moe.router": router})
+
+
+def naive_softplus():
+    def router(x, weight, bias=None, *, topk, route_scale, variant="official"):
+        w, ids = _route(M._emulated_logits(x, weight, PROFILE), bias, topk, route_scale, score=naive_score,
+                        eps=_eps(variant))
+        return {"ids": ids, "weights": w}
+
+    def hash_router(x, weight, tid2eid, input_ids, *, topk, route_scale, variant="official"):
+        w, ids = _route(M._emulated_logits(x, weight, PROFILE), None, topk, route_scale, score=naive_score,
+                        hash_ids=tid2eid[input_ids.long()], eps=_eps(variant))
+        return {"ids": ids, "weights": w}
+    return _Mutant("naive_softplus", {"moe.router": router, "moe.hash_router": hash_router})
+
+
+def hash_no_floor():
+    """Hash routing renormalised by the plain sum whatever the variant: 0/0 when every score underflows."""
+    def hash_router(x, weight, tid2eid, input_ids, *, topk, route_scale, variant="official"):
+        w, ids = _route(M._emulated_logits(x, weight, PROFILE), None, topk, route_scale,
+                        hash_ids=tid2eid[input_ids.long()], eps=0.0)
+        return {"ids": ids, "weights": w}
+    return _Mutant("hash_no_floor", {"moe.hash_router": hash_router})
+
+
+def global_mask_metadata():
+    """Block metadata builder whose padded lanes are masked only against the global bound (spec 7)."""
+    def meta(topk_ids, *, num_experts, out=None):
+        return routing_metadata_blocked(topk_ids, num_experts=num_experts, out=out, lane_mask="global")
+    return _Mutant("global_mask_metadata", {"moe.routing_metadata": meta})
+
+
+_experts = M._emulate_experts(PROFILE)
+
+
+def mask_expert_map():
+    """The expert map replaced by a 0/1 mask (1 = local): every expert id collapses to local expert 0 or 1."""
+    def experts(x, ids, weights, w1, w3, w2, *, limit, expert_map=None, variant="official", out=None):
+        if expert_map is not None:
+            expert_map = (expert_map >= 0).to(torch.int32)
+        return _experts(x, ids, weights, w1, w3, w2, limit=limit, expert_map=expert_map, out=out)
+    return _Mutant("mask_expert_map", {"moe.experts": experts})
+
+
+def ep_off_by_one():
+    """Expert-parallel map built one expert off: rank r holds [start+1, end+1)."""
+    def experts(x, ids, weights, w1, w3, w2, *, limit, expert_map=None, variant="official", out=None):
+        if expert_map is not None:
+            expert_map = torch.roll(expert_map, 1)
+        return _experts(x, ids, weights, w1, w3, w2, limit=limit, expert_map=expert_map, out=out)
+    return _Mutant("ep_off_by_one", {"moe.experts": experts})
+
+
+def oob_writer():
+    """Writes its output rows padded to a multiple of 32 tokens (zeros past T): out-of-bounds stores."""
+    def experts(x, ids, weights, w1, w3, w2, *, limit, expert_map=None, variant="official", out=None):
+        y = _experts(x, ids, weights, w1, w3, w2, limit=limit, expert_map=expert_map)["y"]
+        if out is not None:
+            T, D = y.shape
+            tp = -(-T // 32) * 32
+            pad = torch.zeros(tp, D)
+            pad[:T] = y
+            raw_store(out, torch.arange(tp * D), pad.flatten())
+        return {"y": y}
+    return _Mutant("oob_writer", {"moe.experts": experts})
+
+
+def reversed_ties():
+    """A correct router that breaks exact ties towards the higher expert index (must not alarm)."""
+    def router(x, weight, bias=None, *, topk, route_scale, variant="official"):
+        z = M._emulated_logits(x, weight, PROFILE)
+        s = sqrt_softplus(z)
+        sel = s if bias is None else s + bias.float()
+        E = sel.shape[-1]
+        ids = (E - 1) - torch.sort(sel.flip(-1), dim=-1, descending=True, stable=True).indices[:, :topk]
+        w = s.gather(1, ids)
+        return {"ids": ids, "weights": w / (w.sum(-1, keepdim=True) + _eps(variant)) * route_scale}
+    return _Mutant("reversed_ties", {"moe.router": router})
