@@ -64,7 +64,8 @@ def version_key(v: str):
 def parse_versions_text(text: str) -> list[str]:
     """``pip index versions`` output ("Available versions: a, b, ...") or one version a line."""
     m = re.search(r"Available versions:\s*(.+)", text)
-    items = m.group(1).split(",") if m else text.split()
+    lines = [ln.split("#", 1)[0] for ln in text.splitlines()]
+    items = m.group(1).split(",") if m else " ".join(lines).split()
     return sorted({v.strip() for v in items if v.strip() and not v.strip().startswith("#")}, key=version_key)
 
 
