@@ -137,7 +137,8 @@ def cmd_gate(a) -> int:
             raise GateError("give the run's arguments after -- (e.g. -- --subject vllm) or an existing run with --run")
         res = gate(baseline=a.baseline, out=a.out, run_dir=a.run, run_args=run_args,
                    expected_failures=a.expected_failures, thresholds=th, junit=a.junit,
-                   strict_xfail=a.strict_xfail, allow_arch_mismatch=a.allow_arch_mismatch, timeout=a.timeout)
+                   strict_xfail=a.strict_xfail, allow_arch_mismatch=a.allow_arch_mismatch,
+                   allow_missing_baseline=a.allow_missing_baseline, timeout=a.timeout)
     except (GateError, ThresholdError) as e:
         print(f"gate: {e}", file=sys.stderr)
         return 2
@@ -274,6 +275,8 @@ def main(argv=None) -> int:
     g.add_argument("--junit", default=None, help="JUnit XML path (default <out>/junit.xml)")
     g.add_argument("--strict-xfail", action="store_true", help="an expected failure that passes fails the gate")
     g.add_argument("--allow-arch-mismatch", action="store_true")
+    g.add_argument("--allow-missing-baseline", action="store_true",
+                   help="no baseline for this arch yet (a new runner): gate on failing cases only")
     g.add_argument("--timeout", type=float, default=3600, help="seconds for the conformance run")
     g.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then arguments for `python -m conformance run`")
     g.set_defaults(fn=cmd_gate)

@@ -266,8 +266,8 @@ def run_suite(out: Path, run_args: list[str], timeout: float) -> tuple[int | Non
 
 def gate(*, baseline: str | None, out: str | Path, run_dir: str | None = None, run_args: list[str] | None = None,
          expected_failures: str | None = None, thresholds=None, junit: str | None = None,
-         strict_xfail: bool = False, allow_arch_mismatch: bool = False, timeout: float = 3600,
-         printer=print) -> GateResult:
+         strict_xfail: bool = False, allow_arch_mismatch: bool = False, allow_missing_baseline: bool = False,
+         timeout: float = 3600, printer=print) -> GateResult:
     expected = load_expected(expected_failures)
     out = Path(run_dir or out)
     crash, rc = "", None
@@ -288,7 +288,9 @@ def gate(*, baseline: str | None, out: str | Path, run_dir: str | None = None, r
         try:
             base = load_baseline(baseline, run.arch)
         except StoreError as e:
-            raise GateError(str(e)) from None
+            if not (allow_missing_baseline and "no baseline" in str(e)):
+                raise GateError(str(e)) from None
+            printer(f"note: {e}; gating on failing cases only (--allow-missing-baseline)")
         if base.arch != run.arch and not allow_arch_mismatch:
             raise GateError(f"baseline {base.path} is for arch {base.arch}, this run is {run.arch} "
                             f"(--allow-arch-mismatch to compare anyway)")
@@ -301,7 +303,9 @@ def gate(*, baseline: str | None, out: str | Path, run_dir: str | None = None, r
     s["failing_rows"] = [key_str(row_key(r)) for r in res.failing]
     s["regression_rows"] = [c.to_json() for c in res.regressions]
     (out / "gate.json").write_text(json.dumps(s, indent=1, default=str))
-    printer(format_summary(res, paths))
+    text = format_summary(res, paths)
+    (out / "gate-summary.txt").write_text(text + "\n")
+    printer(text)
     return res
 
 
