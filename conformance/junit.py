@@ -56,7 +56,8 @@ def write_junit(outcomes: list[TestOutcome], path: str | Path, *, name: str = "d
             for k, v in properties.items():
                 ET.SubElement(ps, "property", name=_clean(k), value=_clean(v))
         for o in items:
-            tc = ET.SubElement(s, "testcase", classname=_clean(o.classname), name=_clean(o.name), time=f"{o.time_s:.3f}")
+            tc = ET.SubElement(s, "testcase", classname=_clean(o.classname), name=_clean(o.name),
+                               time=f"{o.time_s:.3f}")
             if o.status in ("failure", "error"):
                 e = ET.SubElement(tc, o.status, message=_clean(o.message[:1000]), type=_clean(o.kind or o.status))
                 e.text = _clean(o.details or o.message)

@@ -2,19 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conformance.cli import main
 from conformance.compare import ThresholdError, compare, parse_threshold, parse_thresholds
 from conformance.gate import GateError, gate, load_expected
 from conformance.junit import JUnitError, TestOutcome, validate, write_junit
 from conformance.store import Run, StoreError, arch_key, load_baseline, load_run, save_baseline
 from reports.render import render_compare
 
-from .conftest import ROOT, SUBJECT
+from .conftest import SUBJECT
 
 
 def _quiet(*a, **k):
@@ -71,21 +70,19 @@ def test_compare_worse_better_backend(runs, tmp_path):
     assert "http" not in html.split("<style>")[0]      # self-contained: nothing fetched
 
 
-def test_compare_cli_and_escaping(runs, tmp_path):
+def test_compare_cli_and_escaping(runs, tmp_path, capsys):
     a = load_run(runs["good"])
     rows = [dict(r) for r in a.rows]
     rows[0] = dict(rows[0], verdict="fail", message="<script>alert(1)</script>")
     b = Run("synthetic", a.manifest, rows)
     html = render_compare(compare(a, b), tmp_path / "c.html").read_text()
     assert "<script>alert" not in html and "&lt;script&gt;alert" in html
-    p = subprocess.run([sys.executable, "-m", "conformance", "compare", str(runs["good"]), str(runs["truncating"]),
-                        "--threshold", "calc_diff:+20%", "--html", str(tmp_path / "cli.html")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert "worse: 8" in p.stdout and "WORSE (8)" in p.stdout and (tmp_path / "cli.html").exists()
-    p = subprocess.run([sys.executable, "-m", "conformance", "compare", str(runs["good"]), str(runs["good"]),
-                        "--threshold", "calc_diff:20%"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "must start with +" in p.stderr
+    rc = main(["compare", str(runs["good"]), str(runs["truncating"]), "--threshold", "calc_diff:+20%",
+               "--html", str(tmp_path / "cli.html")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "worse: 8" in out and "WORSE (8)" in out and (tmp_path / "cli.html").exists()
+    rc = main(["compare", str(runs["good"]), str(runs["good"]), "--threshold", "calc_diff:20%"])
+    assert rc == 2 and "must start with +" in capsys.readouterr().err
 
 
 def test_metric_threshold_regression_at_same_verdict(runs):
@@ -103,7 +100,7 @@ def test_metric_threshold_regression_at_same_verdict(runs):
     assert len(compare(b, a, parse_thresholds(["calc_diff:+20%"])).better) == 4
 
 
-def test_gate_exit_codes_and_junit(runs, fresh, tmp_path):
+def test_gate_exit_codes_and_junit(runs, fresh, tmp_path, capsys):
     save_baseline(load_run(runs["good"]), tmp_path / "baselines")
     th = parse_thresholds(["calc_diff:+20%"])
     ok = gate(baseline=str(tmp_path / "baselines"), out="unused", run_dir=str(fresh("good")), thresholds=th,
@@ -120,15 +117,15 @@ def test_gate_exit_codes_and_junit(runs, fresh, tmp_path):
     # a backend switch alone is reported, not a failure
     sw = gate(baseline=str(tmp_path / "baselines"), out="unused", run_dir=str(fresh("triton")), printer=_quiet)
     assert sw.exit_code == 0 and len(sw.comparison.backend_changed) == 8
-    # through the CLI, as CI calls it
+    # through the CLI entry point, as CI calls it
     for v, rc in (("good", 0), ("truncating", 1)):
-        p = subprocess.run([sys.executable, "-m", "conformance", "gate", "--baseline", str(tmp_path / "baselines"),
-                            "--run", str(fresh(v) if v != "good" else runs["good"]), "--threshold", "calc_diff:+20%",
-                            "--junit", str(tmp_path / f"junit-{v}.xml")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert p.returncode == rc, p.stdout + p.stderr
-        assert p.stdout.startswith(f"DSV4 conformance gate: {'PASS' if rc == 0 else 'FAIL'}")
+        got = main(["gate", "--baseline", str(tmp_path / "baselines"), "--run", str(fresh(v)),
+                    "--threshold", "calc_diff:+20%", "--junit", str(tmp_path / f"junit-{v}.xml")])
+        out = capsys.readouterr().out
+        assert got == rc, out
+        assert out.startswith(f"DSV4 conformance gate: {'PASS' if rc == 0 else 'FAIL'}")
         validate(tmp_path / f"junit-{v}.xml")
+    assert main(["gate", "--baseline", str(tmp_path / "nowhere"), "--run", str(fresh("good"))]) == 2
 
 
 def test_gate_arch_mismatch_is_usage_error(runs, fresh, tmp_path):
