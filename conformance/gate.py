@@ -205,10 +205,13 @@ def outcomes(res: GateResult) -> list[TestOutcome]:
 
 def format_summary(res: GateResult, paths: dict) -> str:
     s = res.summary()
-    lines = [f"DSV4 conformance gate: {s['gate']} (arch {s['arch']}, {s['rows']} results, "
-             + ", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items())) + ")"]
+    vs = "".join(f", {k} {v}" for k, v in sorted(s["verdicts"].items()))
+    lines = [f"DSV4 conformance gate: {s['gate']} (arch {s['arch']}, {s['rows']} results{vs})"]
     if res.crash:
-        lines.append(f"  CRASH: {res.crash.strip().splitlines()[0][:300] if res.crash.strip() else '?'}")
+        cl = [ln for ln in res.crash.strip().splitlines() if ln.strip()] or ["?"]
+        lines.append(f"  CRASH: {cl[0][:300]}")
+        if len(cl) > 1:
+            lines.append(f"    last output: {cl[-1][:300]}")
     by_case: dict = {}
     for r in res.failing:
         by_case.setdefault((r["subject"], r["case_id"]), []).append(r)
@@ -247,6 +250,10 @@ def run_suite(out: Path, run_args: list[str], timeout: float) -> tuple[int | Non
     """Run ``python -m conformance run`` in a child process, so a crash (even a segfault) cannot take the
     gate down with it. Returns (rc, crash message or "")."""
     out.mkdir(parents=True, exist_ok=True)
+    # nothing of an earlier run may be judged if this one dies before the plugin clears the folder
+    for f in [*(out / "results").glob("*.jsonl"), *(out / n for n in ("manifest.json", "report.html", "junit.xml",
+                                                                    "gate.html", "gate.json", "subjects.json"))]:
+        f.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "conformance", "run", "--out", str(out), *run_args]
     log = out / "gate-run.log"
     with open(log, "w") as f:
