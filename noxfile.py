@@ -57,6 +57,19 @@ def cpu(session):
     session.run("python", *args, *(["--", *session.posargs] if session.posargs else []), external=True)
 
 
+@nox.session(python=False)
+def gate(session):
+    """CPU gate: reference, emulated:gfx942, emulated:ocp against baselines/cpu.json -> out/gate (exit 1 on a
+    failure or regression; junit.xml, report.html and gate.html always). Args after -- go to the gate."""
+    if not _has("torch"):
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".", external=True)
+    session.run("python", "-m", "conformance", "gate", "--baseline", "baselines/", "--expected-failures",
+                "ci/expected-failures.toml", "--threshold", "calc_diff:+20%", "--threshold", "worst_over_bound:+50%",
+                "--out", f"{OUT}/gate", *session.posargs, "--", "--subject", "reference", "--subject",
+                "emulated:gfx942", "--subject", "emulated:ocp", external=True)
+
+
 def _device_session(session, platform: str, subjects: list[str]):
     # Refuse first, in one sentence, before installing anything: wrong machine, no device, no vLLM.
     session.run("python", "-m", "conformance.platforms", platform, external=True)

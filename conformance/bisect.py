@@ -465,6 +465,10 @@ def format_log(res: BisectResult, source_name: str) -> str:
              f"{res.versions[0]} .. {res.versions[-1]}), mode {res.mode}, repeat {res.repeat}"]
     if res.reference_verdict is not None:
         lines.append(f"reference verdict (at good {res.good}): {res.reference_verdict}")
+    changed = res.mode == "changed"
+    if changed:
+        lines.append("mode changed: 'good' = same verdict as the good version (old behaviour), 'bad' = changed "
+                     "(new behaviour)")
     lines.append("")
     lines.append(f"{'#':>2}  {'version':<14} {'role':<13} {'outcome':<7} {'verdicts':<22} "
                  f"{'install s':>9} {'cached':>6} {'run s':>7} {'total s':>8}")
@@ -477,6 +481,10 @@ def format_log(res: BisectResult, source_name: str) -> str:
     lines.append("")
     if res.first_bad:
         lines.append(f"last good: {res.last_good}   first bad: {res.first_bad}")
+        if changed:
+            new = next((s.verdicts[0] for s in res.steps if s.version == res.first_bad and s.verdicts), "?")
+            lines.append(f"behaviour changed from '{res.reference_verdict}' in {res.last_good} to '{new}' "
+                         f"in {res.first_bad}")
         if res.unresolved:
             lines.append(f"could not be judged (skipped) between them: {', '.join(res.unresolved)}; the first bad "
                          f"version is one of {', '.join(res.unresolved + [res.first_bad])}")

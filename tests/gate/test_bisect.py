@@ -196,3 +196,22 @@ def test_rerun_classification():
     assert r["classification"] == "intermittent" and r["failure_rate"] == 0.5
     assert classify([{"-": "crash"}, P])["failures"] == 1
     assert "single run" in classify([F])["classification"]
+
+
+def test_rope_probe_golden_and_no_vllm():
+    import importlib.util
+
+    import torch
+
+    from conformance import probes
+
+    x = torch.randn(3, 2, 512, dtype=torch.float64)
+    pos = torch.tensor([0, 5, 1000])
+    y = probes.golden_gptj_rope(x, pos, 10000.0)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[..., :448], x[..., :448])     # position 0, nope dims
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))                          # a rotation
+    back = probes.golden_gptj_rope(y, -pos, 10000.0)
+    assert torch.allclose(back, x, atol=1e-12)
+    if importlib.util.find_spec("vllm") is None:
+        assert probes.dsv4_swa_rope()["verdict"] == "not-provided"
+        assert probes.dsv4_present()["verdict"] == "not-provided"
