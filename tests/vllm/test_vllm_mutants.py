@@ -1,0 +1,131 @@
+"""Broken vLLM functions planted into the vllm / vllm-triton subjects must be caught, with the component and
+the vLLM function named; an uncorrected Triton interpreter must make vllm-triton refuse.
+
+Skipped where vLLM is not installed (CI). Not pytest.importorskip("vllm"): importing vllm before the
+Triton stand-in is registered would disable Triton for the whole process, so the import goes through
+conformance.subjects._vllm_common.import_vllm.
+"""
+
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed in this Python (vLLM subjects are exercised by nox -s cpu)",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+from conformance.cases import cases_for  # noqa: E402
+from conformance.checks.numeric import run_numeric  # noqa: E402
+from conformance.subjects import SubjectError, load_subject  # noqa: E402
+
+
+def _fails(rows):
+    from conformance.results import FAILING
+    return [r for r in rows if r.verdict in FAILING]
+
+
+def _case(component, pred):
+    cs = [c for c in cases_for(component) if pred(c.id)]
+    assert cs, f"no {component} case matching"
+    return cs[0]
+
+
+def _explain(rows):
+    return "\n".join(f"{r.verdict}: {r.component} [{r.function}] {r.message}" for r in rows)
+
+
+def test_fnuz_k_cache_reader_with_wrong_fp8_type_is_caught():
+    from conformance.subjects import vllm_triton as vt
+
+    subj = load_subject("vllm-triton:gfx942")
+    case = _case("attn.sparse", lambda i: "t33" not in i)
+    assert not _fails(run_numeric(subj, case)), "unpatched kernel must pass this case"
+    real = vt._K.get("_sparse_attn_decode_ragged_kernel")
+
+    class OcpReader:  # reads the fnuz K-cache bytes as OCP e4m3fn
+        def __getitem__(self, grid):
+            return lambda *a, **kw: real[grid](*a, **dict(kw, IS_FNUZ_MAIN=False))
+
+    vt._K.over["_sparse_attn_decode_ragged_kernel"] = OcpReader()
+    try:
+        rows = _fails(run_numeric(subj, case))
+    finally:
+        vt._K.over.clear()
+    assert rows, "the fnuz K-cache reader bit-casting with the OCP type went unnoticed"
+    r = rows[0]
+    assert r.component == "attn.sparse" and "attn.sparse" in r.message
+    assert "_sparse_attn_decode_ragged_kernel" in r.function, _explain(rows)
+
+
+def test_indexer_q_fmax_448_under_gfx942_is_caught():
+    from conformance.metrics import compare_float
+    from conformance.subjects import vllm_triton as vt
+    from conformance.subjects.vllm import Candidate  # noqa: F401  (import check)
+    from conformance.tolerances import Tolerance
+    from references.components.indexer import indexer_q
+    from references.components.rope import rope_inv_freq
+    from references.config import RopeScaling
+
+    p = vt.PROFILES["gfx942"]
+    g = torch.Generator().manual_seed(0)
+    T, H, hd = 3, 4, 128
+    qr = torch.randn(T, 64, generator=g)
+    wq_b = torch.randn(H * hd, 64, generator=g) / 8
+    pos = torch.tensor([1, 50, 700])
+    inv = rope_inv_freq(64, 160000.0, RopeScaling())
+    want = indexer_q(qr, wq_b, pos, inv, n_heads=H, head_dim=hd)
+    # FP8 budget: 2^-4 of the (token, head) amax (scale power-of-two rounding up, then e4m3 half-ulp) + bf16
+    tol = Tolerance(0.0, 2.0 ** -4 + 2.0 ** -7, "e4m3 half-ulp at the row's power-of-two scale + bf16 input")
+    scale = want.abs().amax(-1, keepdim=True).expand_as(want)
+    fn = vt.make_indexer_q(p)
+    ok = compare_float(fn(qr, wq_b, pos, inv, n_heads=H, head_dim=hd)["q"], want, tol, output="q",
+                       scale=scale, label="indexer.q FusedIndexerQRopeQuantTritonKernel")
+    assert ok.verdict != "fail", ok.message
+    real = vt._K.get("indexer_q")
+    vt._K.over["indexer_q"] = lambda *a, fp8_max, use_fnuz: real(*a, fp8_max=448.0, use_fnuz=use_fnuz)
+    try:
+        bad = compare_float(fn(qr, wq_b, pos, inv, n_heads=H, head_dim=hd)["q"], want, tol, output="q",
+                            scale=scale, label="indexer.q FusedIndexerQRopeQuantTritonKernel")
+    finally:
+        vt._K.over.clear()
+    assert bad.verdict in ("fail", "catastrophic"), "indexer q quantised with fmax 448 in fnuz went unnoticed"
+    assert "indexer.q" in bad.message and "FusedIndexerQRopeQuantTritonKernel" in bad.message
+
+
+def test_compressor_pairing_current_window_first_half_is_caught():
+    from conformance.subjects import _vllm_adapters as ad
+
+    subj = load_subject("vllm")
+    case = _case("compressor.kv", lambda i: "/csa/" in i and "hd512" in i)
+    base = run_numeric(subj, case)[:1]  # level 1: against the fp32 golden
+    assert base and not _fails(base), _explain(base)
+    real = ad.c_op("compress_norm_rope_store_cpu")
+
+    def current_first_half(state, gather, positions, kv_slot, w, eps, cs, cache, bs, m):
+        if m == 4:  # entry i pools the *current* window's first half twice instead of the previous one's
+            gather = torch.cat([gather[:, m:], gather[:, m:]], 1).contiguous()
+        return real(state, gather, positions, kv_slot, w, eps, cs, cache, bs, m)
+
+    ad.OPS.patch("compress_norm_rope_store_cpu", current_first_half)
+    try:
+        rows = _fails(run_numeric(subj, case))
+    finally:
+        ad.OPS.unpatch("compress_norm_rope_store_cpu")
+    assert rows, "the compressor pairing the current window's first half went unnoticed"
+    assert rows[0].component == "compressor.kv" and "compressor.kv" in rows[0].message
+    assert "compress_norm_rope_store_cpu" in rows[0].function, _explain(rows)
+
+
+def test_interpreter_without_fixes_makes_vllm_triton_refuse():
+    from conformance import triton_interp
+    from conformance.subjects.vllm_triton import VllmTritonSubject
+
+    triton_interp.set_fixes(False)
+    try:
+        with pytest.raises(SubjectError, match="rounds wrongly"):
+            VllmTritonSubject("gfx942")
+    finally:
+        triton_interp.set_fixes(True)
+    assert not any(triton_interp.self_check().values())
