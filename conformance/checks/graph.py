@@ -82,7 +82,8 @@ def device_name() -> str:
         return "cpu (no CUDA/ROCm device)"
     name = torch.cuda.get_device_name(0)
     hip = getattr(torch.version, "hip", None)
-    return f"{name} ({'ROCm ' + hip if hip else 'CUDA ' + str(torch.version.cuda)}, torch {torch.__version__})"
+    rt = f"ROCm {hip}" if hip else f"CUDA {torch.version.cuda}"
+    return f"{name} ({rt}, torch {torch.__version__})"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def _decode_weights():
     return _DECODE_W
 
 
-def decode_step_case(name="decode_step", wrapper=gc.DecodeStepWrapper, stabiliser="row", x_quant="none", **kw):
+def decode_step_case(name="decode_step", wrapper=gc.DecodeStepWrapper, stabiliser="row", x_quant="none",
+                     **kw):
     def make_wrapper(example, device):
         return wrapper(example, device, weights=_decode_weights())
 
@@ -253,7 +255,8 @@ def _golden_compare(case: GraphCase, out: dict, gold: dict, live: int) -> tuple[
     return worst <= bound_at, worst, bound_at
 
 
-def _eager_compare(case: GraphCase, out: dict, eager: dict, gold: dict, live: int) -> tuple[bool, bool, float]:
+def _eager_compare(case: GraphCase, out: dict, eager: dict, gold: dict,
+                   live: int) -> tuple[bool, bool, float]:
     """(ok, bitwise, maxdiff) on live rows. Deterministic cases must be bitwise equal; otherwise within the
     golden-derived bound (the two device evaluations are each within it of float64)."""
     bitwise = _equal_live(out, eager, live)
@@ -359,8 +362,14 @@ def run_worker(case: GraphCase, n_inputs: int, n_replays: int, seed: int, device
             replay_fn, static_out = backend.capture(wrapper, warm_dev)
             rec["capture"]["ok"] = True
         except Exception as e:  # noqa: BLE001 - every capture failure is a finding
-            tb = traceback.format_exc()
-            msg = f"{type(e).__name__}: {str(e).strip()}"
+            chain, x = [], e             # the first error (e.g. the .item()) is the context of the
+            while x is not None and len(chain) < 5:   # "invalidated capture" raised when capture ends
+                chain.append(x)
+                x = x.__cause__ or x.__context__
+            root = chain[-1]
+            tb = "".join(traceback.format_exception(type(root), root, root.__traceback__))
+            msg = " <- ".join(f"{type(c).__name__}: {(str(c).strip().splitlines() or [''])[0]}"
+                              for c in reversed(chain))
             rec["capture"].update(ok=False, error=msg[:600], site=_site(tb),
                                   kind=CAUSE_CAPTURE_SYNC if (_SYNC_PATTERNS.search(msg) or sync)
                                   else CAUSE_CAPTURE_ERROR)
@@ -492,8 +501,8 @@ def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
             if bad:
                 causes.append(CAUSE_PADDING)
                 also = sum(q["eager_changed"] for q in bad)
-                evidence[CAUSE_PADDING] = (f"live rows of the replay changed when only padding rows changed in "
-                                           f"{len(bad)}/{len(qs)} probes"
+                evidence[CAUSE_PADDING] = (f"live rows of the replay changed when only padding rows changed "
+                                           f"in {len(bad)}/{len(qs)} probes"
                                            + (f" (eager too in {also}: the op itself is not row-independent)"
                                               if also else " (eager did not: graph-only)"))
         else:
@@ -534,7 +543,8 @@ def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
             if deterministic and all(r["golden_ok"] for r in e_bad):   # still within the golden bound
                 c = CAUSE_NONBITWISE
             causes.append(c)
-            evidence[c] = f"{len(e_bad)}/{n} replays; worst |replay-eager| {max(r['eager_maxdiff'] for r in e_bad):.3g}"
+            worst = max(r["eager_maxdiff"] for r in e_bad)
+            evidence[c] = f"{len(e_bad)}/{n} replays; worst |replay-eager| {worst:.3g}"
     if incons:
         causes.append(CAUSE_INTERMITTENT)
         evidence[CAUSE_INTERMITTENT] = f"{len(incons)}/{n} repeated replays of the same input differed"
@@ -653,7 +663,8 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
     base = dict(case=case.name, component=case.component, mutant=case.mutant, expect_cause=case.expect_cause,
                 processes=n_processes, inputs_per_process=n_inputs, replays_per_input=n_replays)
     if not dev_ok:
-        return GraphReport(**base, device=device_name() if device is None else str(device), verdict="needs-gpu",
+        return GraphReport(**base, device=device_name() if device is None else str(device),
+                           verdict="needs-gpu",
                            verdicts={"eager": "needs-gpu", "golden": "needs-gpu"},
                            message="needs a GPU: graph capture/replay needs a CUDA or ROCm device; not run")
     t0 = time.time()
@@ -676,9 +687,10 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
     verdict = max(d["verdicts"].values(), key=lambda v: {"pass": 0, "degraded": 1, "fail": 2, "error": 3}[v])
     caught = _caught(d["causes"], case.expect_cause, verdict)   # None for reference cases
     msg = ("causes: " + "; ".join(d["causes"])) if d["causes"] else "replay matches eager and golden"
-    per = [{"seed": p.get("seed"), "crashed": p.get("crashed", False), "capture_ok": p.get("capture", {}).get("ok"),
-            "wall_s": p.get("wall_s")} for p in procs]
-    return GraphReport(**base, device=device_name(), verdict=verdict, verdicts=d["verdicts"], causes=d["causes"],
+    per = [{"seed": p.get("seed"), "crashed": p.get("crashed", False),
+            "capture_ok": p.get("capture", {}).get("ok"), "wall_s": p.get("wall_s")} for p in procs]
+    return GraphReport(**base, device=device_name(), verdict=verdict, verdicts=d["verdicts"],
+                       causes=d["causes"],
                        evidence=d["evidence"], rates=d["rates"], replays=d["replays"], probes=d["probes"],
                        wall_s=time.time() - t0, caught=caught, message=msg, per_process=per)
 
@@ -746,8 +758,8 @@ def main(argv=None) -> int:
         {"device": device_name(), "total_wall_s": total, "reports": [asdict(r) for r in reports]}, indent=1,
         default=str))
     (out / "graph-summary.md").write_text(summary_markdown(reports) + f"\ntotal wall time {total:.1f}s\n")
-    bad = [r for r in reports if (r.mutant and r.caught is False) or (not r.mutant and r.verdict not in ("pass",
-                                                                                                     "needs-gpu"))]
+    bad = [r for r in reports
+           if (r.mutant and r.caught is False) or (not r.mutant and r.verdict not in ("pass", "needs-gpu"))]
     return 1 if bad else 0
 
 

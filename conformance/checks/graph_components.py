@@ -1,11 +1,12 @@
 """Capturable reference components for the graph-replay check (issue 8), written from the spec (§3.3, §3.5,
 §3.6, §3.8-§3.11); no vLLM code.
 
-Each component is a plain torch function over tensors of the *captured* (padded) batch shape that never reads
-a device value on the host and never allocates a tensor whose size depends on tensor *values*. Metadata that a
-serving stack builds per step (SWA window slots, ragged index lists with an ``indptr``) is written into buffers
-that are pre-allocated at the captured shape (``build_ragged_indices_from_dense_out``), which is the fix the
-spec §7 names for the HIP-graph bug (``int(indptr[-1].item())`` + a dynamic ``torch.empty``).
+Each component is a plain torch function over tensors of the *captured* (padded) batch shape that never
+reads a device value on the host and never allocates a tensor whose size depends on tensor *values*.
+Metadata that a serving stack builds per step (SWA window slots, ragged index lists with an ``indptr``) is
+written into buffers that are pre-allocated at the captured shape (``build_ragged_indices_from_dense_out``),
+which is the fix the spec §7 names for the HIP-graph bug (``int(indptr[-1].item())`` + a dynamic
+``torch.empty``).
 
 Each component comes with
 * ``make_input(seeds)``: CPU tensors of the captured shape drawn from independent per-group seeds
@@ -31,7 +32,7 @@ NEG_INF = float("-inf")
 
 @dataclass(frozen=True)
 class Dims:
-    """Tiny DSV4-like sizes (heads and head_dim as the TINY preset: H=8, head_dim=512, rope 64, window 128)."""
+    """Tiny DSV4-like sizes (as the TINY preset: H=8, head_dim=512, rope 64, window 128)."""
     B: int = 8            # captured (padded) batch
     H: int = 8            # attention heads
     D: int = 512          # head_dim (shared K=V)
@@ -81,7 +82,8 @@ def _seq_lens(g: torch.Generator, n: int, d: Dims, short: bool = False) -> torch
     dummy batch a server captures with (lengths 1..160)."""
     if short:
         return torch.randint(1, 161, (n,), generator=g).to(torch.int32)
-    edges = torch.tensor([1, 2, 3, 4, 5, d.W - 1, d.W, d.W + 1, 4 * d.K, 4 * d.K + 3, d.max_seq - 1, d.max_seq])
+    edges = torch.tensor([1, 2, 3, 4, 5, d.W - 1, d.W, d.W + 1, 4 * d.K, 4 * d.K + 3, d.max_seq - 1,
+                          d.max_seq])
     out = torch.randint(1, d.max_seq + 1, (n,), generator=g)
     pick = torch.rand(n, generator=g) < 0.35
     out[pick] = edges[torch.randint(0, len(edges), (int(pick.sum()),), generator=g)]
@@ -458,7 +460,8 @@ def decode_weights(seed: int = 1234, d: Dims = DIMS) -> dict:
     return {
         "attn.wq_a": lin(d.QL, d.DM), "attn.q_norm": 1 + 0.1 * torch.randn(d.QL, generator=g),
         "attn.wq_b": lin(d.H * d.D, d.QL), "attn.wkv": lin(d.D, d.DM),
-        "attn.kv_norm": 1 + 0.1 * torch.randn(d.D, generator=g), "attn.attn_sink": torch.randn(d.H, generator=g),
+        "attn.kv_norm": 1 + 0.1 * torch.randn(d.D, generator=g),
+        "attn.attn_sink": torch.randn(d.H, generator=g),
         "attn.wo_a": lin(d.G * d.OL, d.H * d.D // d.G), "attn.wo_b": lin(d.DM, d.G * d.OL),
     }
 

@@ -58,8 +58,8 @@ class RaggedWarmupAllocWrapper(gc.SparseAttnWrapper):
         dense = gc.sparse_dense_indices(s["seq_lens"], s["block_table"], s["topk"], s["comp_block_table"], d)
         indptr, ragged, n = build_ragged_indices_from_dense_warmup(dense, self.state)
         idx = gc.ragged_to_dense(indptr, ragged, d.W + d.K, n)
-        return {"out": gc.attn_core(s["q"], idx, s["swa_cache"].reshape(-1, d.D), s["comp_cache"].reshape(-1, d.D),
-                                    d.NB * d.BS, s["sink"], d.scale)}
+        swa, comp = s["swa_cache"].reshape(-1, d.D), s["comp_cache"].reshape(-1, d.D)
+        return {"out": gc.attn_core(s["q"], idx, swa, comp, d.NB * d.BS, s["sink"], d.scale)}
 
 
 class StaleDecodeMetadataWrapper(gc.DecodeStepWrapper):

@@ -1,10 +1,10 @@
 """A CPU stand-in for graph capture, for testing the harness's plumbing and diagnosis only.
 
-Replay re-runs the region's tensor code with the "capturing" flag up (``torch.cuda.is_current_stream_capturing``
-returns True, ``Tensor.item`` raises as it does inside a real capture) and writes into the outputs captured
-first, so host values cached at warm-up stay frozen as they would in a real graph. It is never used for a
-reported result: the real suite runs only on a CUDA/ROCm device and reports "needs-gpu" elsewhere.
-"""
+Replay re-runs the region's tensor code with the "capturing" flag up
+(``torch.cuda.is_current_stream_capturing`` returns True, ``Tensor.item`` raises as it does inside a real
+capture) and writes into the outputs captured first, so host values cached at warm-up stay frozen as they
+would in a real graph. It is never used for a reported result: the real suite runs only on a CUDA/ROCm
+device and reports "needs-gpu" elsewhere."""
 
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ def test_diagnose_padding():
 
 
 def test_diagnose_warmup_sized_allocation():
-    reps = [_rep(ragged=100), _rep(ragged=80), _rep(ragged=150, eager_ok=False, bitwise=False, eager_maxdiff=2.0),
+    reps = [_rep(ragged=100), _rep(ragged=80),
+            _rep(ragged=150, eager_ok=False, bitwise=False, eager_maxdiff=2.0),
             _rep(ragged=120, eager_ok=False, bitwise=False, eager_maxdiff=1.0), _rep(ragged=130)]
     d = G.diagnose([_proc(replays=reps)])
     assert G.CAUSE_WARMUP_ALLOC in d["causes"]
@@ -168,7 +169,8 @@ def test_diagnose_warmup_sized_allocation():
 
 
 def test_diagnose_intermittent_and_crash():
-    d = G.diagnose([_proc(replays=[_rep(), _rep(rep=1, consistent=False)]), {"crashed": True, "error": "rc=-6"}])
+    d = G.diagnose([_proc(replays=[_rep(), _rep(rep=1, consistent=False)]),
+                    {"crashed": True, "error": "rc=-6"}])
     assert G.CAUSE_INTERMITTENT in d["causes"] and G.CAUSE_CRASH in d["causes"]
     assert d["rates"]["inconsistent_replay"]["rate"] == 0.5 and d["verdicts"]["eager"] == "fail"
 
@@ -190,7 +192,8 @@ def test_caught_needs_failing_verdict_and_cause():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_pipeline_on_simulated_capture(name):
     case = CASES[name]()
-    d = G.diagnose([G.run_worker(case, 6, 2, seed, "cpu", backend=SimulatedGraphBackend()) for seed in (3, 4)])
+    rec = G.run_worker(case, 6, 1, 4, "cpu", n_probes=1, backend=SimulatedGraphBackend())
+    d = G.diagnose([rec])
     if case.mutant:
         assert any(c.startswith(case.expect_cause) for c in d["causes"]), d["causes"]
         assert "fail" in d["verdicts"].values()

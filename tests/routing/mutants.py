@@ -131,3 +131,20 @@ def reversed_ties():
         w = s.gather(1, ids)
         return {"ids": ids, "weights": w / (w.sum(-1, keepdim=True) + _eps(variant)) * route_scale}
     return _Mutant("reversed_ties", {"moe.router": router})
+
+
+def layer_expert_mask():
+    """A whole routed layer (single rank, all experts local) whose experts receive the AITER-style 0/1 mask
+    instead of the expert map: every routed id becomes local expert 1."""
+    router = M._emulate_router(PROFILE)
+    hrouter = M._emulate_hash_router(PROFILE)
+
+    def layer(x, gate_weight, w1, w3, w2, gate_bias=None, tid2eid=None, input_ids=None, *, topk, route_scale,
+              limit, route_variant="official", variant="official"):
+        if tid2eid is not None:
+            r = hrouter(x, gate_weight, tid2eid, input_ids, topk=topk, route_scale=route_scale, variant=route_variant)
+        else:
+            r = router(x, gate_weight, gate_bias, topk=topk, route_scale=route_scale, variant=route_variant)
+        mask = torch.ones(w1.shape[0], dtype=torch.int32)   # 1 = local
+        return {"y": _experts(x, r["ids"], r["weights"], w1, w3, w2, limit=limit, expert_map=mask)["y"]}
+    return _Mutant("layer_expert_mask", {"moe.layer": layer})

@@ -187,3 +187,11 @@ def test_expert_maps_partition():
     owned = torch.stack([m >= 0 for m in maps]).sum(0)
     assert torch.equal(owned, torch.ones(64, dtype=torch.long))
     assert int(maps[1][16]) == 0 and int(maps[1][15]) == -1
+
+
+def test_layer_fingerprint_catches_expert_mask():
+    s = Mu.layer_expert_mask()
+    for c in cases_for("moe.layer"):
+        rows = _run(s, c.id)
+        assert all(r.verdict == "fail" for r in rows), c.id
+        assert re.search(r"token 0: experts \{1\}, expected \{[\d, ]+\}", rows[0].message), rows[0].message
