@@ -36,7 +36,7 @@ UB = 2.0**-8
 
 def level_tolerance(*, n: int, k_inputs: int, ops: int = 4, cond: float = 1.0, what: str,
                     extra_serving: float = 0.0, extra_reason: str = "", atol: float = 0.0,
-                    extra_fp32: float = 0.0):
+                    extra_fp32: float = 0.0, stored_fp8: bool = False):
     """A tolerance function (params, level) -> Tolerance following the module docstring."""
 
     def tol(params: dict, level: str) -> Tolerance:
@@ -53,6 +53,12 @@ def level_tolerance(*, n: int, k_inputs: int, ops: int = 4, cond: float = 1.0, w
                              + (f" + {extra_fp32:.3g} ({extra_reason})" if extra_fp32 else "") + f" = {r:.3g}")
         if level == "emulated":
             r = 2 * UB + 2 * g
+            if stored_fp8:
+                # the output is read back from an FP8 store: values that agree to within the bf16 bound
+                # before quantisation can round to neighbouring e4m3 codes, one ulp = 2 * 2^-4 relative
+                r += 2 * 2.0**-4
+                return Tolerance(atol * UB, r, f"{what}: one e4m3 ulp of the FP8 store (2*2^-4) + one bf16 ulp "
+                                 f"(2*2^-8) + fp32 order 2*6*sqrt({n})*u32 = {r:.3g}")
             return Tolerance(atol * UB, r, f"{what}: one bf16 ulp (2*2^-8) + fp32 order 2*6*sqrt({n})*u32 = {r:.3g}")
         r = cond * k_inputs * UB + UB + g + extra_serving
         return Tolerance(atol * UB, r, f"{what}: {cond:g}*{k_inputs} bf16 input roundings + bf16 output "

@@ -8,30 +8,56 @@ import torch
 from references.components.compressor import compress
 from references.components.rope import rope_inv_freq
 from references.config import RopeScaling
+from references.numerics import GOLDEN, Numerics, serving
 
 from ..components import ComponentSpec, OutputSpec, register
 from ._case import Case, add, dist_tensor
-from ._serving import level_tolerance, serving_emulation
+from ._serving import level_tolerance
 
 
-def compressor_kv(x, wkv, wgate, ape, norm, *, ratio: int, head_dim: int, eps: float) -> torch.Tensor:
-    """All compressed entries (golden: no QAT) of x [T, D] -> [T // ratio, head_dim]; theta 160000 + YaRN."""
+def compressor_kv(x, wkv, wgate, ape, norm, *, ratio: int, head_dim: int, eps: float,
+                  numerics: Numerics = GOLDEN, variant: str = "official") -> torch.Tensor:
+    """All compressed entries of x [T, D] -> [T // ratio, head_dim]; theta 160000 + YaRN.
+
+    Golden: no quantisation. ``numerics`` adds what the cache stores: head_dim 512 is the attention
+    compressor (FP8 nope dims in blocks of 64, rope dims bf16), head_dim 128 the indexer's (one FP8 block of
+    128 in vLLM)."""
     inv = rope_inv_freq(64, 160000.0, RopeScaling())
-    return compress(x, wkv, wgate, ape, norm, ratio=ratio, head_dim=head_dim, eps=eps, inv_freq=inv)
+    kind = "indexer" if head_dim == 128 else "attn"
+    return compress(x, wkv, wgate, ape, norm, ratio=ratio, head_dim=head_dim, eps=eps, inv_freq=inv,
+                    numerics=numerics, kind=kind, variant=variant)
+
+
+def _emulate(profile: str):
+    numerics = serving(profile)
+
+    def compressor_kv_serving(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps):
+        """vLLM's compressor: bf16 activations and projection weights, pooling and RMSNorm in fp32, one bf16
+        rounding, then the cache's FP8 quantisation in the profile's dialect (spec 3.7, 8.8); the entries
+        are what a reader of the cache gets back."""
+        b = {k: v.to(torch.bfloat16).float() for k, v in dict(x=x, wkv=wkv, wgate=wgate, norm=norm).items()}
+        return compressor_kv(**b, ape=ape, ratio=ratio, head_dim=head_dim, eps=eps, numerics=numerics,
+                             variant="vllm")
+
+    return compressor_kv_serving
 
 
 # Each pooled channel is a softmax-weighted mean of bf16-projected kv (a length-D dot product each) with
 # weights from bf16-projected scores (logit perturbation ~ 6 ub sqrt(D) |x||w| ~ small for the case
 # weights, scaled 1/sqrt(D)); RMSNorm re-normalises (cond 1), RoPE mixes pairs (2 terms). The entries
 # are O(1) after the norm, so the bound is relative to |entry| with k_inputs = 4 (x, wkv, wgate, norm).
-TOL = level_tolerance(n=4096, k_inputs=4, cond=2, what="compressor entry")
+# The serving path stores the entries in an FP8 cache (spec 3.7, 4.5): one e4m3 rounding at a power-of-two
+# block scale adds at most half an ulp, 2^-4 |v| <= 2^-4 max|row| (subnormal results: at most
+# (2 amax / fmax) 2^-10, far smaller); the rope dims stay bf16.
+TOL = level_tolerance(n=4096, k_inputs=4, cond=2, what="compressor entry", extra_serving=2.0**-4,
+                      extra_reason="FP8 cache rounding of the stored entry", stored_fp8=True)
 register(ComponentSpec(
     name="compressor.kv", family="compressor", reference=compressor_kv,
     outputs=(OutputSpec("entries", tol=TOL, scale=lambda kw, want: want.abs().amax(dim=-1, keepdim=True)
                         .expand_as(want)),),
     description="CSA/HCA compressor: projections, position bias, per-channel softmax over the window, "
                 "RMSNorm, RoPE at i*m", spec_section="3.7",
-    emulate=serving_emulation(compressor_kv, bf16_inputs=("x", "wkv", "wgate", "norm"), output_names=("entries",)),
+    emulate=_emulate,
     divergences=("OFF rounds the pooled vector to bf16 before RMSNorm; vLLM normalises in fp32 (spec 8.8)",),
 ))
 

@@ -841,8 +841,8 @@ def decode_dense(y: torch.Tensor, num_experts: int) -> torch.Tensor:
 def run_expert_parallel(impl, kwargs, want, params, name, info, case, ctx, rerun, label, ranks, level):
     """Sum over ranks of the subject's experts with per-rank expert maps == its single-rank output (and the
     golden fingerprint)."""
-    from .numeric import _as_outputs, _clone
     from .. import components
+    from .numeric import _as_outputs, _clone
 
     spec = components.get(case.component)
     E = kwargs["w1"].shape[0]

@@ -38,7 +38,9 @@ class _K:
         elif name == "_sparse_attn_decode_ragged_kernel":
             from vllm.v1.attention.ops.rocm_aiter_mla_sparse import _sparse_attn_decode_ragged_kernel as k
         elif name == "indexer_q":
-            from vllm.models.deepseek_v4.common.ops.fused_indexer_q import _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k
+            from vllm.models.deepseek_v4.common.ops.fused_indexer_q import (
+                _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k,
+            )
         else:
             raise KeyError(name)
         return k
