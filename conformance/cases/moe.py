@@ -384,7 +384,8 @@ for i, T in enumerate((1, 2, 3, 7, 9, 32, 33, 128, 129, 1000)):
 # adversarial logits (direct design), Flash and Pro
 ADVERSARIAL = [("normal", "large", "official"), ("all_negative", "flash", "official"), ("pm100", "none", "official"),
                ("pm100", "flash", "official"), ("pm200", "none", "official"), ("pm200", "large", "official"),
-               ("underflow", "flash", "official"), ("underflow", "none", "hf-vllm"), ("deep_negative", "flash", "hf-vllm"),
+               ("underflow", "flash", "official"), ("underflow", "none", "hf-vllm"),
+               ("deep_negative", "flash", "hf-vllm"),
                ("equal", "none", "official"), ("equal", "flash", "official"), ("near_ties", "none", "official"),
                ("near_ties", "flash", "official"), ("near_ties", "none", "hf-vllm")]
 for i, (dist, bias, variant) in enumerate(ADVERSARIAL):

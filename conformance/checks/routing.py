@@ -856,7 +856,7 @@ def run_expert_parallel(impl, kwargs, want, params, name, info, case, ctx, rerun
             continue
         t0 = time.perf_counter()
         total = None
-        for r, m in enumerate(expert_maps(E, R)):
+        for m in expert_maps(E, R):
             own = torch.nonzero(m >= 0).flatten()
             kw = dict(_clone(kwargs), w1=kwargs["w1"][own].clone(), w3=kwargs["w3"][own].clone(),
                       w2=kwargs["w2"][own].clone(), expert_map=m.clone())

@@ -194,7 +194,8 @@ def _to_hf_state_dict(deq, cfg):
             for a, b in comp.items():
                 sd[h + "self_attn.compressor.indexer." + b] = deq[s + "attn.indexer.compressor." + a]
             sd[h + "self_attn.compressor.indexer.q_b_proj.weight"] = deq[s + "attn.indexer.wq_b.weight"]
-            sd[h + "self_attn.compressor.indexer.scorer.weights_proj.weight"] = deq[s + "attn.indexer.weights_proj.weight"]
+            sd[h + "self_attn.compressor.indexer.scorer.weights_proj.weight"] = \
+                deq[s + "attn.indexer.weights_proj.weight"]
         sd[h + "mlp.gate.weight"] = deq[s + "ffn.gate.weight"]
         if cfg.is_hash_layer(i):
             sd[h + "mlp.gate.tid2eid"] = deq[s + "ffn.gate.tid2eid"]

@@ -82,7 +82,8 @@ def test_weights_from_biased_scores_caught():
 
 def test_naive_softplus_underflow_caught():
     s = Mu.naive_softplus()
-    for cid in ("moe.router/T33E256k6/underflow-flash/official/s106", "moe.hash_router/T33E256k6/underflow/official/s204"):
+    for cid in ("moe.router/T33E256k6/underflow-flash/official/s106",
+                "moe.hash_router/T33E256k6/underflow/official/s204"):
         rows = _run(s, cid)
         assert all(r.verdict == "catastrophic" for r in rows), [r.message for r in rows]
         assert re.search(r"token \d+: expert \d+ weight nan, expected", rows[0].message)
