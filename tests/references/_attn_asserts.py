@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 U32 = 2.0**-24  # unit roundoff of float32 (round to nearest)
@@ -38,13 +37,3 @@ def assert_equal_idx(component: str, got: torch.Tensor, ref: torch.Tensor) -> No
             f"{component}: {int(bad.sum())} / {got.numel()} indices differ; first at {idx}: "
             f"got {got[idx].item()}, ref {ref[idx].item()}"
         )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The references' tensors are tiny: on a shared 2-core box OpenMP spinning makes them 100x slower
-    with 2 threads than with 1. Import this fixture into a test module to run it single-threaded."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)

@@ -18,7 +18,7 @@ from references.config import TINY
 from references.formats.blockscale import fake_quant_fp8
 from references.numerics import GOLDEN, official
 
-from ._attn_asserts import U32, assert_equal_idx, assert_within, gamma, one_thread  # noqa: F401
+from ._attn_asserts import U32, assert_equal_idx, assert_within, gamma
 
 # TINY keeps head_dim 512 / rope 64; a short window and top-k make every set non-trivial at small T.
 CFG = TINY.replace(sliding_window=8, index_topk=3)

@@ -14,8 +14,6 @@ from references.checkpoints.reader import CheckpointError, CheckpointReader
 from references.checkpoints.writer import write_checkpoint
 from references.config import TINY
 
-from ._attn_asserts import one_thread  # noqa: F401  (autouse: run single-threaded)
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

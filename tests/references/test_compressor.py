@@ -8,7 +8,7 @@ from references.config import RopeScaling
 from references.formats.blockscale import fake_quant_fp8
 from references.numerics import official, serving
 
-from ._attn_asserts import U32, assert_within, gamma, one_thread  # noqa: F401
+from ._attn_asserts import U32, assert_within, gamma
 
 D = 128
 FREQ = rope_inv_freq(64, 160000.0, RopeScaling())

@@ -15,7 +15,7 @@ from references.config import RopeScaling
 from references.formats.blockscale import fake_quant_mxfp4
 from references.numerics import official, serving
 
-from ._attn_asserts import assert_equal_idx, assert_within, gamma, one_thread  # noqa: F401
+from ._attn_asserts import assert_equal_idx, assert_within, gamma
 
 FREQ = rope_inv_freq(64, 160000.0, RopeScaling())
 

@@ -8,8 +8,6 @@ import torch
 
 from references.components.mhc import hc_head, hc_mixes, hc_post, hc_pre, sinkhorn
 
-from ._attn_asserts import one_thread  # noqa: F401  (autouse: run single-threaded)
-
 U32 = 2.0**-24  # fp32 unit roundoff
 U64 = 2.0**-53  # fp64 unit roundoff
 HC, D, T = 4, 64, 5

@@ -10,7 +10,7 @@ from references.checkpoints.writer import stored_tensors, write_checkpoint
 from references.config import TINY
 from references.model import TRACE_KEYS, DSV4Model, ModelState, layer_weights
 
-from ._attn_asserts import U32, assert_within, one_thread  # noqa: F401
+from ._attn_asserts import U32, assert_within
 
 U64 = 2.0**-53
 # A whole-model forward error bound (forward error analysis, no cancellation assumed): along the longest

@@ -8,8 +8,6 @@ import torch
 from references.components.moe import expert_ffn, gate_logits, moe, route, sqrt_softplus
 from references.numerics import official
 
-from ._attn_asserts import one_thread  # noqa: F401  (autouse: run single-threaded)
-
 U32 = 2.0**-24
 TINY32 = 2.0**-149  # smallest fp32 subnormal: the absolute resolution of results below 2**-126
 

@@ -3,7 +3,7 @@ import torch
 
 from references.components.norms import rms_norm, unweighted_rms_norm
 
-from ._attn_asserts import U32, assert_within, one_thread  # noqa: F401
+from ._attn_asserts import U32, assert_within
 
 
 def _inputs(seed=0, n=512, rows=64):

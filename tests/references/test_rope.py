@@ -6,7 +6,7 @@ import torch
 from references.components.rope import apply_rope, layer_inv_freq, rope_inv_freq, yarn_low_high
 from references.config import FLASH, TINY, RopeScaling
 
-from ._attn_asserts import U32, assert_within, one_thread  # noqa: F401
+from ._attn_asserts import U32, assert_within
 
 YARN = RopeScaling()
 

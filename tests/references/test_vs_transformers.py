@@ -26,7 +26,7 @@ from references.components.norms import rms_norm  # noqa: E402
 from references.config import TINY  # noqa: E402
 from references.model import DSV4Model, Variants  # noqa: E402
 
-from ._attn_asserts import U32, assert_within, one_thread  # noqa: E402, F401
+from ._attn_asserts import U32, assert_within  # noqa: E402
 from .test_mhc import EPS, hc_head_fp32_bound, hc_pre_fp32_bounds  # noqa: E402
 from .test_model import CHAIN  # noqa: E402
 from .test_moe import moe_fp32_bound  # noqa: E402
