@@ -107,6 +107,18 @@ def _row(subject_name, info, impl, case, level, comps, t, ctx, rerun) -> CheckRe
     )
 
 
+def emulated_outputs(spec, case: Case, kwargs: dict, profile: str, cache: dict | None) -> dict:
+    """The emulated serving numerics of ``profile`` on this case's inputs, computed once per run."""
+    key = (case.id, profile)
+    if cache is not None and key in cache:
+        return cache[key]
+    with golden_mode():
+        out = _as_outputs(spec, spec.emulate(profile)(**_clone(kwargs)))
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
 def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None, rerun: str = "",
                 emulated_cache: dict | None = None) -> list[CheckResult]:
     spec = components.get(case.component)
@@ -144,14 +156,7 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
                  t, ctx, rerun)]
     profile = subject.emulation_profile()
     if profile and spec.emulate is not None:
-        key = (case.id, profile)
-        if emulated_cache is not None and key in emulated_cache:
-            emu = emulated_cache[key]
-        else:
-            with golden_mode():
-                emu = _as_outputs(spec, spec.emulate(profile)(**_clone(kwargs)))
-            if emulated_cache is not None:
-                emulated_cache[key] = emu
+        emu = emulated_outputs(spec, case, kwargs, profile, emulated_cache)
         rows.append(_row(name, info, impl, case, "emulated",
                          compare_outputs(spec, got, emu, params, "emulated", label + f" vs emulated:{profile}",
                                          kwargs), t, ctx, rerun))
@@ -162,4 +167,4 @@ def worst_verdict(rows: list[CheckResult]) -> str:
     return max((r.verdict for r in rows), key=lambda v: VERDICT_RANK[v]) if rows else "error"
 
 
-__all__ = ["run_numeric", "worst_verdict", "compare_outputs", "context_params"]
+__all__ = ["run_numeric", "worst_verdict", "compare_outputs", "context_params", "emulated_outputs"]

@@ -717,7 +717,7 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
                 emulated_cache: dict | None = None, ranks: tuple = (2, 4)) -> list[CheckResult]:
     """Routing checks of one moe.* case against one subject (rows with check="routing")."""
     from .. import components
-    from .numeric import _as_outputs, _clone
+    from .numeric import _as_outputs, _clone, emulated_outputs
 
     spec = components.get(case.component)
     info = subject.info()
@@ -762,17 +762,7 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
     t = time.perf_counter() - t0
     guards = {nm: touched_guards(b, n) for nm, (b, n) in guards_bases.items()}
     for level, prof in _levels(subject, spec):
-        if prof is None:
-            ref = want
-        else:
-            key = (case.id, prof)
-            if emulated_cache is not None and key in emulated_cache:
-                ref = emulated_cache[key]
-            else:
-                with golden_mode():
-                    ref = _as_outputs(spec, spec.emulate(prof)(**_clone(kwargs)))
-                if emulated_cache is not None:
-                    emulated_cache[key] = ref
+        ref = want if prof is None else emulated_outputs(spec, case, kwargs, prof, emulated_cache)
         lab = label + (f" vs emulated:{prof}" if prof else "")
         comps, diags = routing_compare(case.component, got, ref, params, level, lab, kwargs,
                                        guards=guards if prof is None else None)
