@@ -87,24 +87,32 @@ def compare_outputs(spec, got: dict, want: dict, params: dict, level: str, label
     return comps
 
 
-def _row(subject_name, info, impl, case, level, comps, t, ctx, rerun) -> CheckResult:
+def comparisons_row(check: str, subject_name, info, impl, case, level, comps, t, ctx, rerun, *,
+                    prefix: str = "", extra: dict | None = None) -> CheckResult:
+    """One result row from a case's output comparisons: the worst verdict, every output's metrics and
+    bounds, the worst element, provenance of the implementation."""
     worst = max(comps, key=lambda c: VERDICT_RANK[c.verdict]) if comps else None
     if worst is None:
-        return CheckResult(subject_name, case.id, case.component, "numeric", level, "error",
+        return CheckResult(subject_name, case.id, case.component, check, level, "error",
                            message="no output to compare", rerun=rerun)
-    verdict = worst.verdict
+    msg = " | ".join(c.message for c in comps if c.verdict != "pass") or worst.message
     return CheckResult(
-        subject=subject_name, case_id=case.id, component=case.component, check="numeric", level=level,
-        verdict=verdict, message=" | ".join(c.message for c in comps if c.verdict != "pass") or worst.message,
+        subject=subject_name, case_id=case.id, component=case.component, check=check, level=level,
+        verdict=worst.verdict, message=prefix + msg,
         metrics={f"{c.output}.{k}": v for c in comps for k, v in c.metrics.items()},
         bounds={f"{c.output}.{k}": v for c in comps for k, v in c.bounds.items()},
         derivation={c.output: c.derivation.get("tolerance", "") for c in comps},
         worst=dict(worst.worst, output=worst.output), function=impl.function, backend=impl.backend,
         device=info.device, dialect=info.dialect, emulated=info.emulated,
         params=dict(case.params, **ctx, dist=case.dist), seed=case.seed, duration_s=t, rerun=rerun,
-        extra={"histogram": {c.output: c.histogram for c in comps}, "impl_note": impl.note,
-               "outputs": {c.output: c.verdict for c in comps}, "tags": list(case.tags)},
+        extra=dict({"outputs": {c.output: c.verdict for c in comps}, "tags": list(case.tags),
+                    "impl_note": impl.note}, **(extra or {})),
     )
+
+
+def _row(subject_name, info, impl, case, level, comps, t, ctx, rerun) -> CheckResult:
+    return comparisons_row("numeric", subject_name, info, impl, case, level, comps, t, ctx, rerun,
+                           extra={"histogram": {c.output: c.histogram for c in comps}})
 
 
 def emulated_outputs(spec, case: Case, kwargs: dict, profile: str, cache: dict | None) -> dict:
@@ -167,4 +175,4 @@ def worst_verdict(rows: list[CheckResult]) -> str:
     return max((r.verdict for r in rows), key=lambda v: VERDICT_RANK[v]) if rows else "error"
 
 
-__all__ = ["run_numeric", "worst_verdict", "compare_outputs", "context_params", "emulated_outputs"]
+__all__ = ["run_numeric", "worst_verdict", "compare_outputs", "context_params", "emulated_outputs", "comparisons_row"]

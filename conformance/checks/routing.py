@@ -58,7 +58,7 @@ import torch
 from references.components.moe import RENORM_EPS_HF_VLLM, sqrt_softplus
 
 from ..metrics import Comparison
-from ..results import VERDICT_RANK, CheckResult
+from ..results import CheckResult
 from ..tolerances import gamma_prob
 
 U32 = 2.0**-24
@@ -685,23 +685,13 @@ def _context(info):
 
 
 def _mk_row(name, info, impl, case, level, comps, diags, t, ctx, rerun, what="") -> CheckResult:
-    worst = max(comps, key=lambda c: VERDICT_RANK[c.verdict]) if comps else None
-    if worst is None:
-        return CheckResult(name, case.id, case.component, "routing", level, "error", message="nothing compared",
-                           rerun=rerun)
-    msg = " | ".join(c.message for c in comps if c.verdict != "pass") or " | ".join(c.message for c in comps)
+    from .numeric import comparisons_row
+
     near = [d for d in diags if d.get("kind") == "near-tie"]
-    return CheckResult(
-        subject=name, case_id=case.id, component=case.component, check="routing", level=level,
-        verdict=worst.verdict, message=(f"[{what}] " if what else "") + msg,
-        metrics={f"{c.output}.{k}": v for c in comps for k, v in c.metrics.items()},
-        bounds={f"{c.output}.{k}": v for c in comps for k, v in c.bounds.items()},
-        derivation={c.output: c.derivation.get("tolerance", "") for c in comps},
-        worst=dict(worst.worst, output=worst.output), function=impl.function, backend=impl.backend,
-        device=info.device, dialect=info.dialect, emulated=info.emulated,
-        params=dict(case.params, **ctx, dist=case.dist), seed=case.seed, duration_s=t, rerun=rerun,
-        extra={"tokens": diags[:3 * MAX_DIAG], "near_ties": [d["message"] for d in near],
-               "outputs": {c.output: c.verdict for c in comps}, "tags": list(case.tags), "what": what})
+    return comparisons_row("routing", name, info, impl, case, level, comps, t, ctx, rerun,
+                           prefix=f"[{what}] " if what else "",
+                           extra={"tokens": diags[:3 * MAX_DIAG], "near_ties": [d["message"] for d in near],
+                                  "what": what})
 
 
 def _levels(subject, spec):
