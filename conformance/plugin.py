@@ -66,8 +66,9 @@ def pytest_configure(config):
     config._dsv4_run = run
     if not run.subject_specs:
         return
-    from .subjects import SubjectError
+    from .subjects import SubjectError, prepare_process
 
+    prepare_process(run.subject_specs)
     # Fail fast, in one sentence, before collecting anything: unknown subject, missing package, no device.
     for spec in run.subject_specs:
         try:

@@ -15,7 +15,7 @@ import inspect
 
 from .base import Impl, Subject, SubjectError, SubjectInfo
 
-__all__ = ["Impl", "Subject", "SubjectError", "SubjectInfo", "load_subject", "BUILTIN"]
+__all__ = ["Impl", "Subject", "SubjectError", "SubjectInfo", "load_subject", "prepare_process", "BUILTIN"]
 
 # name -> "module:attribute" of a factory taking an optional profile
 BUILTIN = {
@@ -40,6 +40,20 @@ def _import_factory(target: str):
         return getattr(mod, attr)
     except AttributeError:
         raise SubjectError(f"subject {target!r}: module {mod_name!r} has no attribute {attr!r}") from None
+
+
+def prepare_process(specs: list[str]) -> None:
+    """Process-wide set-up that some subjects need before any other subject imports their dependencies:
+    the vLLM subjects on a CPU machine need Triton's interpreter installed before triton is first
+    imported (transformers, for one, imports it). Call it before loading the first subject."""
+    heads = {s.strip().partition(":")[0] for s in specs}
+    if heads & {"vllm", "vllm-triton"}:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is not None:
+            from ._vllm_common import prepare_interpreter
+
+            prepare_interpreter()
 
 
 def load_subject(spec: str) -> Subject:

