@@ -19,7 +19,7 @@ from .. import components
 from ..cases import Case
 from ..metrics import Comparison, compare_exact, compare_float, compare_index_sets
 from ..results import VERDICT_RANK, CheckResult
-from ..subjects.base import Subject, SubjectInfo
+from ..subjects.base import Subject, SubjectInfo, Unsupported
 
 
 def _as_outputs(spec: components.ComponentSpec, out) -> dict:
@@ -150,6 +150,11 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
         raise RuntimeError(f"golden reference for {case.component} failed on case {case.id}: {e}") from e
     try:
         got = _as_outputs(spec, impl.fn(**_clone(kwargs)))
+    except Unsupported as e:
+        return [CheckResult(name, case.id, case.component, "numeric", "-", "not-provided",
+                            message=f"{impl.function} does not support this case: {e}", function=impl.function,
+                            backend=impl.backend, device=info.device, dialect=info.dialect,
+                            emulated=info.emulated, params=dict(case.params, **ctx), seed=case.seed, rerun=rerun)]
     except Exception as e:
         return [CheckResult(name, case.id, case.component, "numeric", "-", "error",
                             message=f"{impl.function} raised {type(e).__name__}: {e}",

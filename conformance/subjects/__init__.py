@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .base import Impl, Subject, SubjectError, SubjectInfo
+from .base import Impl, Subject, SubjectError, SubjectInfo, Unsupported
 
-__all__ = ["Impl", "Subject", "SubjectError", "SubjectInfo", "load_subject", "prepare_process", "BUILTIN"]
+__all__ = ["Impl", "Subject", "SubjectError", "SubjectInfo", "Unsupported", "load_subject", "prepare_process",
+           "BUILTIN"]
 
 # name -> "module:attribute" of a factory taking an optional profile
 BUILTIN = {

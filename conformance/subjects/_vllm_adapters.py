@@ -17,6 +17,7 @@ import math
 import torch
 
 from ._vllm_common import c_op
+from .base import Unsupported
 
 BF = torch.bfloat16
 
@@ -243,7 +244,7 @@ def indexer_scores(q, k, w):
 def indexer_topk(scores, positions, *, ratio, topk):
     T, N = scores.shape
     if topk != 512:
-        raise NotImplementedError(f"topk_transform_512_cpu supports only top-k 512 (case asks for {topk})")
+        raise Unsupported(f"topk_transform_512_cpu supports only top-k 512 (case asks for {topk})")
     lens = torch.minimum((positions.long() + 1) // ratio, torch.tensor(N)).to(torch.int32)
     ps = 64
     nb = max(1, (N + ps - 1) // ps)

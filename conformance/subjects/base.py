@@ -20,6 +20,11 @@ class SubjectError(RuntimeError):
     """A subject cannot be used here (unknown name, missing package, wrong version, no device)."""
 
 
+class Unsupported(Exception):
+    """Raised by an ``Impl.fn`` for inputs the implementation does not support (e.g. a top-k the kernel has
+    no variant for). The case is reported "not provided" with this reason, never as a pass or an error."""
+
+
 @dataclass(frozen=True)
 class Impl:
     fn: Callable

@@ -96,3 +96,29 @@ def test_suite_run_writes_results_and_escaped_report(tmp_path):
     assert {r["subject"] for r in rows} == {"emulated:gfx942", "tests.harness.fake_subjects:truncating_gfx942"}
     assert any(r["verdict"] == "fail" for r in rows)
     assert all(r["device"] and r["dialect"] for r in rows)
+
+
+class _Partial(Subject):
+    """Supports only one case shape: the others raise Unsupported."""
+
+    name = "partial"
+
+    def info(self):
+        return SubjectInfo("partial", "supports t1 only", "cpu", "float8_e4m3fn", False)
+
+    def provides(self):
+        from conformance.cases.formats import act_quant_golden
+        from conformance.subjects import Impl, Unsupported
+
+        def fn(x, group=128):
+            if x.shape[0] != 1:
+                raise Unsupported(f"only one token, got {x.shape[0]}")
+            return act_quant_golden(x, group=group)
+        return {"quant.act_fp8": Impl(fn, "tests.partial", "torch")}
+
+
+def test_unsupported_inputs_are_not_provided_not_errors():
+    verdicts = {c.id: run_numeric(_Partial(), c)[0] for c in cases_for("quant.act_fp8")}
+    assert {r.verdict for cid, r in verdicts.items() if "/t1k" in cid} == {"pass"}
+    others = [r for cid, r in verdicts.items() if "/t1k" not in cid]
+    assert others and all(r.verdict == "not-provided" and "only one token" in r.message for r in others)
