@@ -51,14 +51,6 @@ def rel_fro(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(d / n) if n > 0 else float(d)
 
 
-def ulp_error(got: torch.Tensor, want: torch.Tensor, fmt_dtype) -> float:
-    """Max error in units of the target format's rounding at each reference value: |got-want| / (2u|want|)
-    (one ULP of a normal number is 2u times its magnitude, to within a factor of 2)."""
-    u = unit_roundoff(fmt_dtype)
-    w = want.double().abs().clamp_min(1e-30)
-    return float(((got.double() - want.double()).abs() / (2 * u * w)).max())
-
-
 def _histogram(ratio: torch.Tensor) -> list:
     r = ratio[torch.isfinite(ratio) & (ratio > 0)].double()
     if r.numel() == 0:
@@ -105,7 +97,9 @@ def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, outp
         "elements": v.total,
     }
     if ulp_dtype is not None:
-        metrics["ulp_max"] = ulp_error(g, w, ulp_dtype)
+        # error in units of the target format's rounding at the bound's magnitude scale (one ulp = 2u x)
+        metrics["ulp_max"] = float((err / (2 * unit_roundoff(ulp_dtype) * s.abs().clamp_min(1e-300))).max()) \
+            if err.numel() else 0.0
     worst = {"index": list(idx), "got": float(g[idx]) if idx else float("nan"),
              "want": float(w[idx]) if idx else float("nan"),
              "bound": float(bound[idx]) if idx else float("nan")}

@@ -108,7 +108,8 @@ def _make_out(g, p):
             "theta": p["theta"], "yarn": p["yarn"]}
 
 
-for tokens, heads, n_kv, k, seed in [(1, 64, 300, 256, 0), (5, 8, 700, 640, 1), (33, 8, 200, 128, 2)]:
+for tokens, heads, n_kv, k, seed in [(1, 64, 300, 256, 0), (5, 8, 700, 640, 1), (33, 8, 200, 128, 2),
+                                     (1024, 4, 2048, 512, 3)]:
     add(Case(f"attn.sparse/t{tokens}h{heads}/kv{n_kv}k{k}/s{seed}", "attn.sparse", _make_sparse,
              {"tokens": tokens, "heads": heads, "n_kv": n_kv, "k": k}, seed, "normal",
              ("decode" if tokens == 1 else "prefill",)))

@@ -91,7 +91,8 @@ def _make_post(g, p):
             "post": 2 * torch.sigmoid(torch.randn(T, 4, generator=g)), "comb": comb}
 
 
-for tokens, d, dist, seed in [(1, 4096, "normal", 0), (9, 256, "outliers", 1), (130, 256, "normal", 2)]:
+for tokens, d, dist, seed in [(1, 4096, "normal", 0), (9, 256, "outliers", 1), (130, 256, "normal", 2),
+                              (2048, 256, "normal", 3)]:
     tag = "decode" if tokens == 1 else "prefill"
     add(Case(f"mhc.pre/t{tokens}d{d}/{dist}/s{seed}", "mhc.pre", _make_pre, {"tokens": tokens, "d": d},
              seed, dist, (tag,)))

@@ -51,6 +51,8 @@ for tokens, d, dist, seed in [(1, 4096, "normal", 0), (7, 256, "outliers", 1), (
                               (33, 1024, "all_negative", 3)]:
     add(Case(f"norm.rms/t{tokens}d{d}/{dist}/s{seed}", "norm.rms", _make_rms, {"tokens": tokens, "d": d},
              seed, dist, ("decode" if tokens == 1 else "prefill",)))
+add(Case("norm.rms/t4096d256/normal/s5", "norm.rms", _make_rms, {"tokens": 4096, "d": 256}, 5, "normal",
+         ("prefill", "long")))
 # tiny activations: mean(x^2) ~ eps, where a missing or misplaced eps changes the output by ~sqrt(2)
 add(Case("norm.rms/t5d256/normal-tiny/s4", "norm.rms", _make_rms, {"tokens": 5, "d": 256, "scale": 1e-3}, 4,
          "normal", ("prefill", "small-magnitude")))

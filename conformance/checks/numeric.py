@@ -62,6 +62,10 @@ def context_params(info: SubjectInfo) -> dict:
     return {"profile": profile, "dialect": p["dialect"], "fmax": p["fmax"]}
 
 
+# the format whose rounding unit the error is expressed in, per comparison level
+ULP_DTYPE = {"fp64": "float32", "fp32": "float32", "serving": "bfloat16", "emulated": "bfloat16"}
+
+
 def compare_outputs(spec, got: dict, want: dict, params: dict, level: str, label: str,
                     kwargs: dict) -> list[Comparison]:
     if spec.compare is not None:
@@ -78,7 +82,8 @@ def compare_outputs(spec, got: dict, want: dict, params: dict, level: str, label
         if o.kind == "float":
             scale = o.scale(kwargs, w) if o.scale else None
             comps.append(compare_float(g.float() if g.dtype == torch.bfloat16 else g, w,
-                                       o.tolerance(params, level), output=o.name, scale=scale, label=label))
+                                       o.tolerance(params, level), output=o.name, scale=scale, label=label,
+                                       ulp_dtype=ULP_DTYPE[level]))
         elif o.kind == "index-set":
             comps.append(compare_index_sets(g, w, output=o.name, label=label))
         else:
