@@ -112,7 +112,7 @@ for tokens, heads, n_kv, k, seed in [(1, 64, 300, 256, 0), (5, 8, 700, 640, 1), 
                                      (1024, 4, 2048, 512, 3)]:
     add(Case(f"attn.sparse/t{tokens}h{heads}/kv{n_kv}k{k}/s{seed}", "attn.sparse", _make_sparse,
              {"tokens": tokens, "heads": heads, "n_kv": n_kv, "k": k}, seed, "normal",
-             ("decode" if tokens == 1 else "prefill",)))
+             ("decode",) if tokens == 1 else ("prefill", "long") if tokens >= 1024 else ("prefill",)))
 for tokens, heads, d, groups, rank, theta, yarn, seed in [(1, 8, 256, 2, 128, 10000.0, False, 0),
                                                          (9, 8, 256, 2, 128, 160000.0, True, 1),
                                                          (3, 64, 4096, 8, 1024, 160000.0, True, 2)]:

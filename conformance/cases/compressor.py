@@ -76,4 +76,5 @@ for tokens, d, ratio, head_dim, seed in [(64, 256, 4, 512, 0), (30, 256, 4, 128,
                                          (259, 256, 128, 512, 3), (2048, 256, 4, 512, 4)]:
     kind = "csa" if ratio == 4 else "hca"
     add(Case(f"compressor.kv/{kind}/t{tokens}hd{head_dim}/s{seed}", "compressor.kv", _make,
-             {"tokens": tokens, "d": d, "ratio": ratio, "head_dim": head_dim}, seed, "normal", ("prefill", kind)))
+             {"tokens": tokens, "d": d, "ratio": ratio, "head_dim": head_dim}, seed, "normal",
+             ("prefill", kind) + (("long",) if tokens >= 1024 else ())))

@@ -93,10 +93,10 @@ def _make_post(g, p):
 
 for tokens, d, dist, seed in [(1, 4096, "normal", 0), (9, 256, "outliers", 1), (130, 256, "normal", 2),
                               (2048, 256, "normal", 3)]:
-    tag = "decode" if tokens == 1 else "prefill"
+    tag = "decode" if tokens == 1 else ("prefill", "long") if tokens >= 1024 else "prefill"
     add(Case(f"mhc.pre/t{tokens}d{d}/{dist}/s{seed}", "mhc.pre", _make_pre, {"tokens": tokens, "d": d},
-             seed, dist, (tag,)))
+             seed, dist, tag if isinstance(tag, tuple) else (tag,)))
     add(Case(f"mhc.post/t{tokens}d{d}/{dist}/s{seed}", "mhc.post", _make_post, {"tokens": tokens, "d": d},
-             seed, dist, (tag,)))
+             seed, dist, tag if isinstance(tag, tuple) else (tag,)))
     add(Case(f"mhc.head/t{tokens}d{d}/{dist}/s{seed}", "mhc.head", _make_head, {"tokens": tokens, "d": d},
-             seed, dist, (tag,)))
+             seed, dist, tag if isinstance(tag, tuple) else (tag,)))

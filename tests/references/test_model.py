@@ -1,6 +1,5 @@
 """Whole tiny model (spec section 2): decode == prefill, fp32 vs fp64, checkpoint-backed == in-memory, ranges."""
 
-import contextlib
 
 import pytest
 import torch
@@ -36,8 +35,7 @@ def ids():
 @pytest.fixture(scope="module")
 def full64(deq, ids):
     m = DSV4Model(deq, TINY, dtype=torch.float64)
-    with _single_thread():
-        return m, m.forward(ids, return_hidden=True)
+    return m, m.forward(ids, return_hidden=True)
 
 
 def test_decode_and_chunked_prefill_equal_prefill_fp64(full64, ids):
@@ -65,19 +63,9 @@ def test_mtp_decode_equals_prefill_fp64(full64, ids):
 
 @pytest.fixture(scope="module")
 def full32(deq, ids):
-    with _single_thread():
-        return DSV4Model(deq, TINY).forward(ids, return_hidden=True)
+    return DSV4Model(deq, TINY).forward(ids, return_hidden=True)
 
 
-@contextlib.contextmanager
-def _single_thread():
-    """Module fixtures run before the autouse one_thread fixture; same reason (tiny tensors, 2 shared cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_fp32_vs_fp64_whole_model(full64, full32):
