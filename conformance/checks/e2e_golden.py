@@ -39,9 +39,10 @@ def _bf16(x):
 
 def replay_layer(v: dict, w: dict, cfg, layer: int, ids: torch.Tensor, *, numerics=CPU_BF16,
                  variants: Variants = VLLM_VARIANTS, swiglu_limit: float | None = "cfg",
-                 gate_bf16: bool = True) -> dict:
+                 gate_bf16: bool = True, only: tuple | None = None) -> dict:
     """Golden outputs of every component of ``layer``, each computed from vLLM's captured inputs ``v``
-    (``e2e_vllm.layer_trace``). Returns {trace key: tensor} in the shapes of ``v``."""
+    (``e2e_vllm.layer_trace``). Returns {trace key: tensor} in the shapes of ``v``; ``only`` restricts the
+    work to the attention block ("attn_out") or the MoE ("ffn_out") plus the cheap mHC / norm parts."""
     eps, hc_eps, iters = cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters
     T = v["X"].shape[0]
     positions = torch.arange(T)
@@ -51,19 +52,20 @@ def replay_layer(v: dict, w: dict, cfg, layer: int, ids: torch.Tensor, *, numeri
                                norm_eps=eps, hc_eps=hc_eps, sinkhorn_iters=iters, numerics=numerics)
         out[f"{site}_pre"], out[f"{site}_post"], out[f"{site}_comb"] = a, post.reshape(T, -1), comb
     out["attn_in"] = vllm_rms_norm(v["attn_pre"], w["attn_norm"], eps, variants.norm)
-    out["attn_out"] = attention_layer(v["attn_in"], w, cfg, layer, positions, numerics=numerics,
+    want = set(only or ORDER)
+    out["attn_out"] = v["attn_out"] if "attn_out" not in want else attention_layer(v["attn_in"], w, cfg, layer, positions, numerics=numerics,
                                       variant=variants.rope, compressor_variant=variants.compressor,
                                       norm_variant=variants.norm)
     post_shape = (T, cfg.hc_mult)
     out["after_attn"] = hc_post(v["attn_out"], v["X"], v["attn_post"].reshape(post_shape), v["attn_comb"],
                                 variant=variants.hc_post, numerics=numerics)
     out["ffn_in"] = vllm_rms_norm(v["ffn_pre"], w["ffn_norm"], eps, variants.norm)
-    out["ffn_out"] = moe_out(v["ffn_in"], w, cfg, layer, ids, numerics=numerics, variants=variants,
+    out["ffn_out"] = v["ffn_out"] if "ffn_out" not in want else moe_out(v["ffn_in"], w, cfg, layer, ids, numerics=numerics, variants=variants,
                              limit=cfg.swiglu_limit if swiglu_limit == "cfg" else swiglu_limit,
                              gate_bf16=gate_bf16)
     out["out"] = hc_post(v["ffn_out"], v["after_attn"], v["ffn_post"].reshape(post_shape), v["ffn_comb"],
                          variant=variants.hc_post, numerics=numerics)
-    return {k: out[k].float().reshape(v[k].shape) for k in ORDER}
+    return {k: out[k].float().reshape(v[k].shape) for k in ORDER if k in want}
 
 
 def vllm_rms_norm(x, weight, eps, variant):
