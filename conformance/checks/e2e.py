@@ -351,7 +351,8 @@ def _finding_rows(base, data, version) -> list[CheckResult]:
             metrics = {"rel_change": ch, "vllm_vs_official": vo}
         rows.append(CheckResult(**base, case_id=f"e2e/finding/{fname}", level="finding", verdict="xfail",
                                 message=(f"FINDING {fname} (spec {f['spec']}; {f['versions']}; installed "
-                                         f"vLLM {version}): {f['what']}. Effect on the first prompt: {effect}. The per-layer replay "
+                                         f"vLLM {version}): {f['what']}. Effect on the first prompt: {effect}. "
+                                         "The per-layer replay "
                                          "follows vLLM's choice here; the logits row compares with the official "
                                          "fp32 golden"),
                                 metrics=metrics, extra={"per_layer": d, "provenance": f}))

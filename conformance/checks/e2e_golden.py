@@ -53,16 +53,22 @@ def replay_layer(v: dict, w: dict, cfg, layer: int, ids: torch.Tensor, *, numeri
         out[f"{site}_pre"], out[f"{site}_post"], out[f"{site}_comb"] = a, post.reshape(T, -1), comb
     out["attn_in"] = vllm_rms_norm(v["attn_pre"], w["attn_norm"], eps, variants.norm)
     want = set(only or ORDER)
-    out["attn_out"] = v["attn_out"] if "attn_out" not in want else attention_layer(v["attn_in"], w, cfg, layer, positions, numerics=numerics,
-                                      variant=variants.rope, compressor_variant=variants.compressor,
-                                      norm_variant=variants.norm)
+    if "attn_out" in want:
+        out["attn_out"] = attention_layer(v["attn_in"], w, cfg, layer, positions, numerics=numerics,
+                                          variant=variants.rope, compressor_variant=variants.compressor,
+                                          norm_variant=variants.norm)
+    else:
+        out["attn_out"] = v["attn_out"]
     post_shape = (T, cfg.hc_mult)
     out["after_attn"] = hc_post(v["attn_out"], v["X"], v["attn_post"].reshape(post_shape), v["attn_comb"],
                                 variant=variants.hc_post, numerics=numerics)
     out["ffn_in"] = vllm_rms_norm(v["ffn_pre"], w["ffn_norm"], eps, variants.norm)
-    out["ffn_out"] = v["ffn_out"] if "ffn_out" not in want else moe_out(v["ffn_in"], w, cfg, layer, ids, numerics=numerics, variants=variants,
-                             limit=cfg.swiglu_limit if swiglu_limit == "cfg" else swiglu_limit,
-                             gate_bf16=gate_bf16)
+    if "ffn_out" in want:
+        out["ffn_out"] = moe_out(v["ffn_in"], w, cfg, layer, ids, numerics=numerics, variants=variants,
+                                 limit=cfg.swiglu_limit if swiglu_limit == "cfg" else swiglu_limit,
+                                 gate_bf16=gate_bf16)
+    else:
+        out["ffn_out"] = v["ffn_out"]
     out["out"] = hc_post(v["ffn_out"], v["after_attn"], v["ffn_post"].reshape(post_shape), v["ffn_comb"],
                          variant=variants.hc_post, numerics=numerics)
     return {k: out[k].float().reshape(v[k].shape) for k in ORDER if k in want}
