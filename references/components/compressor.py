@@ -97,7 +97,7 @@ def compress(
     T, m, d = x.shape[0], ratio, head_dim
     n = T // m
     kv, score = _project(x[: n * m], wkv, wgate, ape, torch.arange(n * m), m)
-    kv, score = kv.view(n, m, -1), score.view(n, m, -1)
+    kv, score = kv.reshape(n, m, kv.shape[-1]), score.reshape(n, m, score.shape[-1])  # n may be 0 (T < ratio)
     if overlap:
         # previous window's first half (entry 0: empty, weight 0) ++ current window's second half
         prev_kv = torch.cat((kv.new_zeros(1, m, d), kv[:-1, :, :d]), dim=0)
