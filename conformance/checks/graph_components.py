@@ -17,8 +17,9 @@ Each component comes with
 * ``eager(inputs)``: the component on device, fresh allocations, full padded batch.
 * a ``StaticWrapper`` subclass: static input buffers of the captured shape, metadata into pre-allocated
   buffers; ``load(inputs)`` (outside the graph) and ``region()`` (the captured body).
-* ``golden(inputs, dtype)``: the spec math per live row on CPU (float32 and float64), straight from the set
-  definitions (no paging tricks, no ragged lists).
+* ``golden(inputs, dtype)``: per live row on CPU (float32 and float64), computed with the golden references
+  (``references.components``) from the set definitions (no paging tricks, no ragged lists). The device
+  components above are separate implementations: the golden never shares code with them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from references.components.attention import output_projection, sparse_attention
+from references.components.indexer import indexer_scores as ref_indexer_scores
+from references.components.norms import rms_norm, unweighted_rms_norm
+from references.components.rope import apply_rope as ref_rope
+from references.components.rope import rope_inv_freq
 
 NEG_INF = float("-inf")
 
@@ -330,13 +337,12 @@ def sparse_selected_rows(inputs: dict, b: int, d: Dims = DIMS) -> torch.Tensor:
 
 
 def attn_golden_row(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
-    """o_h = Σ_j e^{l_j-M} kv_j / (Σ_j e^{l_j-M} + e^{sink_h-M}), l_j = τ q_h·kv_j (§3.10)."""
+    """The golden sparse attention (references.components.attention, spec §3.10) of one query's heads
+    [H, d] over its selected rows kv [|S|, d]."""
+    idx = torch.arange(kv.shape[0])[None, :]
     if kv.shape[0] == 0:
-        return torch.zeros_like(q)
-    l = (q @ kv.T) * scale                                  # [H, |S|]
-    m = torch.maximum(l.amax(-1), sink)
-    p = torch.exp(l - m[:, None])
-    return (p @ kv) / (p.sum(-1) + torch.exp(sink - m))[:, None]
+        kv, idx = q.new_zeros(1, q.shape[-1]), torch.full((1, 1), -1)
+    return sparse_attention(q[None], kv, idx, sink, scale=scale)[0]
 
 
 def sparse_golden(inputs: dict, dtype=torch.float64, d: Dims = DIMS) -> dict:
@@ -427,8 +433,7 @@ def indexer_golden_scores(inputs: dict, dtype, d: Dims = DIMS) -> list[torch.Ten
         if not ks:
             out.append(torch.zeros(0, dtype=dtype))
             continue
-        k = torch.stack(ks)
-        out.append((torch.relu(q @ k.T) * w[:, None]).sum(0))
+        out.append(ref_indexer_scores(q[None], torch.stack(ks), w[None])[0])
     return out
 
 
@@ -530,27 +535,27 @@ class DecodeStepWrapper(StaticWrapper):
 
 
 def decode_golden(inputs: dict, weights: dict, dtype=torch.float64, d: Dims = DIMS) -> dict:
+    """The golden decode step per live row, from the references (norms, RoPE, sparse attention, output
+    projection; spec §3.5, §3.6, §3.10, §3.11), over the window read back from the cache by token index."""
     W = {k: v.to(dtype) for k, v in weights.items()}
     live = inputs["live"]
     outs, kvs = [], []
-    i = torch.arange(d.R // 2, dtype=torch.float64)
-    omega = d.THETA ** (-2.0 * i / d.R)
+    inv_freq = rope_inv_freq(d.R, d.THETA, None)          # SWA-only layer: plain RoPE, no YaRN
     for b in range(live):
         x = inputs["x"][b].to(dtype)
-        t = int(inputs["positions"][b])
-        phi = (t * omega).to(dtype)
-        cos, sin = torch.cos(phi), torch.sin(phi)
-        qr = rmsnorm(W["attn.wq_a"] @ x, W["attn.q_norm"], d.EPS)
-        q = rmsnorm((W["attn.wq_b"] @ qr).view(d.H, d.D), None, d.EPS)
-        kv = rmsnorm(W["attn.wkv"] @ x, W["attn.kv_norm"], d.EPS)
-        q, kv = apply_rope(q, cos, sin, d), apply_rope(kv, cos, sin, d)
-        toks = torch.arange(max(0, t - d.W + 1), t)
+        t = inputs["positions"][b:b + 1]
+        qr = rms_norm(W["attn.wq_a"] @ x, W["attn.q_norm"], d.EPS)
+        q = unweighted_rms_norm((W["attn.wq_b"] @ qr).view(d.H, d.D), d.EPS)
+        kv = rms_norm(W["attn.wkv"] @ x, W["attn.kv_norm"], d.EPS)
+        q = ref_rope(q[None], t, inv_freq, d.R)[0]
+        kv = ref_rope(kv[None], t, inv_freq, d.R)[0]
+        pos = int(t)
+        toks = torch.arange(max(0, pos - d.W + 1), pos)
         old = inputs["swa_cache"][inputs["block_table"][b, toks // d.BS].long(), toks % d.BS].to(dtype)
         rows = torch.cat([old, kv[None]])                      # the window: earlier tokens + this one
         o = attn_golden_row(q, rows, W["attn.attn_sink"], d.scale)
-        o = apply_rope(o, cos, -sin, d)
-        z = torch.einsum("gk,grk->gr", o.reshape(d.G, -1), W["attn.wo_a"].view(d.G, d.OL, -1))
-        outs.append(W["attn.wo_b"] @ z.reshape(-1))
+        outs.append(output_projection(o[None], t, inv_freq, W["attn.wo_a"], W["attn.wo_b"], o_groups=d.G,
+                                      rope_dim=d.R)[0])
         kvs.append(kv)
     z = torch.zeros(0, dtype=dtype)
     return {"out": torch.stack(outs) if outs else z, "kv": torch.stack(kvs) if kvs else z}
