@@ -26,7 +26,9 @@ def pytest_addoption(parser):
     g.addoption("--out", default=DEFAULT_OUT, help=f"output folder for results and the report ({DEFAULT_OUT})")
     g.addoption("--case", action="append", default=[], help="run only this case id (repeatable)")
     g.addoption("--component", action="append", default=[], help="run only cases of this component")
-    g.addoption("--baseline", default=None, help="results folder or baseline file to compare against")
+    g.addoption("--baseline", default=None,
+                help="run folder or baseline file to compare this run against at the end (writes compare.html; "
+                     "the verdicts of this run are not changed: use `python -m conformance gate` to gate)")
     g.addoption("--no-report", action="store_true", help="do not render the HTML report at the end")
     g.addoption("--append", action="store_true", help="keep earlier results in --out (default: start fresh)")
 
@@ -167,3 +169,16 @@ def pytest_sessionfinish(session, exitstatus):
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line(f"DSV4 conformance report: {path}")
+    baseline = config.getoption("--baseline")
+    if baseline:
+        from reports.render import render_compare
+
+        from .compare import compare, format_text
+        from .store import load_run
+
+        c = compare(load_run(baseline), load_run(run.out))
+        render_compare(c, run.out / "compare.html")
+        if tr is not None:
+            for line in format_text(c, limit=10).splitlines():
+                tr.write_line(line)
+            tr.write_line(f"comparison with {baseline}: {run.out / 'compare.html'}")
