@@ -165,12 +165,16 @@ def sparse_attention(
     ``numerics.attn_probs_dtype`` (official: bf16) rounds the unnormalised probabilities e^{l-M} before
     the P.V product; the denominator uses the unrounded fp32 values, as OFF's kernel does. (OFF uses a
     running max per kv block; we use the row max, which changes only which exponent the rounding sees.)
-    Evaluation: queries are processed in blocks of at most ``chunk``. A block computes q . kv against the
-    U distinct kv rows its indices reference (one [t H, d] x [d, U] product) and a count matrix
-    ``c[t, u]`` (how often row u occurs among query t's valid indices; 0 = not attended) masks and weights
-    the logits, so ``sum_u c_u e^{l_u - M} (kv_u)`` equals the sum over the index slots (duplicates count
-    twice, -1 slots add nothing) up to the order of the additions. A block is halved while its
-    [t, H, U] logits would exceed the ``chunk K d`` elements of a per-slot gather (many distinct rows).
+    Evaluation: queries are processed in blocks of at most ``chunk``; slot columns that are -1 for the
+    whole block are dropped (they add exact zeros). A block referencing U distinct kv rows through K slot
+    columns is evaluated in one of two equivalent forms (same terms, other order of the additions):
+      * U <= r K (r = 4 on CPU, where a gather is a costly copy; r = 1 on CUDA, where it is cheap next to
+        the extra products): q . kv against the U distinct rows, one [t H, d] x
+        [d, U] product, with a count matrix ``c[t, u]`` (how often row u occurs among query t's valid
+        slots; 0 = not attended) masking and weighting the logits (duplicates count twice);
+      * otherwise (scattered top-k sets: the union grows past the per-query sets) the per-slot form: a
+        [t, K, d] gather of the indexed rows.
+    A block is halved while its [t, H, U] logits would exceed the ``chunk K d`` elements of a gather.
     """
     float_tensor("q", q, ndim=3)
     float_tensor("kv", kv, ndim=2, last=q.shape[2])
@@ -192,7 +196,12 @@ def sparse_attention(
     out = torch.empty_like(q)
     budget = chunk * max(indices.shape[1], 1) * d
     for a, b, rows in _query_blocks(indices, chunk, H, budget):
-        out[a:b] = _attend_block(q[a:b], kv, indices[a:b].long(), rows, sink, scale, numerics)
+        idx = indices[a:b].long()
+        idx = idx[:, (idx >= 0).any(0)]  # drop all-padding slot columns
+        if rows.numel() <= (1 if q.is_cuda else 4) * idx.shape[1]:
+            out[a:b] = _attend_block(q[a:b], kv, idx, rows, sink, scale, numerics)
+        else:
+            out[a:b] = _attend_gathered(q[a:b], kv, idx, sink, scale, numerics)
     return out
 
 
@@ -212,8 +221,29 @@ def _query_blocks(indices: torch.Tensor, chunk: int, heads: int, budget: int):
         a = b
 
 
+def _softmax_with_sink(logits, sink):
+    """e^{l - M} and the denominator sum + e^{sink - M}, M = max(max l, sink) (0 for an all -inf row)."""
+    m = torch.maximum(logits.amax(dim=-1), sink[None, :]) if logits.shape[-1] else sink[None, :].expand(
+        logits.shape[:2])
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row with a -inf sink
+    return torch.exp(logits - m[..., None]), torch.exp(sink[None, :] - m)
+
+
+def _attend_gathered(q, kv, idx, sink, scale, numerics):
+    """Per-slot form: gather kv[idx] [t, K, d] and reduce over the K slots."""
+    valid = idx >= 0
+    kvs = kv[idx.clamp(min=0)]  # [t, K, d]
+    logits = torch.einsum("thd,tkd->thk", q, kvs) * scale
+    p, e_sink = _softmax_with_sink(logits.masked_fill(~valid[:, None, :], float("-inf")), sink)
+    den = p.sum(dim=-1) + e_sink
+    if numerics.attn_probs_dtype is not None:
+        p = p.to(numerics.attn_probs_dtype).to(q.dtype)
+    o = torch.einsum("thk,tkd->thd", p, kvs)
+    return torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
+
+
 def _attend_block(q, kv, idx, rows, sink, scale, numerics):
-    """Sparse attention of one query block q [t, H, d] over ``kv[rows]`` with slot counts from ``idx``."""
+    """Distinct-row form: one query block q [t, H, d] over ``kv[rows]`` with slot counts from ``idx``."""
     t, H, d = q.shape
     U = rows.numel()
     valid = idx >= 0
@@ -221,11 +251,8 @@ def _attend_block(q, kv, idx, rows, sink, scale, numerics):
     count = q.new_zeros(t, U + 1).scatter_add_(1, col, valid.to(q.dtype))[:, None, :U]  # [t, 1, U]
     kvu = kv[rows]  # [U, d]
     logits = (q.reshape(t * H, d) @ kvu.T).view(t, H, U) * scale
-    logits = logits.masked_fill(count == 0, float("-inf"))
-    m = torch.maximum(logits.amax(dim=-1), sink[None, :]) if U else sink[None, :].expand(t, H)  # [t, H]
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row with a -inf sink
-    p = torch.exp(logits - m[..., None])
-    den = (p * count).sum(dim=-1) + torch.exp(sink[None, :] - m)
+    p, e_sink = _softmax_with_sink(logits.masked_fill(count == 0, float("-inf")), sink)
+    den = (p * count).sum(dim=-1) + e_sink
     if numerics.attn_probs_dtype is not None:
         p = p.to(numerics.attn_probs_dtype).to(q.dtype)
     o = ((p * count).view(t * H, U) @ kvu).view(t, H, d)

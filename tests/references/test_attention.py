@@ -352,3 +352,23 @@ def test_query_blocks_split_when_many_distinct_rows():
     assert all(torch.equal(rows, idx[a:b].flatten()) for a, b, rows in blocks)
     one = list(_query_blocks(torch.full((3, 5), -1), chunk=2, heads=8, budget=1))
     assert [(a, b, r.numel()) for a, b, r in one] == [(0, 2, 0), (2, 3, 0)]
+
+
+def test_both_block_forms_are_exercised(monkeypatch):
+    """Window sets over a long block take the per-slot form (U > 4K on CPU), single queries the distinct-row
+    form."""
+    import references.components.attention as A
+
+    used = []
+    for name in ("_attend_block", "_attend_gathered"):
+        fn = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
+    idx, N = _structured_set(80, 8, 8, "swa", seed=0)
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(80, 2, 512, generator=g, dtype=torch.float64), torch.randn(N, 512, generator=g, dtype=torch.float64)
+    sink = torch.zeros(2, dtype=torch.float64)
+    a = sparse_attention(q, kv, idx, sink, scale=TAU, chunk=128)
+    assert used == ["_attend_gathered"]
+    b = sparse_attention(q, kv, idx, sink, scale=TAU, chunk=1)
+    assert set(used[1:]) == {"_attend_block"}
+    assert_within("forms agree", a, b, 2 * _attention_bound(q, kv, idx, 2.0**-53))
