@@ -165,7 +165,16 @@ def sparse_attention(
     ``numerics.attn_probs_dtype`` (official: bf16) rounds the unnormalised probabilities e^{l-M} before
     the P.V product; the denominator uses the unrounded fp32 values, as OFF's kernel does. (OFF uses a
     running max per kv block; we use the row max, which changes only which exponent the rounding sees.)
-    Queries are processed in blocks of ``chunk`` to bound the gathered [chunk, K, d] memory.
+    Evaluation: queries are processed in blocks of at most ``chunk``; slot columns that are -1 for the
+    whole block are dropped (they add exact zeros). A block referencing U distinct kv rows through K slot
+    columns is evaluated in one of two equivalent forms (same terms, other order of the additions):
+      * U <= r K (r = 4 on CPU, where a gather is a costly copy; r = 1 on CUDA, where it is cheap next to
+        the extra products): q . kv against the U distinct rows, one [t H, d] x
+        [d, U] product, with a count matrix ``c[t, u]`` (how often row u occurs among query t's valid
+        slots; 0 = not attended) masking and weighting the logits (duplicates count twice);
+      * otherwise (scattered top-k sets: the union grows past the per-query sets) the per-slot form: a
+        [t, K, d] gather of the indexed rows.
+    A block is halved while its [t, H, U] logits would exceed the ``chunk K d`` elements of a gather.
     """
     float_tensor("q", q, ndim=3)
     float_tensor("kv", kv, ndim=2, last=q.shape[2])
@@ -183,23 +192,71 @@ def sparse_attention(
         raise ValueError(f"indices: {bad} outside [-1, {N})")
     dt = compute_dtype(q)
     q, kv, sink = q.to(dt), kv.to(dt), sink.to(dt)
+    T, H, d = q.shape
     out = torch.empty_like(q)
-    for a in range(0, q.shape[0], chunk):
-        b = min(a + chunk, q.shape[0])
+    budget = chunk * max(indices.shape[1], 1) * d
+    for a, b, rows in _query_blocks(indices, chunk, H, budget):
         idx = indices[a:b].long()
-        valid = idx >= 0  # [t, K]
-        kvs = kv[idx.clamp(min=0)]  # [t, K, d]
-        logits = torch.einsum("thd,tkd->thk", q[a:b], kvs) * scale
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-        m = torch.maximum(logits.amax(dim=-1), sink[None, :])  # [t, H]
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row with a -inf sink
-        p = torch.exp(logits - m[..., None])
-        den = p.sum(dim=-1) + torch.exp(sink[None, :] - m)
-        if numerics.attn_probs_dtype is not None:
-            p = p.to(numerics.attn_probs_dtype).to(dt)
-        o = torch.einsum("thk,tkd->thd", p, kvs)
-        out[a:b] = torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
+        idx = idx[:, (idx >= 0).any(0)]  # drop all-padding slot columns
+        if rows.numel() <= (1 if q.is_cuda else 4) * idx.shape[1]:
+            out[a:b] = _attend_block(q[a:b], kv, idx, rows, sink, scale, numerics)
+        else:
+            out[a:b] = _attend_gathered(q[a:b], kv, idx, sink, scale, numerics)
     return out
+
+
+def _query_blocks(indices: torch.Tensor, chunk: int, heads: int, budget: int):
+    """Yield (a, b, rows): query blocks [a, b) of at most ``chunk`` rows, each with the sorted distinct kv
+    rows its valid indices reference, halved while ``(b - a) * heads * len(rows) > budget``."""
+    a, T = 0, indices.shape[0]
+    while a < T:
+        b = min(a + chunk, T)
+        while True:
+            idx = indices[a:b]
+            rows = torch.unique(idx[idx >= 0].long())  # sorted
+            if b - a == 1 or (b - a) * heads * rows.numel() <= budget:
+                break
+            b = a + (b - a) // 2
+        yield a, b, rows
+        a = b
+
+
+def _softmax_with_sink(logits, sink):
+    """e^{l - M} and the denominator sum + e^{sink - M}, M = max(max l, sink) (0 for an all -inf row)."""
+    m = torch.maximum(logits.amax(dim=-1), sink[None, :]) if logits.shape[-1] else sink[None, :].expand(
+        logits.shape[:2])
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row with a -inf sink
+    return torch.exp(logits - m[..., None]), torch.exp(sink[None, :] - m)
+
+
+def _attend_gathered(q, kv, idx, sink, scale, numerics):
+    """Per-slot form: gather kv[idx] [t, K, d] and reduce over the K slots."""
+    valid = idx >= 0
+    kvs = kv[idx.clamp(min=0)]  # [t, K, d]
+    logits = torch.einsum("thd,tkd->thk", q, kvs) * scale
+    p, e_sink = _softmax_with_sink(logits.masked_fill(~valid[:, None, :], float("-inf")), sink)
+    den = p.sum(dim=-1) + e_sink
+    if numerics.attn_probs_dtype is not None:
+        p = p.to(numerics.attn_probs_dtype).to(q.dtype)
+    o = torch.einsum("thk,tkd->thd", p, kvs)
+    return torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
+
+
+def _attend_block(q, kv, idx, rows, sink, scale, numerics):
+    """Distinct-row form: one query block q [t, H, d] over ``kv[rows]`` with slot counts from ``idx``."""
+    t, H, d = q.shape
+    U = rows.numel()
+    valid = idx >= 0
+    col = torch.where(valid, torch.searchsorted(rows, idx.clamp(min=0)), torch.full_like(idx, U))
+    count = q.new_zeros(t, U + 1).scatter_add_(1, col, valid.to(q.dtype))[:, None, :U]  # [t, 1, U]
+    kvu = kv[rows]  # [U, d]
+    logits = (q.reshape(t * H, d) @ kvu.T).view(t, H, U) * scale
+    p, e_sink = _softmax_with_sink(logits.masked_fill(count == 0, float("-inf")), sink)
+    den = (p * count).sum(dim=-1) + e_sink
+    if numerics.attn_probs_dtype is not None:
+        p = p.to(numerics.attn_probs_dtype).to(q.dtype)
+    o = ((p * count).view(t * H, U) @ kvu).view(t, H, d)
+    return torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
 
 
 # -- output path -----------------------------------------------------------------------------------

@@ -91,11 +91,14 @@ def compress(
     kind: "attn" (QAT: FP8 nope dims, ``numerics.kv_nope``) or "indexer" (``numerics.indexer_k``, with
     Hadamard when ``numerics.indexer_hadamard``; the entries are then in the rotated basis).
     variant: "official" / "vllm", where bf16 rounding happens when ``numerics.act_dtype`` is set.
-    A trailing partial window produces no entry (it is still in the compressor state).
+    A trailing partial window produces no entry (it is still in the compressor state); T < ratio gives an
+    empty [0, head_dim] result.
     """
     overlap = _check(x, wkv, wgate, ape, norm, ratio, head_dim, overlap, kind, variant)
     T, m, d = x.shape[0], ratio, head_dim
     n = T // m
+    if n == 0:  # T < ratio: no complete window yet (the partial one lives in a CompressorState)
+        return x.new_zeros(0, d, dtype=compute_dtype(x))
     kv, score = _project(x[: n * m], wkv, wgate, ape, torch.arange(n * m), m)
     kv, score = kv.reshape(n, m, kv.shape[-1]), score.reshape(n, m, score.shape[-1])  # n may be 0 (T < ratio)
     if overlap:

@@ -225,8 +225,15 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
     dt = compute_dtype(x)
     x = x.to(dt)
     y = torch.zeros_like(x)
-    for e in torch.unique(ids).tolist():
-        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+    # group the (token, slot) pairs by expert once: a stable sort keeps each expert's pairs in row-major
+    # (token, slot) order, the order ``nonzero(ids == e)`` gives; one host sync instead of one per expert
+    flat_e, order = torch.sort(ids.reshape(-1), stable=True)
+    experts_hit, counts = torch.unique_consecutive(flat_e, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    k = ids.shape[1]
+    for e, s0, n in zip(experts_hit.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        pairs = order[s0:s0 + n]
+        tok, slot = pairs // k, pairs % k
         w_e = weights[tok, slot].to(dt)
         w1, w3, w2 = _expert_weights(experts, e)
         if variant == "official":

@@ -254,3 +254,121 @@ def test_layer_refuses_bad_input():
         q, kv, idx, sink = _attn_inputs()
         sparse_attention(q, kv, idx + 5, sink, scale=TAU)
     assert GOLDEN.simulates_anything is False, "numerics: GOLDEN must simulate nothing"
+
+
+# -- the block evaluation of sparse_attention == the per-slot gather it replaced ---------------------
+def _gather_attention(q, kv, indices, sink, *, scale, numerics=GOLDEN, chunk=256):
+    """The previous evaluation of ``sparse_attention`` (kept as the oracle): per query block, gather a
+    [t, K, d] copy of the indexed rows and reduce over the K slots in slot order."""
+    dt = q.dtype
+    out = torch.empty_like(q)
+    for a in range(0, q.shape[0], chunk):
+        b = min(a + chunk, q.shape[0])
+        idx = indices[a:b].long()
+        valid = idx >= 0
+        kvs = kv[idx.clamp(min=0)]
+        logits = torch.einsum("thd,tkd->thk", q[a:b], kvs) * scale
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        m = torch.maximum(logits.amax(dim=-1), sink[None, :])
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(logits - m[..., None])
+        den = p.sum(dim=-1) + torch.exp(sink[None, :] - m)
+        if numerics.attn_probs_dtype is not None:
+            p = p.to(numerics.attn_probs_dtype).to(dt)
+        o = torch.einsum("thk,tkd->thd", p, kvs)
+        out[a:b] = torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
+    return out
+
+
+def _attention_bound(q, kv, idx, u, probs_ulp=0.0):
+    """Forward error bound of either evaluation (see test_sparse_attention_fp32_vs_fp64_within_derived_bound):
+    (2 dl + (2K + 5) u) max_j |v_j|, dl = tau gamma_{d+1}(u) max_j sum_i |q_i||kv_ji|. Both evaluations add
+    the same nonzero terms (the block form only adds exact zeros for unreferenced rows), so each is within
+    this bound of the exact value and they differ by at most twice it. ``probs_ulp``: with probabilities
+    rounded to a narrow format, perturbed logits can round one ulp (relative ``probs_ulp``) apart."""
+    valid = idx >= 0
+    g = kv.double().abs()[idx.clamp(min=0)]
+    dl = TAU * gamma(q.shape[-1] + 1, u) * torch.einsum("thd,tkd->thk", q.double().abs(), g).masked_fill(
+        ~valid[:, None], 0).amax(-1)
+    vmax = g.masked_fill(~valid[..., None], 0).amax(1)
+    return (2 * dl[..., None] + (2 * idx.shape[1] + 5) * u + probs_ulp) * vmax[:, None, :]
+
+
+def _structured_set(T, window, ratio, kind, seed):
+    """Window + compressed indices as attention_layer builds them (csa: random causal top-k)."""
+    pos = torch.arange(T)
+    topk = None
+    if kind == "csa":
+        g = torch.Generator().manual_seed(seed)
+        n = T // ratio
+        bound = (pos + 1) // ratio
+        topk = torch.full((T, 6), -1)
+        for t in range(T):
+            if bound[t]:
+                pick = torch.randperm(int(bound[t]), generator=g)[:6]
+                topk[t, : pick.numel()] = pick
+        return attention_set(kind, pos, window, ratio, topk, compressed_offset=T), T + n
+    return attention_set(kind, pos, window, ratio, compressed_offset=T), T + T // ratio
+
+
+@pytest.mark.parametrize("case", ["random", "swa", "csa", "hca"])
+@pytest.mark.parametrize("chunk", [1, 7, 256])
+def test_block_evaluation_equals_per_slot_gather(case, chunk):
+    """fp64 and fp32: the block form (distinct rows + slot counts) equals the old per-slot gather within
+    twice the derived forward bound (same terms, other addition order); duplicates, -1 padding, empty rows
+    and -inf sinks included. Observed differences are printed."""
+    if case == "random":
+        q, kv, idx, sink = _attn_inputs(T=23, K=17, N=30, seed=5)
+        idx[3, :4] = 7  # duplicate slots count twice
+        sink[1] = float("-inf")
+    else:
+        idx, N = _structured_set(40, 8, 4 if case == "csa" else 8, case, seed=6)
+        g = torch.Generator().manual_seed(7)
+        q = torch.randn(40, 4, 512, generator=g, dtype=torch.float64)
+        kv = torch.randn(N, 512, generator=g, dtype=torch.float64)
+        sink = torch.randn(4, generator=g, dtype=torch.float64)
+    for dt, u in ((torch.float64, 2.0**-53), (torch.float32, U32)):
+        args = (q.to(dt), kv.to(dt), idx, sink.to(dt))
+        new = sparse_attention(*args, scale=TAU, chunk=chunk)
+        old = _gather_attention(*args, scale=TAU, chunk=chunk)
+        assert new.dtype == dt
+        print(f"\n{case} chunk={chunk} {dt}: max|block - gather| = {(new - old).abs().max().item():.3g}")
+        assert_within(f"block vs gather ({case}, {dt})", new, old, 2 * _attention_bound(q, kv, idx, u))
+    # bf16-rounded probabilities (official numerics): at most one bf16 ulp (2^-7 relative) apart per weight
+    args = (q.float(), kv.float(), idx, sink.float())
+    new = sparse_attention(*args, scale=TAU, chunk=chunk, numerics=official())
+    old = _gather_attention(*args, scale=TAU, chunk=chunk, numerics=official())
+    assert_within(f"block vs gather ({case}, bf16 probs)", new, old,
+                  2 * _attention_bound(q, kv, idx, U32, probs_ulp=2.0**-7))
+
+
+def test_query_blocks_split_when_many_distinct_rows():
+    from references.components.attention import _query_blocks
+
+    idx = torch.arange(64).view(16, 4)  # every query its own 4 rows: U grows with the block
+    blocks = list(_query_blocks(idx, chunk=16, heads=2, budget=4 * 2 * 16))  # t heads U <= budget: t = 4 (U = 16)
+    assert blocks[0][:2] == (0, 4) and all(b1 == a2 for (_, b1, _), (a2, _, _) in zip(blocks, blocks[1:]))
+    assert blocks[-1][1] == 16 and all((b - a) * 2 * rows.numel() <= 128 for a, b, rows in blocks)
+    assert all(torch.equal(rows, idx[a:b].flatten()) for a, b, rows in blocks)
+    one = list(_query_blocks(torch.full((3, 5), -1), chunk=2, heads=8, budget=1))
+    assert [(a, b, r.numel()) for a, b, r in one] == [(0, 2, 0), (2, 3, 0)]
+
+
+def test_both_block_forms_are_exercised(monkeypatch):
+    """Window sets over a long block take the per-slot form (U > 4K on CPU), single queries the distinct-row
+    form."""
+    import references.components.attention as A
+
+    used = []
+    for name in ("_attend_block", "_attend_gathered"):
+        fn = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
+    idx, N = _structured_set(80, 8, 8, "swa", seed=0)
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(80, 2, 512, generator=g, dtype=torch.float64), torch.randn(N, 512, generator=g, dtype=torch.float64)
+    sink = torch.zeros(2, dtype=torch.float64)
+    a = sparse_attention(q, kv, idx, sink, scale=TAU, chunk=128)
+    assert used == ["_attend_gathered"]
+    b = sparse_attention(q, kv, idx, sink, scale=TAU, chunk=1)
+    assert set(used[1:]) == {"_attend_block"}
+    assert_within("forms agree", a, b, 2 * _attention_bound(q, kv, idx, 2.0**-53))

@@ -236,3 +236,18 @@ def test_compress_refuses_bad_input():
     xn[3, 5] = float("nan")
     with pytest.raises(ValueError, match="x"):
         compress(xn, *w, ratio=4, head_dim=512, eps=EPS, inv_freq=FREQ)
+
+
+@pytest.mark.parametrize("ratio,d", [(4, 512), (128, 512), (4, 128)])
+@pytest.mark.parametrize("T", [0, 1, 3])
+def test_sequence_shorter_than_one_window_gives_no_entry(ratio, d, T):
+    """T < ratio: compress returns an empty [0, head_dim] (no crash); the state holds the partial window."""
+    if T >= ratio:
+        pytest.skip("not shorter than a window")
+    w = _weights(ratio, d)
+    x = _x(T)
+    got = compress(x, *w, ratio=ratio, head_dim=d, eps=EPS, inv_freq=FREQ)
+    assert got.shape == (0, d) and got.dtype == torch.float64
+    st = CompressorState(*w, ratio=ratio, head_dim=d, eps=EPS, inv_freq=FREQ)
+    new, ids = st.update(x, torch.arange(T))
+    assert new.shape == (0, d) and ids.numel() == 0 and st.next_pos == T

@@ -102,6 +102,22 @@ def test_checkpoint_backed_model_equals_in_memory(full32, ids, tmp_path):
     assert all(name.startswith("layers.2.") for name in r.reads[n:])
 
 
+@pytest.mark.parametrize("T", [1, 3, 20])
+def test_short_sequence_forward_equals_prefill_then_decode(deq, T):
+    """Shorter than an HCA window (128), and for T < 4 than a CSA window: the whole forward must run (no
+    compressed entry yet) and equal a prefill followed by single-token decode steps (fp64, same bound)."""
+    m = DSV4Model(deq, TINY, dtype=torch.float64)
+    ids = torch.randint(0, TINY.vocab_size, (T,), generator=torch.Generator().manual_seed(T))
+    ref = m.forward(ids)
+    assert ref.shape == (T, TINY.vocab_size) and torch.isfinite(ref).all()
+    st = ModelState()
+    half = (T + 1) // 2
+    got = torch.cat([m.prefill(ids[:half], st)[0]] + [m.step(ids[t:t + 1], st) for t in range(half, T)])
+    assert_within(f"decode vs prefill at T={T} (fp64)", got, ref, 2 * CHAIN * U64 * (1 + ref.abs()))
+    got32 = DSV4Model(deq, TINY).forward(ids)
+    assert_within(f"fp32 vs fp64 at T={T}", got32, ref, CHAIN * U32 * (1 + ref.abs()))
+
+
 def test_forward_input_errors_name_the_argument(deq):
     m = DSV4Model(deq, TINY)
     with pytest.raises(ValueError, match="^ids:"):
