@@ -100,7 +100,7 @@ def compress(
     if n == 0:  # T < ratio: no complete window yet (the partial one lives in a CompressorState)
         return x.new_zeros(0, d, dtype=compute_dtype(x))
     kv, score = _project(x[: n * m], wkv, wgate, ape, torch.arange(n * m), m)
-    kv, score = kv.reshape(n, m, kv.shape[-1]), score.reshape(n, m, score.shape[-1])  # n may be 0 (T < ratio)
+    kv, score = kv.reshape(n, m, kv.shape[-1]), score.reshape(n, m, score.shape[-1])
     if overlap:
         # previous window's first half (entry 0: empty, weight 0) ++ current window's second half
         prev_kv = torch.cat((kv.new_zeros(1, m, d), kv[:-1, :, :d]), dim=0)
