@@ -249,6 +249,15 @@ class VllmSubject(Subject):
             self._provides = self._bind(CANDIDATES)
         return self._provides
 
+    def dialect_probes(self):
+        """FP8 producers and consumers per DSV4 edge: the CPU ops (OCP) wrapped by _vllm_dialect. Off the CPU
+        platform no probes are wired yet (the map then reports every edge "not provided")."""
+        if self.kind != "cpu":
+            return {}, {}
+        from ._vllm_dialect import cpu_probes
+
+        return cpu_probes()
+
     def _bind(self, candidates) -> dict[str, Impl]:
         from . import _vllm_adapters as ad
 

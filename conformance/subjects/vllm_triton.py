@@ -139,6 +139,12 @@ class VllmTritonSubject(Subject):
                    "triton-interp-rounding-fixes (triton 3.9): " + ", ".join(triton_interp.FIXES)
                    + "; self-check 0 wrong values"))
 
+    def dialect_probes(self):
+        """FP8 producers and consumers per DSV4 edge: vLLM's Triton kernels with this profile's dialect."""
+        from ._vllm_dialect import triton_probes
+
+        return triton_probes(PROFILES[self.profile])
+
     def provides(self) -> dict[str, Impl]:
         p = PROFILES[self.profile]
         out = {}

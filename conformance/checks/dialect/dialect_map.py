@@ -185,7 +185,10 @@ def _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt) -> None:
         factor = factor or (f"scale off ({off})" if off else "?")
         reasons.append(f"producer bytes are {dp} dialect for its own scales" + (f" ({off})" if off else ""))
     if dc not in known:
-        factor = factor or "?"
+        # a real reader can smear one NaN over a whole output (attention, logits): the power-of-two factor
+        # against the fed decoding still names the error
+        k = cv.factor_log2.get(cv.dialect_fed)
+        factor = factor or ({1: "x2", -1: "x0.5"}.get(k) if k else "") or "?"
         reasons.append(f"consumer decodes {dc} ({'; '.join(cv.evidence[-1:])})")
     if dp in known and dc in known and dp != dc:
         k = get_format(dp).bias - get_format(dc).bias
