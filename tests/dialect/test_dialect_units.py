@@ -129,3 +129,38 @@ def test_check_scale_conversion_fp32_and_expected_none():
     assert check_scale_conversion(b, b * 2, "fp32").conversion == "x2"
     assert check_scale_conversion(b, b * 4, "fp32").conversion == "applied twice"
     assert check_scale_conversion(b, b, "fp32", expected="none").ok
+
+
+@pytest.mark.parametrize("dialect", ["ocp", "fnuz"])
+def test_classify_codes_names_subnormal_flush_not_a_dialect(dialect):
+    x, codes, s, spec = _quant(dialect, None, "ue8m0")
+    f = OCP if dialect == "ocp" else FNUZ
+    c = codes.numpy().copy()
+    sub = ((c.astype(np.int64) >> 3) & 0xF) == 0
+    assert sub.any() and (c[sub] & 0x7F).any(), "the probe must contain subnormal codes"
+    c[sub] = 0                                        # a writer that flushes subnormals to zero
+    v = classify_codes(c, x, s, block=spec.block)
+    assert v.dialect == f.name, v.evidence
+    kinds = [d["kind"] for d in v.defects]
+    assert kinds == ["subnormal_mishandled"], v.defects
+    assert "subnormal" in v.defects[0]["message"] and "s=" in v.defects[0]["message"]
+    # and the correct writer raises nothing
+    ok = classify_codes(codes, x, s, block=spec.block)
+    assert ok.dialect == f.name and not ok.defects
+
+
+def test_classify_decoding_names_subnormal_misdecode():
+    codes, _, s = consumer_probe(OCP, (1, 128), "fp32")
+    c = codes.numpy()
+    sv = np.broadcast_to(s, c.shape)
+    read = OCP.decode(c) * sv
+    sub = ((c.astype(np.int64) >> 3) & 0xF) == 0
+    m = sub & ((c & 0x7) != 0)
+    assert m.any()
+    # exponent-0 codes read as if normal: (1 + m/8) * 2**(1-7) instead of (m/8) * 2**(1-7)
+    read = np.where(m, np.where(c & 0x80, -1, 1) * (1 + (c & 0x7) / 8) * 2.0**-6 * sv, read)
+    v = classify_decoding(c, "float8_e4m3fn", read, s, block=(1, 128))
+    assert v.decoded_as == "float8_e4m3fn" and not v.ok
+    assert [d["kind"] for d in v.defects] == ["subnormal_mishandled"]
+    good = classify_decoding(c, "float8_e4m3fn", OCP.decode(c) * sv, s, block=(1, 128))
+    assert good.ok and not good.defects

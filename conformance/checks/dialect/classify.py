@@ -182,12 +182,31 @@ def classify_codes(
         ulp = np.abs(_rank(f, c) - _rank(f, exp[f.name])) <= 1
         good[f.name] = bool(np.all(ulp[in_range])) and in_range.any()
     winners = [k for k, ok in good.items() if ok]
+    subnormal_only = None
+    if not winners:
+        # bytes that match one dialect everywhere except where its expected code is subnormal (exponent field
+        # 0): the dialect is right, the subnormal handling is not (e.g. flushed to zero)
+        for f in DIALECT_FORMATS:
+            in_range = discr & (np.abs(y) <= f.max)
+            off = in_range & (np.abs(_rank(f, c) - _rank(f, exp[f.name])) > 1)
+            sub = (exp[f.name].astype(np.int64) >> f.man_bits) & ((1 << f.exp_bits) - 1) == 0
+            if off.any() and not (off & ~sub).any() and (in_range & ~sub).any():
+                winners, subnormal_only = [f.name], (f, off)
+                break
     if len(winners) == 1:
         v.dialect = winners[0]
     elif len(winners) > 1:
         v.dialect = AMBIGUOUS
     else:
         v.dialect = NEITHER
+    if subnormal_only is not None:
+        f, off = subnormal_only
+        i = tuple(np.argwhere(off)[0])
+        v.defects.append(dict(
+            kind="subnormal_mishandled", count=int(off.sum()), index=list(map(int, i)),
+            message=f"{int(off.sum())} values whose {f.name} code is subnormal were written wrongly (normal codes "
+                    f"match {f.name}), e.g. {_idx(i)} value/scale {y[i]:g}: produced {describe(f, c[i])}, "
+                    f"expected {describe(f, exp[f.name][i])}"))
     # evidence: the first discriminating element (1.0 by design) and the worst mismatch
     i0 = tuple(np.argwhere(discr)[0])
     v.evidence.append(
@@ -318,10 +337,11 @@ class DecodingVerdict:
     factor_log2: dict = field(default_factory=dict)  # dialect -> k when read = D(code) * scale * 2**k
     ratio: dict = field(default_factory=dict)  # RatioSignature vs the fed dialect, as a dict
     worst: dict = field(default_factory=dict)
+    defects: list = field(default_factory=list)  # e.g. subnormal codes decoded as normals
 
     @property
     def ok(self) -> bool:
-        return self.decoded_as == self.dialect_fed
+        return self.decoded_as == self.dialect_fed and not self.defects
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -357,6 +377,19 @@ def classify_decoding(
     winners = [k for k, good in ok.items() if good]
     v.decoded_as = winners[0] if len(winners) == 1 else (AMBIGUOUS if winners else NEITHER)
     want = fed.decode(c) * s
+    if not winners:
+        # every normal code read as the fed dialect, only subnormal codes (exponent field 0) wrong: the
+        # dialect is right, the subnormal decoding is not (e.g. exponent-0 codes read as normals)
+        same = (np.isnan(want) & np.isnan(r)) | (np.abs(r - want) <= rel_tol * np.abs(want))
+        sub = ((c.astype(np.int64) >> fed.man_bits) & ((1 << fed.exp_bits) - 1)) == 0
+        if (~same).any() and not (~same & ~sub).any() and (same & ~sub).any():
+            v.decoded_as = fed.name
+            i = tuple(np.argwhere(~same)[0])
+            v.defects.append(dict(
+                kind="subnormal_mishandled", count=int((~same).sum()), index=list(map(int, i)),
+                message=f"{int((~same).sum())} subnormal codes decoded wrongly (normal codes read as {fed.name}), "
+                        f"e.g. {_idx(i)} {describe(fed, c[i])} with scale {s[i]:g} read as {r[i]!r}, "
+                        f"expected {want[i]!r}"))
     sig = ratio_signature(r, want, codes=c)
     v.ratio = sig.as_dict()
     i0 = tuple(np.argwhere(c == 0x40)[0]) if (c == 0x40).any() else tuple(np.argwhere(c != 0)[0])

@@ -35,6 +35,7 @@ _DEFECT_FACTOR = {
     "nan_written": "NaN",
     "bad_scale": "bad scale",
     "fmax_mismatch": "fmax",
+    "subnormal_mishandled": "subnormal codes (not a dialect error)",
 }
 
 # where each ratio signature usually comes from (used when a comparison has no edge of its own)
@@ -184,6 +185,9 @@ def _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt) -> None:
         off = ", ".join(f"{k} x2**{v}" for k, v in pv.scale_offset_log2.items())
         factor = factor or (f"scale off ({off})" if off else "?")
         reasons.append(f"producer bytes are {dp} dialect for its own scales" + (f" ({off})" if off else ""))
+    for d in getattr(cv, "defects", []):
+        factor = factor or _DEFECT_FACTOR.get(d["kind"], d["kind"])
+        reasons.append(f"consumer: {d['message']}")
     if dc not in known:
         # a real reader can smear one NaN over a whole output (attention, logits): the power-of-two factor
         # against the fed decoding still names the error
