@@ -148,7 +148,12 @@ def test_expert_map_property_gives_the_map_to_non_aiter_kernels(vllm_subject):
 
 @pytest.fixture(scope="module")
 def triton_subject(vllm_subject):
-    return load_subject("vllm-triton:gfx942")
+    from conformance.subjects import SubjectError
+
+    try:
+        return load_subject("vllm-triton:gfx942")
+    except SubjectError as e:   # triton imported first in this worker (e.g. by transformers): no interpreter
+        pytest.skip(f"vllm-triton unavailable in this process: {e}")
 
 
 @pytest.mark.parametrize("cid", ["moe.routing_metadata/T32E256k6/uniform/s509",
