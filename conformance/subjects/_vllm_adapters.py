@@ -389,7 +389,11 @@ def remap_to_local(ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
     """vLLM's fused_moe.utils.remap_topk_to_local (global -> local, -1 for remote or dropped; a Triton kernel,
     run under the interpreter on CPU), the mapping the DSV4 ROCm experts (UnfusedOAITritonExperts) apply."""
     from vllm.model_executor.layers.fused_moe.utils import remap_topk_to_local
+    from vllm.triton_utils import HAS_TRITON
 
+    if not HAS_TRITON:   # vLLM disabled Triton in this process: its documented torch equivalent
+        m = expert_map.long()
+        return torch.where(ids >= 0, m[ids.long().clamp(min=0)], torch.full_like(ids.long(), -1)).to(torch.int32)
     return remap_topk_to_local(ids.to(torch.int32).contiguous(), expert_map.to(torch.int32).contiguous(),
                                out_dtype=torch.int32)
 
