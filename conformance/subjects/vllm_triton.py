@@ -28,6 +28,7 @@ class _K:
     """Kernels looked up at call time (tests patch entries to plant broken ones)."""
 
     over: dict = {}
+    built: dict = {}
 
     @classmethod
     def get(cls, name):
@@ -41,6 +42,12 @@ class _K:
             from vllm.models.deepseek_v4.common.ops.fused_indexer_q import (
                 _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k,
             )
+        elif name == "bitmatrix_metadata":
+            from ._triton_kernels_standin import vllm_pow2_safe_builder
+
+            if name not in cls.built:
+                cls.built[name] = vllm_pow2_safe_builder()[0]
+            k = cls.built[name]
         else:
             raise KeyError(name)
         return k
@@ -96,7 +103,38 @@ def make_indexer_q(p: dict):
     return indexer_q
 
 
+def make_routing_metadata(p: dict):
+    def routing_metadata(topk_ids, *, num_experts, out=None):
+        """vLLM's _make_bitmatrix_metadata_pow2_safe (nested Triton kernel _stage2_pow2) on the routed ids
+        [T, k] (-1 = dropped: loaded as 0xFFFF and masked like a padded lane). Outputs: col_sum ->
+        expert_counts, its exclusive prefix sum -> expert_offsets, col_sorted_indx -> gather_idx,
+        row_sorted_indx -> scatter_idx. The builder allocates its own buffers, so the guard bands of ``out``
+        see only the copies (no canary coverage of the kernel's stores)."""
+        from ._triton_kernels_standin import Bitmatrix
+
+        ids = topk_ids.to(torch.int32).contiguous()
+        md = _K.get("bitmatrix_metadata")(ids, Bitmatrix(ids, num_experts))
+        counts = md.col_sum.to(torch.int32)
+        offs = torch.zeros(num_experts + 1, dtype=torch.int32)
+        offs[1:] = torch.cumsum(counts.long(), 0).to(torch.int32)
+        res = {"expert_counts": counts, "expert_offsets": offs,
+               "gather_idx": md.col_sorted_indx.to(torch.int32), "scatter_idx": md.row_sorted_indx.to(torch.int32)}
+        if out is not None:
+            for k_, v in res.items():
+                out[k_].copy_(v)
+            return out
+        return res
+    return routing_metadata
+
+
 KERNELS = {
+    "routing_metadata": (make_routing_metadata,
+                         "vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe."
+                         "_patch_make_bitmatrix_metadata -> _make_bitmatrix_metadata_pow2_safe / _stage2_pow2",
+                         "vLLM's non-power-of-two top_k bitmatrix metadata builder (BLOCK 32 x top_k lanes padded "
+                         "to a power of two) as the ROCm/CUDA MXFP4 Triton MoE uses it with triton_kernels 3.6; "
+                         "triton_kernels' stage 1, sum_bitmatrix_rows and _keyed_add are harness stand-ins "
+                         "(conformance.subjects._triton_kernels_standin; triton_kernels is not installed)"),
     "sparse_attention": (make_sparse_attention,
                          "vllm.models.deepseek_v4.common.ops.cache_utils.quantize_and_insert_k_kernel + "
                          "vllm.v1.attention.ops.rocm_aiter_mla_sparse._sparse_attn_decode_ragged_kernel",
