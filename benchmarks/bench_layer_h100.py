@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -289,9 +288,9 @@ def main():
     positions = torch.arange(T, device=device)
     log("setup_s", round(time.perf_counter() - t0, 1))
 
-    def golden(x=X, variants=Variants(), trace=None):
+    def golden(x=X, variants=None, trace=None):
         with golden_mode(), torch.no_grad(), device:
-            return decoder_layer(x, w, cfg, layer, ids, positions, variants=variants, trace=trace)
+            return decoder_layer(x, w, cfg, layer, ids, positions, variants=variants or Variants(), trace=trace)
 
     out_g, ts = timeit(golden, device, a.repeat)
     log("golden_ms", [round(t * 1e3, 1) for t in ts])

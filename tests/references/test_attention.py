@@ -365,7 +365,8 @@ def test_both_block_forms_are_exercised(monkeypatch):
         monkeypatch.setattr(A, name, lambda *a, _fn=fn, _n=name, **k: used.append(_n) or _fn(*a, **k))
     idx, N = _structured_set(80, 8, 8, "swa", seed=0)
     g = torch.Generator().manual_seed(0)
-    q, kv = torch.randn(80, 2, 512, generator=g, dtype=torch.float64), torch.randn(N, 512, generator=g, dtype=torch.float64)
+    q = torch.randn(80, 2, 512, generator=g, dtype=torch.float64)
+    kv = torch.randn(N, 512, generator=g, dtype=torch.float64)
     sink = torch.zeros(2, dtype=torch.float64)
     a = sparse_attention(q, kv, idx, sink, scale=TAU, chunk=128)
     assert used == ["_attend_gathered"]
