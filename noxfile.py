@@ -124,5 +124,5 @@ def lint(session):
     """ruff over the harness and references."""
     if not _has(session, "ruff"):
         session.run("python", "-m", "pip", "install", "-q", "ruff", external=True)
-    session.run("python", "-m", "ruff", "check", "conformance", "references", "reports", "tests", "benchmarks", "noxfile.py",
-                external=True)
+    session.run("python", "-m", "ruff", "check", "conformance", "references", "reports", "tests", "benchmarks",
+                "noxfile.py", external=True)
