@@ -143,25 +143,6 @@ def hf_inputs(M, c, rot, X, positions):
     return dict(position_embeddings=pe, position_ids=pos, attention_mask=mask, past_key_values=None)
 
 
-# -- the previous sparse-attention evaluation (per-slot gather), for the before/after timing ------------
-def gather_sparse_attention(q, kv, indices, sink, *, scale, numerics=None, chunk=256):
-    out = torch.empty_like(q)
-    for a in range(0, q.shape[0], chunk):
-        b = min(a + chunk, q.shape[0])
-        idx = indices[a:b].long()
-        valid = idx >= 0
-        kvs = kv[idx.clamp(min=0)]
-        logits = torch.einsum("thd,tkd->thk", q[a:b], kvs) * scale
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-        m = torch.maximum(logits.amax(dim=-1), sink[None, :])
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(logits - m[..., None])
-        den = p.sum(dim=-1) + torch.exp(sink[None, :] - m)
-        o = torch.einsum("thk,tkd->thd", p, kvs)
-        out[a:b] = torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
-    return out
-
-
 @contextlib.contextmanager
 def patched(obj, name, fn):
     saved = getattr(obj, name)
@@ -296,7 +277,7 @@ def main():
     log("golden_ms", [round(t * 1e3, 1) for t in ts])
     log("golden_breakdown_ms", breakdown(golden, device))
     if "old" not in skip:
-        with patched(attn_mod, "sparse_attention", gather_sparse_attention):
+        with patched(attn_mod, "sparse_attention", attn_mod.sparse_attention_gather):
             _, ts_old = timeit(golden, device, a.repeat)
             log("golden_old_gather_ms", [round(t * 1e3, 1) for t in ts_old])
             log("golden_old_gather_breakdown_ms", breakdown(golden, device))

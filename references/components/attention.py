@@ -259,6 +259,30 @@ def _attend_block(q, kv, idx, rows, sink, scale, numerics):
     return torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
 
 
+def sparse_attention_gather(q, kv, indices, sink, *, scale, numerics=GOLDEN, chunk=256):
+    """``sparse_attention`` in its most literal form, kept as the oracle of the faster evaluation: per query
+    block, gather a [t, K, d] copy of the indexed rows and reduce over the K slots in slot order (no input
+    checks: call :func:`sparse_attention`)."""
+    dt = q.dtype
+    out = torch.empty_like(q)
+    for a in range(0, q.shape[0], chunk):
+        b = min(a + chunk, q.shape[0])
+        idx = indices[a:b].long()
+        valid = idx >= 0
+        kvs = kv[idx.clamp(min=0)]
+        logits = torch.einsum("thd,tkd->thk", q[a:b], kvs) * scale
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        m = torch.maximum(logits.amax(dim=-1), sink[None, :])
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(logits - m[..., None])
+        den = p.sum(dim=-1) + torch.exp(sink[None, :] - m)
+        if numerics.attn_probs_dtype is not None:
+            p = p.to(numerics.attn_probs_dtype).to(dt)
+        o = torch.einsum("thk,tkd->thd", p, kvs)
+        out[a:b] = torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
+    return out
+
+
 # -- output path -----------------------------------------------------------------------------------
 def output_projection(
     o: torch.Tensor,

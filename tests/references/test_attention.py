@@ -10,6 +10,7 @@ from references.components.attention import (
     query_path,
     random_attention_weights,
     sparse_attention,
+    sparse_attention_gather,
     swa_indices,
 )
 from references.components.norms import rms_norm
@@ -257,29 +258,6 @@ def test_layer_refuses_bad_input():
 
 
 # -- the block evaluation of sparse_attention == the per-slot gather it replaced ---------------------
-def _gather_attention(q, kv, indices, sink, *, scale, numerics=GOLDEN, chunk=256):
-    """The previous evaluation of ``sparse_attention`` (kept as the oracle): per query block, gather a
-    [t, K, d] copy of the indexed rows and reduce over the K slots in slot order."""
-    dt = q.dtype
-    out = torch.empty_like(q)
-    for a in range(0, q.shape[0], chunk):
-        b = min(a + chunk, q.shape[0])
-        idx = indices[a:b].long()
-        valid = idx >= 0
-        kvs = kv[idx.clamp(min=0)]
-        logits = torch.einsum("thd,tkd->thk", q[a:b], kvs) * scale
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-        m = torch.maximum(logits.amax(dim=-1), sink[None, :])
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(logits - m[..., None])
-        den = p.sum(dim=-1) + torch.exp(sink[None, :] - m)
-        if numerics.attn_probs_dtype is not None:
-            p = p.to(numerics.attn_probs_dtype).to(dt)
-        o = torch.einsum("thk,tkd->thd", p, kvs)
-        out[a:b] = torch.where(den[..., None] > 0, o / den[..., None], torch.zeros_like(o))
-    return out
-
-
 def _attention_bound(q, kv, idx, u, probs_ulp=0.0):
     """Forward error bound of either evaluation (see test_sparse_attention_fp32_vs_fp64_within_derived_bound):
     (2 dl + (2K + 5) u) max_j |v_j|, dl = tau gamma_{d+1}(u) max_j sum_i |q_i||kv_ji|. Both evaluations add
@@ -330,14 +308,14 @@ def test_block_evaluation_equals_per_slot_gather(case, chunk):
     for dt, u in ((torch.float64, 2.0**-53), (torch.float32, U32)):
         args = (q.to(dt), kv.to(dt), idx, sink.to(dt))
         new = sparse_attention(*args, scale=TAU, chunk=chunk)
-        old = _gather_attention(*args, scale=TAU, chunk=chunk)
+        old = sparse_attention_gather(*args, scale=TAU, chunk=chunk)
         assert new.dtype == dt
         print(f"\n{case} chunk={chunk} {dt}: max|block - gather| = {(new - old).abs().max().item():.3g}")
         assert_within(f"block vs gather ({case}, {dt})", new, old, 2 * _attention_bound(q, kv, idx, u))
     # bf16-rounded probabilities (official numerics): at most one bf16 ulp (2^-7 relative) apart per weight
     args = (q.float(), kv.float(), idx, sink.float())
     new = sparse_attention(*args, scale=TAU, chunk=chunk, numerics=official())
-    old = _gather_attention(*args, scale=TAU, chunk=chunk, numerics=official())
+    old = sparse_attention_gather(*args, scale=TAU, chunk=chunk, numerics=official())
     assert_within(f"block vs gather ({case}, bf16 probs)", new, old,
                   2 * _attention_bound(q, kv, idx, U32, probs_ulp=2.0**-7))
 
