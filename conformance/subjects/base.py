@@ -46,7 +46,7 @@ class SubjectInfo:
 
     @property
     def banner(self) -> str:
-        kind = "EMULATED" if self.emulated else "DEVICE RUN"
+        kind = "EMULATED" if self.emulated else "REAL RUN"
         return f"{self.name}: {self.implementation} on {self.device} [{kind}, dialect {self.dialect}]"
 
 
