@@ -1,6 +1,6 @@
 """Render the HTML report from a results folder: one self-contained file, no network, every value escaped.
 
-Sections: a banner per subject (device, dialect, implementation, EMULATED or DEVICE RUN), the
+Sections: a banner per subject (device, dialect, implementation, EMULATED, REAL RUN ON <device>, GOLDEN SELF-CHECK), the
 components x checks matrix per subject (worst verdict, worst error against bound), the coverage table
 (which components each subject provides, with the function and backend), dialect maps, and per-case
 details with an inline error histogram and the command that reruns that case alone.
