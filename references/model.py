@@ -162,10 +162,28 @@ class _ExpertView:
         self.w = w
 
     def __call__(self, e: int):
+        return _OneExpert(self.w, e)
+
+
+class _OneExpert(Mapping):
+    """``{"w1","w3","w2"}`` of one expert, each looked up only when used (a lazy layer dict decodes it then)."""
+
+    def __init__(self, w, e: int):
+        self.w, self.e = w, e
+
+    def __getitem__(self, k):
+        if k not in ("w1", "w3", "w2"):
+            raise KeyError(k)
         try:
-            return {k: self.w[f"ffn.experts.{e}.{k}"] for k in ("w1", "w3", "w2")}
+            return self.w[f"ffn.experts.{self.e}.{k}"]
         except KeyError as err:
-            raise KeyError(f"w: missing weights of expert {e} ({err})") from None
+            raise KeyError(f"w: missing weights of expert {self.e} ({err})") from None
+
+    def __iter__(self):
+        return iter(("w1", "w3", "w2"))
+
+    def __len__(self):
+        return 3
 
 
 def _round(x, numerics: Numerics):
