@@ -155,7 +155,7 @@ def sparse_attention(
     *,
     scale: float,
     numerics: Numerics = GOLDEN,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """MQA sparse attention with a per-head sink (spec 3.10) -> o [T, H, d].
 
@@ -168,13 +168,16 @@ def sparse_attention(
     Evaluation: queries are processed in blocks of at most ``chunk``; slot columns that are -1 for the
     whole block are dropped (they add exact zeros). A block referencing U distinct kv rows through K slot
     columns is evaluated in one of two equivalent forms (same terms, other order of the additions):
-      * U <= r K (r = 4 on CPU, where a gather is a costly copy; r = 1 on CUDA, where it is cheap next to
-        the extra products): q . kv against the U distinct rows, one [t H, d] x
+      * U <= 4 K (a gather is a costly copy on the CPU): q . kv against the U distinct rows, one [t H, d] x
         [d, U] product, with a count matrix ``c[t, u]`` (how often row u occurs among query t's valid
         slots; 0 = not attended) masking and weighting the logits (duplicates count twice);
       * otherwise (scattered top-k sets: the union grows past the per-query sets) the per-slot form: a
         [t, K, d] gather of the indexed rows.
     A block is halved while its [t, H, U] logits would exceed the ``chunk K d`` elements of a gather.
+    chunk None: 256 on the CPU. On CUDA every block uses the per-slot form (the distinct-row form's
+    bookkeeping costs host syncs that outweigh its savings there), all-padding columns are kept (their
+    probabilities are exact zeros) and the block holds as many queries as keep the [t, K, d] gather within
+    2^28 elements (1 GiB fp32), between 64 and 1024.
     """
     float_tensor("q", q, ndim=3)
     float_tensor("kv", kv, ndim=2, last=q.shape[2])
@@ -194,11 +197,19 @@ def sparse_attention(
     q, kv, sink = q.to(dt), kv.to(dt), sink.to(dt)
     T, H, d = q.shape
     out = torch.empty_like(q)
-    budget = chunk * max(indices.shape[1], 1) * d
+    K = max(indices.shape[1], 1)
+    if q.is_cuda:
+        chunk = chunk or max(64, min(1024, 2**28 // (K * d)))
+        for a in range(0, T, chunk):
+            b = min(a + chunk, T)
+            out[a:b] = _attend_gathered(q[a:b], kv, indices[a:b].long(), sink, scale, numerics)
+        return out
+    chunk = chunk or 256
+    budget = chunk * K * d
     for a, b, rows in _query_blocks(indices, chunk, H, budget):
         idx = indices[a:b].long()
         idx = idx[:, (idx >= 0).any(0)]  # drop all-padding slot columns
-        if rows.numel() <= (1 if q.is_cuda else 4) * idx.shape[1]:
+        if rows.numel() <= 4 * idx.shape[1]:
             out[a:b] = _attend_block(q[a:b], kv, idx, rows, sink, scale, numerics)
         else:
             out[a:b] = _attend_gathered(q[a:b], kv, idx, sink, scale, numerics)

@@ -119,7 +119,7 @@ def indexer_topk_chunked(
     *,
     ratio: int,
     topk: int,
-    chunk: int = 128,
+    chunk: int | None = None,
     key_chunk: int = 4096,
 ) -> torch.Tensor:
     """Scores + causal top-k in bounded memory: queries in blocks of ``chunk``, keys in blocks of
@@ -127,20 +127,27 @@ def indexer_topk_chunked(
 
     Peak extra memory ~ chunk * (Hi * key_chunk + N) elements, independent of T. Selection equals
     ``indexer_topk(indexer_scores(q, k, w), ...)`` (same per-element arithmetic, same tie-break).
+    chunk None: 128 query rows on the CPU (cache-sized blocks); on CUDA as many rows as keep the
+    [chunk, Hi, key block] logits within 2^27 elements (512 MiB fp32), between 128 and 2048 (fewer, larger
+    launches). The block shape changes which GEMM kernel runs, so on a GPU a near-tie can fall either side
+    with another chunk (the fp32 scores differ in the last ulp); on the CPU the scores do not depend on it.
     """
     _check_qkw(q, k, w)
     index_tensor("positions", positions, ndim=1)
     if positions.shape[0] != q.shape[0]:
         raise ValueError(f"positions: length {positions.shape[0]} != q rows {q.shape[0]}")
+    T, N = q.shape[0], k.shape[0]
+    if chunk is None:
+        chunk = 128 if not q.is_cuda else max(128, min(2048, 2**27 // max(1, q.shape[1] * min(N, key_chunk))))
     if chunk <= 0 or key_chunk <= 0:
         raise ValueError(f"chunk / key_chunk: must be positive, got {chunk} / {key_chunk}")
-    T, N = q.shape[0], k.shape[0]
     dt = compute_dtype(q)
     out = torch.empty(T, topk, dtype=torch.long)
     bound = causal_bound(positions, ratio).clamp(max=N)
+    bound_host = bound.cpu()   # one host copy; the per-block key ranges are read from it
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
-        n_vis = int(bound[a:b].max()) if b > a else 0
+        n_vis = int(bound_host[a:b].max()) if b > a else 0
         scores = torch.full((b - a, N), float("-inf"), dtype=dt)
         for s0 in range(0, n_vis, key_chunk):
             s1 = min(s0 + key_chunk, n_vis)
