@@ -199,11 +199,8 @@ def sparse_attention(
     out = torch.empty_like(q)
     K = max(indices.shape[1], 1)
     if q.is_cuda:
-        chunk = chunk or max(64, min(1024, 2**28 // (K * d)))
-        for a in range(0, T, chunk):
-            b = min(a + chunk, T)
-            out[a:b] = _attend_gathered(q[a:b], kv, indices[a:b].long(), sink, scale, numerics)
-        return out
+        return _per_slot_blocks(q, kv, indices, sink, scale, numerics,
+                                chunk or max(64, min(1024, 2**28 // (K * d))))
     chunk = chunk or 256
     budget = chunk * K * d
     for a, b, rows in _query_blocks(indices, chunk, H, budget):
@@ -213,6 +210,16 @@ def sparse_attention(
             out[a:b] = _attend_block(q[a:b], kv, idx, rows, sink, scale, numerics)
         else:
             out[a:b] = _attend_gathered(q[a:b], kv, idx, sink, scale, numerics)
+    return out
+
+
+def _per_slot_blocks(q, kv, indices, sink, scale, numerics, chunk):
+    """The per-slot form on every block of ``chunk`` queries, padding columns kept (the CUDA evaluation:
+    no data-dependent shapes, so no host syncs)."""
+    out = torch.empty_like(q)
+    for a in range(0, q.shape[0], chunk):
+        b = min(a + chunk, q.shape[0])
+        out[a:b] = _attend_gathered(q[a:b], kv, indices[a:b].long(), sink, scale, numerics)
     return out
 
 

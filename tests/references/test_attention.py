@@ -320,6 +320,25 @@ def test_block_evaluation_equals_per_slot_gather(case, chunk):
                   2 * _attention_bound(q, kv, idx, U32, probs_ulp=2.0**-7))
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_cuda_block_evaluation_equals_per_slot_gather(chunk):
+    """The evaluation sparse_attention uses on CUDA (per-slot blocks, padding columns kept), run here on
+    the CPU: bitwise the per-slot oracle, official numerics (bf16 probabilities) included."""
+    from references.components.attention import _per_slot_blocks
+
+    g = torch.Generator().manual_seed(11)
+    T, H, d, N, K = 40, 3, 16, 50, 9
+    q, kv = torch.randn(T, H, d, generator=g), torch.randn(N, d, generator=g)
+    idx = torch.randint(-1, N, (T, K), generator=g)
+    idx[5] = -1   # an empty row
+    sink = torch.randn(H, generator=g)
+    for num in (None, official()):
+        kw = {} if num is None else {"numerics": num}
+        got = _per_slot_blocks(q, kv, idx, sink, TAU, num or GOLDEN, chunk)
+        want = sparse_attention_gather(q, kv, idx, sink, scale=TAU, chunk=5, **kw)
+        assert torch.equal(got, want), f"max |diff| {(got - want).abs().max().item():.3g}"
+
+
 def test_query_blocks_split_when_many_distinct_rows():
     from references.components.attention import _query_blocks
 
