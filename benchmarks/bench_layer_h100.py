@@ -275,6 +275,7 @@ def main():
 
     out_g, ts = timeit(golden, device, a.repeat)
     log("golden_ms", [round(t * 1e3, 1) for t in ts])
+    log("golden_rerun_bitwise_equal", bool(torch.equal(out_g, golden())))
     log("golden_breakdown_ms", breakdown(golden, device))
     if "old" not in skip:
         with patched(attn_mod, "sparse_attention", attn_mod.sparse_attention_gather):
@@ -364,8 +365,12 @@ def main():
     best_hf = min(min(v) for v in hf_times.values()) / 1e3 if hf_times else float("nan")
     peak = res["matmul_fp32_tflops"] * 1e12
     log("flops_tflop", {k: round(v / 1e12, 3) for k, v in flops.items()})
+    med_g = statistics.median(res["golden_ms"]) / 1e3
+    med_hf = min(statistics.median(v) for v in hf_times.values()) / 1e3 if hf_times else float("nan")
     log("summary", {"golden_ms": round(best_g * 1e3, 1), "hf_best_ms": round(best_hf * 1e3, 1),
                     "hf_over_golden": round(best_hf / best_g, 2),
+                    "golden_median_ms": round(med_g * 1e3, 1), "hf_best_median_ms": round(med_hf * 1e3, 1),
+                    "hf_over_golden_medians": round(med_hf / med_g, 2),
                     "golden_roofline_fraction": round(flops["total"] / peak / best_g, 3),
                     "hf_roofline_fraction": round(flops["total"] / peak / best_hf, 3),
                     "roofline_ms": round(flops["total"] / peak * 1e3, 1)})
