@@ -35,6 +35,9 @@ def pytest_addoption(parser):
                 help="e2e: serve this DSV4 checkpoint folder (official layout, config.json + "
                      "model.safetensors.index.json) instead of the written tiny one; the golden streams it one "
                      "layer at a time (nox sessions: DSV4_CHECKPOINT=PATH)")
+    g.addoption("--golden-checkpoint", default=None, metavar="PATH",
+                help="e2e, with --checkpoint: the golden streams this folder instead (same architecture; e.g. "
+                     "the FP8/MXFP4 release layout while vLLM's CPU build serves the bf16 variant)")
 
 
 class ConformanceRun:
@@ -46,6 +49,7 @@ class ConformanceRun:
         self.writer = None
         self.emulated_cache: dict = {}
         self.checkpoint = config.getoption("--checkpoint")
+        self.golden_checkpoint = config.getoption("--golden-checkpoint")
 
     def subject(self, spec: str):
         if spec not in self._subjects:
@@ -85,8 +89,11 @@ def pytest_configure(config):
     from .subjects import SubjectError, prepare_process
 
     prepare_process(run.subject_specs)
-    if run.checkpoint is not None:
-        _check_checkpoint_arg(run.checkpoint)
+    if run.golden_checkpoint is not None and run.checkpoint is None:
+        raise pytest.UsageError("--golden-checkpoint needs --checkpoint (the folder vLLM serves)")
+    for opt, path in (("--checkpoint", run.checkpoint), ("--golden-checkpoint", run.golden_checkpoint)):
+        if path is not None:
+            _check_checkpoint_arg(path, opt)
     # Fail fast, in one sentence, before collecting anything: unknown subject, missing package, no device.
     for spec in run.subject_specs:
         try:
@@ -123,7 +130,7 @@ def pytest_configure(config):
         write_manifest(run.out, subjects=infos, env=captured, command=command, argv=list(sys.argv))
 
 
-def _check_checkpoint_arg(path: str) -> None:
+def _check_checkpoint_arg(path: str, opt: str = "--checkpoint") -> None:
     """--checkpoint: the folder must exist and hold a readable config.json and index (a usage error, one
     sentence, before any case runs). Tensor-level defects (truncated shard, missing tensor, wrong dtype or
     shape) are found by the e2e check's header scan and reported as a failing e2e/load row."""
@@ -140,7 +147,7 @@ def _check_checkpoint_arg(path: str) -> None:
         CheckpointReader(p)
     except (CheckpointRefused, CheckpointError) as e:
         msg = str(e)
-        raise pytest.UsageError(f"--checkpoint: {msg}") from None
+        raise pytest.UsageError(f"{opt}: {msg}") from None
 
 
 def pytest_generate_tests(metafunc):

@@ -173,6 +173,14 @@ def open_checkpoint(path):
     return reader
 
 
+def _arch_diff(a, b) -> list[str]:
+    """Config fields (other than the name and how weights are stored) in which two configs differ."""
+    import dataclasses
+
+    skip = {"name", "quantization", "expert_dtype"}
+    return [f.name for f in dataclasses.fields(a) if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
+
+
 class _Getter:
     """``load_check`` indexes its weights by full name: a reader read through ``get``."""
 
@@ -185,12 +193,15 @@ class _Getter:
 
 def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 0,
             prompt_set: dict | None = None, max_tokens: int = 8, progress=None,
-            checkpoint: str | Path | None = None, platform: str | None = None) -> list[CheckResult]:
+            checkpoint: str | Path | None = None, golden_checkpoint: str | Path | None = None,
+            platform: str | None = None) -> list[CheckResult]:
     """The e2e rows. Without ``checkpoint``: the tiny bf16 checkpoint is written under ``out_dir`` and the
     golden uses the weights the writer returns (in memory). With ``checkpoint``: that folder is served by
     vLLM as it is, its config comes from its config.json, and the golden streams it one layer at a time
     (``DSV4Model(reader, cache_weights=False)``, experts read only when routed). A checkpoint that fails the
-    header check gives one failing ``e2e/load`` row and vLLM is not started."""
+    header check gives one failing ``e2e/load`` row and vLLM is not started. ``golden_checkpoint``: the
+    golden (and the load probe) streams this folder instead, e.g. the FP8/MXFP4 official-layout variant of
+    the bf16 checkpoint vLLM's CPU build serves; its architecture must equal the served config."""
     from references.checkpoints.writer import write_checkpoint
     from references.config import TINY
     from references.model import DSV4Model
@@ -226,6 +237,23 @@ def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 
         quantized, streamed = weights.quantized, True
         ck = {"checkpoint": str(ckpt), "config": config_label(cfg), "quantized": quantized,
               "golden": "streamed from the checkpoint, one layer at a time (routed experts on demand)"}
+        if golden_checkpoint is not None:
+            try:
+                weights = open_checkpoint(golden_checkpoint)
+                diff = _arch_diff(weights.config, cfg)
+                if diff:
+                    raise CheckpointRefused(f"--golden-checkpoint {golden_checkpoint}: its config differs from "
+                                            f"the served checkpoint's in {diff}")
+            except CheckpointRefused as e:
+                return [CheckResult(subject=subject, component="model", check="e2e", device=info.device,
+                                    dialect=info.dialect, emulated=info.emulated, rerun=rerun, seed=seed,
+                                    case_id="e2e/load", level="load", verdict="fail",
+                                    message=f"refused before starting vLLM: {e}",
+                                    params={"checkpoint": str(ckpt), "golden_checkpoint": str(golden_checkpoint)})]
+            ck.update(golden=(f"streamed from --golden-checkpoint {golden_checkpoint} "
+                              f"({'FP8/MXFP4' if weights.quantized else 'bf16'}), one layer at a time"),
+                      golden_checkpoint=str(golden_checkpoint), golden_quantized=weights.quantized)
+            rerun = rerun.replace(" -- -k", f" -- --golden-checkpoint {shlex.quote(str(golden_checkpoint))} -k")
     ck_words = (f"[checkpoint {ck['checkpoint']}: {ck['config']}, "
                 f"{'FP8/MXFP4' if ck['quantized'] else 'bf16'}; golden {ck['golden']}]")
     rn = G.replay_numerics(platform, quantized)

@@ -37,7 +37,8 @@ def test_e2e(conformance_subject_only, conformance_run):
         from conformance.checks.e2e import run_e2e
 
         try:
-            rows = run_e2e(spec, info, out_dir=out_dir, checkpoint=ckpt)
+            rows = run_e2e(spec, info, out_dir=out_dir, checkpoint=ckpt,
+                           golden_checkpoint=conformance_run.golden_checkpoint)
         except Exception as e:  # vLLM could not start or serve: one row, the traceback kept in extra
             first = (str(e).strip().splitlines() or [""])[0]
             r = row("error", f"vLLM could not serve {'--checkpoint ' + ckpt if ckpt else 'the tiny checkpoint'}: "
