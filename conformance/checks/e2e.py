@@ -1,5 +1,9 @@
-"""End-to-end check (issue 5): the tiny DSV4 checkpoint (bf16 variant) served by ``vllm.LLM`` on the CPU,
-compared with the golden ``DSV4Model`` on the same weights.
+"""End-to-end check (issue 5): a DSV4 checkpoint served by ``vllm.LLM`` in this process, compared with the
+golden ``DSV4Model`` on the same weights. By default the tiny checkpoint (bf16 variant) is written and the
+golden holds its weights in memory; with ``checkpoint=PATH`` (``--checkpoint``) PATH is served as it is, its
+config.json gives the config, every tensor is checked from the shard headers before vLLM starts, and the
+golden streams PATH one layer at a time (routed experts read only when routed). Bounds are judged only where
+the replay's numerics are derived for the platform and checkpoint (``e2e_golden.replay_numerics``).
 
 Rows (check="e2e"):
 * ``e2e/load``: vLLM loaded our official-layout folder as it is (probed parameters equal the checkpoint's).
