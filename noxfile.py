@@ -58,7 +58,18 @@ def cpu(session):
             "--junit", f"{OUT}/cpu/junit.xml"]
     for s in subjects:
         args += ["--subject", s]
-    session.run("python", *args, *(["--", *session.posargs] if session.posargs else []), external=True)
+    session.run("python", *args, *_pytest_args(session), external=True)
+
+
+def _pytest_args(session) -> list[str]:
+    """``--`` then the session's posargs, plus ``--checkpoint $DSV4_CHECKPOINT`` when that is set (and no
+    --checkpoint is among the posargs): ``DSV4_CHECKPOINT=PATH nox -s gfx942`` equals
+    ``nox -s gfx942 -- --checkpoint PATH``."""
+    args = list(session.posargs)
+    ck = os.environ.get("DSV4_CHECKPOINT")
+    if ck and not any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in args):
+        args += ["--checkpoint", ck]
+    return ["--", *args] if args else []
 
 
 @nox.session(python=False)
@@ -97,7 +108,7 @@ def _device_session(session, platform: str, subjects: list[str]):
     args = ["-m", "conformance", "run", "--out", f"{OUT}/{platform}", "--junit", f"{OUT}/{platform}/junit.xml"]
     for s in subjects:
         args += ["--subject", s]
-    session.run("python", *args, *(["--", *session.posargs] if session.posargs else []), external=True)
+    session.run("python", *args, *_pytest_args(session), external=True)
 
 
 @nox.session(python=False)

@@ -36,6 +36,8 @@ def cmd_run(a) -> int:
         args += ["-n", str(a.workers)]
     if a.junit:
         args += ["--junitxml", a.junit]
+    if a.checkpoint:
+        args += ["--checkpoint", a.checkpoint]
     return _pytest(args + a.pytest_args)
 
 
@@ -219,6 +221,9 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="out/conformance")
     r.add_argument("-n", "--workers", default=None, help="pytest-xdist workers (e.g. 2 or auto)")
     r.add_argument("--junit", default=None, help="write JUnit XML here")
+    r.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="e2e: serve this DSV4 checkpoint folder with --subject vllm; the golden streams it one "
+                        "layer at a time (default: the written tiny checkpoint)")
     r.add_argument("pytest_args", nargs="*", help="passed to pytest after --")
     r.set_defaults(fn=cmd_run)
     rr = sub.add_parser("rerun", help="rerun one case alone")

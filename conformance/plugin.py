@@ -31,6 +31,13 @@ def pytest_addoption(parser):
                      "the verdicts of this run are not changed: use `python -m conformance gate` to gate)")
     g.addoption("--no-report", action="store_true", help="do not render the HTML report at the end")
     g.addoption("--append", action="store_true", help="keep earlier results in --out (default: start fresh)")
+    g.addoption("--checkpoint", default=None, metavar="PATH",
+                help="e2e: serve this DSV4 checkpoint folder (official layout, config.json + "
+                     "model.safetensors.index.json) instead of the written tiny one; the golden streams it one "
+                     "layer at a time (nox sessions: DSV4_CHECKPOINT=PATH)")
+    g.addoption("--golden-checkpoint", default=None, metavar="PATH",
+                help="e2e, with --checkpoint: the golden streams this folder instead (same architecture; e.g. "
+                     "the FP8/MXFP4 release layout while vLLM's CPU build serves the bf16 variant)")
 
 
 class ConformanceRun:
@@ -41,6 +48,8 @@ class ConformanceRun:
         self._subjects = {}
         self.writer = None
         self.emulated_cache: dict = {}
+        self.checkpoint = config.getoption("--checkpoint")
+        self.golden_checkpoint = config.getoption("--golden-checkpoint")
 
     def subject(self, spec: str):
         if spec not in self._subjects:
@@ -80,6 +89,11 @@ def pytest_configure(config):
     from .subjects import SubjectError, prepare_process
 
     prepare_process(run.subject_specs)
+    if run.golden_checkpoint is not None and run.checkpoint is None:
+        raise pytest.UsageError("--golden-checkpoint needs --checkpoint (the folder vLLM serves)")
+    for opt, path in (("--checkpoint", run.checkpoint), ("--golden-checkpoint", run.golden_checkpoint)):
+        if path is not None:
+            _check_checkpoint_arg(path, opt)
     # Fail fast, in one sentence, before collecting anything: unknown subject, missing package, no device.
     for spec in run.subject_specs:
         try:
@@ -114,6 +128,26 @@ def pytest_configure(config):
         (run.out / "env.json").write_text(json.dumps(captured, indent=1))
         (run.out / "command.txt").write_text(command + "\n")
         write_manifest(run.out, subjects=infos, env=captured, command=command, argv=list(sys.argv))
+
+
+def _check_checkpoint_arg(path: str, opt: str = "--checkpoint") -> None:
+    """--checkpoint: the folder must exist and hold a readable config.json and index (a usage error, one
+    sentence, before any case runs). Tensor-level defects (truncated shard, missing tensor, wrong dtype or
+    shape) are found by the e2e check's header scan and reported as a failing e2e/load row."""
+    from conformance.checks.e2e import CheckpointRefused
+    from references.checkpoints.reader import CheckpointError, CheckpointReader
+
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise CheckpointRefused(f"no such file or directory: {path}")
+        if not p.is_dir():
+            raise CheckpointRefused(f"{path} is not a directory (give the folder with config.json and "
+                                    "model.safetensors.index.json)")
+        CheckpointReader(p)
+    except (CheckpointRefused, CheckpointError) as e:
+        msg = str(e)
+        raise pytest.UsageError(f"{opt}: {msg}") from None
 
 
 def pytest_generate_tests(metafunc):

@@ -37,7 +37,7 @@ from .components.norms import rms_norm
 from .config import DSV4Config
 from .numerics import GOLDEN, Numerics
 
-__all__ = ["WeightSource", "DictWeights", "Variants", "ModelState", "layer_weights", "decoder_layer",
+__all__ = ["WeightSource", "DictWeights", "Variants", "ModelState", "layer_weights", "LayerWeights", "decoder_layer",
            "DSV4Model", "forward"]
 
 
@@ -69,11 +69,53 @@ def as_source(weights) -> WeightSource:
     return weights
 
 
-def layer_weights(src, cfg: DSV4Config, layer: int) -> dict[str, torch.Tensor]:
-    """Read one block's tensors (and no other layer's) into a layer-relative dict."""
+def layer_weights(src, cfg: DSV4Config, layer: int, *, lazy_experts: bool = False):
+    """Read one block's tensors (and no other layer's) into a layer-relative dict.
+
+    lazy_experts: return a ``LayerWeights`` mapping instead, whose routed-expert entries are read from the
+    source on each access (what a full-size checkpoint needs: a Flash layer's 256 experts are ~26 GB in fp32).
+    """
+    if lazy_experts:
+        return LayerWeights(src, cfg, layer)
     src = as_source(src)
     p = layer_prefix(cfg, layer)
     return {relative_key(t.name): src.get(p + t.name) for t in layer_tensors(cfg, layer)}
+
+
+EXPERT_PREFIX = "ffn.experts."
+
+
+class LayerWeights(Mapping):
+    """One block's layer-relative weights over a ``WeightSource``: every tensor is read when the view is
+    built, except the routed experts (``ffn.experts.{e}.{w1,w3,w2}``), which are read on each access and
+    never kept (``moe`` asks for the routed experts only, one at a time). ``cast`` maps each tensor read
+    (the model's compute dtype). The view holds no other layer's tensors; dropping it frees the layer."""
+
+    def __init__(self, src, cfg: DSV4Config, layer: int, *, cast=None):
+        self.src = as_source(src)
+        self.layer = layer
+        self._cast = cast or (lambda t: t)
+        p = layer_prefix(cfg, layer)
+        self._names = {relative_key(t.name): p + t.name for t in layer_tensors(cfg, layer)}
+        self._eager = {k: self._cast(self.src.get(n)) for k, n in self._names.items()
+                       if not k.startswith(EXPERT_PREFIX)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._eager.get(key)
+        if t is not None:
+            return t
+        if key in self._names:
+            return self._cast(self.src.get(self._names[key]))
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key) -> bool:
+        return key in self._names
 
 
 @dataclass(frozen=True)
@@ -204,17 +246,21 @@ class DSV4Model:
 
     dtype: the compute dtype (float32 golden, float64 cross-check); weights are cast to it.
     cache_weights: keep every layer's weights after first use (fast decode; the tiny model is ~80 MB in
-    fp32). False streams one layer at a time from the source (what a full-size checkpoint needs).
+    fp32). False streams one layer at a time from the source (what a full-size checkpoint needs): a layer's
+    weights are read when the layer runs and dropped before the next one is read.
+    lazy_experts: read routed experts only when ``moe`` routes a token to them, one at a time, never kept
+    (``LayerWeights``); default: on exactly when ``cache_weights`` is off.
     """
 
     def __init__(self, weights, cfg: DSV4Config, *, numerics: Numerics = GOLDEN, dtype=torch.float32,
-                 variants: Variants = OFFICIAL, cache_weights: bool = True):
+                 variants: Variants = OFFICIAL, cache_weights: bool = True, lazy_experts: bool | None = None):
         self.src = as_source(weights)
         self.cfg = cfg
         self.numerics = numerics
         self.dtype = dtype
         self.variants = variants
         self.cache_weights = cache_weights
+        self.lazy_experts = (not cache_weights) if lazy_experts is None else lazy_experts
         self._cache: dict = {}
 
     # -- weights -------------------------------------------------------------------------------------
@@ -224,7 +270,10 @@ class DSV4Model:
     def layer(self, layer: int) -> dict:
         if layer in self._cache:
             return self._cache[layer]
-        w = {k: self._cast(v) for k, v in layer_weights(self.src, self.cfg, layer).items()}
+        if self.lazy_experts:
+            w = LayerWeights(self.src, self.cfg, layer, cast=self._cast)
+        else:
+            w = {k: self._cast(v) for k, v in layer_weights(self.src, self.cfg, layer).items()}
         if self.cache_weights:
             self._cache[layer] = w
         return w

@@ -1,5 +1,9 @@
-"""End-to-end check (issue 5): the tiny DSV4 checkpoint (bf16 variant) served by ``vllm.LLM`` on the CPU,
-compared with the golden ``DSV4Model`` on the same weights.
+"""End-to-end check (issue 5): a DSV4 checkpoint served by ``vllm.LLM`` in this process, compared with the
+golden ``DSV4Model`` on the same weights. By default the tiny checkpoint (bf16 variant) is written and the
+golden holds its weights in memory; with ``checkpoint=PATH`` (``--checkpoint``) PATH is served as it is, its
+config.json gives the config, every tensor is checked from the shard headers before vLLM starts, and the
+golden streams PATH one layer at a time (routed experts read only when routed). Bounds are judged only where
+the replay's numerics are derived for the platform and checkpoint (``e2e_golden.replay_numerics``).
 
 Rows (check="e2e"):
 * ``e2e/load``: vLLM loaded our official-layout folder as it is (probed parameters equal the checkpoint's).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 import resource
+import shlex
 import time
 from pathlib import Path
 
@@ -108,12 +113,16 @@ def _rel(got, want) -> float:
 
 def layer_rows_data(vt_layers, weights, cfg, ids, **kw):
     """Teacher-forced comparison of every layer; returns (table, first) where table[l][key] = (rel, bound)
-    and first = (layer, key, rel, bound) of the first component out of tolerance, or None."""
+    and first = (layer, key, rel, bound) of the first component out of tolerance, or None.
+
+    ``weights``: a dict of full checkpoint names or a ``WeightSource`` (``CheckpointReader``). Each layer's
+    weights are read when that layer is replayed and dropped before the next one (``LayerWeights``: the
+    routed experts are read only when routed, one at a time), so a full-size checkpoint streams."""
     from references.model import layer_weights
 
     table, first = [], None
     for layer, vt in enumerate(vt_layers):
-        g = G.replay_layer(vt, layer_weights(weights, cfg, layer), cfg, layer, ids, **kw)
+        g = G.replay_layer(vt, layer_weights(weights, cfg, layer, lazy_experts=True), cfg, layer, ids, **kw)
         row = {}
         for k in G.ORDER:
             rel = _rel(vt[k], g[k])
@@ -122,11 +131,81 @@ def layer_rows_data(vt_layers, weights, cfg, ids, **kw):
             if first is None and not rel <= bound:
                 first = (layer, k, rel, bound)
         table.append(row)
+        del g
     return table, first
 
 
+def platform_key() -> str:
+    """Where the in-process vLLM computes: "cpu" | "rocm-<arch>" | "cuda" | ..."""
+    from conformance.platforms import detect
+
+    d = detect()
+    return f"rocm-{d['arch']}" if d["kind"] == "rocm" else d["kind"]
+
+
+def config_label(cfg) -> str:
+    """The checkpoint's config in words: which preset its architecture matches (if any) and its size."""
+    from references.config import PRESETS
+
+    arch = ("hidden_size", "num_hidden_layers", "vocab_size", "n_routed_experts", "num_attention_heads",
+            "compress_ratios")
+    match = [n for n, p in PRESETS.items() if all(getattr(p, f) == getattr(cfg, f) for f in arch)]
+    dims = (f"L={cfg.num_hidden_layers} D={cfg.hidden_size} E={cfg.n_routed_experts} V={cfg.vocab_size}")
+    return f"{match[0]}-shaped ({dims})" if match else f"custom ({dims})"
+
+
+class CheckpointRefused(Exception):
+    """The --checkpoint path cannot be served or compared; the message is one sentence."""
+
+
+def open_checkpoint(path):
+    """-> CheckpointReader over ``path`` with every tensor's presence, dtype and shape checked from the shard
+    headers (no data read). Raises ``CheckpointRefused`` with one sentence naming file and tensor."""
+    from references.checkpoints.reader import CheckpointError, CheckpointReader
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointRefused(f"--checkpoint {path}: no such file or directory")
+    if not p.is_dir():
+        raise CheckpointRefused(f"--checkpoint {path}: not a directory (give the checkpoint folder that holds "
+                                "config.json and model.safetensors.index.json)")
+    try:
+        reader = CheckpointReader(p)
+        reader.check()
+    except CheckpointError as e:
+        raise CheckpointRefused(f"--checkpoint {path}: {e}") from None
+    return reader
+
+
+def _arch_diff(a, b) -> list[str]:
+    """Config fields (other than the name and how weights are stored) in which two configs differ."""
+    import dataclasses
+
+    skip = {"name", "quantization", "expert_dtype"}
+    return [f.name for f in dataclasses.fields(a) if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
+
+
+class _Getter:
+    """``load_check`` indexes its weights by full name: a reader read through ``get``."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __getitem__(self, name):
+        return self.src.get(name)
+
+
 def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 0,
-            prompt_set: dict | None = None, max_tokens: int = 8, progress=None) -> list[CheckResult]:
+            prompt_set: dict | None = None, max_tokens: int = 8, progress=None,
+            checkpoint: str | Path | None = None, golden_checkpoint: str | Path | None = None,
+            platform: str | None = None) -> list[CheckResult]:
+    """The e2e rows. Without ``checkpoint``: the tiny bf16 checkpoint is written under ``out_dir`` and the
+    golden uses the weights the writer returns (in memory). With ``checkpoint``: that folder is served by
+    vLLM as it is, its config comes from its config.json, and the golden streams it one layer at a time
+    (``DSV4Model(reader, cache_weights=False)``, experts read only when routed). A checkpoint that fails the
+    header check gives one failing ``e2e/load`` row and vLLM is not started. ``golden_checkpoint``: the
+    golden (and the load probe) streams this folder instead, e.g. the FP8/MXFP4 official-layout variant of
+    the bf16 checkpoint vLLM's CPU build serves; its architecture must equal the served config."""
     from references.checkpoints.writer import write_checkpoint
     from references.config import TINY
     from references.model import DSV4Model
@@ -139,12 +218,52 @@ def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 
     def note(msg):
         if progress is not None:
             progress(f"[e2e {time.perf_counter() - t_start:6.1f}s] {msg}")
-    cfg = TINY
-    ckpt = Path(out_dir) / f"ckpt-tiny-bf16-seed{seed}"
-    weights = write_checkpoint(ckpt, cfg, seed=seed, dtype="bf16")
+    platform = platform or platform_key()
+    rerun = RERUN
+    if checkpoint is None:
+        cfg = TINY
+        ckpt = Path(out_dir) / f"ckpt-tiny-bf16-seed{seed}"
+        weights = write_checkpoint(ckpt, cfg, seed=seed, dtype="bf16")
+        quantized, streamed = False, False
+        ck = {"checkpoint": str(ckpt), "config": config_label(cfg), "quantized": False,
+              "golden": "in memory (the writer's dequantised weights)"}
+    else:
+        ckpt = Path(checkpoint)
+        rerun = RERUN.replace("--subject vllm", f"--subject vllm --checkpoint {shlex.quote(str(ckpt))}")
+        try:
+            weights = open_checkpoint(ckpt)
+        except CheckpointRefused as e:
+            return [CheckResult(subject=subject, component="model", check="e2e", device=info.device,
+                                dialect=info.dialect, emulated=info.emulated, rerun=rerun, seed=seed,
+                                case_id="e2e/load", level="load", verdict="fail",
+                                message=f"refused before starting vLLM: {e}", params={"checkpoint": str(ckpt)})]
+        cfg = weights.config
+        quantized, streamed = weights.quantized, True
+        ck = {"checkpoint": str(ckpt), "config": config_label(cfg), "quantized": quantized,
+              "golden": "streamed from the checkpoint, one layer at a time (routed experts on demand)"}
+        if golden_checkpoint is not None:
+            try:
+                weights = open_checkpoint(golden_checkpoint)
+                diff = _arch_diff(weights.config, cfg)
+                if diff:
+                    raise CheckpointRefused(f"--golden-checkpoint {golden_checkpoint}: its config differs from "
+                                            f"the served checkpoint's in {diff}")
+            except CheckpointRefused as e:
+                return [CheckResult(subject=subject, component="model", check="e2e", device=info.device,
+                                    dialect=info.dialect, emulated=info.emulated, rerun=rerun, seed=seed,
+                                    case_id="e2e/load", level="load", verdict="fail",
+                                    message=f"refused before starting vLLM: {e}",
+                                    params={"checkpoint": str(ckpt), "golden_checkpoint": str(golden_checkpoint)})]
+            ck.update(golden=(f"streamed from --golden-checkpoint {golden_checkpoint} "
+                              f"({'FP8/MXFP4' if weights.quantized else 'bf16'}), one layer at a time"),
+                      golden_checkpoint=str(golden_checkpoint), golden_quantized=weights.quantized)
+            rerun = rerun.replace(" -- -k", f" -- --golden-checkpoint {shlex.quote(str(golden_checkpoint))} -k")
+    ck_words = (f"[checkpoint {ck['checkpoint']}: {ck['config']}, "
+                f"{'FP8/MXFP4' if ck['quantized'] else 'bf16'}; golden {ck['golden']}]")
+    rn = G.replay_numerics(platform, quantized)
     base = dict(subject=subject, component="model", check="e2e", device=info.device, dialect=info.dialect,
-                emulated=info.emulated, function="vllm.LLM.generate (DeepseekV4ForCausalLM, CPU)",
-                backend="compiled", rerun=RERUN, seed=seed)
+                emulated=info.emulated, function=f"vllm.LLM.generate (DeepseekV4ForCausalLM, {platform})",
+                backend="compiled", rerun=rerun, seed=seed)
     rows: list[CheckResult] = []
     prompt_set = prompt_set or prompts(cfg)
     t0 = time.perf_counter()
@@ -152,15 +271,17 @@ def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 
     t_vllm = time.perf_counter() - t0
     note(f"vLLM done ({', '.join(f'{n}: {r.seconds:.1f}s' for n, r in zip(prompt_set, runs))})")
     _, model, version = V.get_llm(str(ckpt))
-    bad = V.load_check(model, weights, cfg)
+    getter = weights if isinstance(weights, dict) else _Getter(weights)
+    bad = V.load_check(model, getter, cfg)
     rows.append(CheckResult(**base, case_id="e2e/load", level="load", verdict="fail" if bad else "pass",
-                            message=(f"vLLM {version} loaded {ckpt} with load_format='auto' (our writer's "
-                                     "official layout + config.json); probed parameters "
+                            message=(f"vLLM {version} loaded {ckpt} with load_format='auto' (official layout + "
+                                     "config.json); probed parameters "
                                      + ("differ: " + ", ".join(bad) if bad else "equal the checkpoint's")),
                             params={"ckpt": str(ckpt), "load_format": "auto"}))
-    golden = DSV4Model(weights, cfg, numerics=GOLDEN)
+    golden = DSV4Model(weights, cfg, numerics=GOLDEN, cache_weights=not streamed)
     t_golden = 0.0
     findings_data: dict[str, list] = {k: [] for k in FINDINGS}
+    w_norm = float(getter["head.weight"].norm(dim=-1).max())
     for (name, p), r in zip(prompt_set.items(), runs):
         seq = torch.tensor(r.prompt + r.generated[:-1])
         t1 = time.perf_counter()
@@ -168,29 +289,44 @@ def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 
             glog = golden.forward(seq)
         t_golden += time.perf_counter() - t1
         note(f"{name}: golden forward done")
-        rows += _logit_rows(base, name, r, glog, w_norm=float(weights["head.weight"].norm(dim=-1).max()))
+        rows += _logit_rows(base, name, r, glog, w_norm=w_norm, rn=rn)
+        del glog
         t1 = time.perf_counter()
         ids = torch.tensor(r.prompt)
-        table, first = layer_rows_data(r.layers, weights, cfg, ids)
+        table, first = layer_rows_data(r.layers, weights, cfg, ids, numerics=rn.numerics)
         t_golden += time.perf_counter() - t1
-        rows.append(_layer_row(base, name, table, first, len(p)))
+        rows.append(_layer_row(base, name, table, first, len(p), rn))
         note(f"{name}: per-layer replay done")
-        if name == next(iter(prompt_set)):     # effects measured on the first (short) prompt: cost
+        if rn.derived and name == next(iter(prompt_set)):     # effects measured on the first (short) prompt
             t1 = time.perf_counter()
             _measure_findings(findings_data, r, weights, cfg, ids)
             t_golden += time.perf_counter() - t1
-    rows += _finding_rows(base, findings_data, version)
+    rows += _finding_rows(base, findings_data, version, measured=rn.derived)
     rows.append(_shim_row(base, V.shim_rows(), version))
     wall = time.perf_counter() - t_start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     for r in rows:
+        r.params = {**ck, "replay_numerics": rn.numerics.name, "bounds_derived": rn.derived, **r.params}
+        if checkpoint is not None:
+            r.message = f"{r.message} {ck_words}"
         r.extra.setdefault("run", {"wall_s": round(wall, 1), "vllm_s": round(t_vllm, 1),
                                    "golden_s": round(t_golden, 1), "peak_rss_mib": round(rss),
-                                   "versions": versions})
+                                   "versions": versions, "platform": platform})
     return rows
 
 
-def _logit_rows(base, name, r, glog, *, w_norm: float) -> list[CheckResult]:
+def _judged(ok: bool, rn) -> str:
+    """pass/fail where the platform's bounds are derived; "not-run" (measured, not judged) elsewhere."""
+    if rn is not None and not rn.derived:
+        return "not-run"
+    return "pass" if ok else "fail"
+
+
+def _not_derived(rn) -> str:
+    return "" if rn is None or rn.derived else f" NOT JUDGED: bounds not derived for this path ({rn.why})."
+
+
+def _logit_rows(base, name, r, glog, *, w_norm: float, rn=None) -> list[CheckResult]:
     import torch.nn.functional as F
 
     T = len(r.prompt)
@@ -230,8 +366,8 @@ def _logit_rows(base, name, r, glog, *, w_norm: float) -> list[CheckResult]:
            f"max |err| {metrics['max_abs_logit_err']:.3g} (bound {d_bound:.3g}), KL max {metrics['kl_max']:.3g} "
            f"mean {metrics['kl_mean']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f} "
            f"({metrics['top1_flips']} flips, {len(hard_flips)} outside near-ties)")
-    rows = [CheckResult(**base, case_id=f"e2e/{name}/logits", level="golden", verdict="pass" if ok else "fail",
-                        message=msg, metrics=metrics, bounds=bounds, derivation=deriv,
+    rows = [CheckResult(**base, case_id=f"e2e/{name}/logits", level="golden", verdict=_judged(ok, rn),
+                        message=msg + _not_derived(rn), metrics=metrics, bounds=bounds, derivation=deriv,
                         worst={"position": wi, "token": int(err[wi].argmax()),
                                "got": float(v[wi, err[wi].argmax()]), "want": float(g[wi, err[wi].argmax()])},
                         params={"prompt_tokens": T, "generated": len(r.generated)},
@@ -243,11 +379,12 @@ def _logit_rows(base, name, r, glog, *, w_norm: float) -> list[CheckResult]:
     mism = [i for i, (a, b) in enumerate(zip(gen, gold_next)) if a != b]
     hard = [i for i in mism if not bool(excusable[T - 1 + i])]
     rows.append(CheckResult(**base, case_id=f"e2e/{name}/greedy", level="golden",
-                            verdict="fail" if hard else "pass",
+                            verdict=_judged(not hard, rn),
                             message=(f"{name}: greedy continuation vllm {gen} vs golden argmax {gold_next}: "
                                      f"{len(gen) - len(mism)}/{len(gen)} agree"
                                      + (f"; first mismatch at step {mism[0]}" if mism else "")
-                                     + (f" ({len(mism) - len(hard)} within near-ties)" if mism else "")),
+                                     + (f" ({len(mism) - len(hard)} within near-ties)" if mism else "")
+                                     + _not_derived(rn)),
                             metrics={"agree": len(gen) - len(mism), "steps": len(gen)},
                             params={"max_tokens": len(gen)}))
     # capture: vLLM's own prompt logprobs vs log_softmax of the captured logits
@@ -272,7 +409,7 @@ def _logit_rows(base, name, r, glog, *, w_norm: float) -> list[CheckResult]:
     return rows
 
 
-def _layer_row(base, name, table, first, T) -> CheckResult:
+def _layer_row(base, name, table, first, T, rn=None) -> CheckResult:
     metrics, bounds = {}, {}
     for layer, row in enumerate(table):
         for k, (rel, b) in row.items():
@@ -290,6 +427,11 @@ def _layer_row(base, name, table, first, T) -> CheckResult:
         msg = (f"{name} ({T} tokens): first divergence at layer {layer}, component {k}: relative error "
                f"{rel:.3g} > bound {b:.3g} ({TOL[k][1]})")
         verdict, w = "fail", {"layer": layer, "component": k, "rel": rel, "bound": b}
+    if rn is not None and not rn.derived:
+        worst = max(metrics, key=lambda k: metrics[k])
+        msg = (f"{name} ({T} tokens): per-layer teacher-forced relative errors measured against a replay in "
+               f"{rn.numerics.name} numerics (largest: {worst} {metrics[worst]:.2e}); NOT JUDGED: {rn.why}")
+        verdict, w, bounds, deriv = "not-run", {}, {}, {}
     return CheckResult(**base, case_id=f"e2e/{name}/layers", level="per-layer", verdict=verdict, message=msg,
                        metrics=metrics, bounds=bounds, derivation=deriv, worst=w, params={"prompt_tokens": T})
 
@@ -310,7 +452,7 @@ def _measure_findings(acc, r, weights, cfg, ids):
         "indexer-fp8": None,
     }
     for layer, vt in enumerate(r.layers):
-        w = layer_weights(weights, cfg, layer)
+        w = layer_weights(weights, cfg, layer, lazy_experts=True)
         base = None
         for fname, kw in variants_off.items():
             comp = FINDINGS[fname]["component"]
@@ -328,11 +470,15 @@ def _measure_findings(acc, r, weights, cfg, ids):
                                "vllm_vs_vllm_choice": _rel(vt[comp], base[comp])})
 
 
-def _finding_rows(base, data, version) -> list[CheckResult]:
+def _finding_rows(base, data, version, *, measured: bool = True) -> list[CheckResult]:
     rows = []
     for fname, f in FINDINGS.items():
         d = data.get(fname) or []
-        if fname == "routed-expert-no-swiglu-clamp":
+        if not measured:
+            effect = ("not measured on this platform/checkpoint (the replay's numerics are not derived here, so "
+                      "the official-vs-vLLM choice is not separated)")
+            metrics = {}
+        elif fname == "routed-expert-no-swiglu-clamp":
             hits = sum(x["clamped_values"] for x in d)
             mx = max((x["max_preact"] for x in d), default=float("nan"))
             effect = (f"latent in this run: {hits} routed gate/up pre-activations beyond the limit "

@@ -20,7 +20,7 @@ from references.components.mhc import hc_post, hc_pre
 from references.components.moe import gate_logits, moe, route
 from references.components.norms import rms_norm
 from references.model import Variants, _ExpertView
-from references.numerics import serving
+from references.numerics import Numerics, serving
 
 # vLLM's CPU path for the bf16 checkpoint: serving numerics of the OCP profile without FP8 linear
 # activations (the linears are bf16 GEMMs; vllm-api.md sections 4-7).
@@ -28,6 +28,45 @@ CPU_BF16 = dataclasses.replace(serving("ocp"), name="serving:cpu-bf16", linear_a
 
 # The spec-8 choices of vLLM 0.32.0 (provenance in FINDINGS of conformance.checks.e2e).
 VLLM_VARIANTS = Variants(route="hf-vllm", moe="after-w2", norm="hf", compressor="vllm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayNumerics:
+    """The numerics the teacher-forced replay follows on one (platform, checkpoint) pair. ``derived`` is True
+    only where the per-component bounds of ``conformance.checks.e2e.TOL`` were derived for exactly that
+    path; elsewhere the replay still runs with the closest numerics model (``numerics``), its errors are
+    reported as measurements and the rows' verdict is "not-run" (never pass/fail against the wrong bound)."""
+
+    numerics: Numerics
+    derived: bool
+    platform: str
+    why: str
+
+
+def replay_numerics(platform: str, quantized: bool) -> ReplayNumerics:
+    """``platform``: "cpu" | "rocm" | "cuda" (``conformance.platforms.detect()["kind"]``, where vLLM runs);
+    ``quantized``: the served checkpoint carries FP8 / MXFP4 weights (``quantization_config``)."""
+    if platform == "cpu" and not quantized:
+        return ReplayNumerics(CPU_BF16, True, platform,
+                              "vLLM's CPU build on a bf16 checkpoint: bf16 GEMMs, FP8 KV nope part and indexer "
+                              "q/K (CPU_BF16); bounds derived in conformance.checks.e2e.TOL")
+    if platform == "cpu":
+        return ReplayNumerics(serving("ocp"), False, platform,
+                              "vLLM's CPU build serving an FP8/MXFP4 checkpoint: the CPU path's quantised-linear "
+                              "and MXFP4-expert numerics are not derived (the replay uses serving('ocp') as the "
+                              "closest model; errors are measurements, not judged)")
+    profile = "gfx942" if "gfx94" in platform else "ocp"
+    if not quantized:
+        return ReplayNumerics(dataclasses.replace(serving(profile), name=f"serving:{profile}-bf16",
+                                                  linear_act=None), False, platform,
+                              f"vLLM on {platform} with a bf16 checkpoint: the device kernels' rounding points "
+                              "(fused attention / MoE kernels) are not derived; the CPU bounds do not apply")
+    return ReplayNumerics(serving(profile), False, platform,
+                          f"vLLM on {platform} with an FP8/MXFP4 checkpoint: block-FP8 linear activations "
+                          f"({serving(profile).dialect}), the device's MXFP4/FP8 expert kernels and fused "
+                          "attention are not derived per component; the replay uses serving("
+                          f"'{profile}') as the closest model and its errors are measurements, not judged")
+
 
 ORDER = ("attn_pre", "attn_post", "attn_comb", "attn_in", "attn_out", "after_attn", "ffn_pre", "ffn_post",
          "ffn_comb", "ffn_in", "ffn_out", "out")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -94,7 +95,15 @@ _ENGINE: dict = {}
 
 
 def get_llm(ckpt: str):
-    """One ``vllm.LLM`` per process and checkpoint (engine start ~10 s). Returns (llm, model, version)."""
+    """One ``vllm.LLM`` per process and checkpoint (engine start ~10 s). Returns (llm, model, version).
+
+    The engine runs in this process on the platform's device (CPU build: the CPU; ROCm/CUDA builds: GPU 0),
+    one device, no tensor parallelism: the captures are forward hooks on the in-process model.
+    ``DSV4_E2E_LLM_KWARGS`` (JSON) adds or overrides ``vllm.LLM`` arguments (e.g. on a GPU:
+    ``{"gpu_memory_utilization": 0.9}``)."""
+    import json
+
+    ckpt = str(Path(ckpt).resolve())
     if _ENGINE.get("ckpt") == ckpt:
         return _ENGINE["llm"], _ENGINE["model"], _ENGINE["version"]
     if _ENGINE:
@@ -106,9 +115,11 @@ def get_llm(ckpt: str):
     version = vllm.__version__
     apply_shims(version)
     # import_vllm enters a default VllmConfig context for the component adapters; LLM sets its own
-    llm = vllm.LLM(model=ckpt, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16",
-                   max_model_len=4096, max_num_batched_tokens=4096, max_num_seqs=4,
-                   gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 30, seed=0)
+    kw = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=4096,
+              max_num_batched_tokens=4096, max_num_seqs=4, gpu_memory_utilization=0.3,
+              kv_cache_memory_bytes=1 << 30, seed=0)
+    kw.update(json.loads(os.environ.get("DSV4_E2E_LLM_KWARGS") or "{}"))
+    llm = vllm.LLM(model=ckpt, **kw)
     model = _find_model(llm)
     _ENGINE.update(ckpt=ckpt, llm=llm, model=model, version=version)
     return llm, model, version
@@ -151,12 +162,12 @@ class Capture:
     def _pre_model(self, mod, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         pos = args[1] if len(args) > 1 else kwargs.get("positions")
-        self.steps.append(StepCapture(ids.detach().clone(), pos.detach().clone()))
+        self.steps.append(StepCapture(_detach(ids), _detach(pos)))
         self._cur().layers = [dict() for _ in mod.model.layers]
 
     def _post_model(self, mod, args, out):
         h = out[0] if isinstance(out, tuple) else out
-        self._cur().hidden = h.detach().clone()
+        self._cur().hidden = _detach(h)
 
     def _hook_layer(self, i, layer):
         def store(key):
@@ -195,8 +206,9 @@ class Capture:
 
 
 def _detach(o):
+    """Captured tensors are copied to host memory (the replay and the golden run on the CPU)."""
     if isinstance(o, torch.Tensor):
-        return o.detach().clone()
+        return o.detach().to("cpu", copy=True)
     if isinstance(o, (tuple, list)):
         return tuple(_detach(x) for x in o)
     return o
@@ -277,8 +289,9 @@ def _assemble(model, prompt, out, cap: Capture, secs: float) -> PromptRun:
     n = T + len(gen) - 1        # positions whose next token is known
     if not torch.equal(P[:n], torch.arange(n, dtype=P.dtype)):
         raise RuntimeError(f"e2e: captured positions do not cover 0..{n - 1}")
+    dev = model.lm_head.weight.device
     with torch.no_grad():
-        logits = model.compute_logits(H[:n]).float()
+        logits = model.compute_logits(H[:n].to(dev)).float().cpu()
     step = prefill[0]
     return PromptRun(prompt=list(prompt), generated=gen, prompt_logprobs=out.prompt_logprobs, logits=logits,
                      layers=[layer_trace(d) for d in step.layers], hidden=step.hidden.float(), seconds=secs)
@@ -291,7 +304,7 @@ def load_check(model, deq: dict, cfg) -> list[str]:
     bad = []
 
     def eq(name, got, want):
-        if tuple(got.shape) != tuple(want.shape) or not torch.equal(got.float(), want.float()):
+        if tuple(got.shape) != tuple(want.shape) or not torch.equal(got.detach().float().cpu(), want.float()):
             bad.append(name)
 
     eq("embed.weight", inner.embed_tokens.weight, deq["embed.weight"])

@@ -1,7 +1,14 @@
-"""End-to-end (issue 5): the tiny DSV4 checkpoint (bf16) served through vllm.LLM on the CPU against the golden
-model (conformance.checks.e2e). Runs once per subject; subjects other than ``vllm`` get a "not-provided"
-row unless they expose ``e2e(out_dir) -> list[CheckResult]``.
+"""End-to-end (issue 5): a DSV4 checkpoint served through ``vllm.LLM`` in this process against the golden model
+(conformance.checks.e2e). Without ``--checkpoint`` the tiny checkpoint (bf16) is written and served; with
+``--checkpoint PATH`` that folder is served and the golden streams it one layer at a time. vLLM runs on the
+platform's device (vLLM's CPU build: the CPU; ROCm / CUDA builds: GPU 0); the per-layer and logits rows are
+judged only where the replay's numerics are derived for that platform and checkpoint, "not-run" (measured,
+not judged) elsewhere. Runs once per subject; subjects other than ``vllm`` get a "not-provided" row unless they
+expose ``e2e(out_dir[, checkpoint=PATH]) -> list[CheckResult]``.
 """
+
+import inspect
+import traceback
 
 from conformance.plugin import record
 from conformance.results import CheckResult
@@ -12,22 +19,35 @@ def test_e2e(conformance_subject_only, conformance_run):
     subj = conformance_run.subject(spec)
     info = subj.info()
     out_dir = conformance_run.out / "e2e"
+    ckpt = conformance_run.checkpoint
     hook = getattr(subj, "e2e", None)
+
+    def row(verdict, message, case="e2e/checkpoint" if ckpt else "e2e/tiny"):
+        return CheckResult(spec, case, "model", "e2e", "golden", verdict, device=info.device, dialect=info.dialect,
+                           emulated=info.emulated, message=message,
+                           params={"checkpoint": ckpt} if ckpt else {})
     if hook is not None:
-        rows = hook(out_dir)
-    elif spec == "vllm":
-        import torch
-
-        if torch.cuda.is_available():
-            rows = [CheckResult(spec, "e2e/tiny", "model", "e2e", "golden", "not-run", device=info.device,
-                                dialect=info.dialect, message="the e2e run serves the bf16 tiny checkpoint on "
-                                "vLLM's CPU build; on a GPU machine it is not wired yet")]
+        takes_ckpt = "checkpoint" in inspect.signature(hook).parameters
+        if ckpt and not takes_ckpt:
+            rows = [row("not-provided", f"subject {spec}'s e2e hook takes no checkpoint: --checkpoint {ckpt} "
+                                        "cannot be served by it")]
         else:
-            from conformance.checks.e2e import run_e2e
+            rows = hook(out_dir, checkpoint=ckpt) if ckpt else hook(out_dir)
+    elif spec == "vllm":
+        from conformance.checks.e2e import run_e2e
 
-            rows = run_e2e(spec, info, out_dir=out_dir)
+        try:
+            rows = run_e2e(spec, info, out_dir=out_dir, checkpoint=ckpt,
+                           golden_checkpoint=conformance_run.golden_checkpoint)
+        except Exception as e:  # vLLM could not start or serve: one row, the traceback kept in extra
+            first = (str(e).strip().splitlines() or [""])[0]
+            r = row("error", f"vLLM could not serve {'--checkpoint ' + ckpt if ckpt else 'the tiny checkpoint'}: "
+                             f"{type(e).__name__}: {first}", case="e2e/serve")
+            r.extra["traceback"] = traceback.format_exc()
+            rows = [r]
     else:
-        rows = [CheckResult(spec, "e2e/tiny", "model", "e2e", "golden", "not-provided", device=info.device,
-                            dialect=info.dialect, emulated=info.emulated,
-                            message=f"subject {spec} serves no whole model (no e2e hook)")]
+        why = f"subject {spec} serves no whole model (no e2e hook)"
+        if ckpt:
+            why += f"; --checkpoint {ckpt} is not used for it"
+        rows = [row("not-provided", why)]
     record(conformance_run, rows)

@@ -107,26 +107,83 @@ class CheckpointReader:
         """Dequantised float32 value (int64 for tid2eid) of the logical tensor ``name``."""
         return self._decode(self.spec(name))
 
-    def _decode(self, spec: TensorSpec) -> torch.Tensor:
+    def _stored(self, spec: TensorSpec) -> list[tuple[str, tuple, tuple]]:
+        """What ``spec`` is stored as: [(stored name, accepted dtypes, stored shape)], the weight first and
+        its block scale second (quantised kinds of a quantised checkpoint)."""
         name = spec.name
         quant = spec.kind in ("fp8", "fp4") and self.quantized
         if quant and spec.kind == "fp8":
-            w = self.raw(name, dtypes=_FP8_DTYPES, shape=spec.stored_shape)
-            s = self.raw(spec.scale_name, dtypes=_SCALE_DTYPES, shape=spec.scale_shape, wanted_by=name)
-        elif quant:
-            w = self.raw(name, dtypes=_FP4_DTYPES, shape=spec.stored_shape)
-            s = self.raw(spec.scale_name, dtypes=(torch.float8_e8m0fnu, torch.uint8), shape=spec.scale_shape,
-                         wanted_by=name)
-        elif spec.kind == "int":
-            w, s = self.raw(name, dtypes=(torch.int64, torch.int32), shape=spec.shape), None
-        elif spec.kind == "fp32":
-            w, s = self.raw(name, dtypes=(torch.float32,), shape=spec.shape), None
-        else:
-            w, s = self.raw(name, dtypes=_FLOAT_DTYPES, shape=spec.shape), None
+            return [(name, _FP8_DTYPES, spec.stored_shape), (spec.scale_name, _SCALE_DTYPES, spec.scale_shape)]
+        if quant:
+            return [(name, _FP4_DTYPES, spec.stored_shape),
+                    (spec.scale_name, (torch.float8_e8m0fnu, torch.uint8), spec.scale_shape)]
+        if spec.kind == "int":
+            return [(name, (torch.int64, torch.int32), spec.shape)]
+        if spec.kind == "fp32":
+            return [(name, (torch.float32,), spec.shape)]
+        return [(name, _FLOAT_DTYPES, spec.shape)]
+
+    def _decode(self, spec: TensorSpec) -> torch.Tensor:
+        name = spec.name
+        parts = self._stored(spec)
+        w = self.raw(name, dtypes=parts[0][1], shape=parts[0][2])
+        s = (self.raw(parts[1][0], dtypes=parts[1][1], shape=parts[1][2], wanted_by=name)
+             if len(parts) > 1 else None)
         try:
             return decode(spec, w, s)
         except ValueError as e:
             raise CheckpointError(f"{self._file_of(name, name)}: tensor {name!r}: {e}") from e
+
+    def check(self) -> int:
+        """Check every tensor the config implies from the shard headers alone (no tensor data is read, so it
+        is cheap on a full-size checkpoint): listed in the index, shard present and complete, tensor
+        present, dtype and shape as the layout says. Raises ``CheckpointError`` naming file and tensor for
+        the first problem (and how many more there are); returns the number of stored tensors checked."""
+        headers: dict[str, dict] = {}
+        problems: list[str] = []
+        problems_seen: dict = {}
+        for spec in self.specs.values():
+            for name, dtypes, shape in self._stored(spec):
+                try:
+                    f = self._file_of(name, spec.name)
+                    if f.name not in headers:
+                        try:
+                            headers[f.name] = self._header(f, name)
+                        except CheckpointError as e:
+                            headers[f.name] = e
+                    h = headers[f.name]
+                    if isinstance(h, CheckpointError):
+                        if h is problems_seen.get(f.name):
+                            continue
+                        problems_seen[f.name] = h
+                        raise h
+                    if name not in h:
+                        raise CheckpointError(f"{f}: tensor {name!r} listed in the index but absent from the shard")
+                    dt_s, shp = h[name]
+                    dt = _SAFE_DTYPES.get(dt_s)
+                    if dt not in dtypes:
+                        raise CheckpointError(f"{f}: tensor {name!r} has dtype {dt_s} ({dt}); expected one of "
+                                              f"{[str(d) for d in dtypes]}")
+                    if tuple(shp) != tuple(shape):
+                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(shp)}; the config implies "
+                                              f"{tuple(shape)}")
+                except CheckpointError as e:
+                    problems.append(str(e))
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise CheckpointError(problems[0] + more)
+        return sum(len(self._stored(s)) for s in self.specs.values())
+
+    def _header(self, f: Path, name: str) -> dict:
+        """{tensor: (safetensors dtype string, shape)} of one shard, from its header (validated against the
+        file size by safetensors: a truncated shard is refused here)."""
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard missing (tensor {name!r})")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                return {k: (sf.get_slice(k).get_dtype(), tuple(sf.get_slice(k).get_shape())) for k in sf.keys()}
+        except Exception as e:  # safetensors' own errors (truncated file, bad header, ...)
+            raise CheckpointError(f"{f}: cannot read the shard header: {type(e).__name__}: {e}") from e
 
     def layer(self, layer: int, *, experts: bool = True) -> dict[str, torch.Tensor]:
         """One decoder block (main or MTP) keyed relative to the layer, ``.weight`` dropped (DESIGN.md)."""

@@ -24,12 +24,10 @@ prepare_interpreter()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from references.checkpoints.writer import write_checkpoint
+def setup(tiny_bf16_ckpt):
     from references.config import TINY
 
-    ckpt = tmp_path_factory.mktemp("e2e") / "ckpt"
-    weights = write_checkpoint(ckpt, TINY, seed=0, dtype="bf16")
+    ckpt, weights = tiny_bf16_ckpt
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(2, TINY.vocab_size, (20,), generator=g).tolist()
     return str(ckpt), weights, TINY, prompt
