@@ -19,7 +19,7 @@ N the longest dependent reduction chain of the layer (see ``chain_length``). Rou
 discontinuous: rows whose expert set or top-k set differ between the runs are counted and left out.
 
 Results (H100 80GB HBM3, torch 2.11 cu130, transformers 5.17.0; 4096 tokens, 2026-11-25; details in
-/work/notes/bench-layer-h100.md): fp32 matmul roofline 50.9 TFLOP/s; layer 2.80 TFLOP (55 ms at roofline).
+docs/bench-layer-h100.md): fp32 matmul roofline 50.9 TFLOP/s; layer 2.80 TFLOP (55 ms at roofline).
 Golden (grouped per-expert GEMMs on 8 side streams, 2^27-element indexer blocks, per-slot sparse attention
 in 1 GiB blocks): best 105-113 ms over four runs on fresh machines (run medians 107-128 ms; the golden is
 partly host-bound, so its time moves with the host), reruns bitwise equal; transformers 172.7-173.2 ms with
