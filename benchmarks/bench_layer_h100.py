@@ -20,12 +20,11 @@ discontinuous: rows whose expert set or top-k set differ between the runs are co
 
 Results (H100 80GB HBM3, torch 2.11 cu130, transformers 5.17.0; 4096 tokens, 2026-11-25; details in
 docs/bench-layer-h100.md): fp32 matmul roofline 50.9 TFLOP/s; layer 2.80 TFLOP (55 ms at roofline).
-Golden (grouped per-expert GEMMs on 8 side streams, 2^27-element indexer blocks, per-slot sparse attention
-in 1 GiB blocks): best 105-113 ms over four runs on fresh machines (run medians 107-128 ms; the golden is
-partly host-bound, so its time moves with the host), reruns bitwise equal; transformers 172.7-173.2 ms with
-grouped_mm experts, 239-272 ms eager. HF/golden = 1.53-1.63 on the best times (1.35-1.6 on medians): the
-2x goal is NOT met (it needs <= 86.5 ms: the expert GEMMs alone take ~45 ms at the ~27 TFLOP/s cuBLAS
-reaches for their M ~ 96 rows, and the other GEMMs ~27 ms at roofline). Agreement on 4090/4096 rows (5
+Golden (one gather of the routed pairs, one GEMM per expert segment, 2^27-element indexer blocks, per-slot
+sparse attention in 1 GiB blocks), final run: 114.0-115.1 ms, reruns bitwise equal; transformers 172.4-173.1
+ms with grouped_mm experts, 253-268 ms eager: HF/golden = 1.51 (0.90 before this work); the 2x goal is
+NOT met (it needs <= 86.5 ms: the expert GEMMs alone take ~50 ms issued one by one, the other GEMMs ~27 ms
+at roofline). Agreement on 4090/4096 rows (5
 indexer near-tie flips left out): max|HF32 - golden64| 1.6e-5, max|golden32 - golden64| 1.1e-5, both ~0.003
 of the bound N u32 (1 + |ref|), N = 71,296.
 """

@@ -284,39 +284,17 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
     return round_act(y, numerics)
 
 
-SIDE_STREAMS = 8   # CUDA: per-expert GEMMs issued round-robin on this many side streams (0 = caller's stream)
-_STREAMS: dict = {}
-
-
 def _segment_mm(xs: torch.Tensor, segs, weight_of, dt) -> torch.Tensor:
     """``out[a:b] = xs[a:b] @ weight_of(e).T`` for every segment (e, a, b) -> [P, N] (a grouped GEMM).
 
     Each segment is one ordinary matrix product, the same one ``expert_ffn`` does for that expert, written
-    in place into its rows of ``out``. On CUDA the products are independent small-M GEMMs that one at a
-    time leave much of the GPU idle, so they are issued round-robin on ``SIDE_STREAMS`` side streams and
-    the caller's stream waits for all of them. Measured on an H100 (Flash layer, 4,096 tokens, 8 runs
-    interleaved): whole layer median 107 ms with 8 streams against 112 ms with none, outputs bitwise equal
-    to the one-stream run and across reruns (benchmarks/bench_layer_h100.py checks the reruns)."""
-    if not xs.is_cuda or SIDE_STREAMS <= 0 or len(segs) == 1:
-        out = None
-        for e, a, b in segs:
-            w = weight_of(e).to(dt)
-            if out is None:
-                out = xs.new_empty(xs.shape[0], w.shape[0])
-            torch.mm(xs[a:b], w.transpose(0, 1), out=out[a:b])
-        return out
-    key = (xs.device, SIDE_STREAMS)
-    streams = _STREAMS.get(key)
-    if streams is None:
-        streams = _STREAMS[key] = [torch.cuda.Stream(xs.device) for _ in range(SIDE_STREAMS)]
-    main = torch.cuda.current_stream(xs.device)
-    wts = [weight_of(e).to(dt) for e, _, _ in segs]   # casts (fp64 runs) are made on the caller's stream
-    out = xs.new_empty(xs.shape[0], wts[0].shape[0])
-    for s in streams:
-        s.wait_stream(main)
-    for i, ((_, a, b), w) in enumerate(zip(segs, wts, strict=True)):
-        with torch.cuda.stream(streams[i % len(streams)]):
-            torch.mm(xs[a:b], w.transpose(0, 1), out=out[a:b])
-    for s in streams:   # tensors allocated on the caller's stream (xs, out, casts) are reused only after this
-        main.wait_stream(s)
+    in place into its rows of ``out``. (Issuing the products on several CUDA streams was tried on an H100:
+    8 streams gained 5% on one host and lost 30% on another, where launching, not the GPU, is the limit;
+    so one stream.)"""
+    out = None
+    for e, a, b in segs:
+        w = weight_of(e).to(dt)
+        if out is None:
+            out = xs.new_empty(xs.shape[0], w.shape[0])
+        torch.mm(xs[a:b], w.transpose(0, 1), out=out[a:b])
     return out
