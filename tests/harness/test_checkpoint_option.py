@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conformance.checks import e2e as E
 from conformance.checks import e2e_golden as G
 from conformance.subjects import SubjectInfo
 from references.checkpoints.writer import write_checkpoint
 from references.config import TINY
+from tests._checkpoint_files import rewrite_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 INFO = SubjectInfo("vllm", "stand-in", "cpu", "float8_e4m3fn", False, profile="ocp")
@@ -32,16 +31,6 @@ def good(tmp_path_factory):
     return d
 
 
-def _rewrite(d, name, fn):
-    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
-    f = d / wm[name]
-    with safe_open(str(f), "pt") as sf:
-        t = {k: sf.get_tensor(k) for k in sf.keys()}
-    fn(t)
-    save_file(t, str(f), metadata={"format": "pt"})
-    return f
-
-
 def _truncate(d):
     wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     f = d / wm["layers.2.attn.wkv.weight"]
@@ -51,17 +40,17 @@ def _truncate(d):
 
 def _drop(d):
     name = "layers.1.attn.wo_a.weight"
-    return _rewrite(d, name, lambda t: t.pop(name)).name, name
+    return rewrite_shard(d, name, lambda t: t.pop(name)).name, name
 
 
 def _dtype(d):
     name = "layers.0.hc_ffn_base"
-    return _rewrite(d, name, lambda t: t.__setitem__(name, t[name].to(torch.bfloat16))).name, "dtype"
+    return rewrite_shard(d, name, lambda t: t.__setitem__(name, t[name].to(torch.bfloat16))).name, "dtype"
 
 
 def _shape(d):
     name = "layers.0.attn.wkv.weight"
-    return _rewrite(d, name, lambda t: t.__setitem__(name, t[name][:256].contiguous())).name, "shape"
+    return rewrite_shard(d, name, lambda t: t.__setitem__(name, t[name][:256].contiguous())).name, "shape"
 
 
 @pytest.mark.parametrize("defect", [_truncate, _drop, _dtype, _shape], ids=lambda f: f.__name__[1:])

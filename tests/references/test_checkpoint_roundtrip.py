@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from references.checkpoints.layout import expected_tensors
 from references.checkpoints.reader import CheckpointError, CheckpointReader
 from references.checkpoints.writer import write_checkpoint
 from references.config import TINY
+from tests._checkpoint_files import rewrite_shard
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +99,10 @@ def test_truncated_shard_names_file_and_tensor(ckpt, tmp_path):
     assert f.name in msg and "layers.2.attn.wkv.weight" in msg
 
 
-def _rewrite_shard(d, name, fn):
-    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
-    f = d / wm[name]
-    with safe_open(str(f), "pt") as sf:
-        tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-    fn(tensors)
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    return f
-
-
 def test_missing_tensor_names_file_and_tensor(ckpt, tmp_path):
     d = _copy(ckpt[0], tmp_path / "c")
     name = "layers.1.attn.wo_a.scale"
-    f = _rewrite_shard(d, name, lambda t: t.pop(name))
+    f = rewrite_shard(d, name, lambda t: t.pop(name))
     with pytest.raises(CheckpointError) as ei:
         CheckpointReader(d).get("layers.1.attn.wo_a.weight")
     assert f.name in str(ei.value) and name in str(ei.value)
@@ -132,12 +122,12 @@ def test_wrong_shape_and_dtype_name_file_and_tensor(ckpt, tmp_path):
     def shrink(t):
         t[name] = t[name][:256].contiguous()
 
-    f = _rewrite_shard(d, name, shrink)
+    f = rewrite_shard(d, name, shrink)
     with pytest.raises(CheckpointError, match=r"shape") as ei:
         CheckpointReader(d).get(name)
     assert f.name in str(ei.value) and name in str(ei.value)
     name2 = "layers.0.hc_ffn_base"
-    f2 = _rewrite_shard(d, name2, lambda t: t.__setitem__(name2, t[name2].to(torch.bfloat16)))
+    f2 = rewrite_shard(d, name2, lambda t: t.__setitem__(name2, t[name2].to(torch.bfloat16)))
     with pytest.raises(CheckpointError, match=r"dtype") as ei:
         CheckpointReader(d).get(name2)
     assert f2.name in str(ei.value) and name2 in str(ei.value)

