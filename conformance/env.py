@@ -31,7 +31,8 @@ def device_summary() -> dict:
         props = torch.cuda.get_device_properties(0)
         hip = getattr(torch.version, "hip", None)
         d = {"kind": "rocm" if hip else "cuda", "name": props.name,
-             "arch": getattr(props, "gcnArchName", None) or f"sm{props.major}{props.minor}",
+             # gcnArchName only on ROCm: CUDA builds of torch 2.11 fill it with the device name
+             "arch": (getattr(props, "gcnArchName", None) if hip else None) or f"sm{props.major}{props.minor}",
              "count": torch.cuda.device_count(), "memory_gib": round(props.total_memory / 2**30, 1)}
     return d
 
