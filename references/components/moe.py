@@ -230,6 +230,10 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
     if ids.dtype.is_floating_point or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(f"ids/weights: expected integer ids and float weights of one shape [T={x.shape[0]}, k],"
                          f" got {ids.dtype} {tuple(ids.shape)} / {tuple(weights.shape)}")
+    if ids.numel() and int(ids.min()) < 0:
+        t, j = (ids < 0).nonzero()[0].tolist()
+        raise ValueError(f"ids: negative expert id {int(ids[t, j])} at token {t}, slot {j} (padding ids are not "
+                         "routing decisions)")
     dt = compute_dtype(x)
     x = x.to(dt)
     y = torch.zeros_like(x)

@@ -252,3 +252,13 @@ def test_gate_logits_shape_errors():
         gate_logits(torch.zeros(2, 8), torch.zeros(4, 7))
     assert gate_logits(torch.ones(2, 8), torch.ones(4, 8)).shape == (2, 4)
     assert math.isclose(float(gate_logits(torch.ones(1, 8), torch.ones(1, 8))), 8.0)
+
+
+def test_moe_refuses_negative_expert_ids():
+    """A -1 (padding) id would index the last expert of a stacked tensor silently: refused, naming where."""
+    ex, sh = _moe_weights()
+    stacked = {k: torch.stack([ex[e][k] for e in range(8)]) for k in ("w1", "w3", "w2")}
+    x = torch.randn(3, 32, dtype=torch.float64)
+    ids = torch.tensor([[1, 2], [3, -1], [0, 4]])
+    with pytest.raises(ValueError, match="negative expert id -1 at token 1, slot 1"):
+        moe(x, ids, torch.ones(3, 2, dtype=torch.float64), stacked, sh, limit=1.0)
