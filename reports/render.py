@@ -97,7 +97,12 @@ def build_context(out: Path) -> dict:
     for r in rows:
         r["anchor"] = _anchor(r["subject"], r["case_id"], r["level"])
     details = sorted(rows, key=lambda r: (r["subject"], -VERDICT_RANK.get(r["verdict"], 0), r["case_id"]))
-    coverage = {s: subjects.get(s, {}).get("provides", {}) for s in by_subject}
+    coverage = {s: dict(subjects.get(s, {}).get("provides", {})) for s in by_subject}
+    for r in rows:   # whole-model rows (e2e) are not in provides(): the rows name what ran
+        cov = coverage.setdefault(r["subject"], {})
+        if r["component"] not in cov and r.get("function"):
+            cov[r["component"]] = {"function": r["function"], "backend": r.get("backend") or "?",
+                                   "note": f"(as the {r['check']} rows record it)"}
     any_emulated = any(v.get("emulated") for v in subjects.values())
     return dict(rows=rows, subjects=subjects, env=env, command=command, components=components,
                 columns=columns, matrix=matrix, counts={k: dict(v) for k, v in counts.items()},

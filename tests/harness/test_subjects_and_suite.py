@@ -125,3 +125,22 @@ def test_unsupported_inputs_are_not_provided_not_errors():
     assert {r.verdict for cid, r in verdicts.items() if "/t1k" in cid} == {"pass"}
     others = [r for cid, r in verdicts.items() if "/t1k" not in cid]
     assert others and all(r.verdict == "not-provided" and "only one token" in r.message for r in others)
+
+
+def test_report_coverage_names_whole_model_rows_function(tmp_path):
+    """A whole-model (e2e) row's component is not in provides(): the coverage table shows the function the rows
+    record instead of "not provided"; a component with neither stays "not provided"."""
+    from conformance.results import CheckResult, ResultWriter
+    from reports.render import render_report
+
+    out = tmp_path / "run"
+    w = ResultWriter(out, worker="t")
+    w.write(CheckResult("s1", "e2e/x", "model", "e2e", "golden", "pass", device="cpu", dialect="float8_e4m3fn",
+                        function="engine.generate (Model, cpu)", backend="compiled"))
+    w.write(CheckResult("s1", "norm/x", "norm.rms", "numeric", "golden", "not-provided", device="cpu",
+                        dialect="float8_e4m3fn"))
+    (out / "subjects.json").write_text(json.dumps({"s1": {"provides": {}}}))
+    html = render_report(out).read_text()
+    cov = html[html.index("<h2>Coverage</h2>"):]
+    assert "engine.generate (Model, cpu)<br>[compiled] (as the e2e rows record it)" in cov
+    assert cov.count("not provided by this subject") == 1
