@@ -257,22 +257,21 @@ def _scale_offsets(v: DialectVerdict, c: np.ndarray, y: np.ndarray) -> None:
             )
 
 
+def _flag(v, kind: str, mask: np.ndarray, message) -> None:
+    """Record defect ``kind`` where ``mask`` holds: its count, the first index ``i`` and ``message(i, count)``."""
+    if mask.any():
+        i = tuple(np.argwhere(mask)[0])
+        n = int(mask.sum())
+        v.defects.append(dict(kind=kind, count=n, index=list(map(int, i)), message=message(i, n)))
+
+
 def _special_values(v, c, y, x, signed_zero, f: MiniFloat, fmax_expected) -> None:
     nan_c = np.isnan(f.decode(c))
     over = np.abs(y) > f.max
     if f is FNUZ:
-        m = signed_zero & (c == 0x80)
-        if m.any():
-            i = tuple(np.argwhere(m)[0])
-            v.defects.append(
-                dict(
-                    kind="nan_from_negative_underflow",
-                    count=int(m.sum()),
-                    index=list(map(int, i)),
-                    message=f"{int(m.sum())} tiny negative / -0 inputs written as 0x80 (OCP's -0 is "
-                    f"fnuz's NaN), e.g. {_idx(i)} fed {x[i]:g}: {both_decodings(0x80)}",
-                )
-            )
+        _flag(v, "nan_from_negative_underflow", signed_zero & (c == 0x80),
+              lambda i, n: f"{n} tiny negative / -0 inputs written as 0x80 (OCP's -0 is fnuz's NaN), e.g. "
+                           f"{_idx(i)} fed {x[i]:g}: {both_decodings(0x80)}")
     else:
         m = signed_zero & (c == 0x00)
         if m.any():
@@ -280,30 +279,12 @@ def _special_values(v, c, y, x, signed_zero, f: MiniFloat, fmax_expected) -> Non
                 f"{int(m.sum())} negative underflows written as +0 (0x00): sign of zero dropped "
                 "(harmless; what the OCP->fnuz code fix-up does)"
             )
-    m = nan_c & over & ~signed_zero
-    if m.any():
-        i = tuple(np.argwhere(m)[0])
-        v.defects.append(
-            dict(
-                kind="overflow_to_nan",
-                count=int(m.sum()),
-                index=list(map(int, i)),
-                message=f"non-saturating cast: {int(m.sum())} values beyond {f.name} max {f.max:g} "
-                f"became NaN, e.g. {_idx(i)} value/scale {y[i]:g} -> {describe(f, c[i])}",
-            )
-        )
-    m = nan_c & ~over & ~signed_zero
-    if m.any():
-        i = tuple(np.argwhere(m)[0])
-        v.defects.append(
-            dict(
-                kind="nan_written",
-                count=int(m.sum()),
-                index=list(map(int, i)),
-                message=f"{int(m.sum())} NaN bytes for finite in-range inputs, e.g. {_idx(i)} "
-                f"fed {x[i]:g}: {describe(f, c[i])}",
-            )
-        )
+    _flag(v, "overflow_to_nan", nan_c & over & ~signed_zero,
+          lambda i, n: f"non-saturating cast: {n} values beyond {f.name} max {f.max:g} became NaN, e.g. "
+                       f"{_idx(i)} value/scale {y[i]:g} -> {describe(f, c[i])}")
+    _flag(v, "nan_written", nan_c & ~over & ~signed_zero,
+          lambda i, n: f"{n} NaN bytes for finite in-range inputs, e.g. {_idx(i)} fed {x[i]:g}: "
+                       f"{describe(f, c[i])}")
     if v.fmax_guess is not None and v.fmax_guess > f.max:
         n = int(over.sum())
         i = tuple(np.argwhere(over)[0]) if n else ()
