@@ -164,3 +164,23 @@ def test_classify_decoding_names_subnormal_misdecode():
     assert [d["kind"] for d in v.defects] == ["subnormal_mishandled"]
     good = classify_decoding(c, "float8_e4m3fn", OCP.decode(c) * sv, s, block=(1, 128))
     assert good.ok and not good.defects
+
+
+def test_classify_codes_names_nan_written_for_in_range_values():
+    """A writer that stores NaN (0x7F) where a finite value rounds to +0 (0x00 in both dialects, so the dialect
+    is still named from the other bytes): a defect with its count, first index and both decodings; the
+    correct bytes have no defect. (A NaN where the dialects' codes differ makes the producer "neither", with
+    the ratio signature naming the NaN: tests/dialect/test_mutants.py.)"""
+    x, codes, s, spec = _quant("ocp", 448.0, "ue8m0")
+    ok = classify_codes(codes, x, s, 448.0, block=spec.block)
+    assert ok.dialect == "float8_e4m3fn" and not ok.defects
+    bad = codes.clone()
+    zero = (bad == 0x00) & ~torch.signbit(x)
+    assert zero.any()
+    bad[zero] = 0x7F
+    v = classify_codes(bad, x, s, 448.0, block=spec.block)
+    assert v.dialect == "float8_e4m3fn", v.evidence
+    d = [d for d in v.defects if d["kind"] == "nan_written"]
+    assert d and d[0]["count"] == int(zero.sum()), v.defects
+    assert tuple(d[0]["index"]) == tuple(int(i) for i in torch.nonzero(zero)[0])
+    assert "NaN bytes for finite in-range inputs" in d[0]["message"] and "s=0 e=1111 m=111" in d[0]["message"]
