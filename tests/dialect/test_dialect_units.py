@@ -184,3 +184,17 @@ def test_classify_codes_names_nan_written_for_in_range_values():
     assert d and d[0]["count"] == int(zero.sum()), v.defects
     assert tuple(d[0]["index"]) == tuple(int(i) for i in torch.nonzero(zero)[0])
     assert "NaN bytes for finite in-range inputs" in d[0]["message"] and "s=0 e=1111 m=111" in d[0]["message"]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_classify_codes_refuses_a_non_positive_or_non_finite_scale(bad):
+    """A zero, negative, NaN or infinite scale is a bad_scale defect naming the block, and no dialect verdict;
+    the same codes with their real scales classify cleanly (test_classify_codes_names_dialect_and_fmax)."""
+    x, codes, s, spec = _quant("fnuz", 240.0, "fp32")
+    s = torch.as_tensor(s).clone()
+    s.view(-1)[1] = bad
+    v = classify_codes(codes, x, s, 240.0, block=spec.block)
+    assert v.dialect == "neither" and [d["kind"] for d in v.defects] == ["bad_scale"]
+    d = v.defects[0]   # counted per element: the block of row 1 (128 elements), first at [1, 0]
+    assert d["count"] == 128 and d["index"] == [1, 0], d
+    assert d["message"].endswith(f"is {bad!r} (not a positive finite number)"), d

@@ -140,7 +140,7 @@ def classify_codes(
                 kind="bad_scale",
                 count=int((~np.isfinite(s) | (s <= 0)).sum()),
                 index=bad.tolist(),
-                message=f"scale at {_idx(bad)} is {s[tuple(bad)]!r} (not a positive finite number)",
+                message=f"scale at {_idx(bad)} is {float(s[tuple(bad)])!r} (not a positive finite number)",
             )
         )
         return v
