@@ -88,7 +88,7 @@ EXPERT_PREFIX = "ffn.experts."
 class LayerWeights(Mapping):
     """One block's layer-relative weights over a ``WeightSource``: every tensor is read when the view is
     built, except the routed experts (``ffn.experts.{e}.{w1,w3,w2}``), which are read on each access and
-    never kept (``moe`` asks for the routed experts only, one at a time). ``cast`` maps each tensor read
+    never kept (``moe`` asks for routed experts' tensors only, one at a time). ``cast`` maps each tensor read
     (the model's compute dtype). The view holds no other layer's tensors; dropping it frees the layer."""
 
     def __init__(self, src, cfg: DSV4Config, layer: int, *, cast=None):

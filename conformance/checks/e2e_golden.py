@@ -44,7 +44,8 @@ class ReplayNumerics:
 
 
 def replay_numerics(platform: str, quantized: bool) -> ReplayNumerics:
-    """``platform``: "cpu" | "rocm" | "cuda" (``conformance.platforms.detect()["kind"]``, where vLLM runs);
+    """``platform``: where vLLM runs, as ``conformance.checks.e2e.platform_key()`` gives it: "cpu" |
+    "rocm-<gcn arch>" (e.g. "rocm-gfx942:sramecc+:xnack-") | "cuda";
     ``quantized``: the served checkpoint carries FP8 / MXFP4 weights (``quantization_config``)."""
     if platform == "cpu" and not quantized:
         return ReplayNumerics(CPU_BF16, True, platform,
