@@ -135,6 +135,19 @@ def _compressor_state(row: torch.Tensor, d: int, m: int = 4):
 
 
 # ======================================================================================= CPU (vllm)
+def _cpu_compress_store(rows: torch.Tensor, d: int, store, cache: torch.Tensor, block_size: int) -> None:
+    """save_partial_states_cpu, then ``store`` (compress_norm_rope_store[_indexer]_cpu) per row: compressed
+    entry t of ``cache`` gets row t [d] as its pooled value."""
+    from ._vllm_adapters import OPS
+
+    for t in range(rows.shape[0]):
+        kvs, score, ape, pos, gather, kv_slot, w = _compressor_state(rows[t], d)
+        state = torch.zeros(2, 4, 4 * d)
+        OPS.save_partial_states_cpu(kvs, score, ape, pos, state, pos.clone())
+        kv_slot = torch.where(kv_slot >= 0, torch.full_like(kv_slot, t), kv_slot)
+        store(state, gather, pos, kv_slot, w, 0.0, _identity_cs(), cache, block_size, 4)
+
+
 def cpu_swa_writer(x):
     """fused_qnorm_rope_kv_insert_cpu writes kv (RoPE at position 0 = identity) into the SWA cache."""
     from ._vllm_adapters import OPS
@@ -155,13 +168,7 @@ def cpu_compressed_writer(x):
     kv = _rows_to_tokens(x)
     n = kv.shape[0]
     cache = _ds_cache(n)
-    for t in range(n):
-        kvs, score, ape, pos, gather, kv_slot, w = _compressor_state(kv[t], 512)
-        state = torch.zeros(2, 4, 4 * 512)
-        OPS.save_partial_states_cpu(kvs, score, ape, pos, state, pos.clone())
-        kv_slot = torch.where(kv_slot >= 0, torch.full_like(kv_slot, t), kv_slot)
-        OPS.compress_norm_rope_store_cpu(state, gather, pos, kv_slot, w, 0.0, _identity_cs(), cache,
-                                         DS.block_size, 4)
+    _cpu_compress_store(kv, 512, OPS.compress_norm_rope_store_cpu, cache, DS.block_size)
     return ds_bytes(cache, range(n), x.shape[0])
 
 
@@ -182,13 +189,7 @@ def cpu_indexer_k_writer(x):
     R = x.shape[0]
     lay = _ik_layout(4)
     cache = torch.zeros(-(-R // lay.block_size), lay.block_stride, dtype=torch.uint8)
-    for t in range(R):
-        kvs, score, ape, pos, gather, kv_slot, w = _compressor_state(x[t], 128)
-        state = torch.zeros(2, 4, 4 * 128)
-        OPS.save_partial_states_cpu(kvs, score, ape, pos, state, pos.clone())
-        kv_slot = torch.where(kv_slot >= 0, torch.full_like(kv_slot, t), kv_slot)
-        OPS.compress_norm_rope_store_indexer_cpu(state, gather, pos, kv_slot, w, 0.0, _identity_cs(), cache,
-                                                 lay.block_size, 4)
+    _cpu_compress_store(x, 128, OPS.compress_norm_rope_store_indexer_cpu, cache, lay.block_size)
     return ik_bytes(cache, range(R), lay)
 
 
@@ -421,8 +422,6 @@ def triton_compressor_writer(kind: str):
         n = rows.shape[0]
         if kind == "attn":
             cache = _ds_cache(n)
-            kv_cache = cache.view(cache.shape[0], DS.block_stride)[:, : DS.block_size * 584].reshape(
-                cache.shape[0], DS.block_size, 584)
             kv_cache = cache.as_strided((cache.shape[0], DS.block_size, 584), (DS.block_stride, 584, 1))
             quant_block, token_stride, scale_dim = 64, 576, 8
         else:
