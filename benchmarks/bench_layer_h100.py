@@ -79,9 +79,8 @@ def make_weights(cfg, layer, device, seed=0):
     gd = torch.Generator(device=device).manual_seed(seed + 1)
     gate_up = torch.randn(E, 2 * I, D, generator=gd, device=device).mul_(D**-0.5)
     down = torch.randn(E, D, I, generator=gd, device=device).mul_(I**-0.5)
-    for e in range(E):
-        w[f"ffn.experts.{e}.w1"], w[f"ffn.experts.{e}.w3"] = gate_up[e, :I], gate_up[e, I:]
-        w[f"ffn.experts.{e}.w2"] = down[e]
+    # the golden takes the routed experts stacked, as transformers holds them (references.model.layer_experts)
+    w["ffn.experts.w13"], w["ffn.experts.w2"] = gate_up, down
     return w, gate_up, down
 
 
@@ -188,8 +187,12 @@ def breakdown(run, device):
             return r
         return inner
 
-    sites = [(model_mod, "attention_layer"), (model_mod, "moe"), (model_mod, "hc_pre"),
-             (attn_mod, "sparse_attention"), (attn_mod, "indexer_topk_chunked"), (attn_mod, "compress")]
+    sites = [(model_mod, "attention_layer"), (model_mod, "moe"), (model_mod, "hc_pre"), (model_mod, "hc_post"),
+             (model_mod, "gate_logits"), (model_mod, "route"), (model_mod, "rms_norm"),
+             (attn_mod, "sparse_attention"), (attn_mod, "indexer_topk_chunked"), (attn_mod, "compress"),
+             (attn_mod, "query_path"), (attn_mod, "kv_projection"), (attn_mod, "output_projection"),
+             (attn_mod, "apply_rope"), (attn_mod, "indexer_q"), (attn_mod, "indexer_weights"),
+             (attn_mod, "attention_set"), (attn_mod, "quant_kv_nope")]
     with contextlib.ExitStack() as st:
         for obj, name in sites:
             st.enter_context(patched(obj, name, wrap(name, getattr(obj, name))))
@@ -247,7 +250,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="scaled-down shapes (debugging on a CPU)")
-    ap.add_argument("--skip", default="", help="comma list of: old, hf-grouped, fp64")
+    ap.add_argument("--skip", default="", help="comma list of: old, hf-grouped, hf-batched, fp64")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
@@ -298,8 +301,8 @@ def main():
             return mod(X[None], input_ids=ids[None], **kw)[0]
 
     hf_times = {}
-    for impl in ("eager", "grouped_mm"):
-        if impl == "grouped_mm" and "hf-grouped" in skip:
+    for impl in ("eager", "grouped_mm", "batched_mm"):   # every experts implementation transformers offers
+        if impl != "eager" and f"hf-{impl.split('_')[0]}" in skip:
             continue
         c._experts_implementation = impl
         try:
@@ -308,6 +311,8 @@ def main():
             log(f"hf_{impl}_ms", hf_times[impl])
         except Exception as err:  # noqa: BLE001 - report and go on
             log(f"hf_{impl}_error", f"{type(err).__name__}: {str(err)[:300]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if device.type == "cuda":
             log(f"hf_{impl}_peak_mem_gb", round(torch.cuda.max_memory_allocated() / 2**30, 1))
     c._experts_implementation = "eager"

@@ -181,7 +181,7 @@ def decoder_layer(X: torch.Tensor, w: Mapping[str, torch.Tensor], cfg: DSV4Confi
     else:
         rw, rid = route(logits, bias=w["ffn.gate.bias"], topk=cfg.num_experts_per_tok,
                         route_scale=cfg.routed_scaling_factor, variant=variants.route)
-    experts = _ExpertView(w)
+    experts = layer_experts(w)
     shared = {k: w[f"ffn.shared_experts.{k}"] for k in ("w1", "w3", "w2")}
     y = moe(x_ffn, rid, rw, experts, shared, limit=cfg.swiglu_limit, variant=variants.moe,
             shared_variant=variants.shared, numerics=numerics)
@@ -195,6 +195,20 @@ def decoder_layer(X: torch.Tensor, w: Mapping[str, torch.Tensor], cfg: DSV4Confi
 
 TRACE_KEYS = ("attn_pre", "attn_post", "attn_comb", "attn_in", "attn_out", "after_attn", "ffn_pre", "ffn_post",
               "ffn_comb", "ffn_in", "router_logits", "route_weights", "route_ids", "ffn_out", "out")
+
+
+STACKED_EXPERT_KEYS = ("ffn.experts.w13", "ffn.experts.w1", "ffn.experts.w3", "ffn.experts.w2")
+
+
+def layer_experts(w):
+    """The routed experts of a layer dict, as ``moe`` takes them: stacked tensors when the dict holds
+    ``ffn.experts.w2`` [E, D, I] with ``ffn.experts.w13`` [E, 2I, D] (or ``.w1`` and ``.w3`` [E, I, D]),
+    the layout an engine keeps in memory; otherwise the checkpoint's ``ffn.experts.{e}.{w1,w3,w2}``, one
+    expert at a time (lazy sources decode each when it is used)."""
+    if "ffn.experts.w2" in w:
+        keys = ("w13", "w2") if "ffn.experts.w13" in w else ("w1", "w3", "w2")
+        return {k: w[f"ffn.experts.{k}"] for k in keys}
+    return _ExpertView(w)
 
 
 class _ExpertView:

@@ -19,7 +19,7 @@ from references.components.attention import attention_layer
 from references.components.mhc import hc_post, hc_pre
 from references.components.moe import gate_logits, moe, route
 from references.components.norms import rms_norm
-from references.model import Variants, _ExpertView
+from references.model import Variants, layer_experts
 from references.numerics import Numerics, serving
 
 # vLLM's CPU path for the bf16 checkpoint: serving numerics of the OCP profile without FP8 linear
@@ -137,7 +137,7 @@ def routing(x, w, cfg, layer, ids, variants, gate_bf16=True):
 def moe_out(x, w, cfg, layer, ids, *, numerics, variants, limit, gate_bf16=True):
     rw, rid = routing(x, w, cfg, layer, ids, variants, gate_bf16)
     shared = {k: w[f"ffn.shared_experts.{k}"] for k in ("w1", "w3", "w2")}
-    return moe(x, rid, rw, _ExpertView(w), shared, limit=limit, variant=variants.moe,
+    return moe(x, rid, rw, layer_experts(w), shared, limit=limit, variant=variants.moe,
                shared_variant=variants.shared, numerics=numerics)
 
 

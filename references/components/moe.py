@@ -31,6 +31,9 @@ __all__ = ["gate_logits", "sqrt_softplus", "route", "expert_ffn", "shared_expert
 ROUTE_VARIANTS = ("official", "hf-vllm")
 MOE_VARIANTS = ("official", "after-w2")
 SHARED_VARIANTS = ("official", "no-clamp")
+# torch's grouped GEMM (fp32 on CPU and CUDA: per group the same product torch.mm gives); None on torch
+# versions without it, where the per-segment loop runs instead
+_grouped_mm = getattr(Fn, "grouped_mm", None)
 RENORM_EPS_HF_VLLM = 1e-20
 
 
@@ -190,12 +193,16 @@ def _get(w, key, what):
 
 def _expert_weight(experts, e: int, name: str):
     """Weight ``name`` ("w1" | "w3" | "w2") of expert ``e``. Experts as {e: {"w1","w3","w2"}} (any Mapping
-    or a callable e -> mapping) or stacked {"w1": [E, I, D], "w3": [E, I, D], "w2": [E, D, I]}; only the
-    one tensor is looked up (lazy sources decode it then)."""
+    or a callable e -> mapping) or stacked (see :func:`_stacked`); only the one tensor is looked up (lazy
+    sources decode it then)."""
     if callable(experts) and not isinstance(experts, Mapping):
         return _get(experts(e), name, f"experts({e})")
-    if "w1" in experts and isinstance(experts["w1"], torch.Tensor):
-        return experts[name][e]
+    st = _stacked(experts)
+    if st is not None:
+        if name != "w2" and "w13" in st:
+            I = st["w13"].shape[1] // 2
+            return st["w13"][e, :I] if name == "w1" else st["w13"][e, I:]
+        return st[name][e]
     try:
         w = experts[e]
     except KeyError:
@@ -203,12 +210,35 @@ def _expert_weight(experts, e: int, name: str):
     return _get(w, name, f"experts[{e}]")
 
 
+def _stacked(experts):
+    """The stacked form's tensors, or None for per-expert sources: {"w1": [E, I, D], "w3": [E, I, D],
+    "w2": [E, D, I]} or {"w13": [E, 2I, D], "w2": [E, D, I]} (gate rows then up rows of each expert, the
+    layout of transformers' ``gate_up_proj``; one product gives both, the same dot products)."""
+    if callable(experts) and not isinstance(experts, Mapping):
+        return None
+    if not isinstance(experts, Mapping) or not isinstance(experts.get("w2"), torch.Tensor):
+        return None
+    keys = ("w13", "w2") if "w13" in experts else ("w1", "w3", "w2")
+    st = {k: _get(experts, k, "experts (stacked)") for k in keys}
+    for k, t in st.items():
+        check_float(f"experts {k}", t)
+        if t.dim() != 3:
+            raise ValueError(f"experts {k}: expected a stacked [E, out, in] tensor, got {tuple(t.shape)}")
+    E, D, I = st["w2"].shape
+    want = {"w13": (E, 2 * I, D), "w1": (E, I, D), "w3": (E, I, D), "w2": (E, D, I)}
+    for k, t in st.items():
+        if tuple(t.shape) != want[k]:
+            raise ValueError(f"experts {k}: expected {want[k]} (w2 is {tuple(st['w2'].shape)}), got {tuple(t.shape)}")
+    return st
+
+
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shared, *, limit: float,
         variant: str = "official", shared_variant: str = "official",
         numerics: Numerics = GOLDEN) -> torch.Tensor:
     """Routed experts + shared expert: ``y = sum_k w_k E_{ids_k}(x) + S(x)`` -> [T, D].
 
-    x [T, D] (after ffn_norm); ids / weights [T, k] from ``route``; experts as in ``_expert_weight``;
+    x [T, D] (after ffn_norm); ids / weights [T, k] from ``route``; experts per expert or stacked, as in
+    ``_expert_weight`` / ``_stacked``;
     shared = {"w1","w3","w2"} or None. Accumulation follows OFF: experts in increasing index order into one
     accumulator of the compute dtype, then the shared expert.
     variant: "official" (weight before W2) | "after-w2" (HF, vLLM). shared_variant: see ``shared_expert``.
@@ -216,9 +246,12 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
     Evaluation: every routed expert computes exactly :func:`expert_ffn` on its tokens. The (token, slot)
     pairs are grouped by expert once (a stable sort: expert ascending, then row-major (token, slot), the
     order ``nonzero(ids == e)`` gives), so each expert's rows are one contiguous segment of a single
-    gathered [P, D] matrix: the three products are one GEMM per expert and segment (:func:`_segment_mm`),
-    and the row-wise parts (activation quantisation, clamp, SiLU, routing weight, bf16 rounding) run once
-    over all P rows, which gives the same values as running them per expert. Each token's routed outputs
+    gathered [P, D] matrix: the three products are one GEMM per expert and segment (:func:`_segment_mm`;
+    for fp32 stacked experts, torch's grouped GEMM over all segments, one call instead of one per expert,
+    the same per-segment products), and the row-wise parts (activation quantisation, clamp, SiLU, routing
+    weight, bf16 rounding) run once over all P rows, which gives the same values as running them per expert.
+    With ``w13`` (gate and up stacked) the gate and up products are one GEMM: the same dot products.
+    Each token's routed outputs
     are added into the accumulator in expert-ascending order (deterministic on every device).
     """
     if variant not in MOE_VARIANTS:
@@ -240,28 +273,49 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
     k = ids.shape[1]
     if ids.numel():
         flat_e, order = torch.sort(ids.reshape(-1), stable=True)
-        experts_hit, counts = torch.unique_consecutive(flat_e, return_counts=True)
-        ends = torch.cumsum(counts, 0)
-        segs = [(e, a, b) for e, a, b in zip(experts_hit.tolist(), (ends - counts).tolist(), ends.tolist(),
-                                             strict=True)]  # the one host sync
         tok, slot = order // k, order % k
         w_pair = weights[tok, slot].to(dt).unsqueeze(-1)  # [P, 1]
         D = x.shape[-1]
-
-        def weight(name, shape):   # one expert's tensor, fetched when its product runs (lazy sources)
-            def of(e):
-                w = _expert_weight(experts, e, name)
-                check_float(f"expert {e} {name}", w)
-                if w.dim() != 2 or any(s is not None and s != d for s, d in zip(shape, w.shape, strict=True)):
-                    raise ValueError(f"expert {e} {name}: expected shape "
-                                     f"{tuple('I' if s is None else s for s in shape)}, got {tuple(w.shape)}")
-                return w
-            return of
-
         xs = quant_act(x, numerics)[tok]                                    # [P, D]
-        g = _segment_mm(xs, segs, weight("w1", (None, D)), dt)
-        I = g.shape[1]
-        u = _segment_mm(xs, segs, weight("w3", (I, D)), dt)
+        st = _stacked(experts)
+        if st is not None:
+            E = st["w2"].shape[0]
+            if st["w2"].shape[1] != D:
+                raise ValueError(f"experts w2: expected [E, {D}, I] for x [T, {D}], got {tuple(st['w2'].shape)}")
+            top = int(flat_e[-1])
+            if top >= E:
+                raise ValueError(f"ids: expert id {top}, but the stacked experts hold {E}")
+        if st is not None and _grouped_mm is not None and all(t.dtype == dt == torch.float32 for t in st.values()):
+            # one grouped GEMM per product over all experts' segments (no host sync, one launch)
+            offs = torch.cumsum(torch.bincount(flat_e, minlength=E), 0).to(torch.int32)
+
+            def product(inp, name, rows=None):   # shapes were checked by _stacked
+                return _grouped_mm(inp, st[name].transpose(1, 2), offs=offs)
+            if "w13" in st:
+                h = product(xs, "w13")
+                g, u = h.split(h.shape[1] // 2, dim=1)
+            else:
+                g, u = product(xs, "w1"), product(xs, "w3")
+        else:
+            experts_hit, counts = torch.unique_consecutive(flat_e, return_counts=True)
+            ends = torch.cumsum(counts, 0)
+            segs = [(e, a, b) for e, a, b in zip(experts_hit.tolist(), (ends - counts).tolist(), ends.tolist(),
+                                                 strict=True)]  # the one host sync
+
+            def weight(name, shape):   # one expert's tensor, fetched when its product runs (lazy sources)
+                def of(e):
+                    w = _expert_weight(experts, e, name)
+                    check_float(f"expert {e} {name}", w)
+                    if w.dim() != 2 or any(s is not None and s != d for s, d in zip(shape, w.shape, strict=True)):
+                        raise ValueError(f"expert {e} {name}: expected shape "
+                                         f"{tuple('I' if s is None else s for s in shape)}, got {tuple(w.shape)}")
+                    return w
+                return of
+
+            def product(inp, name, rows=None):   # weight [rows (None: any), inp's width]
+                return _segment_mm(inp, segs, weight(name, (rows, inp.shape[1])), dt)
+            g = product(xs, "w1")
+            u = product(xs, "w3", g.shape[1])
         if limit is not None:
             g = g.clamp(max=limit)              # gate: max side only
             u = u.clamp(min=-limit, max=limit)  # up: both sides
@@ -270,7 +324,7 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
         if variant == "official":
             a = a * w_pair
         a = quant_act(round_act(a, numerics), numerics)
-        ye = _segment_mm(a, segs, weight("w2", (D, I)), dt)              # [P, D]
+        ye = product(a, "w2", D)                                            # [P, D]
         if variant == "after-w2":
             ye = ye * w_pair
         # accumulate each token's k contributions in expert-ascending order, left to right, without atomics

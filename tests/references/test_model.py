@@ -126,3 +126,29 @@ def test_forward_input_errors_name_the_argument(deq):
         m.forward(torch.tensor([0, 5000]))
     with pytest.raises(ValueError, match="^positions:"):
         m.forward(torch.tensor([1, 2]), positions=torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("form", ["w1-w3", "w13"])
+def test_decoder_layer_with_stacked_experts_equals_per_expert_bitwise(deq, ids, form):
+    """A layer dict that carries the routed experts stacked (``ffn.experts.w13`` / ``.w1`` ``.w3``, ``.w2``,
+    an engine's in-memory layout) computes the same layer, bit for bit, as the checkpoint's per-expert
+    tensors, on both a hash-routed and a bias-routed layer."""
+    from references.model import decoder_layer
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(24, TINY.hc_mult, TINY.hidden_size, generator=g)
+    for layer in (0, TINY.num_hidden_layers - 1):
+        w = {k: v.float() if v.dtype.is_floating_point else v for k, v in layer_weights(deq, TINY, layer).items()}
+        per = decoder_layer(X, w, TINY, layer, ids[:24], torch.arange(24))
+        E = TINY.n_routed_experts
+        st = {n: torch.stack([w.pop(f"ffn.experts.{e}.{n}") for e in range(E)]) for n in ("w1", "w3", "w2")}
+        if form == "w13":
+            st["w13"] = torch.cat((st.pop("w1"), st.pop("w3")), dim=1)
+        w.update({f"ffn.experts.{n}": t for n, t in st.items()})
+        got = decoder_layer(X, w, TINY, layer, ids[:24], torch.arange(24))
+        assert torch.equal(got, per), f"layer {layer}: max |diff| {(got - per).abs().max().item():.3g}"
+        # a mutant with two experts' stacked rows swapped changes the layer
+        bad = {k: v.clone() for k, v in st.items()}
+        bad["w2"][[0, 1]] = bad["w2"][[1, 0]]
+        w.update({f"ffn.experts.{n}": t for n, t in bad.items()})
+        assert not torch.equal(decoder_layer(X, w, TINY, layer, ids[:24], torch.arange(24)), per)

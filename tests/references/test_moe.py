@@ -143,12 +143,31 @@ def test_moe_equals_per_token_sum_and_stacked_form():
     assert (moe(x, ids, w, ex, sh, limit=1.0, shared_variant="no-clamp") - y).abs().max() > 1e-3
 
 
+def _as_source(ex, form):
+    """The same experts as moe() accepts them: per expert, stacked {w1, w3, w2}, or stacked {w13, w2}."""
+    if form == "per-expert":
+        return ex
+    st = {k: torch.stack([ex[e][k] for e in range(len(ex))]) for k in ("w1", "w3", "w2")}
+    if form == "stacked-w13":
+        st = {"w13": torch.cat((st.pop("w1"), st.pop("w3")), dim=1), "w2": st["w2"]}
+    return st
+
+
+@pytest.mark.parametrize("form", ["per-expert", "stacked", "stacked-w13"])
 @pytest.mark.parametrize("variant", ["official", "after-w2"])
-def test_moe_bulk_evaluation_equals_expert_by_expert_bitwise(variant):
-    """The grouped evaluation (one gather, per-expert GEMM segments, row-wise parts in bulk) gives exactly
-    what calling ``expert_ffn`` expert by expert gives, FP8 activation quantisation and bf16 rounding
-    included (all row-wise), accumulated in the same order (experts ascending)."""
+def test_moe_bulk_evaluation_equals_expert_by_expert_bitwise(variant, form, monkeypatch):
+    """The grouped evaluation (one gather, per-expert GEMM segments or torch's grouped GEMM for fp32
+    stacked experts, row-wise parts in bulk) gives exactly what calling ``expert_ffn`` expert by expert
+    gives, FP8 activation quantisation and bf16 rounding included (all row-wise), accumulated in the same
+    order (experts ascending)."""
+    import references.components.moe as moe_mod
+
+    calls = []
+    if moe_mod._grouped_mm is not None:
+        real = moe_mod._grouped_mm
+        monkeypatch.setattr(moe_mod, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     ex, sh = _moe_weights(D=128, I=64, dtype=torch.float32)
+    src = _as_source(ex, form)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(10, 128, generator=g) * 4
     w, ids = route(torch.randn(10, 8, generator=g), topk=3, route_scale=1.5)
@@ -163,10 +182,12 @@ def test_moe_bulk_evaluation_equals_expert_by_expert_bitwise(variant):
         ref.index_add_(0, tok, ye)
     ref = ref + expert_ffn(x, **sh, limit=1.0, numerics=num)
     ref = ref.to(torch.bfloat16).float()   # official numerics round the MoE output to bf16
-    got = moe(x, ids, w, ex, sh, limit=1.0, numerics=num, variant=variant)
+    got = moe(x, ids, w, src, sh, limit=1.0, numerics=num, variant=variant)
     assert torch.equal(got, ref), f"max |diff| {(got - ref).abs().max().item():.3g}"
+    if moe_mod._grouped_mm is not None:   # fp32 stacked experts take torch's grouped GEMM, per expert the loop
+        assert len(calls) == {"per-expert": 0, "stacked": 3, "stacked-w13": 2}[form]
     # a mutant that drops the routing weight is caught by the same comparison
-    bad = moe(x, ids, torch.ones_like(w), ex, sh, limit=1.0, numerics=num, variant=variant)
+    bad = moe(x, ids, torch.ones_like(w), src, sh, limit=1.0, numerics=num, variant=variant)
     assert not torch.equal(bad, ref)
 
 
@@ -252,6 +273,20 @@ def test_gate_logits_shape_errors():
         gate_logits(torch.zeros(2, 8), torch.zeros(4, 7))
     assert gate_logits(torch.ones(2, 8), torch.ones(4, 8)).shape == (2, 4)
     assert math.isclose(float(gate_logits(torch.ones(1, 8), torch.ones(1, 8))), 8.0)
+
+
+def test_moe_stacked_experts_refuse_bad_shapes_and_out_of_range_ids():
+    ex, sh = _moe_weights()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    ids = torch.tensor([[1, 4], [4, 6], [1, 7]])
+    w = torch.ones(3, 2, dtype=torch.float64)
+    st = _as_source(ex, "stacked-w13")
+    with pytest.raises(ValueError, match=r"expert id 7, but the stacked experts hold 7"):
+        moe(x, ids, w, {k: v[:7] for k, v in st.items()}, sh, limit=1.0)
+    with pytest.raises(ValueError, match=r"experts w13: expected \(8, 32, 32\)"):
+        moe(x, ids, w, {"w13": st["w13"][:, :16], "w2": st["w2"]}, sh, limit=1.0)
+    with pytest.raises(ValueError, match=r"experts w1: expected a stacked \[E, out, in\] tensor"):
+        moe(x, ids, w, {"w1": st["w13"][0], "w3": st["w13"][0], "w2": st["w2"]}, sh, limit=1.0)
 
 
 def test_moe_refuses_negative_expert_ids():
