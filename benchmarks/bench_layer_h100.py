@@ -19,14 +19,14 @@ N the longest dependent reduction chain of the layer (see ``chain_length``). Rou
 discontinuous: rows whose expert set or top-k set differ between the runs are counted and left out.
 
 Results (H100 80GB HBM3, torch 2.11 cu130, transformers 5.17.0; 4096 tokens, 2026-11-25; details in
-docs/bench-layer-h100.md): fp32 matmul roofline 50.9 TFLOP/s; layer 2.80 TFLOP (55 ms at roofline).
-Golden (one gather of the routed pairs, one GEMM per expert segment, 2^27-element indexer blocks, per-slot
-sparse attention in 1 GiB blocks), final run: 114.0-115.1 ms, reruns bitwise equal; transformers 172.4-173.1
-ms with grouped_mm experts, 253-268 ms eager: HF/golden = 1.51 (0.90 before this work); the 2x goal is
-NOT met (it needs <= 86.5 ms: the expert GEMMs alone take ~50 ms issued one by one, the other GEMMs ~27 ms
-at roofline). Agreement on 4090/4096 rows (5
-indexer near-tie flips left out): max|HF32 - golden64| 1.6e-5, max|golden32 - golden64| 1.1e-5, both ~0.003
-of the bound N u32 (1 + |ref|), N = 71,296.
+docs/bench-layer-h100.md): fp32 matmul roofline 51.0 TFLOP/s; layer 2.80 TFLOP (55 ms at roofline).
+Golden (stacked experts as torch's grouped GEMM, 2^27-element indexer blocks, per-slot sparse attention in
+1 GiB blocks), latest run: 112.3-113.1 ms, reruns bitwise equal; transformers 172.2-173.2 ms with
+grouped_mm experts, 246-288 ms eager, batched_mm out of memory: HF/golden = 1.53 (0.90 before the speed
+work); the 2x goal is NOT met (<= 86.1 ms: the GEMMs alone need ~72 ms at the best rates measured for
+them, the rest is ~20 ms of eager kernels and ~15 ms of host waits). Agreement on 4090/4096 rows (5
+indexer near-tie flips and 1 fp64/fp32 flip left out): max|HF32 - golden64| 1.6e-5, max|golden32 -
+golden64| 1.1e-5, 0.0026 and 0.0021 of the bound N u32 (1 + |ref|), N = 71,296.
 """
 
 from __future__ import annotations
