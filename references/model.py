@@ -207,6 +207,10 @@ def layer_experts(w):
     expert at a time (lazy sources decode each when it is used)."""
     if "ffn.experts.w2" in w:
         keys = ("w13", "w2") if "ffn.experts.w13" in w else ("w1", "w3", "w2")
+        missing = [f"ffn.experts.{k}" for k in keys if f"ffn.experts.{k}" not in w]
+        if missing:
+            raise KeyError(f"w: stacked experts ffn.experts.w2 need ffn.experts.w13 or ffn.experts.w1 and .w3 "
+                           f"beside them; missing {missing}")
         return {k: w[f"ffn.experts.{k}"] for k in keys}
     return _ExpertView(w)
 

@@ -152,3 +152,10 @@ def test_decoder_layer_with_stacked_experts_equals_per_expert_bitwise(deq, ids, 
         bad["w2"][[0, 1]] = bad["w2"][[1, 0]]
         w.update({f"ffn.experts.{n}": t for n, t in bad.items()})
         assert not torch.equal(decoder_layer(X, w, TINY, layer, ids[:24], torch.arange(24)), per)
+
+
+def test_stacked_experts_without_gate_or_up_are_refused_naming_the_keys():
+    from references.model import layer_experts
+
+    with pytest.raises(KeyError, match=r"missing \['ffn.experts.w3'\]"):
+        layer_experts({"ffn.experts.w1": torch.zeros(2, 4, 8), "ffn.experts.w2": torch.zeros(2, 8, 4)})
