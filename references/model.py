@@ -197,9 +197,6 @@ TRACE_KEYS = ("attn_pre", "attn_post", "attn_comb", "attn_in", "attn_out", "afte
               "ffn_comb", "ffn_in", "router_logits", "route_weights", "route_ids", "ffn_out", "out")
 
 
-STACKED_EXPERT_KEYS = ("ffn.experts.w13", "ffn.experts.w1", "ffn.experts.w3", "ffn.experts.w2")
-
-
 def layer_experts(w):
     """The routed experts of a layer dict, as ``moe`` takes them: stacked tensors when the dict holds
     ``ffn.experts.w2`` [E, D, I] with ``ffn.experts.w13`` [E, 2I, D] (or ``.w1`` and ``.w3`` [E, I, D]),

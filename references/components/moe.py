@@ -31,8 +31,8 @@ __all__ = ["gate_logits", "sqrt_softplus", "route", "expert_ffn", "shared_expert
 ROUTE_VARIANTS = ("official", "hf-vllm")
 MOE_VARIANTS = ("official", "after-w2")
 SHARED_VARIANTS = ("official", "no-clamp")
-# torch's grouped GEMM (fp32 on CPU and CUDA: per group the same product torch.mm gives); None on torch
-# versions without it, where the per-segment loop runs instead
+# torch's grouped GEMM (fp32 on CPU and CUDA; on the CPU bitwise the per-group torch.mm, tests/references/
+# test_moe.py); None on torch versions without it, where the per-segment loop runs instead
 _grouped_mm = getattr(Fn, "grouped_mm", None)
 RENORM_EPS_HF_VLLM = 1e-20
 
@@ -191,18 +191,17 @@ def _get(w, key, what):
         raise KeyError(f"{what}: missing weight {key!r} (have {sorted(w)})") from None
 
 
-def _expert_weight(experts, e: int, name: str):
+def _expert_weight(experts, stacked, e: int, name: str):
     """Weight ``name`` ("w1" | "w3" | "w2") of expert ``e``. Experts as {e: {"w1","w3","w2"}} (any Mapping
-    or a callable e -> mapping) or stacked (see :func:`_stacked`); only the one tensor is looked up (lazy
-    sources decode it then)."""
+    or a callable e -> mapping) or stacked (``stacked``: what :func:`_stacked` returned for them, else None);
+    only the one tensor is looked up (lazy sources decode it then)."""
+    if stacked is not None:
+        if name != "w2" and "w13" in stacked:
+            I = stacked["w13"].shape[1] // 2
+            return stacked["w13"][e, :I] if name == "w1" else stacked["w13"][e, I:]
+        return stacked[name][e]
     if callable(experts) and not isinstance(experts, Mapping):
         return _get(experts(e), name, f"experts({e})")
-    st = _stacked(experts)
-    if st is not None:
-        if name != "w2" and "w13" in st:
-            I = st["w13"].shape[1] // 2
-            return st["w13"][e, :I] if name == "w1" else st["w13"][e, I:]
-        return st[name][e]
     try:
         w = experts[e]
     except KeyError:
@@ -214,8 +213,6 @@ def _stacked(experts):
     """The stacked form's tensors, or None for per-expert sources: {"w1": [E, I, D], "w3": [E, I, D],
     "w2": [E, D, I]} or {"w13": [E, 2I, D], "w2": [E, D, I]} (gate rows then up rows of each expert, the
     layout of transformers' ``gate_up_proj``; one product gives both, the same dot products)."""
-    if callable(experts) and not isinstance(experts, Mapping):
-        return None
     if not isinstance(experts, Mapping) or not isinstance(experts.get("w2"), torch.Tensor):
         return None
     keys = ("w13", "w2") if "w13" in experts else ("w1", "w3", "w2")
@@ -251,8 +248,8 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
     the same per-segment products), and the row-wise parts (activation quantisation, clamp, SiLU, routing
     weight, bf16 rounding) run once over all P rows, which gives the same values as running them per expert.
     With ``w13`` (gate and up stacked) the gate and up products are one GEMM: the same dot products.
-    Each token's routed outputs
-    are added into the accumulator in expert-ascending order (deterministic on every device).
+    Each token's routed outputs are added into the accumulator in expert-ascending order (deterministic on
+    every device).
     """
     if variant not in MOE_VARIANTS:
         raise ValueError(f"variant: unknown {variant!r}; known {MOE_VARIANTS}")
@@ -286,7 +283,7 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
             if top >= E:
                 raise ValueError(f"ids: expert id {top}, but the stacked experts hold {E}")
         if st is not None and _grouped_mm is not None and all(t.dtype == dt == torch.float32 for t in st.values()):
-            # one grouped GEMM per product over all experts' segments (no host sync, one launch)
+            # one grouped GEMM call per product over all experts' segments
             offs = torch.cumsum(torch.bincount(flat_e, minlength=E), 0).to(torch.int32)
 
             def product(inp, name, rows=None):   # shapes were checked by _stacked
@@ -304,7 +301,7 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts, shar
 
             def weight(name, shape):   # one expert's tensor, fetched when its product runs (lazy sources)
                 def of(e):
-                    w = _expert_weight(experts, e, name)
+                    w = _expert_weight(experts, st, e, name)
                     check_float(f"expert {e} {name}", w)
                     if w.dim() != 2 or any(s is not None and s != d for s, d in zip(shape, w.shape, strict=True)):
                         raise ValueError(f"expert {e} {name}: expected shape "

@@ -136,8 +136,8 @@ def test_moe_equals_per_token_sum_and_stacked_form():
         sum(w[t, k] * expert_ffn(x[t:t + 1], **ex[int(ids[t, k])], limit=1.0)[0] for k in range(3))
         + expert_ffn(x[t:t + 1], **sh, limit=1.0)[0] for t in range(6)])
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    stacked = {k: torch.stack([ex[e][k] for e in range(8)]) for k in ("w1", "w3", "w2")}
-    torch.testing.assert_close(moe(x, ids, w, stacked, sh, limit=1.0), y, rtol=0, atol=1e-14)
+    for form in ("stacked", "stacked-w13"):   # fp64: the per-segment loop slices the stacked tensors
+        torch.testing.assert_close(moe(x, ids, w, _as_source(ex, form), sh, limit=1.0), y, rtol=0, atol=1e-14)
     # variants: after-w2 is the same map in exact arithmetic; no-clamp changes the shared expert
     torch.testing.assert_close(moe(x, ids, w, ex, sh, limit=1.0, variant="after-w2"), y, rtol=1e-12, atol=1e-12)
     assert (moe(x, ids, w, ex, sh, limit=1.0, shared_variant="no-clamp") - y).abs().max() > 1e-3
