@@ -28,14 +28,6 @@ TOKEN_WEIGHT = re.compile(r"token \d+: expert \d+ weight \S+, expected \S+ \(bou
 MOE = ("moe.router", "moe.hash_router", "moe.layer", "moe.experts", "moe.routing_metadata")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: torch's thread pool only adds spin-waiting for these small tensors
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _run(subject, case_id):
     from conformance.checks.routing import run_routing
