@@ -1,9 +1,10 @@
 """The two libraries our bit-layout codecs are checked against: ml_dtypes and torch.
 
 Each oracle is a decode table (value of every code) or an encode function (float32 inputs -> codes).
-What each library does where formats leave room (overflow, NaN payload, e8m0 zero) was probed, not
-assumed; ``OVERFLOW`` records it and test_oracle_behaviour.py re-probes it on every run, so a library
-upgrade that changes behaviour fails there with a clear message instead of somewhere downstream.
+What each library does where formats leave room (overflow, NaN payload, e8m0 zero and subnormals) is
+probed, not assumed, and recorded per library release in tests/quirks.py; test_oracle_behaviour.py checks
+the record on every run, so a library upgrade that changes behaviour fails there (recorded release) or is
+reported as drift (unrecorded release) instead of failing somewhere downstream.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from references.formats.minifloat import FORMATS
 from references.formats.verify import Capabilities
 
+from ..quirks import OVERFLOW_FORMATS, encode, overflow_mode
+
 NAMES = tuple(
     FORMATS
 )  # float8_e4m3fn, float8_e4m3fnuz, float8_e5m2, float8_e5m2fnuz, float8_e8m0fnu, float4_e2m1fn
@@ -23,38 +26,11 @@ ML_DTYPES = {n: getattr(ml_dtypes, n) for n in NAMES}
 # torch has no unpacked fp4 dtype; float4_e2m1fn_x2 exists but cannot be converted to float (probed)
 TORCH = {n: getattr(torch, n) for n in NAMES if n != "float4_e2m1fn"}
 
-# What a plain cast does with a finite value past the overflow boundary and with +-inf (probed with
-# torch 2.13 and ml_dtypes 0.6):
-#   "nan"      -> the format's NaN
-#   "inf"      -> +-inf
-#   "saturate" -> +-max   (torch 2.13's float8_e4m3fn cast clamps, even +-inf; ml_dtypes' e2m1 has no NaN)
-# torch's float8_e4m3fn cast changed between versions: NaN on overflow in 2.11 (probed: 2.11.0+cu130, CPU
-# tensors, on the lent H100 machine), clamping in 2.13 (2.13.0+cpu). Other versions are not recorded: for
-# them the mode is probed once here, and test_oracle_behaviour.py says so.
-TORCH_E4M3FN_OVERFLOW = {(2, 11): "nan", (2, 13): "saturate"}
-TORCH_MINOR = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-
-
-def probe_torch_e4m3fn_overflow() -> str:
-    x = torch.tensor([1000.0, -1000.0, float("inf"), float("-inf")])
-    codes = set(x.to(torch.float8_e4m3fn).view(torch.uint8).tolist())
-    return {frozenset({0x7E, 0xFE}): "saturate", frozenset({0x7F, 0xFF}): "nan"}.get(frozenset(codes),
-                                                                                    f"mixed {sorted(codes)}")
-
-
-OVERFLOW = {
-    ("ml_dtypes", "float8_e4m3fn"): "nan",
-    ("ml_dtypes", "float8_e4m3fnuz"): "nan",
-    ("ml_dtypes", "float8_e5m2"): "inf",
-    ("ml_dtypes", "float8_e5m2fnuz"): "nan",
-    ("ml_dtypes", "float8_e8m0fnu"): "nan",
-    ("ml_dtypes", "float4_e2m1fn"): "saturate",
-    ("torch", "float8_e4m3fn"): TORCH_E4M3FN_OVERFLOW.get(TORCH_MINOR) or probe_torch_e4m3fn_overflow(),
-    ("torch", "float8_e4m3fnuz"): "nan",
-    ("torch", "float8_e5m2"): "inf",
-    ("torch", "float8_e5m2fnuz"): "nan",
-    ("torch", "float8_e8m0fnu"): "nan",
-}
+# What a plain cast does with a finite value past the overflow boundary and with +-inf, as the installed
+# library does it ("nan" -> the format's NaN, "inf" -> +-inf, "saturate" -> +-max): probed, and recorded per
+# library release in tests/quirks.py (test_oracle_behaviour.py asserts the record or reports an unrecorded
+# release). torch's float8_e4m3fn cast gives NaN in 2.11 and clamps in 2.13.
+OVERFLOW = {(lib, name): overflow_mode(lib, name) for lib, names in OVERFLOW_FORMATS.items() for name in names}
 ORACLES = tuple(sorted(OVERFLOW))  # (library, format) pairs with an encode oracle
 
 
@@ -68,17 +44,12 @@ def decode_torch(name: str) -> np.ndarray:
     return torch.arange(n, dtype=torch.uint8).view(TORCH[name]).to(torch.float32).double().numpy()
 
 
-def _f32(x) -> np.ndarray:
-    with np.errstate(over="ignore"):  # float64 -> float32 overflow to inf is intended in overflow probes
-        return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-
-
 def encode_ml_dtypes(name: str, x) -> np.ndarray:
-    return _f32(x).astype(ML_DTYPES[name]).view(np.uint8)
+    return encode("ml_dtypes", name, x)
 
 
 def encode_torch(name: str, x) -> np.ndarray:
-    return torch.from_numpy(_f32(x)).to(TORCH[name]).view(torch.uint8).numpy()
+    return encode("torch", name, x)
 
 
 DECODE = {"ml_dtypes": decode_ml_dtypes, "torch": decode_torch}

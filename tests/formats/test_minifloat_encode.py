@@ -8,7 +8,8 @@ checked on its own against "clamp to +-max, then cast" through each library.
 
 Inputs a format cannot take are left out, with the library behaviour pinned in test_oracle_behaviour.py:
 E8M0 gets only positive inputs (+inf, NaN), e2m1 gets no NaN, and E8M0 skips the float32 subnormals in
-(2**-127, 1.5 * 2**-127), which both libraries round up to 2**-126 although 2**-127 is nearer.
+(2**-127, 1.5 * 2**-127) against a library whose recorded mode rounds them up to 2**-126 although 2**-127 is
+nearer (ml_dtypes <= 0.6, torch 2.13; tests/quirks.py); ml_dtypes 0.7 rounds to nearest and gets them all.
 """
 
 from functools import cache
@@ -19,11 +20,13 @@ import pytest
 from references.formats.minifloat import FORMATS
 from references.formats.verify import check_encode, encode_probes, report
 
+from ..quirks import e8m0_subnormals
 from .oracles import DECODE, ENCODE, ORACLES, OVERFLOW
 
 
 @cache
-def probes(name: str) -> dict[str, np.ndarray]:
+def probes(name: str, lib: str | None = None) -> dict[str, np.ndarray]:
+    """The probe groups of ``name`` that ``lib`` can be compared on (None: the inputs every library takes)."""
     fmt = FORMATS[name]
     out = {}
     for group, x in encode_probes(fmt).items():
@@ -31,7 +34,7 @@ def probes(name: str) -> dict[str, np.ndarray]:
             x = x[(x > 0) | np.isnan(x)]
         if not fmt.has_nan:
             x = x[~np.isnan(x)]
-        if name == "float8_e8m0fnu":
+        if name == "float8_e8m0fnu" and (lib is None or e8m0_subnormals(lib) == "up"):
             x = x[~((x > 2.0**-127) & (x < 1.5 * 2.0**-127))]
         out[group] = x
     return out
@@ -46,7 +49,7 @@ def run_encode_checks(lib, name, transform, saturate, impl=None):
     fmt = FORMATS[name] if impl is None else impl
     table = DECODE[lib](name) if (lib, name) != ("torch", "float4_e2m1fn") else None
     mism, total = [], 0
-    for group, x in probes(name).items():
+    for group, x in probes(name, lib).items():
         m = check_encode(
             fmt,
             x,
