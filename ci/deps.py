@@ -8,9 +8,9 @@
 ``drift`` by ``nox -s latest`` in a fresh venv with the newest releases of the test session's packages. Drift:
 
 1. lists every package whose installed version differs from the pinned one (and packages not pinned);
-2. runs the test suite with ``DSV4_QUIRK_LOG`` set, so every third-party quirk probed on an unrecorded release
-   is logged (tests/quirks.py), and compares each logged behaviour with the one recorded for the pinned
-   release: a difference names that package as having changed behaviour;
+2. runs the test suite with ``DSV4_QUIRK_LOG`` set, so every third-party quirk probed is logged
+   (tests/quirks.py), and compares each logged behaviour with the one recorded for the pinned release: a
+   difference names that package as having changed behaviour;
 3. for failing tests, reverts one drifted package at a time to its pinned version (``--no-deps``), reruns the
    failing tests, and names the package whose revert makes them pass.
 
@@ -165,15 +165,21 @@ def drift(constraints: Path, out: Path, pytest_args: list[str]) -> int:
     lines += [f"- {n}: {p} -> {v}" for n, (p, v) in sorted(changed.items())] or ["- none"]
     if unpinned:
         lines.append(f"- not pinned: {', '.join(f'{n} {v}' for n, v in sorted(unpinned.items()))}")
-    lines += ["", "## Behaviour changes (quirks probed on unrecorded releases)"]
+    lines += ["", "## Third-party behaviour (each quirk of tests/quirks.py against the record of its pinned release)"]
     changed_q = [q for q in quirks if q["status"] == "changed"]
     for q in quirks:
+        if q["status"] == "same":
+            continue
         was = f"{q['pinned_behaviour']!r} at pinned {q['pinned']}" if q["pinned_behaviour"] is not None else \
             f"no record for pinned {q['pinned']}"
-        lines.append(f"- {q['status'].upper()}: {q['library']} {q['version']}: {q['what']}: {q['observed']!r} "
+        rel = "" if q.get("recorded_release") else ", release not recorded"
+        lines.append(f"- {q['status'].upper()}: {q['library']} {q['version']}{rel}: {q['what']}: {q['observed']!r} "
                      f"({was}) [{q['quirk']}]")
+    same = [q for q in quirks if q["status"] == "same"]
+    lines.append(f"- same as pinned: {len(same)} quirks" + (
+        f" ({', '.join(sorted({q['library'] + ' ' + q['version'] for q in same}))})" if same else ""))
     if not quirks:
-        lines.append("- none (every quirk's release is recorded)")
+        lines.append("- no quirk was logged (DSV4_QUIRK_LOG not honoured?): behaviour NOT compared")
     lines += ["", f"## Test suite: exit {rc}, {len(failing)} failing"]
     lines += [f"- {t}" for t in failing]
     if failing:
@@ -187,7 +193,7 @@ def drift(constraints: Path, out: Path, pytest_args: list[str]) -> int:
     text = "\n".join(lines) + "\n"
     (out / "drift.md").write_text(text)
     print(text)
-    return 1 if (failing or changed_q or rc not in (0, 5)) else 0
+    return 1 if (failing or changed_q or not quirks or rc not in (0, 5)) else 0
 
 
 def check(constraints: Path) -> int:

@@ -9,9 +9,10 @@ with that release (``"0.6"`` covers 0.6.0, 0.6.1, ...; the most specific prefix 
 * on a recorded version the probe must equal the record: a release that changes a recorded behaviour
   fails, naming library, version, recorded and observed behaviour;
 * on an unrecorded version the probe must be one of ``known`` (behaviours the tests know how to compare
-  against). The test passes, a ``ThirdPartyDrift`` warning names the observation, and a JSON line goes to
-  ``$DSV4_QUIRK_LOG`` when that is set: ``nox -s latest`` reads it to say which package's new release
-  changed behaviour against the version the constraints pin. A behaviour outside ``known`` fails.
+  against). The test passes and a ``ThirdPartyDrift`` warning names the observation. A behaviour outside
+  ``known`` fails.
+Every observation goes to ``$DSV4_QUIRK_LOG`` as a JSON line when that is set: ``nox -s latest`` compares it
+with the behaviour recorded for the release the constraints pin, and names the package when they differ.
 
 Our own codecs stay the ground truth (references/formats); nothing here changes what they must do. Tests
 that compare against a library use ``observed()`` (the probed behaviour), so the comparison is made in the
@@ -69,24 +70,28 @@ class Quirk:
         return _probe_once(self.id)
 
     def check(self) -> str:
-        """Assert the recorded behaviour (recorded version) or a known one (unrecorded); log drift."""
+        """Assert the recorded behaviour (recorded version) or a known one (unrecorded); log the observation."""
         v, got = self.version(), self.observed()
         rec = record_for(self.recorded, v)
+        self._log(v, got, recorded_release=rec is not None)
         if rec is not None:
-            assert got == rec[1], (f"{self.library} {v}: {self.what} is now {got!r}; recorded for {rec[0]}.x: "
+            assert got == rec[1], (f"{self.library} {v}: {self.what} is now {got!r}; recorded for {rec[0]}: "
                                    f"{rec[1]!r} (a release changed a recorded behaviour: record it per version)")
             return got
         assert got in self.known, (f"{self.library} {v} (unrecorded): {self.what} is {got!r}, none of the known "
                                    f"behaviours {list(self.known)}; the tests cannot compare against it")
-        note = {"quirk": self.id, "library": self.library, "version": v, "observed": got,
-                "recorded": dict(self.recorded), "what": self.what}
         warnings.warn(ThirdPartyDrift(f"{self.library} {v} is not recorded for {self.id}: observed {got!r} "
                                       f"(recorded: {dict(self.recorded)})"), stacklevel=2)
+        return got
+
+    def _log(self, version: str, got: str, *, recorded_release: bool) -> None:
+        """One JSON line to $DSV4_QUIRK_LOG (when set): what the drift report compares with the pinned record."""
         log = os.environ.get("DSV4_QUIRK_LOG")
         if log:
+            note = {"quirk": self.id, "library": self.library, "version": version, "observed": got,
+                    "recorded": dict(self.recorded), "recorded_release": recorded_release, "what": self.what}
             with open(log, "a") as f:
                 f.write(json.dumps(note) + "\n")
-        return got
 
 
 # ----------------------------------------------------------------------------------------------- probes

@@ -52,8 +52,8 @@ def test_check_fails_on_a_recorded_release_that_changed(monkeypatch):
 
 
 def test_check_reports_an_unrecorded_release_and_logs_it(monkeypatch, tmp_path):
-    """An unrecorded release with a known behaviour passes, warns and writes the drift log line; an unknown
-    behaviour fails."""
+    """An unrecorded release with a known behaviour passes, warns and writes the drift log line (so does a
+    recorded one, without the warning); an unknown behaviour fails."""
     log = tmp_path / "quirks.jsonl"
     monkeypatch.setenv("DSV4_QUIRK_LOG", str(log))
     q = QUIRKS["ml_dtypes.float8_e8m0fnu.f32_subnormals"]
@@ -64,6 +64,9 @@ def test_check_reports_an_unrecorded_release_and_logs_it(monkeypatch, tmp_path):
 
     (line,) = log.read_text().splitlines()
     assert json.loads(line)["quirk"] == q.id and json.loads(line)["observed"] == q.observed()
+    assert json.loads(line)["recorded_release"] is False
+    q.check()
+    assert json.loads(log.read_text().splitlines()[1])["recorded_release"] is True
     unknown = Quirk(q.id, q.library, q.what, q.probe, {"0.0.1": "up"}, ("something else",))
     with pytest.raises(AssertionError, match="none of the known behaviours"):
         unknown.check()
