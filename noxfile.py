@@ -163,7 +163,8 @@ def _newest(session, *extra: str) -> None:
     """In this session's fresh venv: the CPU torch wheel (the newest torch on PyPI is a multi-GB CUDA build, so
     torch stays at the on-disk CPU wheel), then the newest releases of everything else the sessions ask for."""
     session.install(CPU_TORCH)
-    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[transformers,lint,dev]", *extra)
+    # torch named again in the upgrade: an eager upgrade would otherwise replace it with a CUDA build
+    session.install("--upgrade", "--upgrade-strategy", "eager", CPU_TORCH, "-e", ".[transformers,lint,dev]", *extra)
 
 
 @nox.session(venv_backend="venv", reuse_venv=False)

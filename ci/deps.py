@@ -188,7 +188,7 @@ def drift(constraints: Path, out: Path, pytest_args: list[str]) -> int:
         unexplained = [t for t in failing if not any(t in ts for ts in blamed.values())]
         if unexplained:
             lines.append(f"- not explained by any single package: {', '.join(unexplained)}")
-    names = sorted({q["library"] for q in changed_q} | set(blamed))
+    names = sorted({_norm(q["library"]) for q in changed_q} | set(blamed))
     lines += ["", "## Verdict", f"- packages whose new release changed behaviour: {', '.join(names) or 'none'}"]
     text = "\n".join(lines) + "\n"
     (out / "drift.md").write_text(text)
