@@ -39,6 +39,9 @@ from .results import VERDICT_RANK
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PASSING = {"pass", "degraded", "xfail"}
+# Verdicts that say the predicate could not judge the version (the subject could not bind, the case has no
+# implementation there, the run broke): never a behaviour. A step with any of them is a skip, in both modes.
+UNJUDGED = {"error", "not-provided", "not-run", "needs-gpu", "skipped", "usage-error"}
 HARNESS_DEPS = ["numpy", "ml_dtypes", "pandas", "jinja2", "pytest", "pytest-xdist", "safetensors"]
 
 
@@ -110,6 +113,24 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> 
             return 124
 
 
+def install_failure(text: str, what: str, rc: int, log: Path | str = "") -> str:
+    """One sentence from a failed pip install's output: the requirement pip could not satisfy and who pinned
+    it, and how to supply it; else the last error lines."""
+    missing = re.findall(r"(?:Could not find a version that satisfies the requirement|No matching distribution "
+                         r"found for) ([^\s(]+)", text)
+    causes = [c.split(";")[0].strip() for c in re.findall(r"^\s+(\S+ \S+ depends on .+)$", text, flags=re.M)]
+    parts = []
+    if causes:
+        parts.append("pip cannot satisfy " + "; ".join(dict.fromkeys(causes)))
+    if missing:
+        parts.append(f"no index or --find-links folder here has {', '.join(dict.fromkeys(missing))}")
+    if parts:
+        return (f"pip install {what} failed (rc {rc}): {'; '.join(parts)}: supply the pinned wheel with --find-links "
+                f"DIR (a folder holding it), or give an existing install with --venv-map VERSION=VENV (log {log})")
+    errs = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ERROR")] or text.strip().splitlines()
+    return f"pip install {what} failed (rc {rc}): {' | '.join(errs[-3:])} (log {log})"
+
+
 class _VenvSource:
     """Shared install logic: one venv per version, a marker file once install + import succeeded."""
 
@@ -161,14 +182,13 @@ class _VenvSource:
         if not Path(py).exists():
             if _run([sys.executable, "-m", "venv", str(venv)], log, 300) != 0:
                 raise SkipVersion(f"cannot create venv {venv}")
-        cmd = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+        cmd = [py, "-m", "pip", "install", "--disable-pip-version-check"]   # not -q: the log must say why
         for fl in self.find_links:
             cmd += ["--find-links", fl]
         cmd += self.requirement(version) + (HARNESS_DEPS if self.harness_deps else [])
         rc = _run(cmd, log, self.install_timeout)
         if rc != 0:
-            tail = log.read_text().strip().splitlines()[-3:]
-            reason = f"pip install {self.package}=={version} failed (rc {rc}): {' | '.join(tail)}"
+            reason = install_failure(log.read_text(), f"{self.package}=={version}", rc, log)
             failed.write_text(reason + "\n")
             if not self.keep_failed:
                 shutil.rmtree(venv, ignore_errors=True)
@@ -370,7 +390,7 @@ def judge(verdicts: list[str], mode: str, reference: str | None) -> str:
     if mode == "failing":
         return "bad" if any(v not in PASSING for v in verdicts) else "good"
     if mode == "changed":
-        return "bad" if any(v != reference for v in verdicts) else "good"
+        return "bad" if any(v != reference for v in verdicts) else "good"   # UNJUDGED never gets here
     raise BisectError(f"unknown mode {mode!r} (failing | changed)")
 
 
@@ -404,10 +424,18 @@ def search(versions: list[str], good: str, bad: str, evaluate: Callable[[str, st
 
     res = BisectResult(versions=vs, good=good, bad=bad, mode=mode, predicate="", repeat=0, steps=steps)
     g = run(vs[0], "good-endpoint")
+    if g.outcome == "skip":
+        raise BisectError(f"--good {good} cannot be judged, so nothing can be compared with it: {g.reason}; "
+                          f"choose a --good version the predicate can judge")
     if g.outcome != "good":
-        raise BisectError(f"--good {good} is not good: {g.outcome} ({g.reason or ', '.join(g.verdicts)})")
+        hint = (" (to find where a behaviour changed or appeared, a fix say, use --mode changed: it compares "
+                "every version with --good's verdict)" if mode == "failing" else "")
+        raise BisectError(f"--good {good} is not good: {g.outcome} ({g.reason or ', '.join(g.verdicts)}){hint}")
     res.reference_verdict = reference
     b = run(vs[-1], "bad-endpoint")
+    if b.outcome == "skip":
+        raise BisectError(f"--bad {bad} cannot be judged: {b.reason}; choose a --bad version the predicate can "
+                          f"judge")
     if b.outcome != "bad":
         raise BisectError(f"--bad {bad} is not bad: {b.outcome} ({b.reason or ', '.join(b.verdicts)}); "
                           f"nothing to bisect")
@@ -456,6 +484,12 @@ def make_evaluator(source, predicate, out: Path, repeat: int = 1, log=print):
         st.verdicts = [r["verdict"] for r in rows]
         st.messages = [r.get("message", "") for r in rows]
         (stepdir / "verdicts.json").write_text(json.dumps({"version": version, "rows": rows}, indent=1))
+        unjudged = [r for r in rows if r["verdict"] in UNJUDGED]
+        if unjudged:   # an error is never a verdict: step around this version
+            r = unjudged[0]
+            st.outcome = "skip"
+            st.reason = (f"{predicate.name} could not judge {version}: {r['verdict']}: "
+                         f"{(r.get('message') or '').strip()[:400]}")
         return st
     return evaluate
 

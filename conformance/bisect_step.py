@@ -7,7 +7,7 @@
 
 (``python -m conformance bisect --source git:~/src/vllm ...`` does exactly this, with this repository on
 PYTHONPATH.) Exit codes, as ``git bisect run`` reads them: 0 good, 1 bad, 125 skip (the commit cannot be
-installed or vLLM does not import), 128 abort (the harness itself is broken: never blame a commit for it).
+installed, vLLM does not import, or the predicate cannot judge it: error, not-provided, ...), 128 abort (the harness itself is broken: never blame a commit for it).
 Every step appends one JSON line (commit, verdicts, timings) to ``--log``.
 """
 
@@ -30,7 +30,7 @@ def _commit(cwd: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .bisect import BisectError, judge, make_predicate
+    from .bisect import UNJUDGED, BisectError, judge, make_predicate
 
     p = argparse.ArgumentParser(prog="python -m conformance.bisect_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +83,11 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - a harness crash must abort, not mark the commit bad
         return done(ABORT, outcome="abort", reason=f"predicate crashed: {type(e).__name__}: {e}")
     verdicts = [r["verdict"] for r in rows]
+    unjudged = [r for r in rows if r["verdict"] in UNJUDGED]
+    if unjudged:   # an error is never a verdict: git bisect skips this commit
+        return done(SKIP, outcome="skip", verdicts=verdicts, install_s=round(install_s, 1),
+                    reason=f"{pred.name} could not judge this commit: {unjudged[0]['verdict']}: "
+                           f"{unjudged[0].get('message', '')[:300]}")
     outcome = judge(verdicts, a.mode, a.reference)
     return done(GOOD if outcome == "good" else BAD, outcome=outcome, verdicts=verdicts,
                 messages=[r.get("message", "")[:300] for r in rows], install_s=round(install_s, 1),

@@ -45,7 +45,8 @@ def dsv4_present() -> dict:
             DeepseekV4ScalingRotaryEmbedding,
         )
     except Exception as e:  # noqa: BLE001
-        return {"verdict": "not-provided", "message": f"vllm {_vllm_version()}: DSV4 not importable: {e}"}
+        # the question is "is DSV4 there": no is its answer (a verdict), not an inability to judge
+        return {"verdict": "fail", "message": f"vllm {_vllm_version()}: DSV4 not importable: {e}"}
     return {"verdict": "pass", "message": f"vllm {_vllm_version()}: vllm.models.deepseek_v4 present",
             "function": "vllm.models.deepseek_v4", "backend": "torch"}
 

