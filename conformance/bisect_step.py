@@ -7,7 +7,8 @@
 
 (``python -m conformance bisect --source git:~/src/vllm ...`` does exactly this, with this repository on
 PYTHONPATH.) Exit codes, as ``git bisect run`` reads them: 0 good, 1 bad, 125 skip (the commit cannot be
-installed, vLLM does not import, or the predicate cannot judge it: error, not-provided, ...), 128 abort (the harness itself is broken: never blame a commit for it).
+installed, vLLM does not import, or the predicate cannot judge it: error, not-provided, ...), 128 abort
+(the harness itself is broken: never blame a commit for it).
 Every step appends one JSON line (commit, verdicts, timings) to ``--log``.
 """
 

@@ -109,7 +109,7 @@ def cmd_compare(a) -> int:
     from .store import StoreError, load_run
 
     try:
-        th = parse_thresholds(a.threshold)
+        th = parse_thresholds(a.threshold, defaults=not a.no_default_thresholds)
         ra, rb = load_run(a.run_a), load_run(a.run_b)
     except (ThresholdError, StoreError) as e:
         print(f"compare: {e}", file=sys.stderr)
@@ -134,13 +134,14 @@ def cmd_gate(a) -> int:
     if run_args and run_args[0] == "--":
         run_args = run_args[1:]
     try:
-        th = parse_thresholds(a.threshold)
+        th = parse_thresholds(a.threshold, defaults=not a.no_default_thresholds)
         if not a.run and not run_args:
             raise GateError("give the run's arguments after -- (e.g. -- --subject vllm) or an existing run with --run")
         res = gate(baseline=a.baseline, out=a.out, run_dir=a.run, run_args=run_args,
                    expected_failures=a.expected_failures, thresholds=th, junit=a.junit,
                    strict_xfail=a.strict_xfail, allow_arch_mismatch=a.allow_arch_mismatch,
-                   allow_missing_baseline=a.allow_missing_baseline, timeout=a.timeout)
+                   allow_missing_baseline=a.allow_missing_baseline, timeout=a.timeout,
+                   fail_on_backend_change=a.fail_on_backend_change)
     except (GateError, ThresholdError) as e:
         print(f"gate: {e}", file=sys.stderr)
         return 2
@@ -264,6 +265,8 @@ def main(argv=None) -> int:
     cp.add_argument("run_b", help="run folder or baseline file (after)")
     cp.add_argument("--threshold", action="append", default=[],
                     help="metric:+N%% or metric:+N (growth is bad), metric:-N%% (a drop is bad); repeatable")
+    cp.add_argument("--no-default-thresholds", action="store_true",
+                    help="only the --threshold given (default: also calc_diff:+20%% and worst_over_bound:+50%%)")
     cp.add_argument("--html", default=None, help="where to write the page (default <run_b>/compare.html)")
     cp.add_argument("--json", default=None, help="also write the comparison as JSON")
     cp.add_argument("--fail-on-worse", action="store_true", help="exit 1 when anything got worse")
@@ -275,6 +278,9 @@ def main(argv=None) -> int:
                    help="baseline file, or a folder of baselines (then <folder>/<arch>.json for this platform)")
     g.add_argument("--expected-failures", default=None, help="xfail.toml / .json: case pattern, reason, link")
     g.add_argument("--threshold", action="append", default=[], help="as for compare (repeatable)")
+    g.add_argument("--no-default-thresholds", action="store_true",
+                   help="only the --threshold given (default: also calc_diff:+20%% and worst_over_bound:+50%%, "
+                        "see conformance.compare.DEFAULT_THRESHOLDS)")
     g.add_argument("--run", default=None, help="judge this existing run folder instead of running the suite")
     g.add_argument("--out", default="out/gate", help="run folder (results, report.html, junit.xml, gate.html)")
     g.add_argument("--junit", default=None, help="JUnit XML path (default <out>/junit.xml)")
@@ -283,6 +289,9 @@ def main(argv=None) -> int:
     g.add_argument("--allow-missing-baseline", action="store_true",
                    help="no baseline for this arch yet (a new runner): gate on failing cases only")
     g.add_argument("--timeout", type=float, default=3600, help="seconds for the conformance run")
+    g.add_argument("--fail-on-backend-change", nargs="+", action="extend", default=[], metavar="COMPONENT",
+                   help="components (fnmatch patterns) whose function or backend must stay the baseline's: a "
+                        "change is a regression (a tuned kernel silently replaced by a fallback)")
     g.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then arguments for `python -m conformance run`")
     g.set_defaults(fn=cmd_gate)
     bl = sub.add_parser("baseline", help="store a run as the baseline of its platform")

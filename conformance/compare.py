@@ -108,13 +108,30 @@ def parse_threshold(spec: str) -> Threshold:
     return Threshold(metric, +1 if m.group("sign") == "+" else -1, amount / 100 if pct else amount, pct, s)
 
 
-def parse_thresholds(specs) -> list[Threshold]:
+# Thresholds compare and gate apply unless told otherwise (--no-default-thresholds); a --threshold on the same
+# metric replaces its default. Every case is seeded and deterministic: an unchanged build reproduces each metric
+# exactly (bitwise on the CPU), so any growth is a change of the implementation. The margins leave room for a
+# legitimate change of evaluation order (same rounding steps, re-associated), which changes the pattern of the
+# rounding errors but not their distribution:
+# * calc_diff:+20%  - calc_diff is a sum of n squared errors over the output; with independent errors its
+#   relative spread is sqrt(2/n): 4.5 % at n = 1,000 elements (the smallest outputs of most cases), so +20 % is
+#   about 4.5 sigma there. Below ~100 elements (sqrt(2/n) > 14 %) a re-association alone can pass it.
+# * worst_over_bound:+50% - the largest |error| / bound over n elements: for n = 1,000 Gaussian errors the max is
+#   about 3.2 sigma with a spread of about 0.4 sigma (12 %), so +50 % is about 4 spreads.
+DEFAULT_THRESHOLDS = ("calc_diff:+20%", "worst_over_bound:+50%")
+
+
+def parse_thresholds(specs, *, defaults: bool = False) -> list[Threshold]:
+    """Parse ``metric:(+|-)amount[%]`` specs; with ``defaults`` the DEFAULT_THRESHOLDS are added for every
+    metric the specs do not name."""
     out = [parse_threshold(s) for s in specs or []]
     seen = {}
     for t in out:
         if t.metric in seen:
             raise ThresholdError(f"threshold for {t.metric!r} given twice ({seen[t.metric]!r} and {t.spec!r})")
         seen[t.metric] = t.spec
+    if defaults:
+        out += [t for t in map(parse_threshold, DEFAULT_THRESHOLDS) if t.metric not in seen]
     return out
 
 

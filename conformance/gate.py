@@ -2,7 +2,8 @@
 
 Exit status (``python -m conformance gate``): **1** exactly when a case fails (fail, catastrophic or error
 verdict, not covered by an expected-failure entry), a case regresses against the baseline (worse verdict,
-or a metric past its ``--threshold``), or the run crashed / produced no results; **0** otherwise; **2** for
+a metric past its ``--threshold``, or, for components named with ``--fail-on-backend-change``, another
+function or backend than the baseline's), or the run crashed / produced no results; **0** otherwise; **2** for
 a usage problem (no baseline for this arch, bad threshold, bad expected-failures file).
 
 Whatever happens it writes ``junit.xml``, ``report.html`` (the run's report), ``gate.html`` (the gate
@@ -34,7 +35,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import Comparison, compare
+from .compare import Change, Comparison, compare
 from .junit import TestOutcome, validate, write_junit
 from .store import Run, StoreError, key_str, load_baseline, load_run, row_key
 
@@ -137,8 +138,22 @@ class GateResult:
                 "compare": self.comparison.counts if self.comparison else None}
 
 
+def backend_regressions(cmp: Comparison, components: list[str]) -> list:
+    """The backend changes of ``cmp`` on the named components (fnmatch patterns on the component name), as
+    regressions: a tuned kernel silently replaced by a fallback fails the gate when the component is named."""
+    out = []
+    for c in cmp.backend_changed:
+        comp = (c.b or c.a or {}).get("component", "")
+        pats = [p for p in components if fnmatch.fnmatchcase(comp, p)]
+        if pats:
+            out.append(Change(c.key, c.a, c.b, [f"backend changed: {c.reasons[0]} (--fail-on-backend-change "
+                                                f"{pats[0]})"]))
+    return out
+
+
 def judge(run: Run, baseline: Run | None, expected: list[Expected], thresholds=None, *, crash: str = "",
-          run_rc: int | None = None, strict_xfail: bool = False) -> GateResult:
+          run_rc: int | None = None, strict_xfail: bool = False,
+          fail_on_backend_change: list[str] | None = None) -> GateResult:
     rows = run.by_key
     cmp = compare(baseline, run, thresholds) if baseline is not None else None
     res = GateResult(run, baseline, cmp, expected, crash=crash, run_rc=run_rc, strict_xfail=strict_xfail)
@@ -157,6 +172,12 @@ def judge(run: Run, baseline: Run | None, expected: list[Expected], thresholds=N
                 res.failing.append(r)
     if cmp is not None:
         res.regressions = [c for c in cmp.worse if c.key not in xfail_keys]
+        worse = {c.key for c in res.regressions}
+        for c in backend_regressions(cmp, list(fail_on_backend_change or [])):
+            if c.key in worse:   # already a regression: add the reason to it
+                next(r for r in res.regressions if r.key == c.key).reasons.extend(c.reasons)
+            elif c.key not in xfail_keys:
+                res.regressions.append(c)
     if not rows and not crash:
         res.crash = "the run produced no result rows"
     return res
@@ -274,7 +295,7 @@ def run_suite(out: Path, run_args: list[str], timeout: float) -> tuple[int | Non
 def gate(*, baseline: str | None, out: str | Path, run_dir: str | None = None, run_args: list[str] | None = None,
          expected_failures: str | None = None, thresholds=None, junit: str | None = None,
          strict_xfail: bool = False, allow_arch_mismatch: bool = False, allow_missing_baseline: bool = False,
-         timeout: float = 3600, printer=print) -> GateResult:
+         timeout: float = 3600, printer=print, fail_on_backend_change: list[str] | None = None) -> GateResult:
     expected = load_expected(expected_failures)
     out = Path(run_dir or out)
     crash, rc = "", None
@@ -301,7 +322,10 @@ def gate(*, baseline: str | None, out: str | Path, run_dir: str | None = None, r
         if base.arch != run.arch and not allow_arch_mismatch:
             raise GateError(f"baseline {base.path} is for arch {base.arch}, this run is {run.arch} "
                             f"(--allow-arch-mismatch to compare anyway)")
-    res = judge(run, base, expected, thresholds, crash=crash, run_rc=rc, strict_xfail=strict_xfail)
+    if fail_on_backend_change and base is None:
+        raise GateError("--fail-on-backend-change needs a baseline to compare backends with")
+    res = judge(run, base, expected, thresholds, crash=crash, run_rc=rc, strict_xfail=strict_xfail,
+                fail_on_backend_change=fail_on_backend_change)
     paths = write_outputs(res, out, junit)
     s = res.summary() | {"wall_s": round(time.perf_counter() - t0, 1), "paths": {k: str(v) for k, v in paths.items()}}
     s["expected_failures"] = [{"case": e.case, "subject": e.subject, "level": e.level, "status": e.status,

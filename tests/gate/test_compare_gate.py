@@ -220,3 +220,48 @@ def test_junit_validator_catches_inconsistency(tmp_path):
     p.write_text(p.read_text().replace('failures="1"', 'failures="0"', 1))
     with pytest.raises(JUnitError, match="failures"):
         validate(p)
+
+
+def _planted(run_dir: Path, factor: float) -> Path:
+    """The run's results rewritten with every serving-level calc_diff of the plugin subject scaled by ``factor``
+    (a build whose error grew while every case still passes)."""
+    for f in (run_dir / "results").glob("*.jsonl"):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        for r in rows:
+            if r["subject"] == SUBJECT and r["level"] == "serving":
+                r["metrics"] = {k: (v * factor if k.endswith("calc_diff") else v) for k, v in r["metrics"].items()}
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_gate_default_thresholds_catch_a_30_percent_calc_diff_growth(runs, fresh, tmp_path, capsys, monkeypatch):
+    """What `nox -s gate` runs (no --threshold: the defaults): a planted 30 % calc_diff growth with every verdict
+    still pass fails the gate; the unchanged build and a 10 % growth pass; --no-default-thresholds sees nothing."""
+    save_baseline(load_run(runs["good"]), tmp_path / "baselines")
+    base = ["gate", "--baseline", str(tmp_path / "baselines"), "--expected-failures", "ci/expected-failures.toml"]
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main([*base, "--run", str(fresh("good"))]) == 0
+    assert main([*base, "--run", str(_planted(fresh("good"), 1.10))]) == 0
+    grown = _planted(fresh("good"), 1.30)
+    assert main([*base, "--run", str(grown)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "calc_diff" in out and "+30.0%" in out and "allowed calc_diff:+20%" in out
+    assert all(r["verdict"] == "pass" for r in load_run(grown).rows if r["subject"] == SUBJECT)
+    assert main([*base, "--run", str(_planted(fresh("good"), 1.30)), "--no-default-thresholds"]) == 0
+    # a --threshold on the same metric replaces the default
+    assert main([*base, "--run", str(_planted(fresh("good"), 1.30)), "--threshold", "calc_diff:+40%"]) == 0
+
+
+def test_gate_fails_on_a_named_components_backend_change(runs, fresh, tmp_path, capsys):
+    """The same numbers from another backend (torch -> triton): reported only, unless the component is named."""
+    save_baseline(load_run(runs["good"]), tmp_path / "baselines")
+    base = ["gate", "--baseline", str(tmp_path / "baselines")]
+    assert main([*base, "--run", str(fresh("triton"))]) == 0
+    assert main([*base, "--run", str(fresh("triton")), "--fail-on-backend-change", "moe.*", "norm.*"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--run", str(fresh("triton")), "--fail-on-backend-change", "quant.*"]) == 1
+    out = capsys.readouterr().out
+    assert "backend changed: tests.gate.act_quant_torch [torch] -> tests.gate.act_quant_triton [triton]" in out
+    assert "--fail-on-backend-change quant.*" in out
+    assert main([*base, "--run", str(fresh("good")), "--fail-on-backend-change", "quant.*"]) == 0
+    assert main(["gate", "--run", str(fresh("triton")), "--fail-on-backend-change", "quant.*"]) == 2  # no baseline
