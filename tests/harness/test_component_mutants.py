@@ -71,9 +71,19 @@ def topk_off_by_one(scores, positions, *, ratio, topk):
     return idx_topk(scores, positions + 1, ratio=ratio, topk=topk)
 
 
+def rope_layer_yarn_on_swa(x, positions, *, compress_ratio, inverse=False, preset="flash", rope_dim=64):
+    # vLLM 0.27-0.29's build_deepseek_v4_rope: YaRN on every layer type, theta per type (spec 8.1)
+    from references.components.rope import apply_rope, layer_inv_freq
+    from references.config import FLASH
+
+    inv = layer_inv_freq(FLASH, FLASH.compress_ratios.index(compress_ratio), variant="vllm-yarn-on-swa")
+    return apply_rope(x.double(), positions, inv, rope_dim, inverse=inverse).float()
+
+
 MUTANTS = [
     ("norm.rms", rms_without_eps),
     ("rope.apply", rope_neox),
+    ("rope.layer", rope_layer_yarn_on_swa),
     ("mhc.pre", sinkhorn_one_fewer),
     ("attn.sparse", attention_without_sink),
     ("compressor.kv", compressor_softmax_over_channels),
@@ -93,3 +103,11 @@ def test_mutant_caught_with_diagnosis(component, fn):
                 assert "worst at" in r.message or "row" in r.message
                 assert r.worst.get("index") is not None
     assert caught, f"mutant of {component} passed every case"
+
+
+def test_rope_layer_yarn_on_swa_is_caught_on_swa_layers_only():
+    """The mutant gives CSA / HCA layers the right rope: only the SWA cases may fail."""
+    subj = Mutant("rope.layer", rope_layer_yarn_on_swa)
+    failing = {case.id.split("/")[1].replace("-inv", "") for case in cases_for("rope.layer")
+               for r in run_numeric(subj, case) if r.verdict in ("fail", "catastrophic")}
+    assert failing == {"swa"}
