@@ -8,7 +8,9 @@ Pieces, each replaceable (the tests drive the search with a fake source and no i
   by ``git bisect run python -m conformance.bisect_step``). Installs live in one venv per version under
   ``--venv-root`` and are reused when present; a version that cannot be installed or imported is *skipped*.
 * a **predicate** runs in that interpreter and returns verdict rows: ``case:<case-id>@<subject>`` runs the
-  conformance case (``python -m conformance run`` in the version's venv, this repository on PYTHONPATH);
+  conformance case (``python -m conformance run`` in the version's venv, this repository on PYTHONPATH); an
+  e2e row id (``e2e/tiny/logits``, ``e2e/tiny-long/greedy``, ``e2e/tiny/layers``, ...) runs the whole-model check
+  and judges that row;
   ``probe:<module:function>`` runs a small probe (``conformance.probes``) through ``conformance.probe_runner``.
 * a **judge** turns a version's verdicts into good / bad: ``--mode failing`` (bad when any repeat is not a
   pass) or ``--mode changed`` (bad when any repeat's verdict differs from the verdict at ``--good``: finds
@@ -295,14 +297,21 @@ class CasePredicate:
     def __init__(self, case_ids: list[str] | str, subject: str, timeout: float = 900):
         self.case_ids = [case_ids] if isinstance(case_ids, str) else list(case_ids)
         self.subject, self.timeout = subject, timeout
+        e2e = {c.startswith("e2e/") for c in self.case_ids}
+        if len(e2e) > 1:
+            raise BisectError("a case predicate takes op cases or e2e rows (e2e/...), not both: bisect them apart")
+        self.e2e = e2e == {True}
         self.name = f"case:{','.join(self.case_ids)}@{subject}"
 
     def __call__(self, python: str, stepdir: Path) -> dict:
         out = stepdir / "run"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [python, "-m", "conformance", "run", "--subject", self.subject, "--out", str(out), "--"]
-        for c in self.case_ids:
-            cmd += ["--case", c]
+        if self.e2e:   # e2e rows (load, logits, greedy, first divergent layer) come from the whole-model run
+            cmd += ["-k", "test_e2e"]
+        else:
+            for c in self.case_ids:
+                cmd += ["--case", c]
         cmd += ["--no-report"]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=env, cwd=REPO_ROOT)

@@ -36,3 +36,21 @@ class Switchable(Subject):
 
 def switchable():
     return Switchable()
+
+
+class WholeModel(Switchable):
+    """Serves a 'whole model' through the e2e hook: logits rows whose verdict follows DSV4_GATE_VARIANT
+    (``good`` passes, ``truncating`` fails), as a vLLM release that broke the model output would."""
+    name = "wholemodel"
+
+    def e2e(self, out_dir):
+        from conformance.results import CheckResult
+
+        ok = self.variant != "truncating"
+        return [CheckResult(self.name, "e2e/tiny/logits", "model", "e2e", "golden", "pass" if ok else "fail",
+                            message=f"logits {'within' if ok else 'beyond'} bound ({self.variant})"),
+                CheckResult(self.name, "e2e/tiny/greedy", "model", "e2e", "golden", "pass")]
+
+
+def wholemodel():
+    return WholeModel()

@@ -258,3 +258,18 @@ def test_rope_probe_golden_and_no_vllm():
     if importlib.util.find_spec("vllm") is None:
         assert probes.dsv4_swa_rope()["verdict"] == "not-provided"
         assert probes.dsv4_present()["verdict"] == "fail"      # "is DSV4 there?" answered no
+
+
+def test_e2e_rows_are_bisect_predicates(tmp_path, monkeypatch):
+    """case:e2e/tiny/logits@S runs the whole-model check (not --case, which knows no e2e id) and judges that row;
+    mixing op cases and e2e rows in one predicate is refused."""
+    pred = B.make_predicate("case:e2e/tiny/logits@tests.gate.gate_subjects:wholemodel")
+    for variant, want in (("good", "pass"), ("truncating", "fail")):
+        monkeypatch.setenv("DSV4_GATE_VARIANT", variant)
+        d = tmp_path / variant
+        d.mkdir()
+        row = pred(sys.executable, d)
+        assert row["verdict"] == want, row
+        assert row["levels"] == {"e2e/tiny/logits/golden": want}
+    with pytest.raises(B.BisectError, match="not both"):
+        B.make_predicate("case:e2e/tiny/logits,rope.layer/swa/t1/s0@vllm")
