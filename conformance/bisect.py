@@ -368,6 +368,7 @@ class Step:
     cached: bool = False
     role: str = "search"              # good-endpoint | bad-endpoint | search
     messages: list = field(default_factory=list)
+    python: str = ""                  # the interpreter the version was judged in (rerun commands use it)
 
     @property
     def total_s(self) -> float:
@@ -480,7 +481,7 @@ def make_evaluator(source, predicate, out: Path, repeat: int = 1, log=print):
         except SkipVersion as e:
             st.outcome, st.reason = "skip", str(e)
             return st
-        st.install_s, st.cached = prep.install_s, prep.cached
+        st.install_s, st.cached, st.python = prep.install_s, prep.cached, prep.python
         t0 = time.perf_counter()
         rows = []
         for i in range(repeat):
@@ -549,13 +550,39 @@ def run_bisect(source, predicate, good: str, bad: str, out: str | Path, mode: st
 
     vs = versions if versions is not None else source.versions()
     t0 = time.perf_counter()
-    res = search(vs, good, bad, make_evaluator(source, predicate, out, repeat, log), mode, on_step)
+    done: list[Step] = []
+
+    def on_step_kept(st: Step):
+        done.append(st)
+        on_step(st)
+
+    try:
+        res = search(vs, good, bad, make_evaluator(source, predicate, out, repeat, log), mode, on_step_kept)
+    except BisectError as e:   # refused: the page and the summary still say what was run and why it stopped
+        summary = {"refused": str(e), "good": good, "bad": bad, "mode": mode, "predicate": predicate.name,
+                   "repeat": repeat, "source": source.name, "versions": vs,
+                   "steps": [asdict(st) | {"total_s": round(st.total_s, 1)} for st in done],
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+        (out / "bisect.json").write_text(json.dumps(summary, indent=1))
+        _page(summary, out)
+        raise
     res.predicate, res.repeat = predicate.name, repeat
     summary = res.to_json() | {"source": source.name, "wall_s": round(time.perf_counter() - t0, 1)}
     (out / "bisect.json").write_text(json.dumps(summary, indent=1))
     text = format_log(res, source.name) + f"wall time {summary['wall_s']} s\n"
     (out / "bisect.log").write_text(text)
+    _page(summary, out)
     return res
+
+
+def _page(summary: dict, out: Path) -> None:
+    """bisect.html beside bisect.json (a rendering failure never hides the bisect's own result)."""
+    try:
+        from reports.bisect_page import render_bisect
+
+        render_bisect(summary, out)
+    except Exception as e:  # noqa: BLE001
+        (out / "bisect.html.error").write_text(f"{type(e).__name__}: {e}\n")
 
 
 def git_bisect(path: str, good: str, bad: str, step_args: list[str], python: str = sys.executable,

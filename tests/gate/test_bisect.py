@@ -273,3 +273,21 @@ def test_e2e_rows_are_bisect_predicates(tmp_path, monkeypatch):
         assert row["levels"] == {"e2e/tiny/logits/golden": want}
     with pytest.raises(B.BisectError, match="not both"):
         B.make_predicate("case:e2e/tiny/logits,rope.layer/swa/t1/s0@vllm")
+
+
+def test_bisect_page_written_for_results_and_refusals(tmp_path):
+    verdicts = {v: ("pass" if v < "0.30.0" else "fail") for v in VERSIONS} | {"0.28.0": "error"}
+    res, _, _ = _bisect(verdicts, "0.25.0", "0.32.0", tmp_path)
+    page = (tmp_path / "bisect" / "bisect.html").read_text()
+    assert "first bad: <b>0.30.0</b>" in page and "could not judge 0.28.0: error" in page
+    assert "conformance.probe_runner" not in page and "o-skip" in page
+    err = {v: "error" for v in VERSIONS[:-1]} | {"0.32.0": "pass"}
+    src = FakeSource(err)
+    pred = FakePredicate(src)
+    pred.message = "<script>alert(1)</script>"
+    with pytest.raises(B.BisectError):
+        B.run_bisect(src, pred, "0.29.0", "0.32.0", tmp_path / "refused", mode="changed", log=lambda *a: None)
+    page = (tmp_path / "refused" / "bisect.html").read_text()
+    assert "REFUSED" in page and "--good 0.29.0 cannot be judged" in page
+    assert "<script>alert" not in page and "&lt;script&gt;" in page          # messages are escaped
+    assert json.loads((tmp_path / "refused" / "bisect.json").read_text())["refused"].startswith("--good 0.29.0")
