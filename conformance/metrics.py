@@ -16,6 +16,8 @@ from references.formats.minifloat import get_format
 
 from .tolerances import EXACT, Tolerance, unit_roundoff, verdict_from_errors
 
+VERDICT_TIER_RANK = {"pass": 0, "degraded": 1, "fail": 2, "catastrophic": 3}
+
 
 @dataclass
 class Comparison:
@@ -61,6 +63,76 @@ def _histogram(ratio: torch.Tensor) -> list:
     return [(float(e), int(c)) for e, c in zip(edges[:-1], counts)]
 
 
+# Systematic-error detector (issue #16): an error that keeps one sign or one gain across an output is no rounding
+# error, whatever its size. Round-to-nearest is unbiased, so the least-squares gain of got on want deviates from
+# 1, and the mean signed error from 0, only by chance. Roundings are not independent element by element: a row
+# shares its normalisation factor, softmax denominator or scale, rounded once, and a token's rows can share more
+# (Sinkhorn's column sums couple a token's 4 x 4 matrix). So the standard errors (SE) are cluster-robust with the
+# leading dim (tokens) as clusters; each token's shared roundings then count once. A deviation is systematic when
+# it exceeds BOTH Z_SYSTEMATIC SE (not chance: 4 sigma, p ~ 6e-5) and FLOOR_SYSTEMATIC unit roundoffs u of the
+# level's format (large enough to matter: half a rounding unit; one row's shared scalar may be off by up to u). Fewer than MIN_CLUSTERS clusters: not judged (the SE is then unreliable).
+# Levels judged (SYSTEMATIC_LEVELS): fp32 and emulated, where both sides compute the same roundings. Measured, not
+# judged: the serving level, where the subject meets the unquantised golden and FP8 noise has genuine second-order
+# effects of the size of a bf16 unit (noisy scores flatten a softmax: E[softmax(s + e)] shrinks the output by
+# O(u_e4m3^2) = O(2^-8)); and the fp64 level (the fp32 golden against fp64), where each chained fp32 step rounds
+# shared scalars (Sinkhorn's 20 normalisations) so the golden carries gains up to about ops * u32 by design, which
+# its elementwise bound (ops * u32) already allows.
+Z_SYSTEMATIC = 4.0
+FLOOR_SYSTEMATIC = 0.5
+MIN_CLUSTERS = 16
+SYSTEMATIC_LEVELS = ("fp32", "emulated")
+
+
+def _pow2(x: float) -> str:
+    return f"{'+' if x > 0 else '-'}2^{math.log2(abs(x)):.1f}" if x else "0"
+
+
+def systematic_error(g: torch.Tensor, w: torch.Tensor, u: float) -> dict | None:
+    """Least-squares gain of ``g`` on ``w`` and the mean signed error, each with its cluster-robust standard error
+    (the leading dim's entries are the clusters; a 1-D output's elements are) and its allowed deviation (module
+    comment); None when fewer than MIN_CLUSTERS clusters have a finite, non-zero reference. fp64."""
+    g2 = g.double().reshape(g.shape[0], -1) if g.ndim >= 2 else g.double().reshape(-1, 1)
+    w2 = w.double().reshape(w.shape[0], -1) if w.ndim >= 2 else w.double().reshape(-1, 1)
+    ok = torch.isfinite(g2) & torch.isfinite(w2)
+    g2, w2 = torch.where(ok, g2, 0.0), torch.where(ok, w2, 0.0)
+    keep = (w2 * w2).sum(-1) > 0
+    g2, w2, ok = g2[keep], w2[keep], ok[keep]
+    R, n = g2.shape[0], int(ok.sum())
+    if R < MIN_CLUSTERS:
+        return None
+    sww = float((w2 * w2).sum())
+    gain = float((g2 * w2).sum()) / sww
+    resid = torch.where(ok, g2 - gain * w2, 0.0)
+    se_gain = math.sqrt(float(((w2 * resid).sum(-1) ** 2).sum())) / sww
+    d = torch.where(ok, g2 - w2, 0.0)
+    mean = float(d.sum()) / n
+    se_mean = math.sqrt(float((torch.where(ok, d - mean, 0.0).sum(-1) ** 2).sum())) / n
+    mag = float(w2.abs().sum()) / n
+    return {
+        "gain_dev": gain - 1.0, "gain_se": se_gain,
+        "gain_allowed": max(Z_SYSTEMATIC * se_gain, FLOOR_SYSTEMATIC * u),
+        "mean_err": mean, "mean_err_se": se_mean,
+        "mean_allowed": max(Z_SYSTEMATIC * se_mean, FLOOR_SYSTEMATIC * u * mag),
+        "n": n, "clusters": R, "u": u,
+    }
+
+
+def systematic_verdict(st: dict | None, output: str) -> str | None:
+    """A diagnosis sentence when the gain or the mean error is systematic, else None."""
+    if st is None:
+        return None
+    why = []
+    if abs(st["gain_dev"]) > st["gain_allowed"]:
+        why.append(f"systematic gain {_pow2(st['gain_dev'])} (gain {1 + st['gain_dev']:.6g}, SE {st['gain_se']:.2g}; "
+                   f"allowed |gain-1| {st['gain_allowed']:.2g} = max({Z_SYSTEMATIC:g} SE, {FLOOR_SYSTEMATIC:g} u)) "
+                   f"on {output}")
+    if abs(st["mean_err"]) > st["mean_allowed"]:
+        why.append(f"systematic offset: mean signed error {st['mean_err']:.3g} (SE {st['mean_err_se']:.2g}; allowed "
+                   f"{st['mean_allowed']:.2g} = max({Z_SYSTEMATIC:g} SE, {FLOOR_SYSTEMATIC:g} u mean|want|)) on "
+                   f"{output}")
+    return "; ".join(why) or None
+
+
 def structure_mismatch(got, want, output: str) -> str | None:
     if not isinstance(got, torch.Tensor):
         return f"{output}: expected a tensor, got {type(got).__name__}"
@@ -70,8 +142,10 @@ def structure_mismatch(got, want, output: str) -> str | None:
 
 
 def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, output: str,
-                  scale: torch.Tensor | None = None, label: str = "", ulp_dtype=None) -> Comparison:
-    """Elementwise comparison against ``tol`` (bound = atol + rtol * |scale or want|)."""
+                  scale: torch.Tensor | None = None, label: str = "", ulp_dtype=None,
+                  level: str = "") -> Comparison:
+    """Elementwise comparison against ``tol`` (bound = atol + rtol * |scale or want|), and, with ``ulp_dtype``,
+    the systematic-error statistics (judged at the SYSTEMATIC_LEVELS, measured elsewhere)."""
     bad = structure_mismatch(got, want, output)
     if bad:
         return Comparison(output, "fail", message=f"{label} {bad}")
@@ -96,22 +170,43 @@ def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, outp
         "violations": v.violations,
         "elements": v.total,
     }
+    bounds = {"worst_over_bound": 1.0, "violations": 0}
+    systematic = None
     if ulp_dtype is not None:
         # error in units of the target format's rounding at the bound's magnitude scale (one ulp = 2u x)
         metrics["ulp_max"] = float((err / (2 * unit_roundoff(ulp_dtype) * s.abs().clamp_min(1e-300))).max()) \
             if err.numel() else 0.0
+        st = systematic_error(g, w, unit_roundoff(ulp_dtype))
+        if st is not None:
+            judged = level in SYSTEMATIC_LEVELS
+            metrics.update(bias_gain_dev=abs(st["gain_dev"]), bias_gain_se=st["gain_se"],
+                           bias_mean_err=abs(st["mean_err"]), bias_mean_err_se=st["mean_err_se"])
+            if judged:
+                bounds.update(bias_gain_dev=st["gain_allowed"], bias_mean_err=st["mean_allowed"])
+                systematic = systematic_verdict(st, output)
     worst = {"index": list(idx), "got": float(g[idx]) if idx else float("nan"),
              "want": float(w[idx]) if idx else float("nan"),
              "bound": float(bound[idx]) if idx else float("nan")}
-    msg = (f"{label} {output}: {v.tier}; {v.violations} / {v.total} "
-           f"({100.0 * v.violations / max(v.total, 1):.3g}%) beyond bound; worst at {list(idx)}: "
-           f"got {worst['got']:.8g} want {worst['want']:.8g} |err| {metrics['max_abs']:.3g} "
-           f"allowed {worst['bound']:.3g} ({v.worst_ratio:.3g}x bound); bound: {tol.derivation}")
+    body = (f"{v.violations} / {v.total} "
+            f"({100.0 * v.violations / max(v.total, 1):.3g}%) beyond bound; worst at {list(idx)}: "
+            f"got {worst['got']:.8g} want {worst['want']:.8g} |err| {metrics['max_abs']:.3g} "
+            f"allowed {worst['bound']:.3g} ({v.worst_ratio:.3g}x bound); bound: {tol.derivation}")
     if v.reasons:
-        msg += "; " + "; ".join(v.reasons)
+        body += "; " + "; ".join(v.reasons)
+    tier = v.tier
+    if systematic and VERDICT_TIER_RANK[tier] < VERDICT_TIER_RANK["fail"]:
+        # within every elementwise bound or not, a consistent bias is a failure of its own, diagnosed first
+        tier = "fail"
+        msg = f"{label} {output}: fail; {systematic}; elementwise: {v.tier}, {body}"
+    else:
+        msg = f"{label} {output}: {tier}; {body}" + (f"; {systematic}" if systematic else "")
     ratio = err / bound.clamp_min(1e-300)
-    return Comparison(output, v.tier, metrics, {"worst_over_bound": 1.0, "violations": 0},
-                      {"tolerance": tol.derivation}, worst, msg.strip(), _histogram(ratio))
+    derivation = {"tolerance": tol.derivation}
+    if "bias_gain_dev" in bounds:
+        derivation["systematic"] = (f"|gain-1| and |mean error| within max({Z_SYSTEMATIC:g} cluster-robust "
+                                    f"standard errors (rows as clusters), {FLOOR_SYSTEMATIC:g} u) with u = "
+                                    f"{ulp_dtype} unit roundoff: round-to-nearest is unbiased")
+    return Comparison(output, tier, metrics, bounds, derivation, worst, msg.strip(), _histogram(ratio))
 
 
 def compare_exact(got: torch.Tensor, want: torch.Tensor, *, output: str, label: str = "",

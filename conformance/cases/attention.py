@@ -115,7 +115,9 @@ for tokens, heads, n_kv, k, seed in [(1, 64, 300, 256, 0), (5, 8, 700, 640, 1), 
              ("decode",) if tokens == 1 else ("prefill", "long") if tokens >= 1024 else ("prefill",)))
 for tokens, heads, d, groups, rank, theta, yarn, seed in [(1, 8, 256, 2, 128, 10000.0, False, 0),
                                                          (9, 8, 256, 2, 128, 160000.0, True, 1),
-                                                         (3, 64, 4096, 8, 1024, 160000.0, True, 2)]:
+                                                         (3, 64, 4096, 8, 1024, 160000.0, True, 2),
+                                                         # 37 tokens: enough clusters for the systematic detector
+                                                         (37, 8, 256, 2, 128, 160000.0, True, 3)]:
     add(Case(f"attn.output/t{tokens}h{heads}g{groups}/theta{int(theta)}/s{seed}", "attn.output", _make_out,
              {"tokens": tokens, "heads": heads, "d": d, "groups": groups, "rank": rank, "theta": theta,
               "yarn": yarn}, seed, "normal", ("decode" if tokens == 1 else "prefill",)))

@@ -83,7 +83,7 @@ def compare_outputs(spec, got: dict, want: dict, params: dict, level: str, label
             scale = o.scale(kwargs, w) if o.scale else None
             comps.append(compare_float(g.float() if g.dtype == torch.bfloat16 else g, w,
                                        o.tolerance(params, level), output=o.name, scale=scale, label=label,
-                                       ulp_dtype=ULP_DTYPE[level]))
+                                       ulp_dtype=ULP_DTYPE[level], level=level))
         elif o.kind == "index-set":
             comps.append(compare_index_sets(g, w, output=o.name, label=label))
         else:
