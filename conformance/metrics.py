@@ -70,7 +70,8 @@ def _histogram(ratio: torch.Tensor) -> list:
 # (Sinkhorn's column sums couple a token's 4 x 4 matrix). So the standard errors (SE) are cluster-robust with the
 # leading dim (tokens) as clusters; each token's shared roundings then count once. A deviation is systematic when
 # it exceeds BOTH Z_SYSTEMATIC SE (not chance: 4 sigma, p ~ 6e-5) and FLOOR_SYSTEMATIC unit roundoffs u of the
-# level's format (large enough to matter: half a rounding unit; one row's shared scalar may be off by up to u). Fewer than MIN_CLUSTERS clusters: not judged (the SE is then unreliable).
+# level's format (large enough to matter: half a rounding unit; one row's shared scalar may be off by up to u).
+# Fewer than MIN_CLUSTERS clusters: not judged (the SE is then unreliable).
 # Levels judged (SYSTEMATIC_LEVELS): fp32 and emulated, where both sides compute the same roundings. Measured, not
 # judged: the serving level, where the subject meets the unquantised golden and FP8 noise has genuine second-order
 # effects of the size of a bf16 unit (noisy scores flatten a softmax: E[softmax(s + e)] shrinks the output by
