@@ -75,7 +75,7 @@ def cpu(session):
     extra = os.environ.get("DSV4_EXTRA_SUBJECTS", "")
     subjects += [s for s in extra.split(",") if s]
     args = ["-m", "conformance", "run", "--out", f"{OUT}/cpu", "-n", os.environ.get("DSV4_WORKERS", "2"),
-            "--junit", f"{OUT}/cpu/junit.xml"]
+            "--junit", f"{OUT}/cpu/junit.xml", "--tier", "full"]
     for s in subjects:
         args += ["--subject", s]
     session.run("python", *args, *_pytest_args(session), external=True)

@@ -38,6 +38,8 @@ def cmd_run(a) -> int:
         args += ["--junitxml", a.junit]
     if a.checkpoint:
         args += ["--checkpoint", a.checkpoint]
+    if a.tier != "fast":
+        args += ["--tier", a.tier]
     return _pytest(args + a.pytest_args)
 
 
@@ -208,7 +210,7 @@ def cmd_cases(a) -> int:
 
     for c in all_cases():
         if not a.component or c.component == a.component:
-            print(c.id)
+            print(c.id + ("   [tier full]" if c.tier == "full" else ""))
     return 0
 
 
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
     r.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="e2e: serve this DSV4 checkpoint folder with --subject vllm; the golden streams it one "
                         "layer at a time (default: the written tiny checkpoint)")
+    r.add_argument("--tier", default="fast", choices=("fast", "full"),
+                   help="fast (default): every case but the big shapes; full: the big shapes too (nox -s cpu)")
     r.add_argument("pytest_args", nargs="*", help="passed to pytest after --")
     r.set_defaults(fn=cmd_run)
     rr = sub.add_parser("rerun", help="rerun one case alone")

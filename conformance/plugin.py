@@ -26,6 +26,9 @@ def pytest_addoption(parser):
     g.addoption("--out", default=DEFAULT_OUT, help=f"output folder for results and the report ({DEFAULT_OUT})")
     g.addoption("--case", action="append", default=[], help="run only this case id (repeatable)")
     g.addoption("--component", action="append", default=[], help="run only cases of this component")
+    g.addoption("--tier", default="fast", choices=("fast", "full"),
+                help="fast (default): every case but the big shapes; full: also the big shapes (long contexts, "
+                     "large pools); a case named with --case runs whatever its tier")
     g.addoption("--baseline", default=None,
                 help="run folder or baseline file to compare this run against at the end (writes compare.html; "
                      "the verdicts of this run are not changed: use `python -m conformance gate` to gate)")
@@ -166,7 +169,8 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError("the conformance suite needs at least one --subject")
     want_cases = set(metafunc.config.getoption("--case"))
     want_comp = set(metafunc.config.getoption("--component"))
-    cases = [c for c in all_cases() if (not want_cases or c.id in want_cases)
+    full = metafunc.config.getoption("--tier") == "full"
+    cases = [c for c in all_cases() if (c.id in want_cases if want_cases else (full or c.tier == "fast"))
              and (not want_comp or c.component in want_comp)]
     if want_cases and not cases:
         raise pytest.UsageError(f"no case has id {sorted(want_cases)}")

@@ -20,13 +20,19 @@ class Case:
     dist: str = "normal"
     tags: tuple = ()                # e.g. ("decode", "batch1"), ("prefill", "long"), ("adversarial",)
     expect: str | None = None       # declared expected divergence (reason + link), never a loosened bound
+    tier: str = "fast"              # fast (every run) | full (big shapes: `--tier full`, which nox -s cpu uses)
 
     def make_inputs(self) -> dict:
         g = torch.Generator().manual_seed(self.seed)
         return self.maker(g, dict(self.params, dist=self.dist))
 
 
+TIERS = ("fast", "full")
+
+
 def add(case: Case) -> Case:
+    if case.tier not in TIERS:
+        raise ValueError(f"case {case.id!r}: tier {case.tier!r} not in {TIERS}")
     if case.id in CASES:
         raise ValueError(f"duplicate case id {case.id!r}")
     CASES[case.id] = case

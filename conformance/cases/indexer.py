@@ -57,6 +57,8 @@ def _make_topk(g, p):
     positions[0] = p["topk"] * ratio - 1          # exactly topk visible
     if T > 1:
         positions[1] = p["topk"] * ratio - 2      # one fewer than topk visible
+    if p.get("whole_context"):
+        positions[-1] = N * ratio - 1             # the last token sees every entry (the long context itself)
     return {"scores": scores, "positions": positions, "ratio": ratio, "topk": p["topk"]}
 
 
@@ -67,3 +69,13 @@ for tokens, n, topk, seed in [(4, 600, 512, 0), (33, 1100, 512, 1), (3, 1030, 10
     add(Case(f"indexer.topk/t{tokens}n{n}k{topk}/s{seed}", "indexer.topk", _make_topk,
              {"tokens": tokens, "n": n, "topk": topk, "ratio": 4}, seed, "permutation",
              ("decode" if tokens == 1 else "prefill", "long-context")))
+# Tier full: contexts of 8k, 32k, 131,072 and 262,144 tokens (2,048 / 8,192 / 32,768 / 65,536 compressed entries
+# at ratio 4), top-k 512 (Flash) and 1024 (Pro): past 28k tokens real kernels broke, past 2^15 entries an int16
+# index wraps.
+for tokens, n, topk, seed in [(8, 2048, 512, 10), (8, 8192, 1024, 11), (4, 32768, 512, 12), (3, 65536, 1024, 13)]:
+    add(Case(f"indexer.topk/t{tokens}n{n}k{topk}/s{seed}", "indexer.topk", _make_topk,
+             {"tokens": tokens, "n": n, "topk": topk, "ratio": 4, "whole_context": True}, seed, "permutation",
+             ("prefill", "long-context"), tier="full"))
+for tokens, heads, n, seed in [(4, 64, 8192, 10)]:
+    add(Case(f"indexer.scores/t{tokens}h{heads}n{n}/s{seed}", "indexer.scores", _make_scores,
+             {"tokens": tokens, "heads": heads, "n": n}, seed, "normal", ("prefill", "long-context"), tier="full"))

@@ -111,3 +111,18 @@ def test_rope_layer_yarn_on_swa_is_caught_on_swa_layers_only():
     failing = {case.id.split("/")[1].replace("-inv", "") for case in cases_for("rope.layer")
                for r in run_numeric(subj, case) if r.verdict in ("fail", "catastrophic")}
     assert failing == {"swa"}
+
+
+
+def topk_int16_indices(scores, positions, *, ratio, topk):
+    # indices stored as int16: entries past 2^15 wrap negative (a kernel sized for short contexts)
+    return idx_topk(scores, positions, ratio=ratio, topk=topk).to(torch.int16).to(torch.int64)
+
+
+def test_long_context_axis_int16_index_wrap_is_caught_only_past_2_15_entries():
+    """Tier full's 262,144-token case fails the int16 mutant; every fast-tier case and the shorter full-tier
+    contexts pass it (the wrap is invisible below 32,768 entries)."""
+    subj = Mutant("indexer.topk", topk_int16_indices)
+    verdicts = {c.id: run_numeric(subj, c)[0].verdict for c in cases_for("indexer.topk")}
+    assert verdicts["indexer.topk/t3n65536k1024/s13"] == "fail"
+    assert all(v == "pass" for k, v in verdicts.items() if k != "indexer.topk/t3n65536k1024/s13"), verdicts
