@@ -8,6 +8,7 @@ compare   two runs (or a run and a baseline): worse / better / backend changed /
 gate      CI gate: run (or --run DIR), judge against baselines/<arch>.json; exit 1 exactly on a failure or
           regression; always writes junit.xml, report.html, gate.html
 baseline  store a run's results as the committed baseline of its platform (baselines/<arch>.json)
+findings  one page per distinct defect of a run: kind, functions, source blamed, cases, reproduction, effect
 bisect    first bad vLLM version (pypi / wheel folder / git checkout) for chosen cases or a probe
 """
 
@@ -205,6 +206,20 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_findings(a) -> int:
+    from .findings import write
+    from .store import StoreError
+
+    try:
+        paths = write(a.run, a.out)
+    except StoreError as e:
+        print(f"findings: {e}", file=sys.stderr)
+        return 2
+    print(paths[0].read_text())
+    print(f"findings: {len(paths) - 1} pages in {paths[0].parent}")
+    return 0
+
+
 def cmd_cases(a) -> int:
     from .cases import all_cases
 
@@ -303,6 +318,10 @@ def main(argv=None) -> int:
     bl.add_argument("--out", default="baselines", help="file, or folder (then <folder>/<arch>.json)")
     bl.add_argument("--note", default="", help="why this baseline (stored in the file)")
     bl.set_defaults(fn=cmd_baseline)
+    fi = sub.add_parser("findings", help="one page per distinct defect of a run (markdown)")
+    fi.add_argument("run", help="run folder")
+    fi.add_argument("--out", default=None, help="folder for the pages (default <run>/findings)")
+    fi.set_defaults(fn=cmd_findings)
     c = sub.add_parser("cases", help="list case ids")
     c.add_argument("--component")
     c.set_defaults(fn=cmd_cases)

@@ -1,0 +1,38 @@
+"""python -m conformance findings: one page per distinct defect, from a real run with a planted defect."""
+
+from conformance.cli import main
+from conformance.findings import findings
+
+from .conftest import SUBJECT
+
+
+def test_planted_defect_gets_its_page(runs, tmp_path, capsys):
+    """The truncating plugin subject (FP8 codes rounded toward zero) fails quant.act_fp8: one defect page that
+    names the subject, the function that ran, the failing cases and their rerun commands; the good run has none."""
+    out = tmp_path / "findings"
+    assert main(["findings", str(runs["truncating"]), "--out", str(out)]) == 0
+    pages = [p for p in out.glob("*.md") if p.name != "index.md"]
+    assert len(pages) == 1, [p.name for p in pages]
+    text = pages[0].read_text()
+    assert "**Kind**: defect" in text and f"`{SUBJECT}`" in text
+    assert "`tests.gate.act_quant_torch`" in text and "quant.act_fp8" in text
+    assert "python -m conformance rerun quant.act_fp8/" in text and f"--subject {SUBJECT}" in text
+    assert "| fail |" in text or "| catastrophic |" in text
+    assert "Whole model: not measured" in text
+    assert main(["findings", str(runs["good"]), "--out", str(tmp_path / "none")]) == 0
+    assert [p.name for p in (tmp_path / "none").glob("*.md")] == ["index.md"]
+
+
+def test_kinds_and_grouping():
+    base = dict(subject="s", check="numeric", level="serving", function="f.x", metrics={}, bounds={}, rerun="r")
+    rows = [dict(base, case_id="c/1", component="norm.rms", verdict="fail", message="systematic gain +2^-7 on y"),
+            dict(base, case_id="c/2", component="norm.rms", verdict="fail", message="systematic gain +2^-7 on y"),
+            dict(base, case_id="c/3", component="rope.apply", verdict="error", message="f.x raised TypeError: no"),
+            dict(base, case_id="e2e/finding/renorm-eps", component="model", check="e2e", verdict="xfail",
+                 message="FINDING renorm-eps (spec 8.6): measured"),
+            dict(base, case_id="c/4", component="norm.rms", verdict="pass", message="fine")]
+    fs = {f.component: f for f in findings(rows)}
+    assert fs["norm.rms"].kind == "defect" and len(fs["norm.rms"].rows) == 2
+    assert fs["norm.rms"].diagnosis == "systematic gain"
+    assert fs["rope.apply"].kind == "harness-limitation" and fs["rope.apply"].diagnosis == "raised TypeError"
+    assert fs["e2e/finding/renorm-eps"].kind == "source-difference"
