@@ -119,6 +119,10 @@ def cmd_compare(a) -> int:
         return 2
     c = compare(ra, rb, th)
     print(format_text(c))
+    if not (ra.is_baseline or rb.is_baseline):   # baselines keep no messages or extras to group findings by
+        from .findings import diff, format_diff
+
+        print(format_diff(diff(ra.rows, rb.rows)))
     html = Path(a.html) if a.html else (Path(a.run_b) if Path(a.run_b).is_dir() else Path(".")) / "compare.html"
     render_compare(c, html)
     if a.json:

@@ -221,3 +221,19 @@ def write(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         index.append(f"| [{f.title}]({p.name}) | {f.kind} | `{f.subject}` | {len(f.rows)} |")
     (out / "index.md").write_text("\n".join(index) + "\n")
     return [out / "index.md", *paths]
+
+
+def diff(rows_a: list[dict], rows_b: list[dict]) -> dict[str, list[str]]:
+    """Findings that appear in B, disappear from A, or stay, by (subject, title): what ``compare`` prints."""
+    ta = {(f.subject, f.title): f for f in findings(rows_a)}
+    tb = {(f.subject, f.title): f for f in findings(rows_b)}
+    name = lambda k, f: f"{f.title} [{k[0]}; {f.kind}; {len(f.rows)} rows]"  # noqa: E731
+    return {"appeared": [name(k, tb[k]) for k in sorted(set(tb) - set(ta))],
+            "disappeared": [name(k, ta[k]) for k in sorted(set(ta) - set(tb))],
+            "still": [name(k, tb[k]) for k in sorted(set(ta) & set(tb))]}
+
+
+def format_diff(d: dict[str, list[str]]) -> str:
+    lines = [f"FINDINGS: appeared {len(d['appeared'])}, disappeared {len(d['disappeared'])}, still {len(d['still'])}"]
+    lines += [f"  APPEARED    {x}" for x in d["appeared"]] + [f"  DISAPPEARED {x}" for x in d["disappeared"]]
+    return "\n".join(lines)

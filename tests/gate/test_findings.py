@@ -36,3 +36,11 @@ def test_kinds_and_grouping():
     assert fs["norm.rms"].diagnosis == "systematic gain"
     assert fs["rope.apply"].kind == "harness-limitation" and fs["rope.apply"].diagnosis == "raised TypeError"
     assert fs["e2e/finding/renorm-eps"].kind == "source-difference"
+
+
+def test_compare_names_findings_that_appear_or_disappear(runs, capsys):
+    assert main(["compare", str(runs["good"]), str(runs["truncating"])]) == 0
+    out = capsys.readouterr().out
+    assert "FINDINGS: appeared 1, disappeared 0, still 0" in out and "APPEARED    quant.act_fp8" in out
+    assert main(["compare", str(runs["truncating"]), str(runs["good"])]) == 0
+    assert "DISAPPEARED quant.act_fp8" in capsys.readouterr().out
