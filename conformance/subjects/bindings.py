@@ -46,6 +46,7 @@ class Binding:
     when: Callable = _always      # predicate over the dispatch context
     adapter: str | None = None    # harness adapter that drives it (None: none applies; see reason)
     reason: str = ""              # why the row cannot be driven off the device
+    runs: tuple = ()              # vLLM Python functions (code names) the adapter must execute: the witness test
 
 
 V = "vllm."
@@ -69,7 +70,7 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     mhc_aiter, reason=AITER_ONLY),
             Binding(V + "model_executor.kernels.mhc.torch.mhc_pre_torch (MHCPreOp.forward_native)", "torch",
                     "no aiter mHC and no TileLang: MHCPreOp.forward_hip falls back to forward_native",
-                    adapter="hc_pre_torch"),
+                    adapter="hc_pre_torch", runs=("mhc_pre_torch",)),
         ],
         "mhc.post": [
             Binding(MHC + "MHCPostOp.forward_hip -> torch.ops.vllm.mhc_post_aiter", "aiter",
@@ -90,19 +91,24 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "ROCm IR priority puts the compiled vllm_c provider before native", reason=HIP_OP),
         ],
         "norm.head": [
-            Binding(CU + "fused_qnorm_rope_quant_insert_k_cache", "triton",
-                    "ROCm q head-norm + RoPE + SWA insert (fnuz-aware Triton)", reason="sim adapter not written yet"),
+            Binding("torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert "
+                    "(models.deepseek_v4.attention._fused_qnorm_rope_kv_insert, inherited by "
+                    "amd.rocm.DeepseekV4ROCMAiterMLAAttention)", "compiled",
+                    "uint8 (fp8_ds_mla) SWA cache: 0.32.0 has no ROCm Triton q-norm/RoPE/insert (the bring-up's "
+                    "cache_utils.fused_qnorm_rope_quant_insert_k_cache is absent)", reason=HIP_OP),
         ],
         "rope.apply": [
             Binding(V + "model_executor.layers.rotary_embedding.deepseek_scaling_rope."
                     "DeepseekV4ScalingRotaryEmbedding.forward_native", "torch",
-                    "CustomOp on HIP dispatches this RoPE to forward_native", adapter="apply_rope"),
+                    "CustomOp on HIP dispatches this RoPE to forward_native", adapter="apply_rope",
+                    runs=("forward_native",)),
         ],
         "attn.sparse": [
             Binding(RAMS + "rocm_sparse_attn_decode -> _sparse_attn_decode_ragged_kernel (+ "
                     + CU + "quantize_and_insert_k_kernel)", "triton",
                     "DeepseekV4ROCMAiterMLASparseImpl decode: the Triton ragged kernel (gfx950 prefill >= 1024 "
-                    "queries may take AITER OPUS)", adapter="sparse_attention"),
+                    "queries may take AITER OPUS)", adapter="sparse_attention",
+                    runs=("quantize_and_insert_k_kernel", "_sparse_attn_decode_ragged_kernel")),
         ],
         "attn.output": [
             Binding(RAMS + "rocm_inv_rope_einsum", "torch",
@@ -154,9 +160,9 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
         ],
         "moe.routing_metadata": [
             Binding(V + "model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe."
-                    "_make_bitmatrix_metadata_pow2_safe (_stage2_pow2)", "triton",
+                    "_patch_make_bitmatrix_metadata -> _make_bitmatrix_metadata_pow2_safe (_stage2_pow2)", "triton",
                     "_patch_make_bitmatrix_metadata (active on ROCm and CUDA) for the Triton MXFP4 MoE",
-                    adapter="routing_metadata"),
+                    adapter="routing_metadata", runs=("_make_bitmatrix_metadata_pow2_safe", "_stage2_pow2")),
         ],
     } | ({"attn.sparse": [
         Binding(RAMS + "rocm_sparse_attn_prefill -> aiter OPUS sparse prefill", "aiter",
@@ -164,7 +170,8 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                 lambda c: bool(c.get("aiter")) and c.get("queries", 0) >= 1024, reason=AITER_ONLY),
         Binding(RAMS + "rocm_sparse_attn_decode -> _sparse_attn_decode_ragged_kernel (+ "
                 + CU + "quantize_and_insert_k_kernel)", "triton", "ROCm Triton sparse MLA decode",
-                adapter="sparse_attention")]} if g950 else {})
+                adapter="sparse_attention",
+                runs=("quantize_and_insert_k_kernel", "_sparse_attn_decode_ragged_kernel"))]} if g950 else {})
 
 
 def _cuda() -> dict[str, list[Binding]]:
@@ -192,9 +199,11 @@ def _cuda() -> dict[str, list[Binding]]:
                                 "mxfp4 oracle on CUDA (FlashInfer / Marlin / Triton by capability)",
                                 reason="needs triton_kernels and a CUDA device")],
         "moe.layer": [Binding(fm + "layer.FusedMoE", "cuda-only", "FusedMoE on CUDA", reason=CUDA_ONLY)],
-        "moe.routing_metadata": [Binding(fm + "experts.gpt_oss_triton_kernels_moe._make_bitmatrix_metadata_pow2_safe",
+        "moe.routing_metadata": [Binding(fm + "experts.gpt_oss_triton_kernels_moe._patch_make_bitmatrix_metadata -> "
+                                         "_make_bitmatrix_metadata_pow2_safe",
                                          "triton", "_patch_make_bitmatrix_metadata (both platforms)",
-                                         adapter="routing_metadata")],
+                                         adapter="routing_metadata",
+                                         runs=("_make_bitmatrix_metadata_pow2_safe",))],
     }
 
 
