@@ -185,7 +185,7 @@ def _cuda() -> dict[str, list[Binding]]:
         "norm.head": cu("torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert", "fused CUDA kernel"),
         "rope.apply": cu("vllm._custom_ops.rotary_embedding (DeepseekV4ScalingRotaryEmbedding.forward_cuda)",
                          "CUDA rotary op"),
-        "attn.sparse": cu(V + "v1.attention.ops.flashmla.flash_mla_with_kvcache", "FlashMLA sparse"),
+        "attn.sparse": cu(V + "v1.attention.ops.flashmla.flash_mla_with_kvcache_fp8", "FlashMLA sparse"),
         "attn.output": cu(V + "models.deepseek_v4.common.ops.fused_inv_rope_fp8_quant + DeepGEMM fp8_einsum",
                           "DeepGEMM"),
         "compressor.kv": [Binding(FCQ + "compress_norm_rope_store_triton", "triton", "Triton compressor on CUDA",
@@ -198,7 +198,9 @@ def _cuda() -> dict[str, list[Binding]]:
         "moe.experts": [Binding(fm + "experts.gpt_oss_triton_kernels_moe.OAITritonExperts", "triton",
                                 "mxfp4 oracle on CUDA (FlashInfer / Marlin / Triton by capability)",
                                 reason="needs triton_kernels and a CUDA device")],
-        "moe.layer": [Binding(fm + "layer.FusedMoE", "cuda-only", "FusedMoE on CUDA", reason=CUDA_ONLY)],
+        "moe.layer": [Binding(V + "models.deepseek_v4.nvidia.model.DeepseekV4MoE (experts from "
+                                "model_executor.layers.fused_moe.FusedMoEFactory)", "cuda-only",
+                              "the NVIDIA DeepseekV4MoE block", reason=CUDA_ONLY)],
         "moe.routing_metadata": [Binding(fm + "experts.gpt_oss_triton_kernels_moe._patch_make_bitmatrix_metadata -> "
                                          "_make_bitmatrix_metadata_pow2_safe",
                                          "triton", "_patch_make_bitmatrix_metadata (both platforms)",

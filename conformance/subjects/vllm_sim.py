@@ -41,7 +41,7 @@ class SimPlatform:
 
     def answers(self) -> dict:
         fnuz = self.fnuz
-        return {"is_rocm": lambda: True, "is_cuda": lambda: False, "is_cuda_alike": lambda: True,
+        return {"is_rocm": lambda: True, "is_cuda": lambda: False,
                 "is_fp8_fnuz": lambda: fnuz,
                 "fp8_dtype": lambda: torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn}
 
@@ -51,6 +51,13 @@ class SimPlatform:
         for k, v in self.answers().items():
             self._saved.append((cp, k, cp.__dict__.get(k, _MISSING)))
             setattr(cp, k, v)
+        rocm = _import_rocm_platform_module(self.arch)
+        flags = {"_GCN_ARCH": f"{self.arch}:sramecc+:xnack-", "_ON_MI3XX": True, "_ON_GFX9": True, "_ON_CDNA": True,
+                 "_ON_GFX942": self.arch == "gfx942", "_ON_GFX950": self.arch == "gfx950"}
+        for k, v in flags.items():
+            if hasattr(rocm, k):
+                self._saved.append((rocm, k, getattr(rocm, k)))
+                setattr(rocm, k, v)
         try:
             import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
 
@@ -73,6 +80,24 @@ class SimPlatform:
 
 
 _MISSING = object()
+
+
+def _import_rocm_platform_module(arch: str):
+    """``vllm.platforms.rocm`` resolves the GCN arch once at import (amdsmi, else torch.cuda): on the CPU it is
+    imported with ``torch.cuda.get_device_properties`` answering ``arch`` for that one import (vLLM's code
+    imports the module lazily under ``is_rocm()``). Its arch flags are then set per call by SimPlatform."""
+    import sys
+    import types
+
+    if "vllm.platforms.rocm" in sys.modules:
+        return sys.modules["vllm.platforms.rocm"]
+    real = torch.cuda.get_device_properties
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(gcnArchName=f"{arch}:sramecc+:xnack-")
+    try:
+        import vllm.platforms.rocm as rocm
+    finally:
+        torch.cuda.get_device_properties = real
+    return rocm
 
 
 def platform_profile() -> dict:
@@ -225,3 +250,26 @@ class VllmSimSubject(Subject):
         prod = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in prod.items()}
         cons = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in cons.items()}
         return prod, cons
+
+
+def executed_vllm_functions(fn, *args, **kwargs) -> tuple[object, set[str]]:
+    """Run ``fn`` and return (result, code names of every vLLM Python function that ran, Triton kernels under
+    the interpreter included). The witness that a bound row runs the function its table row names."""
+    import sys
+    import threading
+
+    seen: set[str] = set()
+
+    def prof(frame, event, arg):
+        if event == "call" and str(frame.f_globals.get("__name__", "")).startswith("vllm"):
+            seen.add(frame.f_code.co_name)
+
+    old = sys.getprofile()
+    sys.setprofile(prof)
+    threading.setprofile(prof)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        sys.setprofile(old)
+        threading.setprofile(None)
+    return out, seen
