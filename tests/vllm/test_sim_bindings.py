@@ -190,3 +190,23 @@ def test_platform_is_restored_after_each_call(sim):
     with sim.platform_cls(sim.arch):
         assert cp.is_rocm()
     assert (cp.is_rocm(), cp.fp8_dtype()) == before
+
+
+def test_device_run_binds_the_same_rows_as_the_simulation(monkeypatch):
+    """The `vllm` subject on a ROCm machine binds from the same table (checked here without a GPU: the platform
+    kind and arch are forced, the adapters are wrapped for the CPU instead of the GPU)."""
+    import functools
+
+    from conformance.subjects import vllm as vsub
+
+    monkeypatch.setattr(vsub, "_on_device", functools.partial(vsub._on_device, device="cpu"))
+    dev = vsub.VllmSubject()
+    dev.kind = "rocm"
+    monkeypatch.setattr(dev, "table_platform", lambda: "rocm-gfx942")
+    sim = vs.VllmSimSubject("gfx942")
+    monkeypatch.setattr(dev, "dispatch_context", lambda: dict(sim.ctx))
+    got = {k: v.function for k, v in dev.provides().items()}
+    assert got == {k: v.function for k, v in sim.provides().items()}
+    assert set(dev.not_provided()) == set(sim.not_provided())
+    prod, cons = dev.dialect_probes()
+    assert set(prod) == set(cons) == set(sim.dialect_probes()[0])
