@@ -118,6 +118,8 @@ def pytest_configure(config):
             infos[spec] = {"name": i.name, "implementation": i.implementation, "device": i.device,
                            "dialect": i.dialect, "emulated": i.emulated, "profile": i.profile,
                            "versions": i.versions, "shims": list(i.shims), "banner": i.banner,
+                           "simulated": i.simulated,
+                           "not_provided": dict(getattr(run.subject(spec), "not_provided", dict)()),
                            "provides": {k: {"function": v.function, "backend": v.backend, "note": v.note}
                                         for k, v in run.subject(spec).provides().items()}}
         from .store import write_manifest

@@ -139,8 +139,10 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
     name = subject_name or info.name
     impls = subject.provides()
     if case.component not in impls:
+        why = dict(getattr(subject, "not_provided", dict)()).get(case.component)
         return [CheckResult(name, case.id, case.component, "numeric", "-", "not-provided",
-                            message=f"{case.component} is not provided by subject {name}",
+                            message=f"{case.component} is not provided by subject {name}"
+                                    + (f": {why}" if why else ""),
                             device=info.device, dialect=info.dialect, emulated=info.emulated, rerun=rerun)]
     impl = impls[case.component]
     ctx = context_params(info)

@@ -5,6 +5,7 @@ Built in:
   emulated:<profile>   a numerics model of the serving path for a platform (gfx942, ocp)
   transformers         Hugging Face transformers' DeepSeek-V4 (components it exposes, whole model)
   vllm                 the installed vLLM's functions for the current platform
+  vllm:sim-<arch>      vLLM's ROCm dispatch for gfx942 / gfx950 SIMULATED on the CPU (conformance.subjects.vllm_sim)
   vllm-triton:<profile>  vLLM's Triton kernels under Triton's interpreter on the CPU (gfx942 -> fnuz)
 """
 
@@ -61,7 +62,11 @@ def load_subject(spec: str) -> Subject:
     """'reference' | 'emulated:gfx942' | 'vllm' | 'vllm-triton:gfx942' | 'pkg.mod:factory[@profile]'."""
     spec = spec.strip()
     head, sep, tail = spec.partition(":")
-    if head in BUILTIN:
+    if head == "vllm" and tail.startswith("sim-"):
+        from .vllm_sim import VllmSimSubject
+
+        subj = VllmSimSubject(tail[len("sim-"):])
+    elif head in BUILTIN:
         profile = tail or None
         if head in NEEDS_PROFILE and not profile:
             raise SubjectError(f"subject {head!r} needs a profile, e.g. '{head}:gfx942' or '{head}:ocp'")
@@ -78,7 +83,7 @@ def load_subject(spec: str) -> Subject:
         subj = factory(profile=profile) if profile else factory()
     else:
         raise SubjectError(f"unknown subject {spec!r}; built in: {sorted(BUILTIN)} "
-                           f"(profiles: emulated:<gfx942|ocp>, vllm-triton:<gfx942|ocp>), "
+                           f"(profiles: emulated:<gfx942|ocp>, vllm-triton:<gfx942|ocp>, vllm:sim-<gfx942|gfx950>), "
                            f"or a plugin as 'module:factory'")
     if not isinstance(subj, Subject):
         raise SubjectError(f"subject {spec!r}: factory returned {type(subj).__name__}, not a Subject")

@@ -43,10 +43,14 @@ class SubjectInfo:
     profile: str = ""             # serving profile (gfx942, ocp, ...) the subject's numerics model
     versions: dict = field(default_factory=dict)
     shims: tuple = ()             # named, version-gated workarounds in force (listed in the report)
+    simulated: str = ""           # the device arch a simulation stands for ("gfx942"); "" for none
+
 
     @property
     def banner(self) -> str:
         kind = "EMULATED" if self.emulated else "REAL RUN"
+        if self.simulated:
+            kind = f"SIMULATED {self.simulated}"
         return f"{self.name}: {self.implementation} on {self.device} [{kind}, dialect {self.dialect}]"
 
 

@@ -270,17 +270,82 @@ class VllmSubject(Subject):
 
     def provides(self) -> dict[str, Impl]:
         if self._provides is None:
-            self._provides = self._bind(CANDIDATES)
+            if self.kind in ("rocm", "cuda"):
+                self._provides = self._bind_table()
+            else:
+                self._provides = self._bind(CANDIDATES)
         return self._provides
 
-    def dialect_probes(self):
-        """FP8 producers and consumers per DSV4 edge: the CPU ops (OCP) wrapped by _vllm_dialect. Off the CPU
-        platform no probes are wired yet (the map then reports every edge "not provided")."""
-        if self.kind != "cpu":
-            return {}, {}
-        from ._vllm_dialect import cpu_probes
+    def not_provided(self) -> dict[str, str]:
+        """component -> why it is not bound here (device platforms: the binding table row's reason)."""
+        self.provides()
+        return {k: v for k, v in self.skipped.items() if k in components.load_all() and k not in self._provides}
 
-        return cpu_probes()
+    # --- device platforms: the binding table (conformance.subjects.bindings) -------------------------------
+    def table_platform(self) -> str:
+        """rocm-gfx942 | rocm-gfx950 | cuda (the binding table this machine uses)."""
+        if self.kind == "cuda":
+            return "cuda"
+        import torch
+
+        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "") if torch.cuda.is_available() else ""
+        return "rocm-gfx950" if "gfx95" in arch else "rocm-gfx942"
+
+    def dispatch_context(self) -> dict:
+        import os
+
+        try:
+            from vllm._aiter_ops import is_aiter_found_and_supported
+
+            aiter = bool(is_aiter_found_and_supported())
+        except Exception:
+            aiter = False
+        return {"arch": self.table_platform().replace("rocm-", ""), "env": dict(os.environ), "aiter": aiter,
+                "tilelang": False}
+
+    def _bind_table(self) -> dict[str, Impl]:
+        """Device run (not yet run on a device): every registered component bound to the row vLLM's dispatch
+        selects here; rows with an adapter run it with inputs moved to the GPU and outputs back to the CPU."""
+        from . import bindings
+        from .vllm_sim import ADAPTERS, platform_profile
+
+        plat, ctx = self.table_platform(), self.dispatch_context()
+        prof = platform_profile()
+        out = {}
+        for name, spec in components.load_all().items():
+            row = bindings.select(plat, name, ctx)
+            if row is None:
+                self.skipped[name] = f"no binding row for {plat}"
+                continue
+            if row.adapter is None or row.adapter not in ADAPTERS:
+                self.skipped[name] = f"{row.function} [{row.backend}]: {row.reason or 'no adapter'}"
+                continue
+            fn, why = bind(spec, ADAPTERS[row.adapter][0](prof), fixed=FIXED.get(name))
+            if fn is None:
+                self.skipped[name] = f"{row.function}: {why}"
+                continue
+            out[name] = Impl(_on_device(fn), function=row.function, backend=row.backend,
+                             note=f"{plat}: {row.condition}")
+        return out
+
+    def dialect_probes(self):
+        """FP8 producers and consumers per DSV4 edge. CPU: the CPU ops (OCP) wrapped by _vllm_dialect. ROCm /
+        CUDA: vLLM's Triton writers and readers with the platform's dialect (is_fp8_fnuz, fp8 max from
+        get_fp8_min_max), run on the GPU (not yet run on a device)."""
+        if self.kind == "cpu":
+            from ._vllm_dialect import cpu_probes
+
+            return cpu_probes()
+        if self.kind not in ("rocm", "cuda"):
+            return {}, {}
+        import dataclasses
+
+        from ._vllm_dialect import triton_probes
+        from .vllm_sim import platform_profile
+
+        prod, cons = triton_probes(platform_profile())
+        return ({k: dataclasses.replace(v, fn=_on_device(v.fn)) for k, v in prod.items()},
+                {k: dataclasses.replace(v, fn=_on_device(v.fn)) for k, v in cons.items()})
 
     def _bind(self, candidates) -> dict[str, Impl]:
         from . import _vllm_adapters as ad
@@ -312,3 +377,25 @@ class VllmSubject(Subject):
                 note += f"; not {self.skipped[c.key]}"
             out[name] = Impl(fn, function=c.function, backend=c.backend, note=note)
         return out
+
+
+def _on_device(fn, device: str = "cuda"):
+    """Run an adapter written for CPU tensors on the GPU: tensor arguments moved there, new tensors allocated
+    there (torch.device context), tensor results moved back to the CPU for the comparison."""
+    import torch
+
+    def move(x, dev):
+        if isinstance(x, torch.Tensor):
+            return x.to(dev)
+        if isinstance(x, dict):
+            return {k: move(v, dev) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v, dev) for v in x)
+        return x
+
+    @functools.wraps(fn)
+    def call(*a, **k):
+        with torch.device(device):
+            out = fn(*move(a, device), **move(k, device))
+        return move(out, "cpu")
+    return call

