@@ -59,6 +59,7 @@ from references.components.moe import RENORM_EPS_HF_VLLM, sqrt_softplus
 
 from ..metrics import Comparison
 from ..results import CheckResult
+from ..subjects.base import absent_reason
 from ..tolerances import gamma_prob
 
 U32 = 2.0**-24
@@ -715,7 +716,7 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
     impls = subject.provides()
     if case.component not in impls:
         return [CheckResult(name, case.id, case.component, "routing", "-", "not-provided",
-                            message=f"{case.component} is not provided by subject {name}", device=info.device,
+                            message=absent_reason(subject, case.component, name), device=info.device,
                             dialect=info.dialect, emulated=info.emulated, rerun=rerun)]
     impl = impls[case.component]
     ctx = _context(info)

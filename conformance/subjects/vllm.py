@@ -142,18 +142,20 @@ ALIASES = {
 
 
 def _probe(c: Candidate) -> str | None:
-    """None when the candidate is usable, else why not."""
+    """None when the candidate is usable, else why not: its dispatch probe, then everything its adapter
+    calls (``_vllm_adapters.REQUIRES``: modules, attributes, op schemas, Python signatures)."""
+    from . import _vllm_adapters as ad
+
     kind, what = c.probe
     if kind == "op":
-        return None if common.c_op(what) is not None else f"torch.ops._C.{what} is not registered"
-    mod, _, attr = what.partition(":")
-    try:
-        import importlib
-
-        m = importlib.import_module(mod)
-    except Exception as e:
-        return f"{mod} does not import ({type(e).__name__}: {e})"
-    return None if hasattr(m, attr) else f"{mod} has no {attr}"
+        if common.c_op(what) is None:
+            return f"torch.ops._C.{what} is not registered"
+    else:
+        mod, _, attr = what.partition(":")
+        why = ad.Py(f"{mod}:{attr}").check()
+        if why:
+            return why
+    return ad.probe(c.core)
 
 
 def _ref_name(fn) -> str:
@@ -244,7 +246,8 @@ class VllmSubject(Subject):
     def __init__(self, profile: str | None = None):
         self.vllm, self.platform = common.import_vllm()
         self.kind = common.platform_kind(self.platform)
-        self.skipped: dict[str, str] = {}      # component -> why not bound
+        self.skipped: dict[str, str] = {}      # adapter key or component -> why not bound
+        self._absent: dict[str, str] = {}      # registered component -> "vLLM X.Y.Z: <function>: <reason>"
         self._provides = None
 
     def info(self) -> SubjectInfo:
@@ -273,6 +276,11 @@ class VllmSubject(Subject):
             self._provides = self._bind(CANDIDATES)
         return self._provides
 
+    def not_provided(self) -> dict[str, str]:
+        """Component -> why this release does not provide it (a candidate exists but did not probe or bind)."""
+        self.provides()
+        return dict(self._absent)
+
     def dialect_probes(self):
         """FP8 producers and consumers per DSV4 edge: the CPU ops (OCP) wrapped by _vllm_dialect. Off the CPU
         platform no probes are wired yet (the map then reports every edge "not provided")."""
@@ -298,16 +306,20 @@ class VllmSubject(Subject):
                 continue
             usable[c.key] = (c, getattr(ad, c.core))
         out = {}
+        rel = f"vLLM {self.vllm.__version__}"
         for name, spec in components.load_all().items():
             key = adapter_key(name, spec)
             if key is None or key not in usable:
+                if key in self.skipped:
+                    self._absent[name] = f"{rel}: {self.skipped[key]}"
                 continue
             c, core = usable[key]
             fn, why = bind(spec, core, fixed=FIXED.get(name))
             if fn is None:
                 self.skipped[name] = why
+                self._absent[name] = f"{rel}: {c.function}: {why}"
                 continue
-            note = c.why
+            note = f"{rel}: {c.why}"
             if self.skipped.get(c.key):
                 note += f"; not {self.skipped[c.key]}"
             out[name] = Impl(fn, function=c.function, backend=c.backend, note=note)
