@@ -717,7 +717,8 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
     if case.component not in impls:
         return [CheckResult(name, case.id, case.component, "routing", "-", "not-provided",
                             message=absent_reason(subject, case.component, name), device=info.device,
-                            dialect=info.dialect, emulated=info.emulated, rerun=rerun)]
+                            dialect=info.dialect, emulated=info.emulated, params=dict(case.params, **_context(info)),
+                            rerun=rerun)]
     impl = impls[case.component]
     ctx = _context(info)
     kwargs = case.make_inputs()
