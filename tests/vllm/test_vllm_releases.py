@@ -104,8 +104,8 @@ def test_changed_op_schema_is_not_provided_with_both_schemas(monkeypatch):
     assert "indexer.scores" not in s.provides()
     msg = absent["indexer.scores"]
     assert msg.startswith(f"vLLM {_release()}: torch.ops._C.fp8_paged_mqa_logits_cpu") and "schema is" in msg, msg
-    assert "int block_size) -> Tensor" in msg and "the adapter passes (Tensor, Tensor, Tensor, Tensor, Tensor, int, int)" \
-        in msg, msg
+    assert "int block_size) -> Tensor" in msg, msg
+    assert "the adapter passes (Tensor, Tensor, Tensor, Tensor, Tensor, int, int)" in msg, msg
     assert {"mhc.head", "attn.sparse", "compressor.kv"} <= set(s.provides())
     rows = run_numeric(s, _first_case("indexer.scores"))
     assert [r.verdict for r in rows] == ["not-provided"] and "schema is" in rows[0].message, rows[0].message
