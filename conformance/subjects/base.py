@@ -69,3 +69,12 @@ class Subject:
     # (None = only the fp32 golden).
     def emulation_profile(self) -> str | None:
         return self.info().profile or None
+
+
+def absent_reason(subject, component: str, name: str) -> str:
+    """The message of a "not provided" row: the subject's own reason (optional ``not_provided() -> {component:
+    reason}``, e.g. the vllm subject's failed capability probe naming the release) or the generic sentence."""
+    why = (getattr(subject, "not_provided", dict)() or {}).get(component)
+    msg = f"{component} is not provided by subject {name}"
+    return f"{msg}: {why}" if why else msg
+

@@ -142,18 +142,20 @@ ALIASES = {
 
 
 def _probe(c: Candidate) -> str | None:
-    """None when the candidate is usable, else why not."""
+    """None when the candidate is usable, else why not: its dispatch probe, then everything its adapter
+    calls (``_vllm_adapters.REQUIRES``: modules, attributes, op schemas, Python signatures)."""
+    from . import _vllm_adapters as ad
+
     kind, what = c.probe
     if kind == "op":
-        return None if common.c_op(what) is not None else f"torch.ops._C.{what} is not registered"
-    mod, _, attr = what.partition(":")
-    try:
-        import importlib
-
-        m = importlib.import_module(mod)
-    except Exception as e:
-        return f"{mod} does not import ({type(e).__name__}: {e})"
-    return None if hasattr(m, attr) else f"{mod} has no {attr}"
+        if common.c_op(what) is None:
+            return f"torch.ops._C.{what} is not registered"
+    else:
+        mod, _, attr = what.partition(":")
+        why = ad.Py(f"{mod}:{attr}").check()
+        if why:
+            return why
+    return ad.probe(c.core)
 
 
 def _ref_name(fn) -> str:
@@ -244,7 +246,8 @@ class VllmSubject(Subject):
     def __init__(self, profile: str | None = None):
         self.vllm, self.platform = common.import_vllm()
         self.kind = common.platform_kind(self.platform)
-        self.skipped: dict[str, str] = {}      # component -> why not bound
+        self.skipped: dict[str, str] = {}      # adapter key or component -> why not bound
+        self._absent: dict[str, str] = {}      # registered component -> "vLLM X.Y.Z: <function>: <reason>"
         self._provides = None
 
     def info(self) -> SubjectInfo:
@@ -277,9 +280,12 @@ class VllmSubject(Subject):
         return self._provides
 
     def not_provided(self) -> dict[str, str]:
-        """component -> why it is not bound here (device platforms: the binding table row's reason)."""
+        """component -> why it is not bound here: this release's failed capability probe (``vLLM X.Y.Z:
+        <function>: <reason>``) or, on device platforms, the binding table row's reason."""
         self.provides()
-        return {k: v for k, v in self.skipped.items() if k in components.load_all() and k not in self._provides}
+        out = {k: v for k, v in self.skipped.items() if k in components.load_all() and k not in self._provides}
+        out.update(self._absent)
+        return out
 
     # --- device platforms: the binding table (conformance.subjects.bindings) -------------------------------
     def table_platform(self) -> str:
@@ -363,16 +369,20 @@ class VllmSubject(Subject):
                 continue
             usable[c.key] = (c, getattr(ad, c.core))
         out = {}
+        rel = f"vLLM {self.vllm.__version__}"
         for name, spec in components.load_all().items():
             key = adapter_key(name, spec)
             if key is None or key not in usable:
+                if key in self.skipped:
+                    self._absent[name] = f"{rel}: {self.skipped[key]}"
                 continue
             c, core = usable[key]
             fn, why = bind(spec, core, fixed=FIXED.get(name))
             if fn is None:
                 self.skipped[name] = why
+                self._absent[name] = f"{rel}: {c.function}: {why}"
                 continue
-            note = c.why
+            note = f"{rel}: {c.why}"
             if self.skipped.get(c.key):
                 note += f"; not {self.skipped[c.key]}"
             out[name] = Impl(fn, function=c.function, backend=c.backend, note=note)

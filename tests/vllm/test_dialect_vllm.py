@@ -44,6 +44,7 @@ def _alarms(m):
     return {r.edge: r for r in m.alarms}
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_vllm_triton_ocp_map_is_consistent_on_every_edge():
     m = _map("vllm-triton:ocp")
     assert [r.edge for r in m.rows] == ALL
@@ -53,6 +54,7 @@ def test_vllm_triton_ocp_map_is_consistent_on_every_edge():
     assert "_sparse_attn_decode_ragged_kernel" in m["swa_cache->sparse_attn"].consumer_function
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_vllm_triton_gfx942_map_consistent_except_the_indexer_k_finding():
     """gfx942: fnuz weights (normalize_e4m3fn_to_e4m3fnuz, scale x2), activations, SWA cache and indexer q;
     the compressed cache stays OCP on both sides (vLLM 0.32.0 hard-codes the Triton compressor to float8e4nv
@@ -71,6 +73,7 @@ def test_vllm_triton_gfx942_map_consistent_except_the_indexer_k_finding():
     assert "_fused_kv_compress_norm_rope_insert_indexer_attn" in k.message
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_vllm_cpu_map_and_its_subnormal_findings():
     """CPU (OCP): GEMM edges, indexer K and q consistent. The fp8_ds_mla ops mishandle e4m3 subnormals:
     fused_qnorm_rope_kv_insert_cpu flushes them to 0x00 and flash_mla_with_kvcache_cpu decodes exponent-0
@@ -92,6 +95,7 @@ def test_vllm_cpu_map_and_its_subnormal_findings():
     assert "producer: " in swa.message and "code is subnormal were written wrongly" in swa.message, swa.message
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_e8m0_weight_scales_are_not_convertible_in_this_vllm():
     """vLLM 0.32.0's normalize_e4m3fn_to_e4m3fnuz has no e8m0 path (no exponent + 1): recorded as a finding
     on the gfx942 weight producer; the probe itself uses fp32 scales (Flash-Base)."""
@@ -104,6 +108,7 @@ def test_e8m0_weight_scales_are_not_convertible_in_this_vllm():
         assert why in p["weights->gemm"].note
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_every_vllm_subject_gets_a_map_in_the_report_rows():
     for spec in ("vllm", "vllm-triton:ocp", "vllm-triton:gfx942"):
         m = _map(spec)
@@ -122,6 +127,7 @@ def _gfx942_probes():
     return triton_probes(PROFILES["gfx942"])
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_decode_kernel_reading_fnuz_cache_as_ocp_is_x2_on_the_swa_edge():
     from conformance.subjects import vllm_triton as vt
 
@@ -149,6 +155,7 @@ def test_decode_kernel_reading_fnuz_cache_as_ocp_is_x2_on_the_swa_edge():
     assert "_sparse_attn_decode_ragged_kernel" in r.message and "IS_FNUZ_MAIN" in r.message
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_indexer_q_kernel_forced_ocp_while_k_fnuz_is_x05_on_the_q_edge():
     import torch
 
@@ -177,6 +184,7 @@ def test_indexer_q_kernel_forced_ocp_while_k_fnuz_is_x05_on_the_q_edge():
     assert "FusedIndexerQRopeQuantTritonKernel" in r.message
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_weight_conversion_skipped_on_gfx942_is_x05_on_the_weight_edge():
     import torch
 

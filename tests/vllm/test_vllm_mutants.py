@@ -36,6 +36,7 @@ def _explain(rows):
     return "\n".join(f"{r.verdict}: {r.component} [{r.function}] {r.message}" for r in rows)
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_fnuz_k_cache_reader_with_wrong_fp8_type_is_caught():
     from conformance.subjects import vllm_triton as vt
 
@@ -59,6 +60,7 @@ def test_fnuz_k_cache_reader_with_wrong_fp8_type_is_caught():
     assert "_sparse_attn_decode_ragged_kernel" in r.function, _explain(rows)
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_indexer_q_fmax_448_under_gfx942_is_caught():
     from conformance.metrics import compare_float
     from conformance.subjects import vllm_triton as vt
@@ -118,6 +120,7 @@ def test_compressor_pairing_current_window_first_half_is_caught():
     assert "compress_norm_rope_store_cpu" in rows[0].function, _explain(rows)
 
 
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_interpreter_without_fixes_makes_vllm_triton_refuse():
     from conformance import triton_interp
     from conformance.subjects.vllm_triton import VllmTritonSubject

@@ -304,6 +304,7 @@ class DialectMap:
             device=getattr(info, "device", ""),
             dialect=getattr(info, "dialect", ""),
             emulated=bool(getattr(info, "emulated", False)),
+            params={"implementation": getattr(info, "implementation", "")},   # for vLLM: the release
         )
         out = []
         tiers = {"consistent": "pass", "MISMATCH": "fail", "error": "error", "not provided": "not-provided"}
