@@ -126,6 +126,10 @@ REQUIRES = {
                       ("max_position", "is_neox_style", "rope_parameters")),
                    Py("vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope:"
                       "DeepseekV4ScalingRotaryEmbedding.forward_native", _SELF + 3, ("inverse",))),
+    "rope_layer": (Py("vllm.models.deepseek_v4.common.rope:build_deepseek_v4_rope", 1,
+                      ("head_dim", "rope_head_dim", "max_position_embeddings", "compress_ratio")),
+                   Py("vllm.model_executor.layers.rotary_embedding.deepseek_scaling_rope:"
+                      "DeepseekV4ScalingRotaryEmbedding.forward_native", _SELF + 3, ("inverse",))),
     "hc_pre": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_pre_cpu", 9),
                Op("hc_pre_fused_cpu", (_T,) * 4 + ("int", "int", "float", "float"))),
     "hc_pre_torch": (Py("vllm.model_executor.kernels.mhc.torch:mhc_pre_torch", 9),),
@@ -290,6 +294,31 @@ def norm_head(q, eps):
                                            torch.zeros(T, dtype=torch.int64), cache,
                                            torch.full((T,), -1, dtype=torch.int64), cs, H, eps, 1)
     return _out(y=y.float())
+
+
+def rope_layer(x, positions, *, compress_ratio, inverse=False, preset="flash", rope_dim=64):
+    """vLLM's own per-layer rope: ``build_deepseek_v4_rope`` as DeepseekV4 attention calls it
+    (``compress_ratio = max(1, config.compress_ratios[layer])``), from the preset's Hugging Face config fields
+    (rope_parameters = the YaRN rope_scaling, rope_theta, compress_rope_theta), then ``forward_native``. So what
+    the release decides per layer type (YaRN on SWA layers or not) is what the case sees."""
+    import types
+
+    from vllm.models.deepseek_v4.common.rope import build_deepseek_v4_rope
+
+    from references.config import FLASH, PRO
+
+    cfg = {"flash": FLASH, "pro": PRO}[preset]
+    rs = cfg.rope_scaling
+    hf = types.SimpleNamespace(  # a fresh dict per call: some releases write into config.rope_parameters
+        rope_parameters=dict(rope_type=rs.type, factor=rs.factor, beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
+                             original_max_position_embeddings=rs.original_max_position_embeddings),
+        rope_theta=cfg.rope_theta, compress_rope_theta=cfg.compress_rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings)
+    r = build_deepseek_v4_rope(hf, head_dim=x.shape[-1], rope_head_dim=rope_dim,
+                               max_position_embeddings=cfg.max_position_embeddings,
+                               compress_ratio=max(1, compress_ratio))
+    y, _ = r.forward_native(positions.long(), x.to(BF).clone(), None, inverse=inverse)
+    return _out(y=y.reshape(x.shape).float())
 
 
 def apply_rope(x, positions, inv_freq, rope_dim=64, inverse=False):

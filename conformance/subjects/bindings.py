@@ -103,6 +103,12 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "CustomOp on HIP dispatches this RoPE to forward_native", adapter="apply_rope",
                     runs=("forward_native",)),
         ],
+        "rope.layer": [
+            Binding(V + "models.deepseek_v4.common.rope.build_deepseek_v4_rope -> DeepseekV4ScalingRotaryEmbedding."
+                    "forward_native", "torch", "the attention layer builds its rope from the config per layer type; "
+                    "CustomOp on HIP dispatches it to forward_native", adapter="rope_layer",
+                    runs=("build_deepseek_v4_rope", "forward_native")),
+        ],
         "attn.sparse": [
             Binding(RAMS + "rocm_sparse_attn_decode -> _sparse_attn_decode_ragged_kernel (+ "
                     + CU + "quantize_and_insert_k_kernel)", "triton",
@@ -185,6 +191,8 @@ def _cuda() -> dict[str, list[Binding]]:
         "norm.head": cu("torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert", "fused CUDA kernel"),
         "rope.apply": cu("vllm._custom_ops.rotary_embedding (DeepseekV4ScalingRotaryEmbedding.forward_cuda)",
                          "CUDA rotary op"),
+        "rope.layer": cu(V + "models.deepseek_v4.common.rope.build_deepseek_v4_rope -> vllm._custom_ops."
+                         "rotary_embedding (forward_cuda)", "CUDA rotary op"),
         "attn.sparse": cu(V + "v1.attention.ops.flashmla.flash_mla_with_kvcache_fp8", "FlashMLA sparse"),
         "attn.output": cu(V + "models.deepseek_v4.common.ops.fused_inv_rope_fp8_quant + DeepGEMM fp8_einsum",
                           "DeepGEMM"),

@@ -51,6 +51,12 @@ CANDIDATES = [
                        "DeepseekV4ScalingRotaryEmbedding"),
               "CustomOp dispatch on CPU is forward_native (fp32 math, cast to input dtype); built by "
               "get_rope with the layer's theta/YaRN as build_deepseek_v4_rope does"),
+    Candidate("rope_layer", "rope_layer",
+              "vllm.models.deepseek_v4.common.rope.build_deepseek_v4_rope(compress_ratio=max(1, ratio))"
+              ".forward_native", "torch", CPU,
+              ("attr", "vllm.models.deepseek_v4.common.rope:build_deepseek_v4_rope"),
+              "the layer's rope as DeepseekV4 attention builds it from the config (the release decides YaRN per "
+              "layer type); CustomOp dispatch on CPU is forward_native"),
     Candidate("hc_pre", "hc_pre", "vllm.model_executor.kernels.mhc.cpu.mhc_pre_cpu -> torch.ops._C.hc_pre_fused_cpu",
               "compiled", CPU, ("op", "hc_pre_fused_cpu"), "MHCPreOp.forward_cpu -> mhc_pre_cpu"),
     Candidate("hc_pre", "hc_pre_torch", "vllm.model_executor.kernels.mhc.torch.mhc_pre_torch", "torch",
@@ -117,7 +123,7 @@ CANDIDATES = [
 # registered component names -> adapter key (checked first)
 NAMES = {
     "mhc.pre": "hc_pre", "mhc.post": "hc_post", "mhc.head": "hc_head", "norm.rms": "rms_norm",
-    "norm.head": "norm_head", "rope.apply": "apply_rope", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
+    "norm.head": "norm_head", "rope.apply": "apply_rope", "rope.layer": "rope_layer", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
     "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",
     "attn.output": "output_projection", "moe.route": "route", "moe.expert": "expert_ffn",
     "moe.router": "moe_router", "moe.hash_router": "moe_hash_router", "moe.experts": "moe_experts",

@@ -140,6 +140,8 @@ ADAPTERS = {
     "routing_metadata": (_make_routing_metadata,
                          "_make_bitmatrix_metadata_pow2_safe with harness stand-ins for triton_kernels' stage 1"),
     "apply_rope": (_plain("apply_rope"), "DeepseekV4ScalingRotaryEmbedding.forward_native, as HIP dispatches it"),
+    "rope_layer": (_plain("rope_layer"), "build_deepseek_v4_rope from the config per layer type, then "
+                   "forward_native, as HIP dispatches it"),
     "hc_pre_torch": (_plain("hc_pre_torch"), "mhc_pre_torch, the forward_native of MHCPreOp"),
 }
 
