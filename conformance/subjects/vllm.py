@@ -123,7 +123,8 @@ CANDIDATES = [
 # registered component names -> adapter key (checked first)
 NAMES = {
     "mhc.pre": "hc_pre", "mhc.post": "hc_post", "mhc.head": "hc_head", "norm.rms": "rms_norm",
-    "norm.head": "norm_head", "rope.apply": "apply_rope", "rope.layer": "rope_layer", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
+    "norm.head": "norm_head", "rope.apply": "apply_rope",
+    "rope.layer": "rope_layer", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
     "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",
     "attn.output": "output_projection", "moe.route": "route", "moe.expert": "expert_ffn",
     "moe.router": "moe_router", "moe.hash_router": "moe_hash_router", "moe.experts": "moe_experts",
