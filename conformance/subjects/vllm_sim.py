@@ -52,7 +52,8 @@ class SimPlatform:
             self._saved.append((cp, k, cp.__dict__.get(k, _MISSING)))
             setattr(cp, k, v)
         rocm = _import_rocm_platform_module(self.arch)
-        flags = {"_GCN_ARCH": f"{self.arch}:sramecc+:xnack-", "_ON_MI3XX": True, "_ON_GFX9": True, "_ON_CDNA": True,
+        flags = {"_GCN_ARCH": f"{self.arch}:sramecc+:xnack-", "_ON_MI3XX": True, "_ON_GFX9": True,
+                 "_ON_CDNA": True,
                  "_ON_GFX942": self.arch == "gfx942", "_ON_GFX950": self.arch == "gfx950"}
         for k, v in flags.items():
             if hasattr(rocm, k):
