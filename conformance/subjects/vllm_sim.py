@@ -134,8 +134,8 @@ def _plain(name):
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
     "sparse_attention": (_make_sparse_attention,
-                         "K insert: quantize_and_insert_k_kernel launched with the arguments quantize_and_insert_k_cache "
-                         "passes (use_fnuz and fp8_max from the simulated platform); decode: "
+                         "K insert: quantize_and_insert_k_kernel launched with the arguments "
+                         "quantize_and_insert_k_cache passes (use_fnuz and fp8_max from the simulated platform); decode: "
                          "_sparse_attn_decode_ragged_kernel launched directly (rocm_sparse_attn_decode allocates on "
                          "the GPU)"),
     "routing_metadata": (_make_routing_metadata,
