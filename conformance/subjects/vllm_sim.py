@@ -135,7 +135,8 @@ def _plain(name):
 ADAPTERS = {
     "sparse_attention": (_make_sparse_attention,
                          "K insert: quantize_and_insert_k_kernel launched with the arguments "
-                         "quantize_and_insert_k_cache passes (use_fnuz and fp8_max from the simulated platform); decode: "
+                         "quantize_and_insert_k_cache passes (use_fnuz and fp8_max from the simulated platform); "
+                         "decode: "
                          "_sparse_attn_decode_ragged_kernel launched directly (rocm_sparse_attn_decode allocates on "
                          "the GPU)"),
     "routing_metadata": (_make_routing_metadata,
