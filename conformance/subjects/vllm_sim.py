@@ -52,7 +52,8 @@ class SimPlatform:
             self._saved.append((cp, k, cp.__dict__.get(k, _MISSING)))
             setattr(cp, k, v)
         rocm = _import_rocm_platform_module(self.arch)
-        flags = {"_GCN_ARCH": f"{self.arch}:sramecc+:xnack-", "_ON_MI3XX": True, "_ON_GFX9": True, "_ON_CDNA": True,
+        flags = {"_GCN_ARCH": f"{self.arch}:sramecc+:xnack-", "_ON_MI3XX": True, "_ON_GFX9": True,
+                 "_ON_CDNA": True,
                  "_ON_GFX942": self.arch == "gfx942", "_ON_GFX950": self.arch == "gfx950"}
         for k, v in flags.items():
             if hasattr(rocm, k):
@@ -133,8 +134,9 @@ def _plain(name):
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
     "sparse_attention": (_make_sparse_attention,
-                         "K insert: quantize_and_insert_k_kernel launched with the arguments quantize_and_insert_k_cache "
-                         "passes (use_fnuz and fp8_max from the simulated platform); decode: "
+                         "K insert: quantize_and_insert_k_kernel launched with the arguments "
+                         "quantize_and_insert_k_cache passes (use_fnuz and fp8_max from the simulated platform); "
+                         "decode: "
                          "_sparse_attn_decode_ragged_kernel launched directly (rocm_sparse_attn_decode allocates on "
                          "the GPU)"),
     "routing_metadata": (_make_routing_metadata,

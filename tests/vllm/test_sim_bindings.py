@@ -20,8 +20,6 @@ prepare_process(["vllm:sim-gfx942"])
 
 from conformance import components  # noqa: E402
 from conformance.cases import cases_for  # noqa: E402
-from conformance.checks.numeric import run_numeric  # noqa: E402
-from conformance.results import FAILING  # noqa: E402
 from conformance.subjects import SubjectError, bindings, load_subject  # noqa: E402
 from conformance.subjects import vllm_sim as vs  # noqa: E402
 
@@ -108,7 +106,7 @@ def _witness(sim, name):
 
 
 def test_each_bound_row_executes_what_it_names(sim):
-    for name, impl in sim.provides().items():
+    for name in sim.provides():
         b = bindings.select(sim.platform_kind, name, sim.ctx)
         seen = _witness(sim, name)
         lost = [r for r in b.runs if r not in seen]
