@@ -7,6 +7,7 @@ Built in:
   vllm                 the installed vLLM's functions for the current platform
   vllm:sim-<arch>      vLLM's ROCm dispatch for gfx942 / gfx950 SIMULATED on the CPU (conformance.subjects.vllm_sim)
   vllm-triton:<profile>  vLLM's Triton kernels under Triton's interpreter on the CPU (gfx942 -> fnuz)
+  vllm-triton-gpu:<profile>  the same kernels compiled by Triton for this machine's GPU (no vLLM install needed)
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ BUILTIN = {
     "transformers": "conformance.subjects.hf:TransformersSubject",
     "vllm": "conformance.subjects.vllm:VllmSubject",
     "vllm-triton": "conformance.subjects.vllm_triton:VllmTritonSubject",
+    "vllm-triton-gpu": "conformance.subjects.vllm_triton:VllmTritonGpuSubject",
 }
-NEEDS_PROFILE = {"emulated", "vllm-triton"}
+NEEDS_PROFILE = {"emulated", "vllm-triton", "vllm-triton-gpu"}
 
 
 def _import_factory(target: str):
@@ -83,7 +85,7 @@ def load_subject(spec: str) -> Subject:
         subj = factory(profile=profile) if profile else factory()
     else:
         raise SubjectError(f"unknown subject {spec!r}; built in: {sorted(BUILTIN)} "
-                           f"(profiles: emulated:<gfx942|ocp>, vllm-triton:<gfx942|ocp>, vllm:sim-<gfx942|gfx950>), "
+                           f"(profiles: emulated:<gfx942|ocp>, vllm-triton[-gpu]:<gfx942|ocp>, vllm:sim-<gfx942|gfx950>), "
                            f"or a plugin as 'module:factory'")
     if not isinstance(subj, Subject):
         raise SubjectError(f"subject {spec!r}: factory returned {type(subj).__name__}, not a Subject")

@@ -53,9 +53,9 @@ def sum_bitmatrix_rows(bitmatrix: Bitmatrix, partials_block_size: int):
     nb = max(1, cdiv(T, partials_block_size))
     valid = ids >= 0
     col_sum = torch.bincount(ids[valid], minlength=E).to(torch.int32)
-    blk = (torch.arange(T) // partials_block_size).unsqueeze(1).expand_as(ids)
-    part = torch.zeros(nb * E, dtype=torch.int64)
-    part.scatter_add_(0, (blk * E + ids)[valid], torch.ones(int(valid.sum()), dtype=torch.int64))
+    blk = (torch.arange(T, device=ids.device) // partials_block_size).unsqueeze(1).expand_as(ids)
+    part = torch.zeros(nb * E, dtype=torch.int64, device=ids.device)
+    part.scatter_add_(0, (blk * E + ids)[valid], torch.ones(int(valid.sum()), dtype=torch.int64, device=ids.device))
     return col_sum, part.view(nb, E).to(torch.int32)
 
 
@@ -96,10 +96,13 @@ class SparseMatrix:
 make_bitmatrix_metadata = None
 
 
-def vllm_pow2_safe_builder():
+def vllm_pow2_safe_builder(g=None):
     """vLLM's ``_make_bitmatrix_metadata_pow2_safe`` (built by ``_patch_make_bitmatrix_metadata``) with these
-    stand-ins in place of triton_kernels; sys.modules is restored afterwards. -> (builder, how)."""
-    from vllm.model_executor.layers.fused_moe.experts import gpt_oss_triton_kernels_moe as g
+    stand-ins in place of triton_kernels; sys.modules is restored afterwards. -> (builder, how).
+    ``g``: anything with vLLM's ``_patch_make_bitmatrix_metadata`` (default: the installed vllm module; the GPU
+    subject passes the function taken from vLLM's source by ``_vllm_source``)."""
+    if g is None:
+        from vllm.model_executor.layers.fused_moe.experts import gpt_oss_triton_kernels_moe as g
 
     names = ("triton_kernels", "triton_kernels.tensor", "triton_kernels.tensor_details",
              "triton_kernels.tensor_details.bitmatrix", "triton_kernels.tensor_details.bitmatrix_details",
@@ -133,6 +136,7 @@ def vllm_pow2_safe_builder():
     # Triton's interpreter resolves a kernel's callees through the kernel function's __globals__ only (the
     # compiler also reads closure cells); _stage2_pow2 takes _keyed_add from its enclosing function, so the
     # interpreter needs it among gpt_oss_triton_kernels_moe's globals (shim, interpreter only)
-    if "_keyed_add" not in vars(g):
-        g._keyed_add = bm._keyed_add
+    glb = g._patch_make_bitmatrix_metadata.__globals__
+    if "_keyed_add" not in glb:
+        glb["_keyed_add"] = bm._keyed_add
     return fn, "triton_kernels stand-in (stage 1, sum_bitmatrix_rows, _keyed_add)"

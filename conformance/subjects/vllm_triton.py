@@ -12,6 +12,8 @@ false failures.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .. import components, triton_interp
@@ -25,15 +27,37 @@ BF = torch.bfloat16
 
 
 class _K:
-    """Kernels looked up at call time (tests patch entries to plant broken ones)."""
+    """Kernels looked up at call time (tests patch entries to plant broken ones). ``src`` None: imported from
+    the installed vllm package; a ``_vllm_source.Source``: the same definitions taken from vLLM's source files
+    without importing the package (the GPU subject, where vLLM is not installed)."""
 
     over: dict = {}
     built: dict = {}
+    SOURCE = {
+        "quantize_and_insert_k_kernel": ("vllm.models.deepseek_v4.common.ops.cache_utils",
+                                         "quantize_and_insert_k_kernel"),
+        "_sparse_attn_decode_ragged_kernel": ("vllm.v1.attention.ops.rocm_aiter_mla_sparse",
+                                              "_sparse_attn_decode_ragged_kernel"),
+        "indexer_q_kernel": ("vllm.models.deepseek_v4.common.ops.fused_indexer_q",
+                             "FusedIndexerQRopeQuantTritonKernel.kernel"),
+    }
 
     @classmethod
-    def get(cls, name):
+    def get(cls, name, src=None):
         if name in cls.over:
             return cls.over[name]
+        if src is not None:
+            if name == "bitmatrix_metadata":
+                key = (name, id(src))
+                if key not in cls.built:
+                    from ._triton_kernels_standin import vllm_pow2_safe_builder
+
+                    g = types.SimpleNamespace(_patch_make_bitmatrix_metadata=src.get(
+                        "vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe",
+                        "_patch_make_bitmatrix_metadata"))
+                    cls.built[key] = vllm_pow2_safe_builder(g)[0]
+                return cls.built[key]
+            return src.get(*cls.SOURCE[name])
         if name == "quantize_and_insert_k_kernel":
             from vllm.models.deepseek_v4.common.ops.cache_utils import quantize_and_insert_k_kernel as k
         elif name == "_sparse_attn_decode_ragged_kernel":
@@ -42,6 +66,10 @@ class _K:
             from vllm.models.deepseek_v4.common.ops.fused_indexer_q import (
                 _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k,
             )
+        elif name == "indexer_q_kernel":
+            from vllm.models.deepseek_v4.common.ops.fused_indexer_q import FusedIndexerQRopeQuantTritonKernel
+
+            k = FusedIndexerQRopeQuantTritonKernel.kernel
         elif name == "bitmatrix_metadata":
             from ._triton_kernels_standin import vllm_pow2_safe_builder
 
@@ -54,17 +82,20 @@ class _K:
 
 
 def _insert(kv: torch.Tensor, bs: int, p: dict, k_name="quantize_and_insert_k_kernel"):
+    dev = p.get("dev", "cpu")
     N = kv.shape[0]
     nb = (N + bs - 1) // bs
-    cache = torch.zeros(nb, bs * 584, dtype=torch.uint8)
-    _K.get(k_name)[(N,)](kv.to(BF).contiguous(), torch.arange(N, dtype=torch.int64), cache, N, input_dim=512,
-                         fp8_dim=448, bf16_dim=64, scale_dim=8, quant_block=64, cache_block_size=bs,
-                         token_data_size=576, block_stride=cache.stride(0), fp8_max=p["cache_fmax"],
-                         n_quant_blocks=8, use_fnuz=p["fnuz"])
+    cache = torch.zeros(nb, bs * 584, dtype=torch.uint8, device=dev)
+    _K.get(k_name, p.get("src"))[(N,)](
+        kv.to(dev, BF).contiguous(), torch.arange(N, dtype=torch.int64, device=dev), cache, N, input_dim=512,
+        fp8_dim=448, bf16_dim=64, scale_dim=8, quant_block=64, cache_block_size=bs, token_data_size=576,
+        block_stride=cache.stride(0), fp8_max=p["cache_fmax"], n_quant_blocks=8, use_fnuz=p["fnuz"])
     return cache
 
 
 def make_sparse_attention(p: dict):
+    dev = p.get("dev", "cpu")
+
     def sparse_attention(q, kv, indices, sink, *, scale, numerics=None, chunk=256):
         import triton
 
@@ -74,36 +105,62 @@ def make_sparse_attention(p: dict):
         nb = cache.shape[0]
         main = cache.view(nb, bs, 584)
         lists = [[int(j) for j in row if j >= 0] for row in indices.tolist()]
-        ind = torch.tensor(sum(lists, []), dtype=torch.int32)
-        ptr = torch.tensor([0] + list(__import__("itertools").accumulate(len(r) for r in lists)), dtype=torch.int32)
-        out = torch.zeros(T, H, D, dtype=BF)
-        qb = q.to(BF).contiguous()
-        _K.get("_sparse_attn_decode_ragged_kernel")[(T, triton.cdiv(H, 16))](
-            qb, main, ind, ptr, main, ind, ptr, sink.float().contiguous(), out,
+        ind = torch.tensor(sum(lists, []), dtype=torch.int32, device=dev)
+        ptr = torch.tensor([0] + list(__import__("itertools").accumulate(len(r) for r in lists)), dtype=torch.int32,
+                           device=dev)
+        out = torch.zeros(T, H, D, dtype=BF, device=dev)
+        qb = q.to(dev, BF).contiguous()
+        _K.get("_sparse_attn_decode_ragged_kernel", p.get("src"))[(T, triton.cdiv(H, 16))](
+            qb, main, ind, ptr, main, ind, ptr, sink.to(dev).float().contiguous(), out,
             qb.stride(0), qb.stride(1), out.stride(0), out.stride(1), main.stride(0), main.stride(0),
             nb * bs, nb * bs, bs, bs, scale, H, HAS_ATTN_SINK=True, HAS_EXTRA=False, NOPE_DIM=448,
             NOPE_BLOCK=512, ROPE_DIM=64, IS_FNUZ_MAIN=p["fnuz"], IS_FNUZ_EXTRA=False, BLOCK_H=16, BLOCK_K=16,
             num_warps=8)
-        return {"o": out.float()}
+        return {"o": out.float().cpu()}
     return sparse_attention
 
 
+def launch_indexer_q(kernel, positions, index_q, cos_sin, index_weights, softmax_scale, head_scale, q_fp8,
+                     weights_out, *, fp8_max, use_fnuz, explicit_fma=False):
+    """The launch ``FusedIndexerQRopeQuantTritonKernel.__call__`` (vLLM's ``kernel_launcher``) specifies, made
+    directly: grid (tokens, index heads), its keyword arguments, num_warps 1, fp fusion on. A CPU test shows it
+    equals vLLM's launcher bitwise under the interpreter. ``explicit_fma``: vLLM passes
+    ``current_platform.is_rocm()`` (False on CUDA and on the CPU build)."""
+    T, H = positions.shape[0], index_q.shape[1]
+    kernel[(T, H)](
+        pos_ptr=positions, index_q_ptr=index_q, index_q_stride0=index_q.stride(0), index_q_stride1=index_q.stride(1),
+        index_q_cos_sin_ptr=cos_sin, index_q_cos_sin_stride=cos_sin.stride(0),
+        INDEX_Q_HALF_ROT_DIM=cos_sin.shape[-1] // 2, index_q_fp8_ptr=q_fp8, index_q_fp8_stride0=q_fp8.stride(0),
+        index_q_fp8_stride1=q_fp8.stride(1), INDEX_Q_HEAD_DIM=index_q.shape[2], index_weights_ptr=index_weights,
+        index_weights_stride=index_weights.stride(0), index_weights_softmax_scale=softmax_scale,
+        index_weights_head_scale=head_scale, index_weights_out_ptr=weights_out,
+        index_weights_out_stride=weights_out.stride(0), FP8_MAX=fp8_max, USE_FNUZ=use_fnuz,
+        USE_EXPLICIT_FMA=explicit_fma, enable_fp_fusion=True, num_warps=1)
+
+
 def make_indexer_q(p: dict):
+    dev = p.get("dev", "cpu")
+
     def indexer_q(qr, wq_b, positions, inv_freq, *, n_heads, head_dim, numerics=None, rope_dim=64):
         from ._vllm_adapters import cos_sin
 
         T = qr.shape[0]
         q = (qr.to(BF) @ wq_b.to(BF).t()).view(T, n_heads, head_dim).contiguous()
         cs = cos_sin(inv_freq, rope_dim, head_dim, positions)
-        q8 = torch.empty(T, n_heads, head_dim, dtype=p["fp8"])
-        w = torch.empty(T, n_heads)
-        _K.get("indexer_q")(positions.long(), q, cs, torch.ones(T, n_heads), 1.0, 1.0, q8, w,
-                            fp8_max=p["q_fmax"], use_fnuz=p["fnuz"])
-        return {"q": q8.float() * w[..., None]}
+        q8 = torch.empty(T, n_heads, head_dim, dtype=p["fp8"], device=dev)
+        w = torch.empty(T, n_heads, device=dev)
+        args = (positions.long().to(dev), q.to(dev), cs.to(dev), torch.ones(T, n_heads, device=dev), 1.0, 1.0, q8, w)
+        if p.get("src") is None and dev == "cpu":
+            _K.get("indexer_q")(*args, fp8_max=p["q_fmax"], use_fnuz=p["fnuz"])
+        else:
+            launch_indexer_q(_K.get("indexer_q_kernel", p.get("src")), *args, fp8_max=p["q_fmax"], use_fnuz=p["fnuz"])
+        return {"q": (q8.float() * w[..., None]).cpu()}
     return indexer_q
 
 
 def make_routing_metadata(p: dict):
+    dev = p.get("dev", "cpu")
+
     def routing_metadata(topk_ids, *, num_experts, out=None):
         """vLLM's _make_bitmatrix_metadata_pow2_safe (nested Triton kernel _stage2_pow2) on the routed ids
         [T, k] (-1 = dropped: loaded as 0xFFFF and masked like a padded lane). Outputs: col_sum ->
@@ -112,13 +169,14 @@ def make_routing_metadata(p: dict):
         see only the copies (no canary coverage of the kernel's stores)."""
         from ._triton_kernels_standin import Bitmatrix
 
-        ids = topk_ids.to(torch.int32).contiguous()
-        md = _K.get("bitmatrix_metadata")(ids, Bitmatrix(ids, num_experts))
-        counts = md.col_sum.to(torch.int32)
+        ids = topk_ids.to(dev, torch.int32).contiguous()
+        md = _K.get("bitmatrix_metadata", p.get("src"))(ids, Bitmatrix(ids, num_experts))
+        counts = md.col_sum.to(torch.int32).cpu()
         offs = torch.zeros(num_experts + 1, dtype=torch.int32)
         offs[1:] = torch.cumsum(counts.long(), 0).to(torch.int32)
         res = {"expert_counts": counts, "expert_offsets": offs,
-               "gather_idx": md.col_sorted_indx.to(torch.int32), "scatter_idx": md.row_sorted_indx.to(torch.int32)}
+               "gather_idx": md.col_sorted_indx.to(torch.int32).cpu(),
+               "scatter_idx": md.row_sorted_indx.to(torch.int32).cpu()}
         if out is not None:
             for k_, v in res.items():
                 out[k_].copy_(v)
@@ -172,8 +230,11 @@ class VllmTritonSubject(Subject):
 
         return triton_probes(PROFILES[self.profile])
 
+    def params(self) -> dict:
+        return PROFILES[self.profile]
+
     def provides(self) -> dict[str, Impl]:
-        p = PROFILES[self.profile]
+        p = self.params()
         out = {}
         for name, spec in components.load_all().items():
             key = adapter_key(name, spec)
@@ -183,8 +244,74 @@ class VllmTritonSubject(Subject):
             fn, err = bind(spec, make(p), fixed=FIXED.get(name))
             if fn is None:
                 continue
-            out[name] = Impl(fn, function=function, backend="triton-interpreter", note=why.format(**p))
+            out[name] = Impl(fn, function=function, backend=self.backend, note=why.format(**p))
         return out
 
+    backend = "triton-interpreter"
 
-__all__ = ["VllmTritonSubject", "NAMES"]
+
+class VllmTritonGpuSubject(VllmTritonSubject):
+    """``vllm-triton-gpu:<profile>``: the same vLLM Triton kernels, launched the same way, compiled by Triton for
+    the GPU of this machine (on an H100: sm90, the OCP branches with profile ``ocp``). The kernels come from
+    vLLM's source files (``_vllm_source``: the installed vLLM's files or the bundle named by ``$DSV4_VLLM_SRC``),
+    so no vLLM installation is needed. No GPU, or Triton's interpreter switched on: the subject refuses; it never
+    falls back to the interpreter. Rows say REAL RUN on the GPU by name."""
+
+    backend = "triton"
+
+    def __init__(self, profile: str | None = None):
+        import os
+
+        if profile not in PROFILES:
+            raise SubjectError(f"subject 'vllm-triton-gpu': unknown profile {profile!r}; known: {sorted(PROFILES)}")
+        self.profile = profile
+        self.name = f"vllm-triton-gpu:{profile}"
+        if not torch.cuda.is_available():
+            raise SubjectError(f"subject {self.name!r} compiles vLLM's Triton kernels for a GPU, and this machine has "
+                               "no CUDA/ROCm device (torch.cuda.is_available() is False); on a CPU use "
+                               f"vllm-triton:{profile} (Triton's interpreter)")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SubjectError(f"subject {self.name!r}: TRITON_INTERPRET=1 is set, so Triton would interpret, not "
+                               "compile; unset it (for the interpreter use vllm-triton:<profile>)")
+        from . import _vllm_source
+
+        try:
+            self.src = _vllm_source.source_root()
+            for key in ("quantize_and_insert_k_kernel", "_sparse_attn_decode_ragged_kernel", "indexer_q_kernel"):
+                _K.get(key, self.src)
+        except _vllm_source.SourceError as e:
+            raise SubjectError(f"subject {self.name!r}: {e}") from None
+        self.self_check = []
+
+    def params(self) -> dict:
+        return dict(PROFILES[self.profile], dev="cuda", src=self.src)
+
+    def info(self) -> SubjectInfo:
+        import importlib.metadata as md
+
+        import triton
+
+        p = PROFILES[self.profile]
+        cc = torch.cuda.get_device_capability(0)
+        hip = getattr(torch.version, "hip", None)
+        rt = f"ROCm {hip}" if hip else f"CUDA {torch.version.cuda}"
+        versions = {"torch": torch.__version__, "triton": triton.__version__, "vllm (source)": self.src.version}
+        try:
+            versions["vllm"] = md.version("vllm")
+        except md.PackageNotFoundError:
+            pass
+        return SubjectInfo(
+            name=self.name,
+            implementation=f"vLLM {self.src.version} Triton kernels compiled by Triton {triton.__version__} "
+                           f"(sm{cc[0]}{cc[1]}); source: {self.src.how}",
+            device=f"{torch.cuda.get_device_name(0)} ({rt})", dialect=str(p["fp8"]).replace("torch.", ""),
+            emulated=False, profile=self.profile, versions=versions,
+            shims=("vllm-source-loader: kernels taken verbatim from vLLM's files; 'from vllm.triton_utils import "
+                   "tl, triton' replaced by triton itself; triton_kernels stage 1 / sum_bitmatrix_rows stand-ins "
+                   "for the MoE metadata builder",))
+
+    def dialect_probes(self):
+        return None
+
+
+__all__ = ["VllmTritonSubject", "VllmTritonGpuSubject", "NAMES"]

@@ -359,7 +359,10 @@ def dialect_map_for_subject(subject) -> DialectMap | None:
     get = getattr(subject, "dialect_probes", None)
     if get is None:
         return None
-    producers, consumers = get()
+    probes = get()
+    if probes is None:          # the subject has no FP8 probes on this device (said by the suite's row)
+        return None
+    producers, consumers = probes
     return DialectMap(producers, consumers, subject=getattr(subject, "name", ""))
 
 

@@ -1,0 +1,129 @@
+"""vLLM's Triton kernels taken from vLLM's source files (conformance.subjects._vllm_source), as the GPU subject
+``vllm-triton-gpu:<profile>`` uses them on a machine without vLLM: the extraction loads without importing the
+package, runs the same computation as the imported kernels (bitwise, under the interpreter), really reads the
+files it names (a planted edit changes the result), and every way of failing gives one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conformance.subjects import SubjectError, load_subject
+from conformance.subjects._vllm_source import KERNELS, SourceError, bundle, source_root
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kernels_load_from_source_without_importing_vllm(tmp_path):
+    code = ("import sys\n"
+            "from conformance.subjects._vllm_source import source_root, KERNELS\n"
+            "s = source_root()\n"
+            "objs = [s.get(m, n) for m, n in KERNELS]\n"
+            "print(sorted(k for k in sys.modules if k == 'vllm' or k.startswith('vllm.')))\n"
+            "print([type(o).__name__ for o in objs])\n"
+            "print(s.provenance(*KERNELS[0]))\n")
+    env = dict(os.environ, DSV4_VLLM_SRC_CACHE=str(tmp_path / "gen"))
+    env.pop("TRITON_INTERPRET", None)   # decorated for the compiler, as on a GPU
+    env.pop("DSV4_VLLM_SRC", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mods, kinds, where = out.stdout.strip().splitlines()
+    assert mods == "[]", f"the source loader imported vLLM: {mods}"
+    assert kinds == "['JITFunction', 'JITFunction', 'JITFunction', 'function']", kinds
+    assert where.startswith("vllm/models/deepseek_v4/common/ops/cache_utils.py:"), where
+    gen = sorted((tmp_path / "gen").glob("*.py"))
+    assert len(gen) == len(KERNELS)
+    text = next(p for p in gen if "cache_utils" in p.name).read_text()
+    assert "verbatim" in text and "import triton.language as tl" in text
+    assert "\nfrom vllm" not in text and "\nimport vllm" not in text
+
+
+@pytest.fixture
+def interp_vllm(needs_vllm_triton):
+    from conformance.subjects import _vllm_common as common
+
+    common.import_vllm()
+    return common
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, H, D, N = 5, 16, 512, 70
+    q = torch.randn(T, H, D, generator=g)
+    kv = torch.randn(N, D, generator=g) * 3
+    idx = torch.randint(0, N, (T, 24), generator=g)
+    idx[1, 5:] = -1
+    sink = torch.randn(H, generator=g)
+    return q, kv, idx, sink
+
+
+@pytest.mark.parametrize("profile", ["gfx942", "ocp"])
+def test_source_kernels_equal_imported_kernels_bitwise(interp_vllm, profile):
+    from conformance.subjects import vllm_triton as vt
+
+    src = source_root()
+    imported, sourced = vt.PROFILES[profile], dict(vt.PROFILES[profile], src=src)
+    q, kv, idx, sink = _inputs()
+    a = vt.make_sparse_attention(imported)(q, kv, idx, sink, scale=0.04)["o"]
+    b = vt.make_sparse_attention(sourced)(q, kv, idx, sink, scale=0.04)["o"]
+    assert torch.equal(a, b)
+
+    g = torch.Generator().manual_seed(1)
+    qr, wq_b = torch.randn(6, 64, generator=g), torch.randn(4 * 128, 64, generator=g) / 8
+    pos = torch.tensor([0, 1, 7, 100, 4095, 33])
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    # vLLM's launcher (kernel_launcher) vs the harness's direct launch of the source-loaded kernel
+    qa = vt.make_indexer_q(imported)(qr, wq_b, pos, inv, n_heads=4, head_dim=128)["q"]
+    qb = vt.make_indexer_q(sourced)(qr, wq_b, pos, inv, n_heads=4, head_dim=128)["q"]
+    assert torch.equal(qa, qb)
+
+    ids = torch.randint(0, 16, (37, 6), generator=g)
+    ids[3, 2] = -1
+    ra = vt.make_routing_metadata(imported)(ids, num_experts=16)
+    rb = vt.make_routing_metadata(sourced)(ids, num_experts=16)
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_bundle_round_trip_and_a_planted_edit_is_seen(interp_vllm, tmp_path, monkeypatch):
+    from conformance.subjects import vllm_triton as vt
+
+    monkeypatch.delenv("DSV4_VLLM_SRC", raising=False)
+    info = bundle(tmp_path / "b")
+    assert len(info["files"]) == len(KERNELS) and info["bytes"] < 1_000_000
+    assert (tmp_path / "b" / "VERSION").read_text().strip() == info["version"]
+    monkeypatch.setenv("DSV4_VLLM_SRC", str(tmp_path / "b"))
+    monkeypatch.setenv("DSV4_VLLM_SRC_CACHE", str(tmp_path / "gen"))
+    src = source_root()
+    assert src.how.startswith("bundle") and src.version == info["version"]
+    q, kv, idx, sink = _inputs(2)
+    base = vt.make_sparse_attention(vt.PROFILES["ocp"])(q, kv, idx, sink, scale=0.04)["o"]
+    assert torch.equal(vt.make_sparse_attention(dict(vt.PROFILES["ocp"], src=src))(q, kv, idx, sink, scale=0.04)["o"],
+                       base)
+    # plant: the K-cache writer clamps at half the fp8 max -> the bundle's text, not the package, is what runs
+    f = tmp_path / "b" / "vllm/models/deepseek_v4/common/ops/cache_utils.py"
+    text = f.read_text()
+    assert "raw_scale = block_max / fp8_max" in text
+    f.write_text(text.replace("raw_scale = block_max / fp8_max", "raw_scale = block_max / (fp8_max * 0.5)"))
+    edited = vt.make_sparse_attention(dict(vt.PROFILES["ocp"], src=source_root()))(q, kv, idx, sink, scale=0.04)["o"]
+    assert not torch.equal(edited, base)
+
+
+def test_refusals_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV4_VLLM_SRC", str(tmp_path / "missing"))
+    with pytest.raises(SourceError, match="holds no vllm/ directory"):
+        source_root()
+    monkeypatch.delenv("DSV4_VLLM_SRC")
+    src = source_root()
+    with pytest.raises(SourceError, match="no_such_kernel not found"):
+        src.get("vllm.models.deepseek_v4.common.ops.cache_utils", "no_such_kernel")
+    with pytest.raises(SourceError, match="not found under"):
+        src.get("vllm.no.such.module", "x")
+    if not torch.cuda.is_available():
+        with pytest.raises(SubjectError, match="no CUDA/ROCm device") as e:
+            load_subject("vllm-triton-gpu:ocp")
+        assert "\n" not in str(e.value)
+    with pytest.raises(SubjectError, match="unknown profile"):
+        load_subject("vllm-triton-gpu:nope")
