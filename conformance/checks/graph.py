@@ -625,6 +625,23 @@ def run_worker(case: GraphCase, n_inputs: int, n_replays: int, seed: int, device
                 rec["probes"].append(dict(group=group, live=live, size=pb, eager_changed=e_changed,
                                           replay_changed=r_changed))
 
+        # (3b) warm-anchored probes: group g kept at the warm-up batch's value (everything else redrawn) vs g
+        # redrawn too. A buffer refreshed only on the first load is right in the first and wrong in the second
+        # even when other inputs still change the output (partly stale metadata).
+        if case.deterministic:
+            for group in [g for g in case.groups if g != "padding"]:
+                for _ in range(n_probes + 1):
+                    pb = sizes[next(rs) % len(sizes)]
+                    w = ctx[pb]["warm_seeds"]
+                    same = dict(_random_seeds(rs, pb, (pb,)), live=w["live"], batch=pb, short=w.get("short"),
+                                **{group: w[group]})
+                    oks = []
+                    for sd in (same, dict(same, **{group: next(rs)})):
+                        xd = gc.to_device(case.make_input(sd), device)
+                        oks.append(_equal_live(replay(pb, xd), eager(gc.clone_inputs(xd)), sd["live"]))
+                    rec.setdefault("anchored", []).append(dict(group=group, size=pb, same_ok=oks[0],
+                                                               diff_ok=oks[1]))
+
         # (4) cross-size aliasing: a graph's outputs must survive replays of the other captured sizes
         if len(sizes) > 1:
             for b in sizes:
@@ -659,6 +676,8 @@ def _process_failed(p: dict) -> bool:
             return True
         if q["group"] != "padding" and q["eager_changed"] and not q["replay_changed"]:
             return True
+    if any(not q["diff_ok"] or not q["same_ok"] for q in p.get("anchored", [])):
+        return True
     return any(a["changed"] for a in p.get("alias", []))
 
 
@@ -723,14 +742,24 @@ def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
             rates[f"stale_probe_{g}"] = _rate(len(bad), len(relevant))
             if bad:
                 stale_groups.append(g)
+    anchored = [q for p in alive for q in p.get("anchored", [])]
+    for g in sorted({q["group"] for q in anchored}):
+        qs = [q for q in anchored if q["group"] == g]
+        frozen = all(q["same_ok"] for q in qs) and any(not q["diff_ok"] for q in qs)
+        rates[f"frozen_probe_{g}"] = _rate(sum(1 for q in qs if q["same_ok"] and not q["diff_ok"]), len(qs))
+        if frozen and g not in stale_groups:
+            stale_groups.append(g)
     if stale_groups:
         c = f"{CAUSE_STALE}: {', '.join(stale_groups)}"
         causes.append(c)
         evidence[c] = ("replay output unchanged while eager changed when only " + "/".join(stale_groups) +
-                       " changed (not refreshed between replays)")
+                       " changed, or replay right exactly when " + "/".join(stale_groups) +
+                       " equal the warm-up batch's (not refreshed between replays)")
 
     if e_bad:
         with_r = [r for r in reps if r.get("ragged") is not None]
+        if padding_graph_only:     # padding explains mismatches of padded batches: judge sizes on full ones
+            with_r = [r for r in with_r if r.get("size") is None or r["live"] == r["size"]]
         same = [r for r in with_r if r["ragged"] == r["warm_ragged"]]
         diff = [r for r in with_r if r["ragged"] != r["warm_ragged"]]
         bigger = [r for r in diff if r["ragged"] > r["warm_ragged"]]
@@ -741,7 +770,7 @@ def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
         rates["eager_mismatch_ragged_smaller_than_warmup"] = _rate(nb(smaller), len(smaller))
         explained = False
         if with_r and same and nb(same) == 0 and nb(diff) > 0 and not stale_groups \
-                and nb(with_r) == len(e_bad):
+                and (nb(with_r) == len(e_bad) or padding_graph_only):
             causes.append(CAUSE_WARMUP_ALLOC)
             evidence[CAUSE_WARMUP_ALLOC] = (
                 f"replay differs from eager only when the live ragged size differs from warm-up: "

@@ -72,6 +72,7 @@ class GraphCase:
     ragged_size(cpu_inputs) -> the live ragged size (``indptr[-1]``) where the case builds a ragged list;
     deterministic: replays must equal eager bitwise on the live rows (else within the golden-derived bound);
     kind: "dense" | "index-set" (an ``idx`` output compared as index sets, near ties allowed by ``scores``);
+    function: what runs, named in the rows;
     expect_cause / mutant: planted bugs (the cause the check must name); a mutant's correct twin has
         ``mutant=False`` and ``twin_of`` naming the mutant.
     """
@@ -96,6 +97,7 @@ class GraphCase:
     mutant: bool = False
     twin_of: str | None = None
     description: str = ""
+    function: str = ""                      # what runs, for the rows (e.g. "myfork.graphs:DecodeStep")
     # the device component evaluates RoPE phases pos * omega in float32, the golden in float64
     fp32_rope_phase: bool = False
 
