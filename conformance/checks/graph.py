@@ -220,14 +220,16 @@ MUTANTS_SPEC = "conformance.checks.graph_mutants:factory"
 _SUBJECT_CASES: dict = {}
 
 
-def subject_cases(spec: str) -> dict[str, GraphCase]:
+def subject_cases(spec: str, subject=None) -> dict[str, GraphCase]:
     """The capturable cases of the subject ``spec`` (``Subject.graph_cases()``), by name; {} without the hook.
-    This is how a worker process finds a case: subject spec + case name."""
+    This is how a worker process finds a case: subject spec + case name. ``subject``: the loaded subject, when
+    the caller has it (else it is loaded from ``spec``)."""
     if spec not in _SUBJECT_CASES:
         from conformance.subjects import load_subject, prepare_process
 
-        prepare_process([spec])
-        subj = load_subject(spec)
+        if subject is None:
+            prepare_process([spec])
+        subj = subject if subject is not None else load_subject(spec)
         hook = getattr(subj, "graph_cases", None)
         cases = list(hook() or []) if callable(hook) else []
         for c in cases:
@@ -910,9 +912,12 @@ _WORKER_TAG = "GRAPH_WORKER_JSON "
 
 
 def _spawn_worker(name: str, seed: int, n_inputs: int, n_replays: int, timeout: float,
-                  subject: str = "reference", mode: str = "full") -> subprocess.Popen:
+                  subject: str = "reference", mode: str = "full",
+                  worker_backend: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "conformance.checks.graph", "--worker", name, "--subject", subject,
            "--modes", mode, "--seed", str(seed), "--inputs", str(n_inputs), "--replays", str(n_replays)]
+    if worker_backend:
+        cmd += ["--worker-backend", worker_backend]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     paths = [root, os.getcwd()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
@@ -955,10 +960,11 @@ def resolve_case(case: GraphCase | str, subject: str = "reference") -> tuple[Gra
 def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3, device=None,
                    n_processes: int = 3, seed: int = 0, parallel: int = 3, in_process: bool = False,
                    timeout: float = 300.0, subject: str = "reference", mode: str = "full",
-                   backend=None) -> GraphReport:
+                   backend=None, worker_backend: str | None = None) -> GraphReport:
     """Capture/replay one case of ``subject`` in graph ``mode`` in ``n_processes`` fresh processes and
     diagnose. A mode the case does not declare -> not-run (with the reason); no device -> needs-gpu.
-    ``backend`` (tests only: a simulated capture) runs in this process and is never a device result."""
+    ``backend`` (tests only: a simulated capture) runs in this process, ``worker_backend`` ("module:Class",
+    tests only) in the fresh worker processes; neither is ever a device result: the rows say SIMULATED."""
     case, subject, findable = resolve_case(case, subject)
     base = dict(case=case.name, component=case.component, mutant=case.mutant, expect_cause=case.expect_cause,
                 processes=n_processes, inputs_per_process=n_inputs, replays_per_input=n_replays,
@@ -968,7 +974,8 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
         why = case.not_supported_reason(mode)
         return GraphReport(**base, device=device_name() if device is None else str(device), verdict="not-run",
                            verdicts={"eager": "not-run", "golden": "not-run"}, message=why)
-    dev_ok = backend is not None or (graph_device_available() and (device is None or str(device).startswith("cuda")))
+    simulated = backend is not None or worker_backend is not None
+    dev_ok = simulated or (graph_device_available() and (device is None or str(device).startswith("cuda")))
     if not dev_ok:
         return GraphReport(**base, device=device_name() if device is None else str(device),
                            verdict="needs-gpu",
@@ -977,7 +984,7 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
     t0 = time.time()
     seeds = [seed * 1000 + 17 * i + 1 for i in range(n_processes)]
     procs: list[dict] = []
-    if backend is not None or in_process or not findable:
+    if backend is not None or ((in_process or not findable) and worker_backend is None):
         for s in seeds:
             try:
                 procs.append(run_worker(case, n_inputs, n_replays, s, device or ("cpu" if backend else "cuda"),
@@ -990,7 +997,8 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
         while pending or running:
             while pending and len(running) < max(1, parallel):
                 sd = pending.pop(0)
-                running.append((sd, _spawn_worker(case.name, sd, n_inputs, n_replays, timeout, subject, mode)))
+                running.append((sd, _spawn_worker(case.name, sd, n_inputs, n_replays, timeout, subject, mode,
+                                                  worker_backend)))
             sd, p = running.pop(0)
             procs.append({"seed": sd, **_collect(p, timeout)})
     d = diagnose(procs, case.deterministic)
@@ -1000,7 +1008,8 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
     msg = ("causes: " + "; ".join(d["causes"])) if d["causes"] else "replay matches eager and golden"
     per = [{"seed": p.get("seed"), "crashed": p.get("crashed", False), "failed": _process_failed(p),
             "capture_ok": p.get("capture", {}).get("ok"), "wall_s": p.get("wall_s")} for p in procs]
-    dev = device_name() if backend is None else f"cpu (SIMULATED capture: {getattr(backend, 'name', '?')})"
+    dev = device_name() if not simulated else \
+        f"cpu (SIMULATED capture: {getattr(backend, 'name', None) or worker_backend}; not a device run)"
     return GraphReport(**base, device=dev, verdict=verdict, verdicts=d["verdicts"],
                        causes=d["causes"],
                        evidence=d["evidence"], rates=d["rates"], replays=d["replays"], probes=d["probes"],
@@ -1107,6 +1116,7 @@ def suite_problems(reports: list[GraphReport]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-backend", help=argparse.SUPPRESS)      # tests: "module:Class" simulated capture
     ap.add_argument("--subject", action="append", default=[],
                     help="subject spec whose graph_cases() to run (repeatable; reference | module:factory); "
                          f"default: reference and the built-in mutants ({MUTANTS_SPEC})")
@@ -1123,7 +1133,14 @@ def main(argv=None) -> int:
     if a.worker:
         spec = (a.subject or ["reference"])[0]
         case, _, _ = resolve_case(a.worker, spec)
-        rec = run_worker(case, a.inputs, a.replays, a.seed, "cuda", mode=(a.modes or ["full"])[0])
+        backend, device = None, "cuda"
+        if a.worker_backend:
+            import importlib
+
+            mod, _, attr = a.worker_backend.partition(":")
+            backend, device = getattr(importlib.import_module(mod), attr)(), "cpu"
+        rec = run_worker(case, a.inputs, a.replays, a.seed, device, mode=(a.modes or ["full"])[0],
+                         backend=backend)
         print(_WORKER_TAG + json.dumps(rec), flush=True)
         return 0
     t0 = time.time()
