@@ -957,6 +957,45 @@ def resolve_case(case: GraphCase | str, subject: str = "reference") -> tuple[Gra
     return cases[case], subject, True
 
 
+def _plan(case, subject, mode, n_inputs, n_replays, n_processes, device, simulated):
+    """(base fields, early report or None): a mode the case does not declare -> not-run; no device ->
+    needs-gpu."""
+    base = dict(case=case.name, component=case.component, mutant=case.mutant, expect_cause=case.expect_cause,
+                processes=n_processes, inputs_per_process=n_inputs, replays_per_input=n_replays,
+                subject=subject, mode=mode, twin_of=case.twin_of, batch_sizes=list(case.batch_sizes),
+                steps=case.steps, function=getattr(case, "function", "") or "", description=case.description)
+    dev = device_name() if device is None else str(device)
+    if mode not in case.modes:
+        return base, GraphReport(**base, device=dev, verdict="not-run",
+                                 verdicts={"eager": "not-run", "golden": "not-run"},
+                                 message=case.not_supported_reason(mode))
+    dev_ok = simulated or (graph_device_available() and (device is None or str(device).startswith("cuda")))
+    if not dev_ok:
+        return base, GraphReport(**base, device=dev, verdict="needs-gpu",
+                                 verdicts={"eager": "needs-gpu", "golden": "needs-gpu"},
+                                 message="needs a GPU: graph capture/replay needs a CUDA or ROCm device; not run")
+    return base, None
+
+
+def _finish(case, base, procs, wall_s, simulated_name: str | None) -> GraphReport:
+    d = diagnose(procs, case.deterministic)
+    rank = {"pass": 0, "degraded": 1, "fail": 2, "error": 3}
+    verdict = max(d["verdicts"].values(), key=lambda v: rank[v])
+    caught = _caught(d["causes"], case.expect_cause, verdict)   # None for correct cases
+    msg = ("causes: " + "; ".join(d["causes"])) if d["causes"] else "replay matches eager and golden"
+    per = [{"seed": p.get("seed"), "crashed": p.get("crashed", False), "failed": _process_failed(p),
+            "capture_ok": p.get("capture", {}).get("ok"), "wall_s": p.get("wall_s")} for p in procs]
+    dev = device_name() if not simulated_name else f"cpu (SIMULATED capture: {simulated_name}; not a device run)"
+    return GraphReport(**base, device=dev, verdict=verdict, verdicts=d["verdicts"],
+                       causes=d["causes"],
+                       evidence=d["evidence"], rates=d["rates"], replays=d["replays"], probes=d["probes"],
+                       wall_s=wall_s, caught=caught, message=msg, per_process=per)
+
+
+def _seeds(seed: int, n_processes: int) -> list[int]:
+    return [seed * 1000 + 17 * i + 1 for i in range(n_processes)]
+
+
 def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3, device=None,
                    n_processes: int = 3, seed: int = 0, parallel: int = 3, in_process: bool = False,
                    timeout: float = 300.0, subject: str = "reference", mode: str = "full",
@@ -965,55 +1004,77 @@ def run_graph_case(case: GraphCase | str, n_inputs: int = 16, n_replays: int = 3
     diagnose. A mode the case does not declare -> not-run (with the reason); no device -> needs-gpu.
     ``backend`` (tests only: a simulated capture) runs in this process, ``worker_backend`` ("module:Class",
     tests only) in the fresh worker processes; neither is ever a device result: the rows say SIMULATED."""
-    case, subject, findable = resolve_case(case, subject)
-    base = dict(case=case.name, component=case.component, mutant=case.mutant, expect_cause=case.expect_cause,
-                processes=n_processes, inputs_per_process=n_inputs, replays_per_input=n_replays,
-                subject=subject, mode=mode, twin_of=case.twin_of, batch_sizes=list(case.batch_sizes),
-                steps=case.steps, function=getattr(case, "function", "") or "", description=case.description)
-    if mode not in case.modes:
-        why = case.not_supported_reason(mode)
-        return GraphReport(**base, device=device_name() if device is None else str(device), verdict="not-run",
-                           verdicts={"eager": "not-run", "golden": "not-run"}, message=why)
-    simulated = backend is not None or worker_backend is not None
-    dev_ok = simulated or (graph_device_available() and (device is None or str(device).startswith("cuda")))
-    if not dev_ok:
-        return GraphReport(**base, device=device_name() if device is None else str(device),
-                           verdict="needs-gpu",
-                           verdicts={"eager": "needs-gpu", "golden": "needs-gpu"},
-                           message="needs a GPU: graph capture/replay needs a CUDA or ROCm device; not run")
-    t0 = time.time()
-    seeds = [seed * 1000 + 17 * i + 1 for i in range(n_processes)]
-    procs: list[dict] = []
-    if backend is not None or ((in_process or not findable) and worker_backend is None):
-        for s in seeds:
-            try:
-                procs.append(run_worker(case, n_inputs, n_replays, s, device or ("cpu" if backend else "cuda"),
-                                        backend=backend, mode=mode))
-            except Exception:  # noqa: BLE001
-                procs.append({"seed": s, "crashed": True, "error": traceback.format_exc()[-600:]})
-    else:
-        pending = list(seeds)
-        running: list[tuple[int, subprocess.Popen]] = []
-        while pending or running:
-            while pending and len(running) < max(1, parallel):
-                sd = pending.pop(0)
-                running.append((sd, _spawn_worker(case.name, sd, n_inputs, n_replays, timeout, subject, mode,
-                                                  worker_backend)))
-            sd, p = running.pop(0)
-            procs.append({"seed": sd, **_collect(p, timeout)})
-    d = diagnose(procs, case.deterministic)
-    rank = {"pass": 0, "degraded": 1, "fail": 2, "error": 3}
-    verdict = max(d["verdicts"].values(), key=lambda v: rank[v])
-    caught = _caught(d["causes"], case.expect_cause, verdict)   # None for correct cases
-    msg = ("causes: " + "; ".join(d["causes"])) if d["causes"] else "replay matches eager and golden"
-    per = [{"seed": p.get("seed"), "crashed": p.get("crashed", False), "failed": _process_failed(p),
-            "capture_ok": p.get("capture", {}).get("ok"), "wall_s": p.get("wall_s")} for p in procs]
-    dev = device_name() if not simulated else \
-        f"cpu (SIMULATED capture: {getattr(backend, 'name', None) or worker_backend}; not a device run)"
-    return GraphReport(**base, device=dev, verdict=verdict, verdicts=d["verdicts"],
-                       causes=d["causes"],
-                       evidence=d["evidence"], rates=d["rates"], replays=d["replays"], probes=d["probes"],
-                       wall_s=time.time() - t0, caught=caught, message=msg, per_process=per)
+    return run_jobs([(case, subject, mode)], n_inputs=n_inputs, n_replays=n_replays, device=device,
+                    n_processes=n_processes, seed=seed, parallel=parallel, in_process=in_process, timeout=timeout,
+                    backend=backend, worker_backend=worker_backend)[0]
+
+
+def run_jobs(jobs, n_inputs: int = 16, n_replays: int = 3, device=None, n_processes: int = 3, seed: int = 0,
+             parallel: int = 3, in_process: bool = False, timeout: float = 300.0, backend=None,
+             worker_backend: str | None = None, budget_s: float | None = None,
+             progress: bool = False) -> list[GraphReport]:
+    """Run ``jobs`` [(case or name, subject spec, mode)]: every job's fresh processes share one pool of
+    ``parallel`` slots (processes of different cases run side by side). Past ``budget_s`` no process is
+    started; a job short of its processes is reported not-run (never a pass)."""
+    t_start = time.time()
+    simulated_name = (getattr(backend, "name", None) or "simulated") if backend is not None else worker_backend
+    out: list = [None] * len(jobs)
+    todo = []                                   # (job index, case, subject, mode, base, seeds)
+    for j, (c, subj, mode) in enumerate(jobs):
+        case, subj, findable = resolve_case(c, subj)
+        base, early = _plan(case, subj, mode, n_inputs, n_replays, n_processes, device, simulated_name is not None)
+        if early is not None:
+            out[j] = early
+            continue
+        todo.append((j, case, subj, mode, base, findable))
+    records: dict = {j: [] for j, *_ in todo}
+    walls: dict = {}
+    queue = []
+    for j, case, subj, mode, _base, findable in todo:
+        local = backend is not None or ((in_process or not findable) and worker_backend is None)
+        for sd in _seeds(seed, n_processes):
+            queue.append((j, case, subj, mode, sd, local))
+    running: list = []
+    over = False
+    while queue or running:
+        while queue and len(running) < max(1, parallel) and not over:
+            if budget_s is not None and time.time() - t_start > budget_s:
+                over = True
+                break
+            j, case, subj, mode, sd, local = queue.pop(0)
+            t0 = time.time()
+            if local:
+                try:
+                    rec = run_worker(case, n_inputs, n_replays, sd, device or ("cpu" if backend else "cuda"),
+                                     backend=backend, mode=mode)
+                except Exception:  # noqa: BLE001
+                    rec = {"crashed": True, "error": traceback.format_exc()[-600:]}
+                records[j].append({"seed": sd, **rec})
+                walls[j] = walls.get(j, 0.0) + time.time() - t0
+            else:
+                running.append((j, sd, t0, _spawn_worker(case.name, sd, n_inputs, n_replays, timeout, subj, mode,
+                                                         worker_backend)))
+        if over and not running:
+            break
+        if running:
+            j, sd, t0, p = running.pop(0)
+            rec = {"seed": sd, **_collect(p, timeout)}
+            records[j].append(rec)
+            walls[j] = max(walls.get(j, 0.0), time.time() - t0)
+            if progress:
+                what = ("CRASHED " + rec.get("error", "")[-200:]) if rec.get("crashed") else "done"
+                print(f"  [{time.time() - t_start:6.1f}s] {jobs[j][1][:28]} {getattr(jobs[j][0], 'name', jobs[j][0])} "
+                      f"{jobs[j][2]} seed {sd}: {what} ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+    for j, case, _subj, _mode, base, _findable in todo:
+        procs = records[j]
+        if len(procs) < n_processes:
+            out[j] = GraphReport(**base, device=device_name(), verdict="not-run",
+                                 verdicts={"eager": "not-run", "golden": "not-run"},
+                                 message=f"time budget ({budget_s:.0f} s) exhausted: {len(procs)}/{n_processes} "
+                                         f"processes ran; not judged")
+        else:
+            out[j] = _finish(case, base, procs, walls.get(j, 0.0), simulated_name)
+    return out
 
 
 def mark_mode_specific(reports: list[GraphReport]) -> None:
@@ -1049,10 +1110,7 @@ def run_subject(subject: str = "reference", names: list[str] | None = None, mode
     missing = [n for n in (names or []) if n not in cases]
     if missing:
         raise KeyError(f"subject {subject!r} has no graph case {missing}; it has {sorted(cases)}")
-    reports = []
-    for n in (names or list(cases)):
-        for m in modes:
-            reports.append(run_graph_case(cases[n], subject=subject, mode=m, **kw))
+    reports = run_jobs([(cases[n], subject, m) for n in (names or list(cases)) for m in modes], **kw)
     mark_mode_specific(reports)
     return reports
 
@@ -1103,6 +1161,8 @@ def suite_problems(reports: list[GraphReport]) -> list[str]:
         by_case.setdefault((r.subject, r.case), []).append(r)
     for (subj, case), reps in by_case.items():
         ran = [r for r in reps if r.verdict not in ("needs-gpu", "not-run", "not-provided")]
+        bad += [f"{subj} / {case} [{r.mode}]: not judged: {r.message}" for r in reps
+                if r.verdict == "not-run" and r.message.startswith("time budget")]
         if reps[0].mutant:
             if ran and not any(r.caught for r in ran):
                 bad.append(f"{subj} / {case}: mutant not caught ({[r.causes for r in ran]})")
@@ -1127,6 +1187,10 @@ def main(argv=None) -> int:
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=3)
     ap.add_argument("--cases", nargs="*")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per worker process")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no worker process after this many seconds; cases short of their processes are "
+                         "reported not-run (never pass), so the run ends and writes its summary in time")
     ap.add_argument("--out", default=os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "graph")
                     or "out/graph")
     a = ap.parse_args(argv)
@@ -1148,21 +1212,23 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     writer = ResultWriter(out, worker="graph")
     specs = a.subject or ["reference", MUTANTS_SPEC]
-    reports: list[GraphReport] = []
-    kw = dict(n_inputs=a.inputs, n_replays=a.replays, n_processes=a.processes, parallel=a.parallel, seed=a.seed)
+    kw = dict(n_inputs=a.inputs, n_replays=a.replays, n_processes=a.processes, parallel=a.parallel, seed=a.seed,
+              timeout=a.timeout, budget_s=a.budget_s, progress=True, worker_backend=a.worker_backend)
+    jobs, reports = [], []
     for spec in specs:
-        names = None
-        if a.cases:
-            names = [n for n in a.cases if n in subject_cases(spec)]
-            if not names:
-                continue
-        reps = run_subject(spec, names, modes=a.modes, **kw)
-        for rep in reps:
-            for row in rep.to_rows():
-                writer.write(row)
-            print(f"{rep.subject[:28]:28s} {rep.case:30s} {rep.mode:11s} {rep.verdict:9s} caught={rep.caught} "
-                  f"causes={rep.causes} wall={rep.wall_s:.1f}s", flush=True)
-        reports += reps
+        cases = subject_cases(spec)
+        if not cases:
+            reports += run_subject(spec)                  # one not-provided report
+            continue
+        for n in [n for n in (a.cases or list(cases)) if n in cases]:
+            jobs += [(cases[n], spec, m) for m in a.modes]
+    reports += run_jobs(jobs, **kw)
+    mark_mode_specific(reports)
+    for rep in reports:
+        for row in rep.to_rows():
+            writer.write(row)
+        print(f"{rep.subject[:28]:28s} {rep.case:30s} {rep.mode:11s} {rep.verdict:9s} caught={rep.caught} "
+              f"causes={rep.causes} wall={rep.wall_s:.1f}s", flush=True)
     total = time.time() - t0
     problems = suite_problems(reports)
     (out / "graph-summary.json").write_text(json.dumps(
