@@ -23,8 +23,16 @@ Each repetition runs in a fresh process (``python -m conformance.checks.graph --
 replays and over processes. On a machine with no CUDA/ROCm device every case is reported "needs-gpu",
 never passed.
 
-``python -m conformance.checks.graph --out DIR`` runs every case and mutant and writes
-``DIR/graph-summary.json``, ``DIR/graph-summary.md`` and ``DIR/results/*.jsonl``.
+The cases come from subjects (``Subject.graph_cases()``, public API: ``conformance.subjects.GraphCase``); a worker
+finds its case by subject spec + case name. Each case runs in every graph mode it declares (``full``,
+``piecewise``, ``decode-only``; the others are "not-run" rows with the case's reason), at every captured batch
+size (largest first, one shared pool), for ``case.steps`` decode steps, with a cross-size aliasing probe, in N
+fresh processes whose failure rate is reported (a failure in some processes only is "intermittent across
+processes": never a pass).
+
+``python -m conformance.checks.graph [--subject SPEC ...] --out DIR`` runs every case of the subjects (default:
+``reference`` and the built-in mutants) and writes ``DIR/graph-summary.json``, ``DIR/graph-summary.md`` and
+``DIR/results/*.jsonl``.
 """
 
 from __future__ import annotations
@@ -913,7 +921,7 @@ _WORKER_TAG = "GRAPH_WORKER_JSON "
 
 def _spawn_worker(name: str, seed: int, n_inputs: int, n_replays: int, timeout: float,
                   subject: str = "reference", mode: str = "full",
-                  worker_backend: str | None = None) -> subprocess.Popen:
+                  worker_backend: str | None = None, parallel: int = 1) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "conformance.checks.graph", "--worker", name, "--subject", subject,
            "--modes", mode, "--seed", str(seed), "--inputs", str(n_inputs), "--replays", str(n_replays)]
     if worker_backend:
@@ -922,6 +930,8 @@ def _spawn_worker(name: str, seed: int, n_inputs: int, n_replays: int, timeout: 
     root = str(Path(__file__).resolve().parents[2])
     paths = [root, os.getcwd()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    # parallel workers each run CPU goldens: one share of the cores each, not a full thread pool each
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, parallel))))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -1053,7 +1063,7 @@ def run_jobs(jobs, n_inputs: int = 16, n_replays: int = 3, device=None, n_proces
                 walls[j] = walls.get(j, 0.0) + time.time() - t0
             else:
                 running.append((j, sd, t0, _spawn_worker(case.name, sd, n_inputs, n_replays, timeout, subj, mode,
-                                                         worker_backend)))
+                                                         worker_backend, parallel)))
         if over and not running:
             break
         if running:
