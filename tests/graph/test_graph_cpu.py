@@ -295,3 +295,16 @@ def test_graph_case_validates_modes():
     c = G.moe_case(batch_sizes=(2, 8, 4))
     assert c.batch_sizes == (8, 4, 2) and c.batch == 8          # captured largest first
     assert G._pick_size(c.batch_sizes, 3) == 4 and G._pick_size(c.batch_sizes, 8) == 8
+
+
+def test_banner_names_the_device_graph_rows_ran_on():
+    from reports.render import subject_row_devices
+
+    subjects = {"reference": {"device": "cpu (x86_64)"}}
+    rows = {"reference": [
+        {"device": "cpu (x86_64)", "verdict": "pass", "check": "numeric"},
+        {"device": "NVIDIA H100 80GB HBM3 (CUDA 12.8, torch 2.11)", "verdict": "pass", "check": "graph"},
+        {"device": "cpu (no CUDA/ROCm device)", "verdict": "needs-gpu", "check": "graph"}]}
+    assert subject_row_devices(subjects, rows) == {
+        "reference": {"NVIDIA H100 80GB HBM3 (CUDA 12.8, torch 2.11)": ["graph"]}}
+    assert subject_row_devices(subjects, {"reference": rows["reference"][:1]}) == {}
