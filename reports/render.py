@@ -58,6 +58,23 @@ def _worst(rows):
     return max(rows, key=lambda r: VERDICT_RANK.get(r["verdict"], 0))
 
 
+def subject_row_devices(subjects: dict, by_subject: dict) -> dict:
+    """subject -> {device: sorted checks} for rows that computed on another device than the subject's banner
+    names (the graph rows of ``reference`` ran on the GPU, its numeric rows on the CPU). Rows that did not
+    run (needs-gpu, not-run, not-provided) name no device."""
+    out: dict = {}
+    for s, srows in by_subject.items():
+        own = subjects.get(s, {}).get("device")
+        devs: dict = {}
+        for r in srows:
+            d = r.get("device")
+            if d and d != own and r["verdict"] not in ("needs-gpu", "not-run", "not-provided"):
+                devs.setdefault(d, set()).add(r["check"])
+        if devs:
+            out[s] = {d: sorted(c) for d, c in devs.items()}
+    return out
+
+
 def build_context(out: Path) -> dict:
     rows = load_rows(out)
     subjects = json.loads((out / "subjects.json").read_text()) if (out / "subjects.json").exists() else {}
@@ -104,7 +121,9 @@ def build_context(out: Path) -> dict:
             cov[r["component"]] = {"function": r["function"], "backend": r.get("backend") or "?",
                                    "note": f"(as the {r['check']} rows record it)"}
     any_emulated = any(v.get("emulated") for v in subjects.values())
-    return dict(rows=rows, subjects=subjects, env=env, command=command, components=components,
+    other_devices = subject_row_devices(subjects, by_subject)
+    return dict(other_devices=other_devices,
+                rows=rows, subjects=subjects, env=env, command=command, components=components,
                 columns=columns, matrix=matrix, counts={k: dict(v) for k, v in counts.items()},
                 details=details, coverage=coverage, dialect_maps=dialect_maps, any_emulated=any_emulated,
                 subject_order=list(by_subject))

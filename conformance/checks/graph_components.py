@@ -28,8 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from conformance.subjects.graph_api import GraphPiece
 from references.components.attention import output_projection, sparse_attention
 from references.components.indexer import indexer_scores as ref_indexer_scores
+from references.components.moe import expert_ffn as ref_expert_ffn
+from references.components.moe import gate_logits as ref_gate_logits
+from references.components.moe import route as ref_route
 from references.components.norms import rms_norm, unweighted_rms_norm
 from references.components.rope import apply_rope as ref_rope
 from references.components.rope import rope_inv_freq
@@ -245,8 +249,10 @@ class StaticWrapper:
         self.loads = 0
 
     def load(self, inputs: dict) -> None:
+        """Copies the keys present (a multi-step case loads only its per-step keys after step 0)."""
         for k in self.input_keys:
-            self.static[k].copy_(inputs[k])
+            if k in inputs:
+                self.static[k].copy_(inputs[k])
         self.loads += 1
 
     def region(self) -> dict:
@@ -261,7 +267,7 @@ SPARSE_KEYS = ("q", "swa_cache", "comp_cache", "block_table", "comp_block_table"
 
 
 def sparse_make_input(seeds: dict, d: Dims = DIMS) -> dict:
-    B, live = d.B, int(seeds["live"])
+    B, live = int(seeds.get("batch", d.B)), int(seeds["live"])
     gv, gm, gt, gp = (_gen(seeds[k]) for k in ("values", "metadata", "topk", "padding"))
     q = torch.randn(B, d.H, d.D, generator=gv) * 1.5
     swa_cache = torch.randn(d.NB, d.BS, d.D, generator=gv)
@@ -269,7 +275,7 @@ def sparse_make_input(seeds: dict, d: Dims = DIMS) -> dict:
     sink = torch.randn(d.H, generator=gv)
     seq = _seq_lens(gm, B, d, bool(seeds.get("short")))
     bt = torch.randperm(d.NB - 1, generator=gm)[: B * d.MAXB].view(B, d.MAXB).to(torch.int32)
-    cbt = torch.randperm(d.NCB, generator=gm).view(B, d.MAXCB).to(torch.int32)
+    cbt = torch.randperm(d.NCB, generator=gm)[: B * d.MAXCB].view(B, d.MAXCB).to(torch.int32)
     topk = _topk_rows(gt, seq, d)
     npad = B - live
     if npad:                                  # padding rows: in-range garbage, sometimes huge values
@@ -315,7 +321,7 @@ class SparseAttnWrapper(StaticWrapper):
 
     def __init__(self, example, device, dims: Dims = DIMS):
         super().__init__(example, device, dims)
-        B, L = dims.B, dims.W + dims.K
+        B, L = example["q"].shape[0], dims.W + dims.K
         self.indptr = torch.zeros(B + 1, dtype=torch.long, device=device)       # indptr[0] = 0 once
         self.ragged = torch.empty(B * L + 1, dtype=torch.long, device=device)
 
@@ -369,13 +375,13 @@ INDEXER_KEYS = ("q", "w", "k_cache", "comp_block_table", "seq_lens")
 
 
 def indexer_make_input(seeds: dict, d: Dims = DIMS) -> dict:
-    B, live = d.B, int(seeds["live"])
+    B, live = int(seeds.get("batch", d.B)), int(seeds["live"])
     gv, gm, gp = (_gen(seeds[k]) for k in ("values", "metadata", "padding"))
     q = torch.randn(B, d.HI, d.DI, generator=gv)
     w = torch.randn(B, d.HI, generator=gv) * (d.DI ** -0.5) * (d.HI ** -0.5)
     k_cache = torch.randn(d.NCB, d.CBS, d.DI, generator=gv)
     seq = _seq_lens(gm, B, d, bool(seeds.get("short")))
-    cbt = torch.randperm(d.NCB, generator=gm).view(B, d.MAXCB).to(torch.int32)
+    cbt = torch.randperm(d.NCB, generator=gm)[: B * d.MAXCB].view(B, d.MAXCB).to(torch.int32)
     npad = B - live
     if npad:
         mag = _pad_magnitude(seeds, gp)
@@ -472,7 +478,7 @@ def decode_weights(seed: int = 1234, d: Dims = DIMS) -> dict:
 
 
 def decode_make_input(seeds: dict, d: Dims = DIMS) -> dict:
-    B, live = d.B, int(seeds["live"])
+    B, live = int(seeds.get("batch", d.B)), int(seeds["live"])
     gv, gm, gp = (_gen(seeds[k]) for k in ("values", "metadata", "padding"))
     x = torch.randn(B, d.DM, generator=gv)
     swa_cache = torch.randn(d.NB, d.BS, d.D, generator=gv)
@@ -489,20 +495,24 @@ def decode_make_input(seeds: dict, d: Dims = DIMS) -> dict:
     return dict(x=x, positions=pos, block_table=bt, slot_mapping=slot, swa_cache=swa_cache, live=live)
 
 
-def per_tensor_fp8(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-tensor FP8 e4m3 quantize-dequantize (scale = amax/448 over the whole tensor)."""
-    s = x.abs().amax().clamp(min=1e-12) / 448.0
+def per_tensor_fp8(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic per-tensor FP8 e4m3 quantize-dequantize (scale = amax/448 over the whole tensor, or over the
+    rows where ``rows`` is True)."""
+    a = x.abs() if rows is None else torch.where(rows[:, None], x.abs(), torch.zeros_like(x))
+    s = a.amax().clamp(min=1e-12) / 448.0
     return (x / s).to(torch.float8_e4m3fn).to(x.dtype) * s
 
 
-def decode_step(x, positions, block_table, slot_mapping, swa_cache, weights: dict, *, stabiliser="row",
-                x_quant: str = "none", d: Dims = DIMS) -> dict:
-    """One decode step of an SWA attention block (sink, window 128). Writes the new kv into ``swa_cache``
-    (in place, padded slots go to the dummy block) and returns the block output and the written kv rows."""
+def decode_pre(x, positions, slot_mapping, swa_cache, weights: dict, *, x_quant: str = "none",
+               d: Dims = DIMS) -> dict:
+    """Decode step, first piece: q / kv projections, norms, RoPE, paged cache write (in place; padded slots go
+    to the dummy block). Returns q and the RoPE tables the later pieces use."""
     W = weights
     B = x.shape[0]
     if x_quant == "per-tensor":              # mutant: the scale spans the padded batch
         x = per_tensor_fp8(x)
+    elif x_quant == "per-tensor-live":       # the same quantisation, scale over the live rows (slot >= 0)
+        x = per_tensor_fp8(x, rows=slot_mapping >= 0)
     qr = rmsnorm(x @ W["attn.wq_a"].T, W["attn.q_norm"], d.EPS)
     q = (qr @ W["attn.wq_b"].T).view(B, d.H, d.D)
     q = rmsnorm(q, None, d.EPS)
@@ -511,27 +521,67 @@ def decode_step(x, positions, block_table, slot_mapping, swa_cache, weights: dic
     q = apply_rope(q, cos[:, None, :], sin[:, None, :], d)
     kv = apply_rope(kv, cos, sin, d)
     flat = swa_cache.view(-1, d.D)
+    flat.index_copy_(0, decode_slots(slot_mapping, d), kv)
+    return {"q": q, "cos": cos, "sin": sin}
+
+
+def decode_slots(slot_mapping, d: Dims = DIMS):
     dummy = (d.NB - 1) * d.BS
-    slot = torch.where(slot_mapping >= 0, slot_mapping, torch.full_like(slot_mapping, dummy))
-    flat.index_copy_(0, slot, kv)
+    return torch.where(slot_mapping >= 0, slot_mapping, torch.full_like(slot_mapping, dummy))
+
+
+def decode_attn(q, positions, block_table, swa_cache, weights: dict, *, stabiliser="row",
+                d: Dims = DIMS) -> torch.Tensor:
+    """Decode step, attention piece: window-128 attention with sink over the paged cache."""
     idx = swa_slots(positions + 1, block_table, d)
-    o = attn_core(q, idx, flat, None, 0, W["attn.attn_sink"], d.scale, stabiliser)
+    return attn_core(q, idx, swa_cache.view(-1, d.D), None, 0, weights["attn.attn_sink"], d.scale, stabiliser)
+
+
+def decode_post(o, cos, sin, slot_mapping, swa_cache, weights: dict, d: Dims = DIMS) -> dict:
+    """Decode step, last piece: inverse RoPE, grouped low-rank output projection; also the written kv rows."""
+    W = weights
+    B = o.shape[0]
     o = apply_rope(o, cos[:, None, :], -sin[:, None, :], d)                    # inverse RoPE
     z = torch.einsum("bgk,grk->bgr", o.reshape(B, d.G, -1), W["attn.wo_a"].view(d.G, d.OL, -1))
     y = z.reshape(B, d.G * d.OL) @ W["attn.wo_b"].T
-    return {"out": y, "kv": flat[slot]}
+    return {"out": y, "kv": swa_cache.view(-1, d.D)[decode_slots(slot_mapping, d)]}
+
+
+def decode_step(x, positions, block_table, slot_mapping, swa_cache, weights: dict, *, stabiliser="row",
+                x_quant: str = "none", d: Dims = DIMS) -> dict:
+    """One decode step of an SWA attention block (sink, window 128). Writes the new kv into ``swa_cache``
+    (in place, padded slots go to the dummy block) and returns the block output and the written kv rows.
+    The three pieces (``decode_pre``, ``decode_attn``, ``decode_post``) are where piecewise capture splits."""
+    p = decode_pre(x, positions, slot_mapping, swa_cache, weights, x_quant=x_quant, d=d)
+    o = decode_attn(p["q"], positions, block_table, swa_cache, weights, stabiliser=stabiliser, d=d)
+    return decode_post(o, p["cos"], p["sin"], slot_mapping, swa_cache, weights, d)
 
 
 class DecodeStepWrapper(StaticWrapper):
     input_keys = DECODE_KEYS
 
-    def __init__(self, example, device, dims: Dims = DIMS, weights: dict | None = None):
+    def __init__(self, example, device, dims: Dims = DIMS, weights: dict | None = None, mode: str = "full"):
         super().__init__(example, device, dims)
         self.weights = {k: v.to(device) for k, v in weights.items()}
+        self.mode = mode
 
     def region(self) -> dict:
         s = self.static
         return decode_step(*(s[k] for k in DECODE_KEYS), self.weights, d=self.d)
+
+    def pieces(self) -> list:
+        """Piecewise capture: projections + cache write (graph), attention (eager), output projection
+        (graph); the same functions as ``decode_step``, so replays stay bitwise equal to eager."""
+        s, w, d = self.static, self.weights, self.d
+        return [
+            GraphPiece("qkv+rope+cache-write", lambda prev: decode_pre(s["x"], s["positions"], s["slot_mapping"],
+                                                                       s["swa_cache"], w, d=d)),
+            GraphPiece("attention", lambda prev: dict(prev, o=decode_attn(prev["q"], s["positions"],
+                                                                          s["block_table"], s["swa_cache"], w,
+                                                                          d=d)), capture=False),
+            GraphPiece("o-proj", lambda prev: decode_post(prev["o"], prev["cos"], prev["sin"], s["slot_mapping"],
+                                                          s["swa_cache"], w, d)),
+        ]
 
 
 def decode_golden(inputs: dict, weights: dict, dtype=torch.float64, d: Dims = DIMS) -> dict:
@@ -564,3 +614,132 @@ def decode_golden(inputs: dict, weights: dict, dtype=torch.float64, d: Dims = DI
 def decode_ragged_size(inputs: dict, d: Dims = DIMS) -> int:
     idx = swa_slots(inputs["positions"] + 1, inputs["block_table"], d)
     return int((idx >= 0).sum())
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. multi-step decode: the decode step run for several steps, positions advancing, the cache growing
+# --------------------------------------------------------------------------------------------------------
+
+DECODE_STEP_KEYS = ("x", "positions", "block_table", "slot_mapping")     # reloaded every step; the cache is not
+
+
+def decode_multistep_make_input(seeds: dict, steps: int, d: Dims = DIMS) -> dict:
+    """Step-0 inputs of a ``steps``-step decode: live positions leave room for the later steps."""
+    x = decode_make_input(seeds, d)
+    live = x["live"]
+    pos = x["positions"]
+    pos[:live] = pos[:live].clamp(max=d.max_seq - steps)
+    bt = x["block_table"]
+    x["slot_mapping"][:live] = (torch.gather(bt[:live].long(), 1, (pos[:live] // d.BS)[:, None])[:, 0] * d.BS
+                                + pos[:live] % d.BS)
+    x["step_seed"] = int(seeds["values"]) ^ 0x5DEECE
+    return x
+
+
+def decode_advance(x: dict, step: int, eager_out: dict, d: Dims = DIMS) -> dict:
+    """The next step's inputs: the kv rows the step wrote go into the (CPU) cache the golden reads, live
+    positions advance by one (crossing block boundaries through the block table), new hidden states, fresh
+    garbage in the padding rows."""
+    live, B = x["live"], x["x"].shape[0]
+    g = _gen(x["step_seed"] * 31 + step)
+    new = dict(x)
+    cache = x["swa_cache"].clone()
+    flat = cache.view(-1, d.D)
+    flat[x["slot_mapping"][:live]] = eager_out["kv"][:live].to(flat.dtype)
+    new["swa_cache"] = cache
+    pos = x["positions"].clone()
+    pos[:live] += 1
+    slot = x["slot_mapping"].clone()
+    bt = x["block_table"]
+    slot[:live] = torch.gather(bt[:live].long(), 1, (pos[:live] // d.BS)[:, None])[:, 0] * d.BS + pos[:live] % d.BS
+    xx = torch.randn(B, d.DM, generator=g)
+    if B > live:
+        xx[live:] = torch.randn(B - live, d.DM, generator=g) * 100.0
+        pos[live:] = torch.randint(0, d.max_seq, (B - live,), generator=g)
+        slot[live:] = -1
+    new.update(x=xx, positions=pos, slot_mapping=slot)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------------
+# 5. a small MoE block: router (sqrt-softplus scores + bias, top-k, renormalised) + SwiGLU experts
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MoeDims:
+    D: int = 64           # hidden
+    E: int = 8            # routed experts
+    K: int = 2            # experts per token
+    I: int = 32           # expert intermediate size  # noqa: E741
+    SCALE: float = 1.5    # route scale
+    LIMIT: float = 7.0    # SwiGLU clamp
+
+
+MOE = MoeDims()
+MOE_KEYS = ("x",)
+
+
+def moe_weights(seed: int = 4321, m: MoeDims = MOE) -> dict:
+    g = _gen(seed)
+    return {"gate": torch.randn(m.E, m.D, generator=g) * m.D ** -0.5,
+            "bias": 0.1 * torch.randn(m.E, generator=g),
+            "w1": torch.randn(m.E, m.I, m.D, generator=g) * m.D ** -0.5,
+            "w3": torch.randn(m.E, m.I, m.D, generator=g) * m.D ** -0.5,
+            "w2": torch.randn(m.E, m.D, m.I, generator=g) * m.I ** -0.5}
+
+
+def moe_make_input(seeds: dict, m: MoeDims = MOE) -> dict:
+    B, live = int(seeds.get("batch", DIMS.B)), int(seeds["live"])
+    gv, gp = _gen(seeds["values"]), _gen(seeds["padding"])
+    x = torch.randn(B, m.D, generator=gv)
+    if B > live:
+        x[live:] = torch.randn(B - live, m.D, generator=gp) * _pad_magnitude(seeds, gp)
+    return dict(x=x, live=live)
+
+
+def moe_forward(x: torch.Tensor, weights: dict, *, routing: str = "row", m: MoeDims = MOE) -> dict:
+    """Static-shape MoE: every expert on every token, combined through a dense [B, E] routing-weight matrix
+    (zero for unselected experts), so nothing depends on data-sized allocations. ``routing="batch-bias"``
+    (a mutant) centres the router logits on the padded batch's mean, so live rows depend on padding rows."""
+    W = weights
+    logits = x @ W["gate"].T
+    if routing == "batch-bias":
+        logits = logits - logits.mean(0, keepdim=True)
+    scores = torch.sqrt(torch.nn.functional.softplus(logits))
+    ids = torch.topk(scores + W["bias"], m.K, dim=-1).indices
+    w = scores.gather(-1, ids)
+    w = w / w.sum(-1, keepdim=True) * m.SCALE
+    dense_w = torch.zeros_like(scores).scatter(1, ids, w)
+    h = torch.einsum("bd,eid->bei", x, W["w1"]).clamp(max=m.LIMIT)
+    u = torch.einsum("bd,eid->bei", x, W["w3"]).clamp(min=-m.LIMIT, max=m.LIMIT)
+    a = torch.nn.functional.silu(h) * u * dense_w[..., None]
+    return {"out": torch.einsum("bei,edi->bd", a, W["w2"]), "ids": ids.sort(-1).values}
+
+
+class MoeWrapper(StaticWrapper):
+    input_keys = MOE_KEYS
+
+    def __init__(self, example, device, dims: Dims = DIMS, weights: dict | None = None):
+        super().__init__(example, device, dims)
+        self.weights = {k: v.to(device) for k, v in weights.items()}
+
+    def region(self) -> dict:
+        return moe_forward(self.static["x"], self.weights)
+
+
+def moe_golden(inputs: dict, weights: dict, dtype=torch.float64, m: MoeDims = MOE) -> dict:
+    """Per live token from the references (§3.13: gate logits, sqrt-softplus routing with bias, SwiGLU
+    experts with the clamp, route weight applied before W2), experts summed in selection order."""
+    W = {k: v.to(dtype) for k, v in weights.items()}
+    live = inputs["live"]
+    x = inputs["x"][:live].to(dtype)
+    if live == 0:
+        return {"out": torch.zeros(0, dtype=dtype)}
+    wts, ids = ref_route(ref_gate_logits(x, W["gate"]), bias=W["bias"], topk=m.K, route_scale=m.SCALE)
+    out = torch.zeros(live, m.D, dtype=dtype)
+    for t in range(live):
+        for j in range(m.K):
+            e = int(ids[t, j])
+            out[t] += ref_expert_ffn(x[t], W["w1"][e], W["w3"][e], W["w2"][e], limit=m.LIMIT,
+                                     route_weight=wts[t, j])
+    return {"out": out}

@@ -8,10 +8,16 @@
   so the ragged buffer is sized from the warm-up batch -> "warm-up-sized allocation".
 * ``mutant_stale_decode_metadata``: the decode-step wrapper copies positions / block table / slot mapping
   only on its first load, so the graph replays the warm-up metadata -> "stale: metadata".
-* ``mutant_batch_softmax_padding``: the sparse-attention softmax takes its max over the whole padded batch
-  (not per row): live rows depend on padding rows -> "reads padding rows".
-* ``mutant_decode_per_tensor_quant``: the decode step quantises its input with one dynamic FP8 scale
-  (amax/448) over the whole padded batch -> "reads padding rows".
+* ``mutant_batch_softmax_padding``: the captured sparse-attention softmax takes its max over the whole padded
+  batch (not per row): live rows depend on padding rows -> "reads padding rows". Graph-specific: the case's
+  eager path is the correct per-row softmax (before issue 20 the eager path shared the defect, so the mutant
+  was not a graph bug).
+* ``mutant_decode_per_tensor_quant``: the captured decode step quantises its input with one dynamic FP8 scale
+  (amax/448) over the whole padded batch -> "reads padding rows". Graph-specific: the eager path takes the
+  same scale over the live rows only (``slot_mapping >= 0``), as an eager server with no padding does.
+
+``factory()`` is a subject ("graph-mutants") whose ``graph_cases()`` are these mutants, so worker processes
+load them like any plugin subject's cases (``--subject conformance.checks.graph_mutants:factory``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 
 from conformance.checks import graph as G
 from conformance.checks import graph_components as gc
+from conformance.subjects.base import Subject, SubjectInfo
 
 
 class SeqLenItemWrapper(gc.SparseAttnWrapper):
@@ -96,10 +103,32 @@ def mutant_cases():
             "mutant_stale_decode_metadata", wrapper=StaleDecodeMetadataWrapper, mutant=True,
             expect_cause=G.CAUSE_STALE, description="positions / block table / slot mapping not refreshed"),
         "mutant_batch_softmax_padding": lambda: G.sparse_attn_case(
-            "mutant_batch_softmax_padding", wrapper=BatchSoftmaxWrapper, stabiliser="batch", mutant=True,
-            expect_cause=G.CAUSE_PADDING, description="softmax max over the whole padded batch"),
+            "mutant_batch_softmax_padding", wrapper=BatchSoftmaxWrapper, stabiliser="row", mutant=True,
+            expect_cause=G.CAUSE_PADDING,
+            description="captured softmax max over the whole padded batch (eager: per row, correct)"),
         "mutant_decode_per_tensor_quant": lambda: G.decode_step_case(
-            "mutant_decode_per_tensor_quant", wrapper=DecodePerTensorQuantWrapper, x_quant="per-tensor",
-            mutant=True, expect_cause=G.CAUSE_PADDING,
-            description="decode step with a dynamic per-tensor FP8 activation scale over the padded batch"),
+            "mutant_decode_per_tensor_quant", wrapper=DecodePerTensorQuantWrapper, x_quant="per-tensor-live",
+            mutant=True, expect_cause=G.CAUSE_PADDING, modes=("full",),
+            description="captured decode step with a dynamic per-tensor FP8 activation scale over the padded "
+                        "batch (eager: the scale over the live rows, correct)"),
     }
+
+
+class GraphMutantsSubject(Subject):
+    """The built-in graph mutants as a subject (graph cases only; it provides no numeric component)."""
+
+    name = "graph-mutants"
+
+    def info(self) -> SubjectInfo:
+        return SubjectInfo(name=self.name, implementation="built-in graph-replay mutants (planted bugs)",
+                           device="the graph device", dialect="none", emulated=False)
+
+    def provides(self) -> dict:
+        return {}
+
+    def graph_cases(self) -> list:
+        return [f() for f in mutant_cases().values()]
+
+
+def factory():
+    return GraphMutantsSubject()

@@ -16,9 +16,10 @@ import importlib
 import inspect
 
 from .base import Impl, Subject, SubjectError, SubjectInfo, Unsupported
+from .graph_api import GRAPH_MODES, GraphCase, GraphPiece
 
 __all__ = ["Impl", "Subject", "SubjectError", "SubjectInfo", "Unsupported", "load_subject", "prepare_process",
-           "BUILTIN"]
+           "BUILTIN", "GraphCase", "GraphPiece", "GRAPH_MODES"]
 
 # name -> "module:attribute" of a factory taking an optional profile
 BUILTIN = {

@@ -65,6 +65,11 @@ class Subject:
     def provides(self) -> dict[str, Impl]:
         raise NotImplementedError
 
+    def graph_cases(self) -> list:
+        """Optional: the subject's capturable cases (``conformance.subjects.GraphCase``) for the graph-replay
+        check. Default: none (the graph check reports "not-provided")."""
+        return []
+
     # The golden level a subject is also compared against: the emulated serving numerics of this profile
     # (None = only the fp32 golden).
     def emulation_profile(self) -> str | None:

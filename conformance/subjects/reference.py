@@ -47,3 +47,11 @@ class ReferenceSubject(Subject):
 
     def comparison_level(self) -> str:
         return "fp64"
+
+    def graph_cases(self) -> list:
+        """The capturable reference components (conformance.checks.graph): sparse attention decode, indexer
+        top-k, decode step, multi-step decode at sizes 8/4/2, a small MoE block. They run where the graph
+        check runs (a CUDA/ROCm device); their rows name that device, not this subject's CPU."""
+        from ..checks.graph import reference_cases
+
+        return [f() for f in reference_cases().values()]

@@ -1,7 +1,15 @@
-"""The graph-replay suite on a real CUDA / ROCm device: reference components pass bitwise, mutants are caught
-with the cause named. Skipped (with the reason) where no device exists; CPU runs report needs-gpu instead."""
+"""The graph-replay suite on a real CUDA / ROCm device: reference cases pass bitwise in every mode they declare,
+built-in mutants and the planted plugin subject's bugs are caught with the cause named, each planted bug's twin
+passes. Skipped (with the reason) where no device exists; CPU runs report needs-gpu instead.
+
+``DSV4_GRAPH_SUMMARY=<dir>/graph-summary.json``: judge the reports of a suite run just made on this device
+(``python -m conformance.checks.graph --subject ... --out <dir>``) instead of capturing again; the file must
+name a CUDA/ROCm device and hold every case asked about."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 
@@ -10,15 +18,56 @@ from conformance.checks import graph as G
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not G.graph_device_available(),
                                                   reason="needs a CUDA or ROCm device (graph capture)")]
 
+PLANTED = "tests.graph.planted_subject:factory"
+_SUMMARY: dict = {}
+
+
+def _reports(subject: str, name: str, **kw) -> list[G.GraphReport]:
+    path = os.environ.get("DSV4_GRAPH_SUMMARY")
+    if path:
+        if not _SUMMARY:
+            data = json.loads(open(path).read())
+            assert not data["device"].startswith("cpu"), f"{path} was not written on a device: {data['device']}"
+            _SUMMARY["reports"] = [G.GraphReport(**r) for r in data["reports"]]
+        reps = [r for r in _SUMMARY["reports"] if r.subject == subject and r.case == name]
+        assert reps, f"{path} has no report for {subject} / {name}"
+        return reps
+    kw = {"n_inputs": 8, "n_replays": 2, "n_processes": 2, "parallel": 2, **kw}
+    return G.run_subject(subject, [name], **kw)
+
+
+def _ran(reps):
+    return [r for r in reps if r.verdict != "not-run"]
+
 
 @pytest.mark.parametrize("name", sorted(G.reference_cases()))
-def test_reference_component_replays_bitwise(name):
-    rep = G.run_graph_case(name, n_inputs=12, n_replays=3, n_processes=2)
-    assert rep.verdict == "pass", (rep.causes, rep.evidence)
-    assert rep.rates["not_bitwise"]["n"] == 0 and rep.rates["capture_fail"]["n"] == 0
+def test_reference_case_replays_bitwise(name):
+    reps = _ran(_reports("reference", name))
+    assert reps
+    for rep in reps:
+        assert rep.verdict == "pass", (rep.mode, rep.causes, rep.evidence)
+        assert rep.rates["not_bitwise"]["n"] == 0 and rep.rates["capture_fail"]["n"] == 0
+        assert not rep.device.startswith("cpu")
 
 
-@pytest.mark.parametrize("name", sorted(set(G.all_cases()) - set(G.reference_cases())))
-def test_mutant_is_caught_with_cause(name):
-    rep = G.run_graph_case(name, n_inputs=12, n_replays=2, n_processes=2)
-    assert rep.caught, (rep.expect_cause, rep.causes, rep.evidence)
+@pytest.mark.parametrize("name", sorted(G.subject_cases(G.MUTANTS_SPEC)))
+def test_builtin_mutant_is_caught_with_cause(name):
+    reps = _ran(_reports(G.MUTANTS_SPEC, name))
+    assert any(r.caught for r in reps), [(r.mode, r.expect_cause, r.causes, r.evidence) for r in reps]
+
+
+PLANTED_MUTANTS = sorted(n for n, c in G.subject_cases(PLANTED).items() if c.mutant)
+
+
+@pytest.mark.parametrize("name", PLANTED_MUTANTS)
+def test_planted_mutant_caught_and_twin_passes(name):
+    extra = {"n_processes": 5, "parallel": 5} if name == "intermittent" else {}
+    reps = _ran(_reports(PLANTED, name, **extra))
+    assert any(r.caught for r in reps), [(r.mode, r.expect_cause, r.causes, r.evidence) for r in reps]
+    if name == "decode_only":
+        assert {r.mode: r.verdict for r in reps} == {"full": "pass", "piecewise": "pass", "decode-only": "fail"}
+    if name == "intermittent":
+        assert reps[0].rates["process_fail"]["n"] >= 1 and reps[0].rates["process_fail"]["of"] >= 5
+    twin = _ran(_reports(PLANTED, f"{name}_twin", **extra))
+    assert twin and all(r.verdict == "pass" for r in twin), [(r.mode, r.causes, r.evidence) for r in twin]
+    assert all(not r.device.startswith("cpu") for r in reps + twin)
