@@ -41,7 +41,7 @@ class SimPlatform:
 
     def answers(self) -> dict:
         fnuz = self.fnuz
-        return {"is_rocm": lambda: True, "is_cuda": lambda: False,
+        return {"is_rocm": lambda: True, "is_cuda": lambda: False, "is_cuda_alike": lambda: True,
                 "is_fp8_fnuz": lambda: fnuz,
                 "fp8_dtype": lambda: torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn}
 
@@ -62,7 +62,11 @@ class SimPlatform:
         try:
             import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
 
-            for k, v in (("_ON_GFX942", self.arch == "gfx942"), ("_ON_GFX950", self.arch == "gfx950")):
+            # FP8_DTYPE is computed from current_platform.fp8_dtype() when the module is imported: on the
+            # device it is the arch's dtype (fnuz on gfx942), so the simulation sets it per call as well
+            fp8 = torch.float8_e4m3fnuz if self.fnuz else torch.float8_e4m3fn
+            for k, v in (("_ON_GFX942", self.arch == "gfx942"), ("_ON_GFX950", self.arch == "gfx950"),
+                         ("FP8_DTYPE", fp8)):
                 if hasattr(rams, k):
                     self._saved.append((rams, k, getattr(rams, k)))
                     setattr(rams, k, v)
@@ -131,6 +135,14 @@ def _plain(name):
     return make
 
 
+def _rocm(maker):
+    def make(p):
+        from . import _vllm_rocm_adapters as ra
+
+        return getattr(ra, maker)(p)
+    return make
+
+
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
     "sparse_attention": (_make_sparse_attention,
@@ -145,6 +157,22 @@ ADAPTERS = {
     "rope_layer": (_plain("rope_layer"), "build_deepseek_v4_rope from the config per layer type, then "
                    "forward_native, as HIP dispatches it"),
     "hc_pre_torch": (_plain("hc_pre_torch"), "mhc_pre_torch, the forward_native of MHCPreOp"),
+    "hc_post_torch": (_rocm("make_hc_post_torch"), "mhc_post_torch, the forward_native of MHCPostOp"),
+    "hc_head_triton": (_rocm("make_hc_head_triton"), "HCHeadOp.forward_hip called as is (HAS_TILELANG_MHC "
+                       "false): torch.ops.vllm.hc_head_triton -> _hc_head_triton, its two Triton kernels "
+                       "interpreted"),
+    "indexer_scores_prefill": (_rocm("make_indexer_scores_prefill"),
+                               "the prefill chunk of rocm_aiter_sparse_attn_indexer: cp_gather_indexer_k_quant_"
+                               "cache_triton (NORMAL layout, FP8_DTYPE of the platform) then rocm_fp8_mqa_logits "
+                               "called as is (-> fp8_mqa_logits_torch without AITER); q / K quantised by the "
+                               "harness in the reader's dialect"),
+    "output_projection_rocm": (_rocm("make_output_projection_rocm"),
+                               "rocm_inverse_rope_rows_ (Triton, in place) then rocm_inv_rope_einsum("
+                               "inverse_rope=False) as _o_proj calls it, wo_b a bf16 linear"),
+    "compress_rocm": (_rocm("make_compress_rocm"),
+                      "bf16 projection, _SAVE_PARTIAL_STATES_KERNEL, then compress_norm_rope_store_triton / "
+                      "compress_norm_rope_store_two_stage_triton as DeepseekCompressor.forward picks on ROCm; "
+                      "entries decoded as float8_e4m3fn (what the kernels write)"),
 }
 
 
