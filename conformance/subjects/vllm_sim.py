@@ -27,8 +27,8 @@ from . import _vllm_common as common
 from . import bindings
 from .base import Impl, Subject, SubjectError, SubjectInfo
 
-ARCHS = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, emulated_profile="gfx942"),
-         "gfx950": dict(fnuz=False, fp8=torch.float8_e4m3fn, emulated_profile="ocp")}
+ARCHS = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, emulated_profile="gfx942", cus=304),
+         "gfx950": dict(fnuz=False, fp8=torch.float8_e4m3fn, emulated_profile="ocp", cus=256)}
 
 
 class SimPlatform:
@@ -72,6 +72,16 @@ class SimPlatform:
                     setattr(rams, k, v)
         except Exception:  # module not importable: nothing of it to patch
             pass
+        # the device's properties as the arch's flagship answers them (gcnArchName, compute units: MI300X 304,
+        # MI355X 256); launchers size their grids with them (fused_compress_quant_cache._n_cu, lru-cached:
+        # cleared on entry and exit so the CPU never keeps a simulated count)
+        import types
+
+        props = types.SimpleNamespace(gcnArchName=f"{self.arch}:sramecc+:xnack-",
+                                      multi_processor_count=ARCHS[self.arch]["cus"], name=f"SIMULATED {self.arch}")
+        self._saved.append((torch.cuda, "get_device_properties", torch.cuda.get_device_properties))
+        torch.cuda.get_device_properties = lambda *a, **k: props
+        _clear_cu_caches()
         return self
 
     def __exit__(self, *exc):
@@ -81,7 +91,16 @@ class SimPlatform:
                 delattr(obj, k)
             else:
                 setattr(obj, k, old)
+        _clear_cu_caches()
         return False
+
+
+def _clear_cu_caches():
+    import sys
+
+    m = sys.modules.get("vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache")
+    if m is not None and hasattr(getattr(m, "_n_cu", None), "cache_clear"):
+        m._n_cu.cache_clear()
 
 
 _MISSING = object()
@@ -278,7 +297,7 @@ class VllmSimSubject(Subject):
         return prod, cons
 
 
-def executed_vllm_functions(fn, *args, **kwargs) -> tuple[object, set[str]]:
+def executed_vllm_functions(fn, /, *args, **kwargs) -> tuple[object, set[str]]:
     """Run ``fn`` and return (result, code names of every vLLM Python function that ran, Triton kernels under
     the interpreter included). The witness that a bound row runs the function its table row names."""
     import sys
