@@ -291,7 +291,8 @@ class VllmSimSubject(Subject):
 
         from ._vllm_dialect import triton_probes
 
-        prod, cons = triton_probes(self.profile)
+        # the indexer edges read through the path gfx942 / gfx950 take for a prefill without AITER
+        prod, cons = triton_probes(dict(self.profile, logits_reader="prefill"))
         prod = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in prod.items()}
         cons = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in cons.items()}
         return prod, cons
