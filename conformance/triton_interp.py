@@ -12,7 +12,10 @@ imported anywhere in the process):
          rounds ties away from even, flushes subnormals, overflows to 256): routed through torch's casts;
    (ii)  ``tl.dot`` with bf16 operands multiplies the raw uint16 bit patterns: operands widened to fp32;
    (iii) bf16 element-wise ops (binary, unary, ternary/fma, abs, comparisons) run on the raw bits:
-         widened to fp32 and rounded back to bf16 (round to nearest even).
+         widened to fp32 and rounded back to bf16 (round to nearest even);
+   (iv)  a scalar i1 mask broadcast to a block reaches the C++ load/store as an int32 array ("mask has
+         unsupported dtype", e.g. vLLM's _cp_gather_indexer_quant_cache_kernel): cast to bool, which is
+         what an i1 mask means.
 
 ``self_check()`` measures the casts, a bf16 dot and bf16 element-wise ops against torch on a few thousand
 values and returns the defects it still sees; the vllm-triton subject refuses to run when it sees any,
@@ -24,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-FIXES = ("narrowing-float-casts", "bf16-dot", "bf16-elementwise")
+FIXES = ("narrowing-float-casts", "bf16-dot", "bf16-elementwise", "int-mask")
 _STATE = {"installed": False, "fixes_on": False}
 
 
@@ -78,6 +81,8 @@ def _interp():
 
 _ORIG: dict = {}
 _NEW: dict = {}
+_BUILDER = ("create_dot", "binary_op", "unary_op", "ternary_op", "create_fabs", "create_masked_load",
+            "create_masked_store")
 
 
 def _build():
@@ -90,7 +95,7 @@ def _build():
     interp = _interp()
     IB = interp.InterpreterBuilder
     _ORIG["_convert_float"] = interp._convert_float
-    for n in ("create_dot", "binary_op", "unary_op", "ternary_op", "create_fabs"):
+    for n in _BUILDER:
         _ORIG[n] = getattr(IB, n)
 
     tt2torch = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -145,6 +150,19 @@ def _build():
             return out
         return f
 
+    def as_bool(m):
+        if isinstance(m, interp.TensorHandle) and np.asarray(m.data).dtype != np.bool_:
+            return interp.TensorHandle(np.asarray(m.data) != 0, tl.int1)
+        return m
+
+    def masked_load(self, ptrs, mask, *args):
+        return _ORIG["create_masked_load"](self, ptrs, as_bool(mask), *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        return _ORIG["create_masked_store"](self, ptrs, value, as_bool(mask), *args)
+
+    _NEW["create_masked_load"] = masked_load
+    _NEW["create_masked_store"] = masked_store
     _NEW["_convert_float"] = convert_float
     _NEW["create_dot"] = create_dot
     for n in ("binary_op", "unary_op", "ternary_op", "create_fabs"):
@@ -156,7 +174,7 @@ def set_fixes(on: bool) -> None:
     interp = _interp()
     src = _NEW if on else _ORIG
     interp._convert_float = src["_convert_float"]
-    for n in ("create_dot", "binary_op", "unary_op", "ternary_op", "create_fabs"):
+    for n in _BUILDER:
         setattr(interp.InterpreterBuilder, n, src[n])
     _STATE["fixes_on"] = on
 

@@ -52,6 +52,8 @@ class _Py:
             from vllm.model_executor.layers.quantization.utils.fp8_utils import w8a8_triton_block_scaled_mm as f
         elif name == "normalize_e4m3fn_to_e4m3fnuz":
             from vllm.model_executor.layers.quantization.utils.w8a8_utils import normalize_e4m3fn_to_e4m3fnuz as f
+        elif name == "rocm_fp8_mqa_logits":
+            from vllm.v1.attention.ops.rocm_aiter_mla_sparse import rocm_fp8_mqa_logits as f
         elif name == "fp8_paged_mqa_logits_torch":
             from vllm.v1.attention.ops.rocm_aiter_mla_sparse import fp8_paged_mqa_logits_torch as f
         elif name == "compress_norm_rope_store_triton":
@@ -385,6 +387,32 @@ def _triton_logits(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, n_keys
     return out[:, :n_keys].float()
 
 
+def _prefill_logits(q: torch.Tensor, w: torch.Tensor, cache: torch.Tensor, n_keys: int, bs: int, fp8):
+    """The ROCm indexer's prefill read of the indexer-K cache, as rocm_aiter_sparse_attn_indexer runs it for a
+    C4A layer: cp_gather_indexer_k_quant_cache_triton (NORMAL layout; the cache bytes viewed as the module's
+    FP8_DTYPE, the platform fp8 dtype under the simulated platform) then rocm_fp8_mqa_logits (without AITER:
+    fp8_mqa_logits_torch, which decodes the gathered codes with k_fp8's dtype). Called under the simulated
+    platform by the sim subject; ``fp8`` must be what the platform answers."""
+    import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+    B = q.shape[0]
+    nb = cache.shape[0]
+    k_fp8 = torch.empty(n_keys, 128, dtype=rams.FP8_DTYPE)
+    k_scale = torch.empty(n_keys, 4, dtype=torch.uint8)
+    rams.cp_gather_indexer_k_quant_cache_triton(
+        cache.view(nb, bs, 132), k_fp8, k_scale, torch.arange(nb, dtype=torch.int32)[None].contiguous(),
+        torch.tensor([0, n_keys], dtype=torch.int32), token_to_seq=torch.zeros(n_keys, dtype=torch.int32),
+        cache_layout="NORMAL")
+    out = VLLM.get("rocm_fp8_mqa_logits")(q.view(fp8).contiguous(), (k_fp8, k_scale.view(torch.float32)),
+                                           w.float().contiguous(), torch.zeros(B, dtype=torch.int32),
+                                           torch.full((B,), n_keys, dtype=torch.int32))
+    return out[:, :n_keys].float()
+
+
+def _logits(p: dict):
+    return _prefill_logits if p.get("logits_reader") == "prefill" else _triton_logits
+
+
 def triton_logits_k_reader(p: dict):
     def read(codes, scales):
         N = codes.shape[0]
@@ -392,7 +420,7 @@ def triton_logits_k_reader(p: dict):
         cache = _write_raw_ik(codes, scales, bs)
         one, neg = (0x40, 0xC0) if p["fnuz"] else (0x38, 0xB8)
         q, w = _one_hot_queries(one, neg, _fp8(p))
-        return _triton_logits(q, w, cache, N, bs, _fp8(p)).t().contiguous()
+        return _logits(p)(q, w, cache, N, bs, _fp8(p)).t().contiguous()
 
     return read
 
@@ -404,7 +432,7 @@ def triton_logits_q_reader(p: dict):
         keys[torch.arange(128), torch.arange(128)] = 0x40 if p["fnuz"] else 0x38
         cache = _write_raw_ik(keys, torch.ones(128, 1), bs)
         q, w = _q_pair(codes, scales, p["fnuz"], _fp8(p))
-        return _triton_logits(q, w, cache, 128, bs, _fp8(p))
+        return _logits(p)(q, w, cache, 128, bs, _fp8(p))
 
     return read
 
@@ -619,7 +647,9 @@ def triton_probes(p: dict):
             note=f"e8m0 scales not convertible in this vLLM: {e8m0}" if e8m0 else ""),
         "act_quant->gemm": Producer("act_quant->gemm", triton_act_quant(p), (1, 128), "fp32", amax_floor=1e-10,
                                     function=_FU + f"fp8_utils._per_token_group_quant_fp8 ({d}, fp8_max "
-                                             f"{224 if fnuz else 448})"),
+                                             f"{224 if fnuz else 448}; on ROCm the Triton fallback of "
+                                             "per_token_group_quant_fp8 for non-contiguous x, contiguous x takes "
+                                             "the compiled torch.ops._C.per_token_group_fp8_quant)"),
         "swa_cache->sparse_attn": Producer("swa_cache->sparse_attn", triton_swa_writer(p), (1, 64), "ue8m0",
                                            function=ck + f"cache_utils.quantize_and_insert_k_kernel (use_fnuz={fnuz}, "
                                                          f"fp8_max {p['cache_fmax']:g})"),
@@ -634,7 +664,9 @@ def triton_probes(p: dict):
                                                     f"(USE_FNUZ={fnuz}, fp8_max {p['q_fmax']:g})"),
     }
     gemm = _FU + f"fp8_utils.w8a8_triton_block_scaled_mm ({d} operands)"
-    logits = _TR + f"fp8_paged_mqa_logits_torch (FP8_DTYPE {d}; stand-in for the Triton decode kernel)"
+    logits = (_TR + f"cp_gather_indexer_k_quant_cache_triton + rocm_fp8_mqa_logits -> fp8_mqa_logits_torch "
+              f"(the ROCm prefill read without AITER; FP8_DTYPE {d})") if p.get("logits_reader") == "prefill" \
+        else _TR + f"fp8_paged_mqa_logits_torch (FP8_DTYPE {d}; stand-in for the Triton decode kernel)"
     dec = _TR + "_sparse_attn_decode_ragged_kernel"
     cons = {
         "weights->gemm": Consumer("weights->gemm", gemm_weight_reader(fnuz, fn), (128, 128), "fp32", d,

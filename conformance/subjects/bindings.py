@@ -57,6 +57,8 @@ FCQ = V + "models.deepseek_v4.common.ops.fused_compress_quant_cache."
 AITER_ONLY = "device only: AITER (the aiter package and an AMD GPU)"
 HIP_OP = "device only: compiled ROCm kernel (torch.ops._C, HIP build)"
 CUDA_ONLY = "CUDA-only kernel"
+MOE_OP = "device only: compiled ROCm kernel (torch.ops._moe_C.topk_hash_softplus_sqrt, HIP build)"
+ROUTER = V + "model_executor.layers.fused_moe.router.fused_topk_bias_router."
 
 
 def _rocm(arch: str) -> dict[str, list[Binding]]:
@@ -76,12 +78,14 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
             Binding(MHC + "MHCPostOp.forward_hip -> torch.ops.vllm.mhc_post_aiter", "aiter",
                     "HAS_AITER_MHC and hc_mult == 4", mhc_aiter, reason=AITER_ONLY),
             Binding(V + "model_executor.kernels.mhc.torch.mhc_post_torch (MHCPostOp.forward_native)", "torch",
-                    "no aiter mHC and no TileLang: forward_native", reason="sim adapter not written yet "
-                    "(the CPU harness binds hc_post_fused_cpu only)"),
+                    "no aiter mHC and no TileLang: forward_native", adapter="hc_post_torch",
+                    runs=("mhc_post_torch",)),
         ],
         "mhc.head": [
-            Binding(MHC + "HCHeadOp.forward_hip -> _hc_head_triton (model_executor.kernels.mhc.triton)", "triton",
-                    "always on ROCm (no aiter hc_head)", reason="sim adapter not written yet"),
+            Binding(MHC + "HCHeadOp.forward_hip -> _hc_head_triton (model_executor.kernels.mhc.triton: "
+                    "_rmsnorm_nw_kernel, _hc_head_reduce_store_kernel)", "triton",
+                    "always on ROCm without TileLang (no aiter hc_head)", adapter="hc_head_triton",
+                    runs=("forward_hip", "_hc_head_triton", "_rmsnorm_nw_kernel", "_hc_head_reduce_store_kernel")),
         ],
         "norm.rms": [
             Binding(V + "ir.ops.layernorm.rms_norm (aiter provider)", "aiter",
@@ -116,22 +120,41 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "queries may take AITER OPUS)", adapter="sparse_attention",
                     runs=("quantize_and_insert_k_kernel", "_sparse_attn_decode_ragged_kernel")),
         ],
-        "attn.output": [
-            Binding(RAMS + "rocm_inv_rope_einsum", "torch",
-                    "ROCm O-proj: inverse RoPE + bf16 einsum for wo_a", reason="sim adapter not written yet"),
+        "attn.output": ([
+            Binding("aiter.ops.inverse_rope_group_quant + aiter.ops.batched_gemm_op_a8w8.batched_gemm_a8w8_mxscale "
+                    "(amd.rocm.DeepseekV4ROCMAiterMLAAttention._o_proj, FP8 wo_a)", "aiter",
+                    "gfx950 only: VLLM_ROCM_USE_AITER_FP8BMM (default 1), aiter >= 0.1.20 and a group-128 "
+                    "block-FP8 wo_a (_prepare_fp8_wo_a)",
+                    lambda c: bool(c.get("aiter")) and _flag(c, "VLLM_ROCM_USE_AITER_FP8BMM", "1")
+                    and c.get("fp8_wo_a", True), reason=AITER_ONLY)] if g950 else []) + [
+            Binding(RAMS + "rocm_inverse_rope_rows_ -> _inverse_rope_gptj_kernel, then " + RAMS
+                    + "rocm_inv_rope_einsum (inverse_rope=False) + wo_b", "triton",
+                    "the BF16 wo_a path (gfx942 always: _prepare_fp8_wo_a is gfx950-only): forward_mqa rotates "
+                    "the rows back with the Triton kernel (decode rows in the decode reduce), _o_proj einsums "
+                    "with the cached bf16 wo_a", adapter="output_projection_rocm",
+                    runs=("rocm_inverse_rope_rows_", "_inverse_rope_gptj_kernel", "rocm_inv_rope_einsum")),
         ],
         "compressor.kv": [
-            Binding(FCQ + "compress_norm_rope_store_triton", "triton",
-                    "DeepseekCompressor.forward on ROCm (IS_FNUZ from the platform)",
-                    reason="sim adapter not written yet (driven by the dialect probes only)"),
+            Binding(V + "models.deepseek_v4.common.ops.save_partial_states._SAVE_PARTIAL_STATES_KERNEL + " + FCQ
+                    + "compress_norm_rope_store_triton (ratio 4, indexer head 128) | "
+                    "compress_norm_rope_store_two_stage_triton (head 512, ratio 128)", "triton",
+                    "DeepseekCompressor.forward on ROCm (_prefer_two_stage_compressor: head 512 without overlap "
+                    "takes the two-stage split); the kernels write tl.float8e4nv with FP8_MAX 448 on every arch "
+                    "(no fnuz branch)", adapter="compress_rocm",
+                    runs=("compress_norm_rope_store_triton",)),
         ],
         "indexer.scores": [
-            Binding(RAMS + "rocm_fp8_paged_mqa_logits -> aiter deepgemm_fp8_paged_mqa_logits", "aiter",
-                    "VLLM_ROCM_USE_AITER=1 (SparseAttnIndexer.forward_hip) and the aiter pa_mqa_logits module imports",
+            Binding(RAMS + "rocm_fp8_mqa_logits -> " + ("aiter fp8_mqa_logits (prefill)" if g950 else
+                    "aiter.ops.flydsl.flydsl_fp8_mqa_logits (prefill)"), "aiter",
+                    "VLLM_ROCM_USE_AITER=1 (rocm_aiter_ops.is_enabled()): the prefill logits go to AITER",
                     aiter_enabled, reason=AITER_ONLY),
-            Binding(RAMS + "fp8_paged_mqa_logits_torch", "torch",
-                    "no aiter paged MQA logits module", reason="sim adapter not written yet (driven by the "
-                    "dialect probes: indexer_k/indexer_q -> logits)"),
+            Binding(RAMS + "cp_gather_indexer_k_quant_cache_triton + rocm_fp8_mqa_logits -> "
+                    "fp8_mqa_logits_torch (prefill chunk)", "torch",
+                    "VLLM_ROCM_USE_AITER unset: rocm_fp8_mqa_logits finds no aiter module and returns the torch "
+                    "reference (bf16 einsum); C4A decode rows take rocm_fp8_paged_mqa_logits_triton "
+                    "(_fp8_paged_mqa_logits_decode_kernel) whatever AITER says, not driven here",
+                    adapter="indexer_scores_prefill",
+                    runs=("cp_gather_indexer_k_quant_cache_triton", "rocm_fp8_mqa_logits", "fp8_mqa_logits_torch")),
         ],
         "indexer.topk": [
             Binding(V + "_aiter_ops.rocm_aiter_ops (indexer top-k)", "aiter",
@@ -140,19 +163,26 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "rocm_aiter_sparse_attn_indexer otherwise", reason=HIP_OP),
         ],
         "quant.act_fp8": [
-            Binding(V + "model_executor.layers.quantization.utils.fp8_utils._per_token_group_quant_fp8", "triton",
-                    "per_token_group_quant_fp8 Triton kernel (fp8 dtype from the platform)",
-                    reason="sim adapter not written yet (driven by the dialect probe act_quant->gemm)"),
+            Binding(V + "_aiter_ops.rocm_aiter_ops.group_fp8_quant (QuantFP8.forward_hip)", "aiter",
+                    "rocm_aiter_ops.is_linear_fp8_enabled() (VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_LINEAR)",
+                    lambda c: aiter_enabled(c) and _flag(c, "VLLM_ROCM_USE_AITER_LINEAR", "1"), reason=AITER_ONLY),
+            Binding("torch.ops._C.per_token_group_fp8_quant (QuantFP8.forward_hip -> forward_cuda -> "
+                    "fp8_utils.per_token_group_quant_fp8)", "compiled",
+                    "per_token_group_quant_fp8 takes the compiled op when current_platform.is_cuda_alike() and x is "
+                    "contiguous (ROCm: always for the linear's input); its Triton fallback _per_token_group_quant_fp8 "
+                    "runs only for non-contiguous x (the act_quant->gemm dialect probe drives that one)",
+                    reason=HIP_OP),
         ],
         "moe.router": [
-            Binding(V + "model_executor.layers.fused_moe.router.fused_topk_bias_router.fused_topk_bias", "torch",
-                    "AMD DeepseekV4MoE calls fused_topk_bias; sqrtsoftplus scoring in its torch branch",
-                    reason="sim adapter not written yet"),
+            Binding(ROUTER + "fused_topk_bias -> vllm_topk_softplus_sqrt -> vllm._custom_ops.topk_hash_softplus_sqrt",
+                    "compiled", "sqrtsoftplus on ROCm: dsv4_topk (Triton) is CUDA-only (can_use_dsv4_topk tests "
+                    "is_cuda()), and both the aiter-fused-MoE and the plain branch end in the compiled "
+                    "torch.ops._moe_C.topk_hash_softplus_sqrt", reason=MOE_OP),
         ],
         "moe.hash_router": [
-            Binding(V + "model_executor.layers.fused_moe.router.fused_topk_bias_router.fused_topk_bias "
-                    "(hash_indices_table)", "torch", "as moe.router with the hash table",
-                    reason="sim adapter not written yet"),
+            Binding(ROUTER + "fused_topk_bias (hash_indices_table) -> vllm._custom_ops.topk_hash_softplus_sqrt",
+                    "compiled", "as moe.router: the hash table is passed to the same compiled op",
+                    reason=MOE_OP),
         ],
         "moe.experts": [
             Binding(V + "model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe.UnfusedOAITritonExperts",

@@ -27,8 +27,8 @@ from . import _vllm_common as common
 from . import bindings
 from .base import Impl, Subject, SubjectError, SubjectInfo
 
-ARCHS = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, emulated_profile="gfx942"),
-         "gfx950": dict(fnuz=False, fp8=torch.float8_e4m3fn, emulated_profile="ocp")}
+ARCHS = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, emulated_profile="gfx942", cus=304),
+         "gfx950": dict(fnuz=False, fp8=torch.float8_e4m3fn, emulated_profile="ocp", cus=256)}
 
 
 class SimPlatform:
@@ -41,7 +41,7 @@ class SimPlatform:
 
     def answers(self) -> dict:
         fnuz = self.fnuz
-        return {"is_rocm": lambda: True, "is_cuda": lambda: False,
+        return {"is_rocm": lambda: True, "is_cuda": lambda: False, "is_cuda_alike": lambda: True,
                 "is_fp8_fnuz": lambda: fnuz,
                 "fp8_dtype": lambda: torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn}
 
@@ -62,12 +62,26 @@ class SimPlatform:
         try:
             import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
 
-            for k, v in (("_ON_GFX942", self.arch == "gfx942"), ("_ON_GFX950", self.arch == "gfx950")):
+            # FP8_DTYPE is computed from current_platform.fp8_dtype() when the module is imported: on the
+            # device it is the arch's dtype (fnuz on gfx942), so the simulation sets it per call as well
+            fp8 = torch.float8_e4m3fnuz if self.fnuz else torch.float8_e4m3fn
+            for k, v in (("_ON_GFX942", self.arch == "gfx942"), ("_ON_GFX950", self.arch == "gfx950"),
+                         ("FP8_DTYPE", fp8)):
                 if hasattr(rams, k):
                     self._saved.append((rams, k, getattr(rams, k)))
                     setattr(rams, k, v)
         except Exception:  # module not importable: nothing of it to patch
             pass
+        # the device's properties as the arch's flagship answers them (gcnArchName, compute units: MI300X 304,
+        # MI355X 256); launchers size their grids with them (fused_compress_quant_cache._n_cu, lru-cached:
+        # cleared on entry and exit so the CPU never keeps a simulated count)
+        import types
+
+        props = types.SimpleNamespace(gcnArchName=f"{self.arch}:sramecc+:xnack-",
+                                      multi_processor_count=ARCHS[self.arch]["cus"], name=f"SIMULATED {self.arch}")
+        self._saved.append((torch.cuda, "get_device_properties", torch.cuda.get_device_properties))
+        torch.cuda.get_device_properties = lambda *a, **k: props
+        _clear_cu_caches()
         return self
 
     def __exit__(self, *exc):
@@ -77,7 +91,16 @@ class SimPlatform:
                 delattr(obj, k)
             else:
                 setattr(obj, k, old)
+        _clear_cu_caches()
         return False
+
+
+def _clear_cu_caches():
+    import sys
+
+    m = sys.modules.get("vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache")
+    if m is not None and hasattr(getattr(m, "_n_cu", None), "cache_clear"):
+        m._n_cu.cache_clear()
 
 
 _MISSING = object()
@@ -131,6 +154,14 @@ def _plain(name):
     return make
 
 
+def _rocm(maker):
+    def make(p):
+        from . import _vllm_rocm_adapters as ra
+
+        return getattr(ra, maker)(p)
+    return make
+
+
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
     "sparse_attention": (_make_sparse_attention,
@@ -145,6 +176,22 @@ ADAPTERS = {
     "rope_layer": (_plain("rope_layer"), "build_deepseek_v4_rope from the config per layer type, then "
                    "forward_native, as HIP dispatches it"),
     "hc_pre_torch": (_plain("hc_pre_torch"), "mhc_pre_torch, the forward_native of MHCPreOp"),
+    "hc_post_torch": (_rocm("make_hc_post_torch"), "mhc_post_torch, the forward_native of MHCPostOp"),
+    "hc_head_triton": (_rocm("make_hc_head_triton"), "HCHeadOp.forward_hip called as is (HAS_TILELANG_MHC "
+                       "false): torch.ops.vllm.hc_head_triton -> _hc_head_triton, its two Triton kernels "
+                       "interpreted"),
+    "indexer_scores_prefill": (_rocm("make_indexer_scores_prefill"),
+                               "the prefill chunk of rocm_aiter_sparse_attn_indexer: cp_gather_indexer_k_quant_"
+                               "cache_triton (NORMAL layout, FP8_DTYPE of the platform) then rocm_fp8_mqa_logits "
+                               "called as is (-> fp8_mqa_logits_torch without AITER); q / K quantised by the "
+                               "harness in the reader's dialect"),
+    "output_projection_rocm": (_rocm("make_output_projection_rocm"),
+                               "rocm_inverse_rope_rows_ (Triton, in place) then rocm_inv_rope_einsum("
+                               "inverse_rope=False) as _o_proj calls it, wo_b a bf16 linear"),
+    "compress_rocm": (_rocm("make_compress_rocm"),
+                      "bf16 projection, _SAVE_PARTIAL_STATES_KERNEL, then compress_norm_rope_store_triton / "
+                      "compress_norm_rope_store_two_stage_triton as DeepseekCompressor.forward picks on ROCm; "
+                      "entries decoded as float8_e4m3fn (what the kernels write)"),
 }
 
 
@@ -244,13 +291,14 @@ class VllmSimSubject(Subject):
 
         from ._vllm_dialect import triton_probes
 
-        prod, cons = triton_probes(self.profile)
+        # the indexer edges read through the path gfx942 / gfx950 take for a prefill without AITER
+        prod, cons = triton_probes(dict(self.profile, logits_reader="prefill"))
         prod = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in prod.items()}
         cons = {k: dataclasses.replace(v, fn=self._wrap(v.fn)) for k, v in cons.items()}
         return prod, cons
 
 
-def executed_vllm_functions(fn, *args, **kwargs) -> tuple[object, set[str]]:
+def executed_vllm_functions(fn, /, *args, **kwargs) -> tuple[object, set[str]]:
     """Run ``fn`` and return (result, code names of every vLLM Python function that ran, Triton kernels under
     the interpreter included). The witness that a bound row runs the function its table row names."""
     import sys

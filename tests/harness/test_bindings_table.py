@@ -58,6 +58,20 @@ def test_dispatch_predicates_follow_the_env_flags():
     # gfx950 only: OPUS sparse prefill for >= 1024 queries
     assert bindings.select("rocm-gfx950", "attn.sparse", dict(off, queries=2048)).backend == "aiter"
     assert bindings.select("rocm-gfx942", "attn.sparse", dict(off, queries=2048)).backend == "triton"
+    # indexer prefill logits: AITER (flydsl on gfx942) only with the env flag; else the torch reference
+    assert bindings.select("rocm-gfx942", "indexer.scores", off).adapter == "indexer_scores_prefill"
+    # activation quant: aiter group quant with the flag, the compiled HIP op otherwise (never the Triton fallback)
+    assert bindings.select("rocm-gfx942", "quant.act_fp8", on).backend == "aiter"
+    assert bindings.select("rocm-gfx942", "quant.act_fp8", off).backend == "compiled"
+    # wo_a: gfx950 takes AITER's FP8 BMM (VLLM_ROCM_USE_AITER_FP8BMM defaults on), gfx942 the BF16 path
+    assert bindings.select("rocm-gfx950", "attn.output", off).backend == "aiter"
+    assert bindings.select("rocm-gfx950", "attn.output", dict(off, env={"VLLM_ROCM_USE_AITER_FP8BMM": "0"})
+                           ).adapter == "output_projection_rocm"
+    assert bindings.select("rocm-gfx942", "attn.output", off).adapter == "output_projection_rocm"
+    # routers: the compiled topk_hash_softplus_sqrt on ROCm whatever the flags
+    for c in (on, off, dict(off, aiter=False)):
+        assert bindings.select("rocm-gfx942", "moe.router", c).backend == "compiled"
+        assert bindings.select("rocm-gfx942", "moe.hash_router", c).backend == "compiled"
 
 
 def test_coverage_lists_every_component():

@@ -208,3 +208,113 @@ def test_device_run_binds_the_same_rows_as_the_simulation(monkeypatch):
     assert set(dev.not_provided()) == set(sim.not_provided())
     prod, cons = dev.dialect_probes()
     assert set(prod) == set(cons) == set(sim.dialect_probes()[0])
+
+
+# ------------------------------------------------------------------ the ROCm fallbacks bound in the sim-cover pass
+# (issue #15): every component gfx942 runs through a vLLM Python / Triton function off AITER is bound; the rest stay
+# "not provided" with the row's reason (AITER, a compiled HIP op, triton_kernels), never a pass.
+NEW_ROWS = {"mhc.head": "hc_head_triton", "attn.output": "output_projection_rocm",
+            "indexer.scores": "indexer_scores_prefill", "compressor.kv": "compress_rocm"}
+DEVICE_ONLY = {"quant.act_fp8": bindings.HIP_OP, "moe.router": bindings.MOE_OP, "moe.hash_router": bindings.MOE_OP,
+               "norm.rms": bindings.HIP_OP, "norm.head": bindings.HIP_OP, "indexer.topk": bindings.HIP_OP}
+
+
+@pytest.fixture(scope="module")
+def sim_noaiter():
+    try:
+        return vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "0"})
+    except SubjectError as e:
+        pytest.skip(f"sim subject unavailable in this process: {e}")
+
+
+def test_sim_cover_binds_the_rocm_fallbacks(sim):
+    p, miss = sim.provides(), sim.not_provided()
+    for name, adapter in NEW_ROWS.items():
+        if sim.arch == "gfx950" and name == "attn.output":   # gfx950: AITER's FP8 wo_a BMM (FP8BMM default on)
+            assert bindings.AITER_ONLY in miss[name]
+            continue
+        b = bindings.select(sim.platform_kind, name, sim.ctx)
+        assert name in p and b.adapter == adapter, (name, miss.get(name))
+    for name, why in DEVICE_ONLY.items():
+        assert name in miss and why in miss[name], (name, miss.get(name))
+    for name in ("moe.experts", "moe.layer"):
+        assert "triton_kernels" in miss[name]
+    # aiter installed (the default): mHC goes to AITER, never bound
+    assert bindings.AITER_ONLY in miss["mhc.pre"] and bindings.AITER_ONLY in miss["mhc.post"]
+
+
+def test_sim_cover_env_flag_moves_rows_to_aiter():
+    s = vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "1", "VLLM_ROCM_USE_AITER": "1"})
+    miss = s.not_provided()
+    for name in ("indexer.scores", "quant.act_fp8"):
+        assert bindings.AITER_ONLY in miss[name], miss[name]
+    assert "attn.output" in s.provides() and "compressor.kv" in s.provides()   # no AITER row on gfx942
+
+
+def test_without_aiter_mhc_post_binds_the_torch_fallback_and_runs_it(sim_noaiter):
+    p = sim_noaiter.provides()
+    assert p["mhc.post"].function.startswith("vllm.model_executor.kernels.mhc.torch.mhc_post_torch")
+    seen = _witness(sim_noaiter, "mhc.post")
+    assert "mhc_post_torch" in seen and "mhc_post_cpu" not in seen
+
+
+# a row naming a function the adapter does not run (the decode kernel, the two-stage compressor, TileLang, the
+# gfx950 MXFP8 epilogue, the CPU op): the witness must see it missing
+WRONG_RUNS = {"indexer.scores": ("rocm_fp8_paged_mqa_logits_triton", "_fp8_paged_mqa_logits_decode_kernel"),
+              "compressor.kv": ("_launch_two_stage_sparse_attn_compressor",),
+              "mhc.head": ("hc_head_fused_kernel_tilelang",),
+              "attn.output": ("rocm_inverse_rope_mxfp8_rows", "_inverse_rope_mxfp8_quant_kernel"),
+              "mhc.post": ("mhc_post_cpu",)}
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_RUNS))
+def test_mutant_sim_cover_row_naming_the_wrong_function_is_caught(name, sim_noaiter):
+    seen = _witness(sim_noaiter, name)
+    assert not [r for r in WRONG_RUNS[name] if r in seen], f"{name}: the adapter ran {WRONG_RUNS[name]}?"
+    b = bindings.select(sim_noaiter.platform_kind, name, sim_noaiter.ctx)
+    assert not [r for r in b.runs if r not in seen]
+
+
+def test_mutant_adapter_bypassing_the_dispatcher_is_caught(monkeypatch, sim_noaiter):
+    """An indexer adapter that calls the torch leaf directly (skipping rocm_fp8_mqa_logits, i.e. not what the
+    dispatch picks) loses the dispatcher from the witness."""
+    import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+    from conformance.subjects import _vllm_rocm_adapters as ra
+
+    monkeypatch.setitem(ra.OVER, "rocm_fp8_mqa_logits", rams.fp8_mqa_logits_torch)
+    s = vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "0"})
+    b = bindings.select(s.platform_kind, "indexer.scores", s.ctx)
+    seen = _witness(s, "indexer.scores")
+    assert "rocm_fp8_mqa_logits" in b.runs and "rocm_fp8_mqa_logits" not in seen
+
+
+def test_sim_platform_sets_the_import_time_fp8_dtype():
+    import torch
+    import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+    before = rams.FP8_DTYPE
+    with vs.SimPlatform("gfx942"):
+        assert rams.FP8_DTYPE == torch.float8_e4m3fnuz
+    with vs.SimPlatform("gfx950"):
+        assert rams.FP8_DTYPE == torch.float8_e4m3fn
+    assert rams.FP8_DTYPE == before
+
+
+def test_interpreter_int_mask_fix():
+    """A scalar i1 mask broadcast to a block (vLLM's _cp_gather_indexer_quant_cache_kernel stores with one):
+    the interpreter's C++ store rejects it as int32 unless the int-mask fix casts it to bool."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def k(x, o, n):
+        t = tl.program_id(0)
+        ok = (t < n) & (t >= 0)
+        off = tl.arange(0, 8)
+        tl.store(o + t * 8 + off, tl.load(x + off), mask=ok)
+
+    x, o = torch.arange(8.0), torch.zeros(16)
+    k[(2,)](x, o, 1)
+    assert o[:8].tolist() == x.tolist() and not o[8:].any()
