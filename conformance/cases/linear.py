@@ -164,3 +164,8 @@ for tokens, seed in [(1, 10), (64, 11)]:
     add(Case(f"linear.fp8_block/t{tokens}n1024k4096/normal/s{seed}", "linear.fp8_block", _make,
              {"tokens": tokens, "n": 1024, "k": 4096, "spread": 2}, seed, "normal",
              ("decode" if tokens == 1 else "prefill", "flash-shape"), tier="full"))
+
+
+def quant_act_group(x: torch.Tensor, spec: BlockFP8) -> torch.Tensor:
+    """Quantise-dequantise x [T, K] in 1 x 128 FP8 groups (the serving activation quantiser)."""
+    return dequantize_fp8(*quantize_fp8(x, spec), spec)
