@@ -57,13 +57,13 @@ def _make_embed(g, p):
     ids[0] = 0                                  # bos and the last row: off-by-one reads fall off the table
     if T > 1:
         ids[1] = V - 1
-    return {"ids": ids.to(p.get("ids_dtype", torch.int64)), "table": _bf16(dist_tensor(g, (V, D), p["dist"])),
-            "hc_mult": 4}
+    return {"ids": ids.to(getattr(torch, p.get("ids_dtype", "int64"))),
+            "table": _bf16(dist_tensor(g, (V, D), p["dist"])), "hc_mult": 4}
 
 
-for tokens, vocab, d, dist, ids_dtype, seed in [(1, 1000, 256, "normal", torch.int64, 0),
-                                                (37, 1000, 256, "wide", torch.int32, 1),
-                                                (129, 4096, 128, "outliers", torch.int64, 2)]:
+for tokens, vocab, d, dist, ids_dtype, seed in [(1, 1000, 256, "normal", "int64", 0),
+                                                (37, 1000, 256, "wide", "int32", 1),
+                                                (129, 4096, 128, "outliers", "int64", 2)]:
     add(Case(f"embed/t{tokens}v{vocab}d{d}/{dist}/s{seed}", "embed", _make_embed,
              {"tokens": tokens, "vocab": vocab, "d": d, "ids_dtype": ids_dtype}, seed, dist,
              ("decode" if tokens == 1 else "prefill",)))
