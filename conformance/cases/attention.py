@@ -121,3 +121,89 @@ for tokens, heads, d, groups, rank, theta, yarn, seed in [(1, 8, 256, 2, 128, 10
     add(Case(f"attn.output/t{tokens}h{heads}g{groups}/theta{int(theta)}/s{seed}", "attn.output", _make_out,
              {"tokens": tokens, "heads": heads, "d": d, "groups": groups, "rank": rank, "theta": theta,
               "yarn": yarn}, seed, "normal", ("decode" if tokens == 1 else "prefill",)))
+
+
+# ------------------------------------------------------------------------------------------ attn.index_set
+def attn_index_set(positions: torch.Tensor, topk_idx: torch.Tensor | None = None, *, layer_type: str,
+                   ratio: int, window: int = 128) -> dict:
+    """The KV slots each query reads (spec 3.9) -> {"indices": [T, window + K_c]} into cat(token_kv [max pos + 1],
+    compressed_kv): token rows are positions, compressed entry i is row max(positions) + 1 + i; -1 = none.
+    swa: the window {t-w+1 .. t} (the query itself included); hca: + every entry i < floor((t+1)/128); csa: + the
+    indexer's ``topk_idx`` [T, k] (entry numbers, -1 padded; an entry at or past the causal bound is refused).
+    Order and padding width are free: a subject's rows are compared as multisets of their valid slots."""
+    from references.components.attention import attention_set
+
+    return {"indices": attention_set(layer_type, positions, window, ratio, topk_idx)}
+
+
+def _multiset_compare(got, want, params, level, label, kwargs):
+    """Per query row: the sorted valid slots (>= 0) must be equal, duplicates counted (a slot listed twice is
+    attended twice). Widths may differ (vLLM pads to a multiple of 128)."""
+    from ..metrics import Comparison
+
+    if "indices" not in got:
+        return [Comparison("indices", "fail", message=f"{label} indices: the subject returned no 'indices' output")]
+    g, w = got["indices"], want["indices"]
+    if g.dtype.is_floating_point or g.dim() != 2 or g.shape[0] != w.shape[0]:
+        return [Comparison("indices", "fail", message=f"{label} indices: expected integer [T={w.shape[0]}, *], "
+                           f"got {g.dtype} {tuple(g.shape)}")]
+    gs = torch.where(g.long() >= 0, g.long(), torch.iinfo(torch.int64).max).sort(-1).values
+    ws = torch.where(w.long() >= 0, w.long(), torch.iinfo(torch.int64).max).sort(-1).values
+    width = max(gs.shape[1], ws.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=torch.iinfo(torch.int64).max)  # noqa: E731
+    bad = (pad(gs) != pad(ws)).any(-1)
+    n_bad = int(bad.sum())
+    metrics = {"rows_differing": n_bad, "rows": int(w.shape[0])}
+    tol = {"tolerance": "exact multiset equality of each row's valid slots"}
+    if not n_bad:
+        return [Comparison("indices", "pass", metrics, {"rows_differing": 0}, tol,
+                           message=f"{label} indices: every row's slot multiset equal")]
+    r = int(bad.nonzero()[0])
+    a, b = [i for i in g[r].tolist() if i >= 0], [i for i in w[r].tolist() if i >= 0]
+    extra = sorted(set(a) - set(b)) or sorted(i for i in set(a) if a.count(i) > b.count(i))
+    missing = sorted(set(b) - set(a)) or sorted(i for i in set(b) if b.count(i) > a.count(i))
+    pos = int(kwargs["positions"][r])
+    msg = (f"{label} indices: {n_bad} / {w.shape[0]} rows read a different slot multiset; row {r} (position {pos}, "
+           f"{(pos + 1) % 4} mod 4 / {(pos + 1) % 128} mod 128 tokens past a boundary): extra {extra[:8]}, "
+           f"missing {missing[:8]}")
+    return [Comparison("indices", "fail", metrics, {"rows_differing": 0}, tol,
+                       {"index": [r], "got": extra[:8], "want": missing[:8]}, msg)]
+
+
+register(ComponentSpec(
+    name="attn.index_set", family="attention", reference=attn_index_set,
+    outputs=(OutputSpec("indices", "index-set"),),
+    description="slots each query attends: SWA window + compressed entries (HCA: all visible; CSA: indexer top-k)",
+    spec_section="3.9", compare=_multiset_compare,
+    emulate=serving_emulation(attn_index_set, bf16_inputs=(), bf16_outputs=(), output_names=("indices",)),
+))
+
+
+def _make_index_set(g, p):
+    start, T, kind = p["start"], p["tokens"], p["layer_type"]
+    positions = torch.arange(start, start + T)
+    kw = {"positions": positions, "layer_type": kind, "ratio": {"swa": 0, "csa": 4, "hca": 128}[kind],
+          "window": 128}
+    if kind == "csa":
+        k = p.get("topk", 512)
+        bound = torch.div(positions + 1, 4, rounding_mode="floor")
+        n = max(int(bound.max()), 1)
+        s = torch.rand(T, n, generator=g).masked_fill(torch.arange(n)[None] >= bound[:, None], -1.0)
+        top = s.topk(min(k, n), dim=-1)
+        idx = torch.where(top.values >= 0, top.indices, -1)
+        kw["topk_idx"] = torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)
+    return kw
+
+
+# prefill lengths at every residue mod 4 and around the 128 boundaries; decode steps and a chunk past 5k tokens
+_INDEX_ROWS = [(0, L) for L in (1, 3, 4, 5, 6, 127, 128, 129, 130, 131, 255, 256, 257)] + \
+              [(5119, 1), (5120, 1), (5246, 1), (5247, 1), (5000, 131)]
+for kind in ("swa", "csa", "hca"):
+    for i, (start, T) in enumerate(_INDEX_ROWS):
+        end = start + T
+        add(Case(f"attn.index_set/{kind}/p{start}-{end}/r4_{end % 4}-r128_{end % 128}/s{i}", "attn.index_set",
+                 _make_index_set, {"layer_type": kind, "start": start, "tokens": T}, i, "positions",
+                 ("decode",) if T == 1 else ("prefill",) + (("long-context",) if end > 5000 else ())))
+    # a whole 5,123-token prefill (5123 = 3 mod 4 = 3 mod 128)
+    add(Case(f"attn.index_set/{kind}/p0-5123/r4_3-r128_3/s99", "attn.index_set", _make_index_set,
+             {"layer_type": kind, "start": 0, "tokens": 5123}, 99, "positions", ("prefill", "long-context")))

@@ -442,3 +442,119 @@ for i, T in enumerate((33, 129, 1000)):
     p = dict(experts=384, topk=6, tokens=T)
     add(Case(f"moe.routing_metadata/T{T}E384k6/uniform/s{550 + i}", "moe.routing_metadata", _make_metadata, p,
              seed=550 + i, dist="uniform", tags=("prefill", "pro")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared expert (spec 3.14): a plain float output, compared elementwise
+def shared_expert_golden(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *,
+                         limit: float) -> dict:
+    """y = W2 (SiLU(min(W1 x, L)) * clamp(W3 x, -L, L)) -> {"y": [T, D]} (current OFF and vLLM since #40950:
+    the clamp is ``swiglu_limit``). w1/w3 [I, D], w2 [D, I] are the dequantised FP8 weights (e4m3fn with
+    128x128 e8m0 block scales, exact in fp32: ``conformance.cases.linear.fp8_block_weight``)."""
+    from references.components.moe import shared_expert
+
+    return {"y": shared_expert(x, {"w1": w1, "w3": w3, "w2": w2}, limit=limit)}
+
+
+def _emulate_shared(profile):
+    from references.numerics import serving
+
+    from .linear import quant_act_group
+
+    act = serving(profile).linear_act
+
+    def shared_expert_serving(x, w1, w3, w2, *, limit):
+        """vLLM DeepseekV4MLP: gate_up_proj FP8 linear (bf16 x, 1x128 FP8 activations, bf16 out), SiluAndMulWithClamp
+        (fp32 from bf16, bf16 out), down_proj FP8 linear (bf16 out). Weights: exact on every profile (gfx942's
+        OCP -> fnuz conversion preserves the values)."""
+        bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+        xq = quant_act_group(bf(x), act)
+        g, u = bf(xq @ w1.float().T), bf(xq @ w3.float().T)
+        a = bf(torch.nn.functional.silu(g.clamp(max=limit)) * u.clamp(-limit, limit))
+        return {"y": bf(quant_act_group(a, act) @ w2.float().T)}
+    return shared_expert_serving
+
+
+def _shared_scale(kw, want):
+    """S_i = 6 sqrt(sum_j (J_ij e(x)_j)^2 + sum_k W2_ik^2 (fg_k^2 G_k^2 + fu_k^2 U_k^2 + e(a)_k^2)) + |y_i|.
+
+    The first-order error of y is a sum over independent rounding sources, each bounded by u |v| for the
+    rounded value v: the inputs x_j (sensitivity J = W2 diag(fg) W1 + W2 diag(fu) W3, per token), the GEMM-1
+    outputs g_k, u_k (sensitivities W2_ik fg_k, W2_ik fu_k, fg = d a / d g = SiLU'(g) u [g < L], fu = SiLU(g)
+    [|u| < L]; the clamp is 1-Lipschitz), the activation a_k (W2_ik), the output (|y_i|). Each magnitude takes
+    its random-sum form: G_k^2 = sum_j (W1_kj e_j)^2 + g_k^2 (so GEMM-1 accumulation is covered too), e(.) is
+    ``linear.act_floor`` (subnormal FP8 results). lambda = 6 (Hoeffding, see ``linear.gemm_tol``)."""
+    from .linear import act_floor
+
+    x, w1, w3, w2, L = kw["x"].double(), kw["w1"].double(), kw["w3"].double(), kw["w2"].double(), kw["limit"]
+    g, u = x @ w1.T, x @ w3.T
+    gc, uc = g.clamp(max=L), u.clamp(-L, L)
+    sg = torch.sigmoid(gc)
+    fg = (sg * (1 + gc * (1 - sg))) * uc * (g < L)
+    fu = gc * sg * (u.abs() < L)
+    a = gc * sg * uc
+    ex = act_floor(x)
+    M = fg[:, :, None] * w1 + fu[:, :, None] * w3                   # [T, I, D]
+    J = torch.einsum("di,tij->tdj", w2, M)                           # [T, D, D]
+    t_x = (J * ex[:, None, :]).square().sum(-1)
+    G2 = ex.square() @ w1.square().T + g.square()
+    U2 = ex.square() @ w3.square().T + u.square()
+    t_k = (fg.square() * G2 + fu.square() * U2 + act_floor(a).square()) @ w2.square().T
+    return 6 * torch.sqrt(t_x + t_k) + (a @ w2.T).abs()
+
+
+def _shared_tol(params, level):
+    from ._serving import U32, UB
+
+    n = max(params["dim"], params["inter"])
+    u8 = 2.0**-4
+    # fp32 arithmetic: each GEMM's accumulation 6 sqrt(n) u32 sum|.| <= 6 n u32 sqrt(sum (.)^2) (Cauchy-Schwarz),
+    # counted in S's random-sum magnitudes; 4 elementwise ops; 1.1 covers second-order terms (products of two
+    # relative errors, each <= 2^-3.8)
+    g32 = (n + 4) * U32
+    if level == "fp64":
+        r = 1.1 * g32
+        return Tolerance(0.0, r, f"shared expert: fp32 golden 1.1*({n}+4)*u32 = {r:.3g} of S")
+    if level == "fp32":
+        r = 2.2 * g32
+        return Tolerance(0.0, r, f"shared expert: two fp32 evaluations 2*1.1*({n}+4)*u32 = {r:.3g} of S")
+    if level == "emulated":
+        # same bf16 x and FP8 bytes: g, u, a, y may round to the neighbouring bf16 value (2 ub); the FP8 code of a
+        # flips by one e4m3 ulp (2 u8) only where a_k moved across a rounding boundary: a 2^-8 share of the
+        # channels at most, whose random sum is sqrt(2^-8) * 2 u8 of S's a-term
+        r = 1.1 * (2 * UB + 2.0**-4 * 2 * u8 + 2 * g32)
+        return Tolerance(0.0, r, f"shared expert: one bf16 ulp (2*2^-8) + rare e4m3 flips of a (2^-4*2*2^-4) + fp32 "
+                         f"order, x1.1 = {r:.3g} of S")
+    r = 1.1 * (u8 * (1 + UB) + UB + g32)
+    return Tolerance(0.0, r, f"shared expert: every rounding source (bf16 then e4m3 of x and a, bf16 of g, u, y) "
+                     f"<= 2^-4(1+2^-8)+2^-8 relative, random sums at lambda 6 in S, + fp32 ({n}+4) u32, x1.1 "
+                     f"= {r:.3g} of S")
+
+
+SHARED = register(ComponentSpec(
+    name="moe.shared_expert", family="moe", reference=shared_expert_golden,
+    outputs=(OutputSpec("y", "float", tol=_shared_tol, scale=_shared_scale),),
+    description="shared expert: SwiGLU with the swiglu_limit clamp (gate max side, up both sides), FP8 weights",
+    spec_section="3.14", emulate=_emulate_shared,
+    divergences=("spec 8.2: initial OFF and HF commit 361455895 do not clamp",),
+))
+
+
+def _make_shared(g, p):
+    from ._case import dist_tensor
+    from .linear import fp8_block_weight
+
+    T, D, I = p["tokens"], p["dim"], p["inter"]
+    # gate/up pre-activations ~ N(0, gain^2): gain 6 puts ~10% of them past the clamp at 10
+    w1 = fp8_block_weight(g, I, D, std=p["gain"] * D**-0.5)[2]
+    w3 = fp8_block_weight(g, I, D, std=p["gain"] * D**-0.5)[2]
+    w2 = fp8_block_weight(g, D, I, std=I**-0.5 / p["gain"])[2]
+    return {"x": dist_tensor(g, (T, D), p["dist"]), "w1": w1, "w3": w3, "w2": w2, "limit": SWIGLU_LIMIT}
+
+
+for i, (T, D, I, gain, dist) in enumerate([(1, 256, 128, 6.0, "normal"), (7, 256, 256, 6.0, "normal"),
+                                           (33, 256, 128, 1.0, "normal"), (17, 512, 256, 6.0, "outliers"),
+                                           (65, 128, 128, 12.0, "normal")]):
+    add(Case(f"moe.shared_expert/T{T}D{D}I{I}/gain{gain:g}-{dist}/s{600 + i}", "moe.shared_expert", _make_shared,
+             dict(tokens=T, dim=D, inter=I, gain=gain), seed=600 + i, dist=dist,
+             tags=_tag(T) + (("clamp-active",) if gain > 1 else ())))

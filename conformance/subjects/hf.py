@@ -93,7 +93,31 @@ class TransformersSubject(Subject):
             hh.hc_fn.copy_(fn), hh.hc_base.copy_(base), hh.hc_scale.copy_(scale)
             return hh(X.float()[None])[0]
 
+        @torch.no_grad()
+        def shared_expert(x, w1, w3, w2, *, limit):
+            c = _config(M, theta=10000.0, yarn=False, hidden=x.shape[-1])
+            c.intermediate_size, c.swiglu_limit = w1.shape[0], limit
+            mlp = M.DeepseekV4MLP(c).float()
+            mlp.gate_proj.weight.copy_(w1), mlp.up_proj.weight.copy_(w3), mlp.down_proj.weight.copy_(w2)
+            return {"y": mlp(x.float())}
+
+        @torch.no_grad()
+        def lm_head(X, hc_fn, hc_base, hc_scale, norm_weight, head_weight, *, norm_eps, hc_eps):
+            c = _config(M, theta=10000.0, yarn=False, hidden=X.shape[-1])
+            c.rms_norm_eps, c.hc_eps = norm_eps, hc_eps
+            hh = M.DeepseekV4HyperHead(c).float()
+            hh.hc_fn.copy_(hc_fn), hh.hc_base.copy_(hc_base), hh.hc_scale.copy_(hc_scale)
+            norm = M.DeepseekV4RMSNorm(X.shape[-1], eps=norm_eps).float()
+            norm.weight.copy_(norm_weight)
+            head = torch.nn.Linear(X.shape[-1], head_weight.shape[0], bias=False)
+            head.weight.copy_(head_weight)
+            return {"logits": head(norm(hh(X.float()[None])))[0]}   # DeepseekV4Model: norm(hc_head(h)); lm_head
+
         return {
+            "moe.shared_expert": Impl(shared_expert, f"{MOD}.DeepseekV4MLP", "torch",
+                                      note="shared_experts module (clamped with swiglu_limit in 5.19)"),
+            "head.lm": Impl(lm_head, f"{MOD}.DeepseekV4HyperHead + DeepseekV4RMSNorm + lm_head (nn.Linear)",
+                            "torch", note="the chain DeepseekV4Model.forward / DeepseekV4ForCausalLM end with"),
             "norm.rms": Impl(norm_rms, f"{MOD}.DeepseekV4RMSNorm", "torch"),
             "rope.apply": Impl(rope, f"{MOD}.DeepseekV4RotaryEmbedding + apply_rotary_pos_emb", "torch",
                                note="compress rope table built for the case's theta / YaRN"),

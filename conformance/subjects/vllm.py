@@ -129,6 +129,8 @@ NAMES = {
     "attn.output": "output_projection", "moe.route": "route", "moe.expert": "expert_ffn",
     "moe.router": "moe_router", "moe.hash_router": "moe_hash_router", "moe.experts": "moe_experts",
     "moe.layer": "moe_layer", "moe.routing_metadata": "routing_metadata",
+    # no adapter yet; without this entry the alias "head" would offer head.lm to the hc_head adapter
+    "head.lm": None,
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

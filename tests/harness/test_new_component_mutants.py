@@ -1,0 +1,145 @@
+"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block):
+a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
+element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
+
+import pytest
+import torch
+
+from conformance.cases import cases_for
+from conformance.cases.attention import attn_index_set
+from conformance.cases.head import embed_golden, lm_head_golden
+from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
+from conformance.checks.numeric import run_numeric, worst_verdict
+from references.components.attention import swa_indices
+from references.components.moe import shared_expert
+from references.formats.blockscale import BlockFP8, dequantize_fp8
+from references.numerics import serving
+
+from .test_component_mutants import Mutant
+
+
+def shared_expert_without_clamp(x, w1, w3, w2, *, limit):
+    # the initial OFF release / HF commit 361455895: no swiglu_limit on the shared expert (spec 8.2)
+    return {"y": shared_expert(x, {"w1": w1, "w3": w3, "w2": w2}, limit=limit, variant="no-clamp")}
+
+
+def shared_expert_up_clamped_max_side_only(x, w1, w3, w2, *, limit):
+    # the up projection clamped like the gate (max side only): u < -10 passes through. (Clamping the gate on
+    # both sides instead is not observable: SiLU(g) for g < -10 is below 5e-4 either way.)
+    g, u = x @ w1.T, x @ w3.T
+    a = torch.nn.functional.silu(g.clamp(max=limit)) * u.clamp(max=limit)
+    return {"y": a @ w2.T}
+
+
+def head_without_norm_weight(X, hc_fn, hc_base, hc_scale, norm_weight, head_weight, *, norm_eps, hc_eps):
+    return lm_head_golden(X, hc_fn, hc_base, hc_scale, torch.ones_like(norm_weight), head_weight,
+                          norm_eps=norm_eps, hc_eps=hc_eps)
+
+
+def head_from_stream_mean(X, hc_fn, hc_base, hc_scale, norm_weight, head_weight, *, norm_eps, hc_eps):
+    # the streams averaged instead of the HC head's learned pre weights
+    from references.components.head import lm_head
+
+    return {"logits": lm_head(X.mean(-2), norm_weight, head_weight, eps=norm_eps)}
+
+
+def embed_scaled(ids, table, *, hc_mult):
+    # Gemma-style sqrt(D) embedding scale (DSV4 has none, spec 3.1)
+    return {"X": embed_golden(ids, table, hc_mult=hc_mult)["X"] * table.shape[1] ** 0.5}
+
+
+def embed_off_by_one(ids, table, *, hc_mult):
+    return embed_golden((ids.long() + 1) % table.shape[0], table, hc_mult=hc_mult)
+
+
+def index_set_window_129(positions, topk_idx=None, *, layer_type, ratio, window=128):
+    return attn_index_set(positions, topk_idx, layer_type=layer_type, ratio=ratio, window=window + 1)
+
+
+def index_set_window_without_query(positions, topk_idx=None, *, layer_type, ratio, window=128):
+    out = attn_index_set(positions, topk_idx, layer_type=layer_type, ratio=ratio, window=window)["indices"]
+    out[:, window - 1] = -1          # the window's last column is the query itself (swa_indices: ascending)
+    return {"indices": out}
+
+
+def index_set_hca_one_token_early(positions, topk_idx=None, *, layer_type, ratio, window=128):
+    # an HCA entry becomes visible at t + 2 = 128 (i + 1) instead of t + 1: one token before its window closes
+    if layer_type != "hca":
+        return attn_index_set(positions, topk_idx, layer_type=layer_type, ratio=ratio, window=window)
+    sw = swa_indices(positions, window)
+    bound = torch.div(positions + 2, ratio, rounding_mode="floor")
+    n = int(bound.max())
+    comp = torch.arange(n)[None].expand(len(positions), -1)
+    comp = torch.where(comp < bound[:, None], comp + int(positions.max()) + 1, -1)
+    return {"indices": torch.cat((sw, comp), 1)}
+
+
+def linear_scale_layout_transposed(x, weight, weight_scale):
+    # the [N/128, K/128] scale grid read in the other order (column-major): block (i, j) gets another block's scale
+    s = weight_scale.T.contiguous().view(weight_scale.shape)
+    return fp8_linear_golden(x, weight, s)
+
+
+def linear_per_token_scale(x, weight, weight_scale):
+    # one FP8 scale per token over the whole K instead of per 1x128 group (OCP serving numerics otherwise)
+    act = serving("ocp").linear_act
+    xb = x.to(torch.bfloat16).float()
+    spec = BlockFP8(act.fmt, act.fmax, (1, x.shape[1]), act.scale_fmt, act.amax_floor)
+    w = dequantize_fp8(weight, weight_scale, W_SPEC)
+    return {"y": (quant_act_group(xb, spec) @ w.T).to(torch.bfloat16).float()}
+
+
+MUTANTS = [
+    ("moe.shared_expert", shared_expert_without_clamp),
+    ("moe.shared_expert", shared_expert_up_clamped_max_side_only),
+    ("head.lm", head_without_norm_weight),
+    ("head.lm", head_from_stream_mean),
+    ("embed", embed_scaled),
+    ("embed", embed_off_by_one),
+    ("attn.index_set", index_set_window_129),
+    ("attn.index_set", index_set_window_without_query),
+    ("attn.index_set", index_set_hca_one_token_early),
+    ("linear.fp8_block", linear_scale_layout_transposed),
+    ("linear.fp8_block", linear_per_token_scale),
+]
+
+
+def _verdicts(component, fn):
+    subj = Mutant(component, fn)
+    return {c.id: run_numeric(subj, c) for c in cases_for(component)}
+
+
+@pytest.mark.parametrize("component,fn", MUTANTS, ids=[f"{m[0]}:{m[1].__name__}" for m in MUTANTS])
+def test_mutant_caught_with_diagnosis(component, fn):
+    caught = []
+    for cid, rows in _verdicts(component, fn).items():
+        for r in rows:
+            if r.verdict in ("fail", "catastrophic"):
+                caught.append(r)
+                assert component in r.message and cid in r.message, r.message
+                assert r.worst.get("index") is not None, r.message
+    assert caught, f"mutant {fn.__name__} of {component} passed every case"
+
+
+def test_missing_clamp_is_caught_only_where_the_clamp_is_active():
+    """The gain-1 case keeps every pre-activation below 10: the unclamped shared expert is the same map there.
+    (The one-token case, 4 gate and 10 up channels past the limit, is caught at the emulated level only.)"""
+    v = {cid: worst_verdict(rows) for cid, rows in _verdicts("moe.shared_expert", shared_expert_without_clamp).items()}
+    assert v["moe.shared_expert/T33D256I128/gain1-normal/s602"] == "pass"
+    assert all(x in ("fail", "catastrophic") for cid, x in v.items() if "gain1-" not in cid), v
+
+
+def test_hca_one_token_early_is_caught_at_the_126_mod_128_positions_only():
+    """Entry i turns visible at t = 128 i + 126 under the mutant: prefills that reach such a position fail, the
+    others (and every SWA / CSA case) pass."""
+    v = {cid: worst_verdict(rows) for cid, rows in _verdicts("attn.index_set", index_set_hca_one_token_early).items()}
+    for cid, x in v.items():
+        start, end = (int(t) for t in cid.split("/")[2][1:].split("-"))
+        reaches = "/hca/" in cid and any((t + 2) % 128 == 0 for t in range(start, end))
+        assert x == ("fail" if reaches else "pass"), (cid, x)
+
+
+def test_per_token_activation_scale_is_caught_at_the_emulated_level():
+    rows = _verdicts("linear.fp8_block", linear_per_token_scale)
+    emu = [r for rs in rows.values() for r in rs if r.level == "emulated"]
+    assert emu and any(r.verdict == "fail" for r in emu)
