@@ -63,6 +63,8 @@ def build_context(out: Path) -> dict:
     subjects = json.loads((out / "subjects.json").read_text()) if (out / "subjects.json").exists() else {}
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
     command = (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else ""
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    unfinished = bool(manifest) and manifest.get("finished") is None
     by_subject = defaultdict(list)
     for r in rows:
         by_subject[r["subject"]].append(r)
@@ -107,7 +109,7 @@ def build_context(out: Path) -> dict:
     return dict(rows=rows, subjects=subjects, env=env, command=command, components=components,
                 columns=columns, matrix=matrix, counts={k: dict(v) for k, v in counts.items()},
                 details=details, coverage=coverage, dialect_maps=dialect_maps, any_emulated=any_emulated,
-                subject_order=list(by_subject))
+                subject_order=list(by_subject), manifest=manifest, unfinished=unfinished)
 
 
 def _anchor(subject, case_id, level) -> str:
