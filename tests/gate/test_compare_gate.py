@@ -177,7 +177,7 @@ def test_gate_crash_still_writes_junit_and_reports(runs, tmp_path):
     out = tmp_path / "crash"
     assert res.exit_code == 1 and "crashed" in res.crash
     tot = validate(out / "junit.xml")
-    assert tot["errors"] == 1
+    assert tot["errors"] == 2                      # the run's crash and the crashed row of the case it died in
     assert (out / "report.html").exists() and "Run crashed" in (out / "gate.html").read_text()
     crashed = [r for r in res.failing if r["verdict"] == "crashed"]
     assert len(crashed) == 1 and "process running this case died" in crashed[0]["message"]
