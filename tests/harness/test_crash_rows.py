@@ -27,7 +27,7 @@ def conformance_run(out, mode, workers=0, *extra):
         cmd += ["-n", str(workers)]
     cmd += ["--", "-k", "test_numeric"]
     env = dict(os.environ, DSV4_CRASH_MODE=mode, PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
 def rows(out):
