@@ -41,10 +41,16 @@ def cmd_run(a) -> int:
         args += ["--checkpoint", a.checkpoint]
     if a.tier != "fast":
         args += ["--tier", a.tier]
+    for c in a.case or []:
+        args += ["--case", c]
+    if a.isolate:
+        args += ["--isolate", a.isolate]
+    if a.case_timeout is not None:
+        args += ["--case-timeout", str(a.case_timeout)]
     return _pytest(args + a.pytest_args)
 
 
-FAIL_VERDICTS = ("fail", "catastrophic", "error", "xpass", "crash")
+FAIL_VERDICTS = ("fail", "catastrophic", "error", "xpass", "crash", "crashed")
 
 
 def classify(runs: list[dict]) -> dict:
@@ -206,6 +212,14 @@ def cmd_bisect(a) -> int:
 def cmd_report(a) -> int:
     from reports.render import render_report
 
+    from .isolate import adopt_orphans
+
+    if not Path(a.out).is_dir():
+        print(f"report: {a.out}: no such run folder", file=sys.stderr)
+        return 2
+    n = adopt_orphans(a.out)   # cases whose process died (the marker of a process that is gone)
+    if n:
+        print(f"{n} case(s) whose process died recorded as crashed")
     print(render_report(a.out))
     return 0
 
@@ -248,6 +262,12 @@ def main(argv=None) -> int:
                         "layer at a time (default: the written tiny checkpoint)")
     r.add_argument("--tier", default="fast", choices=("fast", "full"),
                    help="fast (default): every case but the big shapes; full: the big shapes too (nox -s cpu)")
+    r.add_argument("--case", action="append", help="run only this case id (repeatable; any tier)")
+    r.add_argument("--isolate", default=None, choices=("auto", "fork", "none"),
+                   help="each case in a forked child, so a crash is a 'crashed' row (default auto: fork unless "
+                        "CUDA is initialised in the pytest process)")
+    r.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill a case after this long and report it 'crashed' (default 900; 0: none)")
     r.add_argument("pytest_args", nargs="*", help="passed to pytest after --")
     r.set_defaults(fn=cmd_run)
     rr = sub.add_parser("rerun", help="rerun one case alone")

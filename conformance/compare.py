@@ -11,7 +11,9 @@ Rows are matched by (subject, case id, check, level). A row is
 * **provided-changed** when one side has a verdict and the other none ("not-provided", "needs-gpu", "not-run":
   a component one vLLM release binds and another does not): neither worse nor better, since nothing was
   judged on the unjudged side (``gate`` still counts a judged baseline row turned unjudged as a regression);
-* **new** / **missing** when only one side has it.
+* **new** / **missing** when only one side has it. A ``crashed`` case has a single row (level ``-``) that
+  stands for every level of that (subject, case, check): each row the other side has there is worse (or,
+  the other way round, better) against it, never "missing".
 
 Thresholds are written ``<metric>:<sign><amount>[%]``:
 
@@ -200,13 +202,24 @@ def compare(a: Run, b: Run, thresholds: list[Threshold] | None = None) -> Compar
     thresholds = list(thresholds or [])
     ka, kb = a.by_key, b.by_key
     res = Comparison(a, b, thresholds)
+    # a crashed case has one row (level "-") where it would have had one per level: it stands for them all
+    crashed_a, crashed_b = _crashed(ka), _crashed(kb)
+    cases_a, cases_b = {k[:3] for k in ka}, {k[:3] for k in kb}
     for k in sorted(set(ka) | set(kb)):
         ra, rb = ka.get(k), kb.get(k)
         if ra is None:
-            res.new.append(Change(k, None, rb, [f"new: {rb['verdict']}"]))
+            if k[:3] in crashed_a and rb["verdict"] != "crashed":
+                res.better.append(Change(k, crashed_a[k[:3]], rb, [f"verdict crashed -> {rb['verdict']}"]))
+            elif not (rb["verdict"] == "crashed" and k[:3] in cases_a):
+                res.new.append(Change(k, None, rb, [f"new: {rb['verdict']}"]))
             continue
         if rb is None:
-            res.missing.append(Change(k, ra, None, [f"missing (was {ra['verdict']})"]))
+            if k[:3] in crashed_b and ra["verdict"] != "crashed":
+                cr = crashed_b[k[:3]]
+                what = (cr.get("extra") or {}).get("crash", {}).get("what") or "the case crashed"
+                res.worse.append(Change(k, ra, cr, [f"verdict {ra['verdict']} -> crashed ({what})"]))
+            elif not (ra["verdict"] == "crashed" and k[:3] in cases_b):
+                res.missing.append(Change(k, ra, None, [f"missing (was {ra['verdict']})"]))
             continue
         va, vb = VERDICT_RANK.get(ra["verdict"], 0), VERDICT_RANK.get(rb["verdict"], 0)
         worse, better = [], []
@@ -239,6 +252,11 @@ def compare(a: Run, b: Run, thresholds: list[Threshold] | None = None) -> Compar
         if not changed:
             res.unchanged += 1
     return res
+
+
+def _crashed(rows: dict) -> dict:
+    """(subject, case_id, check) -> its crashed row."""
+    return {k[:3]: r for k, r in rows.items() if r.get("verdict") == "crashed"}
 
 
 def format_text(c: Comparison, limit: int = 50) -> str:

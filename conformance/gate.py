@@ -39,7 +39,7 @@ from .compare import UNJUDGED, Change, Comparison, compare
 from .junit import TestOutcome, validate, write_junit
 from .store import Run, StoreError, key_str, load_baseline, load_run, row_key
 
-FAIL_VERDICTS = {"fail", "catastrophic", "error"}
+FAIL_VERDICTS = {"fail", "catastrophic", "error", "crashed"}
 SKIP_VERDICTS = {"not-provided", "needs-gpu", "not-run"}
 
 
@@ -199,7 +199,7 @@ def outcomes(res: GateResult) -> list[TestOutcome]:
             out.append(TestOutcome(status="skipped", kind="xfail", message=f"xfail ({r['verdict']}): {e.reason} "
                                    f"<{e.link}>", **base))
         elif r["verdict"] in FAIL_VERDICTS or r["verdict"] == "xpass":
-            status = "error" if r["verdict"] == "error" else "failure"
+            status = "error" if r["verdict"] in ("error", "crashed") else "failure"
             msg = f"{r['verdict'].upper()}: {r.get('message', '')}".strip()
             if k in reg:
                 msg += " | regression vs baseline: " + "; ".join(reg[k].reasons)
@@ -303,6 +303,10 @@ def gate(*, baseline: str | None, out: str | Path, run_dir: str | None = None, r
     t0 = time.perf_counter()
     if run_dir is None:
         rc, crash = run_suite(out, list(run_args or []), timeout)
+    if crash or run_dir is not None:
+        from .isolate import adopt_orphans
+
+        adopt_orphans(out)    # a case whose process died (no isolation) is a crashed row
     elif not out.is_dir():
         raise GateError(f"--run {out}: no such run folder")
     try:

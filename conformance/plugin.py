@@ -38,6 +38,13 @@ def pytest_addoption(parser):
                 help="e2e: serve this DSV4 checkpoint folder (official layout, config.json + "
                      "model.safetensors.index.json) instead of the written tiny one; the golden streams it one "
                      "layer at a time (nox sessions: DSV4_CHECKPOINT=PATH)")
+    g.addoption("--isolate", default="auto", choices=("auto", "fork", "none"),
+                help="run each case's subject code in a forked child so a crash (segfault, abort, os._exit, OOM "
+                     "kill, MemoryError, timeout) becomes a 'crashed' row (auto, the default: fork unless CUDA is "
+                     "initialised in the pytest process; see conformance.isolate)")
+    g.addoption("--case-timeout", type=float, default=None, metavar="SECONDS",
+                help="a case running longer is killed and reported 'crashed' (timeout); default "
+                     "900 s (DEFAULT_CASE_TIMEOUT in conformance/isolate.py), 0 = no timeout")
     g.addoption("--golden-checkpoint", default=None, metavar="PATH",
                 help="e2e, with --checkpoint: the golden streams this folder instead (same architecture; e.g. "
                      "the FP8/MXFP4 release layout while vLLM's CPU build serves the bf16 variant)")
@@ -53,6 +60,15 @@ class ConformanceRun:
         self.emulated_cache: dict = {}
         self.checkpoint = config.getoption("--checkpoint")
         self.golden_checkpoint = config.getoption("--golden-checkpoint")
+        from .isolate import DEFAULT_CASE_TIMEOUT
+
+        t = config.getoption("--case-timeout")
+        self.case_timeout = DEFAULT_CASE_TIMEOUT if t is None else float(t)
+        self.isolate_requested = config.getoption("--isolate")
+        self.isolation, self.isolation_why = "none", "not chosen yet"
+        wi = getattr(config, "workerinput", None)
+        self.workers = (wi.get("workercount") if wi else None) or getattr(config.option, "numprocesses", None)
+        self.rows_written = 0
 
     def subject(self, spec: str):
         if spec not in self._subjects:
@@ -61,10 +77,14 @@ class ConformanceRun:
             self._subjects[spec] = load_subject(spec)
         return self._subjects[spec]
 
-    def write(self, row):
+    def ensure_writer(self):
         if self.writer is None:
             self.writer = ResultWriter(self.out)
-        self.writer.write(row)
+        return self.writer
+
+    def write(self, row):
+        self.ensure_writer().write(row)
+        self.rows_written += 1
 
     def rerun_command(self, subject: str, case_id: str) -> str:
         return ("python -m conformance rerun " + shlex.quote(case_id) + " --subject " + shlex.quote(subject))
@@ -92,6 +112,8 @@ def pytest_configure(config):
     from .subjects import SubjectError, prepare_process
 
     prepare_process(run.subject_specs)
+    if run.case_timeout < 0:
+        raise pytest.UsageError(f"--case-timeout {run.case_timeout:g}: give seconds >= 0 (0: no timeout)")
     if run.golden_checkpoint is not None and run.checkpoint is None:
         raise pytest.UsageError("--golden-checkpoint needs --checkpoint (the folder vLLM serves)")
     for opt, path in (("--checkpoint", run.checkpoint), ("--golden-checkpoint", run.golden_checkpoint)):
@@ -103,6 +125,9 @@ def pytest_configure(config):
             run.subject(spec)
         except SubjectError as e:
             raise pytest.UsageError(str(e)) from None
+    from .isolate import choose_mode
+
+    run.isolation, run.isolation_why = choose_mode(run.isolate_requested)
     if _is_controller(config):
         from . import env
 
@@ -132,7 +157,11 @@ def pytest_configure(config):
         (run.out / "subjects.json").write_text(json.dumps(infos, indent=1))
         (run.out / "env.json").write_text(json.dumps(captured, indent=1))
         (run.out / "command.txt").write_text(command + "\n")
-        write_manifest(run.out, subjects=infos, env=captured, command=command, argv=list(sys.argv))
+        mp = write_manifest(run.out, subjects=infos, env=captured, command=command, argv=list(sys.argv))
+        m = json.loads(mp.read_text())
+        m.update(isolation=run.isolation, isolation_why=run.isolation_why, case_timeout_s=run.case_timeout,
+                 workers=run.workers)
+        mp.write_text(json.dumps(m, indent=1, default=str))
 
 
 def _check_checkpoint_arg(path: str, opt: str = "--checkpoint") -> None:
@@ -190,6 +219,22 @@ def conformance_run(request):
     return request.config._dsv4_run
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Conformance tests run isolated (conformance.isolate): a crash, a hang or a MemoryError is a row."""
+    run = getattr(pyfuncitem.config, "_dsv4_run", None)
+    if run is None or not run.subject_specs or "conformance_run" not in pyfuncitem.fixturenames:
+        return None
+    from .isolate import describe, run_forked, run_in_process
+
+    d = describe(pyfuncitem, run)
+    if d is None:
+        return None
+    if run.isolation == "fork":
+        return run_forked(pyfuncitem, run, d)
+    return run_in_process(pyfuncitem, run, d)
+
+
 def record(run: ConformanceRun, rows) -> None:
     """Write rows, then turn the worst verdict into the pytest outcome (with the diagnostic message)."""
     for r in rows:
@@ -207,8 +252,10 @@ def pytest_sessionfinish(session, exitstatus):
     run = getattr(config, "_dsv4_run", None)
     if run is None or not run.subject_specs or not _is_controller(config):
         return
+    from .isolate import adopt_orphans
     from .store import finish_manifest
 
+    adopted = adopt_orphans(run.out, all_dead=True)   # every worker has ended: a marker left is a dead case
     finish_manifest(run.out, int(exitstatus))
     if config.getoption("--no-report"):
         return
@@ -217,6 +264,8 @@ def pytest_sessionfinish(session, exitstatus):
     path = render_report(run.out)
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
+        if adopted:
+            tr.write_line(f"DSV4 conformance: {adopted} case(s) whose process died were recorded as crashed")
         tr.write_line(f"DSV4 conformance report: {path}")
     baseline = config.getoption("--baseline")
     if baseline:

@@ -18,10 +18,16 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 
 # Verdict tiers, ordered from best to worst. "not-provided" / "needs-gpu" / "not-run" are never passes.
-VERDICTS = ("pass", "xfail", "degraded", "xpass", "fail", "catastrophic", "error",
+# "crashed": the case started and its process died, raised MemoryError or ran past --case-timeout
+# (conformance.isolate); worse than any judged failure.
+VERDICTS = ("pass", "xfail", "degraded", "xpass", "fail", "catastrophic", "error", "crashed",
             "not-provided", "needs-gpu", "not-run")
-FAILING = {"fail", "catastrophic", "error", "xpass"}
+FAILING = {"fail", "catastrophic", "error", "xpass", "crashed"}
 VERDICT_RANK = {v: i for i, v in enumerate(VERDICTS)}
+# Severity for "worst of" summaries (report cells, counts): a judged failure outranks a row that judged nothing.
+SEVERITY = ("pass", "not-run", "needs-gpu", "not-provided", "xfail", "degraded", "xpass", "fail", "catastrophic",
+            "error", "crashed")
+SEVERITY_RANK = {v: i for i, v in enumerate(SEVERITY)}
 
 
 @dataclass

@@ -9,12 +9,14 @@ details with an inline error histogram and the command that reruns that case alo
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import jinja2
 
-from conformance.results import VERDICT_RANK, load_rows
+from conformance.results import FAILING, SEVERITY, SEVERITY_RANK, VERDICT_RANK, load_rows
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -55,7 +57,205 @@ def histogram_svg(hist) -> str:
 
 
 def _worst(rows):
-    return max(rows, key=lambda r: VERDICT_RANK.get(r["verdict"], 0))
+    return max(rows, key=lambda r: (SEVERITY_RANK.get(r["verdict"], 0), _wob(r) or 0.0))
+
+
+def _num(v):
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _wob(r) -> float | None:
+    """The row's worst error as a multiple of its bound (max over outputs), None where it has none."""
+    vals = [_num(v) for k, v in (r.get("metrics") or {}).items() if k.endswith("worst_over_bound")]
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return max(vals) if vals else None
+
+
+def measured_vs_allowed(r) -> str:
+    """The metric furthest past (or closest to) its bound: 'name = measured (allowed bound)'."""
+    best = None
+    for k, b in (r.get("bounds") or {}).items():
+        m, bb = _num((r.get("metrics") or {}).get(k)), _num(b)
+        if m is None or bb is None:
+            continue
+        ratio = abs(m) / abs(bb) if bb else (math.inf if m else 0.0)
+        if best is None or ratio > best[0]:
+            best = (ratio, k, m, bb)
+    if best is None:
+        w = _wob(r)
+        return f"worst_over_bound = {w:.4g}" if w is not None else ""
+    return f"{best[1]} = {best[2]:.4g} (allowed {best[3]:.4g})"
+
+
+_LABEL = re.compile(r"^\[[^\]]*\]\s*")
+_NUM = re.compile(r"[-+]?\d+(\.\d+)?([eE][-+]?\d+)?")
+
+
+def diagnosis(r) -> tuple[str, str]:
+    """(diagnosis, where) of a failing row, for grouping: same defect on the same component / edge."""
+    extra = r.get("extra") if isinstance(r.get("extra"), dict) else {}
+    if r["verdict"] == "crashed":
+        c = extra.get("crash") or {}
+        kind = {"signal": c.get("signal_name") or "signal", "exit": f"exit {c.get('exit_code')}",
+                "timeout": "timeout", "memory": "MemoryError"}.get(c.get("kind"), c.get("kind") or "died")
+        return f"crashed ({kind})", r["component"]
+    if r["check"] == "dialect":
+        e = extra.get("edge") or {}
+        if r["component"] == "dialect_map":
+            return "dialect map inconsistent", "dialect map"
+        f = e.get("factor") or ""
+        return (f"dialect {f}" if f else f"dialect {e.get('verdict', r['verdict'])}"), f"edge {r['component']}"
+    msg = _LABEL.sub("", (r.get("message") or "").split(" | ")[0].strip().splitlines()[0] if r.get("message")
+                     else "")
+    if "systematic" in msg:
+        head = "systematic " + ("gain" if "gain" in msg else "offset")
+    elif r["check"] == "routing" and ("set" in msg or "expert" in msg):
+        head = "routing set mismatch" if "set" in msg else "routing: " + _NUM.sub("N", msg)[:60]
+    elif r["verdict"] == "error":
+        m = re.search(r"raised (\w+)", msg)
+        head = f"raised {m.group(1)}" if m else "error"
+    else:
+        head = f"{r['verdict']}: " + _NUM.sub("N", re.sub(r"\S*/\S*", "", msg)).strip()[:70]
+    return head, f"component {r['component']}"
+
+
+def failure_groups(rows: list[dict], subjects: dict) -> list[dict]:
+    groups: dict = {}
+    for r in rows:
+        if r["verdict"] not in FAILING or r.get("component") == "dialect_map":
+            continue
+        groups.setdefault(diagnosis(r), []).append(r)
+    out = []
+    for (diag, where), rs in groups.items():
+        w = _worst(rs)
+        info = subjects.get(w["subject"], {})
+        label = info.get("banner") or (f"{w['subject']} on {w.get('device') or info.get('device', '?')}"
+                                       + (" [EMULATED]" if w.get("emulated") else ""))
+        crash = ((w.get("extra") or {}).get("crash") or {}) if isinstance(w.get("extra"), dict) else {}
+        out.append({"diagnosis": diag, "where": where, "n": len(rs), "worst": w, "verdict": w["verdict"],
+                    "subjects": sorted({r["subject"] for r in rs}), "cases": len({r["case_id"] for r in rs}),
+                    "measured": measured_vs_allowed(w), "device_label": label,
+                    "rerun": w.get("rerun", ""), "run_command": crash.get("run_command", ""),
+                    "component": w["component"], "check": w["check"]})
+    out.sort(key=lambda g: (-SEVERITY_RANK.get(g["verdict"], 0), -g["n"], g["where"]))
+    return out
+
+
+def component_matrix(rows: list[dict], components: list[str], subjects: list[str]) -> dict:
+    """(component, subject) -> worst verdict, worst error/bound, and the per-(check, level) detail."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["component"], r["subject"]), []).append(r)
+    out = {}
+    for (comp, subj), rs in cells.items():
+        w = _worst(rs)
+        wobs = [x for x in map(_wob, rs) if x is not None]
+        levels: dict = {}
+        for r in rs:
+            levels.setdefault(f"{r['check']}/{r['level']}", []).append(r)
+        detail = []
+        for lv, lrs in sorted(levels.items()):
+            lw = _worst(lrs)
+            lwobs = [x for x in map(_wob, lrs) if x is not None]
+            detail.append({"level": lv, "verdict": lw["verdict"], "n": len(lrs),
+                           "wob": max(lwobs) if lwobs else None, "anchor": _anchor(subj, lw["case_id"], lw["level"])})
+        out[(comp, subj)] = {"verdict": w["verdict"], "wob": max(wobs) if wobs else None, "n": len(rs),
+                             "checks": sorted({r["check"] for r in rs}), "detail": detail}
+    return out
+
+
+VCOLOR = {"pass": "#27ae60", "xfail": "#8e44ad", "degraded": "#f1c40f", "xpass": "#e67e22", "fail": "#e74c3c",
+          "catastrophic": "#922b21", "error": "#c0392b", "crashed": "#4a0e0e", "not-provided": "#aaaaaa",
+          "needs-gpu": "#aaaaaa", "not-run": "#aaaaaa"}
+
+
+def _esc(s) -> str:
+    return (str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
+
+
+def dialect_svg(edges: list[dict]) -> str:
+    """Producer -> consumer edges of one subject's FP8 dialect map, each line coloured by its verdict."""
+    prods = sorted({e["producer"] for e in edges})
+    cons = sorted({e["consumer"] for e in edges})
+    if not prods:
+        return ""
+    h = 26 * max(len(prods), len(cons)) + 20
+    w = 520
+    py = {p: 20 + 26 * i for i, p in enumerate(prods)}
+    cy = {c: 20 + 26 * i for i, c in enumerate(cons)}
+    parts = []
+    for e in edges:
+        col = VCOLOR.get(e["verdict"], "#999")
+        y1, y2 = py[e["producer"]], cy[e["consumer"]]
+        label = f"{e['edge']}: {e['verdict']}" + (f" {e['factor']}" if e.get("factor") else "")
+        parts.append(f'<line x1="170" y1="{y1}" x2="350" y2="{y2}" stroke="{col}" stroke-width="3">'
+                     f'<title>{_esc(label)}</title></line>')
+        if e.get("factor"):
+            parts.append(f'<text x="{(170 + 350) / 2:.0f}" y="{(y1 + y2) / 2 - 3:.0f}" font-size="11" fill="{col}" '
+                         f'text-anchor="middle">{_esc(e["factor"])}</text>')
+    for p, y in py.items():
+        parts.append(f'<text x="165" y="{y + 4}" font-size="12" text-anchor="end">{_esc(p)}</text>'
+                     f'<circle cx="170" cy="{y}" r="4" fill="#333"/>')
+    for c, y in cy.items():
+        parts.append(f'<circle cx="350" cy="{y}" r="4" fill="#333"/><text x="356" y="{y + 4}" font-size="12">'
+                     f'{_esc(c)}</text>')
+    return f'<svg class="dmap" width="{w}" height="{h}" role="img">{"".join(parts)}</svg>'
+
+
+def wob_svg(matrix: dict, components: list[str], subjects: list[str]) -> str:
+    """Worst error / bound per component (rows) for every subject (one coloured mark each), log axis; the red
+    line is the bound."""
+    comps = [c for c in components if any((matrix.get((c, s)) or {}).get("wob") is not None for s in subjects)]
+    if not comps:
+        return ""
+    lo, hi = -4.0, 2.0
+    x0, x1, rh = 170, 620, 18
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
+    col = {s: palette[i % len(palette)] for i, s in enumerate(subjects)}
+
+    def x(v):
+        lv = math.log10(max(v, 10 ** lo)) if v > 0 else lo
+        return x0 + (min(max(lv, lo), hi) - lo) / (hi - lo) * (x1 - x0)
+    parts = []
+    for i, c in enumerate(comps):
+        y = 24 + rh * i
+        parts.append(f'<text x="{x0 - 6}" y="{y + 4}" font-size="11" text-anchor="end">{_esc(c)}</text>'
+                     f'<line x1="{x0}" y1="{y}" x2="{x1}" y2="{y}" stroke="#eee"/>')
+        for s in subjects:
+            cell = matrix.get((c, s)) or {}
+            v = cell.get("wob")
+            if v is None:
+                continue
+            parts.append(f'<circle cx="{x(v):.1f}" cy="{y}" r="4" fill="{col[s]}" fill-opacity=".8">'
+                         f'<title>{_esc(s)} {_esc(c)}: worst {v:.3g} x bound ({_esc(cell["verdict"])})</title>'
+                         f'</circle>')
+    h = 24 + rh * len(comps) + 30
+    for e in range(int(lo), int(hi) + 1):
+        parts.append(f'<text x="{x(10 ** e):.0f}" y="{h - 16}" font-size="10" text-anchor="middle">1e{e}</text>')
+    parts.append(f'<line x1="{x(1):.1f}" y1="10" x2="{x(1):.1f}" y2="{h - 28}" stroke="#c0392b" '
+                 f'stroke-dasharray="3"/>')
+    legend = "".join(f'<tspan fill="{col[s]}">&#9679; {_esc(s)}  </tspan>' for s in subjects)
+    parts.append(f'<text x="{x0}" y="{h - 2}" font-size="11">{legend}</text>')
+    return f'<svg class="wob" width="{x1 + 20}" height="{h}" role="img">{"".join(parts)}</svg>'
+
+
+def dialect_edges(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        e = (r.get("extra") or {}).get("edge") if isinstance(r.get("extra"), dict) else None
+        if r["check"] == "dialect" and e and e.get("producer"):
+            out.setdefault(r["subject"], []).append({"edge": r["component"], "producer": e["producer"],
+                                                     "consumer": e.get("consumer", "?"), "verdict": r["verdict"],
+                                                     "factor": e.get("factor") or ""})
+    return out
 
 
 def subject_row_devices(subjects: dict, by_subject: dict) -> dict:
@@ -80,6 +280,8 @@ def build_context(out: Path) -> dict:
     subjects = json.loads((out / "subjects.json").read_text()) if (out / "subjects.json").exists() else {}
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
     command = (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else ""
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    unfinished = bool(manifest) and manifest.get("finished") is None
     by_subject = defaultdict(list)
     for r in rows:
         by_subject[r["subject"]].append(r)
@@ -121,12 +323,27 @@ def build_context(out: Path) -> dict:
             cov[r["component"]] = {"function": r["function"], "backend": r.get("backend") or "?",
                                    "note": f"(as the {r['check']} rows record it)"}
     any_emulated = any(v.get("emulated") for v in subjects.values())
+    order = list(by_subject)
+    cmatrix = component_matrix(rows, components, order)
+    totals = defaultdict(int)
+    for r in rows:
+        totals[r["verdict"]] += 1
+    edges = dialect_edges(rows)
+    failing = [r for r in details if r["verdict"] in FAILING]
+    for r in rows:
+        r["wob"] = _wob(r)
+        r["mva"] = measured_vs_allowed(r)
     other_devices = subject_row_devices(subjects, by_subject)
-    return dict(other_devices=other_devices,
-                rows=rows, subjects=subjects, env=env, command=command, components=components,
+    return dict(other_devices=other_devices, rows=rows, subjects=subjects, env=env, command=command,
+                components=components,
                 columns=columns, matrix=matrix, counts={k: dict(v) for k, v in counts.items()},
                 details=details, coverage=coverage, dialect_maps=dialect_maps, any_emulated=any_emulated,
-                subject_order=list(by_subject))
+                subject_order=order, manifest=manifest, unfinished=unfinished,
+                totals=sorted(totals.items(), key=lambda kv: -SEVERITY_RANK.get(kv[0], 0)),
+                groups=failure_groups(rows, subjects), cmatrix=cmatrix, failing=failing,
+                dialect_svgs=[(s, dialect_svg(e)) for s, e in edges.items()],
+                wob_svg=wob_svg(cmatrix, components, order), checks=sorted({r["check"] for r in rows}),
+                verdicts=[v for v in reversed(SEVERITY) if totals.get(v)])
 
 
 def _anchor(subject, case_id, level) -> str:

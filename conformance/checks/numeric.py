@@ -162,6 +162,8 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
                             message=f"{impl.function} does not support this case: {e}", function=impl.function,
                             backend=impl.backend, device=info.device, dialect=info.dialect,
                             emulated=info.emulated, params=dict(case.params, **ctx), seed=case.seed, rerun=rerun)]
+    except MemoryError:   # out of memory is a crash of the case (conformance.isolate), not a verdict
+        raise
     except Exception as e:
         return [CheckResult(name, case.id, case.component, "numeric", "-", "error",
                             message=f"{impl.function} raised {type(e).__name__}: {e}",

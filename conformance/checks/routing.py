@@ -755,6 +755,8 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
         extra_kw["out"] = view
     try:
         got = _as_outputs(spec, impl.fn(**_clone(kwargs), **extra_kw))
+    except MemoryError:   # out of memory is a crash of the case (conformance.isolate), not a verdict
+        raise
     except Exception as e:
         return [err_row("-", e)]
     t = time.perf_counter() - t0
@@ -769,6 +771,8 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
         try:
             rows.extend(run_expert_parallel(impl, kwargs, want, params, name, info, case, ctx, rerun, label,
                                             ranks, level=rows[0].level))
+        except MemoryError:
+            raise
         except Exception as e:
             rows.append(err_row("expert-parallel", e))
     return rows

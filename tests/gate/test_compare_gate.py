@@ -144,22 +144,45 @@ def test_gate_arch_mismatch_is_usage_error(runs, fresh, tmp_path):
         gate(baseline=str(tmp_path / "gfx942.json"), out="unused", run_dir=str(fresh("good")), printer=_quiet)
 
 
-def test_gate_crash_still_writes_junit_and_reports(runs, tmp_path):
-    save_baseline(load_run(runs["good"]), tmp_path / "baselines")
-    out = tmp_path / "crash"
+def _crash_gate(tmp_path, name, *extra):
     old = os.environ.get("DSV4_GATE_VARIANT")
     os.environ["DSV4_GATE_VARIANT"] = "crash"
     try:
-        res = gate(baseline=str(tmp_path / "baselines"), out=str(out),
-                   run_args=["--subject", "emulated:gfx942", "--subject", SUBJECT,
-                             "--component", "quant.act_fp8", "--", "-k", "test_numeric"], printer=_quiet)
+        return gate(baseline=str(tmp_path / "baselines"), out=str(tmp_path / name),
+                    run_args=["--subject", "emulated:gfx942", "--subject", SUBJECT, *extra,
+                              "--component", "quant.act_fp8", "--", "-k", "test_numeric"], printer=_quiet)
     finally:
         os.environ.pop("DSV4_GATE_VARIANT") if old is None else os.environ.update(DSV4_GATE_VARIANT=old)
+
+
+def test_gate_crashed_cases_are_rows_and_regressions(runs, tmp_path):
+    """Isolated (the default): each case that dies is a crashed row; against the passing baseline every level it
+    had is a regression, and the run itself did not crash."""
+    save_baseline(load_run(runs["good"]), tmp_path / "baselines")
+    res = _crash_gate(tmp_path, "crash")
+    out = tmp_path / "crash"
+    assert res.exit_code == 1 and res.crash == ""
+    crashed = [r for r in res.failing if r["verdict"] == "crashed"]
+    assert len(crashed) == 4 and all("exited with code 139" in r["message"] for r in crashed)
+    assert len(res.regressions) == 8 and not res.comparison.missing   # 4 cases x 2 levels, none "missing"
+    assert validate(out / "junit.xml")["errors"] == 4
+    assert (out / "report.html").exists()
+
+
+def test_gate_crash_still_writes_junit_and_reports(runs, tmp_path):
+    """--isolate none: the first crash takes the run down (-n 0); the gate still writes its outputs, and the
+    in-flight marker is the crashed row of the case that was running."""
+    save_baseline(load_run(runs["good"]), tmp_path / "baselines")
+    res = _crash_gate(tmp_path, "crash", "--isolate", "none")
+    out = tmp_path / "crash"
     assert res.exit_code == 1 and "crashed" in res.crash
     tot = validate(out / "junit.xml")
-    assert tot["errors"] == 1
+    assert tot["errors"] == 2                      # the run's crash and the crashed row of the case it died in
     assert (out / "report.html").exists() and "Run crashed" in (out / "gate.html").read_text()
-    assert len(res.comparison.missing) == 8        # the crashed subject's results never came
+    crashed = [r for r in res.failing if r["verdict"] == "crashed"]
+    assert len(crashed) == 1 and "process running this case died" in crashed[0]["message"]
+    assert len(res.comparison.missing) == 6        # the 3 cases after it never started (2 levels each)
+    assert len([c for c in res.regressions if c.b and c.b["verdict"] == "crashed"]) == 2
 
 
 def test_expected_failures_xfail_and_xpass(runs, fresh, tmp_path):

@@ -116,6 +116,8 @@ def probe_edge(edge: Edge, producer: Producer | None, consumer: Consumer | None)
     row.producer_function, row.consumer_function = producer.function, consumer.function
     try:
         _probe(row, producer, consumer)
+    except MemoryError:   # out of memory is a crash of the case (conformance.isolate), not a verdict
+        raise
     except Exception as e:  # a probe that crashes is an error on that edge, never a silent pass
         row.verdict, row.factor = "error", ""
         row.diagnosis = f"{type(e).__name__}: {e}"
