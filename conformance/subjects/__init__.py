@@ -86,7 +86,8 @@ def load_subject(spec: str) -> Subject:
         subj = factory(profile=profile) if profile else factory()
     else:
         raise SubjectError(f"unknown subject {spec!r}; built in: {sorted(BUILTIN)} "
-                           f"(profiles: emulated:<gfx942|ocp>, vllm-triton[-gpu]:<gfx942|ocp>, vllm:sim-<gfx942|gfx950>), "
+                           f"(profiles: emulated:<gfx942|ocp>, vllm-triton[-gpu]:<gfx942|ocp>, "
+                           f"vllm:sim-<gfx942|gfx950>), "
                            f"or a plugin as 'module:factory'")
     if not isinstance(subj, Subject):
         raise SubjectError(f"subject {spec!r}: factory returned {type(subj).__name__}, not a Subject")
