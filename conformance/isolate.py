@@ -58,13 +58,18 @@ def choose_mode(requested: str) -> tuple[str, str]:
         import torch
 
         cuda = bool(torch.cuda.is_initialized())
+        device = bool(torch.cuda.is_available())     # NVML/HIP query: does not initialise CUDA
     except Exception:  # noqa: BLE001 - no torch / no CUDA build: nothing to break
-        cuda = False
+        cuda = device = False
     if cuda:
         if requested == "fork":
             raise pytest.UsageError("--isolate fork: CUDA is initialised in the pytest process and a forked child "
                                     "cannot use it; use --isolate none (crashes then leave in-flight markers)")
         return "none", "CUDA is initialised in the pytest process (a forked child cannot use it)"
+    if device and requested == "auto":
+        # a GPU subject initialises CUDA in this process (info(), loading its kernels) after the mode is chosen,
+        # and every forked case would then fail with "Cannot re-initialize CUDA in forked subprocess"
+        return "none", "a CUDA/ROCm device is present (subjects initialise CUDA, which a forked child cannot use)"
     return "fork", "--isolate fork" if requested == "fork" else "auto: fork"
 
 

@@ -114,3 +114,24 @@ def test_without_isolation_report_renders_the_unfinished_run(tmp_path):
     assert {r["case_id"]: r["verdict"] for r in rows(out)}.get(BAD) == "crashed"
     html = (out / "report.html").read_text()
     assert "UNFINISHED RUN" in html
+
+
+def test_isolation_mode_follows_the_device(monkeypatch):
+    """auto forks per case on a CPU machine, and runs in-process where a GPU is present (a GPU subject
+    initialises CUDA after the mode is chosen; a forked child could not use it: seen on an H100, every case
+    failed 'Cannot re-initialize CUDA in forked subprocess')."""
+    import torch
+
+    from conformance.isolate import choose_mode
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_mode("auto")[0] == "fork"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    mode, why = choose_mode("auto")
+    assert mode == "none" and "device is present" in why
+    assert choose_mode("fork")[0] == "fork"            # asked for explicitly: honoured while CUDA is untouched
+    assert choose_mode("none")[0] == "none"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(pytest.UsageError, match="cannot use it"):
+        choose_mode("fork")
