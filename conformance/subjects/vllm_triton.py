@@ -250,6 +250,27 @@ class VllmTritonSubject(Subject):
     backend = "triton-interpreter"
 
 
+def fp8_dialect_unsupported(profile: str, hip: str | None = None, arch: str | None = None) -> str | None:
+    """Why this GPU's Triton cannot compile ``profile``'s FP8 dialect, or None. Triton's float8 types are per
+    architecture: fp8e4b8 (float8_e4m3fnuz) exists only on gfx942 (CDNA3), fp8e4nv (OCP float8_e4m3fn) on
+    NVIDIA sm89+ and gfx950, not on gfx942 (seen on an H100: "type fp8e4b8 not supported in this
+    architecture"). Refusing up front gives one sentence instead of a compile error in every case."""
+    if hip is None and arch is None:
+        hip = getattr(torch.version, "hip", None)
+        arch = (getattr(torch.cuda.get_device_properties(0), "gcnArchName", "") or "") if hip else \
+            "sm%d%d" % torch.cuda.get_device_capability(0)
+    arch = (arch or "").split(":")[0]
+    fnuz = PROFILES[profile]["fnuz"]
+    if fnuz and not arch.startswith("gfx94"):
+        return (f"profile {profile!r} is vLLM's float8_e4m3fnuz (fp8e4b8) path, which Triton compiles only for "
+                f"gfx942 (MI300X/MI325X), and this GPU is {arch}; here use vllm-triton-gpu:ocp, or "
+                f"vllm-triton:{profile} (Triton's interpreter, no device claim)")
+    if not fnuz and arch.startswith("gfx94"):
+        return (f"profile {profile!r} is vLLM's OCP float8_e4m3fn (fp8e4nv) path, which Triton does not compile "
+                f"for {arch}; on gfx942 use vllm-triton-gpu:gfx942")
+    return None
+
+
 class VllmTritonGpuSubject(VllmTritonSubject):
     """``vllm-triton-gpu:<profile>``: the same vLLM Triton kernels, launched the same way, compiled by Triton for
     the GPU of this machine (on an H100: sm90, the OCP branches with profile ``ocp``). The kernels come from
@@ -273,6 +294,9 @@ class VllmTritonGpuSubject(VllmTritonSubject):
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SubjectError(f"subject {self.name!r}: TRITON_INTERPRET=1 is set, so Triton would interpret, not "
                                "compile; unset it (for the interpreter use vllm-triton:<profile>)")
+        why = fp8_dialect_unsupported(profile)
+        if why:
+            raise SubjectError(f"subject {self.name!r}: {why}")
         from . import _vllm_source
 
         try:
@@ -314,4 +338,4 @@ class VllmTritonGpuSubject(VllmTritonSubject):
         return None
 
 
-__all__ = ["VllmTritonSubject", "VllmTritonGpuSubject", "NAMES"]
+__all__ = ["VllmTritonSubject", "VllmTritonGpuSubject", "NAMES", "fp8_dialect_unsupported"]
