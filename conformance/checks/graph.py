@@ -26,7 +26,7 @@ never passed.
 The cases come from subjects (``Subject.graph_cases()``, public API: ``conformance.subjects.GraphCase``); a worker
 finds its case by subject spec + case name. Each case runs in every graph mode it declares (``full``,
 ``piecewise``, ``decode-only``; the others are "not-run" rows with the case's reason), at every captured batch
-size (largest first, one shared pool), for ``case.steps`` decode steps, with a cross-size aliasing probe, in N
+size (largest first, one shared pool), for ``case.steps`` decode steps, with a cross-size sharing probe, in N
 fresh processes whose failure rate is reported (a failure in some processes only is "intermittent across
 processes": never a pass).
 
@@ -71,7 +71,7 @@ CAUSE_EAGER_MISMATCH = "replay differs from eager (unexplained)"
 CAUSE_NONBITWISE = "replay not bitwise equal to eager (deterministic kernels)"
 CAUSE_GOLDEN = "outside golden bound"
 CAUSE_CRASH = "process crashed"
-CAUSE_ALIAS = "output aliased across captured sizes (shared pool)"
+CAUSE_SHARED = "static buffers shared across captured sizes"
 CAUSE_PROCESS_INTERMITTENT = "intermittent across processes"
 CAUSE_MODE_SPECIFIC = "mode-specific"
 
@@ -489,7 +489,7 @@ def run_worker(case: GraphCase, n_inputs: int, n_replays: int, seed: int, device
                n_probes: int = 2, backend=None, mode: str = "full") -> dict:
     """Capture every batch size of ``case`` once in this process (largest first, one shared pool), replay
     ``n_inputs`` inputs (each ``case.steps`` steps) ``n_replays`` times each, run the stale / padding probes and,
-    with several sizes, the cross-size aliasing probe. Returns a JSON-able record (what the diagnosis reads).
+    with several sizes, the cross-size sharing probe. Returns a JSON-able record (what the diagnosis reads).
     ``backend`` defaults to real CUDA/HIP graphs; tests pass a simulated one (never used for reported results).
     The process seed is ``seed`` (``torch.initial_seed()`` inside the case's code)."""
     backend = backend or CudaGraphBackend()
@@ -498,7 +498,7 @@ def run_worker(case: GraphCase, n_inputs: int, n_replays: int, seed: int, device
     rs = _seed_stream(seed)
     sizes = case.batch_sizes
     rec: dict = {"seed": seed, "mode": mode, "sizes": list(sizes), "capture": {}, "replays": [], "probes": [],
-                 "alias": []}
+                 "cross_size": []}
     with golden_mode():
         ctx: dict = {}
         pool = backend.new_pool() if hasattr(backend, "new_pool") else None
@@ -652,17 +652,31 @@ def run_worker(case: GraphCase, n_inputs: int, n_replays: int, seed: int, device
                     rec.setdefault("anchored", []).append(dict(group=group, size=pb, same_ok=oks[0],
                                                                diff_ok=oks[1]))
 
-        # (4) cross-size aliasing: a graph's outputs must survive replays of the other captured sizes
+        # (4) cross-size sharing: load a size's inputs, replay the other sizes (each on its own inputs), then
+        # replay it, as a server does with interleaved micro-batches (dual-batch overlap: load both, replay
+        # both). Its result must equal eager on the inputs it was loaded with, as it does when replayed right
+        # after its load. What a replay leaves in its static outputs is NOT required to survive other sizes'
+        # replays: graphs sharing one pool reuse each other's freed intermediates (CUDA/HIP semantics; vLLM
+        # consumes a replay's outputs before the next), so survival is no correctness property.
         if len(sizes) > 1:
             for b in sizes:
                 sa = dict(_random_seeds(rs, b, (b,)), live=b, batch=b)
-                before = replay(b, gc.to_device(case.make_input(sa), device))
+                xa = case.make_input(sa)
+                da = gc.to_device(xa, device)
+                ref = eager(gc.clone_inputs(da))
+                gold = _dense_golden(case, xa)
+                direct_ok = _eager_compare(case, replay(b, da), ref, gold, b)[0]
                 others = [o for o in sizes if o != b]
+                ctx[b]["wrapper"].load(da)
                 for o in others:
                     so = dict(_random_seeds(rs, o, (o,)), live=o, batch=o)
                     replay(o, gc.to_device(case.make_input(so), device))
-                after = {k: v.clone() for k, v in ctx[b]["out"].items()}
-                rec["alias"].append(dict(size=b, others=others, changed=not _equal_live(after, before, b)))
+                ctx[b]["replay"]()
+                backend.synchronize()
+                inter = {k: v.clone() for k, v in ctx[b]["out"].items()}
+                inter_ok = _eager_compare(case, inter, ref, gold, b)[0]
+                rec["cross_size"].append(dict(size=b, others=others, direct_ok=direct_ok, interleaved_ok=inter_ok,
+                                         changed=direct_ok and not inter_ok))
     rec["wall_s"] = time.time() - t0
     return rec
 
@@ -688,7 +702,7 @@ def _process_failed(p: dict) -> bool:
             return True
     if any(not q["diff_ok"] or not q["same_ok"] for q in p.get("anchored", [])):
         return True
-    return any(a["changed"] for a in p.get("alias", []))
+    return any(a["changed"] for a in p.get("cross_size", []))
 
 
 def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
@@ -810,15 +824,17 @@ def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
         evidence[CAUSE_GOLDEN] = (f"{len(g_bad)}/{n} replays; worst metric {w['golden_metric']:.3g} vs bound "
                                   f"{w['golden_bound']:.3g}")
 
-    aliases = [a for p in alive for a in p.get("alias", [])]
-    if aliases:
-        bad_a = [a for a in aliases if a["changed"]]
-        rates["alias_probe"] = _rate(len(bad_a), len(aliases))
-        if bad_a:
-            causes.append(CAUSE_ALIAS)
-            a = bad_a[0]
-            evidence[CAUSE_ALIAS] = (f"the static outputs of the size-{a['size']} graph changed when only the "
-                                     f"size {a['others']} graphs replayed ({len(bad_a)}/{len(aliases)} probes)")
+    crossed = [a for p in alive for a in p.get("cross_size", [])]
+    if crossed:
+        bad_x = [a for a in crossed if a["changed"]]
+        rates["cross_size_probe"] = _rate(len(bad_x), len(crossed))
+        if bad_x:
+            causes.append(CAUSE_SHARED)
+            a = bad_x[0]
+            evidence[CAUSE_SHARED] = (f"the size-{a['size']} graph, loaded and then replayed after the size "
+                                      f"{a['others']} graphs replayed, differed from eager on its own inputs; "
+                                      f"replayed right after its load it was right ({len(bad_x)}/{len(crossed)} "
+                                      "probes): its static inputs or state are written by another size")
 
     # every fresh process on its own: a failure in some processes but not all is intermittent
     failed = [p for p in procs if _process_failed(p)]
@@ -832,7 +848,7 @@ def diagnose(procs: list[dict], deterministic: bool = True) -> dict:
     graph_causes = [c for c in causes if c not in (CAUSE_GOLDEN,)]
     if crashed or cap_fail or any(c.startswith(CAUSE_STALE) for c in causes) or CAUSE_PADDING in causes \
             or CAUSE_WARMUP_ALLOC in causes or CAUSE_INTERMITTENT in causes or CAUSE_EAGER_MISMATCH in causes \
-            or CAUSE_ALIAS in causes or CAUSE_PROCESS_INTERMITTENT in causes:
+            or CAUSE_SHARED in causes or CAUSE_PROCESS_INTERMITTENT in causes:
         eager_verdict = "fail"
     elif CAUSE_NONBITWISE in causes or CAUSE_HOST_SYNC in causes:
         eager_verdict = "degraded"
@@ -1137,7 +1153,7 @@ def summary_markdown(reports: list[GraphReport], header: str = "") -> str:
     lines = [header or "# Graph-replay suite", "", f"device: {reports[0].device if reports else '?'}", "",
              "| subject | case | mode | sizes | steps | mutant / twin | verdict (eager / golden) | causes | "
              "expected cause | caught | process fail | capture fail | eager mismatch | golden fail | "
-             "padding probe | stale probes | alias probe | replays | wall s |",
+             "padding probe | stale probes | cross-size probe | replays | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def r(rep, k):
@@ -1154,7 +1170,7 @@ def summary_markdown(reports: list[GraphReport], header: str = "") -> str:
             f" | {rep.expect_cause or '-'} | "
             f"{'-' if rep.caught is None else ('yes' if rep.caught else 'NO')} | {r(rep, 'process_fail')} | "
             f"{r(rep, 'capture_fail')} | {r(rep, 'eager_mismatch')} | {r(rep, 'golden_fail')} | "
-            f"{r(rep, 'padding_probe')} | {stale} | {r(rep, 'alias_probe')} | {rep.replays} | {rep.wall_s:.1f} |")
+            f"{r(rep, 'padding_probe')} | {stale} | {r(rep, 'cross_size_probe')} | {rep.replays} | {rep.wall_s:.1f} |")
     lines += ["", "## Evidence", ""]
     for rep in reports:
         for c, e in rep.evidence.items():

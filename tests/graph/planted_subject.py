@@ -12,8 +12,9 @@ Case: planted bug (only in the captured path; the eager path is correct) -> the 
 * ``stale_metadata``: ``load()`` refreshes the block table only on the first call -> stale: metadata.
 * ``padding_read``: MoE router logits centred on the padded batch's mean (padding rows steer the live rows'
   routing) -> reads padding rows.
-* ``pool_alias``: every captured size writes its output into one buffer of the largest size -> output aliased
-  across captured sizes.
+* ``shared_static``: every captured size reads its tokens from one static input buffer of the largest size (a
+  view of its first rows), so another size's load, replayed between this size's load and replay (interleaved
+  micro-batches), overwrites them -> static buffers shared across captured sizes.
 * ``decode_only``: the decode-only path builds the attention window without the current token ->
   mode-specific (fails only in decode-only).
 * ``intermittent``: the region scales its output by (1 + 2^-20) in processes whose seed is 0 mod 5 ->
@@ -109,30 +110,22 @@ class PaddingRoutingTwin(PaddingRoutingWrapper):
     planted = False
 
 
-def _alias_wrapper(planted: bool):
-    """All captured sizes of one case write into one output buffer of the largest size (the bug) or each
-    into its own (the twin). Built largest size first, as the harness captures."""
+def _shared_static_wrapper(planted: bool):
+    """All captured sizes of one case read ``x`` from one static buffer of the largest size (the bug: a
+    workspace sized for the largest batch, each size taking a view of its first rows) or each from its own
+    (the twin). Built largest size first, as the harness captures."""
     shared: dict = {}
 
-    class SharedOutputWrapper(gc.MoeWrapper):
+    class SharedStaticWrapper(gc.MoeWrapper):
         def __init__(self, example, device, dims=D, weights=None):
             super().__init__(example, device, dims, weights)
             b = example["x"].shape[0]
-            if not planted or "out" not in shared or shared["out"].shape[0] < b:
-                self.out_buf = torch.zeros(b, gc.MOE.D, device=device)
-                if planted:
-                    shared["out"] = self.out_buf
-            else:
-                self.out_buf = shared["out"]
+            if planted:
+                if "x" not in shared or shared["x"].shape[0] < b:
+                    shared["x"] = torch.zeros_like(example["x"], device=device)
+                self.static["x"] = shared["x"][:b]
 
-        def region(self):
-            o = gc.moe_forward(self.static["x"], self.weights)
-            b = self.static["x"].shape[0]
-            view = self.out_buf[:b]
-            view.copy_(o["out"])
-            return {"out": view, "ids": o["ids"]}
-
-    return SharedOutputWrapper
+    return SharedStaticWrapper
 
 
 class DecodeOnlyWrapper(gc.DecodeStepWrapper):
@@ -214,9 +207,9 @@ def planted_cases() -> list[GraphCase]:
     cases += _pair("padding_read", lambda p, n: _with_wrapper(
         G.moe_case(n), _moe_wrapper(PaddingRoutingWrapper if p else PaddingRoutingTwin)),
         G.CAUSE_PADDING, "captured router centres logits on the padded batch's mean (eager: per token)")
-    cases += _pair("pool_alias", lambda p, n: _with_wrapper(
-        G.moe_case(n, batch_sizes=(8, 4, 2)), _moe_wrapper(_alias_wrapper(p))),
-        G.CAUSE_ALIAS, "every captured size writes its output into one buffer of the largest size")
+    cases += _pair("shared_static", lambda p, n: _with_wrapper(
+        G.moe_case(n, batch_sizes=(8, 4, 2)), _moe_wrapper(_shared_static_wrapper(p))),
+        G.CAUSE_SHARED, "every captured size reads its tokens from one static buffer of the largest size")
     cases += _pair("decode_only", lambda p, n: _with_wrapper(
         G.decode_step_case(n, modes=("full", "piecewise", "decode-only"), mode_reasons={}),
         _decode_wrapper(DecodeOnlyWrapper if p else DecodeOnlyTwin)),

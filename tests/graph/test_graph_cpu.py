@@ -246,11 +246,13 @@ def test_multistep_advance_grows_the_cache_and_positions():
 
 # ---------------------------------------------------------------- new diagnosis parts
 
-def test_diagnose_alias_and_process_intermittent():
+def test_diagnose_shared_buffers_and_process_intermittent():
     ok = _proc()
-    aliased = _proc() | {"alias": [dict(size=8, others=[4], changed=True), dict(size=4, others=[8], changed=False)]}
-    d = G.diagnose([aliased, ok, ok])
-    assert G.CAUSE_ALIAS in d["causes"] and d["rates"]["alias_probe"]["n"] == 1
+    shared = _proc() | {"cross_size": [dict(size=8, others=[4], direct_ok=True, interleaved_ok=False, changed=True),
+                                       dict(size=4, others=[8], direct_ok=True, interleaved_ok=True, changed=False)]}
+    d = G.diagnose([shared, ok, ok])
+    assert G.CAUSE_SHARED in d["causes"] and d["rates"]["cross_size_probe"]["n"] == 1
+    assert "size-8 graph" in d["evidence"][G.CAUSE_SHARED]
     assert G.CAUSE_PROCESS_INTERMITTENT in d["causes"] and d["rates"]["process_fail"] == {"n": 1, "of": 3,
                                                                                           "rate": 1 / 3}
     assert d["verdicts"]["eager"] == "fail"

@@ -29,7 +29,7 @@ def test_planted_subject_is_a_plugin_with_a_twin_per_mutant():
     assert all(isinstance(c, GraphCase) for c in cases)
     assert len(MUTANTS) == 7
     causes = {CASES[m].expect_cause for m in MUTANTS}
-    assert causes == {G.CAUSE_CAPTURE_SYNC, G.CAUSE_WARMUP_ALLOC, G.CAUSE_STALE, G.CAUSE_PADDING, G.CAUSE_ALIAS,
+    assert causes == {G.CAUSE_CAPTURE_SYNC, G.CAUSE_WARMUP_ALLOC, G.CAUSE_STALE, G.CAUSE_PADDING, G.CAUSE_SHARED,
                       G.CAUSE_MODE_SPECIFIC, G.CAUSE_PROCESS_INTERMITTENT}
     for m in MUTANTS:
         twin = CASES[f"{m}_twin"]
@@ -63,11 +63,11 @@ def test_cpu_rows_say_needs_gpu_never_pass():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_main_with_plugin_subject_writes_summary(tmp_path):
-    rc = G.main(["--subject", SPEC, "--subject", "reference", "--out", str(tmp_path), "--cases", "pool_alias",
+    rc = G.main(["--subject", SPEC, "--subject", "reference", "--out", str(tmp_path), "--cases", "shared_static",
                  "moe_block"])
     assert rc == 0
     summ = json.loads((tmp_path / "graph-summary.json").read_text())
-    assert {(r["subject"], r["case"]) for r in summ["reports"]} == {(SPEC, "pool_alias"), ("reference", "moe_block")}
+    assert {(r["subject"], r["case"]) for r in summ["reports"]} == {(SPEC, "shared_static"), ("reference", "moe_block")}
     assert {r["verdict"] for r in summ["reports"]} == {"needs-gpu", "not-run"}
     md = (tmp_path / "graph-summary.md").read_text()
     assert SPEC in md and "needs-gpu" in md
@@ -108,3 +108,28 @@ def test_fresh_worker_processes_load_plugin_cases_by_spec():
     twin = G.run_graph_case("intermittent_twin", subject=SPEC, n_inputs=2, n_replays=1, n_processes=5,
                             parallel=2, worker_backend=SIM)
     assert twin.verdict == "pass" and twin.rates["process_fail"]["n"] == 0, twin.evidence
+
+
+def test_pool_reuse_is_modelled_and_the_cross_size_probe_ignores_it():
+    """Graphs sharing a pool may overwrite each other's static outputs (the simulated pool scribbles them, as a
+    device pool's reuse of freed intermediates may): a correct case's outputs do not survive another size's
+    replay, and the cross-size probe must not call that a bug (it did, as an output-survival probe, on an
+    H100). The planted case, whose sizes share one static input buffer, is caught by the same probe."""
+    from conformance.checks import graph_components as gc
+
+    backend = SimulatedGraphBackend()
+    twin, planted = CASES["shared_static_twin"], CASES["shared_static"]
+    pool = backend.new_pool()
+    outs = {}
+    for b in (8, 4):
+        ex = gc.to_device(twin.make_input(dict(values=b, metadata=b, topk=b, padding=b, live=b, batch=b)), "cpu")
+        w = twin.wrapper(ex, "cpu")
+        replay, outs[b] = backend.capture(w, ex, pool=pool)
+        replay()
+    assert torch.isnan(outs[8]["out"]).all()          # the size-4 replay scribbled over size 8's outputs
+    rec = G.run_worker(twin, 2, 1, 3, "cpu", n_probes=1, backend=backend)
+    assert rec["cross_size"] and not any(a["changed"] for a in rec["cross_size"]), rec["cross_size"]
+    bad = G.run_worker(planted, 2, 1, 3, "cpu", n_probes=1, backend=backend)
+    assert all(r["eager_ok"] for r in bad["replays"])   # replayed right after its load: right
+    assert any(a["changed"] for a in bad["cross_size"])
+    assert G.CAUSE_SHARED in G.diagnose([bad])["causes"]
