@@ -61,6 +61,13 @@ def main(argv=None) -> int:
     from conformance.subjects._triton_kernels_standin import Bitmatrix
     from conformance.subjects._vllm_source import source_root
 
+    if args.profile not in vt.PROFILES:
+        print(f"error: unknown profile {args.profile!r}; known: {sorted(vt.PROFILES)}", file=sys.stderr)
+        return 2
+    why = vt.fp8_dialect_unsupported(args.profile)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     src = source_root()
     p = dict(vt.PROFILES[args.profile], dev="cuda", src=src)
     g = torch.Generator(device="cuda").manual_seed(0)
