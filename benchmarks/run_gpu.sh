@@ -20,8 +20,9 @@ cp /tmp/run-ocp/report.html "$OUT/report-ocp.html" 2>/dev/null
 if [ "${GRAPH:-1}" = 1 ]; then
   timeout 440 $PY -m conformance.checks.graph \
     --subject tests.graph.planted_subject:factory --subject reference --subject conformance.checks.graph_mutants:factory \
+    --subject vllm-triton-gpu:ocp --subject tests.graph.vllm_planted:factory \
     ${GRAPH_EXTRA:-} --inputs 8 --replays 2 --processes 5 --parallel 8 --timeout 120 --budget-s ${GRAPH_BUDGET:-290} \
-    --out "$OUT/graph" > "$OUT/graph-suite.log" 2>&1; echo "graph suite rc=$?"; tail -40 "$OUT/graph-suite.log"
+    --out "$OUT/graph" > "$OUT/graph-suite.log" 2>&1; echo "graph suite rc=$?"; grep -E '^(vllm|tests.graph.vllm)' "$OUT/graph-suite.log"; tail -4 "$OUT/graph-suite.log"
   DSV4_GRAPH_SUMMARY="$OUT/graph/graph-summary.json" timeout 60 $PY -m pytest tests/graph/test_graph_gpu.py -q \
     -p no:cacheprovider 2>&1 | tail -15
 fi

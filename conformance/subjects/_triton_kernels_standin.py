@@ -51,12 +51,16 @@ def sum_bitmatrix_rows(bitmatrix: Bitmatrix, partials_block_size: int):
     ids = bitmatrix.ids.long()
     T, E = bitmatrix.shape
     nb = max(1, cdiv(T, partials_block_size))
+    # static shapes and no host reads (capturable in a CUDA/HIP graph): dropped pairs (-1) are counted into a
+    # spare last slot that is cut off, instead of being filtered out by a data-sized mask
     valid = ids >= 0
-    col_sum = torch.bincount(ids[valid], minlength=E).to(torch.int32)
+    ones = torch.ones(ids.numel(), dtype=torch.int64, device=ids.device)
+    col = torch.zeros(E + 1, dtype=torch.int64, device=ids.device)
+    col.scatter_add_(0, torch.where(valid, ids, E).flatten(), ones)
     blk = (torch.arange(T, device=ids.device) // partials_block_size).unsqueeze(1).expand_as(ids)
-    part = torch.zeros(nb * E, dtype=torch.int64, device=ids.device)
-    part.scatter_add_(0, (blk * E + ids)[valid], torch.ones(int(valid.sum()), dtype=torch.int64, device=ids.device))
-    return col_sum, part.view(nb, E).to(torch.int32)
+    part = torch.zeros(nb * E + 1, dtype=torch.int64, device=ids.device)
+    part.scatter_add_(0, torch.where(valid, blk * E + ids, nb * E).flatten(), ones)
+    return col[:E].to(torch.int32), part[:-1].view(nb, E).to(torch.int32)
 
 
 class _Stage1:

@@ -14,9 +14,10 @@ The wrapper contract (``GraphCase.wrapper(example_device_inputs, device[, mode=.
   keys present are copied: in a multi-step case (``steps > 1``) the harness loads the whole input at step 0 and
   only ``step_keys`` afterwards, so the other buffers (a KV cache) keep what the replays wrote into them.
 * ``region() -> dict[str, Tensor]``: the captured body. It must read only static buffers and never a device
-  value on the host. The tensors it returns are the graph's static outputs; the harness reads them after
-  replays (also after replays of *other* captured batch sizes): they must stay valid until the same graph
-  replays again.
+  value on the host. The tensors it returns are the graph's static outputs; the harness reads them right after
+  the graph replays. They need not survive another size's replay (graphs sharing a pool reuse each other's
+  freed memory, as on a device), but a size's static inputs and state must: the harness loads one size,
+  replays the others, then replays it, and expects the result of its own inputs.
 * optional ``pieces() -> list[GraphPiece]`` for ``piecewise`` mode: the region split where a server splits it
   (around attention). Pieces run in order, each taking the dict the previous one returned (``{}`` first) and
   returning a dict; ``capture=True`` pieces are captured (each as its own graph, same pool), the others run
@@ -72,6 +73,8 @@ class GraphCase:
     ragged_size(cpu_inputs) -> the live ragged size (``indptr[-1]``) where the case builds a ragged list;
     deterministic: replays must equal eager bitwise on the live rows (else within the golden-derived bound);
     kind: "dense" | "index-set" (an ``idx`` output compared as index sets, near ties allowed by ``scores``);
+    bound / bound_reason: the golden bound per output where the component's formats are coarser than float32
+        (default: derived from the float32 golden's own rounding);
     function: what runs, named in the rows;
     expect_cause / mutant: planted bugs (the cause the check must name); a mutant's correct twin has
         ``mutant=False`` and ``twin_of`` naming the mutant.
@@ -100,6 +103,11 @@ class GraphCase:
     function: str = ""                      # what runs, for the rows (e.g. "myfork.graphs:DecodeStep")
     # the device component evaluates RoPE phases pos * omega in float32, the golden in float64
     fp32_rope_phase: bool = False
+    # (cpu_inputs, golden float64 outputs) -> {output: absolute bound on the live rows}: for a component whose
+    # formats are coarser than float32 (an FP8 cache, bf16 outputs) the case states its bound, replacing the
+    # one derived from the float32 golden; ``bound_reason`` gives the derivation shown beside it
+    bound: Callable[[dict, dict], dict] | None = None
+    bound_reason: str = ""
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in GRAPH_MODES]

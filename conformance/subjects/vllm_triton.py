@@ -81,15 +81,42 @@ class _K:
         return k
 
 
+CACHE_ROW_BYTES = 584          # per token: 448 fp8 nope + 64 bf16 rope (128 B) + 8 scale bytes
+
+
+def launch_insert_k(kernel, kv_bf: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor, bs: int, p: dict):
+    """vLLM's K-cache writer as DSV4's attention layer launches it: grid (tokens,), 448 nope dims quantised in
+    blocks of 64 to the profile's FP8 (``use_fnuz``, ``fp8_max``), 64 rope dims kept bf16, 8 scale bytes."""
+    N = kv_bf.shape[0]
+    kernel[(N,)](
+        kv_bf, slots, cache, N, input_dim=512, fp8_dim=448, bf16_dim=64, scale_dim=8, quant_block=64,
+        cache_block_size=bs, token_data_size=576, block_stride=cache.stride(0), fp8_max=p["cache_fmax"],
+        n_quant_blocks=8, use_fnuz=p["fnuz"])
+
+
+def launch_sparse_decode(kernel, qb: torch.Tensor, main: torch.Tensor, ind: torch.Tensor, ptr: torch.Tensor,
+                         sink: torch.Tensor, out: torch.Tensor, scale: float, p: dict):
+    """vLLM's ROCm ragged sparse-MLA decode fallback: grid (tokens, cdiv(heads, 16)); ``main`` the paged cache
+    viewed [blocks, block_size, 584], ``ind``/``ptr`` the ragged selected slots (no extra cache)."""
+    import triton
+
+    T, H = qb.shape[0], qb.shape[1]
+    nb, bs = main.shape[0], main.shape[1]
+    kernel[(T, triton.cdiv(H, 16))](
+        qb, main, ind, ptr, main, ind, ptr, sink, out,
+        qb.stride(0), qb.stride(1), out.stride(0), out.stride(1), main.stride(0), main.stride(0),
+        nb * bs, nb * bs, bs, bs, scale, H, HAS_ATTN_SINK=True, HAS_EXTRA=False, NOPE_DIM=448,
+        NOPE_BLOCK=512, ROPE_DIM=64, IS_FNUZ_MAIN=p["fnuz"], IS_FNUZ_EXTRA=False, BLOCK_H=16, BLOCK_K=16,
+        num_warps=8)
+
+
 def _insert(kv: torch.Tensor, bs: int, p: dict, k_name="quantize_and_insert_k_kernel"):
     dev = p.get("dev", "cpu")
     N = kv.shape[0]
     nb = (N + bs - 1) // bs
-    cache = torch.zeros(nb, bs * 584, dtype=torch.uint8, device=dev)
-    _K.get(k_name, p.get("src"))[(N,)](
-        kv.to(dev, BF).contiguous(), torch.arange(N, dtype=torch.int64, device=dev), cache, N, input_dim=512,
-        fp8_dim=448, bf16_dim=64, scale_dim=8, quant_block=64, cache_block_size=bs, token_data_size=576,
-        block_stride=cache.stride(0), fp8_max=p["cache_fmax"], n_quant_blocks=8, use_fnuz=p["fnuz"])
+    cache = torch.zeros(nb, bs * CACHE_ROW_BYTES, dtype=torch.uint8, device=dev)
+    launch_insert_k(_K.get(k_name, p.get("src")), kv.to(dev, BF).contiguous(),
+                    torch.arange(N, dtype=torch.int64, device=dev), cache, bs, p)
     return cache
 
 
@@ -97,25 +124,19 @@ def make_sparse_attention(p: dict):
     dev = p.get("dev", "cpu")
 
     def sparse_attention(q, kv, indices, sink, *, scale, numerics=None, chunk=256):
-        import triton
-
         T, H, D = q.shape
         bs = 64
         cache = _insert(kv, bs, p)
         nb = cache.shape[0]
-        main = cache.view(nb, bs, 584)
+        main = cache.view(nb, bs, CACHE_ROW_BYTES)
         lists = [[int(j) for j in row if j >= 0] for row in indices.tolist()]
         ind = torch.tensor(sum(lists, []), dtype=torch.int32, device=dev)
         ptr = torch.tensor([0] + list(__import__("itertools").accumulate(len(r) for r in lists)), dtype=torch.int32,
                            device=dev)
         out = torch.zeros(T, H, D, dtype=BF, device=dev)
         qb = q.to(dev, BF).contiguous()
-        _K.get("_sparse_attn_decode_ragged_kernel", p.get("src"))[(T, triton.cdiv(H, 16))](
-            qb, main, ind, ptr, main, ind, ptr, sink.to(dev).float().contiguous(), out,
-            qb.stride(0), qb.stride(1), out.stride(0), out.stride(1), main.stride(0), main.stride(0),
-            nb * bs, nb * bs, bs, bs, scale, H, HAS_ATTN_SINK=True, HAS_EXTRA=False, NOPE_DIM=448,
-            NOPE_BLOCK=512, ROPE_DIM=64, IS_FNUZ_MAIN=p["fnuz"], IS_FNUZ_EXTRA=False, BLOCK_H=16, BLOCK_K=16,
-            num_warps=8)
+        launch_sparse_decode(_K.get("_sparse_attn_decode_ragged_kernel", p.get("src")), qb, main, ind, ptr,
+                             sink.to(dev).float().contiguous(), out, scale, p)
         return {"o": out.float().cpu()}
     return sparse_attention
 
@@ -336,6 +357,13 @@ class VllmTritonGpuSubject(VllmTritonSubject):
 
     def dialect_probes(self):
         return None
+
+    def graph_cases(self) -> list:
+        """vLLM's kernels captured on this GPU (``_vllm_graph``): the K-cache writer + ragged sparse decode, and
+        the MoE routing-metadata builder, at several batch sizes sharing one pool."""
+        from ._vllm_graph import vllm_graph_cases
+
+        return vllm_graph_cases(self.params(), self.profile)
 
 
 __all__ = ["VllmTritonSubject", "VllmTritonGpuSubject", "NAMES", "fp8_dialect_unsupported"]

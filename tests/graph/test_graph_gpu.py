@@ -71,3 +71,35 @@ def test_planted_mutant_caught_and_twin_passes(name):
     twin = _ran(_reports(PLANTED, f"{name}_twin", **extra))
     assert twin and all(r.verdict == "pass" for r in twin), [(r.mode, r.causes, r.evidence) for r in twin]
     assert all(not r.device.startswith("cpu") for r in reps + twin)
+
+
+VLLM = "vllm-triton-gpu:ocp"
+VLLM_PLANTED = "tests.graph.vllm_planted:factory"
+
+
+@pytest.fixture
+def vllm_source():
+    from conformance.subjects._vllm_source import SourceError, source_root
+
+    try:
+        return source_root()
+    except SourceError as e:
+        pytest.skip(f"vLLM's kernels need vLLM's source: {e}")
+
+
+@pytest.mark.parametrize("name", ["vllm_sparse_decode", "vllm_routing_metadata"])
+def test_vllm_kernels_captured_replay_bitwise_within_golden(vllm_source, name):
+    reps = _ran(_reports(VLLM, name))
+    assert reps
+    for rep in reps:
+        assert rep.verdict == "pass", (rep.mode, rep.causes, rep.evidence)
+        assert rep.rates["not_bitwise"]["n"] == 0 and rep.rates["golden_fail"]["n"] == 0
+        assert not rep.device.startswith("cpu")
+
+
+@pytest.mark.parametrize("name", ["vllm_stale_ragged", "vllm_shared_ids"])
+def test_planted_bug_around_vllm_kernels_caught_twin_passes(vllm_source, name):
+    reps = _ran(_reports(VLLM_PLANTED, name))
+    assert any(r.caught for r in reps), [(r.mode, r.expect_cause, r.causes, r.evidence) for r in reps]
+    twin = _ran(_reports(VLLM_PLANTED, f"{name}_twin"))
+    assert twin and all(r.verdict == "pass" for r in twin), [(r.mode, r.causes, r.evidence) for r in twin]
