@@ -49,8 +49,10 @@ KNOWN = [
                 "converts with tl.float8e4nv and FP8_MAX=448 (OCP)",
                 "vllm/v1/attention/ops/rocm_aiter_mla_sparse.py: fp8_paged_mqa_logits_torch views the cache as "
                 "current_platform.fp8_dtype() (fnuz on gfx942)"],
-     "note": "a uniform x0.5 keeps the top-k ranking; an OCP byte 0x80 (-0, from a tiny negative) reads as NaN "
-             "in fnuz"},
+     "note": "a uniform x0.5 keeps the top-k ranking; but an OCP byte 0x80 (-0, from a tiny negative) reads as "
+             "NaN in fnuz, and NaN reaches the logits: under vllm:sim-gfx942 one block with 16 tiny negatives "
+             "gave 16 bytes 0x80 and made every probe logit of that key NaN (conformance.checks.dialect.negzero; "
+             "pytest tests/vllm/test_sim_bindings.py -k negative_zero)"},
 ]
 
 

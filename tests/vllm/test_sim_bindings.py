@@ -318,3 +318,21 @@ def test_interpreter_int_mask_fix():
     x, o = torch.arange(8.0), torch.zeros(16)
     k[(2,)](x, o, 1)
     assert o[:8].tolist() == x.tolist() and not o[8:].any()
+
+
+def test_negative_zero_reaches_gfx942_indexer_logits_as_nan():
+    """Issue 21: the gfx942 indexer K cache is written in OCP (tiny negatives -> 0x80, -0) and read as fnuz
+    (0x80 = NaN): under vllm:sim-gfx942 every probe logit of the key is NaN. Quiet where writer and reader agree:
+    gfx950 (OCP both) reads -0 as zero; gfx942's fnuz writers emit no 0x80."""
+    from conformance.checks.dialect.negzero import negative_zero_probe
+    from conformance.subjects import load_subject
+
+    p942, c942 = load_subject("vllm:sim-gfx942").dialect_probes()
+    bad = negative_zero_probe(p942["indexer_k->logits"], c942["indexer_k->logits"])
+    assert bad["verdict"] == "NaN reaches the reader" and bad["codes_0x80"] == bad["tiny_negatives"], bad
+    assert bad["nan_read"] == 128                           # every one-hot query's logit of that key
+    ok_fnuz = negative_zero_probe(p942["swa_cache->sparse_attn"], c942["swa_cache->sparse_attn"])
+    assert ok_fnuz["codes_0x80"] == 0 and ok_fnuz["nan_read"] == 0
+    p950, c950 = load_subject("vllm:sim-gfx950").dialect_probes()
+    ok = negative_zero_probe(p950["indexer_k->logits"], c950["indexer_k->logits"])
+    assert ok["verdict"] == "-0 read as zero" and ok["codes_0x80"] > 0, ok
