@@ -115,6 +115,9 @@ def sparse_case(p: dict, kernels: dict, profile: str, function: str) -> GraphCas
         return {"o": o.double()}
 
     def bound(x: dict, g64: dict) -> dict:
+        # attn.sparse's element bound is atol + rtol * (the row's largest selected |kv|): o is a convex
+        # combination of those rows. The graph check takes one number per output, so the largest row magnitude
+        # over the live rows is used (never tighter than the per-row bound; same rtol, nothing added)
         live = x["live"]
         idx = x["idx"][:live].long()
         mag = x["kv"].double().abs().amax(-1)[idx.clamp(min=0)].masked_fill(idx < 0, 0).amax()
