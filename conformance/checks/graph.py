@@ -226,6 +226,7 @@ def all_cases() -> dict[str, Callable[[], GraphCase]]:
 
 MUTANTS_SPEC = "conformance.checks.graph_mutants:factory"
 _SUBJECT_CASES: dict = {}
+_SUBJECT_SIM: dict = {}      # spec -> the device arch its simulation stands for ("" for none)
 
 
 def subject_cases(spec: str, subject=None) -> dict[str, GraphCase]:
@@ -244,7 +245,17 @@ def subject_cases(spec: str, subject=None) -> dict[str, GraphCase]:
             if not isinstance(c, GraphCase):
                 raise TypeError(f"subject {spec!r}: graph_cases() returned {type(c).__name__}, not a GraphCase")
         _SUBJECT_CASES[spec] = {c.name: c for c in cases}
+        info = getattr(subj, "info", None)
+        _SUBJECT_SIM[spec] = (getattr(info(), "simulated", "") or "") if callable(info) else ""
     return _SUBJECT_CASES[spec]
+
+
+def needs_gpu_note(row, simulated: str = "") -> None:
+    """A needs-gpu row says what was not replayed and which functions a device run captures (``simulated``: the
+    arch a simulated subject stands for, e.g. vllm:sim-gfx942's rows: no HIP graph was replayed)."""
+    if row.verdict == "needs-gpu" and "was replayed" not in row.message:
+        what = f"SIMULATED {simulated}: no HIP graph was replayed" if simulated else "no graph was replayed"
+        row.message = f"{row.message}; {what}; a device run captures {row.function}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1254,6 +1265,7 @@ def main(argv=None) -> int:
     mark_mode_specific(reports)
     for rep in reports:
         for row in rep.to_rows():
+            needs_gpu_note(row, _SUBJECT_SIM.get(rep.subject, ""))
             writer.write(row)
         print(f"{rep.subject[:28]:28s} {rep.case:30s} {rep.mode:11s} {rep.verdict:9s} caught={rep.caught} "
               f"causes={rep.causes} wall={rep.wall_s:.1f}s", flush=True)

@@ -208,6 +208,28 @@ def routing_case(builder, function: str) -> GraphCase:
                     "rows dropped, sizes 64/32/8 in one pool")
 
 
+# the kernel each case captures, as a platform's binding table names it (conformance.subjects.bindings)
+TABLE_KERNEL = {"attn.sparse": "_sparse_attn_decode_ragged_kernel",
+                "moe.routing_metadata": "_make_bitmatrix_metadata_pow2_safe"}
+
+
+def table_graph_cases(rows: dict, p: dict, profile: str) -> list[GraphCase]:
+    """The graph cases of the functions a platform's binding table selects, for a device run of the ``vllm``
+    subject and for its simulation alike. ``rows``: component -> ``Binding`` (``bindings.select`` on the platform
+    and dispatch context). vllm_sparse_decode where attn.sparse is bound to vLLM's ragged Triton decode,
+    vllm_routing_metadata where moe.routing_metadata is bound to its bitmatrix builder; each case's ``function``
+    is the row's, so the rows say what was (or, without a GPU, would be) captured. A component bound elsewhere
+    (AITER, a compiled op) gives no case: those kernels are not in this set."""
+    import dataclasses
+
+    out = []
+    for c in vllm_graph_cases(p, profile):
+        row = rows.get(c.component)
+        if row is not None and TABLE_KERNEL[c.component] in (row.function or ""):
+            out.append(dataclasses.replace(c, function=f"{row.function} [{row.backend}]"))
+    return out
+
+
 def vllm_graph_cases(p: dict, profile: str) -> list[GraphCase]:
     """The graph cases of vLLM's kernels for ``p`` (a ``vllm_triton.PROFILES`` entry plus dev and src)."""
     from .vllm_triton import _K

@@ -343,6 +343,23 @@ class VllmSubject(Subject):
                              note=f"{plat}: {row.condition}")
         return out
 
+    def graph_cases(self) -> list:
+        """ROCm / CUDA with a GPU: the installed vLLM's kernels that this platform's binding table selects,
+        captured under HIP / CUDA graphs (``_vllm_graph.table_graph_cases``; not yet run on a ROCm device).
+        vLLM's CPU build: none (it has no graph capture)."""
+        import torch
+
+        if self.kind not in ("rocm", "cuda") or not torch.cuda.is_available():
+            return []
+        from . import bindings
+        from ._vllm_graph import table_graph_cases
+        from .vllm_sim import platform_profile
+
+        plat, ctx = self.table_platform(), self.dispatch_context()
+        rows = {n: bindings.select(plat, n, ctx) for n in components.load_all()}
+        prof = platform_profile()
+        return table_graph_cases(rows, dict(prof, dev="cuda"), "gfx942" if prof["fnuz"] else "ocp")
+
     def dialect_probes(self):
         """FP8 producers and consumers per DSV4 edge. CPU: the CPU ops (OCP) wrapped by _vllm_dialect. ROCm /
         CUDA: vLLM's Triton writers and readers with the platform's dialect (is_fp8_fnuz, fp8 max from

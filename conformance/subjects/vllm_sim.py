@@ -284,6 +284,14 @@ class VllmSimSubject(Subject):
         self.provides()
         return dict(self._missing)
 
+    def graph_cases(self) -> list:
+        """The graph cases a device run of this arch captures (``_vllm_graph.table_graph_cases`` on the rows this
+        simulation selects): the same cases and functions as ``vllm`` on a ROCm GPU. There is no GPU here, so
+        the graph check reports them needs-gpu, naming the functions; no HIP graph is replayed."""
+        from ._vllm_graph import table_graph_cases
+
+        return table_graph_cases(self.bound_rows(), dict(self.profile), ARCHS[self.arch]["emulated_profile"])
+
     def dialect_probes(self):
         """Every DSV4 edge: vLLM's Triton writers and readers with the dialect the simulated platform answers,
         each call made under the simulated platform."""

@@ -9,7 +9,7 @@ recorded under that subject and name the device the graphs ran on. Without a CUD
 
 import pytest
 
-from conformance.checks.graph import run_subject, subject_cases
+from conformance.checks.graph import needs_gpu_note, run_subject, subject_cases
 from conformance.plugin import record
 
 
@@ -34,4 +34,5 @@ def test_graph_replay(graph_target, conformance_run):
     rows = [row for rep in run_subject(spec, [name] if name else None) for row in rep.to_rows()]
     for row in rows:                 # the subject's dialect; the device stays the one the graphs ran on
         row.dialect, row.emulated = info.dialect, info.emulated
+        needs_gpu_note(row, getattr(info, "simulated", "") or "")
     record(conformance_run, rows)

@@ -336,3 +336,64 @@ def test_negative_zero_reaches_gfx942_indexer_logits_as_nan():
     p950, c950 = load_subject("vllm:sim-gfx950").dialect_probes()
     ok = negative_zero_probe(p950["indexer_k->logits"], c950["indexer_k->logits"])
     assert ok["verdict"] == "-0 read as zero" and ok["codes_0x80"] > 0, ok
+
+
+# ------------------------------------------------------------------ graph capture wiring (issue #20, item 4)
+def test_sim_graph_cases_are_the_functions_the_table_binds(sim):
+    """The simulated arch exposes the graph cases a ROCm device run captures, named by the rows it binds."""
+    rows = sim.bound_rows()
+    cases = {c.name: c for c in sim.graph_cases()}
+    assert set(cases) == {"vllm_sparse_decode", "vllm_routing_metadata"}
+    for c in cases.values():
+        assert c.function == f"{rows[c.component].function} [{rows[c.component].backend}]"
+    assert "_sparse_attn_decode_ragged_kernel" in cases["vllm_sparse_decode"].function
+    assert "quantize_and_insert_k_kernel" in cases["vllm_sparse_decode"].function
+
+
+def test_sim_graph_cases_follow_a_changed_table_row(monkeypatch):
+    """Mutant: the table binds attn.sparse to an AITER kernel -> no sparse-decode graph case is offered (the cases
+    come from the rows, not from a fixed list)."""
+    sim = vs.VllmSimSubject("gfx942")
+    real = sim.bound_rows()
+    row = real["attn.sparse"]
+    import dataclasses
+
+    aiter = dataclasses.replace(row, function="aiter.mla.mla_decode_fwd", backend="aiter")
+    monkeypatch.setattr(sim, "bound_rows", lambda: dict(real, **{"attn.sparse": aiter}))
+    assert [c.name for c in sim.graph_cases()] == ["vllm_routing_metadata"]
+
+
+def test_sim_graph_rows_need_a_gpu_and_say_no_hip_graph_was_replayed(sim, monkeypatch):
+    from conformance.checks import graph
+
+    monkeypatch.setattr(graph, "graph_device_available", lambda: False)
+    spec = sim.name
+    monkeypatch.setitem(graph._SUBJECT_CASES, spec, {c.name: c for c in sim.graph_cases()})
+    reps = graph.run_subject(spec)
+    rows = [r for rep in reps for r in rep.to_rows()]
+    full = [r for r in rows if r.params.get("mode") == "full"]
+    assert full and all(r.verdict == "needs-gpu" for r in full)
+    for r in rows:
+        graph.needs_gpu_note(r, sim.arch)
+    for r in full:
+        assert f"SIMULATED {sim.arch}: no HIP graph was replayed" in r.message, r.message
+        assert "_sparse_attn_decode_ragged_kernel" in r.message or "_make_bitmatrix_metadata_pow2_safe" in r.message
+    assert not any(r.verdict == "pass" for r in rows)
+
+
+def test_device_run_offers_the_same_graph_cases_as_the_simulation(monkeypatch):
+    """`vllm` on a ROCm GPU (forced here without one) offers the same graph cases, with the same functions."""
+    import torch
+
+    from conformance.subjects import vllm as vsub
+
+    dev = vsub.VllmSubject()
+    assert dev.graph_cases() == [] or dev.kind != "cpu"       # vLLM's CPU build: nothing to capture
+    sim = vs.VllmSimSubject("gfx942")
+    dev.kind = "rocm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dev, "table_platform", lambda: "rocm-gfx942")
+    monkeypatch.setattr(dev, "dispatch_context", lambda: dict(sim.ctx))
+    with vs.SimPlatform("gfx942"):
+        got = {c.name: c.function for c in dev.graph_cases()}
+    assert got == {c.name: c.function for c in sim.graph_cases()}
