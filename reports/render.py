@@ -112,8 +112,9 @@ def diagnosis(r) -> tuple[str, str]:
             return "dialect map inconsistent", "dialect map"
         f = e.get("factor") or ""
         return (f"dialect {f}" if f else f"dialect {e.get('verdict', r['verdict'])}"), f"edge {r['component']}"
-    msg = _LABEL.sub("", (r.get("message") or "").split(" | ")[0].strip().splitlines()[0] if r.get("message")
-                     else "")
+    # the row's "[component | case | subject]" label first (it holds " | " itself), then the first output's part
+    first = (r.get("message") or "").strip().splitlines()[0] if (r.get("message") or "").strip() else ""
+    msg = _LABEL.sub("", first).split(" | ")[0].strip()
     if "systematic" in msg:
         head = "systematic " + ("gain" if "gain" in msg else "offset")
     elif r["check"] == "routing" and ("set" in msg or "expert" in msg):

@@ -552,7 +552,9 @@ def weight_loader(fnuz: bool):
 
 def e8m0_conversion_finding() -> str:
     """What normalize_e4m3fn_to_e4m3fnuz does with an e8m0 weight scale (DSV4's fp4-expert checkpoints):
-    returns '' when it converts, else the error (vLLM 0.32.0: NotImplementedError, no exponent+1 path)."""
+    returns '' when it converts, else the error. vLLM 0.32.0 doubles the scale with ``weight_scale * 2.0`` in the
+    scale's own dtype (no exponent+1 path); torch 2.13's CPU kernel has no multiply for float8_e8m0fnu, so here it
+    raises NotImplementedError from torch ("mul_cpu_reduced_float"). What ROCm torch does is not determined here."""
     try:
         w = torch.full((128, 128), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)
         s = torch.full((1, 1), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)

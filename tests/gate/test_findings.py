@@ -44,3 +44,20 @@ def test_compare_names_findings_that_appear_or_disappear(runs, capsys):
     assert "FINDINGS: appeared 1, disappeared 0, still 0" in out and "APPEARED    quant.act_fp8" in out
     assert main(["compare", str(runs["truncating"]), str(runs["good"])]) == 0
     assert "DISAPPEARED quant.act_fp8" in capsys.readouterr().out
+
+
+def test_a_finding_noted_on_a_passing_edge_row_gets_its_own_page_and_kind():
+    """The e8m0 scale conversion raises (torch's CPU e8m0 multiply) while the edge itself passes: the edge row's
+    message carries the probe's note, and the finding is a harness limitation with the functions blamed."""
+    base = dict(check="dialect", level="bytes", function="f", metrics={}, bounds={}, rerun="r",
+                case_id="dialect/weights->gemm", component="weights->gemm", verdict="pass")
+    note = ("edge weights->gemm [consistent x1]: ...; note: e8m0 scales not convertible in this vLLM: "
+            "NotImplementedError: \"mul_cpu_reduced_float\" not implemented for 'Float8_e8m0fnu'")
+    rows = [dict(base, subject="vllm-triton:gfx942", message=note),
+            dict(base, subject="vllm-triton:ocp", message="edge weights->gemm [consistent x1]: fine")]
+    fs = findings(rows)
+    assert len(fs) == 1
+    f = fs[0]
+    assert f.subject == "vllm-triton:gfx942" and f.kind == "harness-limitation" and "torch" in f.why
+    assert any("normalize_e4m3fn_to_e4m3fnuz" in s for s in f.source)
+    assert f.diagnosis == "raised NotImplementedError" and len(f.rows) == 1

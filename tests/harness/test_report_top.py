@@ -42,6 +42,19 @@ def _run(tmp_path):
     return out, render_report(out)
 
 
+def test_diagnosis_reads_past_the_rows_label():
+    """A row's message starts with its "[component | case | subject]" label, which holds " | " itself: the
+    diagnosis is the text after it, never a piece of the label."""
+    from reports.render import diagnosis
+
+    r = dict(verdict="catastrophic", check="numeric", component="moe.router", extra={},
+             message="[moe.router | moe.router/T33E256k6/deep_negative/s108 | vllm] weights: catastrophic; 198 / 198 "
+                     "weights beyond the derived bound (worst infx) | ids: equal sets")
+    head, where = diagnosis(r)
+    assert where == "component moe.router" and "[" not in head and "moe.router" not in head
+    assert head.startswith("catastrophic: weights: catastrophic;") and "weights beyond the derived bound" in head, head
+
+
 def test_summary_groups_failures_by_diagnosis(tmp_path):
     out, page = _run(tmp_path)
     ctx = build_context(out)

@@ -122,6 +122,9 @@ def probe_edge(edge: Edge, producer: Producer | None, consumer: Consumer | None)
         row.verdict, row.factor = "error", ""
         row.diagnosis = f"{type(e).__name__}: {e}"
         row.message = f"edge {edge.name}: probe raised {row.diagnosis}\n{traceback.format_exc(limit=3)}"
+    notes = [n for n in (producer.note, consumer.note) if n]   # what the subject knows of the edge beyond the probe
+    if notes:
+        row.message = f"{row.message}; " + "; ".join(f"note: {n}" for n in notes)
     return row
 
 
