@@ -115,16 +115,25 @@ def diagnosis(r) -> tuple[str, str]:
     # the row's "[component | case | subject]" label first (it holds " | " itself), then the first output's part
     first = (r.get("message") or "").strip().splitlines()[0] if (r.get("message") or "").strip() else ""
     msg = _LABEL.sub("", first).split(" | ")[0].strip()
-    if "systematic" in msg:
-        head = "systematic " + ("gain" if "gain" in msg else "offset")
-    elif r["check"] == "routing" and ("set" in msg or "expert" in msg):
-        head = "routing set mismatch" if "set" in msg else "routing: " + _NUM.sub("N", msg)[:60]
-    elif r["verdict"] == "error":
+    msg = _VS.sub("", msg)            # "vs emulated:ocp ..." names the level, not the defect
+    cls = next((name for pat, name in _CLASSES if re.search(pat, msg)), None)
+    if r["verdict"] == "error":
         m = re.search(r"raised (\w+)", msg)
         head = f"raised {m.group(1)}" if m else "error"
-    else:
+    elif cls:
+        head = cls
+    else:   # no known class: the message's first clause, numbers and paths folded so equal defects group
         head = f"{r['verdict']}: " + _NUM.sub("N", re.sub(r"\S*/\S*", "", msg)).strip()[:70]
     return head, f"component {r['component']}"
+
+
+_VS = re.compile(r"^vs \S+\s*")
+# diagnosis classes of the checks' messages (conformance.metrics / checks.routing wording), most specific first
+_CLASSES = ((r"systematic gain", "systematic gain"), (r"systematic offset", "systematic offset"),
+            (r"weights beyond the derived bound", "router weights beyond their bound"),
+            (r"routed to a different expert set|set mismatch", "routing set mismatch"),
+            (r"select a different set|index set", "index set mismatch"),
+            (r"\bNaN\b|\bInf\b|non-finite", "NaN / Inf where the golden is finite"))
 
 
 def failure_groups(rows: list[dict], subjects: dict) -> list[dict]:

@@ -51,8 +51,12 @@ def test_diagnosis_reads_past_the_rows_label():
              message="[moe.router | moe.router/T33E256k6/deep_negative/s108 | vllm] weights: catastrophic; 198 / 198 "
                      "weights beyond the derived bound (worst infx) | ids: equal sets")
     head, where = diagnosis(r)
-    assert where == "component moe.router" and "[" not in head and "moe.router" not in head
-    assert head.startswith("catastrophic: weights: catastrophic;") and "weights beyond the derived bound" in head, head
+    assert (head, where) == ("router weights beyond their bound", "component moe.router")
+    # the emulated-level row of the same defect groups with it
+    emu = dict(r, message=r["message"].replace("vllm] weights", "vllm] vs emulated:ocp weights"))
+    assert diagnosis(emu) == (head, where)
+    other = dict(r, message="[norm.rms | norm.rms/t7/s1 | x] y: fail; worst 3.2x its bound at [0, 5]")
+    assert diagnosis(other)[0] == "catastrophic: y: fail; worst Nx its bound at [N, N]"
 
 
 def test_summary_groups_failures_by_diagnosis(tmp_path):
