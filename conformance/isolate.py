@@ -234,6 +234,15 @@ def adopt_orphans(out: str | Path, *, all_dead: bool = False) -> int:
 
 # ---- the forked child ------------------------------------------------------------------------------------
 
+def _single_threaded_after_fork() -> None:
+    """torch's CPU thread pool (GNU OpenMP in the CPU wheels) does not survive fork: a child whose parent has used
+    the pool hangs in its first parallel op (measured: ``x.to(torch.float64)`` of a 4000 x 4000 tensor never
+    returns). The child therefore runs torch single-threaded; its parallel ops then run inline."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def _call(item):
     args = {a: item.funcargs[a] for a in item._fixtureinfo.argnames}
     return item.obj(**args)
@@ -241,6 +250,7 @@ def _call(item):
 
 def _child(item, run, w: int, log: Path) -> None:
     res: dict
+    _single_threaded_after_fork()
     try:
         os.setpgid(0, 0)       # its own process group: a timeout kills what the case started, too
         fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

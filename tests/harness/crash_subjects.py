@@ -1,6 +1,7 @@
 """A plugin subject (public Subject/Impl API) whose ``norm.rms`` misbehaves on one case, chosen by
 DSV4_CRASH_MODE: ``segv`` (a real segmentation fault: reads address 0), ``abort``, ``exit3`` (``os._exit(3)``),
-``hang`` (sleeps forever), ``memory`` (raises MemoryError), ``good`` (the fp64 golden: passes). Every other case
+``hang`` (sleeps forever), ``memory`` (raises MemoryError), ``good`` (the fp64 golden: passes), ``pool`` (the golden,
+after the factory has used torch's thread pool in the pytest process: a forked case must still finish). Every other case
 (and every mode on the other cases) computes the golden, so only the planted case can fail."""
 
 import ctypes
@@ -19,6 +20,12 @@ class Crashy(Subject):
     def __init__(self):
         self.mode = os.environ.get("DSV4_CRASH_MODE", "good")
         self.golden = load_subject("reference").provides()["norm.rms"].fn
+        if self.mode == "pool":           # use torch's CPU thread pool here, before any case is forked
+            import torch
+
+            torch.set_num_threads(2)
+            x = torch.randn(2000, 2000)
+            float(x.to(torch.float64).sum())
 
     def info(self):
         return SubjectInfo("crashy", f"crash test subject ({self.mode})", "cpu", "none", False)

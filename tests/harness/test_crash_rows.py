@@ -71,6 +71,15 @@ def test_planted_crash_is_a_crashed_row_and_the_report_is_written(tmp_path, mode
     assert m["finished"] is not None and m["case_timeout_s"] == 4.0
 
 
+def test_forked_case_finishes_after_the_parent_used_torchs_thread_pool(tmp_path):
+    """-n 0 forks each case from the pytest process; torch's OpenMP pool, once used there, hangs a child's first
+    parallel op. Planted: the subject's factory uses the pool at load; both cases must pass, not time out."""
+    p = conformance_run(tmp_path / "run", "pool", 0)
+    by_case = {r["case_id"]: r for r in rows(tmp_path / "run")}
+    assert {c: r["verdict"] for c, r in by_case.items()} == {BAD: "pass", GOOD: "pass"}, p.stdout[-2000:]
+    assert p.returncode == 0
+
+
 def test_correct_subject_gives_no_crashed_row_and_gate_flags_the_crash(tmp_path):
     good = tmp_path / "good"
     p = conformance_run(good, "good")
