@@ -90,6 +90,7 @@ def cmd_rerun(a) -> int:
                             "--subject", a.subject, "--case", a.case_id, "--no-report"],
                            capture_output=True, text=True)
         rows = load_rows(out) if (out / "results").exists() else []
+        rows = [r for r in rows if r.get("case_id") == a.case_id]   # a whole-suite test writes other rows too
         verdicts = {f"{r['check']}/{r['level']}": r["verdict"] for r in rows}
         if not rows:
             verdicts = {"-": "crash" if p.returncode not in (0, 1, 5) else f"no-result(rc {p.returncode})"}

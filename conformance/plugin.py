@@ -184,6 +184,35 @@ def _check_checkpoint_arg(path: str, opt: str = "--checkpoint") -> None:
         raise pytest.UsageError(f"{opt}: {msg}") from None
 
 
+# Row families of the whole-suite tests (one test per subject, many rows): a --case of another family deselects
+# them, so a rerun or a bisect step of one case runs only the test that produces its row.
+WHOLE_SUITE = {"test_dialect_map": "dialect/", "test_e2e": "e2e/", "test_graph_replay": "graph/"}
+WHOLE_SUITE_PREFIXES = tuple(WHOLE_SUITE.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    want = config.getoption("--case", default=None) or []
+    if not want:
+        return
+    op_wanted = any(not c.startswith(WHOLE_SUITE_PREFIXES) for c in want)
+    keep, drop = [], []
+    for it in items:
+        name = getattr(it, "originalname", None) or it.name.split("[")[0]
+        fam = WHOLE_SUITE.get(name)
+        if fam is not None:
+            wanted = any(c.startswith(fam) for c in want)
+        elif "conformance_case" in getattr(it, "fixturenames", ()):
+            # a suite none of whose cases was asked for has an empty parameter set: deselected, not skipped
+            cs = getattr(it, "callspec", None)
+            wanted = op_wanted and cs is not None and hasattr(cs.params.get("conformance_case"), "component")
+        else:
+            wanted = True
+        (keep if wanted else drop).append(it)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_generate_tests(metafunc):
     if "conformance_subject_only" in metafunc.fixturenames:
         specs = metafunc.config._dsv4_run.subject_specs
@@ -203,8 +232,10 @@ def pytest_generate_tests(metafunc):
     full = metafunc.config.getoption("--tier") == "full"
     cases = [c for c in all_cases() if (c.id in want_cases if want_cases else (full or c.tier == "fast"))
              and (not want_comp or c.component in want_comp)]
-    if want_cases and not cases:
-        raise pytest.UsageError(f"no case has id {sorted(want_cases)}")
+    op_wanted = {c for c in want_cases if not c.startswith(WHOLE_SUITE_PREFIXES)}
+    unknown = op_wanted - {c.id for c in cases}
+    if unknown:
+        raise pytest.UsageError(f"no case has id {sorted(unknown)}")
     params, ids = [], []
     for s in run.subject_specs:
         for c in cases:
