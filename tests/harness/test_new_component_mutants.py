@@ -1,4 +1,5 @@
-"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block):
+"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block,
+attn.q_path):
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
@@ -9,9 +10,14 @@ from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
 from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
+from conformance.cases.qkv import _dequant as _q_dequant
+from conformance.cases.qkv import _inv_freq as _q_inv_freq
+from conformance.cases.qkv import q_path_golden
 from conformance.checks.numeric import run_numeric, worst_verdict
 from references.components.attention import swa_indices
 from references.components.moe import shared_expert
+from references.components.norms import rms_norm, unweighted_rms_norm
+from references.components.rope import apply_rope
 from references.formats.blockscale import BlockFP8, dequantize_fp8
 from references.numerics import serving
 
@@ -89,6 +95,34 @@ def linear_per_token_scale(x, weight, weight_scale):
     return {"y": (quant_act_group(xb, spec) @ w.T).to(torch.bfloat16).float()}
 
 
+def _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, *, n_heads, eps, head_norm=True):
+    wa = _q_dequant("wq_a", wq_a, wq_a_scale, x.shape[1])
+    wb = _q_dequant("wq_b", wq_b, wq_b_scale, wa.shape[0])
+    qr = rms_norm(x @ wa.T, q_norm, eps)
+    z = (qr @ wb.T).view(x.shape[0], n_heads, -1)
+    return qr, (unweighted_rms_norm(z, eps) if head_norm else z)
+
+
+def q_path_rope_on_first_dims(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                              yarn):
+    # RoPE on q[..., 0:64] instead of the trailing q[..., 448:512]
+    qr, q = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps)
+    head = apply_rope(q[..., :64], positions, _q_inv_freq(theta, yarn), 64)
+    return {"qr": qr, "q": torch.cat((head, q[..., 64:]), -1)}
+
+
+def q_path_without_head_norm(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                             yarn):
+    qr, z = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps, head_norm=False)
+    return {"qr": qr, "q": apply_rope(z, positions, _q_inv_freq(theta, yarn), 64)}
+
+
+def q_path_without_q_norm_weight(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                                 yarn):
+    return q_path_golden(x, wq_a, wq_a_scale, torch.ones_like(q_norm), wq_b, wq_b_scale, positions,
+                         n_heads=n_heads, eps=eps, theta=theta, yarn=yarn)
+
+
 MUTANTS = [
     ("moe.shared_expert", shared_expert_without_clamp),
     ("moe.shared_expert", shared_expert_up_clamped_max_side_only),
@@ -101,6 +135,9 @@ MUTANTS = [
     ("attn.index_set", index_set_hca_one_token_early),
     ("linear.fp8_block", linear_scale_layout_transposed),
     ("linear.fp8_block", linear_per_token_scale),
+    ("attn.q_path", q_path_rope_on_first_dims),
+    ("attn.q_path", q_path_without_head_norm),
+    ("attn.q_path", q_path_without_q_norm_weight),
 ]
 
 
