@@ -241,3 +241,249 @@ for T, D, L, H, start, scatter, theta, yarn, dist, seed, tier in _Q_ROWS:
               "yarn": yarn, "max_pos": max_pos}, seed, dist,
              ("decode" if T == 1 else "prefill",) + (("long",) if T > 1024 else ())
              + (("flash-shape",) if D == 4096 else ()), tier=tier))
+
+
+# ------------------------------------------------------------------------------------------ attn.kv_insert
+# kv = kv_norm(wkv . x) [T, 512]; RoPE on kv[448:512] at the token's position; the nope dims quantised in 7 blocks
+# of 64 through FP8 e4m3 with UE8M0 scales, the rope dims kept bf16, written into the paged fp8_ds_mla SWA cache
+# (references.formats.cache_layouts: 576 data bytes per token, the 8 scale bytes in a region after all token data
+# of the block, block size 64) through a slot mapping (-1: padding, never written), and read back at the mapped
+# slots. The pool's row b holds block id ``block_base + b`` (a pool whose first rows are not materialised: the
+# slots are global, so a high block id reaches the writer's offset arithmetic without the memory of the blocks
+# below it). ``fnuz_fmax``: the FP8 max an e4m3fnuz writer maps amax to (240 = finfo(float8_e4m3fnuz).max, the
+# spec's Triton writers; 224 = vLLM's get_fp8_min_max() on fnuz, what quantize_and_insert_k_cache passes); OCP
+# writers use 448 whatever it says.
+LAYOUT = None   # cache_layouts.DsMlaLayout() (block size 64), built on first use
+
+
+def _layout():
+    global LAYOUT
+    if LAYOUT is None:
+        from references.formats.cache_layouts import DsMlaLayout
+
+        LAYOUT = DsMlaLayout()
+    return LAYOUT
+
+
+def _pool_slots(slot_mapping, cache, block_base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots relative to the pool's first row, -1 kept; mask of mapped tokens), refusing a mapped slot outside
+    the pool's blocks [block_base, block_base + rows) in one line."""
+    lay = _layout()
+    if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or cache.dim() != 2 \
+            or cache.shape[1] != lay.block_stride:
+        raise ValueError(f"cache: expected uint8 [blocks, {lay.block_stride}] (fp8_ds_mla, block size "
+                         f"{lay.block_size}), got {getattr(cache, 'dtype', type(cache).__name__)} "
+                         f"{tuple(getattr(cache, 'shape', ()))}")
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise TypeError("slot_mapping: expected an int64/int32 tensor")
+    if not isinstance(block_base, int) or block_base < 0:
+        raise ValueError(f"block_base: expected a non-negative int, got {block_base!r}")
+    s = slot_mapping.long()
+    mapped = s >= 0
+    rel = torch.where(mapped, s - block_base * lay.block_size, -1)
+    bad = mapped & ((rel < 0) | (rel >= cache.shape[0] * lay.block_size))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise IndexError(f"slot_mapping[{i}] = {int(s[i])}: block {int(s[i]) // lay.block_size} is outside the "
+                         f"pool's blocks [{block_base}, {block_base + cache.shape[0]})")
+    if (s < -1).any():
+        raise IndexError(f"slot_mapping: {int(s.min())} is neither a slot nor the padding value -1")
+    return rel, mapped
+
+
+def _untouched(cache: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """The pool with each mapped slot's 576 data bytes and 8 scale bytes set to 0: every other byte (unmapped
+    slots, padding rows' would-be slots, the block's tail padding) must come back as it went in."""
+    from references.formats.cache_layouts import DS_MLA_SCALE_BYTES, DS_MLA_TOKEN_BYTES
+
+    lay = _layout()
+    out = cache.clone()
+    for s in rel[rel >= 0].tolist():
+        b, p = divmod(s, lay.block_size)
+        out[b, lay.nope_offset(p):lay.nope_offset(p) + DS_MLA_TOKEN_BYTES] = 0
+        out[b, lay.scale_offset(p):lay.scale_offset(p) + DS_MLA_SCALE_BYTES] = 0
+    return out
+
+
+def _kv_roped(x, wkv, wkv_scale, kv_norm, positions, *, eps, theta, yarn):
+    from references.components.attention import kv_projection
+
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
+        raise ValueError(f"x: expected a float [T, D] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    dt = torch.promote_types(x.dtype, torch.float32)
+    w = _dequant("wkv", wkv, wkv_scale, x.shape[1]).to(dt)
+    if w.shape[0] != HEAD_DIM:
+        raise ValueError(f"wkv: {w.shape[0]} rows, expected {HEAD_DIM}")
+    kv = kv_projection(x.to(dt), w, kv_norm.to(dt), eps=eps)
+    inv = _inv_freq(theta, yarn)
+    return apply_rope(kv, positions, inv.to(dt) if dt == torch.float64 else inv, ROPE_DIM)
+
+
+def kv_insert_golden(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps: float, theta: float,
+                     yarn: bool, block_base: int = 0, fnuz_fmax: float = 240.0) -> dict:
+    """-> {"kv": [M, 512], "untouched": uint8 pool}: what a reader of the SWA cache sees. ``kv`` is, for the M tokens
+    with a slot (token order), rope(kv_norm(wkv x)) unquantised (the golden of the FP8 store is its input);
+    ``untouched`` is ``cache`` with the mapped slots' bytes zeroed (nothing else may change). Serving subjects also
+    return "codes" [M, 448] (nope FP8 bytes), "scales" [M, 8] (7 UE8M0 bytes + pad) and "rope" [M, 64] (the bf16
+    rope values) read from the slots, compared with the emulation of their profile."""
+    if fnuz_fmax not in (240.0, 224.0):
+        raise ValueError(f"fnuz_fmax: {fnuz_fmax} is neither 240 (finfo) nor 224 (get_fp8_min_max)")
+    rel, mapped = _pool_slots(slot_mapping, cache, block_base)
+    if slot_mapping.shape != (x.shape[0],):
+        raise ValueError(f"slot_mapping: expected [{x.shape[0]}], got {tuple(slot_mapping.shape)}")
+    kv = _kv_roped(x, wkv, wkv_scale, kv_norm, positions, eps=eps, theta=theta, yarn=yarn)
+    return {"kv": kv[mapped], "untouched": _untouched(cache, rel)}
+
+
+def _emulate_kv_insert(profile: str):
+    from references.formats.cache_layouts import dequantize_ds_mla_tokens, read_ds_mla_tokens, write_ds_mla
+    from references.numerics import PROFILES
+
+    lin = _linear_emulate(profile)
+    dialect = PROFILES[profile]["dialect"]
+
+    def kv_insert_serving(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                          block_base=0, fnuz_fmax=240.0):
+        """vLLM: wkv FP8 linear (bf16 out) -> kv_norm in fp32, bf16 store (fused_q_kv_rmsnorm) -> the insert op:
+        RoPE in fp32 on the bf16 kv's last 64 dims, nope dims quantised from bf16 (UE8M0, the profile's dialect,
+        fmax 448 OCP / ``fnuz_fmax`` fnuz), rope stored bf16 -> bytes read back and decoded."""
+        rel, mapped = _pool_slots(slot_mapping, cache, block_base)
+        y = lin(x, wkv, wkv_scale)["y"]
+        kv = _bf(rms_norm(y, _bf(kv_norm), eps))
+        kv = apply_rope(kv, positions, _inv_freq(theta, yarn), ROPE_DIM)   # nope dims pass through (bf16 values)
+        pool = cache.clone()
+        fmax = fnuz_fmax if dialect == "float8_e4m3fnuz" else None
+        write_ds_mla(pool, rel, kv, dialect, fmax, layout=_layout())
+        tok = read_ds_mla_tokens(pool, rel[mapped], layout=_layout())
+        return {"kv": dequantize_ds_mla_tokens(tok, dialect), "untouched": _untouched(pool, rel),
+                "codes": tok.nope, "scales": tok.scales, "rope": tok.rope.float()}
+
+    kv_insert_serving.__qualname__ = f"kv_insert_serving[{profile}]"
+    return kv_insert_serving
+
+
+def _kv_scale(kw, want):
+    """S for the read-back kv: the normed-GEMM magnitude of q_path's qr (kv_norm in place of q_norm), summed over
+    each rotated pair on dims [448, 512) (RoPE, |cos|, |sin| <= 1), plus the FP8 store's own source on the nope
+    dims: e_i = max(|kv_i|, 2^-12 amax of its 64-block) (a result below e4m3's normal range has absolute error at
+    most half the smallest subnormal times the block's scale s <= 2 amax / fmax, fmax >= 224: <= 2^-16.8 amax =
+    u8 2^-12.8 amax, as linear.SUBNORMAL_FLOOR), and 2^-12 of the token's largest |kv| on every dim."""
+    mapped = kw["slot_mapping"] >= 0
+    sub = {"x": kw["x"], "wq_a": kw["wkv"], "wq_a_scale": kw["wkv_scale"], "q_norm": kw["kv_norm"], "eps": kw["eps"]}
+    S = _qr_scale(sub, None)
+    T = S.shape[0]
+    rot = S[:, -ROPE_DIM:].view(T, ROPE_DIM // 2, 2).sum(-1, keepdim=True).expand(T, ROPE_DIM // 2, 2)
+    S = torch.cat((S[:, :-ROPE_DIM], rot.reshape(T, ROPE_DIM)), -1)[mapped]
+    kv = want.double().abs()
+    e = torch.cat((act_floor(kv[:, :-ROPE_DIM], 64), kv[:, -ROPE_DIM:]), -1)
+    return S + e + 2.0**-12 * kv.amax(-1, keepdim=True)
+
+
+def _rope_scale(kw, want):
+    """The stored rope values: each pair's magnitude |r_2i| + |r_2i+1| (both members), plus 2^-12 of the token's
+    largest stored rope magnitude."""
+    r = want.double().abs()
+    T = r.shape[0]
+    pair = r.view(T, ROPE_DIM // 2, 2).sum(-1, keepdim=True).expand(T, ROPE_DIM // 2, 2).reshape(T, ROPE_DIM)
+    return pair + 2.0**-12 * r.amax(-1, keepdim=True)
+
+
+def _kv_tol(params, level):
+    n = max(params["d"], HEAD_DIM)
+    g32 = (n + 8) * U32          # as q_path: each GEMM's fp32 accumulation + 8 elementwise ops, against S
+    ph = _phase(params)
+    if level == "fp64":
+        r = 1.1 * g32
+        return Tolerance(0.0, r, f"kv read back: fp32 golden 1.1*({n}+8)*u32 = {r:.3g} of S")
+    if level == "fp32":
+        r = 2.2 * g32 + ph
+        return Tolerance(0.0, r, f"kv read back: two fp32 evaluations 2*1.1*({n}+8)*u32 + fp32 phase "
+                         f"2*{params['max_pos']}*u32 = {r:.3g} of S")
+    if level == "emulated":
+        # loose by construction here (the bytes, scales and rope values are the tight emulated checks): both sides
+        # store FP8 from the same bf16 kv up to a bf16 flip, so each is within u8 e_i of it (2 u8), plus one bf16 ulp
+        # per chain source and fp32 order, x1.1, + a phase computed in fp32
+        r = 1.1 * (2 * UB + 2 * g32) + 2 * U8 + ph
+        return Tolerance(0.0, r, f"kv read back: both FP8 stores within 2^-4 e of the same bf16 kv (2*2^-4) + one "
+                         f"bf16 ulp per source (2*2^-8) + fp32 order, + fp32 phase = {r:.3g} of S")
+    # every chain source (bf16 then e4m3 of x, bf16 of y, w, kv) and the FP8 store of the nope dims (u8 of e_i)
+    # are <= 2^-4(1+2^-8)+2^-8 relative: random sums at lambda 6 in S, + fp32, x1.1, + the fp32 phase
+    r = 1.1 * (U_ACT + g32) + ph
+    return Tolerance(0.0, r, f"kv read back: every rounding source (bf16 then e4m3 of x, bf16 of y, w, kv; e4m3 "
+                     f"store of the nope dims at the block's power-of-two scale, e = max(|kv|, 2^-12 block amax)) "
+                     f"<= 2^-4(1+2^-8)+2^-8 relative, random sums at lambda 6 in S, + fp32 ({n}+8) u32, x1.1 + fp32 "
+                     f"phase 2*{params['max_pos']}*u32 = {r:.3g} of S")
+
+
+def _rope_tol(params, level):
+    # Only the emulated level compares it (the golden has no stored rope). Same bf16 x, FP8 activation bytes and
+    # weights: the bf16 kv the op reads can differ by one bf16 ulp per element (2 ub: its own store, and a flip of
+    # y_k through the norm w_k dy_k / rms: 2 ub |kv_k|), both mixed into the pair by the rotation (|cos|, |sin| <=
+    # 1): 2 * 2 ub of the pair magnitude; the stored value's own bf16 rounding on opposite sides of a tie-adjacent
+    # value (2 ub); fp32 order differences before those roundings are below 2^-12 of the row's magnitude (covered
+    # by the scale's floor); x1.1; + a phase computed in fp32 (2 pos u32 radians of the pair)
+    r = 1.1 * 3 * 2 * UB + _phase(params)
+    return Tolerance(0.0, r, f"stored bf16 rope vs emulation: three bf16 flips (kv store, y through the norm, the "
+                     f"stored value) 3*2*2^-8, x1.1, + fp32 phase 2*{params['max_pos']}*u32 = {r:.3g} of the pair "
+                     f"magnitude")
+
+
+register(ComponentSpec(
+    name="attn.kv_insert", family="attention", reference=kv_insert_golden,
+    outputs=(OutputSpec("kv", tol=_kv_tol, scale=_kv_scale), OutputSpec("untouched", "exact"),
+             OutputSpec("codes", "fp8-codes"), OutputSpec("scales", "exact"),
+             OutputSpec("rope", tol=_rope_tol, scale=_rope_scale)),
+    description="shared K=V: kv_norm(wkv x), RoPE on the last 64 dims, UE8M0 FP8 nope + bf16 rope into the paged "
+                "fp8_ds_mla SWA cache through a slot mapping (-1 skipped), read back",
+    spec_section="3.6, 4.5", emulate=_emulate_kv_insert,
+    divergences=("vLLM's quantize_and_insert_k_cache uses fp8 max 224 on fnuz (get_fp8_min_max); the spec's Triton "
+                 "writers 240 (finfo): the fnuz_fmax axis", "the CUDA/HIP insert op hard-codes FP8_MAX 448 (spec 4.5)"),
+))
+
+
+def _make_kv_insert(g, p):
+    T, D, nb, base = p["tokens"], p["d"], p["blocks"], p["block_base"]
+    lay = _layout()
+    w, w_s, _ = fp8_block_weight(g, HEAD_DIM, D, std=D**-0.5, spread=2)
+    cache = torch.randint(0, 256, (nb, lay.block_stride), generator=g, dtype=torch.uint8)   # garbage, NaN codes too
+    # mapped tokens take distinct random slots of the pool, never slot 0 of its first block (so a write to slot 0
+    # is visible); ``pad`` tokens (every ``pad_every``-th, and the tail) get -1
+    n_slots = nb * lay.block_size
+    rel = torch.randperm(n_slots - 1, generator=g)[:T] + 1
+    if p.get("contiguous"):
+        rel = torch.arange(p["contiguous"], p["contiguous"] + T)
+    slots = rel + base * lay.block_size
+    pad = torch.arange(T) >= T - p["pad_tail"]          # padded tail (a graph batch's padding rows)
+    if p["pad_every"]:
+        pad[::p["pad_every"]] = True
+    slots = torch.where(pad, -1, slots)
+    start = p["start"]
+    pos = torch.arange(start, start + T) if p.get("contiguous") else torch.randint(start, start + 4000, (T,),
+                                                                                    generator=g)
+    return {"x": dist_tensor(g, (T, D), p["dist"]), "wkv": w, "wkv_scale": w_s,
+            "kv_norm": torch.exp(0.5 * torch.randn(HEAD_DIM, generator=g)), "positions": pos,
+            "slot_mapping": slots.long(), "cache": cache, "eps": 1e-6, "theta": p["theta"], "yarn": p["yarn"],
+            "block_base": base, "fnuz_fmax": p["fnuz_fmax"]}
+
+
+# 57,400 blocks x 37,440 bytes = 2,149,056,000 > 2^31: the high-block rows put their slots past the 2^31-byte offset
+HIGH_BLOCK = 57400
+# (tokens, D, blocks, block_base, contiguous start or 0, pad_every, pad_tail, start pos, theta, yarn, fnuz_fmax, dist,
+#  seed, tier)
+_KV_ROWS = [
+    (5, 256, 2, 0, 0, 3, 0, 5000, 10000.0, False, 240.0, "normal", 0, "fast"),      # decode batch, 2 padding rows
+    (5, 256, 2, 0, 0, 3, 0, 5000, 10000.0, False, 224.0, "normal", 1, "fast"),
+    (40, 256, 2, 0, 50, 0, 3, 28000, 160000.0, True, 240.0, "normal", 2, "fast"),   # prefill across a block edge
+    (40, 256, 2, 0, 50, 0, 3, 28000, 160000.0, True, 224.0, "wide", 3, "fast"),     # subnormal codes
+    (17, 512, 3, HIGH_BLOCK, 0, 4, 0, 5100, 160000.0, True, 224.0, "outliers", 4, "fast"),
+    (1100, 256, 20, 0, 0, 7, 4, 5000, 10000.0, False, 224.0, "normal", 10, "full"),
+    (64, 4096, 2, HIGH_BLOCK, 60, 0, 2, 28000, 160000.0, True, 240.0, "normal", 11, "full"),   # Flash wkv [512, 4096]
+]
+for T, D, nb, base, contig, every, tail, start, theta, yarn, fm, dist, seed, tier in _KV_ROWS:
+    add(Case(f"attn.kv_insert/t{T}d{D}/b{base}x{nb}/fnuz{int(fm)}/p{start}/{dist}/s{seed}", "attn.kv_insert",
+             _make_kv_insert, {"tokens": T, "d": D, "blocks": nb, "block_base": base, "contiguous": contig,
+                               "pad_every": every, "pad_tail": tail, "start": start, "theta": theta, "yarn": yarn,
+                               "fnuz_fmax": fm, "max_pos": start + max(T, 4000)}, seed, dist,
+             ("decode" if not contig else "prefill",) + (("long",) if T > 1024 else ())
+             + (("high-block",) if base else ()) + (("flash-shape",) if D == 4096 else ()), tier=tier))

@@ -294,12 +294,23 @@ def _qkv(platform: str) -> dict[str, list[Binding]]:
     and the kv RoPE + quant + insert run in one compiled op (the uint8 fp8_ds_mla SWA cache); 0.32.0 has no ROCm
     Triton replacement (the bring-up's cache_utils.fused_qnorm_rope_quant_insert_k_cache is absent)."""
     tail = f" -> wq_b FP8 linear -> {QKV_OP} (models.deepseek_v4.attention._fused_qnorm_rope_kv_insert)"
+    kv = (V + "models.deepseek_v4.attention.DeepseekV4Attention (fused_wqa_wkv FP8 linear, _split_qkv_and_norm: "
+          f"kv_norm) -> {QKV_OP} (kv side: GPT-J RoPE, UE8M0 FP8 nope, bf16 rope, paged insert by slot_mapping)")
     if platform == "cuda":
         return {"attn.q_path": [Binding(V + "models.deepseek_v4.attention.DeepseekV4Attention (fused_wqa_wkv FP8 "
                                         "linear, common.ops.fused_q_kv_rmsnorm)" + tail, "cuda-only",
                                         "uint8 (fp8_ds_mla) SWA cache: the fused CUDA op normalises and ropes q",
-                                        reason=CUDA_ONLY)]}
-    return {"attn.q_path": [
+                                        reason=CUDA_ONLY)],
+                "attn.kv_insert": [Binding(kv, "cuda-only", "uint8 (fp8_ds_mla) SWA cache (cache_dtype == uint8 in "
+                                           "_fused_qnorm_rope_kv_insert); FP8_MAX 448 hard-coded in the op",
+                                           reason=CUDA_ONLY)]}
+    return {"attn.kv_insert": [
+        Binding(kv, "compiled", "uint8 (fp8_ds_mla) SWA cache: the HIP build of the same op (inherited by "
+                "DeepseekV4ROCMAiterMLAAttention; kv_norm by aiter fused_qk_rmsnorm_group_quant when the aiter linear "
+                "path is on, else fused_q_kv_rmsnorm); 0.32.0 has no ROCm Triton insert for this cache "
+                "(cache_utils.quantize_and_insert_k_cache is called only by the XPU path; the vllm-triton subject "
+                "drives its kernel)", reason=HIP_OP),
+    ], "attn.q_path": [
         Binding(AMD_ATTN + "_split_qkv_and_norm -> aiter fused_qk_rmsnorm_group_quant (FP8 qr for the aiter "
                 "block-scaled wq_b)" + tail, "aiter",
                 "rocm_aiter_ops.is_linear_fp8_enabled() (VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_LINEAR) and both "
