@@ -90,6 +90,31 @@ def test_swa_writer_planted_launch_errors_are_caught(planted, expect):
 
 
 @pytest.mark.usefixtures("needs_vllm_triton")
+def test_vllm_cpu_q_path_passes_and_a_planted_zero_position_is_caught(monkeypatch):
+    """attn.q_path on vllm (CPU): q_norm by RMSNorm.forward_native, head norm + RoPE by fused_qnorm_rope_kv_insert_cpu
+    pass both levels; the op handed position 0 for every token (RoPE skipped) fails, naming the component."""
+    from conformance.subjects import _vllm_adapters as va
+
+    subj = load_subject("vllm")
+    case = _case("attn.q_path", lambda i: "/t33" in i)
+    rows = run_numeric(subj, case)
+    assert [r.verdict for r in rows] == ["pass", "pass"], _explain(rows)
+    assert "fused_qnorm_rope_kv_insert_cpu" in rows[0].function
+    orig = va.OPS
+
+    class Ops:
+        def __getattr__(self, name):
+            f = getattr(orig, name)
+            if name != "fused_qnorm_rope_kv_insert_cpu":
+                return f
+            return lambda q, kv, pos, *a: f(q, kv, torch.zeros_like(pos), *a)
+
+    monkeypatch.setattr(va, "OPS", Ops())
+    rows = _fails(run_numeric(subj, case))
+    assert rows and rows[0].component == "attn.q_path" and "attn.q_path" in rows[0].message, _explain(rows)
+
+
+@pytest.mark.usefixtures("needs_vllm_triton")
 def test_vllm_cpu_swa_writer_flushes_subnormal_codes_in_kv_insert():
     """The known CPU finding (conformance.findings: fp8_ds_mla writers flush e4m3 subnormals) seen by attn.kv_insert:
     fused_qnorm_rope_kv_insert_cpu passes the serving bound and the untouched / padding checks, and at the emulated
