@@ -24,6 +24,7 @@ from references.components.norms import rms_norm, unweighted_rms_norm
 from references.components.rope import apply_rope
 from references.formats.blockscale import BlockFP8, dequantize_fp8, quantize_fp8
 from references.formats.cache_layouts import (
+    DsMlaLayout,
     DsMlaTokens,
     dequantize_ds_mla_tokens,
     encode_ds_mla_tokens,
@@ -212,6 +213,21 @@ def kv_insert_rope_fp8(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cach
     return _kv_write_read(dict(locals()), encode=enc)
 
 
+def kv_insert_int32_block_offset(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                                 block_base=0, fnuz_fmax=240.0):
+    # block_id * block_stride computed in int32 (the overflow vLLM's writer guards against with .to(tl.int64)): past
+    # 2^31 bytes the offset wraps negative and the token lands outside the pool (lost); below it nothing changes
+    stride = DsMlaLayout().block_stride
+
+    def slots(rel):
+        gb = torch.where(rel >= 0, rel // 64 + block_base, -1)
+        off = (gb * stride + 2**31) % 2**32 - 2**31                 # int32 wrap-around
+        nb = torch.div(off, stride, rounding_mode="floor") - block_base
+        ok = (rel >= 0) & (nb >= 0) & (nb < cache.shape[0])
+        return torch.where(ok, nb * 64 + rel % 64, -1)
+    return _kv_write_read(dict(locals()), slots=slots)
+
+
 MUTANTS = [
     ("moe.shared_expert", shared_expert_without_clamp),
     ("moe.shared_expert", shared_expert_up_clamped_max_side_only),
@@ -231,6 +247,7 @@ MUTANTS = [
     ("attn.kv_insert", kv_insert_scales_inline),
     ("attn.kv_insert", kv_insert_padding_to_slot0),
     ("attn.kv_insert", kv_insert_rope_fp8),
+    ("attn.kv_insert", kv_insert_int32_block_offset),
 ]
 
 
@@ -273,3 +290,10 @@ def test_per_token_activation_scale_is_caught_at_the_emulated_level():
     rows = _verdicts("linear.fp8_block", linear_per_token_scale)
     emu = [r for rs in rows.values() for r in rs if r.level == "emulated"]
     assert emu and any(r.verdict == "fail" for r in emu)
+
+
+def test_int32_block_offset_is_caught_on_the_high_block_cases_only():
+    """Block id 57,400 puts the byte offset past 2^31: only those cases see an int32 offset writer; the others pass."""
+    v = {cid: worst_verdict(rows) for cid, rows in _verdicts("attn.kv_insert", kv_insert_int32_block_offset).items()}
+    for cid, x in v.items():
+        assert (x in ("fail", "catastrophic")) if "/b57400x" in cid else x == "pass", (cid, x)
