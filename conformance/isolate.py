@@ -261,6 +261,13 @@ def _child(item, run, w: int, log: Path) -> None:
         faulthandler.enable(file=sys.stderr, all_threads=True)
         if run.case_timeout:   # where a hang hangs: the stack is in the log before the parent kills it
             faulthandler.dump_traceback_later(run.case_timeout, file=sys.stderr)
+        # libgomp is not fork-safe: once the parent has run an OpenMP parallel region (loading vllm-triton does:
+        # its interpreter self-check), the child's first parallel torch op deadlocks in libgomp (seen on
+        # attn.kv_insert's input maker under vllm + vllm-triton). One intra-op thread keeps torch, and vLLM's CPU
+        # ops, which follow torch's OpenMP setting, out of the inherited pool.
+        import torch
+
+        torch.set_num_threads(1)
         n0 = run.rows_written
         try:
             _call(item)

@@ -5,5 +5,17 @@ A case is a declarative row; ``Case.id`` is stable and is what ``python -m confo
 
 from __future__ import annotations
 
-from . import attention, compressor, formats, head, indexer, linear, mhc, moe, norms, rope  # noqa: F401,E402
+from . import (  # noqa: F401,E402
+    attention,
+    compressor,
+    formats,
+    head,
+    indexer,
+    linear,
+    mhc,
+    moe,
+    norms,
+    qkv,  # noqa: F401,E402
+    rope,
+)
 from ._case import CASES, Case, all_cases, cases_for, dist_tensor  # noqa: F401

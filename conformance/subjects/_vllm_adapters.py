@@ -148,6 +148,14 @@ REQUIRES = {
                  Op("compress_norm_rope_store_indexer_cpu", (_T,) * 5 + ("float", _T, _T, "int", "int")),
                  Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
                     ("max_position", "is_neox_style", "rope_parameters"))),
+    "q_path": (Py("vllm.model_executor.layers.layernorm:RMSNorm", 1, ("eps", "dtype")),
+               Py("vllm.model_executor.layers.layernorm:RMSNorm.forward_native", _SELF + 1),
+               Op("fused_qnorm_rope_kv_insert_cpu", (_T,) * 6 + ("int", "float", "int")),
+               Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
+                  ("max_position", "is_neox_style", "rope_parameters"))),
+    "kv_insert": (Op("fused_qnorm_rope_kv_insert_cpu", (_T,) * 6 + ("int", "float", "int")),
+                  Py("vllm.model_executor.layers.rotary_embedding:get_rope", 1,
+                     ("max_position", "is_neox_style", "rope_parameters"))),
     "sparse_attention": (Op("fused_qnorm_rope_kv_insert_cpu", (_T,) * 6 + ("int", "float", "int")),
                          Op("flash_mla_with_kvcache_cpu", (_T,) * 4 + ("int", _T, _T, "int", _T, "float"))),
     "output_projection": (Op("inverse_gptj_rope_o_proj_cpu", (_T, _T, _T, "int")),
@@ -457,6 +465,62 @@ def _insert_kv(kv: torch.Tensor, bs: int):
     OPS.fused_qnorm_rope_kv_insert_cpu(q, kv.to(BF).contiguous(), torch.zeros(N, dtype=torch.int64), cache,
                                        torch.arange(N, dtype=torch.int64), cs, 1, 1e-6, bs)
     return cache
+
+
+def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn):
+    """vLLM CPU's q path around the harness's FP8 GEMMs (``linear.fp8_block``'s OCP serving emulation: vLLM CPU has
+    no FP8 linear adapter here): q_norm by vLLM's RMSNorm.forward_native (DeepseekV4CPUAttention._split_qkv_and_norm
+    calls q_norm separately), then fused_qnorm_rope_kv_insert_cpu's q side: per-head unweighted RMSNorm and GPT-J
+    RoPE on the last 64 dims with vLLM's cos/sin cache (no kv token written: slot -1)."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    from ..cases.linear import _emulate as linear_emulate
+    from ..cases.qkv import _inv_freq
+
+    T = x.shape[0]
+    lin = linear_emulate("ocp")
+    y = lin(x, wq_a, wq_a_scale)["y"]
+    n = RMSNorm(y.shape[-1], eps=eps, dtype=BF)
+    n.weight.data = q_norm.to(BF)
+    qr = n.forward_native(y.to(BF)).float()
+    z = lin(qr, wq_b, wq_b_scale)["y"].view(T, n_heads, -1).to(BF).contiguous()
+    cs = cos_sin(_inv_freq(theta, yarn), 64, 512, positions)
+    cache = torch.zeros(1, 584, dtype=torch.uint8)
+    q = OPS.fused_qnorm_rope_kv_insert_cpu(z, torch.zeros(T, 512, dtype=BF), positions.long().contiguous(), cache,
+                                           torch.full((T,), -1, dtype=torch.int64), cs, n_heads, eps, 1)
+    return _out(qr=qr, q=q.float())
+
+
+def kv_insert(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn, block_base=0,
+              fnuz_fmax=240.0):
+    """vLLM CPU's SWA writer: kv up to the op by the harness's OCP serving chain (``cases.qkv``: wkv FP8 linear,
+    kv_norm, bf16 kv), then fused_qnorm_rope_kv_insert_cpu ropes kv at the positions (vLLM's cos/sin cache for the
+    case's theta / YaRN), quantises the nope dims and inserts into a pool of ``block_base + rows`` blocks (a sparse
+    file past 2^31 bytes for high block ids) through the global slot mapping; the top rows are read back with the
+    golden decoder (the values are vLLM's bytes). The CPU build is OCP (fmax 448): ``fnuz_fmax`` does not apply."""
+    from references.components.norms import rms_norm as golden_rms
+    from references.formats.cache_layouts import dequantize_ds_mla_tokens, read_ds_mla_tokens
+
+    from ..cases.linear import _emulate as linear_emulate
+    from ..cases.qkv import _bf, _inv_freq, _layout, _pool_slots, _untouched
+    from .vllm_triton import _sparse_pool
+
+    rel, mapped = _pool_slots(slot_mapping, cache, block_base)
+    T = x.shape[0]
+    y = linear_emulate("ocp")(x, wkv, wkv_scale)["y"]
+    kv = _bf(golden_rms(y, _bf(kv_norm), eps)).to(BF).contiguous()
+    lay, nb = _layout(), cache.shape[0]
+    pool = _sparse_pool(block_base + nb, lay.block_stride) if block_base else torch.zeros(
+        nb, lay.block_stride, dtype=torch.uint8)
+    pool[block_base:] = cache
+    cs = cos_sin(_inv_freq(theta, yarn), 64, 512, positions)
+    OPS.fused_qnorm_rope_kv_insert_cpu(torch.zeros(T, 1, 512, dtype=BF), kv, positions.long().contiguous(), pool,
+                                       slot_mapping.long().contiguous(), cs, 1, eps, lay.block_size)
+    top = pool[block_base:].clone()
+    del pool
+    tok = read_ds_mla_tokens(top, rel[mapped], layout=lay)
+    return _out(kv=dequantize_ds_mla_tokens(tok, "ocp"), untouched=_untouched(top, rel), codes=tok.nope,
+                scales=tok.scales, rope=tok.rope.float())
 
 
 def sparse_attention(q, kv, indices, sink, *, scale, numerics=None, chunk=256):

@@ -284,13 +284,52 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
     }
 
 
+QKV_OP = "torch.ops._C.fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert"
+AMD_ATTN = V + "models.deepseek_v4.amd.rocm.DeepseekV4ROCMAiterMLAAttention."
+
+
+def _qkv(platform: str) -> dict[str, list[Binding]]:
+    """attn.q_path and attn.kv_insert (spec 3.5, 3.6): read from vLLM 0.32.0's models/deepseek_v4/attention.py
+    (_split_qkv_and_norm, _fused_qnorm_rope_kv_insert) and amd/rocm.py. On every GPU platform the q head norm + RoPE
+    and the kv RoPE + quant + insert run in one compiled op (the uint8 fp8_ds_mla SWA cache); 0.32.0 has no ROCm
+    Triton replacement (the bring-up's cache_utils.fused_qnorm_rope_quant_insert_k_cache is absent)."""
+    tail = f" -> wq_b FP8 linear -> {QKV_OP} (models.deepseek_v4.attention._fused_qnorm_rope_kv_insert)"
+    kv = (V + "models.deepseek_v4.attention.DeepseekV4Attention (fused_wqa_wkv FP8 linear, _split_qkv_and_norm: "
+          f"kv_norm) -> {QKV_OP} (kv side: GPT-J RoPE, UE8M0 FP8 nope, bf16 rope, paged insert by slot_mapping)")
+    if platform == "cuda":
+        return {"attn.q_path": [Binding(V + "models.deepseek_v4.attention.DeepseekV4Attention (fused_wqa_wkv FP8 "
+                                        "linear, common.ops.fused_q_kv_rmsnorm)" + tail, "cuda-only",
+                                        "uint8 (fp8_ds_mla) SWA cache: the fused CUDA op normalises and ropes q",
+                                        reason=CUDA_ONLY)],
+                "attn.kv_insert": [Binding(kv, "cuda-only", "uint8 (fp8_ds_mla) SWA cache (cache_dtype == uint8 in "
+                                           "_fused_qnorm_rope_kv_insert); FP8_MAX 448 hard-coded in the op",
+                                           reason=CUDA_ONLY)]}
+    return {"attn.kv_insert": [
+        Binding(kv, "compiled", "uint8 (fp8_ds_mla) SWA cache: the HIP build of the same op (inherited by "
+                "DeepseekV4ROCMAiterMLAAttention; kv_norm by aiter fused_qk_rmsnorm_group_quant when the aiter linear "
+                "path is on, else fused_q_kv_rmsnorm); 0.32.0 has no ROCm Triton insert for this cache "
+                "(cache_utils.quantize_and_insert_k_cache is called only by the XPU path; the vllm-triton subject "
+                "drives its kernel)", reason=HIP_OP),
+    ], "attn.q_path": [
+        Binding(AMD_ATTN + "_split_qkv_and_norm -> aiter fused_qk_rmsnorm_group_quant (FP8 qr for the aiter "
+                "block-scaled wq_b)" + tail, "aiter",
+                "rocm_aiter_ops.is_linear_fp8_enabled() (VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_LINEAR) and both "
+                "wq_b take Fp8BlockScaledMMLinearKernel, q_lora % 128 == 0 (_wq_b_uses_aiter_block_scaled)",
+                lambda c: aiter_enabled(c) and _flag(c, "VLLM_ROCM_USE_AITER_LINEAR", "1"), reason=AITER_ONLY),
+        Binding(V + "models.deepseek_v4.attention.DeepseekV4Attention._split_qkv_and_norm -> common.ops."
+                "fused_q_kv_rmsnorm (Triton)" + tail, "compiled",
+                "aiter linear off: the shared Triton q/kv RMSNorm, then the compiled HIP q-norm/RoPE/insert op "
+                "(uint8 fp8_ds_mla SWA cache)", reason=HIP_OP),
+    ]}
+
+
 def table(platform: str) -> dict[str, list[Binding]]:
     if platform == "rocm-gfx942":
-        return _rocm("gfx942") | _no_adapter_yet(platform)
+        return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform)
     if platform == "rocm-gfx950":
-        return _rocm("gfx950") | _no_adapter_yet(platform)
+        return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform)
     if platform == "cuda":
-        return _cuda() | _no_adapter_yet(platform)
+        return _cuda() | _no_adapter_yet(platform) | _qkv(platform)
     raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
 
 

@@ -113,7 +113,31 @@ class TransformersSubject(Subject):
             head.weight.copy_(head_weight)
             return {"logits": head(norm(hh(X.float()[None])))[0]}   # DeepseekV4Model: norm(hc_head(h)); lm_head
 
+        @torch.no_grad()
+        def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn):
+            # DeepseekV4Attention.forward's first four lines, with its own modules: q_a_proj -> q_a_norm ->
+            # q_b_proj viewed [B, S, H, 512] and transposed -> q_b_norm -> apply_rotary_pos_emb
+            from ..cases.qkv import _dequant
+
+            wa = _dequant("wq_a", wq_a, wq_a_scale, x.shape[1])
+            wb = _dequant("wq_b", wq_b, wq_b_scale, wa.shape[0])
+            c = _config(M, theta=theta, yarn=yarn, hidden=x.shape[1])
+            c.num_attention_heads, c.q_lora_rank, c.rms_norm_eps = n_heads, wa.shape[0], eps
+            attn = M.DeepseekV4Attention(c, 0).float()
+            attn.q_a_proj.weight.copy_(wa), attn.q_a_norm.weight.copy_(q_norm), attn.q_b_proj.weight.copy_(wb)
+            h = x.float()[None]
+            rot = M.DeepseekV4RotaryEmbedding(c)
+            cos, sin = rot(h, position_ids=positions[None].long(), layer_type="compress")
+            qr = attn.q_a_norm(attn.q_a_proj(h))
+            q = attn.q_b_proj(qr).view(1, x.shape[0], n_heads, -1).transpose(1, 2)
+            q = M.apply_rotary_pos_emb(attn.q_b_norm(q), cos, sin)
+            return {"qr": qr[0], "q": q[0].transpose(0, 1)}
+
         return {
+            "attn.q_path": Impl(q_path, f"{MOD}.DeepseekV4Attention (q_a_proj, q_a_norm, q_b_proj, q_b_norm) + "
+                                "DeepseekV4RotaryEmbedding + apply_rotary_pos_emb", "torch",
+                                note="the q lines of DeepseekV4Attention.forward, its modules called in that order; "
+                                     "weights dequantised from the FP8 bytes"),
             "moe.shared_expert": Impl(shared_expert, f"{MOD}.DeepseekV4MLP", "torch",
                                       note="shared_experts module (clamped with swiglu_limit in 5.19)"),
             "head.lm": Impl(lm_head, f"{MOD}.DeepseekV4HyperHead + DeepseekV4RMSNorm + lm_head (nn.Linear)",

@@ -84,6 +84,16 @@ CANDIDATES = [
               "(head_dim 128: compress_norm_rope_store_indexer_cpu); entries decoded from the FP8 cache it writes",
               "compiled", CPU,
               ("op", "compress_norm_rope_store_cpu"), "DeepseekV4CPUCompressor.forward"),
+    Candidate("q_path", "q_path",
+              "harness FP8 GEMMs (wq_a, wq_b: linear.fp8_block's emulation) + vllm.model_executor.layers.layernorm."
+              "RMSNorm.forward_native (q_norm) + torch.ops._C.fused_qnorm_rope_kv_insert_cpu (q side: per-head "
+              "RMSNorm, RoPE)", "compiled", CPU, ("op", "fused_qnorm_rope_kv_insert_cpu"),
+              "DeepseekV4CPUAttention: q_norm as a separate RMSNorm, the head norm + RoPE inside the fused op"),
+    Candidate("kv_insert", "kv_insert",
+              "harness serving chain (wkv FP8 linear, kv_norm) + torch.ops._C.fused_qnorm_rope_kv_insert_cpu (kv side: "
+              "RoPE, UE8M0 FP8 nope, bf16 rope, paged insert)", "compiled", CPU,
+              ("op", "fused_qnorm_rope_kv_insert_cpu"),
+              "DeepseekV4CPUAttention._fused_qnorm_rope_kv_insert writes the SWA cache with this op"),
     Candidate("sparse_attention", "sparse_attention",
               "torch.ops._C.flash_mla_with_kvcache_cpu (cache written by fused_qnorm_rope_kv_insert_cpu)",
               "compiled", CPU, ("op", "flash_mla_with_kvcache_cpu"), "DeepseekV4CPUAttention.forward_mqa"),
@@ -131,6 +141,9 @@ NAMES = {
     "moe.layer": "moe_layer", "moe.routing_metadata": "routing_metadata",
     # no adapter yet; without this entry the alias "head" would offer head.lm to the hc_head adapter
     "head.lm": None,
+    # attn.q_path: q_norm + the q side of fused_qnorm_rope_kv_insert_cpu; attn.kv_insert: the SWA K-cache writer
+    # (CPU op; vllm-triton: quantize_and_insert_k_kernel)
+    "attn.q_path": "q_path", "attn.kv_insert": "kv_insert",
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

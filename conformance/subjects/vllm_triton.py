@@ -159,6 +159,62 @@ def launch_indexer_q(kernel, positions, index_q, cos_sin, index_weights, softmax
         USE_EXPLICIT_FMA=explicit_fma, enable_fp_fusion=True, num_warps=1)
 
 
+def _sparse_pool(rows: int, stride: int):
+    """A uint8 [rows, stride] pool backed by a sparse temporary file: only the pages written or read are ever
+    resident, so a pool whose byte offsets pass 2^31 costs the memory of the blocks touched. (The file is
+    unlinked at once; the mapping keeps it alive as long as the tensor lives.)"""
+    import tempfile
+
+    import numpy as np
+
+    f = tempfile.TemporaryFile()
+    f.truncate(rows * stride)
+    mm = np.memmap(f, dtype=np.uint8, mode="r+", shape=(rows, stride))
+    return torch.from_numpy(mm)
+
+
+def make_kv_insert(p: dict):
+    dev = p.get("dev", "cpu")
+
+    def kv_insert(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn, block_base=0,
+                  fnuz_fmax=240.0):
+        """kv up to the insert by the harness's serving chain (``cases.qkv``'s emulation: wkv FP8 linear, kv_norm,
+        RoPE on bf16 kv), then vLLM's ``quantize_and_insert_k_kernel`` writes it into a pool of ``block_base +
+        rows`` blocks (a sparse file past 2^31 bytes when block_base is high; the case's garbage in the top rows)
+        through the global slot mapping, with the arguments ``quantize_and_insert_k_cache`` passes (fp8 max 224 on
+        fnuz: get_fp8_min_max); the written bytes are read back and decoded with references.formats.cache_layouts."""
+        from references.components.norms import rms_norm
+        from references.components.rope import apply_rope
+        from references.formats.cache_layouts import dequantize_ds_mla_tokens, read_ds_mla_tokens
+
+        from ..cases.linear import _emulate as linear_emulate
+        from ..cases.qkv import _bf, _inv_freq, _layout, _pool_slots, _untouched
+        from .base import Unsupported
+
+        if p["fnuz"] and fnuz_fmax != p["cache_fmax"]:
+            raise Unsupported(f"vLLM's quantize_and_insert_k_cache maps amax to fp8 max {p['cache_fmax']:g} on fnuz "
+                              f"(get_fp8_min_max), not the case's {fnuz_fmax:g}")
+        rel, mapped = _pool_slots(slot_mapping, cache, block_base)
+        prof = "gfx942" if p["fnuz"] else "ocp"
+        y = linear_emulate(prof)(x, wkv, wkv_scale)["y"]
+        kv = apply_rope(_bf(rms_norm(y, _bf(kv_norm), eps)), positions, _inv_freq(theta, yarn), 64)
+        lay, nb = _layout(), cache.shape[0]
+        if block_base and dev == "cpu":
+            pool = _sparse_pool(block_base + nb, lay.block_stride)
+        else:
+            pool = torch.zeros(block_base + nb, lay.block_stride, dtype=torch.uint8, device=dev)
+        pool[block_base:] = cache.to(dev)
+        launch_insert_k(_K.get("quantize_and_insert_k_kernel", p.get("src")), kv.to(dev, BF).contiguous(),
+                        slot_mapping.to(dev, torch.int64).contiguous(), pool, lay.block_size, p)
+        top = pool[block_base:].cpu().clone()
+        del pool
+        dialect = str(p["fp8"]).replace("torch.", "")
+        tok = read_ds_mla_tokens(top, rel[mapped], layout=lay)
+        return {"kv": dequantize_ds_mla_tokens(tok, dialect), "untouched": _untouched(top, rel),
+                "codes": tok.nope, "scales": tok.scales, "rope": tok.rope.float()}
+    return kv_insert
+
+
 def make_indexer_q(p: dict):
     dev = p.get("dev", "cpu")
 
@@ -219,6 +275,11 @@ KERNELS = {
                          "vllm.v1.attention.ops.rocm_aiter_mla_sparse._sparse_attn_decode_ragged_kernel",
                          "K-cache quantise+insert (use_fnuz={fnuz}, fp8_max {cache_fmax}) then the ROCm ragged sparse "
                          "MLA decode fallback (IS_FNUZ_MAIN={fnuz}) that MI300X runs without aiter"),
+    "kv_insert": (make_kv_insert,
+                  "harness serving chain (wkv FP8 linear, kv_norm, RoPE) + "
+                  "vllm.models.deepseek_v4.common.ops.cache_utils.quantize_and_insert_k_kernel",
+                  "the SWA K-cache writer (use_fnuz={fnuz}, fp8_max {cache_fmax}) on kv from the emulated serving "
+                  "chain; pool sparse past 2^31 bytes for high block ids; read back with the golden decoder"),
     "indexer_q": (make_indexer_q,
                   "vllm.models.deepseek_v4.common.ops.fused_indexer_q.FusedIndexerQRopeQuantTritonKernel",
                   "indexer q RoPE + FP8 quant (USE_FNUZ={fnuz}, fp8_max {q_fmax}); wq_b is a bf16 torch linear"),

@@ -1,7 +1,9 @@
-"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block):
+"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block,
+attn.q_path, attn.kv_insert):
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,10 +11,26 @@ from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
 from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
+from conformance.cases.linear import _emulate as linear_emulate
+from conformance.cases.qkv import _dequant as _q_dequant
+from conformance.cases.qkv import _inv_freq as _q_inv_freq
+from conformance.cases.qkv import _pool_slots as kv_pool_slots
+from conformance.cases.qkv import _untouched as kv_untouched
+from conformance.cases.qkv import q_path_golden
 from conformance.checks.numeric import run_numeric, worst_verdict
 from references.components.attention import swa_indices
 from references.components.moe import shared_expert
-from references.formats.blockscale import BlockFP8, dequantize_fp8
+from references.components.norms import rms_norm, unweighted_rms_norm
+from references.components.rope import apply_rope
+from references.formats.blockscale import BlockFP8, dequantize_fp8, quantize_fp8
+from references.formats.cache_layouts import (
+    DsMlaLayout,
+    DsMlaTokens,
+    dequantize_ds_mla_tokens,
+    encode_ds_mla_tokens,
+    read_ds_mla_tokens,
+)
+from references.formats.scales import e8m0_encode
 from references.numerics import serving
 
 from .test_component_mutants import Mutant
@@ -89,6 +107,127 @@ def linear_per_token_scale(x, weight, weight_scale):
     return {"y": (quant_act_group(xb, spec) @ w.T).to(torch.bfloat16).float()}
 
 
+def _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, *, n_heads, eps, head_norm=True):
+    wa = _q_dequant("wq_a", wq_a, wq_a_scale, x.shape[1])
+    wb = _q_dequant("wq_b", wq_b, wq_b_scale, wa.shape[0])
+    qr = rms_norm(x @ wa.T, q_norm, eps)
+    z = (qr @ wb.T).view(x.shape[0], n_heads, -1)
+    return qr, (unweighted_rms_norm(z, eps) if head_norm else z)
+
+
+def q_path_rope_on_first_dims(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                              yarn):
+    # RoPE on q[..., 0:64] instead of the trailing q[..., 448:512]
+    qr, q = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps)
+    head = apply_rope(q[..., :64], positions, _q_inv_freq(theta, yarn), 64)
+    return {"qr": qr, "q": torch.cat((head, q[..., 64:]), -1)}
+
+
+def q_path_without_head_norm(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                             yarn):
+    qr, z = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps, head_norm=False)
+    return {"qr": qr, "q": apply_rope(z, positions, _q_inv_freq(theta, yarn), 64)}
+
+
+def q_path_without_q_norm_weight(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                                 yarn):
+    return q_path_golden(x, wq_a, wq_a_scale, torch.ones_like(q_norm), wq_b, wq_b_scale, positions,
+                         n_heads=n_heads, eps=eps, theta=theta, yarn=yarn)
+
+
+def _kv_bf16(x, wkv, wkv_scale, kv_norm, positions, *, eps, theta, yarn):
+    """The OCP serving chain up to the insert (the mutant subject's profile): bf16 kv, fp32-roped last 64 dims."""
+    y = linear_emulate("ocp")(x, wkv, wkv_scale)["y"]
+    kv = rms_norm(y, kv_norm.to(torch.bfloat16).float(), eps).to(torch.bfloat16).float()
+    return apply_rope(kv, positions, _q_inv_freq(theta, yarn), 64)
+
+
+def _kv_outputs(pool, rel, tok):
+    return {"kv": dequantize_ds_mla_tokens(tok, "ocp"), "untouched": kv_untouched(pool, rel), "codes": tok.nope,
+            "scales": tok.scales, "rope": tok.rope.float()}
+
+
+def _kv_write_read(kw, *, slots=None, encode=None):
+    """Emulated OCP insert with a planted defect: ``slots`` replaces the relative slot mapping the writer sees,
+    ``encode`` the token encoder; the reader and the untouched mask use the true mapping."""
+    rel, mapped = kv_pool_slots(kw["slot_mapping"], kw["cache"], kw["block_base"])
+    kv = _kv_bf16(kw["x"], kw["wkv"], kw["wkv_scale"], kw["kv_norm"], kw["positions"], eps=kw["eps"],
+                  theta=kw["theta"], yarn=kw["yarn"])
+    pool = kw["cache"].clone()
+    w = rel if slots is None else slots(rel)
+    keep = w >= 0
+    tok = (encode or encode_ds_mla_tokens)(kv[keep], "ocp")
+    blocks, pos = w[keep] // 64, w[keep] % 64
+    for i, (b, p) in enumerate(zip(blocks.tolist(), pos.tolist())):
+        pool[b, p * 576:p * 576 + 448] = tok.nope[i]
+        pool[b, p * 576 + 448:p * 576 + 576] = tok.rope[i:i + 1].view(torch.uint8)[0]
+        pool[b, 64 * 576 + p * 8:64 * 576 + p * 8 + 8] = tok.scales[i]
+    return _kv_outputs(pool, rel, read_ds_mla_tokens(pool, rel[mapped]))
+
+
+def kv_insert_scale_not_pow2(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                             block_base=0, fnuz_fmax=240.0):
+    # codes at the plain scale amax / 448 (no rounding to a power of two); the e8m0 byte can only hold its ceil
+    def enc(kv, dialect):
+        spec = BlockFP8.of("ocp", (1, 64), scale_fmt="fp32")
+        codes, s = quantize_fp8(kv[:, :448], spec)
+        sb = torch.from_numpy(e8m0_encode(np.exp2(np.ceil(np.log2(s.numpy().astype(np.float64))))))
+        return DsMlaTokens(codes, torch.cat([sb, torch.zeros(kv.shape[0], 1, dtype=torch.uint8)], 1),
+                           kv[:, 448:].to(torch.bfloat16))
+    return _kv_write_read(dict(locals()), encode=enc)
+
+
+def kv_insert_scales_inline(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                            block_base=0, fnuz_fmax=240.0):
+    # each token's 8 scale bytes right after its 576 data bytes (584-byte tokens) instead of the block's scale
+    # region; written and read back with that layout, so the values read are right
+    rel, mapped = kv_pool_slots(slot_mapping, cache, block_base)
+    kv = _kv_bf16(x, wkv, wkv_scale, kv_norm, positions, eps=eps, theta=theta, yarn=yarn)
+    pool = cache.clone()
+    tok = encode_ds_mla_tokens(kv[mapped], "ocp")
+    for i, (b, p) in enumerate(zip((rel[mapped] // 64).tolist(), (rel[mapped] % 64).tolist())):
+        row = torch.cat([tok.nope[i], tok.rope[i:i + 1].view(torch.uint8)[0], tok.scales[i]])
+        pool[b, p * 584:p * 584 + 584] = row
+    return _kv_outputs(pool, rel, tok)
+
+
+def kv_insert_padding_to_slot0(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                               block_base=0, fnuz_fmax=240.0):
+    # the last padding row (-1) written to slot 0 of the pool (an unguarded slot_mapping[i] used as an index)
+    def slots(rel):
+        out = rel.clone()
+        if (rel < 0).any():
+            out[int((rel < 0).nonzero()[-1])] = 0
+        return out
+    return _kv_write_read(dict(locals()), slots=slots)
+
+
+def kv_insert_rope_fp8(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                       block_base=0, fnuz_fmax=240.0):
+    # the rope dims quantised like the nope dims (one UE8M0 FP8 block of 64) before the bf16 store
+    def enc(kv, dialect):
+        tok = encode_ds_mla_tokens(kv, dialect)
+        spec = BlockFP8.of("ocp", (1, 64))
+        rope = dequantize_fp8(*quantize_fp8(kv[:, 448:], spec), spec)
+        return DsMlaTokens(tok.nope, tok.scales, rope.to(torch.bfloat16))
+    return _kv_write_read(dict(locals()), encode=enc)
+
+
+def kv_insert_int32_block_offset(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, cache, *, eps, theta, yarn,
+                                 block_base=0, fnuz_fmax=240.0):
+    # block_id * block_stride computed in int32 (the overflow vLLM's writer guards against with .to(tl.int64)): past
+    # 2^31 bytes the offset wraps negative and the token lands outside the pool (lost); below it nothing changes
+    stride = DsMlaLayout().block_stride
+
+    def slots(rel):
+        gb = torch.where(rel >= 0, rel // 64 + block_base, -1)
+        off = (gb * stride + 2**31) % 2**32 - 2**31                 # int32 wrap-around
+        nb = torch.div(off, stride, rounding_mode="floor") - block_base
+        ok = (rel >= 0) & (nb >= 0) & (nb < cache.shape[0])
+        return torch.where(ok, nb * 64 + rel % 64, -1)
+    return _kv_write_read(dict(locals()), slots=slots)
+
+
 MUTANTS = [
     ("moe.shared_expert", shared_expert_without_clamp),
     ("moe.shared_expert", shared_expert_up_clamped_max_side_only),
@@ -101,6 +240,14 @@ MUTANTS = [
     ("attn.index_set", index_set_hca_one_token_early),
     ("linear.fp8_block", linear_scale_layout_transposed),
     ("linear.fp8_block", linear_per_token_scale),
+    ("attn.q_path", q_path_rope_on_first_dims),
+    ("attn.q_path", q_path_without_head_norm),
+    ("attn.q_path", q_path_without_q_norm_weight),
+    ("attn.kv_insert", kv_insert_scale_not_pow2),
+    ("attn.kv_insert", kv_insert_scales_inline),
+    ("attn.kv_insert", kv_insert_padding_to_slot0),
+    ("attn.kv_insert", kv_insert_rope_fp8),
+    ("attn.kv_insert", kv_insert_int32_block_offset),
 ]
 
 
@@ -143,3 +290,10 @@ def test_per_token_activation_scale_is_caught_at_the_emulated_level():
     rows = _verdicts("linear.fp8_block", linear_per_token_scale)
     emu = [r for rs in rows.values() for r in rs if r.level == "emulated"]
     assert emu and any(r.verdict == "fail" for r in emu)
+
+
+def test_int32_block_offset_is_caught_on_the_high_block_cases_only():
+    """Block id 57,400 puts the byte offset past 2^31: only those cases see an int32 offset writer; the others pass."""
+    v = {cid: worst_verdict(rows) for cid, rows in _verdicts("attn.kv_insert", kv_insert_int32_block_offset).items()}
+    for cid, x in v.items():
+        assert (x in ("fail", "catastrophic")) if "/b57400x" in cid else x == "pass", (cid, x)

@@ -1,8 +1,9 @@
 """Cross-check of the new components' goldens against transformers' DSV4 fp32 modules (the ``transformers``
 subject's bindings: DeepseekV4MLP for the shared expert, DeepseekV4HyperHead + DeepseekV4RMSNorm + lm_head for
-head.lm), case by case, at the derived "fp32" level. transformers has no block-FP8 linear, no separate
-embedding module beyond nn.Embedding, and builds the attended set as a dense mask, so linear.fp8_block, embed
-and attn.index_set have no counterpart there."""
+head.lm, DeepseekV4Attention's q modules + DeepseekV4RotaryEmbedding for attn.q_path), case by case, at the
+derived "fp32" level. transformers has no block-FP8 linear, no separate embedding module beyond nn.Embedding,
+and builds the attended set as a dense mask, so linear.fp8_block, embed and attn.index_set have no counterpart
+there."""
 
 import pytest
 
@@ -21,12 +22,13 @@ def hf():
     return TransformersSubject()
 
 
-@pytest.mark.parametrize("component", ["moe.shared_expert", "head.lm"])
+@pytest.mark.parametrize("component", ["moe.shared_expert", "head.lm", "attn.q_path"])
 def test_golden_agrees_with_transformers_fp32(hf, component):
     for case in cases_for(component):
         rows = run_numeric(hf, case)
         assert [r.level for r in rows] == ["fp32"]
         r = rows[0]
         assert r.verdict == "pass", r.message
-        ratio = next(v for k, v in r.metrics.items() if k.endswith("worst_over_bound"))
-        print(f"\n[vs transformers] {case.id}: worst err/bound {ratio:.3g}")
+        ratios = {k: f"{v:.3g}" for k, v in r.metrics.items() if k.endswith("worst_over_bound")}
+        assert ratios, r.metrics
+        print(f"\n[vs transformers] {case.id}: worst err/bound {ratios}")
