@@ -237,7 +237,9 @@ def adopt_orphans(out: str | Path, *, all_dead: bool = False) -> int:
 def _single_threaded_after_fork() -> None:
     """torch's CPU thread pool (GNU OpenMP in the CPU wheels) does not survive fork: a child whose parent has used
     the pool hangs in its first parallel op (measured: ``x.to(torch.float64)`` of a 4000 x 4000 tensor never
-    returns). The child therefore runs torch single-threaded; its parallel ops then run inline."""
+    returns; loading vllm-triton runs such a region in the parent, its interpreter self-check). The child therefore
+    runs torch single-threaded; its parallel ops, and vLLM's CPU ops, which follow torch's OpenMP setting, then
+    run inline."""
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
@@ -261,13 +263,6 @@ def _child(item, run, w: int, log: Path) -> None:
         faulthandler.enable(file=sys.stderr, all_threads=True)
         if run.case_timeout:   # where a hang hangs: the stack is in the log before the parent kills it
             faulthandler.dump_traceback_later(run.case_timeout, file=sys.stderr)
-        # libgomp is not fork-safe: once the parent has run an OpenMP parallel region (loading vllm-triton does:
-        # its interpreter self-check), the child's first parallel torch op deadlocks in libgomp (seen on
-        # attn.kv_insert's input maker under vllm + vllm-triton). One intra-op thread keeps torch, and vLLM's CPU
-        # ops, which follow torch's OpenMP setting, out of the inherited pool.
-        import torch
-
-        torch.set_num_threads(1)
         n0 = run.rows_written
         try:
             _call(item)
