@@ -131,6 +131,7 @@ NAMES = {
     "moe.layer": "moe_layer", "moe.routing_metadata": "routing_metadata",
     # no adapter yet; without this entry the alias "head" would offer head.lm to the hc_head adapter
     "head.lm": None,
+    "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

@@ -1,4 +1,5 @@
-"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block):
+"""The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block,
+mtp.head):
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
@@ -9,6 +10,7 @@ from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
 from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
+from conformance.cases.mtp import mtp_head_golden
 from conformance.checks.numeric import run_numeric, worst_verdict
 from references.components.attention import swa_indices
 from references.components.moe import shared_expert
@@ -89,6 +91,22 @@ def linear_per_token_scale(x, weight, weight_scale):
     return {"y": (quant_act_group(xb, spec) @ w.T).to(torch.bfloat16).float()}
 
 
+def mtp_enorm_hnorm_swapped(**kw):
+    return mtp_head_golden(**dict(kw, enorm=kw["hnorm"], hnorm=kw["enorm"]))
+
+
+def mtp_embeds_token_t(**kw):
+    # position t embeds its own token ids[t] instead of the next one, ids[t + 1] (the proposer's shift missed)
+    ids = kw["ids"]
+    return mtp_head_golden(**dict(kw, ids=torch.cat((ids[:1], ids[:-1]))))
+
+
+def mtp_zeroes_every_position(**kw):
+    # vLLM's position-0 mask applied to every row: the embedding term never reaches the block
+    e = dict(kw, embed_table=torch.zeros_like(kw["embed_table"]))
+    return mtp_head_golden(**e)
+
+
 MUTANTS = [
     ("moe.shared_expert", shared_expert_without_clamp),
     ("moe.shared_expert", shared_expert_up_clamped_max_side_only),
@@ -101,6 +119,9 @@ MUTANTS = [
     ("attn.index_set", index_set_hca_one_token_early),
     ("linear.fp8_block", linear_scale_layout_transposed),
     ("linear.fp8_block", linear_per_token_scale),
+    ("mtp.head", mtp_enorm_hnorm_swapped),
+    ("mtp.head", mtp_embeds_token_t),
+    ("mtp.head", mtp_zeroes_every_position),
 ]
 
 
@@ -143,3 +164,13 @@ def test_per_token_activation_scale_is_caught_at_the_emulated_level():
     rows = _verdicts("linear.fp8_block", linear_per_token_scale)
     emu = [r for rs in rows.values() for r in rs if r.level == "emulated"]
     assert emu and any(r.verdict == "fail" for r in emu)
+
+
+def test_mtp_mutants_fail_on_every_case_the_embedding_reaches():
+    """Each MTP mutant fails every case, except that the two embedding mutants cannot show on the vLLM-variant
+    decode row at position 0: that row's embedding is zeroed, so which token it embeds does not matter there."""
+    for fn in (mtp_enorm_hnorm_swapped, mtp_embeds_token_t, mtp_zeroes_every_position):
+        v = {cid: worst_verdict(rows) for cid, rows in _verdicts("mtp.head", fn).items()}
+        for cid, x in v.items():
+            blind = fn is not mtp_enorm_hnorm_swapped and "/decode/t1p0" in cid and "/vllm/" in cid
+            assert x in (("pass",) if blind else ("fail", "catastrophic")), (fn.__name__, cid, x)
