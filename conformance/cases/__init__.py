@@ -14,6 +14,7 @@ from . import (  # noqa: F401,E402
     linear,
     mhc,
     moe,
+    mtp,
     norms,
     qkv,  # noqa: F401,E402
     rope,

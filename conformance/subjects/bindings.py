@@ -248,6 +248,7 @@ def _cuda() -> dict[str, list[Binding]]:
 
 
 NO_ADAPTER = "no adapter yet (component added with its golden and cases; the vLLM row is not driven)"
+MTP_IN = V + "models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm._FUSED_MTP_INPUT_RMSNORM_KERNEL"
 
 
 def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
@@ -267,6 +268,9 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                                  "(+ compute_global_topk_indices_and_lens, sparse_mla.build_c128a_topk_metadata)"),
             "embed": [Binding(L + "vocab_parallel_embedding.VocabParallelEmbedding", "torch", unread,
                               reason=NO_ADAPTER)],
+            "mtp.head": cu(MTP_IN + " (nvidia.mtp.DeepSeekV4MultiTokenPredictorLayer.forward) + e_proj / h_proj "
+                           "ReplicatedLinear (Fp8LinearMethod, DeepGEMM) + HCHeadOp (TileLang) + "
+                           "_MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head"),
         }
     return {
         "moe.shared_expert": [Binding(L + "activation.SiluAndMulWithClamp (forward_native; DeepseekV4MLP act_fn "
@@ -281,6 +285,14 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                                    "triton", unread, reason=NO_ADAPTER)],
         "embed": [Binding(L + "vocab_parallel_embedding.VocabParallelEmbedding", "torch", unread,
                           reason=NO_ADAPTER)],
+        "mtp.head": [Binding(MTP_IN + " (amd.mtp.DeepSeekV4MultiTokenPredictorLayer.forward: position-0 zeroing, "
+                             "enorm, hnorm) + e_proj / h_proj ReplicatedLinear (Fp8LinearMethod block [128, 128]) + "
+                             "HCHeadOp.forward_hip + _MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head "
+                             "(DeepSeekV4MultiTokenPredictor.compute_logits)", "triton",
+                             "the AMD DeepSeekV4MTP draft model (speculative decoding); " + unread,
+                             reason=NO_ADAPTER + "; the norms are Triton kernels the interpreter could run, the "
+                             "FP8 e_proj / h_proj have no adapter (linear.fp8_block) and the layer module needs "
+                             "a speculative VllmConfig")],
     }
 
 

@@ -54,6 +54,10 @@ class TransformersSubject(Subject):
                            emulated=False, versions={"transformers": self.transformers.__version__,
                                                      "torch": torch.__version__})
 
+    def not_provided(self) -> dict[str, str]:
+        return {"mtp.head": "transformers' DeepSeek-V4 has no MTP module: DeepseekV4PreTrainedModel drops the "
+                            "checkpoint's mtp.* weights (_keys_to_ignore_on_load_unexpected)"}
+
     def comparison_level(self) -> str:
         # an independent fp32 implementation of the same math (see cases/_serving.py, level "fp32")
         return "fp32"

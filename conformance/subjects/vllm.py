@@ -144,6 +144,7 @@ NAMES = {
     # attn.q_path: q_norm + the q side of fused_qnorm_rope_kv_insert_cpu; attn.kv_insert: the SWA K-cache writer
     # (CPU op; vllm-triton: quantize_and_insert_k_kernel)
     "attn.q_path": "q_path", "attn.kv_insert": "kv_insert",
+    "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

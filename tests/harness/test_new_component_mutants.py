@@ -1,5 +1,5 @@
 """The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block,
-attn.q_path, attn.kv_insert):
+attn.q_path, attn.kv_insert, mtp.head):
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
@@ -12,6 +12,7 @@ from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
 from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
 from conformance.cases.linear import _emulate as linear_emulate
+from conformance.cases.mtp import mtp_head_golden
 from conformance.cases.qkv import _dequant as _q_dequant
 from conformance.cases.qkv import _inv_freq as _q_inv_freq
 from conformance.cases.qkv import _pool_slots as kv_pool_slots
@@ -226,6 +227,20 @@ def kv_insert_int32_block_offset(x, wkv, wkv_scale, kv_norm, positions, slot_map
         ok = (rel >= 0) & (nb >= 0) & (nb < cache.shape[0])
         return torch.where(ok, nb * 64 + rel % 64, -1)
     return _kv_write_read(dict(locals()), slots=slots)
+def mtp_enorm_hnorm_swapped(**kw):
+    return mtp_head_golden(**dict(kw, enorm=kw["hnorm"], hnorm=kw["enorm"]))
+
+
+def mtp_embeds_token_t(**kw):
+    # position t embeds its own token ids[t] instead of the next one, ids[t + 1] (the proposer's shift missed)
+    ids = kw["ids"]
+    return mtp_head_golden(**dict(kw, ids=torch.cat((ids[:1], ids[:-1]))))
+
+
+def mtp_zeroes_every_position(**kw):
+    # vLLM's position-0 mask applied to every row: the embedding term never reaches the block
+    e = dict(kw, embed_table=torch.zeros_like(kw["embed_table"]))
+    return mtp_head_golden(**e)
 
 
 MUTANTS = [
@@ -248,6 +263,9 @@ MUTANTS = [
     ("attn.kv_insert", kv_insert_padding_to_slot0),
     ("attn.kv_insert", kv_insert_rope_fp8),
     ("attn.kv_insert", kv_insert_int32_block_offset),
+    ("mtp.head", mtp_enorm_hnorm_swapped),
+    ("mtp.head", mtp_embeds_token_t),
+    ("mtp.head", mtp_zeroes_every_position),
 ]
 
 
@@ -299,3 +317,11 @@ def test_int32_block_offset_is_caught_on_the_high_block_cases_only():
     v = {cid: worst_verdict(rows) for cid, rows in _verdicts("attn.kv_insert", kv_insert_int32_block_offset).items()}
     for cid, x in v.items():
         assert (x in ("fail", "catastrophic")) if "/b57400x" in cid else x == "pass", (cid, x)
+def test_mtp_mutants_fail_on_every_case_the_embedding_reaches():
+    """Each MTP mutant fails every case, except that the two embedding mutants cannot show on the vLLM-variant
+    decode row at position 0: that row's embedding is zeroed, so which token it embeds does not matter there."""
+    for fn in (mtp_enorm_hnorm_swapped, mtp_embeds_token_t, mtp_zeroes_every_position):
+        v = {cid: worst_verdict(rows) for cid, rows in _verdicts("mtp.head", fn).items()}
+        for cid, x in v.items():
+            blind = fn is not mtp_enorm_hnorm_swapped and "/decode/t1p0" in cid and "/vllm/" in cid
+            assert x in (("pass",) if blind else ("fail", "catastrophic")), (fn.__name__, cid, x)

@@ -3,7 +3,8 @@ subject's bindings: DeepseekV4MLP for the shared expert, DeepseekV4HyperHead + D
 head.lm, DeepseekV4Attention's q modules + DeepseekV4RotaryEmbedding for attn.q_path), case by case, at the
 derived "fp32" level. transformers has no block-FP8 linear, no separate embedding module beyond nn.Embedding,
 and builds the attended set as a dense mask, so linear.fp8_block, embed and attn.index_set have no counterpart
-there."""
+there; it has no MTP module at all, so mtp.head is "not provided" with that
+reason."""
 
 import pytest
 
@@ -32,3 +33,16 @@ def test_golden_agrees_with_transformers_fp32(hf, component):
         ratios = {k: f"{v:.3g}" for k, v in r.metrics.items() if k.endswith("worst_over_bound")}
         assert ratios, r.metrics
         print(f"\n[vs transformers] {case.id}: worst err/bound {ratios}")
+
+
+def test_mtp_head_not_provided_with_the_reason(hf):
+    """transformers' DeepSeek-V4 has no MTP module (it drops the checkpoint's mtp.* weights on load): the row is
+    "not provided" with that reason, never a pass."""
+    M = hf.M
+    assert not any("mtp" in n.lower() or "multitoken" in n.lower() for n in dir(M)), [n for n in dir(M) if "mtp" in
+                                                                                       n.lower()]
+    assert any("mtp" in p for p in M.DeepseekV4PreTrainedModel._keys_to_ignore_on_load_unexpected)
+    assert "mtp.head" not in hf.provides()
+    (case, *_) = cases_for("mtp.head")
+    (r,) = run_numeric(hf, case)
+    assert r.verdict == "not-provided" and "no MTP module" in r.message, r.message
