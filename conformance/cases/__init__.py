@@ -11,6 +11,7 @@ from . import (  # noqa: F401,E402
     formats,
     head,
     indexer,
+    indexer_cache,
     linear,
     mhc,
     moe,

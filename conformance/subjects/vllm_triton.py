@@ -62,6 +62,10 @@ class _K:
             from vllm.models.deepseek_v4.common.ops.cache_utils import quantize_and_insert_k_kernel as k
         elif name == "_sparse_attn_decode_ragged_kernel":
             from vllm.v1.attention.ops.rocm_aiter_mla_sparse import _sparse_attn_decode_ragged_kernel as k
+        elif name in ("indexer_k_quant_and_cache_triton", "cp_gather_indexer_k_quant_cache_triton"):
+            import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+            k = getattr(rams, name)
         elif name == "indexer_q":
             from vllm.models.deepseek_v4.common.ops.fused_indexer_q import (
                 _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k,
@@ -262,6 +266,44 @@ def make_routing_metadata(p: dict):
     return routing_metadata
 
 
+def make_indexer_k_cache(p: dict):
+    def indexer_k_cache(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+        """vLLM's dedicated indexer-K pair, called through its wrappers with ``rocm_aiter_mla_sparse.FP8_DTYPE``
+        the profile's fp8 dtype (the module reads it at import: the platform's on a device): the writer
+        indexer_k_quant_and_cache_triton (one pow2 scale per token, scale_fmt "ue8m0", fmax 224 if IS_FNUZ else
+        448; -1 slots skipped; SHUFFLE tiles since block_size > 1), then cp_gather_indexer_k_quant_cache_triton
+        with its default layout (SHUFFLE), as rocm_aiter_sparse_attn_indexer pairs them when it inserts K. The
+        pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows."""
+        from .base import Unsupported
+
+        if layout != "shuffle":
+            raise Unsupported(f"vLLM's dedicated writer lays a block of {block_size} out in 16x16 SHUFFLE tiles; "
+                              "DSV4's C4A block-flat pool is written by the compressor's store (vllm:sim row)")
+        import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+        nb, stride = cache.shape
+        pool = cache.clone()
+        kv = pool.as_strided((nb, block_size, 132), (stride, 132, 1))
+        B = seq_lens.shape[0]
+        M = int(seq_lens.sum())
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(seq_lens.long(), 0).to(torch.int32)
+        k_fp8 = torch.empty(M, 128, dtype=p["fp8"])
+        k_scale = torch.empty(M, 4, dtype=torch.uint8)
+        old = rams.FP8_DTYPE
+        rams.FP8_DTYPE = p["fp8"]
+        try:
+            _K.get("indexer_k_quant_and_cache_triton")(k.to(BF).contiguous(), kv, slot_mapping.long().contiguous(),
+                                                       128, "ue8m0")
+            _K.get("cp_gather_indexer_k_quant_cache_triton")(
+                kv, k_fp8, k_scale, block_table.to(torch.int32).contiguous(), cu,
+                token_to_seq=torch.repeat_interleave(torch.arange(B, dtype=torch.int32), seq_lens.long()))
+        finally:
+            rams.FP8_DTYPE = old
+        return {"k": k_fp8.float() * k_scale.view(torch.float32), "cache": pool}
+    return indexer_k_cache
+
+
 KERNELS = {
     "routing_metadata": (make_routing_metadata,
                          "vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe."
@@ -280,6 +322,12 @@ KERNELS = {
                   "vllm.models.deepseek_v4.common.ops.cache_utils.quantize_and_insert_k_kernel",
                   "the SWA K-cache writer (use_fnuz={fnuz}, fp8_max {cache_fmax}) on kv from the emulated serving "
                   "chain; pool sparse past 2^31 bytes for high block ids; read back with the golden decoder"),
+    "indexer_k_cache": (make_indexer_k_cache,
+                        "vllm.v1.attention.ops.rocm_aiter_mla_sparse.indexer_k_quant_and_cache_triton + "
+                        "cp_gather_indexer_k_quant_cache_triton",
+                        "vLLM's dedicated indexer-K writer (IS_FNUZ={fnuz}: fmax 224 / 448, ue8m0 scales) and gather "
+                        "in their SHUFFLE layout (block_size > 1); the C4A block-flat rows are not provided (DSV4 "
+                        "writes them with the compressor's store, skip_k_cache_insert=True)"),
     "indexer_q": (make_indexer_q,
                   "vllm.models.deepseek_v4.common.ops.fused_indexer_q.FusedIndexerQRopeQuantTritonKernel",
                   "indexer q RoPE + FP8 quant (USE_FNUZ={fnuz}, fp8_max {q_fmax}); wq_b is a bf16 torch linear"),

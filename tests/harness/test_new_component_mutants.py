@@ -1,5 +1,5 @@
 """The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block,
-attn.q_path, attn.kv_insert, mtp.head):
+attn.q_path, attn.kv_insert, mtp.head, indexer.k_cache):
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
@@ -10,6 +10,7 @@ import torch
 from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
+from conformance.cases.indexer_cache import K_FMAX, KCacheLayout, gather_slots
 from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
 from conformance.cases.linear import _emulate as linear_emulate
 from conformance.cases.mtp import mtp_head_golden
@@ -19,6 +20,7 @@ from conformance.cases.qkv import _pool_slots as kv_pool_slots
 from conformance.cases.qkv import _untouched as kv_untouched
 from conformance.cases.qkv import q_path_golden
 from conformance.checks.numeric import run_numeric, worst_verdict
+from conformance.subjects import Impl, SubjectInfo
 from references.components.attention import swa_indices
 from references.components.moe import shared_expert
 from references.components.norms import rms_norm, unweighted_rms_norm
@@ -31,6 +33,7 @@ from references.formats.cache_layouts import (
     encode_ds_mla_tokens,
     read_ds_mla_tokens,
 )
+from references.formats.minifloat import get_format
 from references.formats.scales import e8m0_encode
 from references.numerics import serving
 
@@ -243,6 +246,95 @@ def mtp_zeroes_every_position(**kw):
     return mtp_head_golden(**e)
 
 
+# -- indexer.k_cache: writers and readers of the paged indexer-K pool, each broken in one way -----------------
+def _kc_write(pool, slot_mapping, codes, scales, lay, *, padding_slot=None):
+    """Raw writes of (codes [N, 128], fp32 scales [N]), rows in order; -1 rows skipped unless ``padding_slot``
+    says where they go."""
+    for i, s in enumerate(slot_mapping.tolist()):
+        if s < 0:
+            if padding_slot is None:
+                continue
+            s = padding_slot
+        b, o = divmod(s, lay.block_size)
+        pool[b, lay.value_cols(o)] = codes[i]
+        pool[b, lay.scale_cols(o)] = scales[i:i + 1].float().view(torch.uint8)
+    return pool
+
+
+def _kc_read(pool, slots, lay, dialect, *, scale_shift=0):
+    f = get_format(dialect)
+    out = []
+    for s in slots.tolist():
+        b, o = divmod(s, lay.block_size)
+        v = torch.from_numpy(f.decode(pool[b, lay.value_cols(o)].numpy())).float()
+        cols = lay.scale_cols(o) + 4 * scale_shift
+        out.append(v * pool[b, cols].clone().view(torch.float32))
+    return torch.stack(out)
+
+
+def _kc_quant(k, dialect, fmax, amax=None):
+    a = (k.abs().amax(-1, keepdim=True) if amax is None else amax).clamp(min=1e-4)
+    s = torch.exp2(torch.ceil(torch.log2(a / fmax)))
+    codes = get_format(dialect).encode((k / s).numpy())
+    return torch.from_numpy(codes.astype("uint8")), s.reshape(-1)
+
+
+def _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, *, dialect="float8_e4m3fn",
+        fmax=448.0, write_dialect=None, per_block=False, padding_slot=None, scale_shift=0, neg_zero_0x80=False):
+    lay = KCacheLayout(block_size, layout)
+    amax = None
+    if per_block:   # one scale per 64-slot block: the amax over every key written to the block
+        blk = torch.where(slot_mapping >= 0, slot_mapping // block_size, -1)
+        a = k.abs().amax(-1)
+        amax = torch.stack([a[blk == b].max() if b >= 0 else a[i] for i, b in enumerate(blk.tolist())])[:, None]
+    wd = write_dialect or dialect
+    codes, s = _kc_quant(k, wd, 448.0 if write_dialect == "float8_e4m3fn" else fmax, amax)
+    if neg_zero_0x80:   # an OCP-style sign bit on the zeros of negative inputs: 0x80, NaN in fnuz
+        codes[(codes == 0) & (k < 0)] = 0x80
+    pool = _kc_write(cache.clone(), slot_mapping, codes, s, lay, padding_slot=padding_slot)
+    read = gather_slots(block_table, seq_lens, block_size)
+    return {"k": _kc_read(pool, read, lay, dialect, scale_shift=scale_shift), "cache": pool}
+
+
+def k_cache_scale_per_block(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, per_block=True)
+
+
+def k_cache_padding_row_to_slot0(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, padding_slot=0)
+
+
+def k_cache_scale_read_at_next_entry(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
+                                     layout="normal"):
+    return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, scale_shift=1)
+
+
+def k_cache_ocp_bytes_read_as_fnuz(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    # the DSV4 compressor's store on gfx942 (float8e4nv, 448) read by the fnuz gather: spec 4.1, x0.5
+    return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, dialect="float8_e4m3fnuz",
+               fmax=K_FMAX["gfx942"], write_dialect="float8_e4m3fn")
+
+
+def k_cache_fnuz_writer_emitting_0x80(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
+                                      layout="normal"):
+    return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, dialect="float8_e4m3fnuz",
+               fmax=K_FMAX["gfx942"], neg_zero_0x80=True)
+
+
+def k_cache_block_flat_on_shuffle_pool(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
+                                       layout="normal"):
+    # writer and reader agree with each other, but always lay the values out block-flat
+    return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, "normal")
+
+
+class MutantGfx942(Mutant):
+    def info(self):
+        return SubjectInfo(self.name, "deliberately broken", "cpu", "float8_e4m3fnuz", False, profile="gfx942")
+
+    def provides(self):
+        return {self.component: Impl(self.fn, function=f"mutant.{self.component}", backend="torch")}
+
+
 MUTANTS = [
     ("moe.shared_expert", shared_expert_without_clamp),
     ("moe.shared_expert", shared_expert_up_clamped_max_side_only),
@@ -266,15 +358,25 @@ MUTANTS = [
     ("mtp.head", mtp_enorm_hnorm_swapped),
     ("mtp.head", mtp_embeds_token_t),
     ("mtp.head", mtp_zeroes_every_position),
+    ("indexer.k_cache", k_cache_scale_per_block),
+    ("indexer.k_cache", k_cache_padding_row_to_slot0),
+    ("indexer.k_cache", k_cache_scale_read_at_next_entry),
+    ("indexer.k_cache", k_cache_block_flat_on_shuffle_pool),
+]
+# mutants whose platform is gfx942 (fnuz): run by a subject of that profile
+MUTANTS_GFX942 = [
+    ("indexer.k_cache", k_cache_ocp_bytes_read_as_fnuz),
+    ("indexer.k_cache", k_cache_fnuz_writer_emitting_0x80),
 ]
 
 
 def _verdicts(component, fn, fast=False):
-    subj = Mutant(component, fn)
+    subj = (MutantGfx942 if (component, fn) in MUTANTS_GFX942 else Mutant)(component, fn)
     return {c.id: run_numeric(subj, c) for c in cases_for(component) if not fast or c.tier == "fast"}
 
 
-@pytest.mark.parametrize("component,fn", MUTANTS, ids=[f"{m[0]}:{m[1].__name__}" for m in MUTANTS])
+@pytest.mark.parametrize("component,fn", MUTANTS + MUTANTS_GFX942,
+                         ids=[f"{m[0]}:{m[1].__name__}" for m in MUTANTS + MUTANTS_GFX942])
 def test_mutant_caught_with_diagnosis(component, fn):
     """Caught on the fast tier (what every run executes; the full tier's Flash shapes add minutes, not cases a
     mutant needs)."""
@@ -325,3 +427,46 @@ def test_mtp_mutants_fail_on_every_case_the_embedding_reaches():
         for cid, x in v.items():
             blind = fn is not mtp_enorm_hnorm_swapped and "/decode/t1p0" in cid and "/vllm/" in cid
             assert x in (("pass",) if blind else ("fail", "catastrophic")), (fn.__name__, cid, x)
+
+
+def _kc_rows(fn):
+    return {cid: rows for cid, rows in _verdicts("indexer.k_cache", fn).items()}
+
+
+def test_k_cache_ocp_bytes_read_as_fnuz_is_diagnosed_x0_5():
+    for cid, rows in _kc_rows(k_cache_ocp_bytes_read_as_fnuz).items():
+        assert all(r.verdict in ("fail", "catastrophic") for r in rows), cid
+        assert all("ratio signature: x0.5" in r.message for r in rows), [r.message for r in rows]
+
+
+def test_k_cache_writer_emitting_0x80_on_fnuz_is_diagnosed_as_negative_zero():
+    """The writer emits 0x80 only where a negative value rounds to zero (the -0 case by design; the wide case's tiny
+    values; the long case's rare ones); fnuz reads it as NaN, and every failure's diagnosis names the byte."""
+    for cid, rows in _kc_rows(k_cache_fnuz_writer_emitting_0x80).items():
+        for r in rows:
+            assert r.verdict == "pass" or (r.verdict == "catastrophic" and "NaN<->-0" in r.message), (cid, r.message)
+        if "/negzero/" in cid or "/wide/" in cid:
+            assert all(r.verdict == "catastrophic" for r in rows), cid
+        if "/decode/" in cid:
+            assert all(r.verdict == "pass" for r in rows), cid
+
+
+def test_k_cache_padding_row_is_caught_as_a_write_outside_the_written_slots():
+    rows = _kc_rows(k_cache_padding_row_to_slot0)["indexer.k_cache/prefill/b1n40p2/negzero/s3"]
+    assert all(r.verdict == "fail" and "cache.untouched" in r.message and "slot 0" in r.message for r in rows)
+
+
+def test_k_cache_per_block_scale_passes_only_where_each_block_holds_one_entry():
+    v = {cid: worst_verdict(rows) for cid, rows in _kc_rows(k_cache_scale_per_block).items()}
+    for cid, x in v.items():
+        assert x == ("pass" if "/decode/" in cid else "fail"), (cid, x)
+
+
+def test_k_cache_self_consistent_block_flat_pair_fails_only_the_shuffle_rows():
+    """A writer/reader pair that round-trips its own keys but ignores the layout: the gathered keys are right
+    everywhere, and the bytes are wrong exactly on the SHUFFLE pools (caught by the layout's own decode)."""
+    for cid, rows in _kc_rows(k_cache_block_flat_on_shuffle_pool).items():
+        want = ("fail", "catastrophic") if "/shuffle" in cid else ("pass",)
+        assert all(r.verdict in want for r in rows), (cid, [r.message for r in rows])
+        for r in rows:
+            assert r.extra["outputs"]["k"] == "pass", cid

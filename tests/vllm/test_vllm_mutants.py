@@ -210,3 +210,34 @@ def test_interpreter_without_fixes_makes_vllm_triton_refuse():
     finally:
         triton_interp.set_fixes(True)
     assert not any(triton_interp.self_check().values())
+
+
+@pytest.mark.usefixtures("needs_vllm_triton")
+def test_indexer_k_writer_writing_ocp_into_the_fnuz_pool_is_caught_x0_5():
+    """vLLM's dedicated indexer-K pair passes the SHUFFLE rows on gfx942 (bytes equal to the emulation's, fmax
+    224); the writer planted with the OCP dtype (IS_FNUZ False, fmax 448) while the gather reads fnuz is caught on
+    the values with the x0.5 diagnosis."""
+    import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
+
+    from conformance.subjects import vllm_triton as vt
+
+    subj = load_subject("vllm-triton:gfx942")
+    case = _case("indexer.k_cache", lambda i: "/shuffle-fmax-band/" in i)
+    assert not _fails(run_numeric(subj, case)), "unpatched kernels must pass this case"
+    real = vt._K.get("indexer_k_quant_and_cache_triton")
+
+    def ocp_writer(*a, **kw):
+        old = rams.FP8_DTYPE
+        rams.FP8_DTYPE = torch.float8_e4m3fn
+        try:
+            return real(*a, **kw)
+        finally:
+            rams.FP8_DTYPE = old
+
+    vt._K.over["indexer_k_quant_and_cache_triton"] = ocp_writer
+    try:
+        rows = _fails(run_numeric(subj, case))
+    finally:
+        vt._K.over.clear()
+    assert rows and all("ratio signature: x0.5" in r.message for r in rows), _explain(rows)
+    assert all(r.component == "indexer.k_cache" and "indexer_k_quant_and_cache_triton" in r.function for r in rows)
