@@ -276,6 +276,9 @@ def make_indexer_k_cache(p: dict):
         pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows."""
         from .base import Unsupported
 
+        if p.get("src") is not None:   # vllm-triton-gpu: kernels from vLLM's source files, no vllm package
+            raise Unsupported("this pair is called through vLLM's Python wrappers, imported from the installed vllm "
+                              "package, which vllm-triton-gpu does not load (not in the source bundle)")
         if layout != "shuffle":
             raise Unsupported(f"vLLM's dedicated writer lays a block of {block_size} out in 16x16 SHUFFLE tiles; "
                               "DSV4's C4A block-flat pool is written by the compressor's store (vllm:sim row)")
