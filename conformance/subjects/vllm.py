@@ -336,14 +336,13 @@ class VllmSubject(Subject):
     def _bind_table(self) -> dict[str, Impl]:
         """Device run (not yet run on a device): every registered component bound to the row vLLM's dispatch
         selects here; rows with an adapter run it with inputs moved to the GPU and outputs back to the CPU."""
-        from . import bindings
         from .vllm_sim import ADAPTERS, platform_profile
 
-        plat, ctx = self.table_platform(), self.dispatch_context()
+        plat = self.table_platform()
         prof = platform_profile()
         out = {}
-        for name, spec in components.load_all().items():
-            row = bindings.select(plat, name, ctx)
+        for name, row in self.bound_rows().items():
+            spec = components.get(name)
             if row is None:
                 self.skipped[name] = f"no binding row for {plat}"
                 continue
@@ -358,6 +357,14 @@ class VllmSubject(Subject):
                              note=f"{plat}: {row.condition}")
         return out
 
+    def bound_rows(self) -> dict:
+        """component -> the binding-table row vLLM's dispatch selects on this device platform (None: no row);
+        the same method as ``vllm:sim-<arch>``'s, which follows the same table."""
+        from . import bindings
+
+        plat, ctx = self.table_platform(), self.dispatch_context()
+        return {n: bindings.select(plat, n, ctx) for n in components.load_all()}
+
     def graph_cases(self) -> list:
         """ROCm / CUDA with a GPU: the installed vLLM's kernels that this platform's binding table selects,
         captured under HIP / CUDA graphs (``_vllm_graph.table_graph_cases``; not yet run on a ROCm device).
@@ -366,14 +373,11 @@ class VllmSubject(Subject):
 
         if self.kind not in ("rocm", "cuda") or not torch.cuda.is_available():
             return []
-        from . import bindings
         from ._vllm_graph import table_graph_cases
         from .vllm_sim import platform_profile
 
-        plat, ctx = self.table_platform(), self.dispatch_context()
-        rows = {n: bindings.select(plat, n, ctx) for n in components.load_all()}
         prof = platform_profile()
-        return table_graph_cases(rows, dict(prof, dev="cuda"), "gfx942" if prof["fnuz"] else "ocp")
+        return table_graph_cases(self.bound_rows(), dict(prof, dev="cuda"), "gfx942" if prof["fnuz"] else "ocp")
 
     def dialect_probes(self):
         """FP8 producers and consumers per DSV4 edge. CPU: the CPU ops (OCP) wrapped by _vllm_dialect. ROCm /

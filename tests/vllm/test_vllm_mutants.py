@@ -241,3 +241,16 @@ def test_indexer_k_writer_writing_ocp_into_the_fnuz_pool_is_caught_x0_5():
         vt._K.over.clear()
     assert rows and all("ratio signature: x0.5" in r.message for r in rows), _explain(rows)
     assert all(r.component == "indexer.k_cache" and "indexer_k_quant_and_cache_triton" in r.function for r in rows)
+
+
+def test_gpu_subject_does_not_provide_the_indexer_k_pair_it_cannot_load():
+    """vllm-triton-gpu loads kernels from vLLM's source files, not the vllm package: the indexer-K writer/gather
+    wrappers (package imports) are "not provided" with that reason, never an error row (seen on the H100)."""
+    from conformance.cases import cases_for
+    from conformance.subjects.base import Unsupported
+    from conformance.subjects.vllm_triton import PROFILES, make_indexer_k_cache
+
+    case = next(c for c in cases_for("indexer.k_cache") if "shuffle" in c.id)
+    fn = make_indexer_k_cache(dict(PROFILES["ocp"], dev="cuda", src=object()))
+    with pytest.raises(Unsupported, match="source bundle"):
+        fn(**case.make_inputs())
