@@ -1,9 +1,9 @@
 """Wall time of the SIMULATED gfx942 op tier (vllm:sim-gfx942) on this machine, and the share of it spent in
 Triton's interpreter. Not a test: prints one summary (and --json PATH writes it).
 
-    python benchmarks/bench_sim_gfx942.py [--arch gfx942] [--json out/bench_sim.json]
+    python benchmarks/bench_sim_gfx942.py [--arch gfx942] [--tier fast|full] [--json out/bench_sim.json]
 
-Runs, in this process, every numeric case of every component the simulation binds (serving and emulated
+Runs, in this process, every numeric case of the tier (default fast, as ``conformance run``) of every component the simulation binds (serving and emulated
 levels, as the suite does) and the dialect map; the interpreter share is the time inside
 ``triton.runtime.interpreter.GridExecutor.__call__`` (every interpreted kernel launch)."""
 
@@ -17,6 +17,7 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="gfx942")
+    ap.add_argument("--tier", choices=("fast", "full"), default="fast")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -55,6 +56,8 @@ def main() -> None:
     for comp in sorted(s.provides()):
         t = time.perf_counter()
         for c in cases_for(comp):
+            if a.tier == "fast" and c.tier != "fast":
+                continue
             for r in run_numeric(s, c, emulated_cache=cache):
                 verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
         per[comp] = round(time.perf_counter() - t, 2)
@@ -63,7 +66,7 @@ def main() -> None:
     edges = {n: probe_edge(e, prod.get(n), cons.get(n)).verdict for n, e in DSV4_EDGES.items()}
     per["dialect_map"] = round(time.perf_counter() - t, 2)
     wall = time.perf_counter() - t_all
-    out = {"arch": a.arch, "wall_s": round(wall, 1), "subject_load_s": round(load, 1), "per_component_s": per,
+    out = {"arch": a.arch, "tier": a.tier, "wall_s": round(wall, 1), "subject_load_s": round(load, 1), "per_component_s": per,
            "interpreter_s": round(spent["s"], 1), "interpreter_launches": spent["n"],
            "interpreter_share": round(spent["s"] / wall, 3), "verdicts": verdicts, "edges": edges,
            "not_provided": sorted(s.not_provided())}

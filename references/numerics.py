@@ -63,10 +63,13 @@ def official() -> Numerics:
 # Serving profiles: the FP8 dialect and the fmax each vLLM path uses on that platform.
 PROFILES = {
     # MI300X / MI325X: e4m3fnuz; Triton cache writers use finfo(fnuz).max = 240; the indexer-q kernel's
-    # USE_FNUZ branch uses 224 (spec 3.8 / notes); block-FP8 activations use 240.
-    "gfx942": dict(dialect="float8_e4m3fnuz", fmax=240.0, indexer_q_fmax=224.0),
+    # USE_FNUZ branch uses 224 (spec 3.8 / notes). Block-FP8 activations use 224: every ROCm FP8 linear
+    # quantises its input with per_token_group_quant_fp8 (the compiled op or its Triton twin), whose bounds are
+    # quant_utils.get_fp8_min_max() = (-224, 224) on an fnuz platform (vLLM 0.32.0; "240 causes accuracy
+    # issues"), not finfo's 240. Found by vllm:sim-gfx942 driving TritonFp8BlockScaledMMKernel.
+    "gfx942": dict(dialect="float8_e4m3fnuz", fmax=240.0, indexer_q_fmax=224.0, linear_act_fmax=224.0),
     # OCP everywhere else (CUDA, gfx950, CPU)
-    "ocp": dict(dialect="float8_e4m3fn", fmax=448.0, indexer_q_fmax=448.0),
+    "ocp": dict(dialect="float8_e4m3fn", fmax=448.0, indexer_q_fmax=448.0, linear_act_fmax=448.0),
 }
 
 
@@ -79,7 +82,7 @@ def serving(profile: str) -> Numerics:
     return Numerics(
         name=f"serving:{profile}",
         act_dtype=torch.bfloat16,
-        linear_act=BlockFP8.of(d, (1, 128), fmax=fmax, scale_fmt="fp32", amax_floor=1e-10),
+        linear_act=BlockFP8.of(d, (1, 128), fmax=p["linear_act_fmax"], scale_fmt="fp32", amax_floor=1e-10),
         kv_nope=BlockFP8.of(d, (1, 64), fmax=fmax),
         indexer_q=BlockFP8.of(d, (1, 128), fmax=p["indexer_q_fmax"]),
         indexer_k=BlockFP8.of(d, (1, 128), fmax=fmax),

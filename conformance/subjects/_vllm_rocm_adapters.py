@@ -29,6 +29,23 @@ def _vllm(name):
         from vllm.model_executor.layers.mhc import HCHeadOp
 
         return HCHeadOp.forward_hip
+    if name == "process_fp8_weight_block_strategy" or name in ("_per_token_group_quant_fp8",
+                                                                "w8a8_triton_block_scaled_mm"):
+        from vllm.model_executor.layers.quantization.utils import fp8_utils
+
+        return getattr(fp8_utils, name)
+    if name == "VocabParallelEmbedding.forward":
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        return VocabParallelEmbedding.forward
+    if name == "combine_topk_swa_indices":
+        from vllm.models.deepseek_v4.amd import rocm
+
+        return rocm.combine_topk_swa_indices
+    if name == "build_c128a_topk_metadata":
+        from vllm.models.deepseek_v4 import sparse_mla
+
+        return sparse_mla.build_c128a_topk_metadata
     if name == "mhc_post_torch":
         from vllm.model_executor.kernels.mhc.torch import mhc_post_torch
 
@@ -187,3 +204,98 @@ def make_compress_rocm(p):
             return {"entries": read_584(cache, range(n), cbs)}
         return {"entries": read_indexer_k(cache, range(n), cbs)}
     return compress_rocm
+
+
+# ------------------------------------------------------------------------------------------------ linear
+def make_fp8_block_linear_rocm(p):
+    def fp8_block_linear_rocm(x, weight, weight_scale):
+        """TritonFp8BlockScaledMMKernel (ROCm without the aiter linear): process_weights_after_loading's
+        process_fp8_weight_block_strategy on the checkpoint's OCP e4m3fn bytes and e8m0 scales (on an fnuz
+        platform: 0x80 -> 0, bytes reinterpreted as e4m3fnuz, e8m0 exponent + 1; the ROCm FP8 padding of the row
+        stride), then apply_weights: QuantFP8 on the bf16 activations (1 x 128 groups, use_ue8m0 False) and
+        w8a8_triton_block_scaled_mm (bf16 out).
+
+        The activation quant on the device is QuantFP8.forward_hip -> per_token_group_quant_fp8 -> the compiled
+        torch.ops._C.per_token_group_fp8_quant (HIP; x contiguous), absent from the CPU build. The harness
+        quantises as that op does (csrc per_token_group_quant.cu: y_s = amax / max_8bit, q = x / y_s clamped,
+        rounded to nearest even) with the bounds vLLM passes it (get_fp8_min_max on the simulated platform: +-224
+        on fnuz). vLLM's Triton twin _per_token_group_quant_fp8 is not used: it computes y_s = amax * (1 / fmax),
+        one ulp off, which moves values sitting exactly on an FP8 rounding tie (finding in docs/gfx942-coverage.md)."""
+        from vllm.model_executor.layers.quantization.utils.quant_utils import get_fp8_min_max
+
+        w, ws = _vllm("process_fp8_weight_block_strategy")(weight.clone().view(torch.float8_e4m3fn),
+                                                            weight_scale.clone().view(torch.float8_e8m0fnu))
+        xb = x.to(BF).float()
+        T, K = xb.shape
+        fmin, fmax = get_fp8_min_max()
+        g = xb.reshape(T, K // 128, 128)
+        s = g.abs().amax(-1).clamp_min(1e-10) / fmax
+        q = (g / s[..., None]).clamp(fmin, fmax).to(p["fp8"]).reshape(T, K)
+        y = _vllm("w8a8_triton_block_scaled_mm")(q, w, s.contiguous(), ws, [128, 128], BF)
+        return {"y": y.float()}
+    return fp8_block_linear_rocm
+
+
+# ------------------------------------------------------------------------------------------------ embedding
+def make_embedding_rocm(p):
+    def embedding_rocm(ids, table, *, hc_mult):
+        """VocabParallelEmbedding.forward at tensor-parallel size 1 (quant_method.embedding ->
+        UnquantizedEmbeddingMethod.embedding: F.embedding on the bf16 table); the hc_mult copies are
+        DeepseekV4Model.forward's inline unsqueeze(-2).repeat (layout)."""
+        from types import SimpleNamespace
+
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+        layer = SimpleNamespace(tp_size=1, quant_method=UnquantizedEmbeddingMethod(), weight=table.to(BF))
+        h = _vllm("VocabParallelEmbedding.forward")(layer, ids)
+        return {"X": h.unsqueeze(-2).repeat(1, hc_mult, 1).float()}
+    return embedding_rocm
+
+
+# ------------------------------------------------------------------------------------------------ index set
+def make_index_set_rocm(p):
+    def index_set_rocm(positions, topk_idx=None, *, layer_type, ratio, window=128):
+        """The ROCm Triton sparse prefill's index set (DeepseekV4ROCMAiterMLASparseImpl._forward_prefill without
+        AITER sparse MLA): one request whose query is ``positions`` (a prefill chunk ending at seq_len =
+        max(positions) + 1), gather_len = query_len + min(prefix, window - 1) as the SWA metadata plans it,
+        the compressed region N = ceil(seq_len / ratio) wide. The compressed candidates are the indexer top-k
+        (csa: the case's ``topk_idx``), build_c128a_topk_metadata's prefill-local list (hca: every visible entry,
+        active width as the C128A builder sizes it) or none (swa: top_k 0, compress ratio 1); then amd.rocm's
+        combine_topk_swa_indices. Its indices into the per-request gathered buffer [N compressed | gathered SWA
+        rows] are mapped back to the golden's numbering (compressed entry i -> max(positions) + 1 + i, gathered
+        row j -> position gather_start + j): layout only."""
+        import triton
+
+        pos = positions.long()
+        T = pos.shape[0]
+        seq_len = int(pos.max()) + 1
+        prefix = seq_len - T
+        gather = T + min(max(prefix, 0), window - 1)
+        gstart = seq_len - gather
+        if layer_type == "swa":
+            r, n_c, top = 1, 0, torch.zeros(T, 1, dtype=torch.int32)
+            top_k = 0
+        elif layer_type == "csa":
+            r, n_c = ratio, -(-seq_len // ratio)
+            top = topk_idx.to(torch.int32).contiguous()
+            top_k = top.shape[-1]
+        else:
+            r, n_c = ratio, -(-seq_len // ratio)
+            width = max(triton.next_power_of_2(max(seq_len // r, 1)), 128)
+            bufs = [torch.zeros(T, width, dtype=torch.int32) for _ in range(3)]
+            _, _, top = _vllm("build_c128a_topk_metadata")(
+                pos.to(torch.int64), r, 0, torch.zeros(T, dtype=torch.int32), torch.zeros(0, 1, dtype=torch.int32),
+                1, torch.zeros(T, dtype=torch.int64), bufs[0], bufs[1][:, 0].contiguous(), bufs[2],
+                max_compressed_tokens=width)
+            top = top.contiguous()
+            top_k = top.shape[-1]
+        M = n_c + gather
+        qsl = torch.tensor([0, T], dtype=torch.int32)
+        idx, lens = _vllm("combine_topk_swa_indices")(
+            top, qsl, torch.tensor([seq_len], dtype=torch.int32), torch.tensor([gather], dtype=torch.int32), window,
+            r, top_k, M, n_c)
+        idx = idx.long()
+        valid = (idx >= 0) & (torch.arange(idx.shape[1])[None] < lens.long()[:, None])
+        mapped = torch.where(idx < n_c, seq_len + idx, idx - n_c + gstart)
+        return {"indices": torch.where(valid, mapped, torch.full_like(idx, -1))}
+    return index_set_rocm

@@ -279,19 +279,58 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                            "ReplicatedLinear (Fp8LinearMethod, DeepGEMM) + HCHeadOp (TileLang) + "
                            "_MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head"),
         }
+    fp8_aiter = lambda c: aiter_enabled(c) and _flag(c, "VLLM_ROCM_USE_AITER_LINEAR", "1")  # noqa: E731
+    QU = L + "quantization.utils.fp8_utils."
+    KL = V + "model_executor.kernels.linear.scaled_mm."
     return {
-        "moe.shared_expert": [Binding(L + "activation.SiluAndMulWithClamp (forward_native; DeepseekV4MLP act_fn "
-                                      "between the FP8 gate_up_proj and down_proj)", "torch",
-                                      "native on ROCm (spec 3.14); " + unread, reason=NO_ADAPTER)],
-        "head.lm": [Binding(L + "mhc.HCHeadOp (forward_hip -> hc_head_triton) + RMSNorm + "
-                            "vocab_parallel_embedding.ParallelLMHead", "triton", unread, reason=NO_ADAPTER)],
-        "linear.fp8_block": [Binding(L + "quantization.utils.fp8_utils.w8a8_triton_block_scaled_mm "
-                                     "(+ per_token_group_quant_fp8)", "triton", unread, reason=NO_ADAPTER)],
-        "attn.index_set": [Binding(V + "models.deepseek_v4.common.ops.cache_utils.combine_topk_swa_indices "
-                                   "(+ compute_global_topk_indices_and_lens, sparse_mla.build_c128a_topk_metadata)",
-                                   "triton", unread, reason=NO_ADAPTER)],
-        "embed": [Binding(L + "vocab_parallel_embedding.VocabParallelEmbedding", "torch", unread,
-                          reason=NO_ADAPTER)],
+        "moe.shared_expert": [Binding(L + "activation.SiluAndMulWithClamp.forward_hip -> forward_cuda -> "
+                                      "torch.ops._C.silu_and_mul_with_clamp (models.deepseek_v4.amd.model."
+                                      "DeepseekV4MLP, between the FP8 gate_up_proj and down_proj)", "compiled",
+                                      "SiluAndMulWithClamp.forward_hip takes the compiled op for alpha 1, beta 0 (DSV4's "
+                                      "swiglu_limit clamp; spec 3.14's 'native on ROCm' is not what 0.32 runs); the "
+                                      "linears as linear.fp8_block", reason=HIP_OP + " (silu_and_mul_with_clamp)")],
+        "head.lm": [Binding(V + "models.deepseek_v4.amd.model.DeepseekV4Model.forward (HCHeadOp.forward_hip "
+                            "(hc_head_triton) -> self.norm (RMSNorm) -> DeepseekV4ForCausalLM.compute_logits "
+                            "(ParallelLMHead, UnquantizedLinearMethod -> rocm_unquantized_gemm))", "compiled",
+                            "the final RMSNorm dispatches as norm.rms (aiter IR provider or the compiled "
+                            "torch.ops._C.rms_norm); the LM-head GEMM takes ROCm's unquantized GEMM dispatch (skinny "
+                            "wvSplitK kernels for small batches)",
+                            reason=HIP_OP + " (the final rms_norm; the hc_head part is mhc.head's Triton row)")],
+        "linear.fp8_block": [
+            Binding(KL + "aiter.AiterFp8BlockScaledMMKernel (rocm_aiter_ops.gemm_a8w8_blockscale, "
+                    "rocm_aiter_ops.group_fp8_quant)", "aiter",
+                    "_POSSIBLE_FP8_BLOCK_KERNELS[ROCM] tries AITER first: is_supported needs "
+                    "rocm_aiter_ops.is_linear_enabled() (VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_LINEAR)",
+                    fp8_aiter, reason=AITER_ONLY),
+            Binding(KL + "triton.TritonFp8BlockScaledMMKernel (" + QU + "process_fp8_weight_block_strategy (load) + "
+                    "QuantFP8 -> per_token_group_quant_fp8 + " + QU + "w8a8_triton_block_scaled_mm)", "triton",
+                    "the aiter linear off: the next ROCm block kernel; its weights are normalised to fnuz at load "
+                    "on gfx942 (0x80 -> 0, e8m0 exponent + 1); the activation quant is the compiled "
+                    "torch.ops._C.per_token_group_fp8_quant on the device (x contiguous)",
+                    adapter="fp8_block_linear_rocm",
+                    runs=("process_fp8_weight_block_strategy", "_maybe_pad_fp8_weight", "get_fp8_min_max",
+                          "w8a8_triton_block_scaled_mm", "_w8a8_triton_block_scaled_mm")),
+        ],
+        "attn.index_set": [
+            Binding(V + "models.deepseek_v4.amd.rocm.DeepseekV4ROCMAiterMLAAttention._forward_prefill_aiter "
+                    "(prefill_swa_ragged_indices + compute_global_topk_ragged_indices_and_indptr)", "aiter",
+                    "_aiter_sparse_mla_enabled: rocm_aiter_ops.is_triton_sparse_mla_enabled() "
+                    "(VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_TRITON_SPARSE_MLA, gfx950 only)",
+                    lambda c: c.get("arch") == "gfx950" and aiter_enabled(c)
+                    and _flag(c, "VLLM_ROCM_USE_AITER_TRITON_SPARSE_MLA", "0"), reason=AITER_ONLY),
+            Binding(V + "models.deepseek_v4.amd.rocm.combine_topk_swa_indices (+ " + V + "models.deepseek_v4."
+                    "sparse_mla.build_c128a_topk_metadata for HCA)", "triton",
+                    "DeepseekV4ROCMAiterMLAAttention._forward_prefill without AITER sparse MLA (gfx942 always): per prefill chunk the indexer top-k "
+                    "(C4A) or the C128A prefill-local list (HCA) merged with the SWA window into the gathered "
+                    "buffer; decode tokens read the SWA / top-k lists separately in the ragged decode kernel "
+                    "(not driven here: the case's decode rows run as one-token prefill chunks)",
+                    adapter="index_set_rocm",
+                    runs=("combine_topk_swa_indices", "_combine_topk_swa_indices_kernel")),
+        ],
+        "embed": [Binding(L + "vocab_parallel_embedding.VocabParallelEmbedding.forward -> "
+                          "UnquantizedEmbeddingMethod.embedding", "torch",
+                          "tensor-parallel size 1: F.embedding on the bf16 table (the same on every platform)",
+                          adapter="embedding_rocm", runs=("forward", "embedding"))],
         "indexer.k_cache": [Binding(FCQ + "compress_norm_rope_store_triton (writer: "
                                     "_fused_kv_compress_norm_rope_insert_indexer_attn, float8e4nv, FP8_MAX 448) + "
                                     + RAMS + "cp_gather_indexer_k_quant_cache_triton (reader, cache_layout NORMAL)",
@@ -310,10 +349,14 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                              "enorm, hnorm) + e_proj / h_proj ReplicatedLinear (Fp8LinearMethod block [128, 128]) + "
                              "HCHeadOp.forward_hip + _MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head "
                              "(DeepSeekV4MultiTokenPredictor.compute_logits)", "triton",
-                             "the AMD DeepSeekV4MTP draft model (speculative decoding); " + unread,
-                             reason=NO_ADAPTER + "; the norms are Triton kernels the interpreter could run, the "
-                             "FP8 e_proj / h_proj have no adapter (linear.fp8_block) and the layer module needs "
-                             "a speculative VllmConfig")],
+                             "the AMD DeepSeekV4MTP draft model (speculative decoding): amd.mtp forward runs the "
+                             "Triton input RMSNorm, h_proj(h) + e_proj(e) as linear.fp8_block's rows, hc_head in "
+                             "DeepSeekV4MultiTokenPredictor.forward, the Triton shared-head RMSNorm, then the "
+                             "LM-head GEMM (rocm_unquantized_gemm)",
+                             reason="no adapter: it would compose rows already driven one by one (linear.fp8_block, "
+                             "mhc.head) with the Triton input / shared-head RMSNorm kernels, and the draft layer "
+                             "module needs a speculative VllmConfig; the LM-head GEMM is rocm_unquantized_gemm "
+                             "(compiled wvSplitK skinny kernels at small batch)")],
     }
 
 

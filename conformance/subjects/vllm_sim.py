@@ -81,6 +81,10 @@ class SimPlatform:
                                       multi_processor_count=ARCHS[self.arch]["cus"], name=f"SIMULATED {self.arch}")
         self._saved.append((torch.cuda, "get_device_properties", torch.cuda.get_device_properties))
         torch.cuda.get_device_properties = lambda *a, **k: props
+        # allocator housekeeping vLLM calls on the device (fp8_utils._maybe_pad_fp8_weight after the ROCm FP8
+        # padding): there is no device allocator on the CPU, and emptying a cache changes no value
+        self._saved.append((torch.accelerator, "empty_cache", torch.accelerator.empty_cache))
+        torch.accelerator.empty_cache = lambda: None
         _clear_cu_caches()
         return self
 
@@ -188,6 +192,17 @@ ADAPTERS = {
     "output_projection_rocm": (_rocm("make_output_projection_rocm"),
                                "rocm_inverse_rope_rows_ (Triton, in place) then rocm_inv_rope_einsum("
                                "inverse_rope=False) as _o_proj calls it, wo_b a bf16 linear"),
+    "fp8_block_linear_rocm": (_rocm("make_fp8_block_linear_rocm"),
+                              "process_fp8_weight_block_strategy on the checkpoint bytes (fnuz normalisation and "
+                              "ROCm padding on gfx942), then w8a8_triton_block_scaled_mm; the activations quantised "
+                              "by the harness as the compiled per_token_group_fp8_quant does (amax / fmax, fmax "
+                              "from get_fp8_min_max), the one step the CPU build lacks"),
+    "embedding_rocm": (_rocm("make_embedding_rocm"), "VocabParallelEmbedding.forward at TP 1 called as is; the "
+                       "hc copies as DeepseekV4Model.forward makes them"),
+    "index_set_rocm": (_rocm("make_index_set_rocm"),
+                       "amd.rocm.combine_topk_swa_indices called as _forward_prefill calls it (HCA: "
+                       "build_c128a_topk_metadata's prefill-local list first), one request; its gathered-buffer "
+                       "indices mapped to the golden's slot numbering"),
     "compress_rocm": (_rocm("make_compress_rocm"),
                       "bf16 projection, _SAVE_PARTIAL_STATES_KERNEL, then compress_norm_rope_store_triton / "
                       "compress_norm_rope_store_two_stage_triton as DeepseekCompressor.forward picks on ROCm; "

@@ -81,7 +81,13 @@ def quantize_fp8(x: torch.Tensor, spec: BlockFP8) -> tuple[torch.Tensor, torch.T
         s = pow2_scale(amax, spec.fmax, spec.amax_floor)
     else:
         s = fp32_scale(amax, spec.fmax, spec.amax_floor)
-    y = b / s[..., :, None, :, None]
+    if spec.scale_fmt == "ue8m0":
+        y = b / s[..., :, None, :, None]          # a power of two: exact in any precision
+    else:
+        # an fp32 scale: the serving quantisers divide in fp32 (vLLM's per_token_group_fp8_quant: x / y_s in
+        # float), so x / s is rounded to fp32 before the FP8 rounding. In fp64 a quotient just below an FP8
+        # rounding tie stays below it while fp32 rounds it onto the tie (then to even): a different code.
+        y = (b.astype(np.float32) / s[..., :, None, :, None].astype(np.float32)).astype(np.float64)
     y = np.clip(y, -spec.fmax, spec.fmax)
     codes = spec.fmt.encode(y, saturate=True).reshape(shape)
     scales = e8m0_encode(s) if spec.scale_fmt == "ue8m0" else s.astype(np.float32)

@@ -165,3 +165,24 @@ def test_mxfp4_pack_unpack_all_pairs():
     assert (unpack_nibbles(packed) == pairs).all()
     with pytest.raises(ValueError, match="odd"):
         pack_nibbles(np.zeros(3, np.uint8))
+
+
+def test_fp32_scale_quantiser_divides_in_fp32_like_the_serving_kernels():
+    """vLLM's per_token_group_fp8_quant computes y_s = amax / fmax and q = x / y_s in float, then rounds to FP8
+    (nearest even): the quotient is rounded to fp32 first. The fp32-scale spec reproduces that byte for byte; a
+    fp64 quotient would differ on values sitting within an fp32 ulp of an FP8 tie (checked to happen here)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(4096, 128, generator=g) * 3).to(torch.bfloat16).float()
+    for dialect, fmax, dt in (("float8_e4m3fn", 448.0, torch.float8_e4m3fn),
+                              ("float8_e4m3fnuz", 224.0, torch.float8_e4m3fnuz)):
+        spec = BlockFP8.of(dialect, (1, 128), fmax=fmax, scale_fmt="fp32", amax_floor=1e-10)
+        codes, scales = quantize_fp8(x, spec)
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-10) / fmax          # fp32, as the kernel
+        want = (x / s).clamp(-fmax, fmax).to(dt).view(torch.uint8)
+        assert torch.equal(scales, s), dialect
+        assert torch.equal(codes, want), f"{dialect}: {(codes != want).sum()} codes differ from the fp32 kernel"
+        y64 = np.clip(x.double().numpy() / s.double().numpy(), -fmax, fmax)
+        c64 = torch.from_numpy(spec.fmt.encode(y64, saturate=True))
+        assert (c64 != want).any(), f"{dialect}: no near-tie value in the sample; the test would not see fp64"

@@ -214,9 +214,13 @@ def test_device_run_binds_the_same_rows_as_the_simulation(monkeypatch):
 # (issue #15): every component gfx942 runs through a vLLM Python / Triton function off AITER is bound; the rest stay
 # "not provided" with the row's reason (AITER, a compiled HIP op, triton_kernels), never a pass.
 NEW_ROWS = {"mhc.head": "hc_head_triton", "attn.output": "output_projection_rocm",
-            "indexer.scores": "indexer_scores_prefill", "compressor.kv": "compress_rocm"}
+            "indexer.scores": "indexer_scores_prefill", "compressor.kv": "compress_rocm",
+            "linear.fp8_block": "fp8_block_linear_rocm", "attn.index_set": "index_set_rocm",
+            "embed": "embedding_rocm"}
 DEVICE_ONLY = {"quant.act_fp8": bindings.HIP_OP, "moe.router": bindings.MOE_OP, "moe.hash_router": bindings.MOE_OP,
-               "norm.rms": bindings.HIP_OP, "norm.head": bindings.HIP_OP, "indexer.topk": bindings.HIP_OP}
+               "norm.rms": bindings.HIP_OP, "norm.head": bindings.HIP_OP, "indexer.topk": bindings.HIP_OP,
+               "moe.shared_expert": bindings.HIP_OP, "head.lm": bindings.HIP_OP, "attn.kv_insert": bindings.HIP_OP,
+               "attn.q_path": bindings.HIP_OP}
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +250,7 @@ def test_sim_cover_binds_the_rocm_fallbacks(sim):
 def test_sim_cover_env_flag_moves_rows_to_aiter():
     s = vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "1", "VLLM_ROCM_USE_AITER": "1"})
     miss = s.not_provided()
-    for name in ("indexer.scores", "quant.act_fp8"):
+    for name in ("indexer.scores", "quant.act_fp8", "linear.fp8_block", "attn.q_path"):
         assert bindings.AITER_ONLY in miss[name], miss[name]
     assert "attn.output" in s.provides() and "compressor.kv" in s.provides()   # no AITER row on gfx942
 
@@ -264,7 +268,12 @@ WRONG_RUNS = {"indexer.scores": ("rocm_fp8_paged_mqa_logits_triton", "_fp8_paged
               "compressor.kv": ("_launch_two_stage_sparse_attn_compressor",),
               "mhc.head": ("hc_head_fused_kernel_tilelang",),
               "attn.output": ("rocm_inverse_rope_mxfp8_rows", "_inverse_rope_mxfp8_quant_kernel"),
-              "mhc.post": ("mhc_post_cpu",)}
+              "mhc.post": ("mhc_post_cpu",),
+              # the Triton twin of the compiled activation quant (one ulp off at ties) must not be what runs
+              "linear.fp8_block": ("_per_token_group_quant_fp8",),
+              # the AITER ragged prefill's index builder; the shared (NVIDIA / XPU) combine kernel
+              "attn.index_set": ("compute_global_topk_ragged_indices_and_indptr", "CombineTopkSwaIndicesKernel"),
+              "embed": ("get_masked_input_and_mask",)}
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_RUNS))
@@ -397,3 +406,39 @@ def test_device_run_offers_the_same_graph_cases_as_the_simulation(monkeypatch):
     with vs.SimPlatform("gfx942"):
         got = {c.name: c.function for c in dev.graph_cases()}
     assert got == {c.name: c.function for c in sim.graph_cases()}
+
+
+def test_mutant_index_set_adapter_calling_the_shared_combine_is_caught(monkeypatch, sim_noaiter):
+    """gfx942's prefill calls amd.rocm's own combine_topk_swa_indices (its kernel clamps the SWA run to the
+    gathered rows); an adapter driving the shared common.ops.cache_utils one loses the AMD kernel from the
+    witness."""
+    from vllm.models.deepseek_v4.common.ops import cache_utils
+
+    from conformance.subjects import _vllm_rocm_adapters as ra
+
+    def shared(top, qsl, seq, gat, window, ratio, top_k, M, N):
+        return cache_utils.combine_topk_swa_indices(top, qsl, seq, gat, window, ratio, top_k, M, N)
+
+    monkeypatch.setitem(ra.OVER, "combine_topk_swa_indices", shared)
+    b = bindings.select(sim_noaiter.platform_kind, "attn.index_set", sim_noaiter.ctx)
+    seen = _witness(vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "0"}), "attn.index_set")
+    assert "_combine_topk_swa_indices_kernel" in b.runs and "_combine_topk_swa_indices_kernel" not in seen
+
+
+def test_fp8_linear_without_the_fnuz_weight_normalisation_is_caught(monkeypatch):
+    """gfx942 loads the OCP checkpoint through process_fp8_weight_block_strategy (bytes reinterpreted, e8m0
+    exponent + 1). A load that reinterprets the bytes but keeps the scales reads every weight at half its value:
+    the numeric check fails it against the golden and the gfx942 emulation; the real load passes."""
+    import torch
+
+    from conformance.checks.numeric import run_numeric
+    from conformance.subjects import _vllm_rocm_adapters as ra
+
+    case = _small_case("linear.fp8_block")
+    s = vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "0"})
+    assert {r.verdict for r in run_numeric(s, case)} == {"pass"}
+    monkeypatch.setitem(ra.OVER, "process_fp8_weight_block_strategy",
+                        lambda w, ws: (w.view(torch.uint8).view(torch.float8_e4m3fnuz), ws))
+    s = vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "0"})
+    rows = run_numeric(s, case)
+    assert rows and all(r.verdict in ("fail", "catastrophic") for r in rows), [(r.level, r.verdict) for r in rows]
