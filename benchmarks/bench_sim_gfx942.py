@@ -3,7 +3,8 @@ Triton's interpreter. Not a test: prints one summary (and --json PATH writes it)
 
     python benchmarks/bench_sim_gfx942.py [--arch gfx942] [--tier fast|full] [--json out/bench_sim.json]
 
-Runs, in this process, every numeric case of the tier (default fast, as ``conformance run``) of every component the simulation binds (serving and emulated
+Runs, in this process, every numeric case of the tier (default fast, as ``conformance run``) of every
+component the simulation binds (serving and emulated
 levels, as the suite does) and the dialect map; the interpreter share is the time inside
 ``triton.runtime.interpreter.GridExecutor.__call__`` (every interpreted kernel launch)."""
 
@@ -66,7 +67,8 @@ def main() -> None:
     edges = {n: probe_edge(e, prod.get(n), cons.get(n)).verdict for n, e in DSV4_EDGES.items()}
     per["dialect_map"] = round(time.perf_counter() - t, 2)
     wall = time.perf_counter() - t_all
-    out = {"arch": a.arch, "tier": a.tier, "wall_s": round(wall, 1), "subject_load_s": round(load, 1), "per_component_s": per,
+    out = {"arch": a.arch, "tier": a.tier, "wall_s": round(wall, 1), "subject_load_s": round(load, 1),
+           "per_component_s": per,
            "interpreter_s": round(spent["s"], 1), "interpreter_launches": spent["n"],
            "interpreter_share": round(spent["s"] / wall, 3), "verdicts": verdicts, "edges": edges,
            "not_provided": sorted(s.not_provided())}

@@ -286,9 +286,10 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
         "moe.shared_expert": [Binding(L + "activation.SiluAndMulWithClamp.forward_hip -> forward_cuda -> "
                                       "torch.ops._C.silu_and_mul_with_clamp (models.deepseek_v4.amd.model."
                                       "DeepseekV4MLP, between the FP8 gate_up_proj and down_proj)", "compiled",
-                                      "SiluAndMulWithClamp.forward_hip takes the compiled op for alpha 1, beta 0 (DSV4's "
-                                      "swiglu_limit clamp; spec 3.14's 'native on ROCm' is not what 0.32 runs); the "
-                                      "linears as linear.fp8_block", reason=HIP_OP + " (silu_and_mul_with_clamp)")],
+                                      "SiluAndMulWithClamp.forward_hip takes the compiled op for alpha 1, "
+                                      "beta 0 (DSV4's swiglu_limit clamp; spec 3.14's 'native on ROCm' is not what "
+                                      "0.32 runs); the linears as linear.fp8_block",
+                                      reason=HIP_OP + " (silu_and_mul_with_clamp)")],
         "head.lm": [Binding(V + "models.deepseek_v4.amd.model.DeepseekV4Model.forward (HCHeadOp.forward_hip "
                             "(hc_head_triton) -> self.norm (RMSNorm) -> DeepseekV4ForCausalLM.compute_logits "
                             "(ParallelLMHead, UnquantizedLinearMethod -> rocm_unquantized_gemm))", "compiled",
@@ -320,7 +321,8 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                     and _flag(c, "VLLM_ROCM_USE_AITER_TRITON_SPARSE_MLA", "0"), reason=AITER_ONLY),
             Binding(V + "models.deepseek_v4.amd.rocm.combine_topk_swa_indices (+ " + V + "models.deepseek_v4."
                     "sparse_mla.build_c128a_topk_metadata for HCA)", "triton",
-                    "DeepseekV4ROCMAiterMLAAttention._forward_prefill without AITER sparse MLA (gfx942 always): per prefill chunk the indexer top-k "
+                    "DeepseekV4ROCMAiterMLAAttention._forward_prefill without AITER sparse MLA (gfx942 always): per "
+                    "prefill chunk the indexer top-k "
                     "(C4A) or the C128A prefill-local list (HCA) merged with the SWA window into the gathered "
                     "buffer; decode tokens read the SWA / top-k lists separately in the ragged decode kernel "
                     "(not driven here: the case's decode rows run as one-token prefill chunks)",
