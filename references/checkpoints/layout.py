@@ -5,8 +5,9 @@ Names follow DeepSeek's released checkpoints (``inference/model.py`` parameter n
 ``head.weight``, ``hc_head_{fn,base,scale}``.
 
 Storage kinds:
-  * ``fp8``  - FP8 e4m3 ``<name>`` [R, C] + ``<stem>.scale`` [ceil(R/128), ceil(C/128)] (e8m0 bytes as uint8 or
-               float8_e8m0fnu; fp32 in the Flash-Base release)
+  * ``fp8``  - FP8 e4m3 ``<name>`` [R, C] + ``<stem>.scale`` [ceil(R/br), ceil(C/bc)] (e8m0 bytes as uint8 or
+               float8_e8m0fnu; fp32 in the Flash-Base release); the block (br, bc) is the config's
+               ``quantization.weight_block_size``: 128x128 in V4, 32x32 in V4.1
   * ``fp4``  - MXFP4 ``<name>`` packed int8/uint8 [R, C/2] (low nibble = even element) + ``<stem>.scale``
                [R, C/32] e8m0
   * ``bf16`` - a bf16 tensor (fp32 accepted: OFF keeps some norms in fp32)
@@ -30,6 +31,7 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]   # logical (dequantised) shape
     kind: str
+    block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)   # FP8 weight-scale block (kind "fp8" only)
 
     @property
     def scale_name(self) -> str | None:
@@ -48,7 +50,8 @@ class TensorSpec:
     def scale_shape(self) -> tuple[int, ...] | None:
         if self.kind == "fp8":
             r, c = self.shape
-            return (-(-r // FP8_BLOCK), -(-c // FP8_BLOCK))
+            br, bc = self.block
+            return (-(-r // br), -(-c // bc))
         if self.kind == "fp4":
             return (*self.shape[:-1], self.shape[-1] // MXFP4_BLOCK)
         return None
@@ -150,11 +153,12 @@ def top_tensors(cfg: DSV4Config) -> list[TensorSpec]:
 
 def expected_tensors(cfg: DSV4Config) -> dict[str, TensorSpec]:
     """Every logical tensor of the checkpoint, by full name (no ``.scale`` entries)."""
-    out = {t.name: t for t in top_tensors(cfg)}
+    block = tuple(cfg.quantization.weight_block_size)
+    out = {t.name: TensorSpec(t.name, t.shape, t.kind, block) for t in top_tensors(cfg)}
     for layer in range(cfg.n_layers_total):
         p = layer_prefix(cfg, layer)
         for t in layer_tensors(cfg, layer):
-            out[p + t.name] = TensorSpec(p + t.name, t.shape, t.kind)
+            out[p + t.name] = TensorSpec(p + t.name, t.shape, t.kind, block)
     return out
 
 
