@@ -14,7 +14,10 @@ the data, reads the tensor (and its ``.scale``), and dequantises it with ``refer
 * bf16 / fp32 tensors upcast to fp32; ``tid2eid`` as int64.
 
 Every problem raises ``CheckpointError`` naming the file and the tensor: missing tensor, truncated or
-unreadable shard, wrong dtype, wrong shape. The reader implements the ``WeightSource`` protocol
+unreadable shard, wrong dtype, wrong shape. For a V4.1 config the index is first checked against the sharing
+of compressors and indexers (``layout.sharing_problems``): a layer with its own indexer / compressor where
+``index_source_layer_ids`` / ``kv_source_layer_ids`` make it reuse another layer's, or a source without one.
+The reader implements the ``WeightSource`` protocol
 (``get(name) -> float32 tensor``) used by ``references.model``; ``layer(i)`` returns one decoder block's
 weights keyed relative to the layer (DESIGN.md), touching no other layer's tensors.
 """
@@ -30,7 +33,7 @@ from safetensors import safe_open
 from ..formats.blockscale import block_mismatch
 from .codec import decode
 from .hf_config import from_hf_dict
-from .layout import TensorSpec, expected_tensors, layer_prefix, layer_tensors, relative_key
+from .layout import TensorSpec, expected_tensors, layer_prefix, layer_tensors, relative_key, sharing_problems
 
 __all__ = ["CheckpointError", "CheckpointReader"]
 
@@ -64,7 +67,14 @@ class CheckpointReader:
             self.weight_map: dict[str, str] = json.loads(idx_file.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{idx_file}: no readable weight_map ({e})") from e
-        self.specs: dict[str, TensorSpec] = expected_tensors(self.config)
+        sharing = sharing_problems(self.config, self.weight_map)
+        if sharing:   # V4.1: compressors / indexers on the wrong layers (before any layout check)
+            more = f" (and {len(sharing) - 1} more problem(s))" if len(sharing) > 1 else ""
+            raise CheckpointError(f"{idx_file}: {sharing[0]}{more}")
+        try:
+            self.specs: dict[str, TensorSpec] = expected_tensors(self.config)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from e
         self._fp8_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "fp8"} if self.quantized \
             else {}
         self.reads: list[str] = []   # every tensor name whose data was read (get_tensor), in order
