@@ -3,6 +3,33 @@
 Field names follow the Hugging Face ``config.json`` of the official checkpoints. ``compress_ratios``
 has ``num_hidden_layers + num_nextn_predict_layers`` entries; the last belongs to the MTP layer.
 Inconsistent configurations are refused with a ``ConfigError`` that names the field.
+
+Versions (``DSV4Config.version``):
+
+* ``"v4"``: the preview DeepSeek-V4 Flash / Pro (spec section 1). Every V4.1 field keeps its default.
+* ``"v4.1"``: DeepSeek-V4.1. What is known of it comes from the vLLM package installed in the project venv
+  (``site-packages/vllm``, paths below relative to it); no V4.1 ``config.json`` was available to read:
+
+  - ``compress_ratios`` entries are 0 (sliding window only), 1 (full-length compressed cache) or 2 (ratio-2
+    compressed), not 4 / 128 (``models/deepseek_v41/attention.py:303-321``, ``compressor.py:196-199``);
+    MTP entries past the list are sliding-window (``attention.py:313-318``).
+  - compressors live only on ``kv_source_layer_ids``, indexers only on ``index_source_layer_ids``; every other
+    compressed layer reuses the most recent source at or below it, ``max(s for s in sources if s <= layer)``,
+    and sources are backbone layers (``attention.py:321-347``, ``:431-472``, ``:573-600``). An indexer owns its
+    K projection (``wk`` / ``k_norm``) only on a layer that is also a kv source (``attention.py:434-472``,
+    ``:1343-1354``).
+  - two-level candidate filtering: ``candidate_source_layer_id`` (an index source, -1 = off),
+    ``candidate_topk_blocks``, ``candidate_block_size`` (``attention.py:328-330``, ``:460-461``,
+    ``:1265-1268``; ``nvidia/model.py:711-723``).
+  - Engram on ``engram_layer_ids`` with ``engram_*`` sizes (``common/engram.py:8``, ``:218-243``).
+  - a bundled DSpark draft head: ``dspark_target_layer_ids``, ``dspark_markov_rank``, ``dspark_n_routed_experts``,
+    ``dspark_num_experts_per_tok`` (``nvidia/dspark.py:83``, ``:148-154``; ``nvidia/model.py:136-142``).
+  - no hash routing: vLLM builds every V4.1 MoE with ``num_hash_layers=0`` (``nvidia/model.py:149``,
+    ``amd/model.py:102-114``), so ``is_hash_layer`` is False for V4.1 whatever ``num_hash_layers`` says.
+  - dense FP8 linears with 32x32 UE8M0 weight-scale blocks (``quantization_config.weight_block_size`` [32, 32],
+    served as MXFP8: ``quant_config.py:221-243``, ``nvidia/model.py:1430-1440``).
+  - HF ``config.json`` nests the text model under ``text_config`` (``transformers_utils/configs/deepseek_v41.py
+    :9-50``), parsed by ``references.checkpoints.hf_config``.
 """
 
 from __future__ import annotations
@@ -14,6 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ATTN_TYPES = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+# V4.1 ratios (vLLM ``models/deepseek_v41/attention.py:308-311``: "0 = pure sliding window, 1 = full-length
+# compressed cache, 2 = ratio-2 compressed"); the type names are this project's.
+ATTN_TYPES_V41 = {0: "sliding_attention", 1: "full_compressed_attention", 2: "ratio2_compressed_attention"}
+VERSIONS = ("v4", "v4.1")
 
 
 class ConfigError(ValueError):
@@ -80,6 +111,26 @@ class DSV4Config:
     expert_dtype: str = "fp4"
     bos_token_id: int = 0
     eos_token_id: int = 1
+    # -- V4.1 (defaults = preview V4 behaviour; provenance in the module docstring) -------------------------
+    version: str = "v4"
+    kv_source_layer_ids: tuple[int, ...] = ()
+    index_source_layer_ids: tuple[int, ...] = ()
+    candidate_source_layer_id: int = -1
+    candidate_topk_blocks: int = 0
+    candidate_block_size: int = 0
+    engram_layer_ids: tuple[int, ...] = ()
+    engram_num_embeddings: tuple[int, ...] = ()
+    engram_max_ngram_size: int = 0
+    engram_n_heads: int = 0
+    engram_head_dim: int = 0
+    engram_compressed_vocab_size: int = 0
+    engram_pad_token_id: int = 0
+    engram_vocab_size: int = 0
+    dspark_target_layer_ids: tuple[int, ...] = ()
+    dspark_markov_rank: int = 0
+    dspark_n_routed_experts: int = 0
+    dspark_num_experts_per_tok: int = 0
+    vision_n_layers: int = 0   # only whether a vision tower exists (it adds ffn.gate.bias_vl); not modelled
 
     def __post_init__(self):
         validate(self)
@@ -97,11 +148,32 @@ class DSV4Config:
         return self.compress_ratios[layer]
 
     def layer_type(self, layer: int) -> str:
-        return ATTN_TYPES[self.compress_ratios[layer]]
+        return (ATTN_TYPES_V41 if self.is_v41 else ATTN_TYPES)[self.compress_ratios[layer]]
+
+    @property
+    def is_v41(self) -> bool:
+        return self.version == "v4.1"
 
     def is_hash_layer(self, layer: int) -> bool:
-        """Hash routing for main layers below num_hash_layers; the MTP layer (id >= n_layers) never."""
-        return layer < self.num_hash_layers and layer < self.num_hidden_layers
+        """Hash routing for main layers below num_hash_layers; the MTP layer (id >= n_layers) never; V4.1 never
+        (vLLM ``models/deepseek_v41/nvidia/model.py:149`` builds its MoE with ``num_hash_layers=0``)."""
+        return not self.is_v41 and layer < self.num_hash_layers and layer < self.num_hidden_layers
+
+    # -- V4.1 sharing ---------------------------------------------------------------------------------
+    def _source_of(self, layer: int, sources: tuple[int, ...]) -> int | None:
+        if not self.is_v41 or self.compress_ratios[layer] == 0 or layer >= self.num_hidden_layers:
+            return None
+        below = [s for s in sources if s <= layer]
+        return max(below) if below else None
+
+    def kv_source_of(self, layer: int) -> int | None:
+        """V4.1: the layer whose compressor / compressed KV cache ``layer`` uses (itself for a kv source);
+        None for sliding-window layers and for V4 (every compressed V4 layer owns its compressor)."""
+        return self._source_of(layer, self.kv_source_layer_ids)
+
+    def index_source_of(self, layer: int) -> int | None:
+        """V4.1: the layer whose indexer top-k ``layer`` uses (itself for an index source); None otherwise."""
+        return self._source_of(layer, self.index_source_layer_ids)
 
     def rope_theta_for(self, layer: int) -> float:
         return self.rope_theta if self.compress_ratios[layer] == 0 else self.compress_rope_theta
@@ -116,6 +188,8 @@ class DSV4Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["compress_ratios"] = list(self.compress_ratios)
+        for k in _TUPLE_FIELDS:
+            d[k] = list(getattr(self, k))
         d["quantization"]["weight_block_size"] = list(self.quantization.weight_block_size)
         return d
 
@@ -133,11 +207,21 @@ class DSV4Config:
             q["weight_block_size"] = tuple(q.get("weight_block_size", (128, 128)))
             d["quantization"] = QuantConfig(**q)
         d["compress_ratios"] = tuple(d["compress_ratios"])
+        for k in _TUPLE_FIELDS:
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
     @classmethod
     def from_json(cls, path: str | Path) -> DSV4Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_TUPLE_FIELDS = ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
+                 "dspark_target_layer_ids")
+_V41_ONLY = {"kv_source_layer_ids": (), "index_source_layer_ids": (), "candidate_source_layer_id": -1,
+             "candidate_topk_blocks": 0, "candidate_block_size": 0, "engram_layer_ids": (),
+             "dspark_target_layer_ids": ()}
 
 
 def _req(cond: bool, fieldname: str, msg: str):
@@ -159,8 +243,16 @@ def validate(c: DSV4Config) -> None:
     _req(len(c.compress_ratios) == c.num_hidden_layers + c.num_nextn_predict_layers, "compress_ratios",
          f"needs num_hidden_layers + num_nextn_predict_layers = "
          f"{c.num_hidden_layers + c.num_nextn_predict_layers} entries, got {len(c.compress_ratios)}")
-    bad = [r for r in c.compress_ratios if r not in ATTN_TYPES]
-    _req(not bad, "compress_ratios", f"entries must be 0 (SWA), 4 (CSA) or 128 (HCA); got {bad}")
+    _req(c.version in VERSIONS, "version", f"must be one of {VERSIONS}, got {c.version!r}")
+    if c.is_v41:
+        bad = [r for r in c.compress_ratios if r not in ATTN_TYPES_V41]
+        _req(not bad, "compress_ratios", f"V4.1 entries must be 0 (SWA), 1 or 2 (compressed); got {bad}")
+    else:
+        bad = [r for r in c.compress_ratios if r not in ATTN_TYPES]
+        _req(not bad, "compress_ratios", f"entries must be 0 (SWA), 4 (CSA) or 128 (HCA); got {bad}")
+        for k, default in _V41_ONLY.items():
+            _req(getattr(c, k) == default, k, f"is a V4.1 field (version='v4.1'); a V4 config must leave it at "
+                 f"{default!r}, got {getattr(c, k)!r}")
     if c.num_nextn_predict_layers:
         _req(all(r == 0 for r in c.compress_ratios[c.num_hidden_layers:]), "compress_ratios",
              "MTP layers (the trailing entries) must be SWA-only (0)")
@@ -180,6 +272,59 @@ def validate(c: DSV4Config) -> None:
     if c.rope_scaling is not None:
         _req(c.rope_scaling.type == "yarn", "rope_scaling.type", "only yarn is defined for DSV4")
         _req(c.rope_scaling.factor >= 1, "rope_scaling.factor", "must be >= 1")
+    wb = c.quantization.weight_block_size
+    _req(len(wb) == 2 and all(isinstance(b, int) and b > 0 and b & (b - 1) == 0 for b in wb),
+         "quantization.weight_block_size", f"must be two positive powers of two, got {list(wb)}")
+    if c.is_v41:
+        _validate_v41(c)
+
+
+def _layer_ids(c: DSV4Config, fieldname: str, ids: tuple[int, ...]) -> None:
+    n = c.num_hidden_layers
+    _req(all(isinstance(i, int) and 0 <= i < n for i in ids), fieldname,
+         f"layer ids must be backbone layers in [0, num_hidden_layers={n}), got {list(ids)}")
+    _req(list(ids) == sorted(set(ids)), fieldname, f"must be strictly increasing, got {list(ids)}")
+
+
+def _validate_v41(c: DSV4Config) -> None:
+    """The V4.1 sharing invariants (vLLM ``models/deepseek_v41/attention.py:321-347``, ``:431-472``)."""
+    n = c.num_hidden_layers
+    r = c.compress_ratios
+    for fieldname in ("kv_source_layer_ids", "index_source_layer_ids"):
+        ids = getattr(c, fieldname)
+        _layer_ids(c, fieldname, ids)
+        swa = [i for i in ids if r[i] == 0]
+        # a source builds a compressor (ratio 1 or 2 only, compressor.py:196-199) / an index K cache of
+        # max_model_len // ratio entries (attention.py:1334-1336): a ratio-0 layer cannot be one
+        _req(not swa, fieldname, f"layer(s) {swa} are sliding-window only (compress ratio 0) and cannot own "
+             f"{'a compressor' if fieldname.startswith('kv') else 'an indexer'}")
+    for layer in range(n):
+        if r[layer] == 0:
+            continue
+        for fieldname, what in (("kv_source_layer_ids", "compressor"), ("index_source_layer_ids", "indexer")):
+            ids = getattr(c, fieldname)
+            _req(any(s <= layer for s in ids), fieldname,
+                 f"layer {layer} (compress ratio {r[layer]}) has no {what} source at or below it in {list(ids)}")
+        s = c.kv_source_of(layer)
+        # a consumer reads its source's compressed cache; one written at another ratio cannot describe it
+        # (this project's inference: vLLM keys the cache by the source's prefix, attention.py:586-593)
+        _req(r[s] == r[layer], "compress_ratios",
+             f"layer {layer} (ratio {r[layer]}) reuses the compressor of layer {s} (ratio {r[s]}); ratios differ")
+    cs = c.candidate_source_layer_id
+    if cs != -1:
+        _req(cs in c.index_source_layer_ids, "candidate_source_layer_id",
+             f"{cs} is not an index source (index_source_layer_ids {list(c.index_source_layer_ids)}); only an "
+             f"indexer publishes candidate blocks")
+        _req(c.candidate_topk_blocks > 0 and c.candidate_block_size > 0, "candidate_topk_blocks",
+             f"candidate filtering (source layer {cs}) needs candidate_topk_blocks and candidate_block_size > 0, "
+             f"got {c.candidate_topk_blocks} / {c.candidate_block_size}")
+    _layer_ids(c, "engram_layer_ids", c.engram_layer_ids)
+    _layer_ids(c, "dspark_target_layer_ids", c.dspark_target_layer_ids)
+    if c.dspark_n_routed_experts or c.dspark_num_experts_per_tok:
+        _req(0 < c.dspark_num_experts_per_tok <= c.dspark_n_routed_experts, "dspark_num_experts_per_tok",
+             f"must be in [1, dspark_n_routed_experts={c.dspark_n_routed_experts}], got "
+             f"{c.dspark_num_experts_per_tok}")
+    _req(c.dspark_markov_rank >= 0, "dspark_markov_rank", f"must be >= 0, got {c.dspark_markov_rank}")
 
 
 def _flash_ratios() -> tuple[int, ...]:
@@ -220,7 +365,37 @@ TINY = DSV4Config(
     moe_intermediate_size=64, num_hash_layers=1, routed_scaling_factor=1.5,
 )
 
-PRESETS = {c.name: c for c in (FLASH, PRO, TINY)}
+# Tiny V4.1 (synthetic; not a released model): backbone layers 0 SWA, 1 ratio 1 (kv + index source), 2 ratio 2
+# (kv + index source, candidate source), 3 ratio 2 reusing layer 2's compressor and indexer, 4 ratio 2 with its own
+# indexer (an index source, no K projection) on layer 2's compressor; no MTP; 32x32 weight-scale blocks; no hash
+# routing. Dimensions as TINY.
+TINY_V41 = DSV4Config(
+    name="tiny-v41", version="v4.1", hidden_size=256, num_hidden_layers=5, num_nextn_predict_layers=0,
+    vocab_size=1024, num_attention_heads=8, head_dim=512, qk_rope_head_dim=64, q_lora_rank=128, o_groups=2,
+    o_lora_rank=128, sliding_window=128, compress_ratios=(0, 1, 2, 2, 2), index_n_heads=8, index_head_dim=128,
+    index_topk=512, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=1, moe_intermediate_size=64,
+    num_hash_layers=0, routed_scaling_factor=1.5, kv_source_layer_ids=(1, 2), index_source_layer_ids=(1, 2, 4),
+    candidate_source_layer_id=2, candidate_topk_blocks=4, candidate_block_size=16,
+    quantization=QuantConfig(weight_block_size=(32, 32)),
+)
+
+# What the installed vLLM states about DeepSeek-V4.1-Flash (not enough for a preset: num_hidden_layers,
+# vocab_size, compress_ratios, the source layer ids, moe_intermediate_size and n_shared_experts are not in it;
+# parse the checkpoint's config.json instead). Paths relative to site-packages/vllm.
+V41_FLASH_FACTS = {
+    # models/deepseek_v41/amd/mono/attention/plan.py:8-21 (the V4.1-Flash attention mega kernel's widths)
+    "hidden_size": 5120, "q_lora_rank": 1280, "head_dim": 512, "qk_rope_head_dim": 64, "num_attention_heads": 64,
+    "o_groups": 8, "o_lora_rank": 1024, "sliding_window": 128, "index_topk": 512,
+    # models/deepseek_v41/attention.py:1301-1304 (comments on the indexer's config reads)
+    "index_n_heads": 32, "index_head_dim": 128,
+    # models/deepseek_v41/amd/mono_decode.py:163-172 (the MoE routing the V4.1-Flash mono kernels serve)
+    "n_routed_experts": 384, "num_experts_per_tok": 6, "routed_scaling_factor": 1.5, "swiglu_limit": 10.0,
+    "scoring_func": "sqrtsoftplus",
+    # models/deepseek_v41/quant_config.py:221-243, nvidia/model.py:1430-1440
+    "weight_block_size": (32, 32),
+}
+
+PRESETS = {c.name: c for c in (FLASH, PRO, TINY, TINY_V41)}
 
 
 def get_preset(name: str) -> DSV4Config:

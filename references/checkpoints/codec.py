@@ -2,8 +2,10 @@
 
 All quantisation goes through ``references.formats`` (bit-level codecs); torch's float8 dtypes are used
 only as storage containers (bytes are reinterpreted with ``.view``, never converted by torch casts).
-Matrices whose sides are not multiples of the 128x128 FP8 block (tiny configs) are zero-padded to the
-block grid, quantised, and cropped: the scale grid is ``ceil(R/128) x ceil(C/128)`` as in the release.
+Matrices whose sides are not multiples of the FP8 block (``spec.block``: 128x128 in V4, 32x32 in V4.1; tiny
+configs) are zero-padded to the block grid, quantised, and cropped: the scale grid is ``ceil(R/br) x ceil(C/bc)``
+as in the release. ``decode`` refuses a scale grid that is not the spec's block grid, naming the block the
+weight / scale shapes imply.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats.blockscale import BlockFP8, dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
+from ..formats.blockscale import (
+    BlockFP8,
+    block_mismatch,
+    dequantize_fp8,
+    dequantize_mxfp4,
+    quantize_fp8,
+    quantize_mxfp4,
+)
 from ..formats.scales import e8m0_decode
 from .layout import FP8_BLOCK, TensorSpec
 
@@ -20,9 +29,15 @@ FP8_WEIGHT_FP32 = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK), scale_fmt="fp32")  
 SCALE_DTYPES = ("e8m0", "uint8", "fp32")
 
 
-def _pad_to_block(x: torch.Tensor) -> torch.Tensor:
+def fp8_weight_recipe(block=(FP8_BLOCK, FP8_BLOCK), *, fp32_scales: bool = False) -> BlockFP8:
+    """The e4m3 (OCP) weight recipe with ``block`` scales: ue8m0, or fp32 (Flash-Base style)."""
+    return BlockFP8.of("ocp", tuple(block), scale_fmt="fp32" if fp32_scales else "ue8m0")
+
+
+def _pad_to_block(x: torch.Tensor, block=(FP8_BLOCK, FP8_BLOCK)) -> torch.Tensor:
     r, c = x.shape
-    return F.pad(x, (0, (-c) % FP8_BLOCK, 0, (-r) % FP8_BLOCK))
+    br, bc = block
+    return F.pad(x, (0, (-c) % bc, 0, (-r) % br))
 
 
 def encode(spec: TensorSpec, value: torch.Tensor, *, scale_dtype: str = "e8m0") -> dict[str, torch.Tensor]:
@@ -33,7 +48,7 @@ def encode(spec: TensorSpec, value: torch.Tensor, *, scale_dtype: str = "e8m0") 
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype: one of {SCALE_DTYPES}, got {scale_dtype!r}")
         r, c = spec.shape
-        codes, scales = quantize_fp8(_pad_to_block(value.double()), FP8_WEIGHT)
+        codes, scales = quantize_fp8(_pad_to_block(value.double(), spec.block), fp8_weight_recipe(spec.block))
         codes = codes[:r, :c].contiguous()
         if scale_dtype == "fp32":
             s = torch.from_numpy(e8m0_decode(scales.numpy())).float()  # the same powers of two, as fp32
@@ -62,11 +77,14 @@ def decode(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor | None) -
     """Stored tensor (+ scale) -> float32 values of the logical shape (exact: code value x scale)."""
     if spec.kind == "fp8" and weight.dtype != torch.bfloat16 and weight.dtype != torch.float32:
         r, c = spec.shape
-        codes = _pad_to_block(_bytes(weight))
+        bad = block_mismatch((r, c), tuple(scale.shape), spec.block)
+        if bad is not None:   # diagnosed on the logical shape, before padding to the (wrong) block grid
+            raise ValueError(bad)
+        codes = _pad_to_block(_bytes(weight), spec.block)
         if scale.dtype == torch.float32:
-            vals = dequantize_fp8(codes, scale, FP8_WEIGHT_FP32)
+            vals = dequantize_fp8(codes, scale, fp8_weight_recipe(spec.block, fp32_scales=True))
         else:
-            vals = dequantize_fp8(codes, _bytes(scale), FP8_WEIGHT)
+            vals = dequantize_fp8(codes, _bytes(scale), fp8_weight_recipe(spec.block))
         return vals[:r, :c].contiguous()
     if spec.kind == "fp4" and weight.dtype in (torch.int8, torch.uint8):
         return dequantize_mxfp4(_bytes(weight), _bytes(scale))

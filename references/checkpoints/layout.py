@@ -5,8 +5,9 @@ Names follow DeepSeek's released checkpoints (``inference/model.py`` parameter n
 ``head.weight``, ``hc_head_{fn,base,scale}``.
 
 Storage kinds:
-  * ``fp8``  - FP8 e4m3 ``<name>`` [R, C] + ``<stem>.scale`` [ceil(R/128), ceil(C/128)] (e8m0 bytes as uint8 or
-               float8_e8m0fnu; fp32 in the Flash-Base release)
+  * ``fp8``  - FP8 e4m3 ``<name>`` [R, C] + ``<stem>.scale`` [ceil(R/br), ceil(C/bc)] (e8m0 bytes as uint8 or
+               float8_e8m0fnu; fp32 in the Flash-Base release); the block (br, bc) is the config's
+               ``quantization.weight_block_size``: 128x128 in V4, 32x32 in V4.1
   * ``fp4``  - MXFP4 ``<name>`` packed int8/uint8 [R, C/2] (low nibble = even element) + ``<stem>.scale``
                [R, C/32] e8m0
   * ``bf16`` - a bf16 tensor (fp32 accepted: OFF keeps some norms in fp32)
@@ -30,6 +31,7 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]   # logical (dequantised) shape
     kind: str
+    block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)   # FP8 weight-scale block (kind "fp8" only)
 
     @property
     def scale_name(self) -> str | None:
@@ -48,7 +50,8 @@ class TensorSpec:
     def scale_shape(self) -> tuple[int, ...] | None:
         if self.kind == "fp8":
             r, c = self.shape
-            return (-(-r // FP8_BLOCK), -(-c // FP8_BLOCK))
+            br, bc = self.block
+            return (-(-r // br), -(-c // bc))
         if self.kind == "fp4":
             return (*self.shape[:-1], self.shape[-1] // MXFP4_BLOCK)
         return None
@@ -68,6 +71,8 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
     ql, g, ol = cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
     E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
     ratio = cfg.compress_ratio(layer)
+    if cfg.is_v41:
+        _v41_supported(cfg)
     out = [
         TensorSpec("attn_norm.weight", (D,), "bf16"),
         TensorSpec("ffn_norm.weight", (D,), "bf16"),
@@ -80,7 +85,9 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
         TensorSpec("attn.wo_b.weight", (D, g * ol), "fp8"),
         TensorSpec("attn.attn_sink", (H,), "fp32"),
     ]
-    if ratio:
+    if cfg.is_v41:
+        out += _v41_attention_extras(cfg, layer)
+    elif ratio:
         c = 2 if ratio == 4 else 1  # overlapping (CSA) compressors carry two series
         out += [
             TensorSpec("attn.compressor.wkv.weight", (c * hd, D), "bf16"),
@@ -88,7 +95,7 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
             TensorSpec("attn.compressor.ape", (ratio, c * hd), "fp32"),
             TensorSpec("attn.compressor.norm.weight", (hd,), "bf16"),
         ]
-    if ratio == 4:
+    if ratio == 4 and not cfg.is_v41:
         ih, ihd = cfg.index_n_heads, cfg.index_head_dim
         out += [
             TensorSpec("attn.indexer.wq_b.weight", (ih * ihd, ql), "fp8"),
@@ -109,6 +116,9 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
         out.append(TensorSpec("ffn.gate.tid2eid", (cfg.vocab_size, cfg.num_experts_per_tok), "int"))
     else:
         out.append(TensorSpec("ffn.gate.bias", (E,), "fp32"))
+    if cfg.is_v41 and cfg.vision_n_layers:
+        # the second routing bias for image tokens (vLLM models/deepseek_v41/amd/model.py:116-128)
+        out.append(TensorSpec("ffn.gate.bias_vl", (E,), "fp32"))
     ek = {"fp4": "fp4", "fp8": "fp8", "bf16": "bf16"}[cfg.expert_dtype]
     for e in range(E):
         out += [
@@ -136,6 +146,97 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
     return out
 
 
+def _v41_supported(cfg: DSV4Config) -> None:
+    """The V4.1 tensors this layout does not describe are refused rather than guessed."""
+    unmodelled = [f"{k}={v!r}" for k, v in (("num_nextn_predict_layers", cfg.num_nextn_predict_layers),
+                                            ("engram_layer_ids", cfg.engram_layer_ids),
+                                            ("dspark_target_layer_ids", cfg.dspark_target_layer_ids)) if v]
+    if unmodelled:
+        raise ValueError(f"layout: the V4.1 MTP / DSpark / Engram tensors are not modelled ({', '.join(unmodelled)})")
+
+
+def _v41_attention_extras(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
+    """V4.1 compressor and indexer tensors, only on their source layers (vLLM ``models/deepseek_v41``):
+
+    * kv source: ``attn.compressor.wkv`` [hd, D] (+ ``wgate`` [hd, D] at ratio 2; ratio 1 has no gate), bf16 (no
+      quant config), ``attn.compressor.norm`` [hd] (``compressor.py:208-232``); no ``ape`` (the V4.1 compressor
+      registers no such parameter);
+    * index source: ``attn.indexer.wq_b`` [ih * ihd, q_lora] FP8, ``attn.indexer.weights_proj`` [ih, D] bf16; on a
+      layer that is also a kv source, the K projection ``attn.indexer.wk`` [ihd, hd] bf16 and ``attn.indexer.k_norm``
+      [ihd] (``attention.py:1310-1354``). There is no indexer compressor in V4.1.
+    """
+    D, hd, ql = cfg.hidden_size, cfg.head_dim, cfg.q_lora_rank
+    ih, ihd = cfg.index_n_heads, cfg.index_head_dim
+    out = []
+    kv_src = cfg.kv_source_of(layer) == layer
+    if kv_src:
+        out.append(TensorSpec("attn.compressor.wkv.weight", (hd, D), "bf16"))
+        if cfg.compress_ratio(layer) > 1:
+            out.append(TensorSpec("attn.compressor.wgate.weight", (hd, D), "bf16"))
+        out.append(TensorSpec("attn.compressor.norm.weight", (hd,), "bf16"))
+    if cfg.index_source_of(layer) == layer:
+        out += [TensorSpec("attn.indexer.wq_b.weight", (ih * ihd, ql), "fp8"),
+                TensorSpec("attn.indexer.weights_proj.weight", (ih, D), "bf16")]
+        if kv_src:
+            out += [TensorSpec("attn.indexer.wk.weight", (ihd, hd), "bf16"),
+                    TensorSpec("attn.indexer.k_norm.weight", (ihd,), "bf16")]
+    return out
+
+
+def sharing_problems(cfg: DSV4Config, names) -> list[str]:
+    """V4.1: what in a checkpoint's tensor names contradicts ``kv_source_layer_ids`` / ``index_source_layer_ids``
+    (one line each, empty when consistent; always empty for V4). Compressor weights belong to kv sources only and
+    indexer weights to index sources only; the indexer's K projection (``wk`` / ``k_norm``) to layers that are
+    both. A layer holding its own copy where the config makes it reuse a source's is the V4-style layout read with
+    a V4.1 config (or a config that lost a source); a source without them is a checkpoint that lost them."""
+    if not cfg.is_v41:
+        return []
+    by_layer: dict[tuple[int, str], list[str]] = {}
+    for n in sorted(names):
+        parts = n.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] == "attn" \
+                and parts[3] in ("compressor", "indexer"):
+            by_layer.setdefault((int(parts[1]), parts[3]), []).append(n)
+    out = []
+    for layer in range(cfg.num_hidden_layers):
+        ratio = cfg.compress_ratio(layer)
+        want = {t.name for t in _v41_attention_extras(cfg, layer)}
+        for part, field, source in (("compressor", "kv_source_layer_ids", cfg.kv_source_of(layer)),
+                                    ("indexer", "index_source_layer_ids", cfg.index_source_of(layer))):
+            have = by_layer.get((layer, part), [])
+            if ratio == 0:
+                if have:
+                    out.append(f"layer {layer} is sliding-window only (compress ratio 0) but has {part} weights "
+                               f"({have[0]})")
+                continue
+            if source != layer:
+                if have:
+                    out.append(f"layer {layer} has its own {part} weights ({have[0]}) but {field} makes it reuse "
+                               f"layer {source}'s")
+                continue
+            missing = sorted(w for w in want if w.startswith(f"attn.{part}.") and f"layers.{layer}.{w}" not in have)
+            allowed = {f"layers.{layer}.{w}" for w in want} | {
+                f"layers.{layer}.{w[:-len('.weight')]}.scale" for w in want if w == "attn.indexer.wq_b.weight"}
+            extra = [h for h in have if h not in allowed and not h.startswith(f"layers.{layer}.attn.indexer.wk.")
+                     and not h.startswith(f"layers.{layer}.attn.indexer.k_norm.")]
+            if extra:
+                out.append(f"layer {layer} has {part} tensor {extra[0]}, which the V4.1 layout does not have "
+                           f"(V4-style {part} weights?)")
+            if part == "indexer" and cfg.kv_source_of(layer) != layer:
+                own_k = [h for h in have if h.startswith(f"layers.{layer}.attn.indexer.wk.")
+                         or h.startswith(f"layers.{layer}.attn.indexer.k_norm.")]
+                if own_k:
+                    out.append(f"layer {layer}'s indexer has its own K projection ({own_k[0]}) but is not in "
+                               f"kv_source_layer_ids; it reads the index keys of layer {cfg.kv_source_of(layer)}")
+            if missing:
+                what = "a kv source (kv_source_layer_ids)" if part == "compressor" else \
+                    "an index source (index_source_layer_ids)"
+                out.append(f"layer {layer} is {what} but has no {part} weights (layers.{layer}.{missing[0]} missing)"
+                           if len(missing) == len([w for w in want if w.startswith(f"attn.{part}.")]) else
+                           f"layer {layer} is {what} but lacks layers.{layer}.{missing[0]}")
+    return out
+
+
 def top_tensors(cfg: DSV4Config) -> list[TensorSpec]:
     D, V, hc = cfg.hidden_size, cfg.vocab_size, cfg.hc_mult
     return [
@@ -150,11 +251,12 @@ def top_tensors(cfg: DSV4Config) -> list[TensorSpec]:
 
 def expected_tensors(cfg: DSV4Config) -> dict[str, TensorSpec]:
     """Every logical tensor of the checkpoint, by full name (no ``.scale`` entries)."""
-    out = {t.name: t for t in top_tensors(cfg)}
+    block = tuple(cfg.quantization.weight_block_size)
+    out = {t.name: TensorSpec(t.name, t.shape, t.kind, block) for t in top_tensors(cfg)}
     for layer in range(cfg.n_layers_total):
         p = layer_prefix(cfg, layer)
         for t in layer_tensors(cfg, layer):
-            out[p + t.name] = TensorSpec(p + t.name, t.shape, t.kind)
+            out[p + t.name] = TensorSpec(p + t.name, t.shape, t.kind, block)
     return out
 
 

@@ -5,13 +5,19 @@ opens the one shard holding that tensor with ``safetensors.safe_open`` (memory-m
 never pickle), checks the stored dtype and shape against the layout the config implies *before* reading
 the data, reads the tensor (and its ``.scale``), and dequantises it with ``references.formats``:
 
-* FP8 e4m3 weights (``float8_e4m3fn``, or raw uint8 bytes) x 128x128 block scales (e8m0 as uint8 or
-  ``float8_e8m0fnu``; fp32 for the Flash-Base release);
+* FP8 e4m3 weights (``float8_e4m3fn``, or raw uint8 bytes) x block scales (e8m0 as uint8 or
+  ``float8_e8m0fnu``; fp32 for the Flash-Base release) with the config's ``weight_block_size`` (128x128 in V4,
+  32x32 in V4.1). A scale grid that is not that block's grid is refused with the block its shape implies
+  (``weight [N,K] with scale [a,b] implies block (32,32); config says 128x128``), so 32x32 scales are never read
+  as 128x128 ones or the other way round;
 * MXFP4 experts: packed int8/uint8 [out, in/2] (low nibble first) x e8m0 [out, in/32];
 * bf16 / fp32 tensors upcast to fp32; ``tid2eid`` as int64.
 
 Every problem raises ``CheckpointError`` naming the file and the tensor: missing tensor, truncated or
-unreadable shard, wrong dtype, wrong shape. The reader implements the ``WeightSource`` protocol
+unreadable shard, wrong dtype, wrong shape. For a V4.1 config the index is first checked against the sharing
+of compressors and indexers (``layout.sharing_problems``): a layer with its own indexer / compressor where
+``index_source_layer_ids`` / ``kv_source_layer_ids`` make it reuse another layer's, or a source without one.
+The reader implements the ``WeightSource`` protocol
 (``get(name) -> float32 tensor``) used by ``references.model``; ``layer(i)`` returns one decoder block's
 weights keyed relative to the layer (DESIGN.md), touching no other layer's tensors.
 """
@@ -24,9 +30,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..formats.blockscale import block_mismatch
 from .codec import decode
 from .hf_config import from_hf_dict
-from .layout import TensorSpec, expected_tensors, layer_prefix, layer_tensors, relative_key
+from .layout import TensorSpec, expected_tensors, layer_prefix, layer_tensors, relative_key, sharing_problems
 
 __all__ = ["CheckpointError", "CheckpointReader"]
 
@@ -60,7 +67,16 @@ class CheckpointReader:
             self.weight_map: dict[str, str] = json.loads(idx_file.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{idx_file}: no readable weight_map ({e})") from e
-        self.specs: dict[str, TensorSpec] = expected_tensors(self.config)
+        sharing = sharing_problems(self.config, self.weight_map)
+        if sharing:   # V4.1: compressors / indexers on the wrong layers (before any layout check)
+            more = f" (and {len(sharing) - 1} more problem(s))" if len(sharing) > 1 else ""
+            raise CheckpointError(f"{idx_file}: {sharing[0]}{more}")
+        try:
+            self.specs: dict[str, TensorSpec] = expected_tensors(self.config)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from e
+        self._fp8_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "fp8"} if self.quantized \
+            else {}
         self.reads: list[str] = []   # every tensor name whose data was read (get_tensor), in order
 
     # -- raw access ------------------------------------------------------------------------------------
@@ -87,8 +103,7 @@ class CheckpointReader:
                     raise CheckpointError(f"{f}: tensor {name!r} has dtype {sl.get_dtype()} ({dt}); expected one "
                                           f"of {[str(d) for d in dtypes]}")
                 if shape is not None and shp != tuple(shape):
-                    raise CheckpointError(f"{f}: tensor {name!r} has shape {shp}; the config implies "
-                                          f"{tuple(shape)}")
+                    raise self._shape_error(f, name, shp, shape)
                 self.reads.append(name)
                 return sf.get_tensor(name)
         except CheckpointError:
@@ -165,14 +180,22 @@ class CheckpointReader:
                         raise CheckpointError(f"{f}: tensor {name!r} has dtype {dt_s} ({dt}); expected one of "
                                               f"{[str(d) for d in dtypes]}")
                     if tuple(shp) != tuple(shape):
-                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(shp)}; the config implies "
-                                              f"{tuple(shape)}")
+                        raise self._shape_error(f, name, tuple(shp), shape)
                 except CheckpointError as e:
                     problems.append(str(e))
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise CheckpointError(problems[0] + more)
         return sum(len(self._stored(s)) for s in self.specs.values())
+
+    def _shape_error(self, f: Path, name: str, shp: tuple, want: tuple) -> CheckpointError:
+        """A stored shape that differs from the layout's; for the block scale of an FP8 weight, the diagnosis
+        names the block the weight / scale shapes imply and the config's block."""
+        spec = self._fp8_of_scale.get(name)
+        bad = block_mismatch(spec.shape, shp, spec.block) if spec is not None and len(shp) == 2 else None
+        if bad is not None:
+            return CheckpointError(f"{f}: tensor {name!r} (block scale of {spec.name!r}): {bad}")
+        return CheckpointError(f"{f}: tensor {name!r} has shape {tuple(shp)}; the config implies {tuple(want)}")
 
     def _header(self, f: Path, name: str) -> dict:
         """{tensor: (safetensors dtype string, shape)} of one shard, from its header (validated against the

@@ -51,7 +51,7 @@ def _init(spec: TensorSpec, g: torch.Generator, cfg: DSV4Config) -> torch.Tensor
         return torch.randn(shp, generator=g)
     if n.endswith("ape"):
         return 0.1 * torch.randn(shp, generator=g)
-    if n.endswith("gate.bias"):
+    if n.endswith("gate.bias") or n.endswith("gate.bias_vl"):
         return 0.1 * torch.randn(shp, generator=g)
     if "hc_" in n:
         if n.endswith("_fn"):

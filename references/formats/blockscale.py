@@ -3,7 +3,10 @@
 Golden rule: compute in float64 from the unquantised input, round once to the target format.
 
 Block shapes used by DSV4:
-  * weights:       (128, 128)  one scale per 128x128 tile
+  * weights:       (128, 128)  one scale per 128x128 tile; (32, 32) in DeepSeek-V4.1 (dense linears, UE8M0
+                   scales: vLLM ``models/deepseek_v41/quant_config.py:221-243``). ``infer_block`` reads the block
+                   back from a weight / scale shape pair and ``dequantize_fp8`` refuses a scale grid that does
+                   not match its block, naming the block the shapes imply
   * activations:   (1, 128)    one scale per token per 128-wide group ("act_quant", vLLM
                    per_token_group_quant_fp8)
   * KV nope part:  (1, 64)     7 blocks over the 448 nope dims (SWA / compressed caches)
@@ -65,6 +68,38 @@ def _blocks(x: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, tuple]:
     return x.reshape(*lead, r // br, br, c // bc, bc), (*lead, r, c)
 
 
+def infer_block(shape, scale_shape) -> tuple[int, ...] | None:
+    """The smallest power-of-two block per dim for which a [R, C] tensor has a ``scale_shape`` grid
+    (``ceil(R / br) x ceil(C / bc)``); None when no power of two gives that grid. A side shorter than the block
+    has one scale either way, so blocks of 32 and 128 are told apart only on sides longer than 32."""
+    if len(shape) != len(scale_shape):
+        return None
+    out = []
+    for n, a in zip(shape, scale_shape):
+        b = 1
+        while -(-n // b) > a and b < (1 << 30):
+            b *= 2
+        if a < 1 or -(-n // b) != a:
+            return None
+        out.append(b)
+    return tuple(out)
+
+
+def block_mismatch(shape, scale_shape, block) -> str | None:
+    """None when ``scale_shape`` is the ``block`` grid of ``shape``; otherwise the one-line diagnosis
+    ``weight [N,K] with scale [a,b] implies block (x,y); config says 128x128``."""
+    shape, scale_shape, block = tuple(shape), tuple(scale_shape), tuple(block)
+    if len(shape) == len(block) == len(scale_shape) and all(
+            -(-n // b) == a for n, a, b in zip(shape, scale_shape, block)):
+        return None
+    inferred = infer_block(shape, scale_shape)
+    says = "x".join(str(b) for b in block)
+    implies = (f"block ({','.join(str(b) for b in inferred)})" if inferred is not None
+               else "no power-of-two block")
+    return (f"weight [{','.join(map(str, shape))}] with scale [{','.join(map(str, scale_shape))}] implies "
+            f"{implies}; config says {says}")
+
+
 def quantize_fp8(x: torch.Tensor, spec: BlockFP8) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` (any float dtype, [..., R, C]) -> (codes uint8 [..., R, C], scales).
 
@@ -105,6 +140,10 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, spec: BlockFP8) ->
     """codes uint8 [..., R, C] and per-block scales -> float32 values (exact: decode x scale)."""
     c = codes.cpu().numpy()
     squeeze = c.ndim == 1
+    if c.ndim >= 2:
+        bad = block_mismatch(c.shape[-2:], tuple(scales.shape[-2:]), spec.block)
+        if bad is not None:
+            raise ValueError(bad)
     vals = spec.fmt.decode(c)
     b, shape = _blocks(vals, spec.block)
     s = scales_to_float(scales, spec)
