@@ -248,6 +248,38 @@ def cmd_cases(a) -> int:
     return 0
 
 
+def cmd_coverage(a) -> int:
+    """What a subject binds for every registered component: function, backend, or why it is not provided."""
+    from . import components
+    from .subjects import SubjectError, load_subject, prepare_process
+
+    prepare_process([a.subject])
+    try:
+        s = load_subject(a.subject)
+        prov, miss = s.provides(), getattr(s, "not_provided", dict)() or {}
+    except SubjectError as e:
+        print(f"coverage: {e}", file=sys.stderr)
+        return 2
+    i = s.info()
+    print(f"# {i.name}: {i.implementation}; device {i.device}; dialect {i.dialect}")
+    print("| component | function | backend | provided, or why not |")
+    print("|---|---|---|---|")
+    for name in sorted(components.load_all()):
+        if name in prov:
+            im = prov[name]
+            print(f"| {name} | `{im.function}` | {im.backend} | provided (judged against the golden) |")
+        else:
+            why = miss.get(name, "not offered by the subject (it gave no reason)")
+            fn, sep, rest = why.partition(" [")
+            if sep and "]: " in rest:
+                backend, _, reason = rest.partition("]: ")
+                print(f"| {name} | `{fn}` | {backend} | not provided: {reason} |")
+            else:
+                print(f"| {name} | - | - | not provided: {why} |")
+    print(f"\n{len(prov)} of {len(components.load_all())} components provided")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,6 +379,9 @@ def main(argv=None) -> int:
     fi.add_argument("run", help="run folder")
     fi.add_argument("--out", default=None, help="folder for the pages (default <run>/findings)")
     fi.set_defaults(fn=cmd_findings)
+    cv = sub.add_parser("coverage", help="what a subject binds per component (markdown table)")
+    cv.add_argument("--subject", required=True)
+    cv.set_defaults(fn=cmd_coverage)
     c = sub.add_parser("cases", help="list case ids")
     c.add_argument("--component")
     c.set_defaults(fn=cmd_cases)

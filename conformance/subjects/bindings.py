@@ -304,13 +304,14 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                     "rocm_aiter_ops.is_linear_enabled() (VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_LINEAR)",
                     fp8_aiter, reason=AITER_ONLY),
             Binding(KL + "triton.TritonFp8BlockScaledMMKernel (" + QU + "process_fp8_weight_block_strategy (load) + "
-                    "QuantFP8 -> per_token_group_quant_fp8 + " + QU + "w8a8_triton_block_scaled_mm)", "triton",
+                    "QuantFP8 -> per_token_group_quant_fp8 + " + QU + "w8a8_triton_block_scaled_mm -> "
+                    "_w8a8_triton_block_scaled_mm)", "triton",
                     "the aiter linear off: the next ROCm block kernel; its weights are normalised to fnuz at load "
                     "on gfx942 (0x80 -> 0, e8m0 exponent + 1); the activation quant is the compiled "
                     "torch.ops._C.per_token_group_fp8_quant on the device (x contiguous)",
                     adapter="fp8_block_linear_rocm",
-                    runs=("process_fp8_weight_block_strategy", "_maybe_pad_fp8_weight", "get_fp8_min_max",
-                          "w8a8_triton_block_scaled_mm", "_w8a8_triton_block_scaled_mm")),
+                    runs=("process_fp8_weight_block_strategy", "w8a8_triton_block_scaled_mm",
+                          "_w8a8_triton_block_scaled_mm")),
         ],
         "attn.index_set": [
             Binding(V + "models.deepseek_v4.amd.rocm.DeepseekV4ROCMAiterMLAAttention._forward_prefill_aiter "
@@ -319,7 +320,8 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                     "(VLLM_ROCM_USE_AITER=1, VLLM_ROCM_USE_AITER_TRITON_SPARSE_MLA, gfx950 only)",
                     lambda c: c.get("arch") == "gfx950" and aiter_enabled(c)
                     and _flag(c, "VLLM_ROCM_USE_AITER_TRITON_SPARSE_MLA", "0"), reason=AITER_ONLY),
-            Binding(V + "models.deepseek_v4.amd.rocm.combine_topk_swa_indices (+ " + V + "models.deepseek_v4."
+            Binding(V + "models.deepseek_v4.amd.rocm.combine_topk_swa_indices -> _combine_topk_swa_indices_kernel "
+                    "(+ " + V + "models.deepseek_v4."
                     "sparse_mla.build_c128a_topk_metadata for HCA)", "triton",
                     "DeepseekV4ROCMAiterMLAAttention._forward_prefill without AITER sparse MLA (gfx942 always): per "
                     "prefill chunk the indexer top-k "

@@ -21,7 +21,8 @@ class _ActQuantMutant(Subject):
         return {"quant.act_fp8": Impl(self._fn, function=f"tests.fake.{self.name}", backend="torch")}
 
 
-def _spec(fmax=240.0):
+def _spec(fmax=224.0):
+    # 224: the fnuz activation bound vLLM passes its quantisers (quant_utils.get_fp8_min_max), as the profile
     return BlockFP8.of("fnuz", (1, 128), fmax=fmax, scale_fmt="fp32", amax_floor=1e-10)
 
 
@@ -36,7 +37,7 @@ def truncating_gfx942():
         x = x.to(torch.bfloat16).float()
         codes, scales = quantize_fp8(x, spec)
         s = scales.numpy().astype(np.float64).repeat(128, -1)
-        y = np.clip(x.double().numpy() / s, -240, 240)
+        y = np.clip((x.numpy() / s.astype(np.float32)).astype(np.float64), -224, 224)   # fp32 quotient
         # truncate toward zero: largest magnitude code not above |y|
         vals = FNUZ.table.copy()
         vals[np.isnan(vals)] = np.inf
@@ -51,15 +52,17 @@ def truncating_gfx942():
 
 
 def fmax448_gfx942():
+    """The OCP bound in the scale (amax / 448) under the fnuz profile: the quotients reach 448 and saturate at
+    fnuz's 224, so every group's largest values are clipped."""
     spec = _spec()
-    wrong = BlockFP8.of("fnuz", (1, 128), fmax=240.0, scale_fmt="fp32", amax_floor=1e-10)
 
     def fn(x, group=128):
         x = x.to(torch.bfloat16).float()
-        # scale computed for fmax 448 (OCP), values then saturate at fnuz's 240
-        codes, scales = quantize_fp8(x * (240.0 / 448.0), wrong)
-        scales = (scales.double() * 448.0 / 240.0).float()
-        return _out(codes, scales, spec)
+        g = x.reshape(*x.shape[:-1], -1, 128)
+        s = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
+        y = (g / s).clamp(-224.0, 224.0).reshape(x.shape)
+        codes = torch.from_numpy(FNUZ.encode(y.double().numpy(), saturate=True))
+        return _out(codes, s.squeeze(-1).float(), spec)
     return _ActQuantMutant("fmax448_gfx942", fn)
 
 
@@ -75,7 +78,7 @@ def ocp_bytes_on_gfx942():
 def doubled_gfx942():
     """fnuz bytes decoded as OCP: every value x2."""
     spec = _spec()
-    ocp_read = BlockFP8(OCP, 240.0, (1, 128), "fp32", 1e-10)
+    ocp_read = BlockFP8(OCP, 224.0, (1, 128), "fp32", 1e-10)
 
     def fn(x, group=128):
         codes, scales = quantize_fp8(x.to(torch.bfloat16).float(), spec)
