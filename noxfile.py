@@ -202,8 +202,8 @@ def _sim_session(session, arch: str, old: str):
     prof = "gfx942" if arch == "gfx942" else "ocp"
     out = f"{OUT}/{arch}-sim"
     args = ["-m", "conformance", "run", "--out", out, "-n", os.environ.get("DSV4_WORKERS", "2"),
-            "--junit", f"{out}/junit.xml", "--subject", f"emulated:{prof}", "--subject", f"vllm:sim-{arch}",
-            "--subject", old]
+            "--junit", f"{out}/junit.xml", "--tier", "full", "--subject", f"emulated:{prof}",
+            "--subject", f"vllm:sim-{arch}", "--subject", old]
     session.run("python", *args, *_pytest_args(session), external=True)
 
 
