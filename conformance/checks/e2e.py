@@ -28,6 +28,7 @@ import math
 import resource
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -419,7 +420,8 @@ def _layer_row(base, name, table, first, T, rn=None) -> CheckResult:
     if first is None:
         worst = max(metrics, key=lambda k: metrics[k] / bounds[k])
         msg = (f"{name} ({T} tokens): every component of every layer within tolerance (teacher-forced, "
-               f"vLLM inputs -> golden replay in vLLM's CPU bf16 numerics); closest: {worst} "
+               f"the subject's captured inputs -> golden replay in {rn.numerics.name if rn else 'CPU bf16'} "
+               f"numerics); closest: {worst} "
                f"{metrics[worst]:.2e} of {bounds[worst]:.2e}")
         verdict, w = "pass", {}
     else:
@@ -512,3 +514,119 @@ def _shim_row(base, shims, version) -> CheckResult:
                                 + "; ".join(f"{s['name']} ({', '.join(s['versions'])}): {s['defect']} -> "
                                             f"{s['fix']}" for s in applied) if applied else "no shims applied"),
                        extra={"shims": shims})
+
+
+# -- any subject that serves a whole model: the e2e_serve hook ------------------------------------------------
+@dataclass
+class ServedPrompt:
+    """What a subject's ``e2e_serve`` hook returns per prompt (public API; the vLLM subject fills the same fields
+    from ``vllm.LLM``): ``prompt`` and ``generated`` token ids (greedy), ``logits`` fp32 [len(prompt) +
+    len(generated) - 1, vocab] (the logits of every prompt position and of each generated token's prefix),
+    ``layers`` one dict per decoder layer of the prompt's prefill with the tensors ``LAYER_KEYS`` names (golden
+    shapes: ``X`` and ``out`` [T, hc, D]; ``*_pre``, ``*_in``, ``*_out`` [T, D]; ``*_post`` [T, hc]; ``*_comb``
+    [T, hc, hc]), ``hidden`` the final normed hidden [T, D] (the logit bound scales with it), optional
+    ``prompt_logprobs`` (the engine's own, vLLM-style, for the capture cross-check) and ``seconds``."""
+    prompt: list
+    generated: list
+    logits: torch.Tensor
+    layers: list
+    hidden: torch.Tensor
+    prompt_logprobs: list | None = None
+    seconds: float = 0.0
+
+
+LAYER_KEYS = ("X",) + G.ORDER
+
+
+def served_problems(r, cfg) -> list[str]:
+    """Why a served prompt cannot be compared (empty: it can): every field the rows read, with its shape."""
+    bad = []
+    T, n_gen = len(r.prompt), len(r.generated)
+    want = (T + n_gen - 1, cfg.vocab_size)
+    if not isinstance(r.logits, torch.Tensor) or tuple(r.logits.shape) != want:
+        bad.append(f"logits: expected {list(want)}, got {list(getattr(r.logits, 'shape', [type(r.logits).__name__]))}")
+    if len(r.layers or []) != cfg.num_hidden_layers:
+        bad.append(f"layers: expected {cfg.num_hidden_layers} traces, got {len(r.layers or [])}")
+    for i, d in enumerate(r.layers or []):
+        miss = [k for k in LAYER_KEYS if k not in d]
+        if miss:
+            bad.append(f"layers[{i}]: missing {miss}")
+            break
+        if d["X"].shape[0] != T:
+            bad.append(f"layers[{i}]['X']: {T} prompt rows expected, got {d['X'].shape[0]}")
+            break
+    if not isinstance(r.hidden, torch.Tensor) or r.hidden.shape[0] != T:
+        bad.append(f"hidden: expected [{T}, {cfg.hidden_size}]")
+    for name in ("logits", "hidden"):
+        t = getattr(r, name)
+        if isinstance(t, torch.Tensor) and not torch.isfinite(t.float()).all():
+            bad.append(f"{name}: NaN or Inf")
+    return bad
+
+
+def run_e2e_served(subject: str, subj, info, *, out_dir: str | Path = "out/e2e", seed: int = 0,
+                   checkpoint: str | Path | None = None, max_tokens: int = 8, prompt_set: dict | None = None,
+                   platform: str | None = None) -> list[CheckResult]:
+    """The e2e rows of a subject with an ``e2e_serve(checkpoint_dir, prompts, *, max_tokens)`` hook: the same
+    logits / greedy rows and teacher-forced per-layer rows (first divergence: layer and component) as the
+    built-in vLLM path, from what the hook returns (``ServedPrompt``). Without ``checkpoint`` the tiny bf16
+    checkpoint is written and served; a malformed return gives one failing ``e2e/serve`` row naming the field."""
+    from references.checkpoints.writer import write_checkpoint
+    from references.config import TINY
+    from references.model import DSV4Model
+    from references.numerics import GOLDEN
+
+    from references.model import Variants
+
+    platform = platform or platform_key()
+    # the spec-8 choices the subject declares it implements (default: the official model's)
+    variants = getattr(subj, "e2e_variants", None) or Variants()
+    rerun = f"python -m conformance run --subject {subject} -- -k test_e2e"
+    base = dict(subject=subject, component="model", check="e2e", device=info.device, dialect=info.dialect,
+                emulated=info.emulated, function=f"{subject}.e2e_serve", backend="plugin", rerun=rerun, seed=seed)
+    if checkpoint is None:
+        cfg = TINY
+        ckpt = Path(out_dir) / f"ckpt-tiny-bf16-seed{seed}"
+        weights = write_checkpoint(ckpt, cfg, seed=seed, dtype="bf16")
+        quantized, streamed = False, False
+    else:
+        ckpt = Path(checkpoint)
+        base["rerun"] = rerun.replace(" -- ", f" --checkpoint {shlex.quote(str(ckpt))} -- ")
+        try:
+            weights = open_checkpoint(ckpt)
+        except CheckpointRefused as e:
+            return [CheckResult(**base, case_id="e2e/load", level="load", verdict="fail",
+                                message=f"refused before serving: {e}", params={"checkpoint": str(ckpt)})]
+        cfg, quantized, streamed = weights.config, weights.quantized, True
+    rn = G.replay_numerics(platform, quantized)
+    prompt_set = prompt_set or prompts(cfg)
+    t0 = time.perf_counter()
+    runs = subj.e2e_serve(str(ckpt), list(prompt_set.values()), max_tokens=max_tokens)
+    t_serve = time.perf_counter() - t0
+    if len(runs) != len(prompt_set):
+        return [CheckResult(**base, case_id="e2e/serve", level="golden", verdict="fail",
+                            message=f"e2e_serve returned {len(runs)} results for {len(prompt_set)} prompts")]
+    golden = DSV4Model(weights, cfg, numerics=GOLDEN, cache_weights=not streamed)
+    getter = weights if isinstance(weights, dict) else _Getter(weights)
+    w_norm = float(getter["head.weight"].norm(dim=-1).max())
+    rows: list[CheckResult] = []
+    for (name, p), r in zip(prompt_set.items(), runs):
+        bad = served_problems(r, cfg) + ([f"prompt: the hook served {r.prompt[:4]}..., not the prompt given"]
+                                         if list(r.prompt) != list(p) else [])
+        if bad:
+            rows.append(CheckResult(**base, case_id=f"e2e/{name}/serve", level="golden", verdict="fail",
+                                    message=f"{name}: e2e_serve's result cannot be compared: " + "; ".join(bad)))
+            continue
+        seq = torch.tensor(list(r.prompt) + list(r.generated[:-1]))
+        with torch.no_grad():
+            glog = golden.forward(seq)
+        lr = _logit_rows(base, name, r, glog, w_norm=w_norm, rn=rn)
+        rows += [x for x in lr if not (x.case_id.endswith("/capture") and r.prompt_logprobs is None)]
+        table, first = layer_rows_data([{k: d[k].float() for k in LAYER_KEYS} for d in r.layers], weights, cfg,
+                                       torch.tensor(r.prompt), numerics=rn.numerics, variants=variants)
+        rows.append(_layer_row(base, name, table, first, len(p), rn))
+    for x in rows:
+        x.params = {"checkpoint": str(ckpt), "config": config_label(cfg), "replay_numerics": rn.numerics.name,
+                    "bounds_derived": rn.derived, **x.params}
+        x.extra.setdefault("run", {"serve_s": round(t_serve, 1), "platform": platform})
+    return rows

@@ -39,6 +39,10 @@ def test_e2e(conformance_subject_only, conformance_run):
                                         "cannot be served by it")]
         else:
             rows = hook(out_dir, checkpoint=ckpt) if ckpt else hook(out_dir)
+    elif getattr(subj, "e2e_serve", None) is not None:
+        from conformance.checks.e2e import run_e2e_served
+
+        rows = run_e2e_served(spec, subj, info, out_dir=out_dir, checkpoint=ckpt)
     elif spec == "vllm":
         from conformance.checks.e2e import run_e2e
 

@@ -1,0 +1,75 @@
+"""Plugin subjects that serve a whole model through the public ``e2e_serve`` hook (``conformance.checks.e2e``):
+the golden model itself in vLLM-CPU-like bf16 numerics, and mutants of it. Test-only."""
+
+import torch
+
+from conformance.checks.e2e import ServedPrompt, open_checkpoint
+from conformance.checks.e2e_golden import CPU_BF16, ORDER
+from conformance.subjects import Subject, SubjectInfo
+from references.components.head import hc_head
+from references.components.norms import rms_norm
+from references.model import DSV4Model
+
+
+class _Scaled:
+    """A weight source with one tensor scaled (a wrong load of that tensor)."""
+
+    def __init__(self, src, name, factor):
+        self.src, self.name, self.factor = src, name, factor
+
+    def get(self, name):
+        t = self.src.get(name)
+        return t * self.factor if name == self.name else t
+
+
+class GoldenServer(Subject):
+    def __init__(self, name="tests.harness.e2e_subjects:golden_server", scale=None, drop_layer=False):
+        self.name, self.scale, self.drop_layer = name, scale, drop_layer
+
+    def info(self):
+        return SubjectInfo(self.name, "the golden DSV4Model in CPU bf16 numerics, served greedily", "cpu",
+                           "bfloat16", False)
+
+    def provides(self):
+        return {}
+
+    def e2e_serve(self, checkpoint, prompts, *, max_tokens):
+        reader = open_checkpoint(checkpoint)
+        cfg = reader.config
+        src = _Scaled(reader, *self.scale) if self.scale else reader
+        model = DSV4Model(src, cfg, numerics=CPU_BF16)
+        out = []
+        for p in prompts:
+            gen = []
+            with torch.no_grad():
+                for _ in range(max_tokens):
+                    gen.append(int(model.forward(torch.tensor(list(p) + gen))[-1].argmax()))
+                logits, hid = model.forward(torch.tensor(list(p) + gen[:-1]), return_hidden=True)
+            T = len(p)
+            layers = []
+            for i, tr in enumerate(hid["layers"]):
+                x = hid["embed"] if i == 0 else hid["layers"][i - 1]["out"]
+                layers.append({"X": x[:T], **{k: tr[k][:T] for k in ORDER}})
+            if self.drop_layer:
+                layers = layers[:-1]
+            g = reader.get
+            h = hc_head(hid["final"][:T], g("hc_head_fn"), g("hc_head_base"), g("hc_head_scale"),
+                        norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, numerics=CPU_BF16)
+            h = rms_norm(h.float(), g("norm.weight").float(), cfg.rms_norm_eps)
+            out.append(ServedPrompt(list(p), gen, logits.float(), layers, h))
+        return out
+
+
+def golden_server():
+    return GoldenServer()
+
+
+def wrong_wo_b_server():
+    """Layer 1's attention output projection loaded at 1.25x its value (a 5% gain passes: the CPU bf16 per-layer
+    bound of attn_out is 6.6% relative on the tiny model)."""
+    return GoldenServer("tests.harness.e2e_subjects:wrong_wo_b_server", scale=("layers.1.attn.wo_b.weight", 1.25))
+
+
+def short_trace_server():
+    """Returns one layer trace fewer than the model has."""
+    return GoldenServer("tests.harness.e2e_subjects:short_trace_server", drop_layer=True)

@@ -1,0 +1,43 @@
+"""A plugin subject that serves a whole model through ``e2e_serve`` gets the built-in e2e rows: logits and greedy
+continuation against the fp32 golden, and the teacher-forced per-layer rows with the first divergence (layer and
+component). The correct server passes; a wrong weight load is localised to its layer and component; a malformed
+return is one failing row naming the field."""
+
+import pytest
+
+from conformance.checks.e2e import run_e2e_served
+from tests.harness import e2e_subjects as E
+
+PROMPTS = {"short12": [5, 17, 99, 3, 250, 41, 8, 77, 130, 2, 61, 19]}
+
+
+def _rows(subj, tmp_path):
+    return {r.case_id: r for r in run_e2e_served(subj.name, subj, subj.info(), out_dir=tmp_path, max_tokens=3,
+                                                 prompt_set=PROMPTS, platform="cpu")}
+
+
+@pytest.fixture(scope="module")
+def ckdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+def test_golden_server_passes_every_row(ckdir):
+    rows = _rows(E.golden_server(), ckdir)
+    assert set(rows) == {"e2e/short12/logits", "e2e/short12/greedy", "e2e/short12/layers"}
+    assert {r.verdict for r in rows.values()} == {"pass"}, {k: r.message for k, r in rows.items()}
+    assert "every component of every layer within tolerance" in rows["e2e/short12/layers"].message
+
+
+def test_wrong_weight_load_is_localised_to_its_layer_and_component(ckdir):
+    rows = _rows(E.wrong_wo_b_server(), ckdir)
+    lay = rows["e2e/short12/layers"]
+    assert lay.verdict == "fail", lay.message
+    assert lay.worst["layer"] == 1 and lay.worst["component"] == "attn_out", lay.message
+    assert "first divergence at layer 1, component attn_out" in lay.message
+
+
+def test_malformed_return_is_one_failing_row_naming_the_field(ckdir):
+    rows = _rows(E.short_trace_server(), ckdir)
+    assert list(rows) == ["e2e/short12/serve"]
+    r = rows["e2e/short12/serve"]
+    assert r.verdict == "fail" and "layers: expected 3 traces, got 2" in r.message, r.message
