@@ -573,10 +573,8 @@ def run_e2e_served(subject: str, subj, info, *, out_dir: str | Path = "out/e2e",
     checkpoint is written and served; a malformed return gives one failing ``e2e/serve`` row naming the field."""
     from references.checkpoints.writer import write_checkpoint
     from references.config import TINY
-    from references.model import DSV4Model
+    from references.model import DSV4Model, Variants
     from references.numerics import GOLDEN
-
-    from references.model import Variants
 
     platform = platform or platform_key()
     # the spec-8 choices the subject declares it implements (default: the official model's)
