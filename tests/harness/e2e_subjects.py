@@ -65,11 +65,17 @@ def golden_server():
 
 
 def wrong_wo_b_server():
-    """Layer 1's attention output projection loaded at 1.25x its value (a 5% gain passes: the CPU bf16 per-layer
-    bound of attn_out is 6.6% relative on the tiny model)."""
+    """Layer 1's attention output projection loaded at 1.25x its value: beyond attn_out's bound."""
     return GoldenServer("tests.harness.e2e_subjects:wrong_wo_b_server", scale=("layers.1.attn.wo_b.weight", 1.25))
 
 
 def short_trace_server():
     """Returns one layer trace fewer than the model has."""
     return GoldenServer("tests.harness.e2e_subjects:short_trace_server", drop_layer=True)
+
+
+def small_gain_wo_b_server():
+    """Layer 1's wo_b loaded at 1 + 2^-5: a 3% relative error, inside attn_out's 6.6% elementwise bound, but one
+    gain on every token (the systematic detector's case)."""
+    return GoldenServer("tests.harness.e2e_subjects:small_gain_wo_b_server",
+                        scale=("layers.1.attn.wo_b.weight", 1 + 2.0**-5))
