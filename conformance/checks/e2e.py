@@ -119,9 +119,8 @@ def layer_rows_data(vt_layers, weights, cfg, ids, **kw):
     ``weights``: a dict of full checkpoint names or a ``WeightSource`` (``CheckpointReader``). Each layer's
     weights are read when that layer is replayed and dropped before the next one (``LayerWeights``: the
     routed experts are read only when routed, one at a time), so a full-size checkpoint streams."""
-    from references.model import layer_weights
-
     from conformance.metrics import systematic_error, systematic_verdict
+    from references.model import layer_weights
 
     table, first = [], None
     for layer, vt in enumerate(vt_layers):
