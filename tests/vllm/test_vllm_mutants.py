@@ -254,3 +254,64 @@ def test_gpu_subject_does_not_provide_the_indexer_k_pair_it_cannot_load():
     fn = make_indexer_k_cache(dict(PROFILES["ocp"], dev="cuda", src=object()))
     with pytest.raises(Unsupported, match="source bundle"):
         fn(**case.make_inputs())
+
+
+def _numeric_verdicts(subject, component, fast=True):
+    from conformance.cases import cases_for
+    from conformance.checks.numeric import run_numeric
+
+    return {c.id: [r.verdict for r in run_numeric(subject, c)] for c in cases_for(component)
+            if not fast or c.tier == "fast"}
+
+
+def test_rocm_index_merge_passes_and_a_window_one_short_is_caught():
+    """vllm-triton binds amd.rocm.combine_topk_swa_indices; every fast case passes, and the same function called
+    with window_size - 1 (the window loses its oldest row) fails the SWA and CSA cases."""
+    from conformance.subjects import load_subject
+    from conformance.subjects import vllm_triton as vt
+
+    s = load_subject("vllm-triton:gfx942")
+    ok = _numeric_verdicts(s, "attn.index_set")
+    assert ok and all(set(v) == {"pass"} for v in ok.values()), ok
+    real = vt._K.get("combine_topk_swa_indices")
+    vt._K.over["combine_topk_swa_indices"] = lambda top, qsl, seq, gat, window, *a: real(top, qsl, seq, gat,
+                                                                                          window - 1, *a)
+    try:
+        bad = _numeric_verdicts(s, "attn.index_set")
+    finally:
+        vt._K.over.clear()
+    caught = {cid for cid, v in bad.items() if "fail" in v}
+    # a window of 127 differs from 128 once the query is past position 126
+    assert caught and all(("/swa/" in c or "/csa/" in c or "/hca/" in c) for c in caught)
+    assert "attn.index_set/swa/p0-128/r4_0-r128_0/s6" in caught
+    assert "attn.index_set/swa/p0-5/r4_1-r128_5/s3" not in caught
+
+
+def test_block_fp8_gemm_reading_the_next_tokens_activation_scales_is_caught():
+    """vLLM's _w8a8_triton_block_scaled_mm launched with the activation scales of the next token (As rolled by
+    one row, an off-by-one scale pointer): every multi-token case fails, the one-token case (its own scales)
+    passes, and the real launch passes everywhere."""
+    import torch
+
+    from conformance.subjects import load_subject
+    from conformance.subjects import vllm_triton as vt
+
+    s = load_subject("vllm-triton:ocp")
+    ok = _numeric_verdicts(s, "linear.fp8_block")
+    assert ok and all(set(v) == {"pass"} for v in ok.values()), ok
+    real = vt._K.get("_w8a8_triton_block_scaled_mm")
+
+    class NextTokensScales:
+        def __getitem__(self, grid):
+            def launch(A, B, C, As, *a, **kw):
+                return real[grid](A, B, C, torch.roll(As, 1, 0).contiguous(), *a, **kw)
+            return launch
+
+    vt._K.over["_w8a8_triton_block_scaled_mm"] = NextTokensScales()
+    try:
+        bad = _numeric_verdicts(s, "linear.fp8_block")
+    finally:
+        vt._K.over.clear()
+    for cid, v in bad.items():
+        one_token = "/t1n" in cid
+        assert (set(v) == {"pass"}) == one_token, (cid, v)

@@ -41,7 +41,7 @@ def test_kernels_load_from_source_without_importing_vllm(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     mods, kinds, where = out.stdout.strip().splitlines()
     assert mods == "[]", f"the source loader imported vLLM: {mods}"
-    assert kinds == "['JITFunction', 'JITFunction', 'JITFunction', 'function']", kinds
+    assert kinds == "['JITFunction', 'JITFunction', 'JITFunction', 'function', 'JITFunction', 'function']", kinds
     assert where.startswith("vllm/models/deepseek_v4/common/ops/cache_utils.py:"), where
     gen = sorted((tmp_path / "gen").glob("*.py"))
     assert len(gen) == len(KERNELS)
@@ -98,6 +98,14 @@ def test_source_kernels_equal_imported_kernels_bitwise(interp_vllm, profile):
     ra = vt.make_routing_metadata(imported)(ids, num_experts=16)
     rb = vt.make_routing_metadata(sourced)(ids, num_experts=16)
     assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+    # the block-FP8 GEMM kernel (imported from fp8_utils vs taken from its file)
+    from conformance.cases.linear import fp8_block_weight
+
+    codes, sc, _ = fp8_block_weight(g, 256, 384, std=384**-0.5, spread=2)
+    x = torch.randn(9, 384, generator=g)
+    assert torch.equal(vt.make_fp8_block_linear(imported)(x, codes, sc)["y"],
+                       vt.make_fp8_block_linear(sourced)(x, codes, sc)["y"])
 
 
 def test_bundle_round_trip_and_a_planted_edit_is_seen(interp_vllm, tmp_path, monkeypatch):
