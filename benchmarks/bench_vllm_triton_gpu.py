@@ -9,6 +9,8 @@ Shapes (Flash: 64 heads x 512, rope 64, index 64 x 128, 256 experts top-6):
   _sparse_attn_decode_ragged      128 decode queries x 64 heads, 640 slots each (512 top-k + 128 window)
   FusedIndexerQRopeQuant.kernel   4,096 tokens x 64 index heads x 128
   bitmatrix metadata (pow2-safe)  4,096 tokens x top-6 over 256 experts (vLLM's builder + the stand-in stage 1)
+  _w8a8_triton_block_scaled_mm    4,096 x 1,024 x 4,096 block-FP8 GEMM (Flash wq_a), default launch config
+  combine_topk_swa_indices        8,192-token CSA prefill chunk: top-512 + window 128 (amd.rocm's merge)
 Each time is the median of 50 launches after 5 warm-ups, CUDA events around each launch.
 """
 
@@ -123,6 +125,26 @@ def main(argv=None) -> int:
     bm = Bitmatrix(ids, 256)
     rows.append(("_make_bitmatrix_metadata_pow2_safe", "4096 tokens x top-6 / 256 experts",
                  *_time(lambda: build(ids, bm))))
+
+    # block-FP8 GEMM at Flash's wq_a (q_lora 1024 x D 4096), a 4,096-token prefill; default launch config
+    M, Nn, K = 4096, 1024, 4096
+    A8 = torch.randn(M, K, device="cuda", generator=g).clamp(-200, 200).to(p["fp8"])
+    As = torch.rand(M, K // 128, device="cuda", generator=g) / 100
+    B8 = (torch.randn(Nn, K, device="cuda", generator=g) * 16).clamp(-200, 200).to(p["fp8"])
+    Bs = torch.rand(Nn // 128, K // 128, device="cuda", generator=g) / 100
+    gemm = vt._K.get("_w8a8_triton_block_scaled_mm", src)
+    rows.append(("_w8a8_triton_block_scaled_mm", f"{M} x {Nn} x {K} (wq_a)",
+                 *_time(lambda: vt.launch_block_fp8_gemm(gemm, A8, B8, As, Bs))))
+
+    # ROCm sparse-prefill index merge: an 8,192-token prefill chunk of a CSA layer (top-512 + window 128)
+    Tp, kk = 8192, 512
+    top = torch.randint(0, Tp // 4, (Tp, kk), dtype=torch.int32, device="cuda", generator=g)
+    comb = vt._K.get("combine_topk_swa_indices", src)
+    qsl = torch.tensor([0, Tp], dtype=torch.int32, device="cuda")
+    seq = torch.tensor([Tp], dtype=torch.int32, device="cuda")
+    gat = torch.tensor([Tp], dtype=torch.int32, device="cuda")
+    rows.append(("combine_topk_swa_indices", f"{Tp} tokens, top-{kk} + window 128",
+                 *_time(lambda: comb(top, qsl, seq, gat, 128, 4, kk, Tp // 4 + Tp, Tp // 4))))
 
     dev = torch.cuda.get_device_name(0)
     print(f"vLLM {src.version} Triton kernels ({src.how}) compiled by Triton {triton.__version__} on {dev}, "
