@@ -49,6 +49,9 @@ _IGNORED = {
     # HF / hub bookkeeping
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map", "_name_or_path",
     "use_cache",
+    # transformers' PretrainedConfig generic fields (a config written by to_dict / save_pretrained carries them)
+    "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
+    "is_encoder_decoder", "chunk_size_feed_forward",
     # training-only (initialisation, dropout, router losses; DSV4 has no attention / MLP biases)
     "initializer_range", "attention_dropout", "attention_bias", "mlp_bias", "output_router_logits",
     "router_aux_loss_coef", "router_jitter_noise", "pad_token_id",

@@ -118,6 +118,16 @@ def test_ignored_and_neutral_keys_accepted():
             from_hf_dict(dict(d, n_group=8))
 
 
+def test_transformers_generic_config_fields_are_accepted():
+    """transformers' PretrainedConfig.to_dict() adds its generic fields (output_hidden_states, return_dict,
+    id2label, ...) to a DSV4 config: bookkeeping, accepted and ignored, the parsed config unchanged."""
+    base = from_hf_dict(to_hf_dict(TINY))
+    d = dict(to_hf_dict(TINY), output_hidden_states=False, output_attentions=False, return_dict=True,
+             id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0}, problem_type=None, is_encoder_decoder=False,
+             chunk_size_feed_forward=0)
+    assert from_hf_dict(d) == base
+
+
 def test_v41_config_refusals_name_the_field():
     d = _hf()
     del d["text_config"]["hidden_size"]
