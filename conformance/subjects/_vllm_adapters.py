@@ -689,3 +689,34 @@ def moe_layer(x, gate_weight, w1, w3, w2, gate_bias=None, tid2eid=None, input_id
     else:
         r = moe_router(x, gate_weight, gate_bias, topk=topk, route_scale=route_scale)
     return _out(y=moe_experts(x, r["ids"], r["weights"], w1, w3, w2, limit=limit)["y"])
+
+
+# ------------------------------------------------------------------ attn.index_set: one request's layout
+def index_set_request(positions, topk_idx, layer_type: str, ratio: int, window: int, hca_list):
+    """The arguments vLLM's ROCm prefill passes amd.rocm.combine_topk_swa_indices for one request whose query
+    is ``positions`` (a chunk ending at seq_len = max + 1): gather_len = query_len + min(prefix, window - 1) (the
+    SWA metadata's plan), the compressed region N = ceil(seq_len / ratio), and the candidates: csa the indexer's
+    ``topk_idx``, swa none (top_k 0, ratio 1), hca ``hca_list(positions, ratio, width)`` with the C128A active
+    width. Returns (candidates int32 [T, k], top_k, ratio, N, seq_len, gather_len)."""
+    pos = positions.long()
+    T = pos.shape[0]
+    seq_len = int(pos.max()) + 1
+    gather = T + min(max(seq_len - T, 0), window - 1)
+    if layer_type == "swa":
+        return torch.zeros(T, 1, dtype=torch.int32), 0, 1, 0, seq_len, gather
+    n_c = -(-seq_len // ratio)
+    if layer_type == "csa":
+        top = topk_idx.to(torch.int32).contiguous()
+    else:
+        width = max(1 << max(seq_len // ratio - 1, 0).bit_length(), 128)   # next power of two, at least 128
+        top = hca_list(pos, ratio, width).to(torch.int32).contiguous()
+    return top, top.shape[-1], ratio, n_c, seq_len, gather
+
+
+def index_set_unmap(idx, lens, n_c: int, seq_len: int, gather: int) -> dict:
+    """combine_topk_swa_indices' rows (indices into [N compressed | gathered SWA rows], valid up to ``lens``) in
+    the golden's numbering: compressed entry i -> seq_len + i, gathered row j -> position seq_len - gather + j."""
+    idx, lens = idx.long().cpu(), lens.long().cpu()
+    valid = (idx >= 0) & (torch.arange(idx.shape[1])[None] < lens[:, None])
+    mapped = torch.where(idx < n_c, seq_len + idx, idx - n_c + seq_len - gather)
+    return {"indices": torch.where(valid, mapped, torch.full_like(idx, -1))}

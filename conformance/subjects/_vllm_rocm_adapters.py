@@ -255,7 +255,7 @@ def make_embedding_rocm(p):
 # ------------------------------------------------------------------------------------------------ index set
 def make_index_set_rocm(p):
     def index_set_rocm(positions, topk_idx=None, *, layer_type, ratio, window=128):
-        """The ROCm Triton sparse prefill's index set (DeepseekV4ROCMAiterMLASparseImpl._forward_prefill without
+        """The ROCm Triton sparse prefill's index set (DeepseekV4ROCMAiterMLAAttention._forward_prefill without
         AITER sparse MLA): one request whose query is ``positions`` (a prefill chunk ending at seq_len =
         max(positions) + 1), gather_len = query_len + min(prefix, window - 1) as the SWA metadata plans it,
         the compressed region N = ceil(seq_len / ratio) wide. The compressed candidates are the indexer top-k
@@ -264,38 +264,21 @@ def make_index_set_rocm(p):
         combine_topk_swa_indices. Its indices into the per-request gathered buffer [N compressed | gathered SWA
         rows] are mapped back to the golden's numbering (compressed entry i -> max(positions) + 1 + i, gathered
         row j -> position gather_start + j): layout only."""
-        import triton
+        from ._vllm_adapters import index_set_request, index_set_unmap
 
-        pos = positions.long()
-        T = pos.shape[0]
-        seq_len = int(pos.max()) + 1
-        prefix = seq_len - T
-        gather = T + min(max(prefix, 0), window - 1)
-        gstart = seq_len - gather
-        if layer_type == "swa":
-            r, n_c, top = 1, 0, torch.zeros(T, 1, dtype=torch.int32)
-            top_k = 0
-        elif layer_type == "csa":
-            r, n_c = ratio, -(-seq_len // ratio)
-            top = topk_idx.to(torch.int32).contiguous()
-            top_k = top.shape[-1]
-        else:
-            r, n_c = ratio, -(-seq_len // ratio)
-            width = max(triton.next_power_of_2(max(seq_len // r, 1)), 128)
+        def c128a_prefill_list(pos, r, width):
+            T = pos.shape[0]
             bufs = [torch.zeros(T, width, dtype=torch.int32) for _ in range(3)]
             _, _, top = _vllm("build_c128a_topk_metadata")(
                 pos.to(torch.int64), r, 0, torch.zeros(T, dtype=torch.int32), torch.zeros(0, 1, dtype=torch.int32),
                 1, torch.zeros(T, dtype=torch.int64), bufs[0], bufs[1][:, 0].contiguous(), bufs[2],
                 max_compressed_tokens=width)
-            top = top.contiguous()
-            top_k = top.shape[-1]
-        M = n_c + gather
-        qsl = torch.tensor([0, T], dtype=torch.int32)
+            return top
+
+        top, top_k, r, n_c, seq_len, gather = index_set_request(positions, topk_idx, layer_type, ratio, window,
+                                                                c128a_prefill_list)
         idx, lens = _vllm("combine_topk_swa_indices")(
-            top, qsl, torch.tensor([seq_len], dtype=torch.int32), torch.tensor([gather], dtype=torch.int32), window,
-            r, top_k, M, n_c)
-        idx = idx.long()
-        valid = (idx >= 0) & (torch.arange(idx.shape[1])[None] < lens.long()[:, None])
-        mapped = torch.where(idx < n_c, seq_len + idx, idx - n_c + gstart)
-        return {"indices": torch.where(valid, mapped, torch.full_like(idx, -1))}
+            top, torch.tensor([0, top.shape[0]], dtype=torch.int32), torch.tensor([seq_len], dtype=torch.int32),
+            torch.tensor([gather], dtype=torch.int32), window, r, top_k, n_c + gather, n_c)
+        return index_set_unmap(idx, lens, n_c, seq_len, gather)
     return index_set_rocm

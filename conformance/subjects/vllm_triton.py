@@ -304,33 +304,19 @@ def make_index_set(p: dict):
         ceil(seq_len / ratio). Candidates: csa the case's top-k, swa none (top_k 0, ratio 1), hca the C128A
         prefill-local list 0..n-1 built by the harness (vLLM builds it with build_c128a_topk_metadata, a
         VllmTritonJitKernel; vllm:sim-<arch> runs that one). Indices mapped back to the golden's numbering."""
-        pos = positions.long()
-        T = pos.shape[0]
-        seq_len = int(pos.max()) + 1
-        gather = T + min(max(seq_len - T, 0), window - 1)
-        gstart = seq_len - gather
-        if layer_type == "swa":
-            r, n_c, top, top_k = 1, 0, torch.zeros(T, 1, dtype=torch.int32), 0
-        elif layer_type == "csa":
-            r, n_c = ratio, -(-seq_len // ratio)
-            top = topk_idx.to(torch.int32).contiguous()
-            top_k = top.shape[-1]
-        else:
-            r, n_c = ratio, -(-seq_len // ratio)
-            width = max(1 << max(seq_len // r - 1, 0).bit_length(), 128)
-            n = torch.div(pos + 1, r, rounding_mode="floor").clamp(max=width)
+        from ._vllm_adapters import index_set_request, index_set_unmap
+
+        def prefill_local(pos, r, width):        # what build_c128a_topk_metadata writes for prefill tokens
             ar = torch.arange(width)[None]
-            top = torch.where(ar < n[:, None], ar, -1).to(torch.int32).contiguous()
-            top_k = width
+            return torch.where(ar < torch.div(pos + 1, r, rounding_mode="floor").clamp(max=width)[:, None], ar, -1)
+
+        top, top_k, r, n_c, seq_len, gather = index_set_request(positions, topk_idx, layer_type, ratio, window,
+                                                                prefill_local)
+        i32 = dict(dtype=torch.int32, device=dev)
         idx, lens = _K.get("combine_topk_swa_indices", p.get("src"))(
-            top.to(dev), torch.tensor([0, T], dtype=torch.int32, device=dev),
-            torch.tensor([seq_len], dtype=torch.int32, device=dev), torch.tensor([gather], dtype=torch.int32,
-                                                                                device=dev),
-            window, r, top_k, n_c + gather, n_c)
-        idx, lens = idx.long().cpu(), lens.long().cpu()
-        valid = (idx >= 0) & (torch.arange(idx.shape[1])[None] < lens[:, None])
-        mapped = torch.where(idx < n_c, seq_len + idx, idx - n_c + gstart)
-        return {"indices": torch.where(valid, mapped, torch.full_like(idx, -1))}
+            top.to(dev), torch.tensor([0, top.shape[0]], **i32), torch.tensor([seq_len], **i32),
+            torch.tensor([gather], **i32), window, r, top_k, n_c + gather, n_c)
+        return index_set_unmap(idx, lens, n_c, seq_len, gather)
     return index_set
 
 
