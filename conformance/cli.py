@@ -264,18 +264,22 @@ def cmd_coverage(a) -> int:
     print(f"# {i.name}: {i.implementation}; device {i.device}; dialect {i.dialect}")
     print("| component | function | backend | provided, or why not |")
     print("|---|---|---|---|")
+    rows = s.bound_rows() if hasattr(s, "bound_rows") else {}   # table-driven subjects: the selected rows
+
+    def cell(t):
+        return str(t).replace("|", "\\|")
     for name in sorted(components.load_all()):
         if name in prov:
             im = prov[name]
-            print(f"| {name} | `{im.function}` | {im.backend} | provided (judged against the golden) |")
+            print(f"| {name} | `{cell(im.function)}` | {im.backend} | provided (judged against the golden) |")
+            continue
+        why = miss.get(name, "not offered by the subject (it gave no reason)")
+        b = rows.get(name)
+        if b is not None and why.startswith(b.function):
+            reason = why[len(b.function):].lstrip(" ").removeprefix(f"[{b.backend}]: ")
+            print(f"| {name} | `{cell(b.function)}` | {b.backend} | not provided: {cell(reason)} |")
         else:
-            why = miss.get(name, "not offered by the subject (it gave no reason)")
-            fn, sep, rest = why.partition(" [")
-            if sep and "]: " in rest:
-                backend, _, reason = rest.partition("]: ")
-                print(f"| {name} | `{fn}` | {backend} | not provided: {reason} |")
-            else:
-                print(f"| {name} | - | - | not provided: {why} |")
+            print(f"| {name} | - | - | not provided: {cell(why)} |")
     print(f"\n{len(prov)} of {len(components.load_all())} components provided")
     return 0
 

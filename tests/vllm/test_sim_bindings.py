@@ -442,3 +442,25 @@ def test_fp8_linear_without_the_fnuz_weight_normalisation_is_caught(monkeypatch)
     s = vs.VllmSimSubject("gfx942", env={"DSV4_SIM_AITER": "0"})
     rows = run_numeric(s, case)
     assert rows and all(r.verdict in ("fail", "catastrophic") for r in rows), [(r.level, r.verdict) for r in rows]
+
+
+def test_coverage_command_prints_each_selected_row(capsys):
+    """python -m conformance coverage --subject vllm:sim-gfx942: one well-formed markdown row per component
+    (pipes inside a function name escaped), with the selected row's function and backend."""
+    import re
+
+    from conformance.cli import main
+
+    assert main(["coverage", "--subject", "vllm:sim-gfx942"]) == 0
+    out = capsys.readouterr().out
+    s = vs.VllmSimSubject("gfx942")
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| component")]
+    assert len(rows) == len(NAMES)
+    for ln in rows:
+        cells = re.split(r"(?<!\\)\|", ln)[1:-1]
+        assert len(cells) == 4, ln
+        name = cells[0].strip()
+        b = bindings.select(s.platform_kind, name, s.ctx)
+        assert cells[1].strip().strip("`").replace("\\|", "|") == b.function, ln
+        backend = "triton-interpreter" if (b.backend == "triton" and name in s.provides()) else b.backend
+        assert cells[2].strip() == backend, ln
