@@ -390,7 +390,8 @@ def _logit_rows(base, name, r, glog, *, w_norm: float, rn=None) -> list[CheckRes
     hard = [i for i in mism if not bool(excusable[T - 1 + i])]
     rows.append(CheckResult(**base, case_id=f"e2e/{name}/greedy", level="golden",
                             verdict=_judged(not hard, rn),
-                            message=(f"{name}: greedy continuation vllm {gen} vs golden argmax {gold_next}: "
+                            message=(f"{name}: greedy continuation {base['subject']} {gen} vs golden argmax "
+                                     f"{gold_next}: "
                                      f"{len(gen) - len(mism)}/{len(gen)} agree"
                                      + (f"; first mismatch at step {mism[0]}" if mism else "")
                                      + (f" ({len(mism) - len(hard)} within near-ties)" if mism else "")
@@ -590,8 +591,10 @@ def run_e2e_served(subject: str, subj, info, *, out_dir: str | Path = "out/e2e",
     from references.numerics import GOLDEN
 
     platform = platform or platform_key()
-    # the spec-8 choices the subject declares it implements (default: the official model's)
+    # the spec-8 choices the subject declares it implements (default: the official model's); the router's gate
+    # logits in fp32 unless the subject declares vLLM's bf16 rounding (spec 8.12) with e2e_gate_bf16 = True
     variants = getattr(subj, "e2e_variants", None) or Variants()
+    gate_bf16 = bool(getattr(subj, "e2e_gate_bf16", False))
     rerun = f"python -m conformance run --subject {subject} -- -k test_e2e"
     base = dict(subject=subject, component="model", check="e2e", device=info.device, dialect=info.dialect,
                 emulated=info.emulated, function=f"{subject}.e2e_serve", backend="plugin", rerun=rerun, seed=seed)
@@ -634,7 +637,8 @@ def run_e2e_served(subject: str, subj, info, *, out_dir: str | Path = "out/e2e",
         lr = _logit_rows(base, name, r, glog, w_norm=w_norm, rn=rn)
         rows += [x for x in lr if not (x.case_id.endswith("/capture") and r.prompt_logprobs is None)]
         table, first = layer_rows_data([{k: d[k].float() for k in LAYER_KEYS} for d in r.layers], weights, cfg,
-                                       torch.tensor(r.prompt), numerics=rn.numerics, variants=variants)
+                                       torch.tensor(r.prompt), numerics=rn.numerics, variants=variants,
+                                       gate_bf16=gate_bf16)
         rows.append(_layer_row(base, name, table, first, len(p), rn))
     for x in rows:
         x.params = {"checkpoint": str(ckpt), "config": config_label(cfg), "replay_numerics": rn.numerics.name,
