@@ -720,3 +720,15 @@ def index_set_unmap(idx, lens, n_c: int, seq_len: int, gather: int) -> dict:
     valid = (idx >= 0) & (torch.arange(idx.shape[1])[None] < lens[:, None])
     mapped = torch.where(idx < n_c, seq_len + idx, idx - n_c + seq_len - gather)
     return {"indices": torch.where(valid, mapped, torch.full_like(idx, -1))}
+
+
+def act_quant_as_compiled(x: torch.Tensor, fp8: torch.dtype, fmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-FP8 activations [T, K] as vLLM's compiled per_token_group_fp8_quant makes them (csrc
+    per_token_group_quant.cu, group 128, fp32 scales): bf16 input, y_s = max(amax, 1e-10) / fmax, q = x / y_s in
+    fp32 clamped to +-fmax, rounded to nearest even. -> (codes [T, K] in ``fp8``, scales fp32 [T, K / 128])."""
+    xb = x.to(torch.bfloat16).float()
+    T, K = xb.shape
+    g = xb.reshape(T, K // 128, 128)
+    s = g.abs().amax(-1).clamp_min(1e-10) / fmax
+    q = (g / s[..., None]).clamp(-fmax, fmax).to(fp8).reshape(T, K).contiguous()
+    return q, s.contiguous()

@@ -223,15 +223,12 @@ def make_fp8_block_linear_rocm(p):
         one ulp off, which moves values sitting exactly on an FP8 rounding tie (finding in docs/gfx942-coverage.md)."""
         from vllm.model_executor.layers.quantization.utils.quant_utils import get_fp8_min_max
 
+        from ._vllm_adapters import act_quant_as_compiled
+
         w, ws = _vllm("process_fp8_weight_block_strategy")(weight.clone().view(torch.float8_e4m3fn),
                                                             weight_scale.clone().view(torch.float8_e8m0fnu))
-        xb = x.to(BF).float()
-        T, K = xb.shape
-        fmin, fmax = get_fp8_min_max()
-        g = xb.reshape(T, K // 128, 128)
-        s = g.abs().amax(-1).clamp_min(1e-10) / fmax
-        q = (g / s[..., None]).clamp(fmin, fmax).to(p["fp8"]).reshape(T, K)
-        y = _vllm("w8a8_triton_block_scaled_mm")(q, w, s.contiguous(), ws, [128, 128], BF)
+        q, s = act_quant_as_compiled(x, p["fp8"], get_fp8_min_max()[1])
+        y = _vllm("w8a8_triton_block_scaled_mm")(q, w, s, ws, [128, 128], BF)
         return {"y": y.float()}
     return fp8_block_linear_rocm
 

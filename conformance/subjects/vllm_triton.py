@@ -279,18 +279,15 @@ def make_fp8_block_linear(p: dict):
         does (amax / fmax, x / s in fp32), then _w8a8_triton_block_scaled_mm."""
         from references.formats.conversion import ocp_to_fnuz_codes, ocp_to_fnuz_scales
 
+        from ._vllm_adapters import act_quant_as_compiled
+
         codes, sc = weight, weight_scale
         if p["fnuz"]:
             codes, sc = ocp_to_fnuz_codes(codes), ocp_to_fnuz_scales(sc, "ue8m0")
         w = codes.contiguous().view(p["fp8"]).to(dev)
         ws = torch.exp2(sc.to(torch.float32) - 127).contiguous().to(dev)
-        xb = x.to(BF).float()
-        T, K = xb.shape
-        g = xb.reshape(T, K // 128, 128)
-        s = g.abs().amax(-1).clamp_min(1e-10) / fmax
-        q = (g / s[..., None]).clamp(-fmax, fmax).to(p["fp8"]).reshape(T, K).contiguous()
-        y = launch_block_fp8_gemm(_K.get("_w8a8_triton_block_scaled_mm", p.get("src")), q.to(dev), w,
-                                  s.contiguous().to(dev), ws)
+        q, s = act_quant_as_compiled(x, p["fp8"], fmax)
+        y = launch_block_fp8_gemm(_K.get("_w8a8_triton_block_scaled_mm", p.get("src")), q.to(dev), w, s.to(dev), ws)
         return {"y": y.float().cpu()}
     return fp8_block_linear
 
