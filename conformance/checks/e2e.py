@@ -195,6 +195,20 @@ def _arch_diff(a, b) -> list[str]:
     return [f.name for f in dataclasses.fields(a) if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
 
 
+def served_checkpoint(checkpoint, out_dir, seed: int):
+    """-> (config, folder, weights, quantized, streamed) of what the e2e check serves: without ``checkpoint`` the
+    tiny bf16 checkpoint written under ``out_dir`` (weights: the writer's, in memory); with it, that folder
+    opened by ``open_checkpoint`` (weights: the reader, streamed). Raises ``CheckpointRefused``."""
+    from references.checkpoints.writer import write_checkpoint
+    from references.config import TINY
+
+    if checkpoint is None:
+        ckpt = Path(out_dir) / f"ckpt-tiny-bf16-seed{seed}"
+        return TINY, ckpt, write_checkpoint(ckpt, TINY, seed=seed, dtype="bf16"), False, False
+    reader = open_checkpoint(checkpoint)
+    return reader.config, Path(checkpoint), reader, reader.quantized, True
+
+
 class _Getter:
     """``load_check`` indexes its weights by full name: a reader read through ``get``."""
 
@@ -216,8 +230,6 @@ def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 
     header check gives one failing ``e2e/load`` row and vLLM is not started. ``golden_checkpoint``: the
     golden (and the load probe) streams this folder instead, e.g. the FP8/MXFP4 official-layout variant of
     the bf16 checkpoint vLLM's CPU build serves; its architecture must equal the served config."""
-    from references.checkpoints.writer import write_checkpoint
-    from references.config import TINY
     from references.model import DSV4Model
     from references.numerics import GOLDEN
 
@@ -230,44 +242,35 @@ def run_e2e(subject: str, info, *, out_dir: str | Path = "out/e2e", seed: int = 
             progress(f"[e2e {time.perf_counter() - t_start:6.1f}s] {msg}")
     platform = platform or platform_key()
     rerun = RERUN
-    if checkpoint is None:
-        cfg = TINY
-        ckpt = Path(out_dir) / f"ckpt-tiny-bf16-seed{seed}"
-        weights = write_checkpoint(ckpt, cfg, seed=seed, dtype="bf16")
-        quantized, streamed = False, False
-        ck = {"checkpoint": str(ckpt), "config": config_label(cfg), "quantized": False,
-              "golden": "in memory (the writer's dequantised weights)"}
-    else:
-        ckpt = Path(checkpoint)
-        rerun = RERUN.replace("--subject vllm", f"--subject vllm --checkpoint {shlex.quote(str(ckpt))}")
+    if checkpoint is not None:
+        rerun = RERUN.replace("--subject vllm", f"--subject vllm --checkpoint {shlex.quote(str(checkpoint))}")
+    try:
+        cfg, ckpt, weights, quantized, streamed = served_checkpoint(checkpoint, out_dir, seed)
+    except CheckpointRefused as e:
+        return [CheckResult(subject=subject, component="model", check="e2e", device=info.device,
+                            dialect=info.dialect, emulated=info.emulated, rerun=rerun, seed=seed,
+                            case_id="e2e/load", level="load", verdict="fail",
+                            message=f"refused before starting vLLM: {e}", params={"checkpoint": str(checkpoint)})]
+    ck = {"checkpoint": str(ckpt), "config": config_label(cfg), "quantized": quantized,
+          "golden": ("streamed from the checkpoint, one layer at a time (routed experts on demand)" if streamed
+                     else "in memory (the writer's dequantised weights)")}
+    if checkpoint is not None and golden_checkpoint is not None:
         try:
-            weights = open_checkpoint(ckpt)
+            weights = open_checkpoint(golden_checkpoint)
+            diff = _arch_diff(weights.config, cfg)
+            if diff:
+                raise CheckpointRefused(f"--golden-checkpoint {golden_checkpoint}: its config differs from "
+                                        f"the served checkpoint's in {diff}")
         except CheckpointRefused as e:
             return [CheckResult(subject=subject, component="model", check="e2e", device=info.device,
                                 dialect=info.dialect, emulated=info.emulated, rerun=rerun, seed=seed,
                                 case_id="e2e/load", level="load", verdict="fail",
-                                message=f"refused before starting vLLM: {e}", params={"checkpoint": str(ckpt)})]
-        cfg = weights.config
-        quantized, streamed = weights.quantized, True
-        ck = {"checkpoint": str(ckpt), "config": config_label(cfg), "quantized": quantized,
-              "golden": "streamed from the checkpoint, one layer at a time (routed experts on demand)"}
-        if golden_checkpoint is not None:
-            try:
-                weights = open_checkpoint(golden_checkpoint)
-                diff = _arch_diff(weights.config, cfg)
-                if diff:
-                    raise CheckpointRefused(f"--golden-checkpoint {golden_checkpoint}: its config differs from "
-                                            f"the served checkpoint's in {diff}")
-            except CheckpointRefused as e:
-                return [CheckResult(subject=subject, component="model", check="e2e", device=info.device,
-                                    dialect=info.dialect, emulated=info.emulated, rerun=rerun, seed=seed,
-                                    case_id="e2e/load", level="load", verdict="fail",
-                                    message=f"refused before starting vLLM: {e}",
-                                    params={"checkpoint": str(ckpt), "golden_checkpoint": str(golden_checkpoint)})]
-            ck.update(golden=(f"streamed from --golden-checkpoint {golden_checkpoint} "
-                              f"({'FP8/MXFP4' if weights.quantized else 'bf16'}), one layer at a time"),
-                      golden_checkpoint=str(golden_checkpoint), golden_quantized=weights.quantized)
-            rerun = rerun.replace(" -- -k", f" -- --golden-checkpoint {shlex.quote(str(golden_checkpoint))} -k")
+                                message=f"refused before starting vLLM: {e}",
+                                params={"checkpoint": str(ckpt), "golden_checkpoint": str(golden_checkpoint)})]
+        ck.update(golden=(f"streamed from --golden-checkpoint {golden_checkpoint} "
+                          f"({'FP8/MXFP4' if weights.quantized else 'bf16'}), one layer at a time"),
+                  golden_checkpoint=str(golden_checkpoint), golden_quantized=weights.quantized)
+        rerun = rerun.replace(" -- -k", f" -- --golden-checkpoint {shlex.quote(str(golden_checkpoint))} -k")
     ck_words = (f"[checkpoint {ck['checkpoint']}: {ck['config']}, "
                 f"{'FP8/MXFP4' if ck['quantized'] else 'bf16'}; golden {ck['golden']}]")
     rn = G.replay_numerics(platform, quantized)
@@ -585,8 +588,6 @@ def run_e2e_served(subject: str, subj, info, *, out_dir: str | Path = "out/e2e",
     logits / greedy rows and teacher-forced per-layer rows (first divergence: layer and component) as the
     built-in vLLM path, from what the hook returns (``ServedPrompt``). Without ``checkpoint`` the tiny bf16
     checkpoint is written and served; a malformed return gives one failing ``e2e/serve`` row naming the field."""
-    from references.checkpoints.writer import write_checkpoint
-    from references.config import TINY
     from references.model import DSV4Model, Variants
     from references.numerics import GOLDEN
 
@@ -598,20 +599,13 @@ def run_e2e_served(subject: str, subj, info, *, out_dir: str | Path = "out/e2e",
     rerun = f"python -m conformance run --subject {subject} -- -k test_e2e"
     base = dict(subject=subject, component="model", check="e2e", device=info.device, dialect=info.dialect,
                 emulated=info.emulated, function=f"{subject}.e2e_serve", backend="plugin", rerun=rerun, seed=seed)
-    if checkpoint is None:
-        cfg = TINY
-        ckpt = Path(out_dir) / f"ckpt-tiny-bf16-seed{seed}"
-        weights = write_checkpoint(ckpt, cfg, seed=seed, dtype="bf16")
-        quantized, streamed = False, False
-    else:
-        ckpt = Path(checkpoint)
-        base["rerun"] = rerun.replace(" -- ", f" --checkpoint {shlex.quote(str(ckpt))} -- ")
-        try:
-            weights = open_checkpoint(ckpt)
-        except CheckpointRefused as e:
-            return [CheckResult(**base, case_id="e2e/load", level="load", verdict="fail",
-                                message=f"refused before serving: {e}", params={"checkpoint": str(ckpt)})]
-        cfg, quantized, streamed = weights.config, weights.quantized, True
+    if checkpoint is not None:
+        base["rerun"] = rerun.replace(" -- ", f" --checkpoint {shlex.quote(str(checkpoint))} -- ")
+    try:
+        cfg, ckpt, weights, quantized, streamed = served_checkpoint(checkpoint, out_dir, seed)
+    except CheckpointRefused as e:
+        return [CheckResult(**base, case_id="e2e/load", level="load", verdict="fail",
+                            message=f"refused before serving: {e}", params={"checkpoint": str(checkpoint)})]
     rn = G.replay_numerics(platform, quantized)
     prompt_set = prompt_set or prompts(cfg)
     t0 = time.perf_counter()
