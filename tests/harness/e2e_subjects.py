@@ -23,8 +23,8 @@ class _Scaled:
 
 
 class GoldenServer(Subject):
-    def __init__(self, name="tests.harness.e2e_subjects:golden_server", scale=None, drop_layer=False):
-        self.name, self.scale, self.drop_layer = name, scale, drop_layer
+    def __init__(self, name="tests.harness.e2e_subjects:golden_server", scale=None, drop_layer=False, tamper=None):
+        self.name, self.scale, self.drop_layer, self.tamper = name, scale, drop_layer, tamper
 
     def info(self):
         return SubjectInfo(self.name, "the golden DSV4Model in CPU bf16 numerics, served greedily", "cpu",
@@ -57,7 +57,7 @@ class GoldenServer(Subject):
                         norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps, numerics=CPU_BF16)
             h = rms_norm(h.float(), g("norm.weight").float(), cfg.rms_norm_eps)
             out.append(ServedPrompt(list(p), gen, logits.float(), layers, h))
-        return out
+        return [self.tamper(r) for r in out] if self.tamper else out
 
 
 def golden_server():
@@ -79,3 +79,27 @@ def small_gain_wo_b_server():
     gain on every token (the systematic detector's case)."""
     return GoldenServer("tests.harness.e2e_subjects:small_gain_wo_b_server",
                         scale=("layers.1.attn.wo_b.weight", 1 + 2.0**-5))
+
+
+def nan_logits_server():
+    """One logit NaN (a served NaN must not be compared as if it were a number)."""
+    def tamper(r):
+        r.logits[3, 7] = float("nan")
+        return r
+    return GoldenServer("tests.harness.e2e_subjects:nan_logits_server", tamper=tamper)
+
+
+def truncated_logits_server():
+    """Logits of the prompt positions only (the generated tokens' prefixes missing)."""
+    def tamper(r):
+        r.logits = r.logits[:len(r.prompt)]
+        return r
+    return GoldenServer("tests.harness.e2e_subjects:truncated_logits_server", tamper=tamper)
+
+
+def other_prompt_server():
+    """Reports a prompt other than the one it was given."""
+    def tamper(r):
+        r.prompt = [r.prompt[0] + 1] + list(r.prompt[1:])
+        return r
+    return GoldenServer("tests.harness.e2e_subjects:other_prompt_server", tamper=tamper)

@@ -37,11 +37,17 @@ def test_wrong_weight_load_is_localised_to_its_layer_and_component(ckdir):
     assert "first divergence at layer 1, component attn_out" in lay.message
 
 
-def test_malformed_return_is_one_failing_row_naming_the_field(ckdir):
-    rows = _rows(E.short_trace_server(), ckdir)
+@pytest.mark.parametrize("factory,why", [
+    (E.short_trace_server, "layers: expected 3 traces, got 2"),
+    (E.nan_logits_server, "logits: NaN or Inf"),
+    (E.truncated_logits_server, "logits: expected [22, "),
+    (E.other_prompt_server, "prompt: the hook served"),
+])
+def test_malformed_return_is_one_failing_row_naming_the_field(ckdir, factory, why):
+    rows = _rows(factory(), ckdir)
     assert list(rows) == ["e2e/short20/serve"]
     r = rows["e2e/short20/serve"]
-    assert r.verdict == "fail" and "layers: expected 3 traces, got 2" in r.message, r.message
+    assert r.verdict == "fail" and why in r.message, r.message
 
 
 def test_small_systematic_gain_inside_the_bound_is_caught_as_systematic(ckdir):
