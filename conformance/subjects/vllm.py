@@ -364,6 +364,8 @@ class VllmSubject(Subject):
         the same method as ``vllm:sim-<arch>``'s, which follows the same table."""
         from . import bindings
 
+        if self.kind not in ("rocm", "cuda"):
+            return {}        # the CPU build binds CANDIDATES, not a platform table
         plat, ctx = self.table_platform(), self.dispatch_context()
         return {n: bindings.select(plat, n, ctx) for n in components.load_all()}
 
@@ -422,6 +424,11 @@ class VllmSubject(Subject):
             if key is None or key not in usable:
                 if key in self.skipped:
                     self._absent[name] = f"{rel}: {self.skipped[key]}"
+                else:   # no candidate for this build: say so, and where vLLM's Triton kernel for it is bound
+                    from .vllm_triton import KERNELS
+
+                    only = "; vLLM's Triton kernel for it: vllm-triton:<profile>" if key in KERNELS else ""
+                    self._absent[name] = f"{rel}: no adapter for vLLM's {self.kind} build{only}"
                 continue
             c, core = usable[key]
             fn, why = bind(spec, core, fixed=FIXED.get(name))

@@ -174,3 +174,18 @@ def test_expert_map_cases_without_remap_topk_to_local_are_unsupported(monkeypatc
     with pytest.raises(Unsupported, match=f"vLLM {_release()}: expert_map cases need .*remap_topk_to_local_gone"):
         ad.moe_experts(x, ids, w, w1, w3, w2, limit=10.0, expert_map=torch.tensor([0, 1]))
     ad.moe_experts(x, ids, w, w1, w3, w2, limit=10.0)   # without an expert_map it still runs
+
+
+def test_every_component_not_bound_on_the_cpu_build_has_its_reason():
+    """No generic "not provided": a component without a CPU-build adapter says so, and points at the Triton
+    subject where that one binds vLLM's kernel for it."""
+    from conformance import components
+
+    s = _subject()
+    got, absent = s.provides(), s.not_provided()
+    rel = _release()
+    assert set(got) | set(absent) == set(components.load_all())
+    for name, why in absent.items():
+        assert why.startswith(f"vLLM {rel}: "), (name, why)
+    assert "no adapter for vLLM's cpu build" in absent["embed"]
+    assert absent["linear.fp8_block"].endswith("vLLM's Triton kernel for it: vllm-triton:<profile>")
