@@ -239,9 +239,36 @@ def cmd_findings(a) -> int:
     return 0
 
 
+def preset_lines() -> list[str]:
+    """One line per model preset (references.config.PRESETS): version, shape, attention schedule, sharing."""
+    from references.config import PRESETS, V41_FLASH_FACTS
+
+    out = []
+    for c in PRESETS.values():
+        ratios = ",".join(str(r) for r in c.compress_ratios)
+        bits = [f"version {c.version}", f"{c.num_hidden_layers} layers + {c.num_nextn_predict_layers} MTP",
+                f"hidden {c.hidden_size}", f"heads {c.num_attention_heads}", f"ratios [{ratios}]",
+                f"index_topk {c.index_topk}", f"experts {c.n_routed_experts} top-{c.num_experts_per_tok}",
+                f"hash layers {0 if c.is_v41 else c.num_hash_layers}",
+                "weight blocks {}x{}".format(*c.quantization.weight_block_size)]
+        if c.is_v41:
+            bits += [f"kv sources {list(c.kv_source_layer_ids)}", f"index sources {list(c.index_source_layer_ids)}",
+                     f"candidate source {c.candidate_source_layer_id}"]
+        out.append(f"preset {c.name}: " + "; ".join(bits))
+    out.append("not a preset: v41-flash (the installed vLLM states only " + ", ".join(sorted(V41_FLASH_FACTS))
+               + "; the layer count, vocab and attention schedule come from the checkpoint's config.json)")
+    out.append("not a preset: flash-0731, pro-0813 (no source on this machine states their config.json: neither the "
+               "installed vLLM nor transformers names them; the V4.1 DSpark fields (dspark_target_layer_ids, ...) "
+               "are parsed, the draft head is not modelled)")
+    return out
+
+
 def cmd_cases(a) -> int:
     from .cases import all_cases
 
+    if a.presets:
+        print("\n".join(preset_lines()))
+        return 0
     for c in all_cases():
         if not a.component or c.component == a.component:
             print(c.id + ("   [tier full]" if c.tier == "full" else ""))
@@ -388,6 +415,7 @@ def main(argv=None) -> int:
     cv.set_defaults(fn=cmd_coverage)
     c = sub.add_parser("cases", help="list case ids")
     c.add_argument("--component")
+    c.add_argument("--presets", action="store_true", help="list the model presets instead (references.config)")
     c.set_defaults(fn=cmd_cases)
     a = p.parse_args(argv)
     return a.fn(a)
