@@ -337,13 +337,14 @@ class DSV4Model:
                 hidden["layers"].append(trace)
             if not self.cache_weights:
                 self._cache.pop(layer, None)
-        logits = final_head(X, self.top("hc_head_fn"), self.top("hc_head_base"), self.top("hc_head_scale"),
-                            self.top("norm.weight"), self.top("head.weight"), norm_eps=cfg.rms_norm_eps,
-                            hc_eps=cfg.hc_eps, numerics=self.numerics)
+        head = final_head(X, self.top("hc_head_fn"), self.top("hc_head_base"), self.top("hc_head_scale"),
+                          self.top("norm.weight"), self.top("head.weight"), norm_eps=cfg.rms_norm_eps,
+                          hc_eps=cfg.hc_eps, numerics=self.numerics, return_h=return_hidden)
+        h, logits = head if return_hidden else (None, head)
         if state is not None:
             state.next_pos = p0 + T
         if return_hidden:
-            hidden.update(final=X, logits=logits)
+            hidden.update(final=X, h=h, logits=logits)
             return logits, hidden
         return logits
 

@@ -26,7 +26,9 @@ def lm_head(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tenso
 
 
 def final_head(X: torch.Tensor, hc_fn, hc_base, hc_scale, norm_weight, head_weight, *, norm_eps: float,
-               hc_eps: float, numerics: Numerics = GOLDEN) -> torch.Tensor:
-    """``X^L [..., hc, D]`` -> logits: HC_head (its own fn/base/scale) -> final norm -> LM head."""
+               hc_eps: float, numerics: Numerics = GOLDEN, return_h: bool = False):
+    """``X^L [..., hc, D]`` -> logits: HC_head (its own fn/base/scale) -> final norm -> LM head.
+    return_h: return ``(h, logits)``, h the HC_head output [..., D] the final norm reads."""
     h = hc_head(X, hc_fn, hc_base, hc_scale, norm_eps=norm_eps, hc_eps=hc_eps, numerics=numerics)
-    return lm_head(h, norm_weight, head_weight, eps=norm_eps)
+    logits = lm_head(h, norm_weight, head_weight, eps=norm_eps)
+    return (h, logits) if return_h else logits

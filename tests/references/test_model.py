@@ -61,6 +61,20 @@ def test_mtp_decode_equals_prefill_fp64(full64, ids):
     assert_within("mtp decode vs prefill (fp64)", got, ref, 2 * CHAIN * U64 * (1 + ref.abs()))
 
 
+def test_return_hidden_h_is_the_hc_head_output_the_logits_read(full64, deq):
+    """hidden["h"] is HC_head(X^L) and the logits are the final norm + LM head of exactly that h."""
+    from references.components.head import lm_head
+    from references.components.mhc import hc_head
+
+    m, (logits, hid) = full64
+    w = {k: deq[k].double() for k in ("hc_head_fn", "hc_head_base", "hc_head_scale", "norm.weight", "head.weight")}
+    h = hc_head(hid["final"], w["hc_head_fn"], w["hc_head_base"], w["hc_head_scale"], norm_eps=TINY.rms_norm_eps,
+                hc_eps=TINY.hc_eps)
+    assert hid["h"].shape == (T_SEQ, TINY.hidden_size)
+    assert torch.equal(hid["h"], h)
+    assert torch.equal(lm_head(hid["h"], w["norm.weight"], w["head.weight"], eps=TINY.rms_norm_eps), logits)
+
+
 @pytest.fixture(scope="module")
 def full32(deq, ids):
     return DSV4Model(deq, TINY).forward(ids, return_hidden=True)
