@@ -274,6 +274,9 @@ KERNELS = (
     ("vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe", "_patch_make_bitmatrix_metadata"),
     ("vllm.model_executor.layers.quantization.utils.fp8_utils", "_w8a8_triton_block_scaled_mm"),
     ("vllm.models.deepseek_v4.amd.rocm", "combine_topk_swa_indices"),
+    ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm", "FusedMTPInputRMSNormKernel.kernel"),
+    ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm", "MTPSharedHeadRMSNormKernel.kernel"),
+    ("vllm.model_executor.kernels.mhc.triton", "_hc_head_triton"),
 )
 
 

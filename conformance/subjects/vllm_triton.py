@@ -18,7 +18,7 @@ import torch
 
 from .. import components, triton_interp
 from . import _vllm_common as common
-from .base import Impl, Subject, SubjectError, SubjectInfo
+from .base import Impl, Subject, SubjectError, SubjectInfo, Unsupported
 from .vllm import FIXED, NAMES, adapter_key, bind
 
 PROFILES = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, cache_fmax=224.0, q_fmax=224.0),
@@ -43,6 +43,11 @@ class _K:
         "_w8a8_triton_block_scaled_mm": ("vllm.model_executor.layers.quantization.utils.fp8_utils",
                                          "_w8a8_triton_block_scaled_mm"),
         "combine_topk_swa_indices": ("vllm.models.deepseek_v4.amd.rocm", "combine_topk_swa_indices"),
+        "mtp_input_rmsnorm_kernel": ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm",
+                                     "FusedMTPInputRMSNormKernel.kernel"),
+        "mtp_shared_head_rmsnorm_kernel": ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm",
+                                           "MTPSharedHeadRMSNormKernel.kernel"),
+        "_hc_head_triton": ("vllm.model_executor.kernels.mhc.triton", "_hc_head_triton"),
     }
 
     @classmethod
@@ -77,6 +82,13 @@ class _K:
             from . import _vllm_source
 
             k = _vllm_source.source_root().get(*cls.SOURCE[name])
+        elif name in ("mtp_input_rmsnorm_kernel", "mtp_shared_head_rmsnorm_kernel"):
+            from vllm.models.deepseek_v4.common.ops import fused_mtp_input_rmsnorm as f
+
+            k = (f.FusedMTPInputRMSNormKernel if name == "mtp_input_rmsnorm_kernel"
+                 else f.MTPSharedHeadRMSNormKernel).kernel
+        elif name == "_hc_head_triton":
+            from vllm.model_executor.kernels.mhc.triton import _hc_head_triton as k
         elif name == "indexer_q":
             from vllm.models.deepseek_v4.common.ops.fused_indexer_q import (
                 _FUSED_INDEXER_Q_ROPE_QUANT_TRITON_KERNEL as k,
@@ -292,6 +304,54 @@ def make_fp8_block_linear(p: dict):
     return fp8_block_linear
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+def make_mtp_head(p: dict):
+    dev = p.get("dev", "cpu")
+    linear = make_fp8_block_linear(p)
+
+    def mtp_head(X_main, ids, positions, embed_table, enorm, hnorm, e_proj, e_proj_scale, h_proj, h_proj_scale, Y,
+                 hc_fn, hc_base, hc_scale, norm_weight, head_weight, *, norm_eps, hc_eps, variant="official"):
+        """vLLM's AMD/NVIDIA MTP layer around its decoder block, kernel by kernel as
+        DeepSeekV4MultiTokenPredictorLayer.forward and DeepSeekV4MultiTokenPredictor._pre_head launch them:
+        FusedMTPInputRMSNormKernel.kernel on grid (T, hc + 1) (enorm with the position-0 row zeroed, hnorm per
+        stream; bf16 out), e_proj / h_proj through the block-FP8 Triton GEMM (linear.fp8_block's adapter), the
+        bf16 sum h_proj(.) + e_proj(.).unsqueeze(-2); then HCHeadOp's Triton path (_hc_head_triton, bf16 h),
+        MTPSharedHeadRMSNormKernel.kernel on grid (T,), and the shared head as a bf16 F.linear (the harness: vLLM's
+        ParallelLMHead / rocm_unquantized_gemm is a torch GEMM). The embedding row lookup (VocabParallelEmbedding)
+        is the harness's. vLLM always zeroes position 0: a row of variant 'official' with a position-0 token is
+        that source divergence (spec 3.15), not provided."""
+        if variant != "vllm" and bool((positions == 0).any()):
+            raise Unsupported("vLLM's fused MTP input norm zeroes the position-0 embedding (variant 'vllm'); this "
+                              "row is variant 'official' with a position-0 token (spec 3.15 divergence)")
+        T, hc, D = X_main.shape
+        blk = _next_pow2(D)
+        e = embed_table.to(BF)[ids[1:].long()].contiguous().to(dev)
+        xm = X_main.to(BF).contiguous().to(dev)
+        en, hn = torch.empty_like(e), torch.empty_like(xm)
+        if T:
+            _K.get("mtp_input_rmsnorm_kernel", p.get("src"))[(T, hc + 1)](
+                e, positions.to(torch.int64).contiguous().to(dev), xm, enorm.to(BF).contiguous().to(dev),
+                hnorm.to(BF).contiguous().to(dev), en, hn, float(norm_eps), HIDDEN=D, HC_MULT=hc, BLOCK_SIZE=blk)
+        yh = linear(hn.reshape(T * hc, D).cpu(), h_proj, h_proj_scale)["y"].to(BF).reshape(T, hc, D)
+        ye = linear(en.cpu(), e_proj, e_proj_scale)["y"].to(BF)
+        X = yh + ye.unsqueeze(-2)
+        h = torch.empty(T, D, dtype=BF, device=dev)
+        _K.get("_hc_head_triton", p.get("src"))(
+            Y.to(BF).reshape(T, hc, D).contiguous().to(dev), hc_fn.float().contiguous().to(dev),
+            hc_scale.float().reshape(1).contiguous().to(dev), hc_base.float().contiguous().to(dev), h, D,
+            float(norm_eps), float(hc_eps), hc)
+        n = torch.empty_like(h)
+        if T:
+            _K.get("mtp_shared_head_rmsnorm_kernel", p.get("src"))[(T,)](
+                h, norm_weight.to(BF).contiguous().to(dev), n, float(norm_eps), HIDDEN=D, BLOCK_SIZE=blk)
+        logits = torch.nn.functional.linear(n, head_weight.to(BF).to(dev))
+        return {"X": X.float().cpu(), "logits": logits.float().cpu()}
+    return mtp_head
+
+
 def make_index_set(p: dict):
     dev = p.get("dev", "cpu")
 
@@ -417,6 +477,14 @@ KERNELS = {
     "index_set": (make_index_set, "vllm.models.deepseek_v4.amd.rocm.combine_topk_swa_indices",
                   "the ROCm sparse prefill's top-k + SWA index merge (_combine_topk_swa_indices_kernel); HCA "
                   "candidates 0..n-1 by the harness (vLLM: build_c128a_topk_metadata)"),
+    "mtp_head": (make_mtp_head,
+                 "vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm.FusedMTPInputRMSNormKernel + "
+                 "_w8a8_triton_block_scaled_mm (e_proj / h_proj) + vllm.model_executor.kernels.mhc.triton."
+                 "_hc_head_triton + MTPSharedHeadRMSNormKernel",
+                 "vLLM's MTP layer around its block (amd/nvidia mtp.py): the fused enorm/hnorm with the position-0 "
+                 "zeroing, the block-FP8 GEMMs (fnuz load normalisation and activation quant by the harness, fmax "
+                 "224 / 448), HCHeadOp's Triton path, the shared-head RMSNorm; embedding lookup and the bf16 LM "
+                 "head GEMM by the harness"),
     "indexer_q": (make_indexer_q,
                   "vllm.models.deepseek_v4.common.ops.fused_indexer_q.FusedIndexerQRopeQuantTritonKernel",
                   "indexer q RoPE + FP8 quant (USE_FNUZ={fnuz}, fp8_max {q_fmax}); wq_b is a bf16 torch linear"),

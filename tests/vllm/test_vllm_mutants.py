@@ -315,3 +315,50 @@ def test_block_fp8_gemm_reading_the_next_tokens_activation_scales_is_caught():
     for cid, v in bad.items():
         one_token = "/t1n" in cid
         assert (set(v) == {"pass"}) == one_token, (cid, v)
+
+
+def test_mtp_head_kernels_pass_and_planted_norm_errors_are_caught():
+    """vllm-triton binds vLLM's MTP layer kernels around the block (fused enorm/hnorm, block-FP8 GEMMs, the Triton
+    HC head, the shared-head RMSNorm): the fast rows pass, the 'official' rows with a position-0 token are not
+    provided (vLLM zeroes that embedding, spec 3.15); the fused input norm launched with enorm and hnorm swapped
+    fails every provided row in X, and the shared-head norm launched with a unit weight fails them in the logits."""
+    import torch
+
+    from conformance.subjects import load_subject
+    from conformance.subjects import vllm_triton as vt
+
+    s = load_subject("vllm-triton:gfx942")
+    assert "FusedMTPInputRMSNormKernel" in s.provides()["mtp.head"].function
+    cases = [c for c in cases_for("mtp.head") if c.tier == "fast"]
+    rows = {c.id: run_numeric(s, c) for c in cases}
+    off0 = {cid for cid in rows if "/official/" in cid and "p0d" in cid}
+    assert off0 and all({r.verdict for r in rows[cid]} == {"not-provided"} for cid in off0)
+    assert all("position-0" in r.message for cid in off0 for r in rows[cid])
+    ok = {cid: {r.verdict for r in rs} for cid, rs in rows.items() if cid not in off0}
+    assert ok and all(v == {"pass"} for v in ok.values()), ok
+
+    real_in, real_head = vt._K.get("mtp_input_rmsnorm_kernel"), vt._K.get("mtp_shared_head_rmsnorm_kernel")
+
+    class Swapped:
+        def __getitem__(self, grid):
+            def launch(e, pos, x, enorm, hnorm, *a, **kw):
+                return real_in[grid](e, pos, x, hnorm, enorm, *a, **kw)
+            return launch
+
+    class UnitWeight:
+        def __getitem__(self, grid):
+            def launch(h, w, *a, **kw):
+                return real_head[grid](h, torch.ones_like(w), *a, **kw)
+            return launch
+
+    for key, planted, output in (("mtp_input_rmsnorm_kernel", Swapped(), "X"),
+                                 ("mtp_shared_head_rmsnorm_kernel", UnitWeight(), "logits")):
+        vt._K.over[key] = planted
+        try:
+            bad = {c.id: run_numeric(s, c) for c in cases if c.id in ok}
+        finally:
+            vt._K.over.clear()
+        for cid, rs in bad.items():
+            fails = _fails(rs)
+            assert fails, (key, cid, _explain(rs))
+            assert any(r.worst.get("output") == output for r in fails), (key, cid, _explain(fails))
