@@ -269,6 +269,7 @@ def source_root() -> Source:
 # the kernels the harness loads from source; ``bundle`` copies exactly the files they read
 KERNELS = (
     ("vllm.models.deepseek_v4.common.ops.cache_utils", "quantize_and_insert_k_kernel"),
+    ("vllm.models.deepseek_v4.common.ops.cache_utils", "DequantizeAndGatherKCacheKernel.kernel"),
     ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "_sparse_attn_decode_ragged_kernel"),
     ("vllm.models.deepseek_v4.common.ops.fused_indexer_q", "FusedIndexerQRopeQuantTritonKernel.kernel"),
     ("vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe", "_patch_make_bitmatrix_metadata"),

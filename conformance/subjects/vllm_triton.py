@@ -43,6 +43,8 @@ class _K:
         "_w8a8_triton_block_scaled_mm": ("vllm.model_executor.layers.quantization.utils.fp8_utils",
                                          "_w8a8_triton_block_scaled_mm"),
         "combine_topk_swa_indices": ("vllm.models.deepseek_v4.amd.rocm", "combine_topk_swa_indices"),
+        "dequantize_and_gather_k_kernel": ("vllm.models.deepseek_v4.common.ops.cache_utils",
+                                           "DequantizeAndGatherKCacheKernel.kernel"),
         "mtp_input_rmsnorm_kernel": ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm",
                                      "FusedMTPInputRMSNormKernel.kernel"),
         "mtp_shared_head_rmsnorm_kernel": ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm",
@@ -82,6 +84,10 @@ class _K:
             from . import _vllm_source
 
             k = _vllm_source.source_root().get(*cls.SOURCE[name])
+        elif name == "dequantize_and_gather_k_kernel":
+            from vllm.models.deepseek_v4.common.ops.cache_utils import DequantizeAndGatherKCacheKernel
+
+            k = DequantizeAndGatherKCacheKernel.kernel
         elif name in ("mtp_input_rmsnorm_kernel", "mtp_shared_head_rmsnorm_kernel"):
             from vllm.models.deepseek_v4.common.ops import fused_mtp_input_rmsnorm as f
 
@@ -209,10 +215,12 @@ def make_kv_insert(p: dict):
         RoPE on bf16 kv), then vLLM's ``quantize_and_insert_k_kernel`` writes it into a pool of ``block_base +
         rows`` blocks (a sparse file past 2^31 bytes when block_base is high; the case's garbage in the top rows)
         through the global slot mapping, with the arguments ``quantize_and_insert_k_cache`` passes (fp8 max 224 on
-        fnuz: get_fp8_min_max); the written bytes are read back and decoded with references.formats.cache_layouts."""
+        fnuz: get_fp8_min_max); ``kv`` is what vLLM's own SWA cache reader (launch_gather_k) decodes from the
+        written bytes, the bytes themselves (codes, scales, rope, untouched rows) are read with
+        references.formats.cache_layouts."""
         from references.components.norms import rms_norm
         from references.components.rope import apply_rope
-        from references.formats.cache_layouts import dequantize_ds_mla_tokens, read_ds_mla_tokens
+        from references.formats.cache_layouts import read_ds_mla_tokens
 
         from ..cases.linear import _emulate as linear_emulate
         from ..cases.qkv import _bf, _inv_freq, _layout, _pool_slots, _untouched
@@ -233,13 +241,38 @@ def make_kv_insert(p: dict):
         pool[block_base:] = cache.to(dev)
         launch_insert_k(_K.get("quantize_and_insert_k_kernel", p.get("src")), kv.to(dev, BF).contiguous(),
                         slot_mapping.to(dev, torch.int64).contiguous(), pool, lay.block_size, p)
+        kv_read = launch_gather_k(_K.get("dequantize_and_gather_k_kernel", p.get("src")), pool,
+                                  slot_mapping[mapped].to(torch.int64), lay.block_size, p)
         top = pool[block_base:].cpu().clone()
         del pool
-        dialect = str(p["fp8"]).replace("torch.", "")
         tok = read_ds_mla_tokens(top, rel[mapped], layout=lay)
-        return {"kv": dequantize_ds_mla_tokens(tok, dialect), "untouched": _untouched(top, rel),
+        return {"kv": kv_read, "untouched": _untouched(top, rel),
                 "codes": tok.nope, "scales": tok.scales, "rope": tok.rope.float()}
     return kv_insert
+
+
+def launch_gather_k(kernel, pool, slots, block_size: int, p: dict) -> torch.Tensor:
+    """vLLM's SWA K-cache reader (``dequantize_and_gather_k_cache`` -> ``DequantizeAndGatherKCacheKernel``, as
+    amd/rocm.py's sparse prefill calls it for swa_k_cache: use_fnuz = the platform's fnuz) reading back each
+    written token: token i is a one-token request (seq_len = its offset in the block + 1, gather_len 1, a block
+    table of its one physical block), so out[i] is vLLM's decode of exactly the bytes at slots[i] (FP8 x 2^(e8m0 -
+    127) per 64-block, bf16 rope copied) -> float32 [N, 512]. Grid (requests, workers): vLLM launches 128 workers
+    that stride over a request's tokens; with one token per request only worker 0 has work, so the interpreter
+    runs 1 (the same arithmetic, 128x fewer empty programs) and a GPU the 128 of NUM_WORKERS."""
+    n = int(slots.numel())
+    dev = pool.device
+    out = torch.zeros(n, 1, 512, dtype=BF, device=dev)
+    if n == 0:
+        return out[:, 0].float().cpu()
+    blocks, offs = slots // block_size, slots % block_size
+    workers = 128 if dev.type != "cpu" else 1
+    kernel[(n, workers)](
+        out, out.stride(0), out.stride(1), pool, (offs + 1).to(dev, torch.int32).contiguous(),
+        blocks.to(dev, torch.int32).reshape(n, 1).contiguous(), 0, torch.ones(n, dtype=torch.int32, device=dev),
+        max_blocks_per_seq=1, fp8_dim=448, bf16_dim=64, scale_dim=8, quant_block=64, cache_block_size=block_size,
+        token_data_size=576, block_stride=pool.stride(0), output_dim=512, fp8_max=448.0, n_quant_blocks=7,
+        use_fnuz=bool(p["fnuz"]))
+    return out[:, 0].float().cpu()
 
 
 def make_indexer_q(p: dict):
@@ -460,9 +493,11 @@ KERNELS = {
                          "MLA decode fallback (IS_FNUZ_MAIN={fnuz}) that MI300X runs without aiter"),
     "kv_insert": (make_kv_insert,
                   "harness serving chain (wkv FP8 linear, kv_norm, RoPE) + "
-                  "vllm.models.deepseek_v4.common.ops.cache_utils.quantize_and_insert_k_kernel",
+                  "vllm.models.deepseek_v4.common.ops.cache_utils.quantize_and_insert_k_kernel + "
+                  "DequantizeAndGatherKCacheKernel (reader)",
                   "the SWA K-cache writer (use_fnuz={fnuz}, fp8_max {cache_fmax}) on kv from the emulated serving "
-                  "chain; pool sparse past 2^31 bytes for high block ids; read back with the golden decoder"),
+                  "chain, read back by vLLM's SWA reader (dequantize_and_gather_k_cache, use_fnuz={fnuz}); pool "
+                  "sparse past 2^31 bytes for high block ids; the raw bytes checked with the golden layout"),
     "indexer_k_cache": (make_indexer_k_cache,
                         "vllm.v1.attention.ops.rocm_aiter_mla_sparse.indexer_k_quant_and_cache_triton + "
                         "cp_gather_indexer_k_quant_cache_triton",

@@ -362,3 +362,32 @@ def test_mtp_head_kernels_pass_and_planted_norm_errors_are_caught():
             fails = _fails(rs)
             assert fails, (key, cid, _explain(rs))
             assert any(r.worst.get("output") == output for r in fails), (key, cid, _explain(fails))
+
+
+@pytest.mark.usefixtures("needs_vllm_triton")
+@pytest.mark.parametrize("planted", [{"use_fnuz": False}, {"quant_block": 32}],
+                         ids=["reader-decodes-ocp-on-fnuz", "reader-scale-per-32"])
+def test_swa_reader_planted_launch_errors_are_caught_in_kv(planted):
+    """attn.kv_insert's kv on vllm-triton:gfx942 is what vLLM's SWA cache reader (DequantizeAndGatherKCacheKernel)
+    decodes from the written bytes: unpatched it passes, on the high-block case too; the reader launched with
+    use_fnuz=False (the compressed cache's OCP flag on the fnuz SWA cache: values x2) or with 32-value quant blocks
+    (a scale per 32 instead of 64) fails in kv while the written bytes still pass."""
+    from conformance.subjects import vllm_triton as vt
+
+    subj = load_subject("vllm-triton:gfx942")
+    case = _case("attn.kv_insert", lambda i: "b57400" in i and "fnuz224" in i)
+    assert "DequantizeAndGatherKCacheKernel" in subj.provides()["attn.kv_insert"].function
+    rows = run_numeric(subj, case)
+    assert [r.verdict for r in rows] == ["pass", "pass"], _explain(rows)
+    real = vt._K.get("dequantize_and_gather_k_kernel")
+
+    class Planted:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: real[grid](*a, **dict(kw, **planted))
+
+    vt._K.over["dequantize_and_gather_k_kernel"] = Planted()
+    try:
+        rows = _fails(run_numeric(subj, case))
+    finally:
+        vt._K.over.clear()
+    assert rows and all(r.worst.get("output") == "kv" for r in rows), _explain(rows)

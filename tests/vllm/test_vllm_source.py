@@ -41,8 +41,8 @@ def test_kernels_load_from_source_without_importing_vllm(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     mods, kinds, where = out.stdout.strip().splitlines()
     assert mods == "[]", f"the source loader imported vLLM: {mods}"
-    assert kinds == ("['JITFunction', 'JITFunction', 'JITFunction', 'function', 'JITFunction', 'function', "
-                     "'JITFunction', 'JITFunction', 'function']"), kinds
+    assert kinds == ("['JITFunction', 'JITFunction', 'JITFunction', 'JITFunction', 'function', 'JITFunction', "
+                     "'function', 'JITFunction', 'JITFunction', 'function']"), kinds
     assert where.startswith("vllm/models/deepseek_v4/common/ops/cache_utils.py:"), where
     gen = sorted((tmp_path / "gen").glob("*.py"))
     assert len(gen) == len(KERNELS)
@@ -114,7 +114,8 @@ def test_bundle_round_trip_and_a_planted_edit_is_seen(interp_vllm, tmp_path, mon
 
     monkeypatch.delenv("DSV4_VLLM_SRC", raising=False)
     info = bundle(tmp_path / "b")
-    # one file per kernel module (the two MTP RMSNorm kernels share fused_mtp_input_rmsnorm.py)
+    # one file per kernel module (the SWA writer and reader share cache_utils.py, the two MTP RMSNorm kernels
+    # fused_mtp_input_rmsnorm.py)
     assert len(info["files"]) == len({m for m, _ in KERNELS}) and info["bytes"] < 1_000_000
     assert (tmp_path / "b" / "VERSION").read_text().strip() == info["version"]
     monkeypatch.setenv("DSV4_VLLM_SRC", str(tmp_path / "b"))
