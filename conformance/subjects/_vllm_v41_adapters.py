@@ -55,7 +55,7 @@ def make_k_latent(p: dict):
 
 
 def row_topk_standin(logits: torch.Tensor, ends: torch.Tensor, topk: int) -> torch.Tensor:
-    """Harness stand-in for the compiled row top-k (``torch.ops._C.top_k_per_row_prefill``: csrc/sampler.cu
+    """Harness stand-in for the compiled row top-k (``torch.ops._C.top_k_per_row_prefill``: upstream csrc/sampler.cu
     ``topKPerRowJob``), by its contract: a row of length <= topK returns every column 0..len-1 in order, -1
     padded; a longer row the topK largest of its columns (equal values in any order)."""
     out = torch.full((logits.shape[0], topk), -1, dtype=torch.long)

@@ -48,6 +48,10 @@ What "top-k" returns when fewer than ``topk`` candidate entries are visible is a
   ``model_executor/kernels/attention/dsa/sparse_mqa_logits.py:1-20``: only candidate entries are scored, so only
   they can be selected): the top min(topk, M) visible candidate entries, -1 padded.
 
+(``csrc/sampler.cu`` is vLLM's C++ source, compiled into the wheel and not installed with it: read in the upstream
+repository, vllm-project/vllm at 00e831b, ``topKPerRowJob``'s ``rowLen <= topK`` shortcut; the radix selection ranks
+-inf like any value.)
+
 Order of the returned indices: descending key, ties to the lower entry index; -1 padding at the tail.
 """
 
