@@ -12,6 +12,7 @@ from . import (  # noqa: F401,E402
     head,
     indexer,
     indexer_cache,
+    indexer_v41,
     linear,
     mhc,
     moe,

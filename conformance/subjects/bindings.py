@@ -405,13 +405,86 @@ def _qkv(platform: str) -> dict[str, list[Binding]]:
     ]}
 
 
+V41 = V + "models.deepseek_v41."
+DSA = V + "model_executor.kernels.attention.dsa.candidate_blocks."
+K_STORE = V41 + "common.ops.indexer_k_store.indexer_k_norm_rope_store -> _indexer_k_norm_rope_quant_store_kernel"
+CAND = (DSA + "select_candidate_blocks (_block_scores_kernel, torch.topk, _store_candidates_kernel) on the candidate "
+        "source / " + DSA + "apply_candidate_mask (_candidate_flags_kernel, _mask_candidates_kernel) on later indexers")
+
+
+def _mxfp4_indexer(ctx) -> bool:
+    """attention_config.indexer_kv_dtype == 'mxfp4' (dsa_indexer_uses_fp4, v1/attention/backends/mla/indexer.py:59;
+    the default 'auto' resolves to 'fp8'): a config field, not an env flag; the dispatch context may carry it."""
+    return ctx.get("indexer_kv_dtype", "fp8") == "mxfp4"
+
+
+def _v41_indexer(platform: str) -> dict[str, list[Binding]]:
+    """indexer.k_latent and indexer.topk_two_level (DeepSeek-V4.1): read from vLLM 0.32.0's
+    models/deepseek_v41/attention.py (DeepseekV4Indexer._produce_k :1405-1437, forward :1470-1518),
+    amd/rocm.py (DeepseekV41RocmMxfp4Indexer :445-499), model_executor/layers/sparse_attn_indexer.py:687-720 /
+    :837-866 (CUDA) and v1/attention/ops/rocm_aiter_mla_sparse.py:1252-1300 / :1342-1372 (ROCm)."""
+    produce = (V41 + "attention.DeepseekV4Indexer._produce_k (wk: bf16 ReplicatedLinear, unquantised) -> " + K_STORE)
+    if platform == "cuda":
+        return {
+            "indexer.k_latent": [Binding(produce, "triton", "the FP8 indexer cache (default) or MXFP4 "
+                                         "(indexer_kv_dtype='mxfp4', USE_FP4 branch): the same Triton kernel, "
+                                         "row-major pages on CUDA",
+                                         reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA); "
+                                                "vllm-triton:ocp drives this kernel under the interpreter")],
+            "indexer.topk_two_level": [
+                Binding(V + "model_executor.layers.sparse_mqa_indexer.SparseMQAIndexer (DeepGEMM "
+                        "fp8_fp4_sparse_mqa_logits + DeepSelect top-k on bf16 logits)", "cuda-only",
+                        "attention_config.indexer_sparse_logits on a candidate consumer (MXFP4 cache required, "
+                        "SM100): candidates only are scored (variant 'candidates_only')",
+                        lambda c: bool(c.get("indexer_sparse_logits")), reason=CUDA_ONLY),
+                Binding(V + "model_executor.layers.sparse_attn_indexer.sparse_attn_indexer -> " + CAND + ", then "
+                        "torch.ops._C.top_k_per_row_prefill / top_k_per_row_decode (persistent_topk for k in "
+                        "{512, 1024, 2048})", "triton",
+                        "the dense path (default): DeepGEMM fp8_fp4_mqa_logits, the candidate kernels in place, the "
+                        "compiled row top-k", reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA); the row "
+                        "top-k is a compiled CUDA op; vllm-triton:ocp drives the candidate kernels"),
+            ],
+        }
+    rams = V + "v1.attention.ops.rocm_aiter_mla_sparse."
+    gfx950 = platform == "rocm-gfx950"
+    return {
+        "indexer.k_latent": ([
+            Binding(V41 + "amd.rocm.DeepseekV41RocmMxfp4Indexer._produce_k -> rocm_mxfp4_indexer_k_store -> aiter "
+                    "k_norm_rope_mxfp4_cache", "aiter",
+                    "indexer_kv_dtype='mxfp4' (DeepseekV4IndexerCache.rocm_mxfp4 -> DeepseekV41ROCMAiterMLAAttention."
+                    "_indexer_cls); dsa_indexer_uses_fp4 allows it on ROCm only on CDNA4 with VLLM_ROCM_USE_AITER=1",
+                    lambda c: _mxfp4_indexer(c) and aiter_enabled(c), reason=AITER_ONLY)] if gfx950 else []) + [
+            Binding(produce, "triton",
+                    "the FP8 indexer cache (default; on gfx942 the only one: dsa_indexer_uses_fp4 refuses mxfp4 below "
+                    "CDNA4, v1/attention/backends/mla/indexer.py:80-84): the kernel casts to tl.float8e4nv with "
+                    "FP8_MAX 448 (no fnuz branch; Triton has no fp8e4nv on gfx942) and writes the 16x16 SHUFFLE "
+                    "layout (block_size > 1 on ROCm); the readers (cp_gather_indexer_k_quant_cache_triton, paged "
+                    "logits) decode FP8_DTYPE (fnuz on gfx942)", adapter="k_latent",
+                    runs=("indexer_k_norm_rope_store", "_indexer_k_norm_rope_quant_store_kernel")),
+        ],
+        "indexer.topk_two_level": ([
+            Binding(V + "v1.attention.ops.rocm_paged_mxfp4_indexer (RocmSparseAttnIndexer / RocmSparseMQAIndexer: "
+                    "aiter paged MXFP4 logits, block scores and top-k)", "aiter",
+                    "indexer_kv_dtype='mxfp4' (CDNA4, VLLM_ROCM_USE_AITER=1)",
+                    lambda c: _mxfp4_indexer(c) and aiter_enabled(c), reason=AITER_ONLY)] if gfx950 else []) + [
+            Binding(rams + "rocm_aiter_sparse_attn_indexer -> " + CAND + " (prefill; decode rows: "
+                    + rams + "_apply_candidate_mask_strided), then aiter's top-k "
+                    "(rocm_aiter_ops.is_indexer_top_k_supported) or torch.ops._C.top_k_per_row_prefill / _decode",
+                    "triton", "the FP8 indexer cache (default): prefill chunks mask the dense logits in place with "
+                    "the shared Triton kernels, then the row top-k", adapter="topk_two_level",
+                    runs=("_block_scores_kernel", "_store_candidates_kernel", "_candidate_flags_kernel",
+                          "_mask_candidates_kernel")),
+        ],
+    }
+
+
 def table(platform: str) -> dict[str, list[Binding]]:
     if platform == "rocm-gfx942":
-        return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform)
+        return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform)
     if platform == "rocm-gfx950":
-        return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform)
+        return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform)
     if platform == "cuda":
-        return _cuda() | _no_adapter_yet(platform) | _qkv(platform)
+        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform)
     raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
 
 

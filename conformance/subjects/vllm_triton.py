@@ -478,7 +478,30 @@ def make_indexer_k_cache(p: dict):
     return indexer_k_cache
 
 
+def make_k_latent(p: dict):
+    from ._vllm_v41_adapters import make_k_latent as make
+
+    return make(p)
+
+
+def make_topk_two_level(p: dict):
+    from ._vllm_v41_adapters import make_topk_two_level as make
+
+    return make(p)
+
+
 KERNELS = {
+    "k_latent": (make_k_latent,
+                 "vllm.models.deepseek_v41.common.ops.indexer_k_store.indexer_k_norm_rope_store -> "
+                 "_indexer_k_norm_rope_quant_store_kernel",
+                 "V4.1's index-key writer (k_norm, RoPE at (t // m) m, FP8 tl.float8e4nv / FP8_MAX 448 on every "
+                 "platform, no fnuz branch) after a bf16 wk linear; the bytes decoded as the platform's reader "
+                 "does (fnuz={fnuz})"),
+    "topk_two_level": (make_topk_two_level,
+                       "vllm.model_executor.kernels.attention.dsa.candidate_blocks (_block_scores_kernel, "
+                       "_store_candidates_kernel, _candidate_flags_kernel, _mask_candidates_kernel)",
+                       "V4.1's candidate-block selection and mask (the dense path); the row top-k after it is a "
+                       "harness stand-in for the compiled top_k_per_row_prefill (its rowLen <= topK contract)"),
     "routing_metadata": (make_routing_metadata,
                          "vllm.model_executor.layers.fused_moe.experts.gpt_oss_triton_kernels_moe."
                          "_patch_make_bitmatrix_metadata -> _make_bitmatrix_metadata_pow2_safe / _stage2_pow2",

@@ -1,5 +1,5 @@
 """The components added for issue #16 (moe.shared_expert, head.lm, embed, attn.index_set, linear.fp8_block,
-attn.q_path, attn.kv_insert, mtp.head, indexer.k_cache):
+attn.q_path, attn.kv_insert, mtp.head, indexer.k_cache) and issue #18 (indexer.k_latent, indexer.topk_two_level):
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
@@ -30,7 +30,9 @@ from references.formats.cache_layouts import (
     DsMlaLayout,
     DsMlaTokens,
     dequantize_ds_mla_tokens,
+    dequantize_indexer_k_tokens,
     encode_ds_mla_tokens,
+    encode_indexer_k_tokens,
     read_ds_mla_tokens,
 )
 from references.formats.minifloat import get_format
@@ -327,6 +329,133 @@ def k_cache_block_flat_on_shuffle_pool(k, slot_mapping, cache, block_table, seq_
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, "normal")
 
 
+# -- indexer.k_latent (V4.1): the index key from the compressor latent, each broken in one way --------------------
+def _k_serving(x, profile="ocp", *, pow2=True):
+    from conformance.cases.indexer_v41 import _k_fp8
+
+    if pow2:
+        return _k_fp8(x, profile)
+    # scale = amax / 448 exactly (no power-of-two rounding up): the codes land on another grid
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448.0
+    return torch.from_numpy(get_format("float8_e4m3fn").round((x / s).numpy())).float() * s
+
+
+def _k_chain(latent, wk, k_norm, positions, inv_freq, *, ratio, eps, norm=True, rope_pos=None, rotate_latent=False):
+    from references.components.indexer_v41 import group_positions
+
+    bf = lambda x: x.to(torch.bfloat16).float()  # noqa: E731
+    lat = bf(latent)
+    if rotate_latent:
+        # wk applied to the main cache's latent after its RoPE (dims 448..511 rotated at the group position) instead
+        # of the pre-RoPE latent (attention.py:1343: "wk maps the main compressor's (pre-RoPE) latent")
+        lat = bf(apply_rope(lat, group_positions(positions, ratio), inv_freq))
+    p = bf(lat @ bf(wk).T)
+    k = bf(rms_norm(p, bf(k_norm), eps)) if norm else p
+    pos = group_positions(positions, ratio) if rope_pos is None else rope_pos
+    return bf(apply_rope(k, pos, inv_freq))
+
+
+def k_latent_without_k_norm(latent, wk, k_norm, positions, inv_freq, *, ratio, eps=1e-6):
+    return {"k": _k_serving(_k_chain(latent, wk, k_norm, positions, inv_freq, ratio=ratio, eps=eps, norm=False))}
+
+
+def k_latent_rope_at_token_position(latent, wk, k_norm, positions, inv_freq, *, ratio, eps=1e-6):
+    # RoPE at the boundary token's own position t instead of the group's first position (t // m) m
+    return {"k": _k_serving(_k_chain(latent, wk, k_norm, positions, inv_freq, ratio=ratio, eps=eps,
+                                     rope_pos=positions))}
+
+
+def k_latent_from_rotated_latent(latent, wk, k_norm, positions, inv_freq, *, ratio, eps=1e-6):
+    return {"k": _k_serving(_k_chain(latent, wk, k_norm, positions, inv_freq, ratio=ratio, eps=eps,
+                                     rotate_latent=True))}
+
+
+def k_latent_scale_not_pow2(latent, wk, k_norm, positions, inv_freq, *, ratio, eps=1e-6):
+    return {"k": _k_serving(_k_chain(latent, wk, k_norm, positions, inv_freq, ratio=ratio, eps=eps), pow2=False)}
+
+
+def k_latent_ocp_bytes_read_as_fnuz(latent, wk, k_norm, positions, inv_freq, *, ratio, eps=1e-6):
+    # what vLLM 0.32.0's V4.1 writer does on gfx942: OCP codes (fmax 448), decoded by an fnuz reader
+    x = _k_chain(latent, wk, k_norm, positions, inv_freq, ratio=ratio, eps=eps)
+    tok = encode_indexer_k_tokens(x, "float8_e4m3fn", 448.0)
+    return {"k": dequantize_indexer_k_tokens(tok, "float8_e4m3fnuz")}
+
+
+# -- indexer.topk_two_level (V4.1) --------------------------------------------------------------------------
+def _two_level(src_scores, scores, positions, ratio, topk, topk_blocks, block_size, variant, *, cand=None,
+               cand_block=None):
+    from references.components.indexer_v41 import candidate_blocks, topk_in_candidates
+
+    c = candidate_blocks(src_scores, positions, ratio=ratio, topk_blocks=topk_blocks,
+                         block_size=cand_block or block_size) if cand is None else cand
+    return {"candidates": c, "idx": topk_in_candidates(scores, positions, c, ratio=ratio, topk=topk,
+                                                       block_size=block_size, variant=variant)}
+
+
+def two_level_candidates_not_applied(src_scores, scores, positions, *, ratio, topk, topk_blocks, block_size,
+                                     variant="dense"):
+    from references.components.indexer import indexer_topk
+    from references.components.indexer_v41 import candidate_blocks
+
+    c = candidate_blocks(src_scores, positions, ratio=ratio, topk_blocks=topk_blocks, block_size=block_size)
+    return {"candidates": c, "idx": indexer_topk(scores, positions, ratio=ratio, topk=topk)}
+
+
+def two_level_block_size_off_by_one(src_scores, scores, positions, *, ratio, topk, topk_blocks, block_size,
+                                    variant="dense"):
+    # blocks of B + 1 entries on both sides (the source's block ids and the consumer's mask agree with each other)
+    return _two_level(src_scores, scores, positions, ratio, topk, topk_blocks, block_size + 1, variant)
+
+
+def _blocks_from_scores(bs, topk_blocks):
+    order = torch.sort(bs, dim=1, descending=True, stable=True).indices[:, :topk_blocks]
+    c = torch.where(bs.gather(1, order) > float("-inf"), order, torch.full_like(order, -1))
+    if c.shape[1] < topk_blocks:
+        c = torch.cat([c, torch.full((c.shape[0], topk_blocks - c.shape[1]), -1, dtype=c.dtype)], 1)
+    return c
+
+
+def _block_max(src_scores, n, block_size):
+    """[T, nb] max of each block over the entries below n (-inf where none); no pin."""
+    T, N = src_scores.shape
+    nb = -(-N // block_size)
+    key = torch.full((T, nb * block_size), float("-inf"))
+    vis = torch.arange(N)[None, :] < n[:, None]
+    key[:, :N] = torch.where(vis, src_scores.float(), torch.full_like(src_scores.float(), float("-inf")))
+    return key.view(T, nb, block_size).amax(-1)
+
+
+def two_level_newest_block_not_pinned(src_scores, scores, positions, *, ratio, topk, topk_blocks, block_size,
+                                      variant="dense"):
+    from references.components.indexer import causal_bound
+
+    # the newest (partial) block ranked by its score like any other, not pinned at +inf
+    n = causal_bound(positions, ratio).clamp(max=src_scores.shape[1])
+    c = _blocks_from_scores(_block_max(src_scores, n, block_size), topk_blocks)
+    return _two_level(src_scores, scores, positions, ratio, topk, topk_blocks, block_size, variant, cand=c)
+
+
+def two_level_block_scores_not_causal(src_scores, scores, positions, *, ratio, topk, topk_blocks, block_size,
+                                      variant="dense"):
+    from references.components.indexer import causal_bound
+
+    # block maxima over the whole row, future blocks included (the causal row end not applied; the newest visible
+    # block still pinned): future blocks can displace visible ones
+    N = src_scores.shape[1]
+    n = causal_bound(positions, ratio).clamp(max=N)
+    bs = _block_max(src_scores, torch.full_like(n, N), block_size)
+    rows = (n > 0).nonzero().flatten()
+    bs[rows, (n[rows] - 1) // block_size] = float("inf")
+    c = _blocks_from_scores(bs, topk_blocks)
+    return _two_level(src_scores, scores, positions, ratio, topk, topk_blocks, block_size, variant, cand=c)
+
+
+def two_level_fill_with_padding(src_scores, scores, positions, *, ratio, topk, topk_blocks, block_size,
+                                variant="dense"):
+    # -1 where the dense path fills with visible non-candidates (the sparse-logits variant run on dense rows)
+    return _two_level(src_scores, scores, positions, ratio, topk, topk_blocks, block_size, "candidates_only")
+
+
 class MutantGfx942(Mutant):
     def info(self):
         return SubjectInfo(self.name, "deliberately broken", "cpu", "float8_e4m3fnuz", False, profile="gfx942")
@@ -362,11 +491,21 @@ MUTANTS = [
     ("indexer.k_cache", k_cache_padding_row_to_slot0),
     ("indexer.k_cache", k_cache_scale_read_at_next_entry),
     ("indexer.k_cache", k_cache_block_flat_on_shuffle_pool),
+    ("indexer.k_latent", k_latent_without_k_norm),
+    ("indexer.k_latent", k_latent_rope_at_token_position),
+    ("indexer.k_latent", k_latent_from_rotated_latent),
+    ("indexer.k_latent", k_latent_scale_not_pow2),
+    ("indexer.topk_two_level", two_level_candidates_not_applied),
+    ("indexer.topk_two_level", two_level_block_size_off_by_one),
+    ("indexer.topk_two_level", two_level_newest_block_not_pinned),
+    ("indexer.topk_two_level", two_level_block_scores_not_causal),
+    ("indexer.topk_two_level", two_level_fill_with_padding),
 ]
 # mutants whose platform is gfx942 (fnuz): run by a subject of that profile
 MUTANTS_GFX942 = [
     ("indexer.k_cache", k_cache_ocp_bytes_read_as_fnuz),
     ("indexer.k_cache", k_cache_fnuz_writer_emitting_0x80),
+    ("indexer.k_latent", k_latent_ocp_bytes_read_as_fnuz),
 ]
 
 
@@ -486,3 +625,27 @@ def test_index_set_rows_of_another_width_and_order_pass_when_their_slots_are_equ
     v = {cid: worst_verdict(rows) for cid, rows in _verdicts("attn.index_set", index_set_padded_to_256,
                                                              fast=True).items()}
     assert set(v.values()) == {"pass"}, {k: x for k, x in v.items() if x != "pass"}
+
+
+def test_k_latent_rope_position_mutant_is_caught_exactly_on_the_ratio_two_cases():
+    """At ratio 1 the group's first position is the token's own: the mutant is the same map there."""
+    v = {cid: worst_verdict(rows) for cid, rows in _verdicts("indexer.k_latent", k_latent_rope_at_token_position,
+                                                              fast=True).items()}
+    assert all((x in ("fail", "catastrophic")) == ("r2/" in cid) for cid, x in v.items()), v
+
+
+def test_k_latent_non_pow2_scale_is_caught_at_the_emulated_level_only():
+    """Inside the serving budget (one e4m3 rounding at any scale is within 2^-4), outside the emulation's codes."""
+    for cid, rows in _verdicts("indexer.k_latent", k_latent_scale_not_pow2, fast=True).items():
+        by = {r.level: r.verdict for r in rows}
+        assert by["serving"] == "pass" and by["emulated"] == "fail", (cid, by)
+
+
+def test_k_latent_ocp_bytes_read_as_fnuz_is_diagnosed_x0_5():
+    for cid, rows in _verdicts("indexer.k_latent", k_latent_ocp_bytes_read_as_fnuz, fast=True).items():
+        assert any("a constant factor 2^-1 on the key (x0.5: OCP bytes read as fnuz" in r.message for r in rows), cid
+
+
+def test_two_level_candidates_not_applied_is_caught_on_every_case():
+    v = _verdicts("indexer.topk_two_level", two_level_candidates_not_applied, fast=True)
+    assert all(worst_verdict(rows) == "fail" for rows in v.values()), {c: worst_verdict(r) for c, r in v.items()}

@@ -391,3 +391,38 @@ def test_swa_reader_planted_launch_errors_are_caught_in_kv(planted):
     finally:
         vt._K.over.clear()
     assert rows and all(r.worst.get("output") == "kv" for r in rows), _explain(rows)
+
+
+@pytest.mark.usefixtures("needs_vllm_triton")
+def test_v41_key_writer_passes_on_ocp_and_its_ocp_bytes_read_x0_5_on_gfx942():
+    """indexer.k_latent: vLLM's V4.1 key writer (indexer_k_norm_rope_store) passes both levels under the OCP profile;
+    under gfx942 its bytes (tl.float8e4nv, FP8_MAX 448: no fnuz branch) read by the fnuz reader are x0.5, and the row
+    says so (the finding, pinned)."""
+    case = _case("indexer.k_latent", lambda i: "l2r2/n16" in i)
+    rows = run_numeric(load_subject("vllm-triton:ocp"), case)
+    assert [r.verdict for r in rows] == ["pass", "pass"], _explain(rows)
+    rows = _fails(run_numeric(load_subject("vllm-triton:gfx942"), case))
+    assert rows and all("indexer_k_norm_rope_store" in r.function for r in rows), _explain(rows)
+    assert all("x0.5: OCP bytes read as fnuz" in r.message for r in rows), _explain(rows)
+
+
+@pytest.mark.usefixtures("needs_vllm_triton")
+def test_v41_candidate_mask_planted_with_blocks_one_entry_long_is_caught(monkeypatch):
+    """indexer.topk_two_level: vLLM's candidate kernels pass both levels; _mask_candidates_kernel launched with
+    BLOCK_SIZE + 1 (the consumer's blocks no longer the source's) fails on idx, naming the kernel."""
+    from vllm.model_executor.kernels.attention.dsa import candidate_blocks as cb
+
+    subj = load_subject("vllm-triton:ocp")
+    case = _case("indexer.topk_two_level", lambda i: "synthetic-k40b16/t9n1100" in i)
+    rows = run_numeric(subj, case)
+    assert [r.verdict for r in rows] == ["pass", "pass"], _explain(rows)
+    real = cb._mask_candidates_kernel
+
+    class Planted:   # positional launch: (..., width, nblocks, BLOCK_SIZE, HAS_STARTS, ROW_REPEAT, TILE)
+        def __getitem__(self, grid):
+            return lambda *a: real[grid](*a[:-4], a[-4] + 1, *a[-3:])
+
+    monkeypatch.setattr(cb, "_mask_candidates_kernel", Planted())
+    rows = _fails(run_numeric(subj, case))
+    assert rows and all(r.component == "indexer.topk_two_level" for r in rows), _explain(rows)
+    assert all("idx" in r.message and "_mask_candidates_kernel" in r.function for r in rows), _explain(rows)
