@@ -53,6 +53,7 @@ from references.components.engram import (
     hash_offsets,
     hash_primes,
     ngram_hash,
+    ngram_rolling,
 )
 from references.formats.minifloat import get_format
 
@@ -64,10 +65,11 @@ from ._case import Case, add, dist_tensor
 from ._serving import U32, UB
 
 # Case-local Engram configs (the presets carry no engram fields). TINY: TINY_V41's vocab (1024) and hidden size
-# (256), hc_mult 4, two engram layers. FLASH: what the installed vLLM states of V4.1-Flash: engram layers 1 and
+# (256), hc_mult 4, two engram layers, head_dim 64 (two UE8M0 blocks per row, so a misaligned scale read
+# shows). FLASH: what the installed vLLM states of V4.1-Flash: engram layers 1 and
 # 14 (amd/model.py:582-585), lookback depth 3, i.e. max_ngram_size 4 (engram.py:10-12, :22-25), hidden 5120
 # (references.config.V41_FLASH_FACTS); n_heads, head_dim and the vocab sizes are not stated there (chosen).
-TINY = dict(vocab=1024, layer_ids=(1, 3), max_ngram_size=3, n_heads=4, head_dim=32, engram_vocab_size=1000,
+TINY = dict(vocab=1024, layer_ids=(1, 3), max_ngram_size=3, n_heads=4, head_dim=64, engram_vocab_size=1000,
             compressed_vocab_size=600, pad_token_id=1, d=256, hc=4)
 FLASH = dict(vocab=4096, layer_ids=(1, 14), max_ngram_size=4, n_heads=8, head_dim=64, engram_vocab_size=5000,
              compressed_vocab_size=3000, pad_token_id=1, d=5120, hc=4)
@@ -112,10 +114,11 @@ def _token_context(kw: dict):
 
 
 def diagnose_hash(got: torch.Tensor, want: torch.Tensor, kw: dict) -> str:
-    """What a hash mismatch hits (module docstring): orders, heads, token context, bucket ranges, offsets."""
+    """What a hash mismatch hits (module docstring): orders, token context, bucket ranges, constant offsets, and
+    which hypothesis the wrong ids fit (another order's rolling value, a modulus of prime + k)."""
     g, w = got.long(), want.long()
     bad = g != w
-    L, C = w.shape[1], w.shape[2]
+    C = w.shape[2]
     N = kw["multipliers"].shape[1]
     H = C // (N - 1)
     req, rel, pos = _token_context(kw)
@@ -123,31 +126,61 @@ def diagnose_hash(got: torch.Tensor, want: torch.Tensor, kw: dict) -> str:
     parts = []
     orders = {s + 2: int(bad[:, :, s * H:(s + 1) * H].sum()) for s in range(N - 1)}
     parts.append("mismatches by n-gram order " + ", ".join(f"{n}: {c}" for n, c in orders.items()))
-    every = {n for n, c in orders.items() if c == bad.shape[0] * L * H}
-    if every:
-        parts.append(f"order(s) {sorted(every)} wrong at every token (an n-gram of another order hashed there?)")
     nt = int(tok.sum())
-    near_chunk = int((tok & (rel < N - 1)).sum())
-    near_seq = int((tok & (pos < N - 1)).sum())
-    parts.append(f"{nt} / {len(tok)} tokens differ; {near_chunk} of them within {N - 1} of their request's chunk "
-                 f"start, {near_seq} within {N - 1} of the sequence start")
-    if nt and near_seq == nt:
-        parts.append("only near the sequence start: the positions before 0 (pad / blocked history) are not "
-                     "masked as vLLM masks them (pad id from the first missing token on)")
-    elif nt and near_chunk == nt:
+    near_chunk, near_seq = rel < N - 1, pos < N - 1
+    parts.append(f"{nt} / {len(tok)} tokens differ; {int((tok & near_chunk).sum())} of them within {N - 1} of "
+                 f"their request's chunk start, {int((tok & near_seq).sum())} within {N - 1} of the sequence start")
+    # a confinement is only evidence where tokens outside it exist (and are right)
+    at_starts = nt and not bool((tok & ~near_chunk).any()) and bool((~near_chunk).any())
+    at_seq = nt and not bool((tok & ~near_seq).any()) and bool((~near_seq).any())
+    crossing = at_starts and not bool((tok & (req == 0)).any()) and bool((tok & (req > 0)).any())
+    seq_msg = ("only near the sequence start: the positions before 0 (pad / blocked history) are not masked as "
+               "vLLM masks them (pad id from the first missing token on)")
+    cross_msg = ("only near chunk starts, and only of requests packed after another (the batch's first request "
+                 "is right): the history crosses the request boundary (an n-gram must read only its own "
+                 "request's tokens: the chunk, then lookback_token_ids)")
+    if at_seq and crossing:
+        parts.append(f"this case cannot tell which: {seq_msg}; or {cross_msg}")
+    elif crossing:
+        parts.append(cross_msg)
+    elif at_seq:
+        parts.append(seq_msg)
+    elif at_starts:
         parts.append("only near chunk starts: the history read across the request boundary or the lookback ids "
                      "(an n-gram must read only its own request's tokens: the chunk, then lookback_token_ids)")
-    lo = kw["offsets"].long().unsqueeze(0).expand_as(g)
-    hi = lo + kw["primes"].long().unsqueeze(0)
-    outside = int(((g < lo) | (g >= hi)).sum())
+    off = kw["offsets"].long().unsqueeze(0).expand_as(g)
+    prime = kw["primes"].long().unsqueeze(0).expand_as(g)
+    outside = int(((g < off) | (g >= off + prime)).sum())
     if outside:
         parts.append(f"{outside} bucket ids outside their (order, head) range [offset, offset + prime): a wrong "
                      f"modulus or offset")
     d = (g - w)[bad]
     if d.numel() and bool((d == d[0]).all()):
         parts.append(f"got - want = {int(d[0]):+d} at every mismatch (an off-by-one in the bucket id)")
-    i = torch.nonzero(bad)[0].tolist()
-    t, layer, col = i
+    else:
+        hk = {k: kw[k] for k in ("input_ids", "positions", "query_start_loc", "token_map", "dead_mask",
+                                 "lookback_token_ids", "lookback_dead_mask", "multipliers", "primes", "offsets",
+                                 "pad_id")}
+        roll = ngram_rolling(**hk)                                    # [T, L, N]
+        fits = []
+        for s in range(N - 1):               # an order's wrong ids are another n-gram's rolling value there
+            cols = slice(s * H, (s + 1) * H)
+            b_s = bad[:, :, cols]
+            if not bool(b_s.any()):
+                continue
+            for s2 in range(N):
+                if s2 == s + 1:
+                    continue
+                cand = roll[:, :, s2:s2 + 1] % prime[:, :, cols] + off[:, :, cols]
+                if bool((cand[b_s] == g[:, :, cols][b_s]).all()):
+                    fits.append(f"order {s + 2}'s columns hold the {s2 + 1}-gram's rolling value")
+        for k in (-2, -1, 1, 2):
+            cand = roll[:, :, 1:].repeat_interleave(H, dim=2) % (prime + k) + off
+            if bool((cand[bad] == g[bad]).all()):
+                fits.append(f"rolling mod (prime {k:+d})")
+        if fits:
+            parts.append("the wrong ids are exactly " + " / ".join(fits) + " (in each column's bucket range)")
+    t, layer, col = torch.nonzero(bad)[0].tolist()
     parts.append(f"first at token {t} (request {int(req[t])}, position {int(pos[t])}), layer index {layer}, order "
                  f"{col // H + 2}, head {col % H}")
     return "hash diagnosis: " + "; ".join(parts)
@@ -236,7 +269,7 @@ HASH_ROWS = [
     ("prefill", "tiny", (12, 3, 8), (0, 5, 2), {"pad": 0.15, "dead": 0.12, "high": True}, 3, "fast"),
     # V4.1-Flash layout (layers 1 and 14, orders 2..4), a decode batch and a packed prefill
     ("decode", "flash", (1, 1, 1), (0, 2, 900), {}, 4, "fast"),
-    ("prefill", "flash", (3, 17, 2), (0, 0, 40), {"dead": 0.05, "high": True}, 5, "fast"),
+    ("prefill", "flash", (3, 17, 2), (0, 0, 40), {"dead": 0.15, "high": True}, 5, "fast"),
     # long prompts (full tier)
     ("prefill", "flash", (2048, 700), (0, 100), {"dead": 0.01, "pad": 0.01, "high": True}, 6, "full"),
 ]

@@ -68,8 +68,8 @@ import torch
 
 from ..formats.minifloat import get_format
 
-__all__ = ["hash_primes", "hash_offsets", "hash_multipliers", "ngram_hash", "engram_lookup", "engram_gate",
-           "engram_memory", "GATE_CLAMP", "SCALE_BLOCK"]
+__all__ = ["hash_primes", "hash_offsets", "hash_multipliers", "ngram_rolling", "ngram_hash", "engram_lookup",
+           "engram_gate", "engram_memory", "GATE_CLAMP", "SCALE_BLOCK"]
 
 GATE_CLAMP = 1e-6      # engram.py:1545 (clamp_value)
 SCALE_BLOCK = 32       # one UE8M0 scale per 32 table values (engram.py:958, block_size=32)
@@ -145,23 +145,22 @@ def _check_hash_inputs(input_ids, positions, query_start_loc, token_map, dead_ma
     return qsl
 
 
-def ngram_hash(input_ids: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor,
-               token_map: torch.Tensor, dead_mask: torch.Tensor, lookback_token_ids: torch.Tensor,
-               lookback_dead_mask: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
-               offsets: torch.Tensor, *, pad_id: int) -> torch.Tensor:
-    """-> int64 [T, L, (N-1)*H] bucket ids (module docstring: history, blocking, rolling XOR, modulus, offset).
+def ngram_rolling(input_ids: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor,
+                  token_map: torch.Tensor, dead_mask: torch.Tensor, lookback_token_ids: torch.Tensor,
+                  lookback_dead_mask: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
+                  offsets: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """-> int64 [T, L, N]: the rolling XOR after shift s (column s), before any modulus (module docstring).
 
-    Python integers throughout (exact; no int64 overflow question can arise in the golden)."""
+    Python integers throughout (exact; every value is below 2^63, see the module docstring)."""
     qsl = _check_hash_inputs(input_ids, positions, query_start_loc, token_map, dead_mask, lookback_token_ids,
                              lookback_dead_mask, multipliers, primes, offsets)
     T = input_ids.shape[0]
     L, N = multipliers.shape
-    H = primes.shape[1] // (N - 1)
     ids, pos, dead = input_ids.tolist(), positions.tolist(), dead_mask.bool().tolist()
     tmap = token_map.tolist()
     lb, lbd = lookback_token_ids.tolist(), lookback_dead_mask.bool().tolist()
-    mult, pr, off = multipliers.tolist(), primes.tolist(), offsets.tolist()
-    out = torch.empty(T, L, (N - 1) * H, dtype=torch.int64)
+    mult = multipliers.tolist()
+    out = torch.empty(T, L, N, dtype=torch.int64)
     bounds = qsl.tolist()
     for r in range(len(bounds) - 1):
         lo, hi = bounds[r], bounds[r + 1]
@@ -188,11 +187,22 @@ def ngram_hash(input_ids: torch.Tensor, positions: torch.Tensor, query_start_loc
                 rolling = 0
                 for s in range(N):
                     rolling ^= values[s] * mult[layer][s]
-                    if s:
-                        for h in range(H):
-                            j = (s - 1) * H + h
-                            out[t, layer, j] = rolling % pr[layer][j] + off[layer][j]
+                    out[t, layer, s] = rolling
     return out
+
+
+def ngram_hash(input_ids: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor,
+               token_map: torch.Tensor, dead_mask: torch.Tensor, lookback_token_ids: torch.Tensor,
+               lookback_dead_mask: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
+               offsets: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """-> int64 [T, L, (N-1)*H] bucket ids: the (s+1)-gram's rolling value mod its (order, head) prime, plus the
+    range's offset, for s = 1 .. N-1 (module docstring)."""
+    rolling = ngram_rolling(input_ids, positions, query_start_loc, token_map, dead_mask, lookback_token_ids,
+                            lookback_dead_mask, multipliers, primes, offsets, pad_id=pad_id)
+    N = multipliers.shape[1]
+    H = primes.shape[1] // (N - 1)
+    per_col = rolling[:, :, 1:].repeat_interleave(H, dim=2)     # column (s-1)*H + h holds shift s
+    return per_col % primes.unsqueeze(0) + offsets.unsqueeze(0)
 
 
 def engram_lookup(hash_ids: torch.Tensor, table: torch.Tensor, table_scale: torch.Tensor, *,
