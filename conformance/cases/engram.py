@@ -277,7 +277,8 @@ for tag, cfg, lens, starts, extra, seed, tier in HASH_ROWS:
     name = "-".join(k for k in ("lookback", "pad", "dead", "high") if k in extra) or "plain"
     add(Case(f"engram.hash/{tag}/{cfg}/r{len(lens)}t{sum(lens)}/{name}/s{seed}", "engram.hash", _make_hash,
              dict({"cfg": cfg, "lens": lens, "starts": starts}, **extra), seed, "tokens",
-             (tag, "engram") + tuple(k for k in ("pad", "dead") if k in extra), tier=tier))
+             (tag, "engram") + tuple(k for k in ("pad", "dead") if k in extra) + (("long",) if tier == "full" else ()),
+             tier=tier))
 
 
 # ------------------------------------------------------------------------------------------------ engram.memory
@@ -468,4 +469,4 @@ for tag, cfg, lens, starts, extra, dist, seed, tier in MEM_ROWS:
     name = "-".join(k for k in ("dead", "last_rows", "layer") if k in extra) or "plain"
     add(Case(f"engram.memory/{tag}/{cfg}/r{len(lens)}t{sum(lens)}/{name}/{dist}/s{seed}", "engram.memory",
              _make_memory, dict({"cfg": cfg, "lens": lens, "starts": starts}, **extra), seed, dist,
-             (tag, "engram", "fp8-table"), tier=tier))
+             (tag, "engram", "fp8-table") + (("long",) if tier == "full" else ()), tier=tier))
