@@ -113,6 +113,21 @@ def _token_context(kw: dict):
     return req, rel, kw["positions"].long()
 
 
+def _dead_in_window(kw: dict, N: int) -> torch.Tensor:
+    """Per flat token: a dead token among the N positions its longest n-gram reads (chunk, then lookback row)."""
+    qsl = kw["query_start_loc"].long().tolist()
+    dead, lbd, lb = kw["dead_mask"].bool().tolist(), kw["lookback_dead_mask"].bool().tolist(), \
+        kw["lookback_token_ids"].tolist()
+    out = torch.zeros(len(dead), dtype=torch.bool)
+    for r in range(len(qsl) - 1):
+        for t in range(qsl[r], qsl[r + 1]):
+            k = t - qsl[r]
+            hit = any(dead[t - s] for s in range(min(N, k + 1)))
+            hit |= any(lbd[r][c] and lb[r][c] >= 0 for c in range(min(N - 1 - k, len(lbd[r]))) if N - 1 - k > 0)
+            out[t] = hit
+    return out
+
+
 def diagnose_hash(got: torch.Tensor, want: torch.Tensor, kw: dict) -> str:
     """What a hash mismatch hits (module docstring): orders, token context, bucket ranges, constant offsets, and
     which hypothesis the wrong ids fit (another order's rolling value, a modulus of prime + k)."""
@@ -131,6 +146,12 @@ def diagnose_hash(got: torch.Tensor, want: torch.Tensor, kw: dict) -> str:
     parts.append(f"{nt} / {len(tok)} tokens differ; {int((tok & near_chunk).sum())} of them within {N - 1} of "
                  f"their request's chunk start, {int((tok & near_seq).sum())} within {N - 1} of the sequence start")
     # a confinement is only evidence where tokens outside it exist (and are right)
+    dead_near = _dead_in_window(kw, N)
+    if bool((tok & dead_near).any()):
+        parts.append(f"{int((tok & dead_near).sum())} of them have a dead token in their n-gram window, "
+                     f"{int((tok & ~dead_near).sum())} not" + (" (dead / image tokens must block: pad from the dead "
+                                                              "token on)" if not bool((tok & ~dead_near).any())
+                                                              else ""))
     at_starts = nt and not bool((tok & ~near_chunk).any()) and bool((~near_chunk).any())
     at_seq = nt and not bool((tok & ~near_seq).any()) and bool((~near_seq).any())
     crossing = at_starts and not bool((tok & (req == 0)).any()) and bool((tok & (req > 0)).any())

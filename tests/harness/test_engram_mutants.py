@@ -101,7 +101,7 @@ def memory_gate_without_signed_sqrt(stream, hash_ids, table, table_scale, wkv, q
     x, key, val = stream.float(), kv[:, :hc * D].reshape(T, hc, D), kv[:, hc * D:].unsqueeze(1)
     dot = (x * q_weight * k_weight * key).sum(-1) * torch.rsqrt(x.square().mean(-1) + eps) * \
         torch.rsqrt(key.square().mean(-1) + eps) / D**0.5
-    gate = torch.sigmoid(dot) * token_mask
+    gate = torch.sigmoid(dot) * token_mask.unsqueeze(-1)
     return {"rows": rows, "out": x + gate.unsqueeze(-1) * val}
 
 
@@ -161,6 +161,7 @@ HASH_DIAGNOSIS = {
     hash_modulus_prime_plus_2: "rolling mod (prime +2)",
     hash_zero_before_sequence_start: "only near the sequence start",
     hash_crosses_request_boundary: "only near chunk starts",
+    hash_dead_tokens_not_blocking: "have a dead token in their n-gram window",
 }
 
 
