@@ -30,8 +30,10 @@ Serving numerics (``emulate(profile)``; the same kernels on ROCm and CUDA: every
   * hashes: integer, identical on every platform;
   * rows: the table is float8_e4m3fn on every platform (``ParallelEngramEmbedding._allocate_weights``,
     ``engram.py:1035-1080``; nothing in ``models/deepseek_v41`` converts it to fnuz), so gfx942 decodes the
-    checkpoint's OCP bytes as OCP (Triton converts fp8e4nv in software there); code x 2^(byte-127) is exact in
-    fp32 and stored bf16 exactly. gfx942 and OCP emulations are therefore the same function. A platform that
+    checkpoint's OCP bytes as OCP: the lookup kernel loads the table as Triton fp8e4nv and converts to fp32
+    (``engram.py:690-721``); gfx942 has no OCP FP8 conversion instructions, so this relies on Triton lowering
+    fp8e4nv -> fp32 there (not checked on a device in this project); where it does, code x 2^(byte-127) is exact
+    in fp32 and stored bf16 exactly. gfx942 and OCP emulations are therefore the same function. A platform that
     "normalises" the table to its fp8 dtype (reads the bytes as fnuz) halves every row and turns 0x80 (OCP -0)
     into NaN: the ``rows`` comparison names it (x0.5 / NaN at 0x80).
   * kv = bf16(rows_bf16 @ wkv_bf16^T, fp32 accumulation); the gate kernel loads stream and kv to fp32, computes
@@ -55,6 +57,7 @@ from references.components.engram import (
     ngram_hash,
     ngram_rolling,
 )
+from references.config import TINY_V41, V41_FLASH_FACTS
 from references.formats.minifloat import get_format
 
 from ..checks.dialect.ratio import ratio_signature
@@ -69,11 +72,12 @@ from ._serving import U32, UB
 # shows). FLASH: what the installed vLLM states of V4.1-Flash: engram layers 1 and
 # 14 (amd/model.py:582-585), lookback depth 3, i.e. max_ngram_size 4 (engram.py:10-12, :22-25), hidden 5120
 # (references.config.V41_FLASH_FACTS); n_heads, head_dim and the vocab sizes are not stated there (chosen).
-TINY = dict(vocab=1024, layer_ids=(1, 3), max_ngram_size=3, n_heads=4, head_dim=64, engram_vocab_size=1000,
-            compressed_vocab_size=600, pad_token_id=1, d=256, hc=4)
+TINY = dict(vocab=TINY_V41.vocab_size, layer_ids=(1, 3), max_ngram_size=3, n_heads=4, head_dim=64,
+            engram_vocab_size=1000, compressed_vocab_size=600, pad_token_id=1, d=TINY_V41.hidden_size,
+            hc=TINY_V41.hc_mult)
 FLASH = dict(vocab=4096, layer_ids=(1, 14), max_ngram_size=4, n_heads=8, head_dim=64, engram_vocab_size=5000,
-             compressed_vocab_size=3000, pad_token_id=1, d=5120, hc=4)
-EPS = 1e-6            # rms_norm_eps (engram.py:1544)
+             compressed_vocab_size=3000, pad_token_id=1, d=V41_FLASH_FACTS["hidden_size"], hc=4)
+EPS = TINY_V41.rms_norm_eps            # Engram's eps is rms_norm_eps (engram.py:1544)
 
 
 def layout(cfg: dict) -> dict:
