@@ -28,8 +28,9 @@ s = 0 .. N-1 (N = ``engram_max_ngram_size``):
     (an image-span token: ``amd/model.py:601-606``, ``common/mm_preprocess.py:50-56``) (``engram.py:407``);
     the value is the pad id while blocked, else the compressed id (``:408``). An unknown history token (pad
     fallback) does not block.
-  * rolling ^= value * multiplier[layer, s] (int64; the multipliers are odd and below (2^63-1) / C / 2 + 1,
-    so no product overflows; the XOR of non-negative terms stays non-negative) (``:409-410``);
+  * rolling ^= value * multiplier[layer, s] (int64; a multiplier is odd and at most 2B - 1 < (2^63-1) / C, B
+    below, so no product of a compressed id < C overflows; the XOR of non-negative terms stays non-negative)
+    (``:409-410``);
   * for s >= 1 (the (s+1)-gram; orders 2 .. N, no unigram hash), head h = 0 .. H-1 (H = ``engram_n_heads``):
     hash[t, layer, (s-1)*H + h] = rolling mod prime[layer][(s-1)*H + h] + offset[layer][(s-1)*H + h]
     (``:411-420``); output int32 [T, n_layers, (N-1)*H] (``:520-548``).
