@@ -477,14 +477,37 @@ def _v41_indexer(platform: str) -> dict[str, list[Binding]]:
         ],
     }
 
+ENG = V + "models.deepseek_v41.common.engram."
+ENGRAM_WHY = ("the vllm:sim subject simulates the DSV4 (V4) model's ROCm dispatch; the V4.1 Engram is one Triton "
+              "path for every platform (common/engram.py, imported by amd/model.py:70 and nvidia/model.py:101), "
+              "which vllm-triton:<profile> runs under the interpreter")
+
+
+def _engram(platform: str) -> dict[str, list[Binding]]:
+    """DeepSeek-V4.1 Engram (conformance.cases.engram): the same Triton kernels on ROCm and CUDA (common/)."""
+    where = ("DeepSeek-V4.1 with engram_layer_ids: hashes once per forward before the decoder layers "
+             "(amd/model.py:582-633, nvidia/model.py; V2 runner: stateless with lookback_token_ids), on every "
+             "platform")
+    hash_row = Binding(ENG + "NgramHashState.forward (_hash_ids_kernel, engram.py:279-420, :520-600)", "triton",
+                       where, reason="no sim adapter: " + ENGRAM_WHY)
+    mem_row = Binding(ENG + "Engram.forward (ParallelEngramEmbedding.lookup -> _engram_lookup_kernel, "
+                      "engram.py:628-721; wkv ColumnParallelLinear; _fused_engram_post_wkv_kernel, :1185-1275)",
+                      "triton", "the engram layers (engram_layer_ids), between the previous sublayer's mHC post "
+                      "and the attention mHC pre (amd/model.py:341-358, nvidia/model.py:531-560); on CUDA with "
+                      "DP-sharded tables EngramBatch stages MXFP8 wkv inputs instead (engram.py:1391-1510)",
+                      reason="no sim adapter: " + ENGRAM_WHY + "; wkv's MXFP8 linear is not in this component")
+    return {"engram.hash": [hash_row], "engram.memory": [mem_row]}
+
 
 def table(platform: str) -> dict[str, list[Binding]]:
     if platform == "rocm-gfx942":
-        return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform)
+        return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
+            _engram(platform)
     if platform == "rocm-gfx950":
-        return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform)
+        return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
+            _engram(platform)
     if platform == "cuda":
-        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform)
+        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | _engram(platform)
     raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
 
 
