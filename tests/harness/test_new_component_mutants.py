@@ -327,6 +327,38 @@ def k_cache_block_flat_on_shuffle_pool(k, slot_mapping, cache, block_table, seq_
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, "normal")
 
 
+# -- moe.experts_nvfp4: readers of the checkpoint's NVFP4 bytes, each wrong in one way (written independently of
+# the case module's diagnosis replay: torch views and a literal e2m1 table)
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _nv_dequant(packed, sb, g2, *, scale_dtype=torch.float8_e4m3fn, swap=False, group=16, use_global=True):
+    lo, hi = (packed & 0x0F).long(), (packed >> 4).long()
+    codes = torch.stack((hi, lo) if swap else (lo, hi), -1).flatten(-2)
+    s = sb.view(scale_dtype).float()
+    s = s[..., :codes.shape[-1] // group].repeat_interleave(group, -1)
+    return _E2M1[codes] * s * (g2.float()[:, None, None] if use_global else 1.0)
+
+
+def _nv_mutant(**how):
+    def experts_nvfp4(x, ids, weights, w1, w1_scale, w1_scale_2, w3, w3_scale, w3_scale_2, w2, w2_scale, w2_scale_2,
+                      w13_input_scale, w2_input_scale, *, limit, out=None):
+        from conformance.cases.moe import experts_golden
+
+        W = [_nv_dequant(p, s, g, **how) for p, s, g in ((w1, w1_scale, w1_scale_2), (w3, w3_scale, w3_scale_2),
+                                                         (w2, w2_scale, w2_scale_2))]
+        return experts_golden(x, ids, weights, *W, limit=limit)
+    return experts_nvfp4
+
+
+nvfp4_scales_read_as_fnuz = _nv_mutant(scale_dtype=torch.float8_e4m3fnuz)
+nvfp4_nibbles_swapped = _nv_mutant(swap=True)
+nvfp4_global_scale_ignored = _nv_mutant(use_global=False)
+nvfp4_scale_per_32 = _nv_mutant(group=32)
+for _n in ("nvfp4_scales_read_as_fnuz", "nvfp4_nibbles_swapped", "nvfp4_global_scale_ignored", "nvfp4_scale_per_32"):
+    globals()[_n].__name__ = _n
+
+
 class MutantGfx942(Mutant):
     def info(self):
         return SubjectInfo(self.name, "deliberately broken", "cpu", "float8_e4m3fnuz", False, profile="gfx942")
@@ -362,11 +394,15 @@ MUTANTS = [
     ("indexer.k_cache", k_cache_padding_row_to_slot0),
     ("indexer.k_cache", k_cache_scale_read_at_next_entry),
     ("indexer.k_cache", k_cache_block_flat_on_shuffle_pool),
+    ("moe.experts_nvfp4", nvfp4_nibbles_swapped),
+    ("moe.experts_nvfp4", nvfp4_global_scale_ignored),
+    ("moe.experts_nvfp4", nvfp4_scale_per_32),
 ]
 # mutants whose platform is gfx942 (fnuz): run by a subject of that profile
 MUTANTS_GFX942 = [
     ("indexer.k_cache", k_cache_ocp_bytes_read_as_fnuz),
     ("indexer.k_cache", k_cache_fnuz_writer_emitting_0x80),
+    ("moe.experts_nvfp4", nvfp4_scales_read_as_fnuz),
 ]
 
 
@@ -486,3 +522,30 @@ def test_index_set_rows_of_another_width_and_order_pass_when_their_slots_are_equ
     v = {cid: worst_verdict(rows) for cid, rows in _verdicts("attn.index_set", index_set_padded_to_256,
                                                              fast=True).items()}
     assert set(v.values()) == {"pass"}, {k: x for k, x in v.items() if x != "pass"}
+
+
+def _nv_rows(fn):
+    return _verdicts("moe.experts_nvfp4", fn, fast=True)
+
+
+@pytest.mark.parametrize("fn,diagnosis", [
+    (nvfp4_scales_read_as_fnuz, "x0.5: the checkpoint's OCP E4M3 scale bytes read as fnuz"),
+    (nvfp4_nibbles_swapped, "nibble order swapped"),
+    (nvfp4_global_scale_ignored, "weight_scale_2 ignored"),
+    (nvfp4_scale_per_32, "one scale per 32 values")], ids=lambda v: getattr(v, "__name__", "d"))
+def test_nvfp4_misreading_diagnosed(fn, diagnosis):
+    """Every failing row names the misreading; each mutant fails every fast case, except one scale per 32 values:
+    on the blocks-flat case every block's scale byte is the same (448), so the 32-value grouping reads the same
+    scales (not observable: it passes), and on the one-token decode case (64 outputs; neighbouring blocks' scales
+    differ little in a normal weight) it shows as degraded only (one element 1.06x the emulated bound)."""
+    for cid, rows in _nv_rows(fn).items():
+        v = worst_verdict(rows)
+        if fn is nvfp4_scale_per_32 and "/blocks-flat/" in cid:
+            assert v == "pass", cid
+        elif fn is nvfp4_scale_per_32 and cid.startswith("moe.experts_nvfp4/T1E"):
+            assert v == "degraded", cid
+        else:
+            assert v in ("fail", "catastrophic"), (cid, [r.message for r in rows])
+        for r in rows:
+            if r.verdict != "pass":
+                assert f"diagnosis: matches {diagnosis}" in r.message, r.message
