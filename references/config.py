@@ -266,7 +266,9 @@ def validate(c: DSV4Config) -> None:
     _req(c.hidden_size % 128 == 0, "hidden_size", "must be a multiple of 128 (FP8 block size)")
     _req(c.moe_intermediate_size % 32 == 0, "moe_intermediate_size", "must be a multiple of 32 (MXFP4 block)")
     _req(c.nope_head_dim % 64 == 0, "head_dim", "the nope part must be a multiple of 64 (KV quant block)")
-    _req(c.expert_dtype in ("fp4", "fp8", "bf16"), "expert_dtype", f"unknown {c.expert_dtype!r}")
+    # "nvfp4": ModelOpt / Quark NVFP4 experts (quantization_config.moe_quant_algo "NVFP4", vLLM
+    # models/deepseek_v41/quant_config.py:96-104), e2m1 with E4M3 scales per 16 (checkpoints/layout.py)
+    _req(c.expert_dtype in ("fp4", "fp8", "bf16", "nvfp4"), "expert_dtype", f"unknown {c.expert_dtype!r}")
     _req(c.routed_scaling_factor > 0 and math.isfinite(c.routed_scaling_factor), "routed_scaling_factor",
          "must be positive and finite")
     if c.rope_scaling is not None:

@@ -17,6 +17,7 @@ from . import (  # noqa: F401,E402
     linear,
     mhc,
     moe,
+    moe_nvfp4,
     mtp,
     norms,
     qkv,  # noqa: F401,E402

@@ -778,6 +778,11 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
     return rows
 
 
+# the components routing_compare judges (the routing suite runs these; other moe.* components with their own
+# compare hook, such as moe.experts_nvfp4, are judged by the numeric suite alone)
+ROUTED_COMPONENTS = ("moe.router", "moe.hash_router", "moe.layer", "moe.experts", "moe.routing_metadata")
+
+
 def routing_compare(component: str, got: dict, want: dict, params: dict, level: str, label: str, kwargs: dict,
                     guards: dict | None = None) -> tuple[list[Comparison], list[dict]]:
     """Dispatch on the component (also the ``compare`` hook of the moe.* ComponentSpecs)."""

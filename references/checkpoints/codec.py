@@ -10,6 +10,8 @@ weight / scale shapes imply.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,12 +23,17 @@ from ..formats.blockscale import (
     quantize_fp8,
     quantize_mxfp4,
 )
+from ..formats.nvfp4 import E2M1_MAX, dequantize_nvfp4, quantize_nvfp4
 from ..formats.scales import e8m0_decode
 from .layout import FP8_BLOCK, TensorSpec
 
 FP8_WEIGHT = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK))                       # ue8m0 scales
 FP8_WEIGHT_FP32 = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK), scale_fmt="fp32")  # Flash-Base style
 SCALE_DTYPES = ("e8m0", "uint8", "fp32")
+# NVFP4 (tiny writer): the activation amax its input_scale stands for (metadata the golden does not use: the golden
+# takes unquantised activations), and the E4M3 maximum the weight_scale_2 aims the largest block scale at
+NVFP4_INPUT_AMAX = 8.0
+E4M3_MAX = 448.0
 
 
 def fp8_weight_recipe(block=(FP8_BLOCK, FP8_BLOCK), *, fp32_scales: bool = False) -> BlockFP8:
@@ -60,6 +67,16 @@ def encode(spec: TensorSpec, value: torch.Tensor, *, scale_dtype: str = "e8m0") 
     if spec.kind == "fp4":
         packed, scales = quantize_mxfp4(value.double())
         return {spec.name: packed.view(torch.int8), spec.scale_name: scales.view(torch.float8_e8m0fnu)}
+    if spec.kind == "nvfp4":
+        # weight_scale_2 = 2^ceil(log2(amax / (6 x 448))): ModelOpt's amax / (6 x 448) rounded up to a power of two,
+        # so every dequantised value (e2m1 x e4m3 x 2^k, <= 5 significant bits) is exact in bf16 too (dtype="bf16")
+        a = float(value.abs().max())
+        g = 2.0 ** math.ceil(math.log2(a / (E2M1_MAX * E4M3_MAX))) if a > 0 else 1.0
+        packed, sbytes, _ = quantize_nvfp4(value.double(), global_scale=g)
+        n = spec.nvfp4_names()
+        return {spec.name: packed, n["weight_scale"]: sbytes.view(torch.float8_e4m3fn),
+                n["weight_scale_2"]: torch.tensor(g, dtype=torch.float32),
+                n["input_scale"]: torch.tensor(NVFP4_INPUT_AMAX / (E2M1_MAX * E4M3_MAX), dtype=torch.float32)}
     if spec.kind == "bf16":
         return {spec.name: value.to(torch.bfloat16)}
     if spec.kind == "fp32":
@@ -73,8 +90,31 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
-def decode(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Stored tensor (+ scale) -> float32 values of the logical shape (exact: code value x scale)."""
+def nvfp4_check(spec: TensorSpec, scale: torch.Tensor, extra: dict) -> None:
+    """Refuse (ValueError naming the stored tensor) what an NVFP4 checkpoint cannot hold: a NaN scale byte (0x7F /
+    0xFF), a negative one (sign bit: ModelOpt's scales are amax / 6 / weight_scale_2 >= 0), a global or input scale
+    that is not one positive finite fp32 value."""
+    n = spec.nvfp4_names()
+    b = _bytes(scale)
+    bad = ((b & 0x7F) == 0x7F) | (b > 0x80)       # 0x80 (-0) reads as zero: accepted
+    if bool(bad.any()):
+        i = tuple(int(v) for v in torch.nonzero(bad)[0])
+        what = "a NaN" if (int(b[i]) & 0x7F) == 0x7F else "a negative"
+        raise ValueError(f"{n['weight_scale']}: {what} E4M3 scale byte 0x{int(b[i]):02X} at {list(i)}")
+    for k in ("weight_scale_2", "input_scale"):
+        t = extra[k]
+        if t.numel() != 1 or not (math.isfinite(float(t.reshape(-1)[0])) and float(t.reshape(-1)[0]) > 0):
+            raise ValueError(f"{n[k]}: expected one positive finite fp32 value, got {t.reshape(-1)[:4].tolist()} "
+                             f"(shape {tuple(t.shape)})")
+
+
+def decode(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor | None,
+           extra: dict | None = None) -> torch.Tensor:
+    """Stored tensor (+ scale; NVFP4: + ``extra`` {"weight_scale_2", "input_scale"}) -> float32 values of the
+    logical shape (exact: code value x scale [x weight_scale_2])."""
+    if spec.kind == "nvfp4" and weight.dtype == torch.uint8:
+        nvfp4_check(spec, scale, extra)
+        return dequantize_nvfp4(weight, _bytes(scale), float(extra["weight_scale_2"].reshape(-1)[0]))
     if spec.kind == "fp8" and weight.dtype != torch.bfloat16 and weight.dtype != torch.float32:
         r, c = spec.shape
         bad = block_mismatch((r, c), tuple(scale.shape), spec.block)

@@ -61,7 +61,7 @@ _IGNORED = {
 }
 # Accepted only at the value that means "not used" (vLLM reads n_group with default 1: grouped routing off).
 _NEUTRAL = {"n_group": 1, "topk_group": 1}
-_QUANT_KEYS = {"quant_method", "fmt", "weight_block_size", "activation_scheme", "scale_fmt"}
+_QUANT_KEYS = {"quant_method", "fmt", "weight_block_size", "activation_scheme", "scale_fmt", "moe_quant_algo"}
 _QUANT_METHODS = ("fp8", "deepseek_v4_fp8")   # vLLM models/deepseek_v41/quant_config.py:175-178
 
 
@@ -74,7 +74,7 @@ def to_hf_dict(cfg: DSV4Config, *, quantized: bool = True) -> dict:
     d["compress_ratios"] = list(cfg.compress_ratios)
     d["rope_scaling"] = _rope_dict(cfg)
     if quantized:
-        d["expert_dtype"] = cfg.expert_dtype
+        d["expert_dtype"] = "fp4" if cfg.expert_dtype == "nvfp4" else cfg.expert_dtype
         d["quantization_config"] = _quant_dict(cfg)
     return d
 
@@ -88,8 +88,27 @@ def _rope_dict(cfg: DSV4Config) -> dict | None:
 
 def _quant_dict(cfg: DSV4Config) -> dict:
     q = cfg.quantization
-    return {"quant_method": "fp8", "fmt": q.fmt, "weight_block_size": list(q.weight_block_size),
-            "activation_scheme": q.activation_scheme, "scale_fmt": q.scale_fmt}
+    d = {"quant_method": "fp8", "fmt": q.fmt, "weight_block_size": list(q.weight_block_size),
+         "activation_scheme": q.activation_scheme, "scale_fmt": q.scale_fmt}
+    if cfg.expert_dtype == "nvfp4":
+        d["moe_quant_algo"] = "NVFP4"
+    return d
+
+
+def _expert_dtype(qc: dict, declared: str | None, default: str) -> str:
+    """The experts' storage from ``expert_dtype`` and ``quantization_config.moe_quant_algo`` (vLLM reads NVFP4
+    experts from the latter: models/deepseek_v41/quant_config.py:96-104; ModelOpt's name for the e2m1 element type
+    is fp4, so expert_dtype "fp4" or absent with moe_quant_algo "NVFP4" means NVFP4 experts)."""
+    algo = qc.get("moe_quant_algo")
+    if algo is None:
+        if declared == "nvfp4":
+            raise ConfigError("config.json: expert_dtype 'nvfp4' needs quantization_config.moe_quant_algo 'NVFP4'")
+        return declared or default
+    if str(algo).upper() != "NVFP4":
+        raise ConfigError(f"config.json: quantization_config.moe_quant_algo {algo!r} is not modelled (only 'NVFP4')")
+    if declared not in (None, "fp4", "nvfp4"):
+        raise ConfigError(f"config.json: quantization_config.moe_quant_algo 'NVFP4' but expert_dtype {declared!r}")
+    return "nvfp4"
 
 
 def _to_hf_dict_v41(cfg: DSV4Config, *, quantized: bool) -> dict:
@@ -105,7 +124,8 @@ def _to_hf_dict_v41(cfg: DSV4Config, *, quantized: bool) -> dict:
         d["vision_config"] = {"num_hidden_layers": cfg.vision_n_layers}
     if quantized:
         q = _quant_dict(cfg)
-        q["expert_dtype"] = cfg.expert_dtype   # where V4.1 keeps it (configs/deepseek_v41.py:46-50)
+        # where V4.1 keeps it (configs/deepseek_v41.py:46-50); NVFP4 experts say fp4 + moe_quant_algo NVFP4
+        q["expert_dtype"] = "fp4" if cfg.expert_dtype == "nvfp4" else cfg.expert_dtype
         d["quantization_config"] = q
     return d
 
@@ -168,7 +188,8 @@ def from_hf_dict(d: dict, *, name: str = "checkpoint") -> tuple[DSV4Config, bool
         if "expert_dtype" in qc:
             raise ConfigError("config.json: quantization_config.expert_dtype is the V4.1 place for it; a V4 "
                               "config keeps expert_dtype at the top level")
-        kw["expert_dtype"] = d.get("expert_dtype", "fp8")  # no expert_dtype: the FP8-expert Base layout
+        # no expert_dtype: the FP8-expert Base layout
+        kw["expert_dtype"] = _expert_dtype(qc, d.get("expert_dtype"), "fp8")
     else:
         kw["expert_dtype"] = "bf16"
     return DSV4Config(name=name, **kw), qc is not None
@@ -222,7 +243,7 @@ def _from_hf_dict_v41(d: dict, *, name: str) -> tuple[DSV4Config, bool]:
         kw["quantization"] = _quantization(qc, "")
         # top-level / text expert_dtype wins over quantization_config's (configs/deepseek_v41.py:46-50); vLLM's
         # default when neither has it is fp4 (models/deepseek_v41/quant_config.py:75)
-        kw["expert_dtype"] = t.get("expert_dtype", qc.get("expert_dtype", "fp4"))
+        kw["expert_dtype"] = _expert_dtype(qc, t.get("expert_dtype", qc.get("expert_dtype")), "fp4")
     else:
         kw["expert_dtype"] = "bf16"
     return DSV4Config(name=name, version="v4.1", **kw), qc is not None

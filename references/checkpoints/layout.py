@@ -10,6 +10,12 @@ Storage kinds:
                ``quantization.weight_block_size``: 128x128 in V4, 32x32 in V4.1
   * ``fp4``  - MXFP4 ``<name>`` packed int8/uint8 [R, C/2] (low nibble = even element) + ``<stem>.scale``
                [R, C/32] e8m0
+  * ``nvfp4`` - NVFP4 routed experts (ModelOpt / Quark, ``quantization_config.moe_quant_algo = "NVFP4"``):
+               ``<name>`` packed uint8 [R, C/2] (low nibble = even element), ``<stem>.weight_scale``
+               float8_e4m3fn (OCP; uint8 bytes accepted) [R, C/16], ``<stem>.weight_scale_2`` fp32 scalar (the
+               decode multiplier), ``<stem>.input_scale`` fp32 scalar (activation amax / (6 x 448)); the names
+               vLLM's loader maps (``quantization/modelopt.py:911-1006``: w13_/w2_ weight, weight_scale,
+               weight_scale_2, input_scale)
   * ``bf16`` - a bf16 tensor (fp32 accepted: OFF keeps some norms in fp32)
   * ``fp32`` - an fp32 tensor (mHC params, attention sinks, compressor ape, router bias)
   * ``int``  - integer table (``ffn.gate.tid2eid``: int64 in the release, int32 accepted)
@@ -23,7 +29,9 @@ from ..config import DSV4Config
 
 FP8_BLOCK = 128
 MXFP4_BLOCK = 32
-KINDS = ("fp8", "fp4", "bf16", "fp32", "int")
+NVFP4_GROUP = 16
+KINDS = ("fp8", "fp4", "nvfp4", "bf16", "fp32", "int")
+NVFP4_PARTS = ("weight_scale", "weight_scale_2", "input_scale")
 
 
 @dataclass(frozen=True)
@@ -34,15 +42,24 @@ class TensorSpec:
     block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)   # FP8 weight-scale block (kind "fp8" only)
 
     @property
+    def stem(self) -> str:
+        return self.name[:-len(".weight")] if self.name.endswith(".weight") else self.name
+
+    @property
     def scale_name(self) -> str | None:
+        if self.kind == "nvfp4":
+            return self.stem + ".weight_scale"
         if self.kind not in ("fp8", "fp4"):
             return None
-        stem = self.name[:-len(".weight")] if self.name.endswith(".weight") else self.name
-        return stem + ".scale"
+        return self.stem + ".scale"
+
+    def nvfp4_names(self) -> dict[str, str]:
+        """NVFP4 only: {"weight_scale" | "weight_scale_2" | "input_scale": stored name}."""
+        return {k: f"{self.stem}.{k}" for k in NVFP4_PARTS}
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
-        if self.kind == "fp4":
+        if self.kind in ("fp4", "nvfp4"):
             return (*self.shape[:-1], self.shape[-1] // 2)
         return self.shape
 
@@ -54,6 +71,8 @@ class TensorSpec:
             return (-(-r // br), -(-c // bc))
         if self.kind == "fp4":
             return (*self.shape[:-1], self.shape[-1] // MXFP4_BLOCK)
+        if self.kind == "nvfp4":
+            return (*self.shape[:-1], self.shape[-1] // NVFP4_GROUP)
         return None
 
 
@@ -119,7 +138,7 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
     if cfg.is_v41 and cfg.vision_n_layers:
         # the second routing bias for image tokens (vLLM models/deepseek_v41/amd/model.py:116-128)
         out.append(TensorSpec("ffn.gate.bias_vl", (E,), "fp32"))
-    ek = {"fp4": "fp4", "fp8": "fp8", "bf16": "bf16"}[cfg.expert_dtype]
+    ek = {"fp4": "fp4", "fp8": "fp8", "bf16": "bf16", "nvfp4": "nvfp4"}[cfg.expert_dtype]
     for e in range(E):
         out += [
             TensorSpec(f"ffn.experts.{e}.w1.weight", (I, D), ek),

@@ -11,6 +11,10 @@ the data, reads the tensor (and its ``.scale``), and dequantises it with ``refer
   (``weight [N,K] with scale [a,b] implies block (32,32); config says 128x128``), so 32x32 scales are never read
   as 128x128 ones or the other way round;
 * MXFP4 experts: packed int8/uint8 [out, in/2] (low nibble first) x e8m0 [out, in/32];
+* NVFP4 experts (``quantization_config.moe_quant_algo = "NVFP4"``): packed uint8 [out, in/2] x ``weight_scale``
+  E4M3 bytes (float8_e4m3fn or uint8) [out, in/16] x the fp32 scalar ``weight_scale_2``; the fp32 scalar
+  ``input_scale`` is checked (positive, finite) and returned by ``nvfp4(name)`` with the raw pieces. A NaN or
+  negative scale byte, or a non-positive global scale, is refused naming the tensor;
 * bf16 / fp32 tensors upcast to fp32; ``tid2eid`` as int64.
 
 Every problem raises ``CheckpointError`` naming the file and the tensor: missing tensor, truncated or
@@ -51,6 +55,13 @@ _SAFE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu,
                 "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}
 
 
+_SCALAR = [(), (1,)]   # a per-tensor scale stored as a 0-d or a one-element tensor
+
+
+def _shape_ok(shp, want) -> bool:
+    return tuple(shp) in [tuple(w) for w in want] if isinstance(want, list) else tuple(shp) == tuple(want)
+
+
 class CheckpointReader:
     def __init__(self, path):
         self.path = Path(path)
@@ -77,6 +88,7 @@ class CheckpointReader:
             raise CheckpointError(f"{cfg_file}: {e}") from e
         self._fp8_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "fp8"} if self.quantized \
             else {}
+        self._nvfp4_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "nvfp4"}
         self.reads: list[str] = []   # every tensor name whose data was read (get_tensor), in order
 
     # -- raw access ------------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ class CheckpointReader:
                 if dtypes is not None and dt not in dtypes:
                     raise CheckpointError(f"{f}: tensor {name!r} has dtype {sl.get_dtype()} ({dt}); expected one "
                                           f"of {[str(d) for d in dtypes]}")
-                if shape is not None and shp != tuple(shape):
+                if shape is not None and not _shape_ok(shp, shape):
                     raise self._shape_error(f, name, shp, shape)
                 self.reads.append(name)
                 return sf.get_tensor(name)
@@ -129,9 +141,14 @@ class CheckpointReader:
         quant = spec.kind in ("fp8", "fp4") and self.quantized
         if quant and spec.kind == "fp8":
             return [(name, _FP8_DTYPES, spec.stored_shape), (spec.scale_name, _SCALE_DTYPES, spec.scale_shape)]
-        if quant:
+        if quant and spec.kind == "fp4":
             return [(name, _FP4_DTYPES, spec.stored_shape),
                     (spec.scale_name, (torch.float8_e8m0fnu, torch.uint8), spec.scale_shape)]
+        if spec.kind == "nvfp4" and self.quantized:
+            n = spec.nvfp4_names()
+            return [(name, (torch.uint8,), spec.stored_shape),
+                    (n["weight_scale"], (torch.float8_e4m3fn, torch.uint8), spec.scale_shape),
+                    (n["weight_scale_2"], (torch.float32,), _SCALAR), (n["input_scale"], (torch.float32,), _SCALAR)]
         if spec.kind == "int":
             return [(name, (torch.int64, torch.int32), spec.shape)]
         if spec.kind == "fp32":
@@ -139,15 +156,33 @@ class CheckpointReader:
         return [(name, _FLOAT_DTYPES, spec.shape)]
 
     def _decode(self, spec: TensorSpec) -> torch.Tensor:
+        return self._read(spec)[0]
+
+    def _read(self, spec: TensorSpec):
+        """-> (decoded value, stored tensors {stored name: tensor})."""
         name = spec.name
         parts = self._stored(spec)
-        w = self.raw(name, dtypes=parts[0][1], shape=parts[0][2])
-        s = (self.raw(parts[1][0], dtypes=parts[1][1], shape=parts[1][2], wanted_by=name)
-             if len(parts) > 1 else None)
+        got = {n: self.raw(n, dtypes=dt, shape=shp, wanted_by=name) for n, dt, shp in parts}
+        w = got[name]
+        s = got[parts[1][0]] if len(parts) > 1 else None
+        extra = {k: got[f"{spec.stem}.{k}"] for k in ("weight_scale_2", "input_scale")} \
+            if spec.kind == "nvfp4" and len(parts) > 1 else None
         try:
-            return decode(spec, w, s)
+            return decode(spec, w, s, extra), got
         except ValueError as e:
             raise CheckpointError(f"{self._file_of(name, name)}: tensor {name!r}: {e}") from e
+
+    def nvfp4(self, name: str) -> dict[str, torch.Tensor]:
+        """An NVFP4 expert weight's stored pieces, checked: {"weight": packed uint8 [out, in/2], "weight_scale": E4M3
+        bytes uint8 [out, in/16], "weight_scale_2": fp32 scalar, "input_scale": fp32 scalar}."""
+        spec = self.spec(name)
+        if spec.kind != "nvfp4" or not self.quantized:
+            raise CheckpointError(f"{self.path}: {name!r} is not an NVFP4 tensor of this checkpoint (kind {spec.kind})")
+        _, got = self._read(spec)
+        n = spec.nvfp4_names()
+        return {"weight": got[name], "weight_scale": got[n["weight_scale"]].view(torch.uint8),
+                "weight_scale_2": got[n["weight_scale_2"]].reshape(()),
+                "input_scale": got[n["input_scale"]].reshape(())}
 
     def check(self) -> int:
         """Check every tensor the config implies from the shard headers alone (no tensor data is read, so it
@@ -179,7 +214,7 @@ class CheckpointReader:
                     if dt not in dtypes:
                         raise CheckpointError(f"{f}: tensor {name!r} has dtype {dt_s} ({dt}); expected one of "
                                               f"{[str(d) for d in dtypes]}")
-                    if tuple(shp) != tuple(shape):
+                    if not _shape_ok(tuple(shp), shape):
                         raise self._shape_error(f, name, tuple(shp), shape)
                 except CheckpointError as e:
                     problems.append(str(e))
@@ -191,11 +226,18 @@ class CheckpointReader:
     def _shape_error(self, f: Path, name: str, shp: tuple, want: tuple) -> CheckpointError:
         """A stored shape that differs from the layout's; for the block scale of an FP8 weight, the diagnosis
         names the block the weight / scale shapes imply and the config's block."""
+        nv = self._nvfp4_of_scale.get(name)
+        if nv is not None and len(shp) == 2 and tuple(shp[:1]) == nv.shape[:1] and shp[1] and \
+                nv.shape[1] % shp[1] == 0:
+            return CheckpointError(f"{f}: tensor {name!r} (E4M3 block scales of {nv.name!r}) has shape {tuple(shp)}: "
+                                   f"one scale per {nv.shape[1] // shp[1]} values; NVFP4 has one per 16 "
+                                   f"(expects {tuple(want)})")
         spec = self._fp8_of_scale.get(name)
         bad = block_mismatch(spec.shape, shp, spec.block) if spec is not None and len(shp) == 2 else None
         if bad is not None:
             return CheckpointError(f"{f}: tensor {name!r} (block scale of {spec.name!r}): {bad}")
-        return CheckpointError(f"{f}: tensor {name!r} has shape {tuple(shp)}; the config implies {tuple(want)}")
+        want_s = " or ".join(str(tuple(w)) for w in want) if isinstance(want, list) else str(tuple(want))
+        return CheckpointError(f"{f}: tensor {name!r} has shape {tuple(shp)}; the config implies {want_s}")
 
     def _header(self, f: Path, name: str) -> dict:
         """{tensor: (safetensors dtype string, shape)} of one shard, from its header (validated against the

@@ -6,6 +6,9 @@
   ``config.json`` (HF style with ``quantization_config``): FP8 e4m3 linears with e8m0 128x128 block
   scales, MXFP4 routed experts (int8 packed [out, in/2] + e8m0 [out, in/32]), bf16 embeddings / norms /
   gate / compressor projections, fp32 mHC params, sinks, ape, router bias, int64 ``tid2eid``;
+* with ``cfg.expert_dtype == "nvfp4"``: NVFP4 routed experts (uint8 packed [out, in/2], float8_e4m3fn
+  ``weight_scale`` [out, in/16], fp32 scalars ``weight_scale_2`` (a power of two, see ``codec.encode``) and
+  ``input_scale``) and ``quantization_config.moe_quant_algo = "NVFP4"``;
 * with ``dtype="bf16"``: the *same* dequantised weights stored as bf16 (exact: an e4m3 or e2m1 value times a
   power-of-two scale has at most 4 significant bits), no ``.scale`` tensors, no ``quantization_config``;
   for engines that cannot run FP8 on CPU.
@@ -85,7 +88,9 @@ def _quantised(cfg: DSV4Config, seed: int):
     for name, w in synth_weights(cfg, seed).items():
         spec = specs[name]
         enc = encode(spec, w, scale_dtype="e8m0")
-        deq[name] = decode(spec, enc[name], enc.get(spec.scale_name))
+        extra = {k: enc[n] for k, n in spec.nvfp4_names().items() if k != "weight_scale"} \
+            if spec.kind == "nvfp4" else None
+        deq[name] = decode(spec, enc[name], enc.get(spec.scale_name), extra)
         enc_all.update(enc)
     return enc_all, deq
 
@@ -101,7 +106,7 @@ def stored_tensors(cfg: DSV4Config = TINY, seed: int = 0, *, dtype: str = "fp8",
     enc, deq = _quantised(cfg, seed)
     stored = {}
     for name, spec in expected_tensors(cfg).items():
-        if spec.kind in ("fp8", "fp4") and dtype == "bf16":
+        if spec.kind in ("fp8", "fp4", "nvfp4") and dtype == "bf16":
             b = deq[name].to(torch.bfloat16)
             assert torch.equal(b.float(), deq[name]), f"{name}: dequantised value not exact in bf16"
             stored[name] = b
@@ -116,6 +121,9 @@ def stored_tensors(cfg: DSV4Config = TINY, seed: int = 0, *, dtype: str = "fp8",
             stored[spec.scale_name] = s
         elif spec.kind == "fp4":
             stored[spec.scale_name] = enc[spec.scale_name]
+        elif spec.kind == "nvfp4":
+            for n in spec.nvfp4_names().values():
+                stored[n] = enc[n]
     return stored, dict(deq)
 
 

@@ -21,6 +21,11 @@ Indexer K cache (one 128-dim key per compressed entry)::
             one per 32 values
     block stride = block_size * (value bytes + 4) rounded up to a multiple of ``alignment`` (576)
 
+    mxfp4, gfx950 (aiter's preshuffled page, ``Mxfp4ShuffledLayout``): the same bytes of a page (64 e2m1 bytes + 4
+    UE8M0 bytes an entry, the values of every entry first), reordered in runs of ``n_per_tile`` entries: a run's
+    values as [chunk of ``d_per_tile`` bytes, entry, byte], its scales as [scale % scale_lanes, entry,
+    scale // scale_lanes]. (1, 64, 1) is the block-flat mxfp4 layout above.
+
 Writers skip slot -1 (padding tokens, as vLLM's writers do); readers refuse it. The element and scale
 quantisation is ``blockscale`` (round once from float64, round to nearest even, saturating).
 """
@@ -359,3 +364,105 @@ def read_indexer_k(
     return dequantize_indexer_k_tokens(
         read_indexer_k_tokens(cache, slots, layout=layout), dialect, value_format=layout.value_format
     )
+
+
+
+# -- indexer K, MXFP4, gfx950 preshuffled page --------------------------------------------------------------
+@dataclass(frozen=True)
+class Mxfp4ShuffledLayout:
+    """The gfx950 MXFP4 indexer-K page as aiter's paged MQA-logits kernel reads it and its K-cache op writes it
+    (vLLM 0.32: ``v1/attention/ops/rocm_paged_mxfp4_indexer.py:67-79``, ``RocmPagedMxfp4CacheLayout``: "a page is
+    cut into runs of n_per_tile tokens. Inside a run, each token's packed values are split into d_per_tile-byte
+    chunks along the head dimension, and the run stores chunk 0 of every token, then chunk 1 ...: [chunk, token,
+    byte]. Its e8m0 scales are stored as [scale % scale_lanes, token, scale // scale_lanes]"; the page holds
+    ``head_dim / 2 + head_dim / 32`` = 68 bytes an entry, ``_kv_view`` at :171-180). vLLM takes the three tile
+    parameters from ``aiter.ops.triton.attention.pa_mqa_logits_mxfp4.cache_format`` at run time (:90-121; aiter is
+    not installed here), and refuses the ones its writer cannot express; this layout takes them as arguments and
+    refuses the same ones. Reading of the docstring (stated, not checked against aiter): the value region of the
+    page comes first (entries x 64 bytes, run after run), then the scale region (entries x 4 bytes, run after run),
+    as in the block-flat layout, which is the special case (1, 64, 1).
+
+    Byte of entry s (run r = s // n, t = s % n), value byte j (chunk c = j // d, b = j % d):
+        r * n * 64 + c * n * d + t * d + b
+    scale k (lane = k % L, q = k // L): block_size * 64 + r * n * 4 + (lane * n + t) * (4 / L) + q
+    """
+
+    block_size: int = 64
+    n_per_tile: int = 16
+    d_per_tile: int = 16
+    scale_lanes: int = 4
+    alignment: int = DEFAULT_ALIGNMENT
+
+    def __post_init__(self):
+        for n in ("block_size", "n_per_tile", "d_per_tile", "scale_lanes", "alignment"):
+            _positive_int(n, getattr(self, n))
+        vb = INDEX_DIM // 2
+        if self.block_size % self.n_per_tile or vb % self.d_per_tile or INDEX_SCALE_BYTES % self.scale_lanes:
+            raise ValueError(f"Mxfp4ShuffledLayout: n_per_tile {self.n_per_tile} must divide block_size "
+                             f"{self.block_size}, d_per_tile {self.d_per_tile} the {vb} value bytes and scale_lanes "
+                             f"{self.scale_lanes} the {INDEX_SCALE_BYTES} scales of an entry")
+
+    value_bytes = INDEX_DIM // 2
+
+    @property
+    def block_stride(self) -> int:
+        return _round_up(self.block_size * (self.value_bytes + INDEX_SCALE_BYTES), self.alignment)
+
+    @property
+    def scale_region(self) -> int:
+        return self.block_size * self.value_bytes
+
+    def value_cols(self, s: int) -> np.ndarray:
+        """The 64 byte offsets of entry s's packed values (value byte j at [j])."""
+        n, d = self.n_per_tile, self.d_per_tile
+        r, t = divmod(int(s), n)
+        j = np.arange(self.value_bytes)
+        c, b = np.divmod(j, d)
+        return r * n * self.value_bytes + c * n * d + t * d + b
+
+    def scale_cols(self, s: int) -> np.ndarray:
+        """The 4 byte offsets of entry s's UE8M0 scales (scale k, for values 32k .. 32k + 31, at [k])."""
+        n, L = self.n_per_tile, self.scale_lanes
+        r, t = divmod(int(s), n)
+        k = np.arange(INDEX_SCALE_BYTES)
+        lane, q = k % L, k // L
+        return self.scale_region + r * n * INDEX_SCALE_BYTES + (lane * n + t) * (INDEX_SCALE_BYTES // L) + q
+
+
+def write_indexer_k_mxfp4_shuffled(cache: torch.Tensor, slot_mapping, k: torch.Tensor, *,
+                                   layout: Mxfp4ShuffledLayout = Mxfp4ShuffledLayout()) -> IndexerKTokens:
+    """MXFP4-quantise ``k`` [N, 128] (``blockscale.quantize_mxfp4``) and write key i to ``slot_mapping[i]`` in the
+    gfx950 page order (-1: skipped). Returns the encoding."""
+    _check_cache(cache, layout.block_stride, "indexer K (mxfp4, gfx950 shuffled)")
+    _check_values(k, INDEX_DIM, "k")
+    slots = _check_slots(slot_mapping, k.shape[0], cache.shape[0] * layout.block_size, allow_padding=True)
+    tok = encode_indexer_k_tokens(k, value_format="mxfp4")
+    v, sc = tok.values.numpy(), tok.scales.numpy()
+    for i, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        b, s = divmod(slot, layout.block_size)
+        cache[b, torch.from_numpy(layout.value_cols(s))] = torch.from_numpy(np.ascontiguousarray(v[i]))
+        cache[b, torch.from_numpy(layout.scale_cols(s))] = torch.from_numpy(np.ascontiguousarray(sc[i]))
+    return tok
+
+
+def read_indexer_k_mxfp4_shuffled_tokens(cache: torch.Tensor, slots, *,
+                                         layout: Mxfp4ShuffledLayout = Mxfp4ShuffledLayout()) -> IndexerKTokens:
+    _check_cache(cache, layout.block_stride, "indexer K (mxfp4, gfx950 shuffled)")
+    s = _check_slots(slots, len(slots), cache.shape[0] * layout.block_size, allow_padding=False)
+    vals = np.empty((len(s), layout.value_bytes), dtype=np.uint8)
+    sb = np.empty((len(s), INDEX_SCALE_BYTES), dtype=np.uint8)
+    c = cache.cpu().numpy()
+    for i, slot in enumerate(s.tolist()):
+        b, p = divmod(slot, layout.block_size)
+        vals[i] = c[b, layout.value_cols(p)]
+        sb[i] = c[b, layout.scale_cols(p)]
+    return IndexerKTokens(torch.from_numpy(vals), torch.from_numpy(sb))
+
+
+def read_indexer_k_mxfp4_shuffled(cache: torch.Tensor, slots, *,
+                                  layout: Mxfp4ShuffledLayout = Mxfp4ShuffledLayout()) -> torch.Tensor:
+    """Dequantised float32 [N, 128] of the given slots."""
+    return dequantize_indexer_k_tokens(read_indexer_k_mxfp4_shuffled_tokens(cache, slots, layout=layout),
+                                       value_format="mxfp4")

@@ -29,6 +29,7 @@ EDGES = [
     "compressed_cache->sparse_attn",
     "indexer_k->logits",
     "indexer_q->logits",
+    "nvfp4_scales->experts",
 ]
 
 
@@ -58,7 +59,11 @@ def test_reference_serving_numerics_raise_no_alarm(profile):
     m = run(profile=profile)
     assert not m.alarms, m.table() + "\n" + "\n".join(r.message for r in m.alarms)
     want = serving(profile).dialect
-    assert all(r.producer_dialect == want and r.consumer_decodes == want for r in m.rows), m.table()
+    # the NVFP4 block scales stay OCP on every profile (vLLM decodes them as float8e4nv on every arch)
+    assert all(r.producer_dialect == want and r.consumer_decodes == want for r in m.rows
+               if r.edge != "nvfp4_scales->experts"), m.table()
+    assert m["nvfp4_scales->experts"].producer_dialect == m["nvfp4_scales->experts"].consumer_decodes == \
+        "float8_e4m3fn"
     assert [r.edge for r in m.rows] == EDGES
     assert m["indexer_q->logits"].producer_fmax == (224.0 if profile == "gfx942" else 448.0)
     assert m["weights->gemm"].scale_provenance["converted"] == (
@@ -223,12 +228,41 @@ def test_check_results_carry_the_map():
         }
     )
     rows = m.check_results()
-    assert [r.check for r in rows] == ["dialect"] * 7
+    assert [r.check for r in rows] == ["dialect"] * 8
     summary = rows[-1]
     assert summary.case_id == "dialect/map" and summary.verdict == "fail"
-    assert len(summary.extra["dialect_map"]) == 6
+    assert len(summary.extra["dialect_map"]) == 7
     assert {r.case_id: r.verdict for r in rows[:-1]}["dialect/indexer_q->logits"] == "fail"
     summary.to_json()  # JSON-safe
+
+
+# -- NVFP4 block scales (issue 18): the checkpoint writes OCP E4M3 bytes; the reader is the serving subject's
+NV = "nvfp4_scales->experts"
+
+
+def test_nvfp4_ocp_scale_bytes_read_as_fnuz_is_x05_on_the_nvfp4_edge():
+    """An fnuz reader of the checkpoint's unconverted OCP scale bytes (the same byte, half the value)."""
+    row = assert_only(run(consumers={NV: dequant_consumer(NV, "fnuz", (1, 128), "fp32")}), NV, "x0.5",
+                      "scales unchanged", "producer writes float8_e4m3fn, consumer decodes float8_e4m3fnuz")
+    assert row.read_signature["signature"] == "x0.5:exact"
+
+
+@pytest.mark.parametrize("profile", ["ocp", "gfx942"])
+def test_nvfp4_scales_converted_to_fnuz_and_read_as_fnuz_raise_no_alarm(profile):
+    """A correct conversion (0x80 -> 0, weight_scale_2 x2) read as fnuz is consistent, like vLLM's OCP read."""
+    from conformance.checks.dialect.emulated import CHECKPOINT_NVFP4_SCALES, loader_producer
+
+    m = run({NV: loader_producer(NV, "fnuz", CHECKPOINT_NVFP4_SCALES)},
+            {NV: dequant_consumer(NV, "fnuz", (1, 128), "fp32")}, profile=profile)
+    assert not m.alarms, m.table()
+    assert m[NV].scale_provenance["converted"] == "x2"
+
+
+def test_nvfp4_scales_converted_but_read_as_ocp_is_x2():
+    from conformance.checks.dialect.emulated import CHECKPOINT_NVFP4_SCALES, loader_producer
+
+    row = assert_only(run({NV: loader_producer(NV, "fnuz", CHECKPOINT_NVFP4_SCALES)}), NV, "x2")
+    assert row.producer_dialect == "float8_e4m3fnuz" and row.consumer_decodes == "float8_e4m3fn"
 
 
 # -- MXFP4 staging (no FP8 dialect; e8m0 scale and nibble-order hazards) -----------------------------------

@@ -455,6 +455,37 @@ def two_level_fill_with_padding(src_scores, scores, positions, *, ratio, topk, t
     # -1 where the dense path fills with visible non-candidates (the sparse-logits variant run on dense rows)
     return _two_level(src_scores, scores, positions, ratio, topk, topk_blocks, block_size, "candidates_only")
 
+# -- moe.experts_nvfp4: readers of the checkpoint's NVFP4 bytes, each wrong in one way (written independently of
+# the case module's diagnosis replay: torch views and a literal e2m1 table)
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _nv_dequant(packed, sb, g2, *, scale_dtype=torch.float8_e4m3fn, swap=False, group=16, use_global=True):
+    lo, hi = (packed & 0x0F).long(), (packed >> 4).long()
+    codes = torch.stack((hi, lo) if swap else (lo, hi), -1).flatten(-2)
+    s = sb.view(scale_dtype).float()
+    s = s[..., :codes.shape[-1] // group].repeat_interleave(group, -1)
+    return _E2M1[codes] * s * (g2.float()[:, None, None] if use_global else 1.0)
+
+
+def _nv_mutant(**how):
+    def experts_nvfp4(x, ids, weights, w1, w1_scale, w1_scale_2, w3, w3_scale, w3_scale_2, w2, w2_scale, w2_scale_2,
+                      w13_input_scale, w2_input_scale, *, limit, out=None):
+        from conformance.cases.moe import experts_golden
+
+        W = [_nv_dequant(p, s, g, **how) for p, s, g in ((w1, w1_scale, w1_scale_2), (w3, w3_scale, w3_scale_2),
+                                                         (w2, w2_scale, w2_scale_2))]
+        return experts_golden(x, ids, weights, *W, limit=limit)
+    return experts_nvfp4
+
+
+nvfp4_scales_read_as_fnuz = _nv_mutant(scale_dtype=torch.float8_e4m3fnuz)
+nvfp4_nibbles_swapped = _nv_mutant(swap=True)
+nvfp4_global_scale_ignored = _nv_mutant(use_global=False)
+nvfp4_scale_per_32 = _nv_mutant(group=32)
+for _n in ("nvfp4_scales_read_as_fnuz", "nvfp4_nibbles_swapped", "nvfp4_global_scale_ignored", "nvfp4_scale_per_32"):
+    globals()[_n].__name__ = _n
+
 
 class MutantGfx942(Mutant):
     def info(self):
@@ -500,12 +531,18 @@ MUTANTS = [
     ("indexer.topk_two_level", two_level_newest_block_not_pinned),
     ("indexer.topk_two_level", two_level_block_scores_not_causal),
     ("indexer.topk_two_level", two_level_fill_with_padding),
+
+    ("moe.experts_nvfp4", nvfp4_nibbles_swapped),
+    ("moe.experts_nvfp4", nvfp4_global_scale_ignored),
+    ("moe.experts_nvfp4", nvfp4_scale_per_32),
 ]
 # mutants whose platform is gfx942 (fnuz): run by a subject of that profile
 MUTANTS_GFX942 = [
     ("indexer.k_cache", k_cache_ocp_bytes_read_as_fnuz),
     ("indexer.k_cache", k_cache_fnuz_writer_emitting_0x80),
     ("indexer.k_latent", k_latent_ocp_bytes_read_as_fnuz),
+
+    ("moe.experts_nvfp4", nvfp4_scales_read_as_fnuz),
 ]
 
 
@@ -649,3 +686,30 @@ def test_k_latent_ocp_bytes_read_as_fnuz_is_diagnosed_x0_5():
 def test_two_level_candidates_not_applied_is_caught_on_every_case():
     v = _verdicts("indexer.topk_two_level", two_level_candidates_not_applied, fast=True)
     assert all(worst_verdict(rows) == "fail" for rows in v.values()), {c: worst_verdict(r) for c, r in v.items()}
+
+
+def _nv_rows(fn):
+    return _verdicts("moe.experts_nvfp4", fn, fast=True)
+
+
+@pytest.mark.parametrize("fn,diagnosis", [
+    (nvfp4_scales_read_as_fnuz, "x0.5: the checkpoint's OCP E4M3 scale bytes read as fnuz"),
+    (nvfp4_nibbles_swapped, "nibble order swapped"),
+    (nvfp4_global_scale_ignored, "weight_scale_2 ignored"),
+    (nvfp4_scale_per_32, "one scale per 32 values")], ids=lambda v: getattr(v, "__name__", "d"))
+def test_nvfp4_misreading_diagnosed(fn, diagnosis):
+    """Every failing row names the misreading; each mutant fails every fast case, except one scale per 32 values:
+    on the blocks-flat case every block's scale byte is the same (448), so the 32-value grouping reads the same
+    scales (not observable: it passes), and on the one-token decode case (64 outputs; neighbouring blocks' scales
+    differ little in a normal weight) it shows as degraded only (one element 1.06x the emulated bound)."""
+    for cid, rows in _nv_rows(fn).items():
+        v = worst_verdict(rows)
+        if fn is nvfp4_scale_per_32 and "/blocks-flat/" in cid:
+            assert v == "pass", cid
+        elif fn is nvfp4_scale_per_32 and cid.startswith("moe.experts_nvfp4/T1E"):
+            assert v == "degraded", cid
+        else:
+            assert v in ("fail", "catastrophic"), (cid, [r.message for r in rows])
+        for r in rows:
+            if r.verdict != "pass":
+                assert f"diagnosis: matches {diagnosis}" in r.message, r.message

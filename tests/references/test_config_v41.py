@@ -95,7 +95,7 @@ def test_v41_parsing_follows_the_vllm_config_class():
 
 
 @pytest.mark.parametrize("where, key", [
-    ("text", "q_head_norm"), ("top", "kv_lora_rank"), ("quant", "moe_quant_algo"), ("v4", "first_k_dense_replace"),
+    ("text", "q_head_norm"), ("top", "kv_lora_rank"), ("quant", "kv_cache_quant_algo"), ("v4", "first_k_dense_replace"),
     ("v4quant", "ignored_layers"),
 ])
 def test_unknown_keys_refused_by_name(where, key):

@@ -22,7 +22,7 @@ from conformance.checks.dialect import DialectMap, dialect_map_for_subject  # no
 from conformance.subjects import load_subject  # noqa: E402
 
 ALL = ["weights->gemm", "act_quant->gemm", "swa_cache->sparse_attn", "compressed_cache->sparse_attn",
-       "indexer_k->logits", "indexer_q->logits"]
+       "indexer_k->logits", "indexer_q->logits", "nvfp4_scales->experts"]
 _MAPS: dict = {}
 
 
@@ -71,6 +71,10 @@ def test_vllm_triton_gfx942_map_consistent_except_the_indexer_k_finding():
     k = m["indexer_k->logits"]
     assert k.factor == "x0.5" and k.producer_dialect == "float8_e4m3fn" and k.consumer_decodes == "float8_e4m3fnuz"
     assert "_fused_kv_compress_norm_rope_insert_indexer_attn" in k.message
+    # NVFP4 scale bytes: kept OCP and decoded as float8e4nv on gfx942 too (consistent)
+    nv = m["nvfp4_scales->experts"]
+    assert nv.producer_dialect == nv.consumer_decodes == "float8_e4m3fn" and nv.verdict == "consistent", _show(m)
+    assert "_triton_dequantize_nvfp4" in nv.consumer_function
 
 
 @pytest.mark.usefixtures("needs_vllm_triton")
@@ -80,7 +84,7 @@ def test_vllm_cpu_map_and_its_subnormal_findings():
     codes as normals (0x00 read as 2**-7 x scale), so both cache edges alarm, with no dialect factor."""
     m = _map("vllm")
     assert set(_alarms(m)) <= {"swa_cache->sparse_attn", "compressed_cache->sparse_attn"}, _show(m)
-    for e in ("weights->gemm", "act_quant->gemm", "indexer_k->logits", "indexer_q->logits"):
+    for e in ("weights->gemm", "act_quant->gemm", "indexer_k->logits", "indexer_q->logits", "nvfp4_scales->experts"):
         assert m[e].verdict == "consistent" and m[e].producer_dialect == "float8_e4m3fn", _show(m)
     comp = m["compressed_cache->sparse_attn"]
     assert comp.producer_dialect == "float8_e4m3fn"  # the compressor writes subnormals correctly
@@ -113,7 +117,7 @@ def test_every_vllm_subject_gets_a_map_in_the_report_rows():
     for spec in ("vllm", "vllm-triton:ocp", "vllm-triton:gfx942"):
         m = _map(spec)
         rows = m.check_results()
-        assert rows[-1].case_id == "dialect/map" and len(rows[-1].extra["dialect_map"]) == 6
+        assert rows[-1].case_id == "dialect/map" and len(rows[-1].extra["dialect_map"]) == 7
         assert rows[-1].duration_s > 0
         print(f"{spec}: dialect map {m.wall_s:.1f}s")
 
@@ -228,3 +232,30 @@ def test_cpu_indexer_q_op_planted_fnuz_is_caught_on_the_q_edge():
     assert r.verdict == "MISMATCH" and r.read_signature["signature"] == "x2:exact", r.message
     assert "producer writes float8_e4m3fnuz, consumer decodes float8_e4m3fn" in r.message
     assert "fused_indexer_q_rope_quant_cpu" in r.message
+
+
+@pytest.mark.usefixtures("needs_vllm_triton")
+@pytest.mark.parametrize("name", ["_triton_dequantize_nvfp4", "dequantize_to_dtype"])
+def test_nvfp4_reader_viewing_scale_bytes_as_fnuz_is_x05_on_the_nvfp4_edge(name):
+    """vLLM's NVFP4 dequant planted to view the checkpoint's scale bytes as the platform fp8 (fnuz) dtype."""
+    import torch
+
+    from conformance.subjects import _vllm_dialect as vd
+
+    real = vd.VLLM.get(name)
+
+    def fnuz_view(packed, sf, g, dtype, block_size=16, **kw):
+        # vLLM's e2m1 decode with unit scales, times the scale bytes read as fnuz and the global scale
+        ones = torch.full(sf.shape, 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        w = real(packed, ones, torch.ones_like(g), dtype, block_size, **kw)
+        return w * sf.view(torch.uint8).view(torch.float8_e4m3fnuz).float().repeat_interleave(block_size, -1) * g
+
+    p, c = vd._nvfp4_probes(name == "_triton_dequantize_nvfp4")
+    vd.VLLM.over[name] = fnuz_view
+    try:
+        m = DialectMap({vd.NVFP4_EDGE: p}, {vd.NVFP4_EDGE: c}, subject="mutant")
+    finally:
+        vd.VLLM.over.clear()
+    r = m[vd.NVFP4_EDGE]
+    assert r.verdict == "MISMATCH" and r.factor == "x0.5", r.message
+    assert r.consumer_decodes == "float8_e4m3fnuz", r.message

@@ -42,8 +42,8 @@ _DEFECT_FACTOR = {
 SUSPECTS = {
     "x2": "swa_cache->sparse_attn / compressed_cache->sparse_attn (fnuz cache read as OCP) or weights->gemm "
     "(scale conversion applied twice)",
-    "x0.5": "weights->gemm (OCP weights without the scale conversion) or indexer_q->logits "
-    "(OCP q read as fnuz)",
+    "x0.5": "weights->gemm (OCP weights without the scale conversion), indexer_q->logits "
+    "(OCP q read as fnuz) or nvfp4_scales->experts (the checkpoint's OCP E4M3 block scales read as fnuz)",
     "fmax240/448": "a producer using fmax 448 with fnuz bytes (act_quant / cache writers)",
     "fmax448/240": "a producer scaling for 240 read by a 448 consumer",
     "fmax224/240": "indexer_q->logits (USE_FNUZ fmax 224)",
@@ -174,7 +174,9 @@ def _verdict(row, pv, cv, rs, ws, x, cn, read, meant, meant_fmt) -> None:
     known = ("float8_e4m3fn", "float8_e4m3fnuz")
     sc = row.scale_check
     if sc and not sc["ok"]:
-        f = {"not applied": "x0.5", "applied twice": "x2", "byte*2": "x2**(byte)"}.get(sc["conversion"], "?")
+        # "x2" / "exponent+1" fail only where no conversion was due (an OCP reader): the scales read doubled
+        f = {"not applied": "x0.5", "applied twice": "x2", "byte*2": "x2**(byte)", "x2": "x2",
+             "exponent+1": "x2"}.get(sc["conversion"], "?")
         if sc["conversion"] == "byte*2" and sc["factor_log2"] is not None:
             f = f"x2**{sc['factor_log2']:g} instead of x2"
         factor = factor or f

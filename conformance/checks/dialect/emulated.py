@@ -17,6 +17,10 @@ from .interface import Consumer, Producer
 
 CHECKPOINT_E8M0 = BlockFP8.of("ocp", (128, 128), scale_fmt="ue8m0")  # fp4-expert checkpoints
 CHECKPOINT_FP32 = BlockFP8.of("ocp", (128, 128), scale_fmt="fp32")  # Flash-Base
+# NVFP4 experts' block scales: OCP E4M3 bytes (ModelOpt / Quark write float8_e4m3fn) with one fp32 scale a tensor
+# (weight_scale_2 = amax / (6 * 448): the largest block scale lands on 448)
+CHECKPOINT_NVFP4_SCALES = BlockFP8.of("ocp", (1, 128), scale_fmt="fp32")
+NVFP4_EDGE = "nvfp4_scales->experts"
 
 
 def quantizer_producer(
@@ -85,6 +89,9 @@ def reference_producers(profile: str, *, checkpoint: BlockFP8 = CHECKPOINT_E8M0)
         "compressed_cache->sparse_attn": quantizer_producer("compressed_cache->sparse_attn", n.kv_nope),
         "indexer_k->logits": quantizer_producer("indexer_k->logits", n.indexer_k, scales_as_fp32=True),
         "indexer_q->logits": quantizer_producer("indexer_q->logits", n.indexer_q, scales_as_fp32=True),
+        # vLLM 0.32 keeps the NVFP4 scale bytes as loaded and decodes them as OCP on every arch (Triton float8e4nv
+        # bitcast, fused_moe/experts/nvfp4_emulation_moe.py:223; oracle/nvfp4.py:480-505 converts nothing)
+        NVFP4_EDGE: loader_producer(NVFP4_EDGE, "ocp", CHECKPOINT_NVFP4_SCALES),
     }
 
 
@@ -99,6 +106,7 @@ def reference_consumers(profile: str, *, checkpoint: BlockFP8 = CHECKPOINT_E8M0)
         ),
         "indexer_k->logits": dequant_consumer("indexer_k->logits", d, (1, 128), "fp32"),
         "indexer_q->logits": dequant_consumer("indexer_q->logits", d, (1, 128), "fp32"),
+        NVFP4_EDGE: dequant_consumer(NVFP4_EDGE, "ocp", (1, 128), "fp32"),
     }
 
 
@@ -110,4 +118,6 @@ __all__ = [
     "reference_consumers",
     "CHECKPOINT_E8M0",
     "CHECKPOINT_FP32",
+    "CHECKPOINT_NVFP4_SCALES",
+    "NVFP4_EDGE",
 ]

@@ -63,6 +63,14 @@ DSV4_EDGES: dict[str, Edge] = {
             (1, 128),
         ),
         Edge("indexer_q->logits", "indexer q quantisation", "indexer logits (q operand)", (1, 128)),
+        # NVFP4 checkpoints (issue 18): the experts' E4M3 block-scale bytes (one per 16 e2m1 values) with the
+        # tensor's fp32 weight_scale_2 as their scale; a row of the probe is one scale tensor
+        Edge(
+            "nvfp4_scales->experts",
+            "NVFP4 checkpoint block scales (OCP E4M3 bytes + weight_scale_2, as loaded)",
+            "NVFP4 expert weight dequant (e2m1 x scale byte x weight_scale_2)",
+            (1, 128),
+        ),
     )
 }
 
