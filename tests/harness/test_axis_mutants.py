@@ -5,7 +5,7 @@ rows (tests/harness/test_subjects_and_suite.py, tests/harness/test_new_component
 import torch
 
 from conformance.cases import cases_for
-from conformance.cases.indexer import idx_topk
+from conformance.cases.indexer import idx_scores, idx_topk
 from conformance.checks.numeric import run_numeric, worst_verdict
 
 from .test_component_mutants import Mutant
@@ -44,9 +44,16 @@ def q_path_head_norm_first_64_heads(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scal
     return {"qr": good["qr"], "q": torch.cat([good["q"][:, :64], bad["q"][:, 64:]], 1)}
 
 
-def _verdicts(component, fn):
+def scores_sized_for_32k_tokens(q, k, w):
+    """An indexer-score kernel sized for 32k-token contexts: entries past 8,192 are left at zero."""
+    out = idx_scores(q, k, w).clone()
+    out[:, 8192:] = 0
+    return out
+
+
+def _verdicts(component, fn, full=False):
     return {c.id: worst_verdict(run_numeric(Mutant(component, fn), c)) for c in cases_for(component)
-            if c.tier == "fast"}
+            if full or c.tier == "fast"}
 
 
 def test_rms_one_wave_is_caught_on_the_batch_past_1024_rows_only():
@@ -69,3 +76,11 @@ def test_head_norm_for_64_heads_only_is_caught_on_the_128_head_row_only():
     for cid, x in v.items():
         assert (x in ("fail", "catastrophic")) if "h128" in cid else x == "pass", (cid, x)
     assert any("h128" in cid for cid in v)
+
+
+def test_scores_sized_for_32k_tokens_is_caught_on_the_131072_token_row_only():
+    """Tier full's 131,072-token row (32,768 entries) fails; the 8k / 32k-token rows and the fast tier pass."""
+    v = _verdicts("indexer.scores", scores_sized_for_32k_tokens, full=True)
+    for cid, x in v.items():
+        assert (x in ("fail", "catastrophic")) if "n32768" in cid else x == "pass", (cid, x)
+    assert any("n32768" in cid for cid in v)
