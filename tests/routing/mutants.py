@@ -229,3 +229,22 @@ def less_accurate_experts(kind):
             r = router(x, gate_weight, gate_bias, topk=topk, route_scale=route_scale, variant=route_variant)
         return {"y": experts(x, r["ids"], r["weights"], w1, w3, w2, limit=limit)["y"]}
     return _Mutant(kind, {"moe.experts": experts, "moe.layer": layer})
+
+
+def mask_ties_by_value():
+    """Iterative arg-max top-k that masks the picked *value* instead of the picked index: on an exact tie every
+    tied expert is masked at once, and the remaining picks fall on already-masked (-inf) lanes: lane 0 again and
+    again. Identical to the correct router wherever the selection scores are distinct."""
+    def router(x, weight, bias=None, *, topk, route_scale, variant="official"):
+        s = sqrt_softplus(M._emulated_logits(x, weight, PROFILE))
+        sel = (s if bias is None else s + bias.float()).clone()
+        picks = []
+        for _ in range(topk):
+            i = sel.argmax(-1)
+            picks.append(i)
+            v = sel.gather(1, i[:, None])
+            sel = torch.where(sel == v, torch.full_like(sel, -torch.inf), sel)
+        ids = torch.stack(picks, -1)
+        w = s.gather(1, ids)
+        return {"ids": ids, "weights": w / (w.sum(-1, keepdim=True) + _eps(variant)) * route_scale}
+    return _Mutant("mask_ties_by_value", {"moe.router": router})

@@ -247,3 +247,16 @@ def test_random_rows_shape_the_clamp_as_named():
             assert "clamp-active" in c.tags and float((pre > 10).double().mean()) > 1e-3, c.id
         else:
             assert "clamp-active" not in c.tags and float(pre.max()) < 10, c.id
+
+
+def test_masking_ties_by_value_is_caught_on_the_tied_rows_only():
+    """Exact ties (the "equal-none" row: one logit for every expert, no bias) make the value-masking top-k pick the
+    same lane over and over; rows with distinct scores route exactly as the correct router. (The 1,000-token Flash-bias row
+    holds genuine exact fp32 ties of s + bias, ~8.08 +- 0.02, and is caught there too: not asserted either way.)"""
+    s = Mu.mask_ties_by_value()
+    for c in cases_for("moe.router"):
+        rows = _run(s, c.id)
+        if "/equal-none/" in c.id:   # (equal-flash: the bias makes the selection scores distinct)
+            assert rows[0].verdict == "fail" and "(the same expert twice)" in rows[0].message, rows[0].message
+        elif "/normal-" in c.id and "/T1000" not in c.id:
+            assert all(r.verdict == "pass" for r in rows), (c.id, [r.message for r in rows])
