@@ -251,8 +251,9 @@ def test_random_rows_shape_the_clamp_as_named():
 
 def test_masking_ties_by_value_is_caught_on_the_tied_rows_only():
     """Exact ties (the "equal-none" row: one logit for every expert, no bias) make the value-masking top-k pick the
-    same lane over and over; rows with distinct scores route exactly as the correct router. (The 1,000-token Flash-bias row
-    holds genuine exact fp32 ties of s + bias, ~8.08 +- 0.02, and is caught there too: not asserted either way.)"""
+    same lane over and over; rows with distinct scores route exactly as the correct router. (The 1,000-token
+    Flash-bias row holds genuine exact fp32 ties of s + bias, ~8.08 +- 0.02, and is caught there too: not asserted
+    either way.)"""
     s = Mu.mask_ties_by_value()
     for c in cases_for("moe.router"):
         rows = _run(s, c.id)
