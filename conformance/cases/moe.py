@@ -473,7 +473,7 @@ RANDOM_EXPERTS = [  # (T, E, k, D, I, gain, token-magnitude spread in octaves, d
     (1, 16, 6, 64, 32, 1.5, 0, "uniform", "fast"), (33, 64, 6, 128, 64, 1.5, 0, "dropped", "fast"),
     (33, 64, 6, 128, 64, 6.0, 0, "uniform", "fast"), (200, 64, 6, 64, 64, 6.0, 8, "hot", "fast"),
     (33, 16, 6, 128, 1024, 1.5, 0, "uniform", "fast"), (65, 16, 6, 128, 128, 1.5, 8, "dropped", "fast"),
-    (64, 8, 6, 4096, 2048, 1.5, 0, "uniform", "full"), (64, 8, 6, 4096, 2048, 6.0, 0, "dropped", "full"),
+    (16, 8, 6, 4096, 2048, 1.5, 0, "uniform", "full"), (16, 8, 6, 4096, 2048, 6.0, 0, "dropped", "full"),
     (2048, 64, 6, 256, 128, 6.0, 8, "dropped", "full")]
 for i, (T, E, k, D, I, gain, spread, dist, tier) in enumerate(RANDOM_EXPERTS):
     p = dict(experts=E, topk=k, tokens=T, dim=D, inter=I, gain=gain, spread=spread, weights="random")
@@ -481,7 +481,7 @@ for i, (T, E, k, D, I, gain, spread, dist, tier) in enumerate(RANDOM_EXPERTS):
     add(Case(f"moe.experts/T{T}E{E}k{k}D{D}I{I}/random-gain{gain:g}{sp}-{dist}/s{450 + i}", "moe.experts",
              _make_random_experts, p, seed=450 + i, dist=dist,
              tags=_tag(T) + ("random-weights",) + (("clamp-active",) if gain > 1.5 else ())
-             + (("flash-shape",) if D == 4096 else ()), tier=tier))
+             + (("flash-shape",) if D == 4096 else ()) + (("long",) if T >= 1024 else ()), tier=tier))
 RANDOM_LAYERS = [  # (T, D, I, gain, spread, bias, hashed, tier)
     (33, 128, 64, 1.5, 0, "flash", False, "fast"), (33, 128, 64, 6.0, 0, "flash", False, "fast"),
     (33, 128, 64, 1.5, 8, "none", True, "fast"), (33, 128, 1024, 1.5, 0, "none", True, "fast"),
@@ -492,7 +492,8 @@ for i, (T, D, I, gain, spread, bias, hashed, tier) in enumerate(RANDOM_LAYERS):
     kind = ("hash" if hashed else bias) + (f"-spread{spread}" if spread else "")
     add(Case(f"moe.layer/T{T}E64k6D{D}I{I}/random-gain{gain:g}-{kind}/s{350 + i}", "moe.layer", _make_random_layer,
              p, seed=350 + i, dist="normal",
-             tags=_tag(T) + ("random-weights",) + (("clamp-active",) if gain > 1.5 else ()), tier=tier))
+             tags=_tag(T) + ("random-weights",) + (("clamp-active",) if gain > 1.5 else ())
+             + (("long",) if T >= 1024 else ()), tier=tier))
 
 # routing metadata: token counts across block (32 tokens = 192 lanes, padded to 256) and power-of-two
 # boundaries of tokens x top_k (21/22: 126/132 lanes, 42/43: 252/258, 171: 1026)
