@@ -4,7 +4,9 @@ layer (expert fingerprinting) and the routing metadata a fused MoE kernel consum
 Outputs are compared jointly by ``conformance.checks.routing.routing_compare`` (the ComponentSpec
 ``compare`` hook): expert ids as per-token sets (near-ties within the scores' rounding reported, not
 failed), weights aligned by expert id within a per-token derived bound, layer outputs decoded through
-the fingerprint experts, metadata exactly (and explained per token).
+the fingerprint experts, metadata exactly (and explained per token). The random-weight experts / layer rows
+(``weights="random"``, issue 16) compare y elementwise against a derived per-element scale
+(``routing.random_expert_scale``): they are the rows a less accurate expert backend fails.
 
 Emulation (``emulate(profile)``, the vLLM serving numerics):
   * gate: bf16 input x and weight -> fp32 logits; on gfx942 ``F.linear`` in bf16, so the logits are

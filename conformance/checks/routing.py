@@ -34,6 +34,13 @@ Expert fingerprinting (``moe.layer``, ``moe.experts``; spec 3.13)
   output lane e. Every expert therefore outputs A e_lane(e) with A = SiLU(G0) U0, and the layer output is
   y[t, e] = A w_{t,e}: the non-zero lanes are the experts that processed token t, y / A their weights.
 
+Random expert weights (``moe.experts`` / ``moe.layer`` rows with ``weights="random"``; issue 16)
+  The fingerprint's constant intermediate SiLU(4) * 1 is exact in FP8 and bf16 and every dot has one non-zero
+  product, so a less accurate expert backend (FP8 intermediate, bf16 accumulation, no clamp above 4) passes it.
+  Random-weight rows compare y elementwise against ``random_expert_tol(level) * random_expert_scale`` (a
+  per-element random-sum magnitude of every rounding source inside the experts; x and weights are bf16-exact);
+  a whole layer adds the routing weights' own bound and leaves out near-tie tokens (counted in the message).
+
 Routing metadata (``moe.routing_metadata``)
   The data a fused MoE kernel consumes: per-expert counts and offsets, the (token, slot) pairs sorted by
   expert (gather) and each pair's position in that order (scatter), -1 for dropped pairs. Compared exactly,
