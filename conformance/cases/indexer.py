@@ -76,6 +76,7 @@ for tokens, n, topk, seed in [(8, 2048, 512, 10), (8, 8192, 1024, 11), (4, 32768
     add(Case(f"indexer.topk/t{tokens}n{n}k{topk}/s{seed}", "indexer.topk", _make_topk,
              {"tokens": tokens, "n": n, "topk": topk, "ratio": 4, "whole_context": True}, seed, "permutation",
              ("prefill", "long-context"), tier="full"))
-for tokens, heads, n, seed in [(4, 64, 8192, 10)]:
+# scores at 8k, 32k and 131,072 tokens (2,048 / 8,192 / 32,768 entries at ratio 4); [T, H, N] stays <= 4M floats
+for tokens, heads, n, seed in [(4, 64, 8192, 10), (4, 64, 2048, 11), (2, 64, 32768, 12)]:
     add(Case(f"indexer.scores/t{tokens}h{heads}n{n}/s{seed}", "indexer.scores", _make_scores,
              {"tokens": tokens, "heads": heads, "n": n}, seed, "normal", ("prefill", "long-context"), tier="full"))

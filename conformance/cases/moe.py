@@ -4,7 +4,9 @@ layer (expert fingerprinting) and the routing metadata a fused MoE kernel consum
 Outputs are compared jointly by ``conformance.checks.routing.routing_compare`` (the ComponentSpec
 ``compare`` hook): expert ids as per-token sets (near-ties within the scores' rounding reported, not
 failed), weights aligned by expert id within a per-token derived bound, layer outputs decoded through
-the fingerprint experts, metadata exactly (and explained per token).
+the fingerprint experts, metadata exactly (and explained per token). The random-weight experts / layer rows
+(``weights="random"``, issue 16) compare y elementwise against a derived per-element scale
+(``routing.random_expert_scale``): they are the rows a less accurate expert backend fails.
 
 Emulation (``emulate(profile)``, the vLLM serving numerics):
   * gate: bf16 input x and weight -> fp32 logits; on gfx942 ``F.linear`` in bf16, so the logits are
@@ -366,6 +368,41 @@ def _make_experts(g, p):
             **fingerprint_experts(E, D), "limit": SWIGLU_LIMIT}
 
 
+def random_experts(g, E, D, I, gain) -> dict:
+    """Seeded random expert weights {w1, w3: [E, I, D], w2: [E, D, I]}, bf16-exact (every subject sees the same
+    values): gate/up pre-activations ~ N(0, gain^2) for unit inputs (gain 6 puts ~10% past the clamp at 10;
+    gain 1.5 keeps them below it: 10 / 1.5 = 6.7 sigma), outputs O(1)."""
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    return {"w1": bf(torch.randn(E, I, D, generator=g) * (gain / math.sqrt(D))),
+            "w3": bf(torch.randn(E, I, D, generator=g) * (gain / math.sqrt(D))),
+            "w2": bf(torch.randn(E, D, I, generator=g) / (gain * math.sqrt(I)))}
+
+
+def _make_random_experts(g, p):
+    """Given routes with random experts: x bf16-exact N(0, 1) (an activation as it arrives), each token scaled by
+    2^-U(0, spread) when the row has a spread (token magnitudes over ``spread`` octaves, so that the SwiGLU
+    intermediates of one expert span ~2 spread octaves: a per-tensor scale leaves the small tokens few bits),
+    routing weights 0.1..1.5."""
+    T, E, D, k = p["tokens"], p["experts"], p["dim"], p["topk"]
+    x = torch.randn(T, D, generator=g)
+    if p.get("spread"):
+        x = x * torch.exp2(-p["spread"] * torch.rand(T, 1, generator=g))
+    x = x.to(torch.bfloat16).float()
+    return {"x": x, "ids": _routes(g, T, E, k, p["dist"]), "weights": 0.1 + 1.4 * torch.rand(T, k, generator=g),
+            **random_experts(g, E, D, p["inter"], p["gain"]), "limit": SWIGLU_LIMIT}
+
+
+def _make_random_layer(g, p):
+    """A whole routed layer with random experts: random-design gate, x rounded to bf16 (the served hidden state)."""
+    kw = _make_layer(g, dict(p, dim=p["dim"]))
+    x = kw["x"]
+    if p.get("spread"):   # token magnitudes over ``spread`` octaves (see _make_random_experts)
+        x = x * torch.exp2(-p["spread"] * torch.rand(x.shape[0], 1, generator=g))
+    kw["x"] = x.to(torch.bfloat16).float()
+    kw.update(random_experts(g, p["experts"], p["dim"], p["inter"], p["gain"]))
+    return kw
+
+
 def _make_metadata(g, p):
     return {"topk_ids": _routes(g, p["tokens"], p["experts"], p["topk"], p["dist"]), "num_experts": p["experts"]}
 
@@ -430,6 +467,35 @@ for i, (T, dist) in enumerate([(1, "uniform"), (7, "dropped"), (33, "dropped"), 
     p = dict(experts=64, topk=6, tokens=T, dim=64)
     add(Case(f"moe.experts/T{T}E64k6/{dist}/s{400 + i}", "moe.experts", _make_experts, p, seed=400 + i, dist=dist,
              tags=_tag(T)))
+
+# random (not fingerprint) expert weights: the fingerprint's constant intermediate SiLU(4) * 1 is exact in any
+# FP8 / bf16 fallback and its single non-zero product per dot is exact in any accumulator, so a less accurate
+# expert backend only shows on random weights; gain 6 makes the swiglu clamp active (~10% of pre-activations)
+RANDOM_EXPERTS = [  # (T, E, k, D, I, gain, token-magnitude spread in octaves, dist, tier)
+    (1, 16, 6, 64, 32, 1.5, 0, "uniform", "fast"), (33, 64, 6, 128, 64, 1.5, 0, "dropped", "fast"),
+    (33, 64, 6, 128, 64, 6.0, 0, "uniform", "fast"), (200, 64, 6, 64, 64, 6.0, 8, "hot", "fast"),
+    (33, 16, 6, 128, 1024, 1.5, 0, "uniform", "fast"), (65, 16, 6, 128, 128, 1.5, 8, "dropped", "fast"),
+    (16, 8, 6, 4096, 2048, 1.5, 0, "uniform", "full"), (16, 8, 6, 4096, 2048, 6.0, 0, "dropped", "full"),
+    (2048, 64, 6, 256, 128, 6.0, 8, "dropped", "full")]
+for i, (T, E, k, D, I, gain, spread, dist, tier) in enumerate(RANDOM_EXPERTS):
+    p = dict(experts=E, topk=k, tokens=T, dim=D, inter=I, gain=gain, spread=spread, weights="random")
+    sp = f"-spread{spread}" if spread else ""
+    add(Case(f"moe.experts/T{T}E{E}k{k}D{D}I{I}/random-gain{gain:g}{sp}-{dist}/s{450 + i}", "moe.experts",
+             _make_random_experts, p, seed=450 + i, dist=dist,
+             tags=_tag(T) + ("random-weights",) + (("clamp-active",) if gain > 1.5 else ())
+             + (("flash-shape",) if D == 4096 else ()) + (("long",) if T >= 1024 else ()), tier=tier))
+RANDOM_LAYERS = [  # (T, D, I, gain, spread, bias, hashed, tier)
+    (33, 128, 64, 1.5, 0, "flash", False, "fast"), (33, 128, 64, 6.0, 0, "flash", False, "fast"),
+    (33, 128, 64, 1.5, 8, "none", True, "fast"), (33, 128, 1024, 1.5, 0, "none", True, "fast"),
+    (1024, 256, 128, 6.0, 0, "flash", False, "full")]
+for i, (T, D, I, gain, spread, bias, hashed, tier) in enumerate(RANDOM_LAYERS):
+    p = dict(experts=64, topk=6, route_scale=1.5, tokens=T, dim=D, inter=I, gain=gain, spread=spread, design="random",
+             bias=bias, variant="official", hash=hashed, weights="random")
+    kind = ("hash" if hashed else bias) + (f"-spread{spread}" if spread else "")
+    add(Case(f"moe.layer/T{T}E64k6D{D}I{I}/random-gain{gain:g}-{kind}/s{350 + i}", "moe.layer", _make_random_layer,
+             p, seed=350 + i, dist="normal",
+             tags=_tag(T) + ("random-weights",) + (("clamp-active",) if gain > 1.5 else ())
+             + (("long",) if T >= 1024 else ()), tier=tier))
 
 # routing metadata: token counts across block (32 tokens = 192 lanes, padded to 256) and power-of-two
 # boundaries of tokens x top_k (21/22: 126/132 lanes, 42/43: 252/258, 171: 1026)

@@ -34,6 +34,13 @@ Expert fingerprinting (``moe.layer``, ``moe.experts``; spec 3.13)
   output lane e. Every expert therefore outputs A e_lane(e) with A = SiLU(G0) U0, and the layer output is
   y[t, e] = A w_{t,e}: the non-zero lanes are the experts that processed token t, y / A their weights.
 
+Random expert weights (``moe.experts`` / ``moe.layer`` rows with ``weights="random"``; issue 16)
+  The fingerprint's constant intermediate SiLU(4) * 1 is exact in FP8 and bf16 and every dot has one non-zero
+  product, so a less accurate expert backend (FP8 intermediate, bf16 accumulation, no clamp above 4) passes it.
+  Random-weight rows compare y elementwise against ``random_expert_tol(level) * random_expert_scale`` (a
+  per-element random-sum magnitude of every rounding source inside the experts; x and weights are bf16-exact);
+  a whole layer adds the routing weights' own bound and leaves out near-tie tokens (counted in the message).
+
 Routing metadata (``moe.routing_metadata``)
   The data a fused MoE kernel consumes: per-expert counts and offsets, the (token, slot) pairs sorted by
   expert (gather) and each pair's position in that order (scatter), -1 for dropped pairs. Compared exactly,
@@ -60,7 +67,7 @@ from references.components.moe import RENORM_EPS_HF_VLLM, sqrt_softplus
 from ..metrics import Comparison
 from ..results import CheckResult
 from ..subjects.base import Unsupported, absent_reason
-from ..tolerances import gamma_prob
+from ..tolerances import Tolerance, gamma_prob
 
 U32 = 2.0**-24
 UBF16 = 2.0**-8
@@ -100,10 +107,13 @@ def score_model(x: torch.Tensor, weight: torch.Tensor, bias, level: str, profile
         # bf16 rounding of the gate input (and of W unless it is bf16-exact): worst case u_bf16 M per
         # rounded operand; independent roundings give 6 u_bf16 ||x o w||_2 (the probabilistic bound the
         # harness uses for reductions, Higham & Mary); the smaller of the two
+        # (an operand that is already bf16-exact rounds to itself: no term)
         l2 = torch.sqrt((x64 * x64) @ (w64 * w64).T)
-        n_ops = 1 if bool((weight.to(torch.bfloat16).to(weight.dtype) == weight).all()) else 2
+        rounded = [n for n, t in (("input", x), ("weight", weight))
+                   if not bool((t.to(torch.bfloat16).to(t.dtype) == t).all())]
+        n_ops = len(rounded)
         dz = 2 * acc + n_ops * UBF16 * torch.minimum(m, 6 * l2)
-        how = (f"2x ({how}) + bf16 rounding of the gate input{'' if n_ops == 1 else ' and weight'} "
+        how = (f"2x ({how}) + bf16 rounding of the gate {' and '.join(rounded) or '(none: bf16-exact operands)'} "
                f"{n_ops} u_bf16 min(M, 6 ||x o w||_2)")
         if profile == "gfx942":
             dz = dz + UBF16 * (z.abs() + dz)
@@ -395,6 +405,105 @@ def compare_dense(got: torch.Tensor, want: torch.Tensor, *, label: str, rel: flo
                        {"tolerance": f"fingerprint: exact expert sets; weights within {rel:.3g} relative"},
                        {"index": [rows_bad[0]]} if rows_bad else {},
                        msg if verdict != "pass" else f"{label} {output}: fingerprints equal")], diags
+
+
+# ---------------------------------------------------------------------------------------------------
+# random (not fingerprint) expert weights: an elementwise float comparison with a derived per-element scale
+RANDOM_LAMBDA = 6.0   # Hoeffding / Higham-Mary lambda of every random sum below (tolerances.gamma_prob)
+
+
+def random_expert_scale(x, ids, weights, w1, w3, w2, *, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element magnitude scale S [T, D] of y = sum_k w_k E_k(x) with random expert weights, and the
+    per-slot expert outputs' magnitude |E_k(x)| summed as ``ye_abs`` [T, k, D] (for routing-weight errors).
+
+    x and the weights are bf16-exact in the random rows (``conformance.cases.moe._make_random_experts``), so
+    no subject rounds an input: every rounding source lies inside the expert. For expert e on token t with
+    g = W1 x, u = W3 x, a = SiLU(min(g, L)) clamp(u, -L, L), ye = W2 a:
+        S_i = lambda sqrt(sum_k w_k^2 [sum_m W2_im^2 (fg_m^2 G_m^2 + fu_m^2 U_m^2 + a_m^2) + ye_i^2]) + |y_i|
+    fg = d a / d g = SiLU'(g) clamp(u) on the unclamped side (g < L + margin), fu = SiLU(min(g, L)) where
+    |u| < L + margin (the clamp is 1-Lipschitz); margin = 2 lambda u_bf16 sqrt(G^2) so a g that either side
+    may round across the clamp keeps its sensitivity. G_m^2 = sum_j (W1_mj x_j)^2 + g_m^2 is GEMM-1's
+    random-sum magnitude (accumulation and the rounding of g), U likewise; a_m^2 the activation's rounding,
+    ye_i^2 the rounding of each expert's output before it is weighted (vLLM applies the routing weight after
+    W2, spec 8.5), |y_i| the output's. The rounding of each source is <= u |v| with independent signs, so
+    each level's relative tolerance times S bounds the error at lambda = 6. fp64."""
+    x = x.detach().double()
+    T, D = x.shape
+    k = ids.shape[1]
+    ids = ids.long()
+    L = float(limit)
+    acc = torch.zeros(T, D, dtype=torch.float64)
+    y = torch.zeros(T, D, dtype=torch.float64)
+    ye_abs = torch.zeros(T, k, D, dtype=torch.float64)
+    lam = RANDOM_LAMBDA
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        xe = x[tok]
+        a1, a3, a2 = w1[e].double(), w3[e].double(), w2[e].double()
+        g, u = xe @ a1.T, xe @ a3.T
+        G2 = (xe * xe) @ (a1 * a1).T + g * g
+        U2 = (xe * xe) @ (a3 * a3).T + u * u
+        gc, uc = g.clamp(max=L), u.clamp(-L, L)
+        sg = torch.sigmoid(gc)
+        act = gc * sg
+        fg = sg * (1 + gc * (1 - sg)) * uc * (g < L + 2 * lam * UBF16 * G2.sqrt())
+        fu = act * (u.abs() < L + 2 * lam * UBF16 * U2.sqrt())
+        a = act * uc
+        ye = a @ a2.T
+        we = weights[tok, slot].double().unsqueeze(-1)
+        t_k = (fg * fg * G2 + fu * fu * U2 + a * a) @ (a2 * a2).T + ye * ye
+        acc.index_add_(0, tok, we * we * t_k)
+        y.index_add_(0, tok, we * ye)
+        ye_abs[tok, slot] = ye.abs()
+    return lam * acc.sqrt() + y.abs(), ye_abs
+
+
+def random_expert_tol(level: str, n: int) -> Tolerance:
+    """Relative tolerance on ``random_expert_scale`` per level (n = max(D, I), the longest reduction)."""
+    g32 = (n + 4) * U32   # fp32: each GEMM's 6 sqrt(n) u32 sum|.| <= 6 n u32 sqrt(sum (.)^2), 4 elementwise ops
+    # 1.1 covers second-order terms (products of two relative errors, each <= 2^-7)
+    if level == "fp64":
+        r = 1.1 * g32
+        return Tolerance(0.0, r, f"random experts: fp32 golden 1.1*({n}+4)*u32 = {r:.3g} of S")
+    if level == "fp32":
+        r = 2.2 * g32
+        return Tolerance(0.0, r, f"random experts: two fp32 evaluations 2*1.1*({n}+4)*u32 = {r:.3g} of S")
+    if level == "emulated":
+        # identical bf16 x and weights: g, u, a, ye, y may round to the neighbouring bf16 value (2 u_bf16) where
+        # the two sides' fp32 values straddle a rounding boundary, plus both sides' fp32 order
+        r = 1.1 * (2 * UBF16 + 2 * g32)
+        return Tolerance(0.0, r, f"random experts: one bf16 ulp of each rounded value (2*2^-8) + fp32 order "
+                         f"2*({n}+4)*u32, x1.1 = {r:.3g} of S")
+    if level == "serving":
+        r = 1.1 * (UBF16 + g32)
+        return Tolerance(0.0, r, f"random experts: every rounding source (bf16 g, u, a, expert output, y) <= 2^-8 "
+                         f"relative, random sums at lambda 6 in S, + fp32 ({n}+4)*u32, x1.1 = {r:.3g} of S")
+    raise ValueError(f"unknown comparison level {level!r}")
+
+
+def compare_random_experts(got_y, want_y, kwargs: dict, ids, weights, *, level: str, label: str,
+                           dw: torch.Tensor | None = None, skip_rows: torch.Tensor | None = None,
+                           output: str = "y") -> Comparison:
+    """y of a random-weight row against the golden: |got - want| <= r_level S + sum_k dw_k |E_k(x)| elementwise
+    (dw: the routing weights' own error bound, ``weight_bound``, for a whole layer; None for given routes), with
+    the systematic gain / offset statistics (``metrics.compare_float``). ``skip_rows``: tokens not compared
+    (a whole layer's near-tie tokens, whose expert set may legitimately differ)."""
+    from ..metrics import compare_float
+
+    n = max(kwargs["w1"].shape[-1], kwargs["w1"].shape[-2])
+    tol = random_expert_tol(level, n)
+    S, ye_abs = random_expert_scale(kwargs["x"], ids, weights, kwargs["w1"], kwargs["w3"], kwargs["w2"],
+                                    limit=kwargs["limit"])
+    if dw is not None:
+        # the routing weights' error moves each expert's output wholesale: a worst-case sum over the k slots,
+        # folded into the scale so that the bound stays r S + sum_k dw_k |E_k|
+        S = S + (dw.double().unsqueeze(-1) * ye_abs).sum(1) / tol.rtol
+        tol = Tolerance(tol.atol, tol.rtol, tol.derivation + " + sum_k dw_k |E_k(x)| (routing-weight bound)")
+    g, w = got_y.detach().cpu().double(), want_y.detach().cpu().double()
+    if skip_rows is not None and bool(skip_rows.any()):
+        keep = ~skip_rows
+        g, w, S = g[keep], w[keep], S[keep]
+    return compare_float(g, w, tol, output=output, scale=S, label=label, ulp_dtype=torch.bfloat16, level=level)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -767,7 +876,9 @@ def run_routing(subject, case, *, subject_name: str | None = None, rerun: str = 
         comps, diags = routing_compare(case.component, got, ref, params, level, lab, kwargs,
                                        guards=guards if prof is None else None)
         rows.append(_mk_row(name, info, impl, case, level, comps, diags, t, ctx, rerun))
-    if case.component == "moe.experts" and ranks:
+    # expert parallel: the expert map is a routing property, checked on the fingerprint rows (whose decoded
+    # lanes name the expert that ran); random-weight rows check the arithmetic
+    if case.component == "moe.experts" and ranks and case.params.get("weights") != "random":
         try:
             rows.extend(run_expert_parallel(impl, kwargs, want, params, name, info, case, ctx, rerun, label,
                                             ranks, level=rows[0].level))
@@ -794,6 +905,8 @@ def routing_compare(component: str, got: dict, want: dict, params: dict, level: 
         return compare_route(got["ids"], got["weights"], want["ids"], want["weights"], sm,
                              route_scale=kwargs["route_scale"], eps=renorm_eps(kwargs.get("variant", "official")),
                              label=label, hashed=hashed)
+    if component == "moe.layer" and params.get("weights") == "random":
+        return _compare_random_layer(got, want, params, level, label, kwargs, profile), []
     if component == "moe.layer":
         hashed = kwargs.get("tid2eid") is not None
         E = kwargs["w1"].shape[0]
@@ -811,6 +924,12 @@ def routing_compare(component: str, got: dict, want: dict, params: dict, level: 
                                     f"{label} y: {len(overflow)} tokens processed by more than {k} experts; token "
                                     f"{t}: experts {_fmt_set(s)}"))
         return comps, diags
+    if component == "moe.experts" and params.get("weights") == "random":
+        comps = [compare_random_experts(got["y"], want["y"], kwargs, kwargs["ids"], kwargs["weights"], level=level,
+                                        label=label)]
+        if guards:
+            comps.append(guard_comparison(guards, label))
+        return comps, []
     if component == "moe.experts":
         E = kwargs["num_experts"] if "num_experts" in kwargs else kwargs["w1"].shape[0]
         gd = decode_dense(got["y"], E)
@@ -822,6 +941,31 @@ def routing_compare(component: str, got: dict, want: dict, params: dict, level: 
     if component == "moe.routing_metadata":
         return compare_metadata(got, want, kwargs["topk_ids"], label=label, guards=guards)
     raise KeyError(f"no routing comparison for component {component!r}")
+
+
+def _compare_random_layer(got, want, params, level, label, kwargs, profile) -> list[Comparison]:
+    """A whole routed layer with random experts: y against the golden's y on the golden's routes, the bound
+    widened by the routing weights' error (``weight_bound`` on the level's score model). Tokens whose golden
+    selection boundary is a near-tie under that score model (k-th and (k+1)-th selection scores within both
+    bounds) may legitimately take another expert set; they are not compared and are counted in the message."""
+    hashed = kwargs.get("tid2eid") is not None
+    k = kwargs["topk"]
+    sm = score_model(kwargs["x"], kwargs["gate_weight"], None if hashed else kwargs.get("gate_bias"), level, profile)
+    ids, w = want["ids"].long(), want["weights"].double()
+    T = ids.shape[0]
+    tie = torch.zeros(T, dtype=torch.bool)
+    if not hashed and k < sm.sel.shape[-1]:
+        top = torch.topk(sm.sel, k + 1, dim=-1)
+        kv, ki, k1v, k1i = top.values[:, k - 1], top.indices[:, k - 1], top.values[:, k], top.indices[:, k]
+        tie = (kv - k1v) <= sm.esel.gather(1, ki[:, None])[:, 0] + sm.esel.gather(1, k1i[:, None])[:, 0]
+    gid = ids.clamp(min=0)
+    dw = weight_bound(sm.s.gather(1, gid), sm.e.gather(1, gid), kwargs["route_scale"],
+                      renorm_eps(kwargs.get("route_variant", "official")), w)
+    dw = torch.where(ids >= 0, dw, torch.zeros_like(dw))
+    c = compare_random_experts(got["y"], want["y"], kwargs, ids, w, level=level, label=label, dw=dw, skip_rows=tie)
+    c.metrics["near_tie_rows"] = int(tie.sum())
+    c.message += f"; {int(tie.sum())} / {T} near-tie tokens not compared"
+    return [c]
 
 
 def _expert_rel(level: str) -> float:

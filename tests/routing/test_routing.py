@@ -43,6 +43,8 @@ def test_correct_subjects_raise_no_alarm(name):
     near = 0
     for comp in MOE:
         for c in cases_for(comp):
+            if c.tier != "fast":   # the full tier's big shapes run under --tier full (nox -s cpu)
+                continue
             for r in run_routing(s, c):
                 assert r.verdict == "pass", r.message
                 assert r.check == "routing"
@@ -185,6 +187,77 @@ def test_expert_maps_partition():
 def test_layer_fingerprint_catches_expert_mask():
     s = Mu.layer_expert_mask()
     for c in cases_for("moe.layer"):
+        if c.tier != "fast":
+            continue
         rows = _run(s, c.id)
-        assert all(r.verdict == "fail" for r in rows), c.id
+        assert all(r.verdict in ("fail", "catastrophic") for r in rows), c.id
+        if c.params.get("weights") == "random":   # no lanes to decode: the elementwise bound catches it
+            assert ELEMENTWISE.search(rows[0].message), rows[0].message
+            continue
         assert re.search(r"token 0: experts \{1\}, expected \{[\d, ]+\}", rows[0].message), rows[0].message
+
+
+# less accurate expert backends (issue 16): each passes every fingerprint row and fails the random-weight rows
+# named here, with the elementwise message naming the derived bound
+RANDOM_CATCHES = {
+    "fp8_intermediate_per_tensor": ["moe.experts/T200E64k6D64I64/random-gain6-spread8-hot/s453",
+                                    "moe.experts/T65E16k6D128I128/random-gain1.5-spread8-dropped/s455",
+                                    "moe.layer/T33E64k6D128I64/random-gain1.5-hash-spread8/s352"],
+    "bf16_accumulate": ["moe.experts/T33E16k6D128I1024/random-gain1.5-uniform/s454",
+                        "moe.layer/T33E64k6D128I1024/random-gain1.5-hash/s353"],
+    "no_swiglu_clamp": ["moe.experts/T33E64k6D128I64/random-gain6-uniform/s452",
+                        "moe.experts/T200E64k6D64I64/random-gain6-spread8-hot/s453",
+                        "moe.layer/T33E64k6D128I64/random-gain6-flash/s351"],
+}
+FINGERPRINT_ROWS = ["moe.experts/T1E64k6/uniform/s400", "moe.experts/T33E64k6/dropped/s402",
+                    "moe.experts/T200E64k6/hot/s403", "moe.layer/T33E64k6/normal-flash/s302",
+                    "moe.layer/T129E64k6/normal-large/s303", "moe.layer/T33E64k6/normal-hash/s308"]
+ELEMENTWISE = re.compile(r"y: (fail|catastrophic); \d+ / \d+ \([\d.]+%\) beyond bound; worst at \[\d+, \d+\]: got \S+ "
+                         r"want \S+ \|err\| \S+ allowed \S+ \([\d.]+x bound\); bound: random experts")
+
+
+@pytest.mark.parametrize("kind", sorted(RANDOM_CATCHES))
+def test_less_accurate_experts_invisible_on_fingerprints_caught_on_random_weights(kind):
+    s = Mu.less_accurate_experts(kind)
+    for cid in FINGERPRINT_ROWS:
+        rows = _run(s, cid)
+        assert all(r.verdict == "pass" for r in rows), (cid, [r.message for r in rows if r.verdict != "pass"])
+    for cid in RANDOM_CATCHES[kind]:
+        rows = _run(s, cid)
+        by = {r.level: r for r in rows}
+        assert by["serving"].verdict in ("fail", "catastrophic"), (cid, by["serving"].message)
+        assert ELEMENTWISE.search(by["serving"].message), by["serving"].message
+        assert by["emulated"].verdict != "pass" or kind == "bf16_accumulate" or "I1024" in cid, \
+            (cid, by["emulated"].message)
+
+
+def test_random_rows_shape_the_clamp_as_named():
+    """gain 6 rows put pre-activations past the clamp (the no-clamp mutant needs them), gain 1.5 rows keep every
+    one below it (so a clamp-free backend passes them: the vLLM CPU subject's clamp finding shows only where it
+    is active)."""
+    for c in cases_for("moe.experts") + cases_for("moe.layer"):
+        if c.params.get("weights") != "random" or c.tier != "fast":
+            continue
+        kw = c.make_inputs()
+        x = kw["x"].double()
+        pre = torch.cat([x @ kw["w1"][e].double().T for e in range(kw["w1"].shape[0])]
+                        + [x @ kw["w3"][e].double().T for e in range(kw["w3"].shape[0])], -1).abs()
+        assert (kw["x"].to(torch.bfloat16).float() == kw["x"]).all(), c.id
+        if c.params["gain"] > 1.5:
+            assert "clamp-active" in c.tags and float((pre > 10).double().mean()) > 1e-3, c.id
+        else:
+            assert "clamp-active" not in c.tags and float(pre.max()) < 10, c.id
+
+
+def test_masking_ties_by_value_is_caught_on_the_tied_rows_only():
+    """Exact ties (the "equal-none" row: one logit for every expert, no bias) make the value-masking top-k pick the
+    same lane over and over; rows with distinct scores route exactly as the correct router. (The 1,000-token
+    Flash-bias row holds genuine exact fp32 ties of s + bias, ~8.08 +- 0.02, and is caught there too: not asserted
+    either way.)"""
+    s = Mu.mask_ties_by_value()
+    for c in cases_for("moe.router"):
+        rows = _run(s, c.id)
+        if "/equal-none/" in c.id:   # (equal-flash: the bias makes the selection scores distinct)
+            assert rows[0].verdict == "fail" and "(the same expert twice)" in rows[0].message, rows[0].message
+        elif "/normal-" in c.id and "/T1000" not in c.id:
+            assert all(r.verdict == "pass" for r in rows), (c.id, [r.message for r in rows])

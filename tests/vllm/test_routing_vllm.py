@@ -190,3 +190,43 @@ def test_bitmatrix_kernel_padded_lanes_store_into_the_next_block(triton_subject)
                  BLOCK_PER_TOK=32, BLOCK_SIZE_PADDED=256)
     written = torch.nonzero(row_sorted >= 0).flatten()
     assert int(written.max()) == 255 and written.numel() == 256, written.numel()
+
+
+# random (not fingerprint) expert weights (issue 16)
+RANDOM_CLAMP_INACTIVE = ["moe.experts/T1E16k6D64I32/random-gain1.5-uniform/s450",
+                         "moe.experts/T33E64k6D128I64/random-gain1.5-dropped/s451",
+                         "moe.experts/T33E16k6D128I1024/random-gain1.5-uniform/s454",
+                         "moe.experts/T65E16k6D128I128/random-gain1.5-spread8-dropped/s455",
+                         "moe.layer/T33E64k6D128I64/random-gain1.5-flash/s350",
+                         "moe.layer/T33E64k6D128I64/random-gain1.5-hash-spread8/s352",
+                         "moe.layer/T33E64k6D128I1024/random-gain1.5-hash/s353"]
+
+
+@pytest.mark.parametrize("cid", RANDOM_CLAMP_INACTIVE)
+def test_cpu_fused_moe_passes_random_weights_below_the_clamp(vllm_subject, cid):
+    rows = _rows(vllm_subject, cid)
+    assert rows and all(r.verdict == "pass" for r in rows), [r.message for r in rows if r.verdict != "pass"]
+    assert {r.level for r in rows} == {"serving", "emulated"}
+
+
+@pytest.mark.parametrize("cid", ["moe.experts/T33E64k6D128I64/random-gain6-uniform/s452",
+                                 "moe.experts/T200E64k6D64I64/random-gain6-spread8-hot/s453"])
+def test_cpu_fused_moe_random_clamp_rows_fail_exactly_by_the_missing_swiglu_clamp(vllm_subject, cid):
+    """Finding vllm-cpu-moe-no-swiglu-clamp, not a bound error: the clamp-active rows fail against the golden
+    (limit 10), and the same vLLM output passes the same derived serving bound against the golden evaluated
+    without the clamp. (CPUUnquantizedExperts.apply, model_executor/layers/fused_moe/experts/cpu_moe.py:269-315,
+    calls cpu_fused_moe with the activation name only; the DSV4 CPU block passes swiglu_limit to
+    FusedMoEFactory, models/deepseek_v4/cpu/model.py:214, which that path never reads.)"""
+    from conformance.cases.moe import experts_golden
+    from conformance.checks.routing import compare_random_experts
+
+    rows = _rows(vllm_subject, cid)
+    serving = next(r for r in rows if r.level == "serving")
+    assert serving.verdict in ("fail", "catastrophic") and "beyond bound" in serving.message, serving.message
+    kw = CASES[cid].make_inputs()
+    got = vllm_subject.provides()["moe.experts"].fn(**kw)["y"]
+    unclamped = dict(kw, limit=1e30)
+    want = experts_golden(**unclamped)["y"]
+    c = compare_random_experts(got, want, unclamped, kw["ids"], kw["weights"], level="serving",
+                               label=f"[{cid} | vllm vs unclamped golden]")
+    assert c.verdict == "pass", c.message
