@@ -34,6 +34,14 @@ def _vllm(name):
         from vllm.model_executor.layers.quantization.utils import fp8_utils
 
         return getattr(fp8_utils, name)
+    if name == "KMxfp8Static.get_scale_weight_loader":
+        from vllm.model_executor.layers.quantization.modelopt import KMxfp8Static
+
+        return KMxfp8Static.get_scale_weight_loader
+    if name == "EmulationMxfp8LinearKernel":
+        from vllm.model_executor.kernels.linear.mxfp8.emulation import EmulationMxfp8LinearKernel
+
+        return EmulationMxfp8LinearKernel
     if name == "VocabParallelEmbedding.forward":
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
@@ -208,7 +216,7 @@ def make_compress_rocm(p):
 
 # ------------------------------------------------------------------------------------------------ linear
 def make_fp8_block_linear_rocm(p):
-    def fp8_block_linear_rocm(x, weight, weight_scale):
+    def fp8_block_linear_rocm(x, weight, weight_scale, weight_block=128):
         """TritonFp8BlockScaledMMKernel (ROCm without the aiter linear): process_weights_after_loading's
         process_fp8_weight_block_strategy on the checkpoint's OCP e4m3fn bytes and e8m0 scales (on an fnuz
         platform: 0x80 -> 0, bytes reinterpreted as e4m3fnuz, e8m0 exponent + 1; the ROCm FP8 padding of the row
@@ -225,12 +233,47 @@ def make_fp8_block_linear_rocm(p):
 
         from ._vllm_adapters import act_quant_as_compiled
 
+        if weight_block == 32:
+            return mxfp8_linear_rocm(x, weight, weight_scale, p)
         w, ws = _vllm("process_fp8_weight_block_strategy")(weight.clone().view(torch.float8_e4m3fn),
                                                             weight_scale.clone().view(torch.float8_e8m0fnu))
         q, s = act_quant_as_compiled(x, p["fp8"], get_fp8_min_max()[1])
         y = _vllm("w8a8_triton_block_scaled_mm")(q, w, s, ws, [128, 128], BF)
         return {"y": y.float()}
     return fp8_block_linear_rocm
+
+
+def mxfp8_linear_rocm(x, weight, weight_scale, p):
+    """V4.1's 32x32-scaled dense linear (rows ``linear.fp8_block/wb32/...``) as vLLM's ROCm dispatch serves it
+    (``DeepseekV4FP8Config.get_quant_method`` -> ``ModelOptLinearMethod`` MXFP8, ``models/deepseek_v41/
+    quant_config.py:221-243``): the checkpoint's [N/32, K/32] e8m0 grid goes through vLLM's own loader
+    (``KMxfp8Static.get_scale_weight_loader``, ``modelopt.py:2278-2291``: a row-wise repeat to [N, K/32]), then
+    the kernel ``init_mxfp8_linear_kernel`` picks on the arch (``kernels/linear/__init__.py:552-567``):
+    ``RocmDotScaledMxfp8LinearKernel`` only where ``supports_mx()`` (gfx95x), else ``EmulationMxfp8LinearKernel``
+    (``process_weights_after_loading`` dequantises to bf16, ``apply_weights`` a bf16 F.linear). On gfx950 the
+    native kernel's ``rocm_mxfp8_block32_gemm`` is Triton with ``tl.dot_scaled``, which the interpreter has no
+    MX path for: Unsupported there."""
+    from vllm.model_executor.kernels.linear.mxfp8.Mxfp8LinearKernel import Mxfp8LinearLayerConfig
+    from vllm.model_executor.layers.quantization.modelopt import CkptCtx
+
+    from .base import Unsupported
+
+    if not p["fnuz"]:
+        raise Unsupported("gfx950 serves 32x32 rows with RocmDotScaledMxfp8LinearKernel (rocm_mxfp8_block32_gemm, "
+                          "tl.dot_scaled), which the Triton interpreter cannot run")
+    n, k = weight.shape
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight.clone().view(torch.float8_e4m3fn), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(torch.empty(n, k // 32, dtype=torch.uint8), requires_grad=False)
+
+    def copy_loader(param, loaded, *args, **kwargs):
+        param.data.copy_(loaded)
+
+    _vllm("KMxfp8Static.get_scale_weight_loader")(copy_loader, CkptCtx(scale_block_size=(32, 32)))(
+        layer.weight_scale, weight_scale.clone())
+    kernel = _vllm("EmulationMxfp8LinearKernel")(Mxfp8LinearLayerConfig(weight_shape=(n, k)))
+    kernel.process_weights_after_loading(layer)
+    return {"y": kernel.apply_weights(layer, x.to(BF)).float()}
 
 
 # ------------------------------------------------------------------------------------------------ embedding

@@ -308,7 +308,10 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                     "_w8a8_triton_block_scaled_mm)", "triton",
                     "the aiter linear off: the next ROCm block kernel; its weights are normalised to fnuz at load "
                     "on gfx942 (0x80 -> 0, e8m0 exponent + 1); the activation quant is the compiled "
-                    "torch.ops._C.per_token_group_fp8_quant on the device (x contiguous)",
+                    "torch.ops._C.per_token_group_fp8_quant on the device (x contiguous). V4.1's 32x32-scaled "
+                    "rows (wb32) take ModelOptLinearMethod MXFP8 instead (models/deepseek_v41/quant_config.py:"
+                    "221-243): KMxfp8Static's scale loader, then kernels.linear.mxfp8.emulation."
+                    "EmulationMxfp8LinearKernel (a bf16 GEMM; RocmDotScaledMxfp8LinearKernel needs gfx95x)",
                     adapter="fp8_block_linear_rocm",
                     runs=("process_fp8_weight_block_strategy", "w8a8_triton_block_scaled_mm",
                           "_w8a8_triton_block_scaled_mm")),

@@ -151,6 +151,12 @@ NAMES = {
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
+# what else a not-provided row of the CPU build should say (vLLM 0.32.0 paths relative to site-packages/vllm)
+ABSENT_NOTES = {
+    "linear.fp8_block": "; V4.1's 32x32 rows (MXFP8): init_mxfp8_linear_kernel has no CPU entry in "
+                        "_POSSIBLE_MXFP8_KERNELS (model_executor/kernels/linear/__init__.py:552-571), so the CPU "
+                        "build cannot load a V4.1 dense linear; vllm:sim-gfx942 binds its EmulationMxfp8LinearKernel",
+}
 
 # component-name aliases (last dotted segment) -> adapter key, for goldens that are wrappers
 ALIASES = {
@@ -428,7 +434,8 @@ class VllmSubject(Subject):
                     from .vllm_triton import KERNELS
 
                     only = "; vLLM's Triton kernel for it: vllm-triton:<profile>" if key in KERNELS else ""
-                    self._absent[name] = f"{rel}: no adapter for vLLM's {self.kind} build{only}"
+                    self._absent[name] = f"{rel}: no adapter for vLLM's {self.kind} build{only}" + \
+                        ABSENT_NOTES.get(name, "")
                 continue
             c, core = usable[key]
             fn, why = bind(spec, core, fixed=FIXED.get(name))

@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 
 import pytest
+import torch
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm is not installed in this Python (the sim subjects run with nox -s gfx942-sim)",
@@ -464,3 +465,33 @@ def test_coverage_command_prints_each_selected_row(capsys):
         assert cells[1].strip().strip("`").replace("\\|", "|") == b.function, ln
         backend = "triton-interpreter" if (b.backend == "triton" and name in s.provides()) else b.backend
         assert cells[2].strip() == backend, ln
+
+
+def test_v41_32x32_linear_rows_run_vllms_mxfp8_emulation_kernel_on_gfx942(sim):
+    """linear.fp8_block's V4.1 rows (wb32): on gfx942 vLLM's own KMxfp8Static scale loader (the row-wise repeat of
+    the 32x32 grid) and EmulationMxfp8LinearKernel run, not the block-FP8 Triton GEMM; on gfx950 the native
+    tl.dot_scaled kernel is not interpretable: Unsupported with the reason."""
+    from conformance.subjects.base import Unsupported
+
+    case = min((c for c in cases_for("linear.fp8_block") if "/wb32/" in c.id), key=lambda c: len(c.id))
+    impl = sim.provides()["linear.fp8_block"]
+    kw = case.make_inputs()
+    if sim.arch == "gfx950":
+        with pytest.raises(Unsupported, match="RocmDotScaledMxfp8LinearKernel"):
+            impl.fn(**kw)
+        return
+    out, seen = vs.executed_vllm_functions(impl.fn, **kw)
+    assert {"scaled_loader", "process_weights_after_loading", "apply_weights", "dequant_mxfp8_to_bf16"} <= seen, \
+        sorted(seen)
+    assert "_w8a8_triton_block_scaled_mm" not in seen and "process_fp8_weight_block_strategy" not in seen
+    want = fp8_linear_golden_bf16(kw)
+    assert torch.equal(out["y"], want)
+
+
+def fp8_linear_golden_bf16(kw):
+    """What EmulationMxfp8LinearKernel computes, by the harness: golden weights (exact in bf16), bf16 GEMM."""
+    from conformance.cases.linear import W_SPECS
+    from references.formats.blockscale import dequantize_fp8
+
+    w = dequantize_fp8(kw["weight"], kw["weight_scale"], W_SPECS[32]).to(torch.bfloat16)
+    return torch.nn.functional.linear(kw["x"].to(torch.bfloat16), w).float()
