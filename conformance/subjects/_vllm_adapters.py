@@ -467,12 +467,18 @@ def _insert_kv(kv: torch.Tensor, bs: int):
     return cache
 
 
-def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn):
+def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn,
+           q_head_norm=True):
     """vLLM CPU's q path around the harness's FP8 GEMMs (``linear.fp8_block``'s OCP serving emulation: vLLM CPU has
     no FP8 linear adapter here): q_norm by vLLM's RMSNorm.forward_native (DeepseekV4CPUAttention._split_qkv_and_norm
     calls q_norm separately), then fused_qnorm_rope_kv_insert_cpu's q side: per-head unweighted RMSNorm and GPT-J
     RoPE on the last 64 dims with vLLM's cos/sin cache (no kv token written: slot -1)."""
     from vllm.model_executor.layers.layernorm import RMSNorm
+
+    if not q_head_norm:
+        raise Unsupported("V4.1 (no per-head q norm): vLLM has no DeepSeek-V4.1 CPU attention (models/deepseek_v41 "
+                          "holds amd/ and nvidia/ only) and fused_qnorm_rope_kv_insert_cpu has no apply_q_norm "
+                          "argument (it always normalises each head)")
 
     from ..cases.linear import _emulate as linear_emulate
     from ..cases.qkv import _inv_freq

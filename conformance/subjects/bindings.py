@@ -402,7 +402,8 @@ def _qkv(platform: str) -> dict[str, list[Binding]]:
         Binding(V + "models.deepseek_v4.attention.DeepseekV4Attention._split_qkv_and_norm -> common.ops."
                 "fused_q_kv_rmsnorm (Triton)" + tail, "compiled",
                 "aiter linear off: the shared Triton q/kv RMSNorm, then the compiled HIP q-norm/RoPE/insert op "
-                "(uint8 fp8_ds_mla SWA cache)", reason=HIP_OP),
+                "(uint8 fp8_ds_mla SWA cache; V4.1's rows: the same op with apply_q_norm False, models/deepseek_v41/"
+                "attention.py:1072-1086)", reason=HIP_OP),
     ]}
 
 

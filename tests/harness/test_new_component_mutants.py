@@ -130,23 +130,32 @@ def _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, *, n_heads, eps, h
 
 
 def q_path_rope_on_first_dims(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
-                              yarn):
+                              yarn, q_head_norm=True):
     # RoPE on q[..., 0:64] instead of the trailing q[..., 448:512]
-    qr, q = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps)
+    qr, q = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps,
+                       head_norm=q_head_norm)
     head = apply_rope(q[..., :64], positions, _q_inv_freq(theta, yarn), 64)
     return {"qr": qr, "q": torch.cat((head, q[..., 64:]), -1)}
 
 
 def q_path_without_head_norm(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
-                             yarn):
+                             yarn, q_head_norm=True):
+    # never normalises a head: V4.1's math on every row (so V4 rows catch it, V4.1 rows pass)
     qr, z = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps, head_norm=False)
     return {"qr": qr, "q": apply_rope(z, positions, _q_inv_freq(theta, yarn), 64)}
 
 
 def q_path_without_q_norm_weight(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
-                                 yarn):
+                                 yarn, q_head_norm=True):
     return q_path_golden(x, wq_a, wq_a_scale, torch.ones_like(q_norm), wq_b, wq_b_scale, positions,
-                         n_heads=n_heads, eps=eps, theta=theta, yarn=yarn)
+                         n_heads=n_heads, eps=eps, theta=theta, yarn=yarn, q_head_norm=q_head_norm)
+
+
+def q_path_head_norm_always(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                            yarn, q_head_norm=True):
+    # a V4 kernel serving V4.1: the per-head RMSNorm applied whatever q_head_norm says (V4 math on every row)
+    return q_path_golden(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, n_heads=n_heads, eps=eps,
+                         theta=theta, yarn=yarn)
 
 
 def _kv_bf16(x, wkv, wkv_scale, kv_norm, positions, *, eps, theta, yarn):
@@ -361,6 +370,7 @@ MUTANTS = [
     ("attn.q_path", q_path_rope_on_first_dims),
     ("attn.q_path", q_path_without_head_norm),
     ("attn.q_path", q_path_without_q_norm_weight),
+    ("attn.q_path", q_path_head_norm_always),
     ("attn.kv_insert", kv_insert_scale_not_pow2),
     ("attn.kv_insert", kv_insert_scales_inline),
     ("attn.kv_insert", kv_insert_padding_to_slot0),
@@ -437,6 +447,24 @@ def test_32x32_scales_read_as_128_blocks_is_caught_on_every_v41_row_only():
             assert r.verdict in ("fail", "catastrophic") and r.worst.get("index") is not None, (cid, r.message)
         else:
             assert r.verdict == "pass", (cid, r.message)
+
+
+@pytest.mark.parametrize("fn,caught_on", [(q_path_head_norm_always, "v4.1"), (q_path_without_head_norm, "v4")])
+def test_head_norm_mutants_are_caught_on_the_other_versions_rows_only(fn, caught_on):
+    """Applying the per-head norm on V4.1 rows fails every V4.1 row's q (serving level, the worst element named) and
+    is the golden on V4 rows; dropping it fails every V4 row and is the golden on V4.1 rows. qr is untouched."""
+    rows = _verdicts("attn.q_path", fn, fast=True)
+    assert {("/v41/" in c) for c in rows} == {True, False}
+    for cid, rs in rows.items():
+        r = [r for r in rs if r.level == "serving"]
+        version = "v4.1" if "/v41/" in cid else "v4"
+        verdict = worst_verdict(r)
+        if version == caught_on:
+            assert verdict in ("fail", "catastrophic"), (cid, [x.message for x in r])
+            assert any(" q: " in x.message and x.worst.get("index") is not None for x in r
+                       if x.verdict in ("fail", "catastrophic")), [x.message for x in r]
+        else:
+            assert verdict == "pass", (cid, [x.message for x in r])
 
 
 def test_int32_block_offset_is_caught_on_the_high_block_cases_only():
