@@ -421,10 +421,18 @@ def indexer_topk(scores, positions, *, ratio, topk):
     return _out(idx=raw.long())
 
 
+# compressor.kv's V4.1 rows (ape None): what no V4 compressor adapter runs
+V41_COMPRESSOR = ("V4.1 compressor (ratio 1 / 2, no position bias): vLLM runs models/deepseek_v41/compressor.py's "
+                  "fused_save_compress_norm + rope_quant_insert (Triton), which no adapter drives yet; the V4 "
+                  "compressor ops need an ape and ratio 4 / 128")
+
+
 def compress(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_dim=64, numerics=None,
              kind="attn", variant="official", overlap=None):
     """vLLM CPU compressor: bf16 projections (torch), save_partial_states_cpu into the state cache, then
     compress_norm_rope_store_cpu (attn, fp8_ds_mla entries) / _indexer_cpu (indexer-K entries)."""
+    if ape is None:
+        raise Unsupported(V41_COMPRESSOR)
     T, m, d = x.shape[0], ratio, head_dim
     ov = (m == 4) if overlap is None else overlap
     coff = 2 if ov else 1

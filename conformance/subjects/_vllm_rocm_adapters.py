@@ -165,6 +165,11 @@ def make_compress_rocm(p):
         128, _prefer_two_stage_compressor), compress_norm_rope_store_triton otherwise (ratio 4 attention, the
         indexer's head 128). One request, all tokens a prefill; the entries are the cache bytes decoded as
         float8_e4m3fn, the dtype those kernels write (tl.float8e4nv, FP8_MAX 448, no fnuz branch)."""
+        from ._vllm_adapters import V41_COMPRESSOR
+        from .base import Unsupported
+
+        if ape is None:
+            raise Unsupported(V41_COMPRESSOR)
         from types import SimpleNamespace
 
         from ._vllm_adapters import read_584, read_indexer_k, vllm_rope

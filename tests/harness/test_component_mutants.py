@@ -11,7 +11,7 @@ from conformance.cases.indexer import idx_topk
 from conformance.cases.mhc import mhc_pre
 from conformance.checks.numeric import run_numeric
 from conformance.subjects import Impl, Subject, SubjectInfo
-from references.components.rope import rope_inv_freq
+from references.components.rope import apply_rope, rope_inv_freq
 from references.config import RopeScaling
 
 
@@ -66,6 +66,23 @@ def compressor_softmax_over_channels(x, wkv, wgate, ape, norm, *, ratio, head_di
 
 
 
+def compressor_v41_mean_pool(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps):
+    # V4.1 rows (ape None): the pair averaged (equal weights, the gate ignored) instead of its softmax
+    if ape is None and wgate is not None:
+        wgate = torch.zeros_like(wgate)
+    return compressor_kv(x, wkv, wgate, ape, norm, ratio=ratio, head_dim=head_dim, eps=eps)
+
+
+def compressor_v41_rope_at_group_end(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps):
+    # V4.1 rows: RoPE at the group's closing position i*m + m - 1 instead of its first, i*m (rotating the golden's
+    # entries by m - 1 more positions; nothing moves at ratio 1)
+    out = compressor_kv(x, wkv, wgate, ape, norm, ratio=ratio, head_dim=head_dim, eps=eps)
+    if ape is not None:
+        return out
+    inv = rope_inv_freq(64, 160000.0, RopeScaling())
+    return apply_rope(out.double(), torch.full((out.shape[0],), ratio - 1), inv, 64).float()
+
+
 def topk_off_by_one(scores, positions, *, ratio, topk):
     # visible entries computed as floor((t + 2) / m): one token early at every window boundary
     return idx_topk(scores, positions + 1, ratio=ratio, topk=topk)
@@ -87,6 +104,8 @@ MUTANTS = [
     ("mhc.pre", sinkhorn_one_fewer),
     ("attn.sparse", attention_without_sink),
     ("compressor.kv", compressor_softmax_over_channels),
+    ("compressor.kv", compressor_v41_mean_pool),
+    ("compressor.kv", compressor_v41_rope_at_group_end),
     ("indexer.topk", topk_off_by_one),
 ]
 
@@ -103,6 +122,24 @@ def test_mutant_caught_with_diagnosis(component, fn):
                 assert "worst at" in r.message or "row" in r.message
                 assert r.worst.get("index") is not None
     assert caught, f"mutant of {component} passed every case"
+
+
+@pytest.mark.parametrize("fn", [compressor_v41_mean_pool, compressor_v41_rope_at_group_end])
+def test_v41_compressor_mutants_are_caught_on_every_ratio2_row_only(fn):
+    """Against the golden (serving level) every V4.1 ratio-2 row fails, the worst element named; the ratio-1 rows
+    (one slot: no pooling, RoPE position unchanged) and the V4 rows are the golden and pass."""
+    subj = Mutant("compressor.kv", fn)
+    seen = set()
+    for case in cases_for("compressor.kv"):
+        if case.tier != "fast":
+            continue
+        (r,) = [r for r in run_numeric(subj, case) if r.level == "serving"]
+        if "/v41-r2/" in case.id:
+            seen.add(case.id)
+            assert r.verdict in ("fail", "catastrophic") and r.worst.get("index") is not None, r.message
+        else:
+            assert r.verdict == "pass", r.message
+    assert len(seen) >= 5
 
 
 def test_rope_layer_yarn_on_swa_is_caught_on_swa_layers_only():
