@@ -133,6 +133,7 @@ REQUIRES = {
     "hc_pre": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_pre_cpu", 9),
                Op("hc_pre_fused_cpu", (_T,) * 4 + ("int", "int", "float", "float"))),
     "hc_pre_torch": (Py("vllm.model_executor.kernels.mhc.torch:mhc_pre_torch", 9),),
+    "hc_pre_delayed_torch": (Py("vllm.model_executor.kernels.mhc.torch:mhc_pre_delayed_torch", 9, ("pre_mix",)),),
     "hc_post": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_post_cpu", 4),
                 Op("hc_post_fused_cpu", (_T,) * 4)),
     "hc_head": (Py("vllm.model_executor.kernels.mhc.cpu:hc_head_fused_cpu", 6),
@@ -355,6 +356,18 @@ def hc_pre_torch(X, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters, numeri
     post, comb, a = mhc_pre_torch(X.to(BF), fn.float(), scale.float(), base.float(), norm_eps, hc_eps, hc_eps, 2.0,
                                   sinkhorn_iters)
     return _out(a=a.float(), post=post.squeeze(-1).float(), comb=comb.float())
+
+
+def hc_pre_delayed_torch(X, fn, base, scale, pre_prev=None, *, norm_eps, hc_eps, sinkhorn_iters, numerics=None):
+    """V4.1's lagged HC_pre: mhc_pre_delayed_torch (MHCPreDelayedOp.forward_native, what forward_hip falls back to
+    without aiter mHC or TileLang) on the bf16 streams, the carried fp32 pre-mix (None at the model's entry);
+    returns the bf16 layer input, post, comb and the pre-mix for the next sub-layer."""
+    from vllm.model_executor.kernels.mhc.torch import mhc_pre_delayed_torch
+
+    pm = None if pre_prev is None else pre_prev.float().contiguous()
+    post, comb, a, pre = mhc_pre_delayed_torch(X.to(BF).contiguous(), fn.float(), scale.float(), base.float(),
+                                               norm_eps, hc_eps, hc_eps, 2.0, sinkhorn_iters, pre_mix=pm)
+    return _out(a=a.float(), post=post.squeeze(-1).float(), comb=comb.float(), pre=pre.float())
 
 
 def hc_post(F, X, post, comb, *, variant="official", numerics=None):

@@ -74,6 +74,16 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "no aiter mHC and no TileLang: MHCPreOp.forward_hip falls back to forward_native",
                     adapter="hc_pre_torch", runs=("mhc_pre_torch",)),
         ],
+        "mhc.pre_lagged": [
+            Binding(MHC + "MHCPreDelayedOp.forward_hip -> torch.ops.vllm.mhc_pre_delayed_aiter (models.deepseek_v41."
+                    "amd.model: self.mhc_pre_delayed)", "aiter",
+                    "HAS_AITER_MHC and _aiter_mhc_supported (model_executor/layers/mhc.py:384-479)", mhc_aiter,
+                    reason=AITER_ONLY),
+            Binding(V + "model_executor.kernels.mhc.torch.mhc_pre_delayed_torch (MHCPreDelayedOp.forward_native)",
+                    "torch", "no aiter mHC and no TileLang: MHCPreDelayedOp.forward_hip falls back to forward_native "
+                    "(model_executor/layers/mhc.py:480-514)",
+                    adapter="hc_pre_delayed_torch", runs=("mhc_pre_delayed_torch",)),
+        ],
         "mhc.post": [
             Binding(MHC + "MHCPostOp.forward_hip -> torch.ops.vllm.mhc_post_aiter", "aiter",
                     "HAS_AITER_MHC and hc_mult == 4", mhc_aiter, reason=AITER_ONLY),
@@ -215,6 +225,9 @@ def _cuda() -> dict[str, list[Binding]]:
     cu = lambda f, why: [Binding(f, "cuda-only", why, reason=CUDA_ONLY)]  # noqa: E731
     return {
         "mhc.pre": cu("torch.ops.vllm.mhc_pre_tilelang (MHCPreOp.forward_cuda)", "TileLang mHC on CUDA"),
+        "mhc.pre_lagged": cu("torch.ops.vllm.mhc_pre_delayed_tilelang (MHCPreDelayedOp.forward_cuda; "
+                             "models.deepseek_v41.nvidia.model: mhc_pre_delayed_tilelang / mhc_shifted_post_pre)",
+                             "TileLang mHC on CUDA"),
         "mhc.post": cu("torch.ops.vllm.mhc_post_tilelang (MHCPostOp.forward_cuda)", "TileLang mHC on CUDA"),
         "mhc.head": cu("torch.ops.vllm.hc_head_fused_kernel_tilelang (HCHeadOp.forward_cuda)", "TileLang"),
         "norm.rms": cu(V + "ir.ops.layernorm.rms_norm (vllm_c provider)", "compiled CUDA rms_norm"),

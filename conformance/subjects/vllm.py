@@ -62,6 +62,11 @@ CANDIDATES = [
     Candidate("hc_pre", "hc_pre_torch", "vllm.model_executor.kernels.mhc.torch.mhc_pre_torch", "torch",
               ("cpu", "other"), ("attr", "vllm.model_executor.kernels.mhc.torch:mhc_pre_torch"),
               "pure-torch reference path (no compiled hc_pre op in this build)"),
+    Candidate("hc_pre_lagged", "hc_pre_delayed_torch",
+              "vllm.model_executor.kernels.mhc.torch.mhc_pre_delayed_torch (MHCPreDelayedOp.forward_native)", "torch",
+              ("cpu", "other"), ("attr", "vllm.model_executor.kernels.mhc.torch:mhc_pre_delayed_torch"),
+              "V4.1's lagged HC_pre in pure torch; vLLM has no DeepSeek-V4.1 CPU model, this is the function "
+              "MHCPreDelayedOp dispatches to without aiter mHC or TileLang"),
     Candidate("hc_post", "hc_post",
               "vllm.model_executor.kernels.mhc.cpu.mhc_post_cpu -> torch.ops._C.hc_post_fused_cpu",
               "compiled", CPU, ("op", "hc_post_fused_cpu"), "MHCPostOp.forward_cpu -> mhc_post_cpu"),
@@ -132,7 +137,8 @@ CANDIDATES = [
 
 # registered component names -> adapter key (checked first)
 NAMES = {
-    "mhc.pre": "hc_pre", "mhc.post": "hc_post", "mhc.head": "hc_head", "norm.rms": "rms_norm",
+    "mhc.pre": "hc_pre", "mhc.pre_lagged": "hc_pre_lagged", "mhc.post": "hc_post", "mhc.head": "hc_head",
+    "norm.rms": "rms_norm",
     "norm.head": "norm_head", "rope.apply": "apply_rope",
     "rope.layer": "rope_layer", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
     "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",

@@ -8,7 +8,7 @@ from conformance.cases import cases_for
 from conformance.cases.attention import attn_sparse
 from conformance.cases.compressor import compressor_kv
 from conformance.cases.indexer import idx_topk
-from conformance.cases.mhc import mhc_pre
+from conformance.cases.mhc import mhc_pre, mhc_pre_lagged
 from conformance.checks.numeric import run_numeric
 from conformance.subjects import Impl, Subject, SubjectInfo
 from references.components.rope import apply_rope, rope_inv_freq
@@ -83,6 +83,23 @@ def compressor_v41_rope_at_group_end(x, wkv, wgate, ape, norm, *, ratio, head_di
     return apply_rope(out.double(), torch.full((out.shape[0],), ratio - 1), inv, 64).float()
 
 
+def hc_pre_not_lagged(X, fn, base, scale, pre_prev=None, *, norm_eps, hc_eps, sinkhorn_iters):
+    # V4's HC_pre on a V4.1 model: the layer input collapsed with this site's own pre-mix, the carried one ignored
+    out = mhc_pre_lagged(X, fn, base, scale, pre_prev, norm_eps=norm_eps, hc_eps=hc_eps,
+                         sinkhorn_iters=sinkhorn_iters)
+    out["a"] = mhc_pre(X, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)["a"]
+    return out
+
+
+def hc_pre_lagged_hands_on_the_carried_mix(X, fn, base, scale, pre_prev=None, *, norm_eps, hc_eps, sinkhorn_iters):
+    # the right layer input, but the carried pre-mix passed on again instead of this site's (a stale seam)
+    out = mhc_pre_lagged(X, fn, base, scale, pre_prev, norm_eps=norm_eps, hc_eps=hc_eps,
+                         sinkhorn_iters=sinkhorn_iters)
+    if pre_prev is not None:
+        out["pre"] = pre_prev.float()
+    return out
+
+
 def topk_off_by_one(scores, positions, *, ratio, topk):
     # visible entries computed as floor((t + 2) / m): one token early at every window boundary
     return idx_topk(scores, positions + 1, ratio=ratio, topk=topk)
@@ -105,6 +122,8 @@ MUTANTS = [
     ("attn.sparse", attention_without_sink),
     ("compressor.kv", compressor_softmax_over_channels),
     ("compressor.kv", compressor_v41_mean_pool),
+    ("mhc.pre_lagged", hc_pre_not_lagged),
+    ("mhc.pre_lagged", hc_pre_lagged_hands_on_the_carried_mix),
     ("compressor.kv", compressor_v41_rope_at_group_end),
     ("indexer.topk", topk_off_by_one),
 ]
@@ -140,6 +159,23 @@ def test_v41_compressor_mutants_are_caught_on_every_ratio2_row_only(fn):
         else:
             assert r.verdict == "pass", r.message
     assert len(seen) >= 5
+
+
+def test_unlagged_pre_is_caught_on_every_lagged_row_in_a_and_a_stale_seam_in_pre():
+    """V4's collapse fails every fast mhc.pre_lagged row at the serving level on output a only; handing the
+    carried pre-mix on fails the carried rows on output pre only (the entry row has none to hand on)."""
+    for fn, out in ((hc_pre_not_lagged, "a"), (hc_pre_lagged_hands_on_the_carried_mix, "pre")):
+        subj = Mutant("mhc.pre_lagged", fn)
+        for case in cases_for("mhc.pre_lagged"):
+            if case.tier != "fast":
+                continue
+            (r,) = [r for r in run_numeric(subj, case) if r.level == "serving"]
+            if out == "pre" and case.params["entry"]:
+                assert r.verdict == "pass", r.message
+                continue
+            assert r.verdict in ("fail", "catastrophic"), r.message
+            assert f" {out}: fail" in r.message or f" {out}: catastrophic" in r.message, r.message
+            assert r.worst.get("index") is not None
 
 
 def test_rope_layer_yarn_on_swa_is_caught_on_swa_layers_only():

@@ -495,3 +495,11 @@ def fp8_linear_golden_bf16(kw):
 
     w = dequantize_fp8(kw["weight"], kw["weight_scale"], W_SPECS[32]).to(torch.bfloat16)
     return torch.nn.functional.linear(kw["x"].to(torch.bfloat16), w).float()
+
+
+def test_v41_lagged_mhc_pre_binds_mhc_pre_delayed_torch_without_aiter_and_runs_it(sim_noaiter):
+    """mhc.pre_lagged on gfx942 without aiter: MHCPreDelayedOp.forward_hip's fallback, mhc_pre_delayed_torch."""
+    b = bindings.select(sim_noaiter.platform_kind, "mhc.pre_lagged", sim_noaiter.ctx)
+    assert b.adapter == "hc_pre_delayed_torch"
+    seen = _witness(sim_noaiter, "mhc.pre_lagged")
+    assert "mhc_pre_delayed_torch" in seen and "mhc_pre_torch" not in seen, sorted(seen)
