@@ -436,8 +436,8 @@ def indexer_topk(scores, positions, *, ratio, topk):
 
 # compressor.kv's V4.1 rows (ape None): what no V4 compressor adapter runs
 V41_COMPRESSOR = ("V4.1 compressor (ratio 1 / 2, no position bias): vLLM runs models/deepseek_v41/compressor.py's "
-                  "fused_save_compress_norm + rope_quant_insert (Triton), which no adapter drives yet; the V4 "
-                  "compressor ops need an ape and ratio 4 / 128")
+                  "fused_save_compress_norm + rope_quant_insert (Triton; vllm:sim-<arch> drives them under the "
+                  "interpreter), not the CPU build's ops, which need an ape and ratio 4 / 128")
 
 
 def compress(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_dim=64, numerics=None,

@@ -150,7 +150,9 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "compress_norm_rope_store_two_stage_triton (head 512, ratio 128)", "triton",
                     "DeepseekCompressor.forward on ROCm (_prefer_two_stage_compressor: head 512 without overlap "
                     "takes the two-stage split); the kernels write tl.float8e4nv with FP8_MAX 448 on every arch "
-                    "(no fnuz branch)", adapter="compress_rocm",
+                    "(no fnuz branch). V4.1's rows (ratio 1 / 2, no ape) run models.deepseek_v41.common.ops."
+                    "fused_compress_quant_cache.fused_save_compress_norm + rope_quant_insert instead (584-byte "
+                    "record, tl.float8e4nv at 448 on every arch)", adapter="compress_rocm",
                     runs=("compress_norm_rope_store_triton",)),
         ],
         "indexer.scores": [

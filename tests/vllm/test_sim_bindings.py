@@ -503,3 +503,35 @@ def test_v41_lagged_mhc_pre_binds_mhc_pre_delayed_torch_without_aiter_and_runs_i
     assert b.adapter == "hc_pre_delayed_torch"
     seen = _witness(sim_noaiter, "mhc.pre_lagged")
     assert "mhc_pre_delayed_torch" in seen and "mhc_pre_torch" not in seen, sorted(seen)
+
+
+def test_v41_compressor_rows_run_vllms_v41_kernels(sim_noaiter):
+    """compressor.kv's V4.1 rows on the sim: models/deepseek_v41's fused_save_compress_norm (its Triton kernel
+    interpreted) and rope_quant_insert run, not the V4 compressor's kernels; the entries match the emulation."""
+    from conformance.checks.numeric import run_numeric
+
+    case = next(c for c in cases_for("compressor.kv") if "/v41-r2/t3hd" in c.id)
+    impl = sim_noaiter.provides()["compressor.kv"]
+    _, seen = vs.executed_vllm_functions(impl.fn, **case.make_inputs())
+    assert {"fused_save_compress_norm", "_fused_save_compress_norm_kernel", "rope_quant_insert",
+            "_rope_quant_insert_kernel"} <= seen, sorted(seen)
+    assert "compress_norm_rope_store_triton" not in seen and "_save_partial_states_kernel" not in seen
+    rows = run_numeric(sim_noaiter, case)
+    assert {r.level for r in rows} == {"serving", "emulated"} and all(r.verdict == "pass" for r in rows)
+
+
+def test_mutant_v41_rope_insert_told_ratio_1_on_a_ratio2_row_is_caught(sim_noaiter, monkeypatch):
+    """vLLM's rope_quant_insert launched with COMPRESS_RATIO 1 on a ratio-2 row: the boundary token's RoPE lands at
+    its own position 2i + 1 instead of the pair's first, 2i (the slots still pick the right tokens): the rows fail
+    against the emulation and the golden; the real launch passed above."""
+    from conformance.checks.numeric import run_numeric
+    from conformance.subjects import _vllm_rocm_adapters as ra
+
+    real = ra._vllm("rope_quant_insert")
+    monkeypatch.setitem(ra.OVER, "rope_quant_insert",
+                        lambda latent, pos, cs, cache, slots, ratio, **kw: real(latent, pos, cs, cache, slots, 1, **kw))
+    case = next(c for c in cases_for("compressor.kv") if "/v41-r2/t3hd" in c.id)
+    rows = run_numeric(sim_noaiter, case)
+    bad = [r for r in rows if r.verdict in ("fail", "catastrophic")]
+    assert {r.level for r in bad} == {"serving", "emulated"}, [r.message for r in rows]
+    assert all("entries" in r.message and r.worst.get("index") is not None for r in bad)
