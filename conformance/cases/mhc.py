@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from references.components.mhc import hc_head, hc_post, hc_pre
+from references.components.mhc import hc_head, hc_post, hc_pre, hc_pre_lagged
 
 from ..components import ComponentSpec, OutputSpec, register
 from ._case import Case, add, dist_tensor
@@ -14,6 +14,15 @@ from ._serving import level_tolerance, serving_emulation
 def mhc_pre(X, fn, base, scale, *, norm_eps: float, hc_eps: float, sinkhorn_iters: int) -> dict:
     a, post, comb = hc_pre(X, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
     return {"a": a, "post": post, "comb": comb}
+
+
+def mhc_pre_lagged(X, fn, base, scale, pre_prev=None, *, norm_eps: float, hc_eps: float,
+                   sinkhorn_iters: int) -> dict:
+    """DeepSeek-V4.1 (``references.components.mhc.hc_pre_lagged``): a = sum_j pre_prev_j X_j (X_0 at the model's
+    entry), post / comb / pre of this site; ``pre`` is the pre-mix handed to the next sub-layer."""
+    a, post, comb, pre = hc_pre_lagged(X, fn, base, scale, pre_prev, norm_eps=norm_eps, hc_eps=hc_eps,
+                                       sinkhorn_iters=sinkhorn_iters)
+    return {"a": a, "post": post, "comb": comb, "pre": pre}
 
 
 def mhc_post(F, X, post, comb) -> torch.Tensor:
@@ -44,6 +53,27 @@ register(ComponentSpec(
              OutputSpec("comb", tol=PRE_TOL)),
     description="HC_pre: RMS-scaled mixes, pre/post sigmoids, Sinkhorn-Knopp comb, layer input",
     spec_section="3.4", emulate=serving_emulation(mhc_pre, bf16_inputs=("X",), bf16_outputs=("a",)),
+))
+
+
+def _lagged_mix_scale(kw, want):
+    """a = sum_j pre_prev_j X_j (0 < pre_prev_j <= 1 + hc_eps), or X_0 at the model's entry: errors relative to
+    sum_j |pre_prev_j X_j| (the streams can cancel)."""
+    X, p = kw["X"].double(), kw.get("pre_prev")
+    if p is None:
+        return X[..., 0, :].abs()
+    return (p.double().abs().unsqueeze(-1) * X.abs()).sum(dim=-2)
+
+
+# the same arithmetic as mhc.pre: pre is one of the mixes (PRE_TOL), a the collapse of 4 bf16 streams, here with
+# the carried pre-mix (exact fp32 inputs) instead of this site's
+register(ComponentSpec(
+    name="mhc.pre_lagged", family="mhc", reference=mhc_pre_lagged,
+    outputs=(OutputSpec("a", tol=A_TOL, scale=_lagged_mix_scale), OutputSpec("post", tol=PRE_TOL),
+             OutputSpec("comb", tol=PRE_TOL), OutputSpec("pre", tol=PRE_TOL)),
+    description="V4.1 HC_pre lagged by one sub-layer: the layer input collapses the streams with the previous "
+                "sub-layer's pre-mix (stream 0 at the entry); this site's pre-mix is handed on",
+    spec_section="3.4", emulate=serving_emulation(mhc_pre_lagged, bf16_inputs=("X",), bf16_outputs=("a",)),
 ))
 
 
@@ -100,3 +130,24 @@ for tokens, d, dist, seed in [(1, 4096, "normal", 0), (9, 256, "outliers", 1), (
              seed, dist, tag if isinstance(tag, tuple) else (tag,)))
     add(Case(f"mhc.head/t{tokens}d{d}/{dist}/s{seed}", "mhc.head", _make_head, {"tokens": tokens, "d": d},
              seed, dist, tag if isinstance(tag, tuple) else (tag,)))
+
+
+def _make_pre_lagged(g, p):
+    T, D = p["tokens"], p["d"]
+    kw = {**_site(g, 4, D, "pre"), "norm_eps": 1e-6, "hc_eps": 1e-6, "sinkhorn_iters": 20}
+    if p["entry"]:   # the model's entry: the embedding broadcast to the 4 streams, no carried pre-mix
+        e = dist_tensor(g, (T, D), p["dist"])
+        return {"X": e[:, None, :].expand(T, 4, D).contiguous(), "pre_prev": None, **kw}
+    # a carried pre-mix as a previous site makes it, sigmoid(.) + hc_eps in (0, 1 + hc_eps), far from this site's
+    pre_prev = torch.sigmoid(2 * torch.randn(T, 4, generator=g)) + 1e-6
+    return {"X": dist_tensor(g, (T, 4, D), p["dist"]), "pre_prev": pre_prev, **kw}
+
+
+# V4.1 (nvidia/model.py:491-493): the entry (layer 0's attention site) and carried pre-mixes
+for tokens, d, dist, entry, seed in [(1, 4096, "normal", False, 60), (9, 256, "outliers", False, 61),
+                                     (130, 256, "normal", False, 62), (7, 256, "normal", True, 63),
+                                     (2048, 256, "normal", False, 64)]:
+    tag = ("decode",) if tokens == 1 else ("prefill", "long") if tokens >= 1024 else ("prefill",)
+    add(Case(f"mhc.pre_lagged/t{tokens}d{d}/{'entry' if entry else 'carried'}/{dist}/s{seed}", "mhc.pre_lagged",
+             _make_pre_lagged, {"tokens": tokens, "d": d, "entry": entry}, seed, dist, tag + ("v4.1",),
+             tier="full" if tokens >= 1024 else "fast"))

@@ -8,6 +8,11 @@ are block-FP8 linears: the inputs are the checkpoint's bytes (OCP e4m3fn codes +
 the unquantised activations; the serving emulation chains ``linear.fp8_block``'s emulation (bf16 x, 1x128 FP8
 activations, fp32 accumulation per 128-block, bf16 out) with vLLM's fp32-inside norms (one bf16 store each:
 ``fused_q_kv_rmsnorm`` for q_norm; the fused q-norm / RoPE op for the head norm and RoPE).
+
+DeepSeek-V4.1 rows (``.../v41/...``, ``q_head_norm=False``): no per-head norm, ``q = rope(wq_b qr)``
+(``references.components.attention.query_path``'s ``head_norm`` names the vLLM lines). The V4.1 rows use V4's
+shapes; wq_b's 128-row blocks are scaled by 2^k, |k| <= 2, so head magnitudes differ and a head norm applied or
+dropped by mistake moves most heads by a factor of 2 or more.
 """
 
 from __future__ import annotations
@@ -60,9 +65,12 @@ def _inv_freq(theta: float, yarn: bool) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- attn.q_path
 def q_path_golden(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads: int, eps: float,
-                  theta: float, yarn: bool) -> dict:
+                  theta: float, yarn: bool, q_head_norm: bool = True) -> dict:
     """-> {"qr": [T, q_lora], "q": [T, H, 512]} (spec 3.5): qr = q_norm(wq_a x); q = rope(headnorm(wq_b qr)) on
-    dims [448, 512) at ``positions`` [T] with the layer's theta / YaRN. In x's dtype (fp32 golden, fp64 check)."""
+    dims [448, 512) at ``positions`` [T] with the layer's theta / YaRN. In x's dtype (fp32 golden, fp64 check).
+    ``q_head_norm=False`` (V4.1): q = rope(wq_b qr), no per-head norm."""
+    if not isinstance(q_head_norm, bool):
+        raise TypeError(f"q_head_norm: expected a bool, got {type(q_head_norm).__name__}")
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
         raise ValueError(f"x: expected a float [T, D] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -71,7 +79,7 @@ def q_path_golden(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n
     wb = _dequant("wq_b", wq_b, wq_b_scale, wa.shape[0]).to(dt)
     if wb.shape[0] != n_heads * HEAD_DIM:
         raise ValueError(f"wq_b: {wb.shape[0]} rows, expected n_heads * 512 = {n_heads * HEAD_DIM}")
-    qr, q = query_path(x.to(dt), wa, q_norm.to(dt), wb, n_heads=n_heads, eps=eps)
+    qr, q = query_path(x.to(dt), wa, q_norm.to(dt), wb, n_heads=n_heads, eps=eps, head_norm=q_head_norm)
     inv = _inv_freq(theta, yarn)
     return {"qr": qr, "q": apply_rope(q, positions, inv.to(dt) if dt == torch.float64 else inv, ROPE_DIM)}
 
@@ -79,14 +87,17 @@ def q_path_golden(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n
 def _emulate_q_path(profile: str):
     lin = _linear_emulate(profile)
 
-    def q_path_serving(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn):
+    def q_path_serving(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn,
+                       q_head_norm=True):
         """vLLM: wq_a FP8 linear (bf16 out) -> q_norm RMSNorm in fp32 from bf16 operands, bf16 store -> wq_b FP8
-        linear (bf16 out) -> per-head norm + RoPE in fp32, one bf16 store (the fused q-norm/RoPE/insert op)."""
+        linear (bf16 out) -> per-head norm + RoPE in fp32, one bf16 store (the fused q-norm/RoPE/insert op; V4.1:
+        apply_q_norm False, RoPE only)."""
         T = x.shape[0]
         y = lin(x, wq_a, wq_a_scale)["y"]
         qr = _bf(rms_norm(y, _bf(q_norm), eps))
         z = lin(qr, wq_b, wq_b_scale)["y"].view(T, n_heads, HEAD_DIM)
-        q = apply_rope(unweighted_rms_norm(z, eps), positions, _inv_freq(theta, yarn), ROPE_DIM)
+        q = apply_rope(unweighted_rms_norm(z, eps) if q_head_norm else z, positions, _inv_freq(theta, yarn),
+                       ROPE_DIM)
         return {"qr": qr, "q": _bf(q)}
 
     q_path_serving.__qualname__ = f"q_path_serving[{profile}]"
@@ -115,6 +126,10 @@ def _emulate_q_path(profile: str):
 # pair's magnitude <= |n_2i| + |n_2i+1|, so S_q = N + |n| on nope dims, summed over the pair on rope dims.
 # M is formed in fp32 (q_lora-long sums: absolute error <= q_lora u32 sum_k |Wb_ik w_k Wa_kj| / rms per entry, a
 # 2^-14 share of the coherent magnitude at q_lora <= 1024: inside the 1.1).
+# V4.1 (no head norm): q = R(z). The factor common to every qr_k no longer cancels: it moves z_i by |z_i| times
+# qr's common relative error C = LAMBDA sqrt(sum_j (v_j e_j)^2 + sum_j y_j^4) / sum_j y^2 (the second term of
+# S_qr), added to B_i (Minkowski: the x sources' direct and common parts are one random sum, whose Hoeffding bound is
+# at most the sum of the two parts' bounds). Then N = B + C |z|, S_q = N + |z| (nope), summed over the pair (rope).
 def _qr_parts(kw):
     x = kw["x"].double()
     wa = _dequant("wq_a", kw["wq_a"], kw["wq_a_scale"], x.shape[1]).double()
@@ -127,12 +142,18 @@ def _qr_parts(kw):
     return x, wa, w, e, y, rms, qr
 
 
+def _qr_common(x, wa, e, y):
+    """sqrt(sum_j (v_j e_j)^2 + sum_j y_j^4) / sum_j y_j^2 [T, 1]: qr's error common to every channel (through
+    rms(y)), without LAMBDA."""
+    v = y @ wa
+    return torch.sqrt((v * e).square().sum(-1, keepdim=True) + y.pow(4).sum(-1, keepdim=True)) / \
+        y.square().sum(-1, keepdim=True)
+
+
 def _qr_scale(kw, want):
     x, wa, w, e, y, rms, qr = _qr_parts(kw)
     Q2 = e.square() @ wa.square().T
-    v = y @ wa
-    common = torch.sqrt((v * e).square().sum(-1, keepdim=True) + y.pow(4).sum(-1, keepdim=True)) / \
-        y.square().sum(-1, keepdim=True)
+    common = _qr_common(x, wa, e, y)
     return LAMBDA * w.abs() / rms * torch.sqrt(Q2 + y.square()) + LAMBDA * qr.abs() * common + 2 * qr.abs()
 
 
@@ -149,10 +170,14 @@ def _q_scale(kw, want):
         src[:, r0:r0 + 4096] += (e2 @ m.square().T) / rms.square()
     B = (LAMBDA * src.sqrt() + z.abs()).view(T, H, HEAD_DIM)
     zh = z.view(T, H, HEAD_DIM)
-    nrm = zh.norm(dim=-1, keepdim=True)
-    rz = (zh.square().mean(-1, keepdim=True) + kw["eps"]).sqrt()
-    N = (B + zh.abs() / nrm * B.norm(dim=-1, keepdim=True)) / rz
-    S = N + (zh / rz).abs()
+    if kw.get("q_head_norm", True):
+        nrm = zh.norm(dim=-1, keepdim=True)
+        rz = (zh.square().mean(-1, keepdim=True) + kw["eps"]).sqrt()
+        N = (B + zh.abs() / nrm * B.norm(dim=-1, keepdim=True)) / rz
+        S = N + (zh / rz).abs()
+    else:   # V4.1: q = R(z); the common rms(y) error does not cancel (see above)
+        C = LAMBDA * _qr_common(x, wa, e, y)[:, :, None]
+        S = B + C * zh.abs() + zh.abs()
     rot = S[..., -ROPE_DIM:].view(T, H, ROPE_DIM // 2, 2).sum(-1, keepdim=True).expand(T, H, ROPE_DIM // 2, 2)
     return torch.cat((S[..., :-ROPE_DIM], rot.reshape(T, H, ROPE_DIM)), -1)
 
@@ -199,7 +224,7 @@ register(ComponentSpec(
     outputs=(OutputSpec("qr", tol=_q_tol("q_norm(wq_a x)", False), scale=_qr_scale),
              OutputSpec("q", tol=_q_tol("rope(headnorm(wq_b qr))", True), scale=_q_scale)),
     description="query path: qr = q_norm(wq_a x) (FP8 block linear), q = RoPE(per-head RMSNorm(wq_b qr)) on the "
-                "last 64 of 512 dims",
+                "last 64 of 512 dims (V4.1 rows: no per-head RMSNorm)",
     spec_section="3.5", emulate=_emulate_q_path,
     divergences=("serving zero-pads heads to 64 / 128 for FlashMLA (spec 3.5): the padded heads are not compared",
                  "spec 8.9: OFF ue8m0 activation scales; vLLM SM90/ROCm exact amax/fmax"),
@@ -218,10 +243,13 @@ def _make_q_path(g, p):
     wa, wa_s, _ = fp8_block_weight(g, L, D, std=D**-0.5, spread=2)
     # wq_b's 128-row blocks scaled by 2^k, |k| <= 2: heads of different magnitude, so the head norm matters
     wb, wb_s, _ = fp8_block_weight(g, H * HEAD_DIM, L, std=L**-0.5, spread=2)
-    return {"x": dist_tensor(g, (T, D), p["dist"]), "wq_a": wa, "wq_a_scale": wa_s,
-            # learned norm weights are far from 1: log-normal, so dropping the weight is visible
-            "q_norm": torch.exp(0.5 * torch.randn(L, generator=g)), "wq_b": wb, "wq_b_scale": wb_s,
-            "positions": _positions(g, p), "n_heads": H, "eps": 1e-6, "theta": p["theta"], "yarn": p["yarn"]}
+    kw = {"x": dist_tensor(g, (T, D), p["dist"]), "wq_a": wa, "wq_a_scale": wa_s,
+          # learned norm weights are far from 1: log-normal, so dropping the weight is visible
+          "q_norm": torch.exp(0.5 * torch.randn(L, generator=g)), "wq_b": wb, "wq_b_scale": wb_s,
+          "positions": _positions(g, p), "n_heads": H, "eps": 1e-6, "theta": p["theta"], "yarn": p["yarn"]}
+    if p.get("version") == "v4.1":
+        kw["q_head_norm"] = False
+    return kw
 
 
 # (tokens, D, q_lora, heads, start, scatter, theta, yarn, dist, seed, tier); positions past 5k and 28k
@@ -241,6 +269,18 @@ for T, D, L, H, start, scatter, theta, yarn, dist, seed, tier in _Q_ROWS:
               "yarn": yarn, "max_pos": max_pos}, seed, dist,
              ("decode" if T == 1 else "prefill",) + (("long",) if T > 1024 else ())
              + (("flash-shape",) if D == 4096 else ()), tier=tier))
+# V4.1: no per-head q norm (q_head_norm False); the V4 shapes again, new seeds
+_Q_ROWS_V41 = [
+    (1, 256, 128, 8, 5000, 1000, 10000.0, False, "normal", 20, "fast"),
+    (33, 256, 256, 16, 28000, 0, 160000.0, True, "normal", 21, "fast"),
+    (5, 512, 256, 64, 28600, 4000, 10000.0, False, "wide", 23, "fast"),
+    (16, 4096, 1024, 64, 5200, 0, 160000.0, True, "normal", 24, "full"),
+]
+for T, D, L, H, start, scatter, theta, yarn, dist, seed, tier in _Q_ROWS_V41:
+    add(Case(f"attn.q_path/v41/t{T}d{D}l{L}h{H}/p{start}/{dist}/s{seed}", "attn.q_path", _make_q_path,
+             {"tokens": T, "d": D, "q_lora": L, "heads": H, "start": start, "scatter": scatter, "theta": theta,
+              "yarn": yarn, "max_pos": start + max(scatter, T), "version": "v4.1"}, seed, dist,
+             ("decode" if T == 1 else "prefill", "v4.1") + (("flash-shape",) if D == 4096 else ()), tier=tier))
 
 
 # ------------------------------------------------------------------------------------------ attn.kv_insert

@@ -133,6 +133,7 @@ REQUIRES = {
     "hc_pre": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_pre_cpu", 9),
                Op("hc_pre_fused_cpu", (_T,) * 4 + ("int", "int", "float", "float"))),
     "hc_pre_torch": (Py("vllm.model_executor.kernels.mhc.torch:mhc_pre_torch", 9),),
+    "hc_pre_delayed_torch": (Py("vllm.model_executor.kernels.mhc.torch:mhc_pre_delayed_torch", 9, ("pre_mix",)),),
     "hc_post": (Py("vllm.model_executor.kernels.mhc.cpu:mhc_post_cpu", 4),
                 Op("hc_post_fused_cpu", (_T,) * 4)),
     "hc_head": (Py("vllm.model_executor.kernels.mhc.cpu:hc_head_fused_cpu", 6),
@@ -357,6 +358,18 @@ def hc_pre_torch(X, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters, numeri
     return _out(a=a.float(), post=post.squeeze(-1).float(), comb=comb.float())
 
 
+def hc_pre_delayed_torch(X, fn, base, scale, pre_prev=None, *, norm_eps, hc_eps, sinkhorn_iters, numerics=None):
+    """V4.1's lagged HC_pre: mhc_pre_delayed_torch (MHCPreDelayedOp.forward_native, what forward_hip falls back to
+    without aiter mHC or TileLang) on the bf16 streams, the carried fp32 pre-mix (None at the model's entry);
+    returns the bf16 layer input, post, comb and the pre-mix for the next sub-layer."""
+    from vllm.model_executor.kernels.mhc.torch import mhc_pre_delayed_torch
+
+    pm = None if pre_prev is None else pre_prev.float().contiguous()
+    post, comb, a, pre = mhc_pre_delayed_torch(X.to(BF).contiguous(), fn.float(), scale.float(), base.float(),
+                                               norm_eps, hc_eps, hc_eps, 2.0, sinkhorn_iters, pre_mix=pm)
+    return _out(a=a.float(), post=post.squeeze(-1).float(), comb=comb.float(), pre=pre.float())
+
+
 def hc_post(F, X, post, comb, *, variant="official", numerics=None):
     from vllm.model_executor.kernels.mhc.cpu import mhc_post_cpu
 
@@ -421,10 +434,18 @@ def indexer_topk(scores, positions, *, ratio, topk):
     return _out(idx=raw.long())
 
 
+# compressor.kv's V4.1 rows (ape None): what no V4 compressor adapter runs
+V41_COMPRESSOR = ("V4.1 compressor (ratio 1 / 2, no position bias): vLLM runs models/deepseek_v41/compressor.py's "
+                  "fused_save_compress_norm + rope_quant_insert (Triton; vllm:sim-<arch> drives them under the "
+                  "interpreter), not the CPU build's ops, which need an ape and ratio 4 / 128")
+
+
 def compress(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_dim=64, numerics=None,
              kind="attn", variant="official", overlap=None):
     """vLLM CPU compressor: bf16 projections (torch), save_partial_states_cpu into the state cache, then
     compress_norm_rope_store_cpu (attn, fp8_ds_mla entries) / _indexer_cpu (indexer-K entries)."""
+    if ape is None:
+        raise Unsupported(V41_COMPRESSOR)
     T, m, d = x.shape[0], ratio, head_dim
     ov = (m == 4) if overlap is None else overlap
     coff = 2 if ov else 1
@@ -467,12 +488,18 @@ def _insert_kv(kv: torch.Tensor, bs: int):
     return cache
 
 
-def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn):
+def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn,
+           q_head_norm=True):
     """vLLM CPU's q path around the harness's FP8 GEMMs (``linear.fp8_block``'s OCP serving emulation: vLLM CPU has
     no FP8 linear adapter here): q_norm by vLLM's RMSNorm.forward_native (DeepseekV4CPUAttention._split_qkv_and_norm
     calls q_norm separately), then fused_qnorm_rope_kv_insert_cpu's q side: per-head unweighted RMSNorm and GPT-J
     RoPE on the last 64 dims with vLLM's cos/sin cache (no kv token written: slot -1)."""
     from vllm.model_executor.layers.layernorm import RMSNorm
+
+    if not q_head_norm:
+        raise Unsupported("V4.1 (no per-head q norm): vLLM has no DeepSeek-V4.1 CPU attention (models/deepseek_v41 "
+                          "holds amd/ and nvidia/ only) and fused_qnorm_rope_kv_insert_cpu has no apply_q_norm "
+                          "argument (it always normalises each head)")
 
     from ..cases.linear import _emulate as linear_emulate
     from ..cases.qkv import _inv_freq

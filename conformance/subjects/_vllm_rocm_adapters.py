@@ -34,6 +34,18 @@ def _vllm(name):
         from vllm.model_executor.layers.quantization.utils import fp8_utils
 
         return getattr(fp8_utils, name)
+    if name in ("fused_save_compress_norm", "rope_quant_insert"):
+        from vllm.models.deepseek_v41.common.ops import fused_compress_quant_cache as fcq41
+
+        return getattr(fcq41, name)
+    if name == "KMxfp8Static.get_scale_weight_loader":
+        from vllm.model_executor.layers.quantization.modelopt import KMxfp8Static
+
+        return KMxfp8Static.get_scale_weight_loader
+    if name == "EmulationMxfp8LinearKernel":
+        from vllm.model_executor.kernels.linear.mxfp8.emulation import EmulationMxfp8LinearKernel
+
+        return EmulationMxfp8LinearKernel
     if name == "VocabParallelEmbedding.forward":
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
@@ -157,6 +169,9 @@ def make_compress_rocm(p):
         128, _prefer_two_stage_compressor), compress_norm_rope_store_triton otherwise (ratio 4 attention, the
         indexer's head 128). One request, all tokens a prefill; the entries are the cache bytes decoded as
         float8_e4m3fn, the dtype those kernels write (tl.float8e4nv, FP8_MAX 448, no fnuz branch)."""
+        if ape is None:
+            return compress_v41(x, wkv, wgate, norm, ratio=ratio, head_dim=head_dim, eps=eps, inv_freq=inv_freq,
+                                rope_dim=rope_dim, kind=kind)
         from types import SimpleNamespace
 
         from ._vllm_adapters import read_584, read_indexer_k, vllm_rope
@@ -206,9 +221,51 @@ def make_compress_rocm(p):
     return compress_rocm
 
 
+def compress_v41(x, wkv, wgate, norm, *, ratio, head_dim, eps, inv_freq, rope_dim, kind):
+    """DeepSeek-V4.1's compressor (compressor.kv's v41 rows) as models/deepseek_v41 runs it on every platform: the
+    fp32 kv_score GEMM from bf16 operands (attention.py:954-959, torch.mm out_dtype fp32: harness code), then
+    vLLM's Triton kernels interpreted: fused_save_compress_norm (ratio 2: the open pair's rows in a one-request
+    ring of capacity 8, the pair pooled by its per-channel softmax, RMSNorm, bf16 latent; ratio 1: no ring, one
+    program per token) and rope_quant_insert into a 584-byte fp8_ds_mla record (_rope_quant_insert_kernel: GPT-J
+    RoPE at position // ratio * ratio, e4m3fn nope blocks of 64, UE8M0 scales). One request, all tokens a prefill;
+    the entries are the cache bytes decoded."""
+    from ._vllm_adapters import read_584, vllm_rope
+    from .base import Unsupported
+
+    if head_dim != 512 or kind != "attn" or rope_dim != 64:
+        raise Unsupported("V4.1's compressor writes the attention cache (head 512, rope 64); its indexer K comes "
+                          "from the latent (indexer_k_norm_rope_store), not this store")
+    T, m = x.shape[0], ratio
+    W = wkv if wgate is None else torch.cat([wkv, wgate], 0)      # fused_wkv_wgate: [wkv; wgate]
+    kv_score = (x.to(BF).float() @ W.to(BF).float().t()).contiguous()
+    positions = torch.arange(T, dtype=torch.int64)
+    if m == 1:
+        state = qsl = t2r = None
+        slot = positions.clone()                                  # ratio 1: slot_mapping marks valid tokens
+    else:
+        cap = 8                                                   # CompressorStateCache: max(8, pow2(specs + 2))
+        state = torch.zeros(1, cap, 1024)
+        slot = positions % cap                                    # block 0 of the ring: block * cap + p % cap
+        qsl = torch.tensor([0, T], dtype=torch.int32)
+        t2r = torch.zeros(T, dtype=torch.int32)
+    latent = torch.zeros(T, 512, dtype=BF)
+    _vllm("fused_save_compress_norm")(kv_score, positions, state, slot, qsl, t2r, norm.to(BF).contiguous(), eps, m,
+                                      latent)
+    n = T // m
+    fire = (positions + 1) % m == 0
+    kslot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
+    cbs = 4
+    ncb = (n + cbs - 1) // cbs + 1
+    cache = torch.zeros(ncb, cbs * 584, dtype=torch.uint8)
+    kv_cache = cache.as_strided((ncb, cbs, 584), (cbs * 584, 584, 1))
+    rope = vllm_rope(inv_freq, rope_dim, 512, positions)
+    _vllm("rope_quant_insert")(latent, positions, rope.cos_sin_cache, kv_cache, kslot, m)
+    return {"entries": read_584(cache, range(n), cbs)}
+
+
 # ------------------------------------------------------------------------------------------------ linear
 def make_fp8_block_linear_rocm(p):
-    def fp8_block_linear_rocm(x, weight, weight_scale):
+    def fp8_block_linear_rocm(x, weight, weight_scale, weight_block=128):
         """TritonFp8BlockScaledMMKernel (ROCm without the aiter linear): process_weights_after_loading's
         process_fp8_weight_block_strategy on the checkpoint's OCP e4m3fn bytes and e8m0 scales (on an fnuz
         platform: 0x80 -> 0, bytes reinterpreted as e4m3fnuz, e8m0 exponent + 1; the ROCm FP8 padding of the row
@@ -225,12 +282,47 @@ def make_fp8_block_linear_rocm(p):
 
         from ._vllm_adapters import act_quant_as_compiled
 
+        if weight_block == 32:
+            return mxfp8_linear_rocm(x, weight, weight_scale, p)
         w, ws = _vllm("process_fp8_weight_block_strategy")(weight.clone().view(torch.float8_e4m3fn),
                                                             weight_scale.clone().view(torch.float8_e8m0fnu))
         q, s = act_quant_as_compiled(x, p["fp8"], get_fp8_min_max()[1])
         y = _vllm("w8a8_triton_block_scaled_mm")(q, w, s, ws, [128, 128], BF)
         return {"y": y.float()}
     return fp8_block_linear_rocm
+
+
+def mxfp8_linear_rocm(x, weight, weight_scale, p):
+    """V4.1's 32x32-scaled dense linear (rows ``linear.fp8_block/wb32/...``) as vLLM's ROCm dispatch serves it
+    (``DeepseekV4FP8Config.get_quant_method`` -> ``ModelOptLinearMethod`` MXFP8, ``models/deepseek_v41/
+    quant_config.py:221-243``): the checkpoint's [N/32, K/32] e8m0 grid goes through vLLM's own loader
+    (``KMxfp8Static.get_scale_weight_loader``, ``modelopt.py:2278-2291``: a row-wise repeat to [N, K/32]), then
+    the kernel ``init_mxfp8_linear_kernel`` picks on the arch (``kernels/linear/__init__.py:552-567``):
+    ``RocmDotScaledMxfp8LinearKernel`` only where ``supports_mx()`` (gfx95x), else ``EmulationMxfp8LinearKernel``
+    (``process_weights_after_loading`` dequantises to bf16, ``apply_weights`` a bf16 F.linear). On gfx950 the
+    native kernel's ``rocm_mxfp8_block32_gemm`` is Triton with ``tl.dot_scaled``, which the interpreter has no
+    MX path for: Unsupported there."""
+    from vllm.model_executor.kernels.linear.mxfp8.Mxfp8LinearKernel import Mxfp8LinearLayerConfig
+    from vllm.model_executor.layers.quantization.modelopt import CkptCtx
+
+    from .base import Unsupported
+
+    if not p["fnuz"]:
+        raise Unsupported("gfx950 serves 32x32 rows with RocmDotScaledMxfp8LinearKernel (rocm_mxfp8_block32_gemm, "
+                          "tl.dot_scaled), which the Triton interpreter cannot run")
+    n, k = weight.shape
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight.clone().view(torch.float8_e4m3fn), requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(torch.empty(n, k // 32, dtype=torch.uint8), requires_grad=False)
+
+    def copy_loader(param, loaded, *args, **kwargs):
+        param.data.copy_(loaded)
+
+    _vllm("KMxfp8Static.get_scale_weight_loader")(copy_loader, CkptCtx(scale_block_size=(32, 32)))(
+        layer.weight_scale, weight_scale.clone())
+    kernel = _vllm("EmulationMxfp8LinearKernel")(Mxfp8LinearLayerConfig(weight_shape=(n, k)))
+    kernel.process_weights_after_loading(layer)
+    return {"y": kernel.apply_weights(layer, x.to(BF)).float()}
 
 
 # ------------------------------------------------------------------------------------------------ embedding

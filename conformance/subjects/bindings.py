@@ -74,6 +74,16 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "no aiter mHC and no TileLang: MHCPreOp.forward_hip falls back to forward_native",
                     adapter="hc_pre_torch", runs=("mhc_pre_torch",)),
         ],
+        "mhc.pre_lagged": [
+            Binding(MHC + "MHCPreDelayedOp.forward_hip -> torch.ops.vllm.mhc_pre_delayed_aiter (models.deepseek_v41."
+                    "amd.model: self.mhc_pre_delayed)", "aiter",
+                    "HAS_AITER_MHC and _aiter_mhc_supported (model_executor/layers/mhc.py:384-479)", mhc_aiter,
+                    reason=AITER_ONLY),
+            Binding(V + "model_executor.kernels.mhc.torch.mhc_pre_delayed_torch (MHCPreDelayedOp.forward_native)",
+                    "torch", "no aiter mHC and no TileLang: MHCPreDelayedOp.forward_hip falls back to forward_native "
+                    "(model_executor/layers/mhc.py:480-514)",
+                    adapter="hc_pre_delayed_torch", runs=("mhc_pre_delayed_torch",)),
+        ],
         "mhc.post": [
             Binding(MHC + "MHCPostOp.forward_hip -> torch.ops.vllm.mhc_post_aiter", "aiter",
                     "HAS_AITER_MHC and hc_mult == 4", mhc_aiter, reason=AITER_ONLY),
@@ -140,7 +150,9 @@ def _rocm(arch: str) -> dict[str, list[Binding]]:
                     "compress_norm_rope_store_two_stage_triton (head 512, ratio 128)", "triton",
                     "DeepseekCompressor.forward on ROCm (_prefer_two_stage_compressor: head 512 without overlap "
                     "takes the two-stage split); the kernels write tl.float8e4nv with FP8_MAX 448 on every arch "
-                    "(no fnuz branch)", adapter="compress_rocm",
+                    "(no fnuz branch). V4.1's rows (ratio 1 / 2, no ape) run models.deepseek_v41.common.ops."
+                    "fused_compress_quant_cache.fused_save_compress_norm + rope_quant_insert instead (584-byte "
+                    "record, tl.float8e4nv at 448 on every arch)", adapter="compress_rocm",
                     runs=("compress_norm_rope_store_triton",)),
         ],
         "indexer.scores": [
@@ -215,6 +227,9 @@ def _cuda() -> dict[str, list[Binding]]:
     cu = lambda f, why: [Binding(f, "cuda-only", why, reason=CUDA_ONLY)]  # noqa: E731
     return {
         "mhc.pre": cu("torch.ops.vllm.mhc_pre_tilelang (MHCPreOp.forward_cuda)", "TileLang mHC on CUDA"),
+        "mhc.pre_lagged": cu("torch.ops.vllm.mhc_pre_delayed_tilelang (MHCPreDelayedOp.forward_cuda; "
+                             "models.deepseek_v41.nvidia.model: mhc_pre_delayed_tilelang / mhc_shifted_post_pre)",
+                             "TileLang mHC on CUDA"),
         "mhc.post": cu("torch.ops.vllm.mhc_post_tilelang (MHCPostOp.forward_cuda)", "TileLang mHC on CUDA"),
         "mhc.head": cu("torch.ops.vllm.hc_head_fused_kernel_tilelang (HCHeadOp.forward_cuda)", "TileLang"),
         "norm.rms": cu(V + "ir.ops.layernorm.rms_norm (vllm_c provider)", "compiled CUDA rms_norm"),
@@ -311,7 +326,10 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                     "_w8a8_triton_block_scaled_mm)", "triton",
                     "the aiter linear off: the next ROCm block kernel; its weights are normalised to fnuz at load "
                     "on gfx942 (0x80 -> 0, e8m0 exponent + 1); the activation quant is the compiled "
-                    "torch.ops._C.per_token_group_fp8_quant on the device (x contiguous)",
+                    "torch.ops._C.per_token_group_fp8_quant on the device (x contiguous). V4.1's 32x32-scaled "
+                    "rows (wb32) take ModelOptLinearMethod MXFP8 instead (models/deepseek_v41/quant_config.py:"
+                    "221-243): KMxfp8Static's scale loader, then kernels.linear.mxfp8.emulation."
+                    "EmulationMxfp8LinearKernel (a bf16 GEMM; RocmDotScaledMxfp8LinearKernel needs gfx95x)",
                     adapter="fp8_block_linear_rocm",
                     runs=("process_fp8_weight_block_strategy", "w8a8_triton_block_scaled_mm",
                           "_w8a8_triton_block_scaled_mm")),
@@ -414,7 +432,8 @@ def _qkv(platform: str) -> dict[str, list[Binding]]:
         Binding(V + "models.deepseek_v4.attention.DeepseekV4Attention._split_qkv_and_norm -> common.ops."
                 "fused_q_kv_rmsnorm (Triton)" + tail, "compiled",
                 "aiter linear off: the shared Triton q/kv RMSNorm, then the compiled HIP q-norm/RoPE/insert op "
-                "(uint8 fp8_ds_mla SWA cache)", reason=HIP_OP),
+                "(uint8 fp8_ds_mla SWA cache; V4.1's rows: the same op with apply_q_norm False, models/deepseek_v41/"
+                "attention.py:1072-1086)", reason=HIP_OP),
     ]}
 
 

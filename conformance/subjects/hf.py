@@ -12,7 +12,7 @@ import platform
 
 import torch
 
-from .base import Impl, Subject, SubjectError, SubjectInfo
+from .base import Impl, Subject, SubjectError, SubjectInfo, Unsupported
 
 MOD = "transformers.models.deepseek_v4.modeling_deepseek_v4"
 
@@ -126,10 +126,15 @@ class TransformersSubject(Subject):
             return {"logits": head(norm(hh(X.float()[None])))[0]}   # DeepseekV4Model: norm(hc_head(h)); lm_head
 
         @torch.no_grad()
-        def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn):
+        def q_path(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta, yarn,
+                   q_head_norm=True):
             # DeepseekV4Attention.forward's first four lines, with its own modules: q_a_proj -> q_a_norm ->
             # q_b_proj viewed [B, S, H, 512] and transposed -> q_b_norm -> apply_rotary_pos_emb
             from ..cases.qkv import _dequant
+
+            if not q_head_norm:
+                raise Unsupported(f"V4.1 (no per-head q norm): transformers {self.transformers.__version__} has no "
+                                  "DeepSeek-V4.1 model (models/deepseek_v4's attention always applies q_b_norm)")
 
             wa = _dequant("wq_a", wq_a, wq_a_scale, x.shape[1])
             wb = _dequant("wq_b", wq_b, wq_b_scale, wa.shape[0])

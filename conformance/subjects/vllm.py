@@ -62,6 +62,11 @@ CANDIDATES = [
     Candidate("hc_pre", "hc_pre_torch", "vllm.model_executor.kernels.mhc.torch.mhc_pre_torch", "torch",
               ("cpu", "other"), ("attr", "vllm.model_executor.kernels.mhc.torch:mhc_pre_torch"),
               "pure-torch reference path (no compiled hc_pre op in this build)"),
+    Candidate("hc_pre_lagged", "hc_pre_delayed_torch",
+              "vllm.model_executor.kernels.mhc.torch.mhc_pre_delayed_torch (MHCPreDelayedOp.forward_native)", "torch",
+              ("cpu", "other"), ("attr", "vllm.model_executor.kernels.mhc.torch:mhc_pre_delayed_torch"),
+              "V4.1's lagged HC_pre in pure torch; vLLM has no DeepSeek-V4.1 CPU model, this is the function "
+              "MHCPreDelayedOp dispatches to without aiter mHC or TileLang"),
     Candidate("hc_post", "hc_post",
               "vllm.model_executor.kernels.mhc.cpu.mhc_post_cpu -> torch.ops._C.hc_post_fused_cpu",
               "compiled", CPU, ("op", "hc_post_fused_cpu"), "MHCPostOp.forward_cpu -> mhc_post_cpu"),
@@ -132,7 +137,8 @@ CANDIDATES = [
 
 # registered component names -> adapter key (checked first)
 NAMES = {
-    "mhc.pre": "hc_pre", "mhc.post": "hc_post", "mhc.head": "hc_head", "norm.rms": "rms_norm",
+    "mhc.pre": "hc_pre", "mhc.pre_lagged": "hc_pre_lagged", "mhc.post": "hc_post", "mhc.head": "hc_head",
+    "norm.rms": "rms_norm",
     "norm.head": "norm_head", "rope.apply": "apply_rope",
     "rope.layer": "rope_layer", "indexer.q": "indexer_q", "indexer.scores": "indexer_scores",
     "indexer.topk": "indexer_topk", "compressor.kv": "compress", "attn.sparse": "sparse_attention",
@@ -170,6 +176,12 @@ CPU_WHY = {
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
+# what else a not-provided row of the CPU build should say (vLLM 0.32.0 paths relative to site-packages/vllm)
+ABSENT_NOTES = {
+    "linear.fp8_block": "; V4.1's 32x32 rows (MXFP8): init_mxfp8_linear_kernel has no CPU entry in "
+                        "_POSSIBLE_MXFP8_KERNELS (model_executor/kernels/linear/__init__.py:552-571), so the CPU "
+                        "build cannot load a V4.1 dense linear; vllm:sim-gfx942 binds its EmulationMxfp8LinearKernel",
+}
 
 # component-name aliases (last dotted segment) -> adapter key, for goldens that are wrappers
 ALIASES = {
@@ -449,7 +461,7 @@ class VllmSubject(Subject):
                     only = "; vLLM's Triton kernel for it: vllm-triton:<profile>" if key in KERNELS else ""
                     why = ((CPU_WHY.get(name) if self.kind == "cpu" else None)
                            or f"no adapter for vLLM's {self.kind} build")
-                    self._absent[name] = f"{rel}: {why}{only}"
+                    self._absent[name] = f"{rel}: {why}{only}" + ABSENT_NOTES.get(name, "")
                 continue
             c, core = usable[key]
             fn, why = bind(spec, core, fixed=FIXED.get(name))

@@ -194,6 +194,8 @@ ADAPTERS = {
     "rope_layer": (_plain("rope_layer"), "build_deepseek_v4_rope from the config per layer type, then "
                    "forward_native, as HIP dispatches it"),
     "hc_pre_torch": (_plain("hc_pre_torch"), "mhc_pre_torch, the forward_native of MHCPreOp"),
+    "hc_pre_delayed_torch": (_plain("hc_pre_delayed_torch"),
+                             "mhc_pre_delayed_torch, the forward_native of MHCPreDelayedOp (V4.1's lagged pre)"),
     "hc_post_torch": (_rocm("make_hc_post_torch"), "mhc_post_torch, the forward_native of MHCPostOp"),
     "hc_head_triton": (_rocm("make_hc_head_triton"), "HCHeadOp.forward_hip called as is (HAS_TILELANG_MHC "
                        "false): torch.ops.vllm.hc_head_triton -> _hc_head_triton, its two Triton kernels "

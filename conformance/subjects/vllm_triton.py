@@ -316,7 +316,7 @@ def make_fp8_block_linear(p: dict):
     dev = p.get("dev", "cpu")
     fmax = 224.0 if p["fnuz"] else 448.0     # get_fp8_min_max(): +-224 on fnuz, finfo otherwise
 
-    def fp8_block_linear(x, weight, weight_scale):
+    def fp8_block_linear(x, weight, weight_scale, weight_block=128):
         """vLLM's block-FP8 GEMM kernel on the checkpoint's weights: on the fnuz profile the bytes are
         normalised as process_fp8_weight_block_strategy does at load (0x80 -> 0, e8m0 exponent + 1; harness
         code, the vllm:sim-gfx942 subject runs vLLM's own), the e8m0 scales decoded to fp32 (the wrapper's
@@ -325,7 +325,13 @@ def make_fp8_block_linear(p: dict):
         from references.formats.conversion import ocp_to_fnuz_codes, ocp_to_fnuz_scales
 
         from ._vllm_adapters import act_quant_as_compiled
+        from .base import Unsupported
 
+        if weight_block != 128:
+            raise Unsupported(f"{weight_block}x{weight_block} weight scales: V4.1 serves them as MXFP8 "
+                              "(ModelOptLinearMethod), not through _w8a8_triton_block_scaled_mm; on gfx942 that is "
+                              "a bf16 GEMM (vllm:sim-gfx942 binds it), on gfx950 rocm_mxfp8_block32_gemm "
+                              "(tl.dot_scaled), not adapted here")
         codes, sc = weight, weight_scale
         if p["fnuz"]:
             codes, sc = ocp_to_fnuz_codes(codes), ocp_to_fnuz_scales(sc, "ue8m0")

@@ -42,10 +42,16 @@ def query_path(
     eps: float,
     numerics: Numerics = GOLDEN,
     norm_variant: str = "official",
+    head_norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``qr = q_norm(wq_a x)`` [T, q_lora] (shared with the indexer) and ``q = headnorm(wq_b qr)``
     [T, H, d]: per-head UNWEIGHTED RMSNorm, not yet roped. wq_a / wq_b are FP8 linears
-    (``numerics.linear_act``); ``numerics.act_dtype`` rounds at OFF's bf16 tensor boundaries."""
+    (``numerics.linear_act``); ``numerics.act_dtype`` rounds at OFF's bf16 tensor boundaries.
+
+    ``head_norm=False``: DeepSeek-V4.1, ``q = wq_b qr`` with no per-head norm (vLLM
+    ``models/deepseek_v41/attention.py:1082`` passes ``apply_q_norm`` False to the fused q / KV op, "qr is normed
+    before wq_b", and ``:1109``, ``:1127`` on the bf16 / fp8 caches; ``nvidia/flash_mla_mega_attn.py:356``,
+    ``:457`` ``enable_q_norm`` False), where V4 normalises each head (``models/deepseek_v4/attention.py:795-809``)."""
     float_tensor("x", x, ndim=2)
     finite("x", x)
     shape_is("wq_a", wq_a, (wq_a.shape[0], x.shape[1]))
@@ -57,7 +63,7 @@ def query_path(
         rms_norm(round_act(linear(x, wq_a, numerics), numerics), q_norm, eps, norm_variant), numerics
     )
     q = round_act(linear(qr, wq_b, numerics), numerics).view(x.shape[0], n_heads, -1)
-    return qr, round_act(unweighted_rms_norm(q, eps), numerics)
+    return qr, (round_act(unweighted_rms_norm(q, eps), numerics) if head_norm else q)
 
 
 def kv_projection(

@@ -9,6 +9,15 @@ Entry i pools, separately for every channel k, ``P_k = sum_s softmax_s(Z_{s,k}) 
     no previous window: those slots get C = 0 and Z = -inf (weight 0).
 Then ``RMSNorm(norm) -> RoPE (last rope_dim dims) at position i*m -> QAT`` (numerics).
 Entry i exists once token m i + m - 1 has been seen.
+
+DeepSeek-V4.1 (``compress_ratios`` entries 1 and 2; vLLM ``models/deepseek_v41/compressor.py``,
+``common/ops/fused_compress_quant_cache.py``): no position bias (the module registers ``fused_wkv_wgate`` and
+``norm`` only, ``compressor.py:218-241``: ``ape=None`` here) and no overlap (groups [m i, m i + m),
+``fused_compress_quant_cache.py:140-214``). Ratio 2 pools the pair (2i, 2i + 1) with the per-channel softmax
+over its two scores, closed at position 2i + 1; ratio 1 has no gate (``has_gate = compress_ratio > 1``,
+``compressor.py:218-219``: ``wgate=None``) and the entry is the token's own kv. Then RMSNorm and RoPE at the
+group's first position ``position // m * m`` (``fused_compress_quant_cache.py:344``), compress_rope_theta with
+YaRN for every compressed layer, ratio 1 included (``common/rope.py:23-38``).
 """
 
 from __future__ import annotations
@@ -21,35 +30,47 @@ from .norms import rms_norm
 from .qat import quant_indexer, quant_kv_nope
 from .rope import apply_rope
 
-COMPRESS_VARIANTS = ("official", "vllm")
+# "vllm41": V4.1's kernels store the normed latent in bf16 (_store_latent, fused_compress_quant_cache.py:216-221)
+# and rotate that bf16 latent in fp32 with one more bf16 store (_rope_quant_insert_kernel, :340-350)
+COMPRESS_VARIANTS = ("official", "vllm", "vllm41")
 KINDS = ("attn", "indexer")
 
 
 def _check(x, wkv, wgate, ape, norm, ratio, head_dim, overlap, kind, variant):
     float_tensor("x", x, ndim=2)
-    if ratio < 2:
-        raise ValueError(f"ratio: must be >= 2, got {ratio}")
+    if ratio < 1:
+        raise ValueError(f"ratio: must be >= 1, got {ratio}")
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} not in {KINDS}")
     if variant not in COMPRESS_VARIANTS:
         raise ValueError(f"variant: {variant!r} not in {COMPRESS_VARIANTS}")
     overlap = (ratio == 4) if overlap is None else bool(overlap)
     width = (2 if overlap else 1) * head_dim
+    if overlap and ratio < 2:
+        raise ValueError(f"overlap: needs ratio >= 2, got {ratio}")
+    if wgate is None and ratio != 1:
+        raise ValueError(f"wgate: only a ratio-1 compressor (V4.1) has no gate, got ratio {ratio}")
     shape_is("wkv", wkv, (width, x.shape[1]))
-    shape_is("wgate", wgate, (width, x.shape[1]))
-    shape_is("ape", ape, (ratio, width))
+    if wgate is not None:
+        shape_is("wgate", wgate, (width, x.shape[1]))
+    if ape is not None:
+        shape_is("ape", ape, (ratio, width))
     shape_is("norm", norm, (head_dim,))
     for name, t in (("wkv", wkv), ("wgate", wgate), ("ape", ape), ("norm", norm)):
-        finite(name, t)
+        if t is not None:
+            finite(name, t)
     return overlap
 
 
 def _project(x, wkv, wgate, ape, positions, ratio):
-    """C = wkv x, Z = wgate x + ape[t mod m], in the compute dtype (OFF: fp32; not an FP8 linear)."""
+    """C = wkv x, Z = wgate x + ape[t mod m], in the compute dtype (OFF: fp32; not an FP8 linear). V4.1: no ape
+    (None: no bias); ratio 1 no gate (None: Z = 0, the one-slot softmax is 1 whatever Z is)."""
     dt = compute_dtype(x)
     x = finite("x", x.to(dt))
     kv = x @ wkv.to(dt).T
-    score = x @ wgate.to(dt).T + ape.to(dt)[positions % ratio]
+    score = torch.zeros_like(kv) if wgate is None else x @ wgate.to(dt).T
+    if ape is not None:
+        score = score + ape.to(dt)[positions % ratio]
     return kv, score
 
 
@@ -60,7 +81,7 @@ def _finish(pooled, entry_ids, norm, *, ratio, eps, inv_freq, rope_dim, numerics
     off = variant == "official"
     h = round_act(pooled, numerics) if off else pooled
     h = rms_norm(h, norm, eps)
-    h = round_act(h, numerics) if off else h
+    h = round_act(h, numerics) if variant in ("official", "vllm41") else h
     h = apply_rope(h, entry_ids * ratio, inv_freq, rope_dim)
     h = round_act(h, numerics)
     if kind == "attn":

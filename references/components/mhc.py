@@ -90,6 +90,30 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     return round_act(a, numerics), post, comb
 
 
+def hc_pre_lagged(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                  pre_prev: torch.Tensor | None, *, norm_eps: float, hc_eps: float, sinkhorn_iters: int,
+                  numerics: Numerics = GOLDEN):
+    """DeepSeek-V4.1's HC_pre, lagged by one sub-layer: ``-> (a, post, comb, pre)``.
+
+    The site's mixes (pre, post, comb) come from ``X`` as in :func:`hc_pre`, but the layer input collapses the
+    streams with the PREVIOUS sub-layer's pre-mix, ``a = sum_j pre_prev_j X_j`` (stream 0, ``a = X_0``, at the
+    model's entry, ``pre_prev`` None), and this site's ``pre`` is handed on to the next sub-layer. vLLM
+    ``models/deepseek_v41/nvidia/model.py:491-493`` ("The reference collapses each sublayer's input with the
+    *previous* sublayer's pre-mix: attention uses the pre-mix carried in (identity for the first layer), the FFN
+    uses this layer's attention pre-mix"), ``:501-526``, ``:590-606``; ``model_executor/layers/mhc.py:308-321``
+    (``MHCPreDelayedOp``), ``model_executor/kernels/mhc/torch.py:6-43`` (``mhc_pre_delayed_torch``).
+    """
+    pre, post, comb = hc_mixes(X, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps,
+                               sinkhorn_iters=sinkhorn_iters)
+    if pre_prev is None:
+        a = X[..., 0, :].to(pre.dtype)
+    else:
+        check_float("pre_prev", pre_prev)
+        check_shape("pre_prev", pre_prev, tuple(X.shape[:-1]))
+        a = (pre_prev.to(pre.dtype).unsqueeze(-1) * X.to(pre.dtype)).sum(dim=-2)
+    return round_act(a, numerics), post, comb, pre
+
+
 HC_POST_VARIANTS = ("official", "hf")
 
 

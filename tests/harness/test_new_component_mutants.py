@@ -11,7 +11,7 @@ from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
 from conformance.cases.indexer_cache import K_FMAX, KCacheLayout, gather_slots
-from conformance.cases.linear import W_SPEC, fp8_linear_golden, quant_act_group
+from conformance.cases.linear import W_SPECS, fp8_linear_golden, quant_act_group
 from conformance.cases.linear import _emulate as linear_emulate
 from conformance.cases.mtp import mtp_head_golden
 from conformance.cases.qkv import _dequant as _q_dequant
@@ -98,19 +98,29 @@ def index_set_hca_one_token_early(positions, topk_idx=None, *, layer_type, ratio
     return {"indices": torch.cat((sw, comp), 1)}
 
 
-def linear_scale_layout_transposed(x, weight, weight_scale):
-    # the [N/128, K/128] scale grid read in the other order (column-major): block (i, j) gets another block's scale
+def linear_scale_layout_transposed(x, weight, weight_scale, *, weight_block=128):
+    # the [N/b, K/b] scale grid read in the other order (column-major): block (i, j) gets another block's scale
     s = weight_scale.T.contiguous().view(weight_scale.shape)
-    return fp8_linear_golden(x, weight, s)
+    return fp8_linear_golden(x, weight, s, weight_block=weight_block)
 
 
-def linear_per_token_scale(x, weight, weight_scale):
+def linear_per_token_scale(x, weight, weight_scale, *, weight_block=128):
     # one FP8 scale per token over the whole K instead of per 1x128 group (OCP serving numerics otherwise)
     act = serving("ocp").linear_act
     xb = x.to(torch.bfloat16).float()
     spec = BlockFP8(act.fmt, act.fmax, (1, x.shape[1]), act.scale_fmt, act.amax_floor)
-    w = dequantize_fp8(weight, weight_scale, W_SPEC)
+    w = dequantize_fp8(weight, weight_scale, W_SPECS[weight_block])
     return {"y": (quant_act_group(xb, spec) @ w.T).to(torch.bfloat16).float()}
+
+
+def linear_32x32_scales_read_as_128_blocks(x, weight, weight_scale, *, weight_block=128):
+    # a V4 reader on a V4.1 checkpoint: the [N/32, K/32] grid indexed as if each scale covered a 128x128 tile,
+    # element (i, j) scaled by weight_scale[i // 128, j // 128] (exactly the golden on the 128x128 rows)
+    n, k = weight.shape
+    rows, cols = torch.arange(n) // 128, torch.arange(k) // 128
+    s = weight_scale[rows][:, cols]
+    w = dequantize_fp8(weight, s.contiguous(), BlockFP8.of("float8_e4m3fn", (1, 1)))
+    return {"y": x.float() @ w.T}
 
 
 def _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, *, n_heads, eps, head_norm=True):
@@ -122,23 +132,32 @@ def _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, *, n_heads, eps, h
 
 
 def q_path_rope_on_first_dims(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
-                              yarn):
+                              yarn, q_head_norm=True):
     # RoPE on q[..., 0:64] instead of the trailing q[..., 448:512]
-    qr, q = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps)
+    qr, q = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps,
+                       head_norm=q_head_norm)
     head = apply_rope(q[..., :64], positions, _q_inv_freq(theta, yarn), 64)
     return {"qr": qr, "q": torch.cat((head, q[..., 64:]), -1)}
 
 
 def q_path_without_head_norm(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
-                             yarn):
+                             yarn, q_head_norm=True):
+    # never normalises a head: V4.1's math on every row (so V4 rows catch it, V4.1 rows pass)
     qr, z = _q_unroped(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, n_heads=n_heads, eps=eps, head_norm=False)
     return {"qr": qr, "q": apply_rope(z, positions, _q_inv_freq(theta, yarn), 64)}
 
 
 def q_path_without_q_norm_weight(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
-                                 yarn):
+                                 yarn, q_head_norm=True):
     return q_path_golden(x, wq_a, wq_a_scale, torch.ones_like(q_norm), wq_b, wq_b_scale, positions,
-                         n_heads=n_heads, eps=eps, theta=theta, yarn=yarn)
+                         n_heads=n_heads, eps=eps, theta=theta, yarn=yarn, q_head_norm=q_head_norm)
+
+
+def q_path_head_norm_always(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, *, n_heads, eps, theta,
+                            yarn, q_head_norm=True):
+    # a V4 kernel serving V4.1: the per-head RMSNorm applied whatever q_head_norm says (V4 math on every row)
+    return q_path_golden(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scale, positions, n_heads=n_heads, eps=eps,
+                         theta=theta, yarn=yarn)
 
 
 def _kv_bf16(x, wkv, wkv_scale, kv_norm, positions, *, eps, theta, yarn):
@@ -507,9 +526,11 @@ MUTANTS = [
     ("attn.index_set", index_set_hca_one_token_early),
     ("linear.fp8_block", linear_scale_layout_transposed),
     ("linear.fp8_block", linear_per_token_scale),
+    ("linear.fp8_block", linear_32x32_scales_read_as_128_blocks),
     ("attn.q_path", q_path_rope_on_first_dims),
     ("attn.q_path", q_path_without_head_norm),
     ("attn.q_path", q_path_without_q_norm_weight),
+    ("attn.q_path", q_path_head_norm_always),
     ("attn.kv_insert", kv_insert_scale_not_pow2),
     ("attn.kv_insert", kv_insert_scales_inline),
     ("attn.kv_insert", kv_insert_padding_to_slot0),
@@ -588,6 +609,38 @@ def test_per_token_activation_scale_is_caught_at_the_emulated_level():
     rows = _verdicts("linear.fp8_block", linear_per_token_scale)
     emu = [r for rs in rows.values() for r in rs if r.level == "emulated"]
     assert emu and any(r.verdict == "fail" for r in emu)
+
+
+def test_32x32_scales_read_as_128_blocks_is_caught_on_every_v41_row_only():
+    """Against the golden (serving level) every V4.1 row (wb32) fails with the worst element named; on V4's
+    128x128 rows the mutant is the golden itself and passes there (so the rows, not a loose comparison, make the
+    catch; its emulated-level rows fail on every case, being no serving numerics)."""
+    rows = _verdicts("linear.fp8_block", linear_32x32_scales_read_as_128_blocks, fast=True)
+    assert any("/wb32/" in c for c in rows)
+    for cid, rs in rows.items():
+        (r,) = [r for r in rs if r.level == "serving"]
+        if "/wb32/" in cid:
+            assert r.verdict in ("fail", "catastrophic") and r.worst.get("index") is not None, (cid, r.message)
+        else:
+            assert r.verdict == "pass", (cid, r.message)
+
+
+@pytest.mark.parametrize("fn,caught_on", [(q_path_head_norm_always, "v4.1"), (q_path_without_head_norm, "v4")])
+def test_head_norm_mutants_are_caught_on_the_other_versions_rows_only(fn, caught_on):
+    """Applying the per-head norm on V4.1 rows fails every V4.1 row's q (serving level, the worst element named) and
+    is the golden on V4 rows; dropping it fails every V4 row and is the golden on V4.1 rows. qr is untouched."""
+    rows = _verdicts("attn.q_path", fn, fast=True)
+    assert {("/v41/" in c) for c in rows} == {True, False}
+    for cid, rs in rows.items():
+        r = [r for r in rs if r.level == "serving"]
+        version = "v4.1" if "/v41/" in cid else "v4"
+        verdict = worst_verdict(r)
+        if version == caught_on:
+            assert verdict in ("fail", "catastrophic"), (cid, [x.message for x in r])
+            assert any(" q: " in x.message and x.worst.get("index") is not None for x in r
+                       if x.verdict in ("fail", "catastrophic")), [x.message for x in r]
+        else:
+            assert verdict == "pass", (cid, [x.message for x in r])
 
 
 def test_int32_block_offset_is_caught_on_the_high_block_cases_only():

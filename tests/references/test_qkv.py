@@ -88,3 +88,22 @@ def test_kv_insert_refuses_bad_inputs_in_one_line(change, match):
     with pytest.raises((ValueError, TypeError, IndexError), match=match) as e:
         kv_insert_golden(**change(_kw("attn.kv_insert")))
     assert "\n" not in str(e.value)
+
+
+def test_v41_q_path_has_no_head_norm():
+    """q_head_norm=False (V4.1, models/deepseek_v41/attention.py:1082): q = rope(wq_b qr), qr unchanged; the V4
+    golden's q is that z normalised per head (so q_v4 = rope(z / rms(z_h)) = q_v41 / rms(z_h), RoPE being a
+    rotation per pair, hence rms-preserving and linear)."""
+    case = next(c for c in cases_for("attn.q_path") if "/v41/" in c.id and c.tier == "fast")
+    kw = case.make_inputs()
+    assert kw["q_head_norm"] is False
+    v41 = q_path_golden(**kw)
+    v4 = q_path_golden(**dict(kw, q_head_norm=True))
+    assert torch.equal(v41["qr"], v4["qr"])
+    z = v41["q"].double()
+    rms = (z.square().mean(-1, keepdim=True) + kw["eps"]).sqrt()
+    assert torch.allclose(v4["q"].double(), z / rms, rtol=1e-5, atol=1e-6)
+    # heads of different magnitude: the norm is not a no-op
+    assert (rms.max() / rms.min()) > 4
+    with pytest.raises(TypeError, match="q_head_norm: expected a bool"):
+        q_path_golden(**dict(kw, q_head_norm=0))

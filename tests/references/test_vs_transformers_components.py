@@ -27,8 +27,12 @@ def hf():
 def test_golden_agrees_with_transformers_fp32(hf, component):
     for case in cases_for(component):
         rows = run_numeric(hf, case)
-        assert [r.level for r in rows] == ["fp32"]
         r = rows[0]
+        if "v4.1" in case.tags:   # transformers has DeepSeek-V4 only: the V4.1 rows say so, never pass
+            assert len(rows) == 1 and r.verdict == "not-provided" and "no DeepSeek-V4.1 model" in r.message, \
+                r.message
+            continue
+        assert [r.level for r in rows] == ["fp32"]
         assert r.verdict == "pass", r.message
         ratios = {k: f"{v:.3g}" for k, v in r.metrics.items() if k.endswith("worst_over_bound")}
         assert ratios, r.metrics

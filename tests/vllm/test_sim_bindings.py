@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 
 import pytest
+import torch
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm is not installed in this Python (the sim subjects run with nox -s gfx942-sim)",
@@ -464,3 +465,73 @@ def test_coverage_command_prints_each_selected_row(capsys):
         assert cells[1].strip().strip("`").replace("\\|", "|") == b.function, ln
         backend = "triton-interpreter" if (b.backend == "triton" and name in s.provides()) else b.backend
         assert cells[2].strip() == backend, ln
+
+
+def test_v41_32x32_linear_rows_run_vllms_mxfp8_emulation_kernel_on_gfx942(sim):
+    """linear.fp8_block's V4.1 rows (wb32): on gfx942 vLLM's own KMxfp8Static scale loader (the row-wise repeat of
+    the 32x32 grid) and EmulationMxfp8LinearKernel run, not the block-FP8 Triton GEMM; on gfx950 the native
+    tl.dot_scaled kernel is not interpretable: Unsupported with the reason."""
+    from conformance.subjects.base import Unsupported
+
+    case = min((c for c in cases_for("linear.fp8_block") if "/wb32/" in c.id), key=lambda c: len(c.id))
+    impl = sim.provides()["linear.fp8_block"]
+    kw = case.make_inputs()
+    if sim.arch == "gfx950":
+        with pytest.raises(Unsupported, match="RocmDotScaledMxfp8LinearKernel"):
+            impl.fn(**kw)
+        return
+    out, seen = vs.executed_vllm_functions(impl.fn, **kw)
+    assert {"scaled_loader", "process_weights_after_loading", "apply_weights", "dequant_mxfp8_to_bf16"} <= seen, \
+        sorted(seen)
+    assert "_w8a8_triton_block_scaled_mm" not in seen and "process_fp8_weight_block_strategy" not in seen
+    want = fp8_linear_golden_bf16(kw)
+    assert torch.equal(out["y"], want)
+
+
+def fp8_linear_golden_bf16(kw):
+    """What EmulationMxfp8LinearKernel computes, by the harness: golden weights (exact in bf16), bf16 GEMM."""
+    from conformance.cases.linear import W_SPECS
+    from references.formats.blockscale import dequantize_fp8
+
+    w = dequantize_fp8(kw["weight"], kw["weight_scale"], W_SPECS[32]).to(torch.bfloat16)
+    return torch.nn.functional.linear(kw["x"].to(torch.bfloat16), w).float()
+
+
+def test_v41_lagged_mhc_pre_binds_mhc_pre_delayed_torch_without_aiter_and_runs_it(sim_noaiter):
+    """mhc.pre_lagged on gfx942 without aiter: MHCPreDelayedOp.forward_hip's fallback, mhc_pre_delayed_torch."""
+    b = bindings.select(sim_noaiter.platform_kind, "mhc.pre_lagged", sim_noaiter.ctx)
+    assert b.adapter == "hc_pre_delayed_torch"
+    seen = _witness(sim_noaiter, "mhc.pre_lagged")
+    assert "mhc_pre_delayed_torch" in seen and "mhc_pre_torch" not in seen, sorted(seen)
+
+
+def test_v41_compressor_rows_run_vllms_v41_kernels(sim_noaiter):
+    """compressor.kv's V4.1 rows on the sim: models/deepseek_v41's fused_save_compress_norm (its Triton kernel
+    interpreted) and rope_quant_insert run, not the V4 compressor's kernels; the entries match the emulation."""
+    from conformance.checks.numeric import run_numeric
+
+    case = next(c for c in cases_for("compressor.kv") if "/v41-r2/t3hd" in c.id)
+    impl = sim_noaiter.provides()["compressor.kv"]
+    _, seen = vs.executed_vllm_functions(impl.fn, **case.make_inputs())
+    assert {"fused_save_compress_norm", "_fused_save_compress_norm_kernel", "rope_quant_insert",
+            "_rope_quant_insert_kernel"} <= seen, sorted(seen)
+    assert "compress_norm_rope_store_triton" not in seen and "_save_partial_states_kernel" not in seen
+    rows = run_numeric(sim_noaiter, case)
+    assert {r.level for r in rows} == {"serving", "emulated"} and all(r.verdict == "pass" for r in rows)
+
+
+def test_mutant_v41_rope_insert_told_ratio_1_on_a_ratio2_row_is_caught(sim_noaiter, monkeypatch):
+    """vLLM's rope_quant_insert launched with COMPRESS_RATIO 1 on a ratio-2 row: the boundary token's RoPE lands at
+    its own position 2i + 1 instead of the pair's first, 2i (the slots still pick the right tokens): the rows fail
+    against the emulation and the golden; the real launch passed above."""
+    from conformance.checks.numeric import run_numeric
+    from conformance.subjects import _vllm_rocm_adapters as ra
+
+    real = ra._vllm("rope_quant_insert")
+    monkeypatch.setitem(ra.OVER, "rope_quant_insert",
+                        lambda latent, pos, cs, cache, slots, ratio, **kw: real(latent, pos, cs, cache, slots, 1, **kw))
+    case = next(c for c in cases_for("compressor.kv") if "/v41-r2/t3hd" in c.id)
+    rows = run_numeric(sim_noaiter, case)
+    bad = [r for r in rows if r.verdict in ("fail", "catastrophic")]
+    assert {r.level for r in bad} == {"serving", "emulated"}, [r.message for r in rows]
+    assert all("entries" in r.message and r.worst.get("index") is not None for r in bad)

@@ -298,6 +298,9 @@ def test_block_fp8_gemm_reading_the_next_tokens_activation_scales_is_caught():
 
     s = load_subject("vllm-triton:ocp")
     ok = _numeric_verdicts(s, "linear.fp8_block")
+    # V4.1's 32x32 rows are not this kernel's (MXFP8 in vLLM): reported not provided, never passed
+    v41 = {cid: ok.pop(cid) for cid in list(ok) if "/wb32/" in cid}
+    assert v41 and all(set(v) == {"not-provided"} for v in v41.values()), v41
     assert ok and all(set(v) == {"pass"} for v in ok.values()), ok
     real = vt._K.get("_w8a8_triton_block_scaled_mm")
 
@@ -313,6 +316,8 @@ def test_block_fp8_gemm_reading_the_next_tokens_activation_scales_is_caught():
     finally:
         vt._K.over.clear()
     for cid, v in bad.items():
+        if "/wb32/" in cid:
+            continue
         one_token = "/t1n" in cid
         assert (set(v) == {"pass"}) == one_token, (cid, v)
 

@@ -188,4 +188,13 @@ def test_every_component_not_bound_on_the_cpu_build_has_its_reason():
     for name, why in absent.items():
         assert why.startswith(f"vLLM {rel}: "), (name, why)
     assert "no adapter for vLLM's cpu build" in absent["embed"]
-    assert absent["linear.fp8_block"].endswith("vLLM's Triton kernel for it: vllm-triton:<profile>")
+    assert "vLLM's Triton kernel for it: vllm-triton:<profile>; V4.1's 32x32 rows" in absent["linear.fp8_block"]
+
+
+def test_cpu_build_has_no_mxfp8_linear_kernel_as_the_v41_reason_says():
+    """The CPU build's linear.fp8_block reason says V4.1's MXFP8 linear has no CPU kernel: vLLM's own table."""
+    from vllm.model_executor.kernels.linear import _POSSIBLE_MXFP8_KERNELS
+    from vllm.platforms import PlatformEnum
+
+    assert PlatformEnum.CPU not in _POSSIBLE_MXFP8_KERNELS
+    assert "_POSSIBLE_MXFP8_KERNELS" in _subject().not_provided()["linear.fp8_block"]
