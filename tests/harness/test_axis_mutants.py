@@ -72,7 +72,9 @@ def test_topk_capped_at_512_is_caught_on_the_k1024_rows_only():
 
 
 def test_head_norm_for_64_heads_only_is_caught_on_the_128_head_row_only():
-    v = _verdicts("attn.q_path", q_path_head_norm_first_64_heads)
+    # the V4 rows only: the mutant breaks the per-head q norm, which V4.1 rows (q_head_norm=False) do not have
+    v = {cid: x for cid, x in _verdicts("attn.q_path", q_path_head_norm_first_64_heads).items()
+         if not cid.startswith("attn.q_path/v41/")}
     for cid, x in v.items():
         assert (x in ("fail", "catastrophic")) if "h128" in cid else x == "pass", (cid, x)
     assert any("h128" in cid for cid in v)
