@@ -405,12 +405,17 @@ class Mxfp4ShuffledLayout:
     value_bytes = INDEX_DIM // 2
 
     @property
+    def _flat(self) -> IndexerKLayout:
+        """The block-flat MXFP4 page of the same size: the shuffle permutes bytes inside its two regions only."""
+        return IndexerKLayout(self.block_size, self.alignment, "mxfp4")
+
+    @property
     def block_stride(self) -> int:
-        return _round_up(self.block_size * (self.value_bytes + INDEX_SCALE_BYTES), self.alignment)
+        return self._flat.block_stride
 
     @property
     def scale_region(self) -> int:
-        return self.block_size * self.value_bytes
+        return self._flat.scale_region
 
     def value_cols(self, s: int) -> np.ndarray:
         """The 64 byte offsets of entry s's packed values (value byte j at [j])."""
