@@ -47,10 +47,12 @@ class ComponentSpec:
     emulate: Callable[[str], Callable] | None = None
     spec_section: str = ""
     divergences: tuple[str, ...] = field(default_factory=tuple)
-    # compare(got, want, params, level, label, kwargs) -> list[metrics.Comparison]: replaces the per-output
-    # elementwise comparison for components whose outputs must be compared jointly (e.g. routing: expert
-    # ids as sets with near-ties, weights aligned by expert id with a per-token derived bound)
-    compare: Callable | None = None
+    # A joint comparison that replaces the per-output elementwise one, for components whose outputs must be
+    # compared together (routing: expert ids as sets with near-ties, weights aligned by expert id with a
+    # per-token derived bound). Either the name of a comparison the checks layer provides
+    # (``conformance.checks.numeric.JOINT_COMPARES``: "routing"), so case modules need not import checks, or
+    # a callable compare(got, want, params, level, label, kwargs) -> list[metrics.Comparison].
+    compare: str | Callable | None = None
 
 
 REGISTRY: dict[str, ComponentSpec] = {}

@@ -60,9 +60,9 @@ from references.components.engram import (
 from references.config import TINY_V41, V41_FLASH_FACTS
 from references.formats.minifloat import get_format
 
-from ..checks.dialect.ratio import ratio_signature
 from ..components import ComponentSpec, OutputSpec, register
 from ..metrics import Comparison, compare_exact, compare_float
+from ..ratio import ratio_signature
 from ..tolerances import Tolerance
 from ._case import Case, add, dist_tensor
 from ._serving import U32, UB

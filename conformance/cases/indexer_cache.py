@@ -30,7 +30,7 @@ Golden (from the spec's math, no quantisation): the key written to each gathered
   * ``cache.values``: the written slots decoded by the spec layout in the subject's dialect against the golden
     (serving bound; catches a writer and reader that agree with each other on a wrong layout), and at the emulated
     level the value and scale bytes exactly (``cache.scales``).
-A failing value check carries the dialect diagnosis (``checks.dialect.ratio.ratio_signature``: x0.5 for OCP bytes
+A failing value check carries the dialect diagnosis (``conformance.ratio.ratio_signature``: x0.5 for OCP bytes
 read as fnuz, NaN at 0x80 for an OCP -0 read as fnuz NaN).
 
 Serving emulation (``emulate(profile)``): scale = 2^ceil(log2(max(amax, 1e-4) / fmax)), codes = e4m3(k / scale),
@@ -46,9 +46,9 @@ import torch
 
 from references.formats import cache_layouts as cl
 
-from ..checks.dialect.ratio import ratio_signature
 from ..components import ComponentSpec, OutputSpec, register
 from ..metrics import Comparison, compare_exact, compare_float
+from ..ratio import ratio_signature
 from ..tolerances import Tolerance
 from ._case import Case, add, dist_tensor
 

@@ -1,8 +1,8 @@
 """MoE routing components (spec 3.12, 3.13; issue 7): router, hash router, routed experts, the whole routed
 layer (expert fingerprinting) and the routing metadata a fused MoE kernel consumes.
 
-Outputs are compared jointly by ``conformance.checks.routing.routing_compare`` (the ComponentSpec
-``compare`` hook): expert ids as per-token sets (near-ties within the scores' rounding reported, not
+Outputs are compared jointly by ``conformance.checks.routing.routing_compare`` (the ComponentSpec's
+``compare="routing"``): expert ids as per-token sets (near-ties within the scores' rounding reported, not
 failed), weights aligned by expert id within a per-token derived bound, layer outputs decoded through
 the fingerprint experts, metadata exactly (and explained per token). The random-weight experts / layer rows
 (``weights="random"``, issue 16) compare y elementwise against a derived per-element scale
@@ -59,17 +59,16 @@ from references.components._validate import compute_dtype
 from references.components.moe import expert_ffn, gate_logits, route
 from references.numerics import Numerics
 
-from ..checks.routing import (
-    FP_FLOOR,
-    fingerprint_amplitude,
-    fingerprint_experts,
-    routing_compare,
-    routing_metadata_blocked,
-    routing_metadata_reference,
-)
 from ..components import ComponentSpec, OutputSpec, register
 from ..tolerances import Tolerance
 from ._case import Case, add
+from ._moe_model import (
+    FP_FLOOR,
+    fingerprint_amplitude,
+    fingerprint_experts,
+    routing_metadata_blocked,
+    routing_metadata_reference,
+)
 
 SWIGLU_LIMIT = 10.0
 
@@ -227,45 +226,39 @@ def _doc_tol(what):
     return tol
 
 
-def _hook(name):
-    def compare(got, want, params, level, label, kwargs):
-        return routing_compare(name, got, want, params, level, label, kwargs)[0]
-    return compare
-
-
 ROUTER = register(ComponentSpec(
     name="moe.router", family="moe", reference=router_golden,
     outputs=(OutputSpec("ids", "index-set"), OutputSpec("weights", "float", tol=_doc_tol("routing weights"))),
     description="gate GEMM + sqrt-softplus scores, bias-corrected top-k, unbiased renormalised weights x route_scale",
-    spec_section="3.12", emulate=_emulate_router, compare=_hook("moe.router"),
+    spec_section="3.12", emulate=_emulate_router, compare="routing",
     divergences=("spec 8.6: renormalisation eps (variant hf-vllm)", "spec 8.12: bf16 gate logits on ROCm"),
 ))
 HASH_ROUTER = register(ComponentSpec(
     name="moe.hash_router", family="moe", reference=hash_router_golden,
     outputs=(OutputSpec("ids", "index-set"), OutputSpec("weights", "float", tol=_doc_tol("routing weights"))),
     description="hash routing (tid2eid[token id]) with sqrt-softplus weights, renormalised x route_scale",
-    spec_section="3.12", emulate=_emulate_hash_router, compare=_hook("moe.hash_router"),
+    spec_section="3.12", emulate=_emulate_hash_router, compare="routing",
     divergences=("spec 8.6: renormalisation eps (variant hf-vllm)",),
 ))
 EXPERTS = register(ComponentSpec(
     name="moe.experts", family="moe", reference=experts_golden,
     outputs=(OutputSpec("y", "float", tol=_doc_tol("fingerprint weights")),),
     description="routed SwiGLU experts for given (ids, weights), -1 = dropped, optional expert-parallel map",
-    spec_section="3.13", emulate=_emulate_experts, compare=_hook("moe.experts"),
+    spec_section="3.13", emulate=_emulate_experts, compare="routing",
     divergences=("spec 8.5: routing weight before (official) / after (vLLM) W2",),
 ))
 LAYER = register(ComponentSpec(
     name="moe.layer", family="moe", reference=layer_golden,
     outputs=(OutputSpec("y", "float", tol=_doc_tol("fingerprint-decoded routing")),),
     description="routed MoE layer (router + experts) with fingerprint experts: output lanes reveal (ids, weights)",
-    spec_section="3.12-3.13", emulate=_emulate_layer, compare=_hook("moe.layer"),
+    spec_section="3.12-3.13", emulate=_emulate_layer, compare="routing",
 ))
 METADATA = register(ComponentSpec(
     name="moe.routing_metadata", family="moe", reference=routing_metadata_golden,
     outputs=tuple(OutputSpec(n, "exact") for n in ("expert_counts", "expert_offsets", "gather_idx", "scatter_idx")),
     description="routing metadata of a fused MoE kernel: per-expert counts/offsets, expert-sorted gather and "
                 "scatter indices",
-    spec_section="7 (bitmatrix metadata)", emulate=_emulate_metadata, compare=_hook("moe.routing_metadata"),
+    spec_section="7 (bitmatrix metadata)", emulate=_emulate_metadata, compare="routing",
 ))
 
 

@@ -67,10 +67,33 @@ def context_params(info: SubjectInfo) -> dict:
 ULP_DTYPE = {"fp64": "float32", "fp32": "float32", "serving": "bfloat16", "emulated": "bfloat16"}
 
 
+def _routing_compare(spec):
+    from .routing import routing_compare
+
+    def compare(got, want, params, level, label, kwargs):
+        return routing_compare(spec.name, got, want, params, level, label, kwargs)[0]
+    return compare
+
+
+# joint comparisons a ComponentSpec names by string (``ComponentSpec.compare``)
+JOINT_COMPARES = {"routing": _routing_compare}
+
+
+def joint_compare(spec):
+    """The joint comparison of ``spec``: its callable, or the checks-layer comparison its name selects."""
+    if callable(spec.compare):
+        return spec.compare
+    try:
+        return JOINT_COMPARES[spec.compare](spec)
+    except KeyError:
+        raise ValueError(f"{spec.name}: unknown joint comparison {spec.compare!r}; known: "
+                         f"{sorted(JOINT_COMPARES)}") from None
+
+
 def compare_outputs(spec, got: dict, want: dict, params: dict, level: str, label: str,
                     kwargs: dict) -> list[Comparison]:
     if spec.compare is not None:
-        return list(spec.compare(got, want, params, level, label, kwargs))
+        return list(joint_compare(spec)(got, want, params, level, label, kwargs))
     comps = []
     for o in spec.outputs:
         if o.name not in want:

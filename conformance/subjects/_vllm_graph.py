@@ -188,7 +188,7 @@ def routing_case(builder, function: str) -> GraphCase:
         return _routing_outputs(builder(ids, Bitmatrix(ids, E)), ids.shape[0])
 
     def golden(x: dict, dtype) -> dict:
-        from ..checks.routing import routing_metadata_reference
+        from ..cases._moe_model import routing_metadata_reference
 
         ids = x["ids"]
         r = routing_metadata_reference(ids, num_experts=E)

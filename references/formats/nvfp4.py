@@ -10,7 +10,7 @@ formats that store its reciprocal must invert it before calling ``dequantize_nvf
 
 The scale byte is E4M3 in either dialect: OCP ``float8_e4m3fn`` (bias 7, max 448; 0x7F / 0xFF NaN) or fnuz
 ``float8_e4m3fnuz`` (bias 8, max 240; 0x80 NaN). The same byte read in the other dialect is exactly x0.5
-(OCP bytes read as fnuz) or x2, which ``conformance.checks.dialect.ratio.ratio_signature`` names.
+(OCP bytes read as fnuz) or x2, which ``conformance.ratio.ratio_signature`` names.
 
 Encoding (golden rule: float64 from the unquantised input, each rounding once):
   * ``global_scale`` (when not given) = amax(|x|) / (6 * scale_max) rounded to fp32 (1.0 for an all-zero tensor),

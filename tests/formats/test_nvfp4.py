@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conformance.checks.dialect.ratio import ratio_signature
+from conformance.ratio import ratio_signature
 from references.formats.blockscale import pack_nibbles, unpack_nibbles
 from references.formats.nvfp4 import NVFP4_BLOCK, dequantize_nvfp4, nvfp4_global_scale, quantize_nvfp4
 

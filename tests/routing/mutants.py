@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conformance.cases import moe as M
-from conformance.checks.routing import raw_store, routing_metadata_blocked
+from conformance.cases._moe_model import raw_store, routing_metadata_blocked
 from conformance.subjects import Impl, Subject, SubjectInfo
 from references.components.moe import sqrt_softplus
 

@@ -7,10 +7,7 @@ import pytest
 import torch
 
 from conformance.cases import CASES, cases_for
-from conformance.cases.moe import layer_golden
-from conformance.checks.routing import (
-    decode_fingerprint,
-    expert_maps,
+from conformance.cases._moe_model import (
     fingerprint_amplitude,
     guarded,
     raw_store,
@@ -18,6 +15,8 @@ from conformance.checks.routing import (
     routing_metadata_reference,
     touched_guards,
 )
+from conformance.cases.moe import layer_golden
+from conformance.checks.routing import decode_fingerprint, expert_maps
 from conformance.subjects import load_subject
 from references.components.moe import sqrt_softplus
 

@@ -8,6 +8,7 @@ DialectMap(producers, consumers, subject=...)                   -> rows, as_rows
 Producer / Consumer (interface.py), reference_producers / reference_consumers(profile) (emulated.py)
 """
 
+from ...ratio import RatioSignature, ratio_signature
 from .classify import DecodingVerdict, DialectVerdict, classify_codes, classify_decoding, describe
 from .dialect_map import SUSPECTS, DialectMap, EdgeRow, dialect_map_for_subject, probe_edge
 from .emulated import (
@@ -20,7 +21,6 @@ from .emulated import (
 from .interface import DSV4_EDGES, Consumer, Edge, Producer
 from .mxfp4_probe import Mxfp4Verdict, probe_mxfp4
 from .probes import consumer_probe, producer_probe_values
-from .ratio import RatioSignature, ratio_signature
 from .scale_checks import ScaleCheck, ScaleProvenance, check_scale_conversion
 
 __all__ = [

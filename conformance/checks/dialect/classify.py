@@ -18,8 +18,8 @@ import numpy as np
 from references.formats.minifloat import FNUZ, OCP, MiniFloat, get_format
 from references.formats.scales import fp32_scale, pow2_scale
 
+from ...ratio import EXACT, NOISE, ratio_signature
 from .probes import FMAX_CANDIDATES, block_amax, expand_scales
-from .ratio import EXACT, NOISE, ratio_signature
 
 DIALECT_FORMATS = (OCP, FNUZ)
 NEITHER, AMBIGUOUS = "neither", "ambiguous"

@@ -23,10 +23,10 @@ import torch
 from references.formats.blockscale import quantize_fp8
 from references.formats.minifloat import get_format
 
+from ...ratio import ratio_signature
 from .classify import NEITHER, both_decodings, classify_codes, classify_decoding, describe
 from .interface import DSV4_EDGES, Consumer, Edge, Producer
 from .probes import consumer_probe, expand_scales, producer_probe_values, scales_as_float
-from .ratio import ratio_signature
 from .scale_checks import ScaleProvenance, check_scale_conversion
 
 _DEFECT_FACTOR = {
