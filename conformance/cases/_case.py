@@ -19,7 +19,6 @@ class Case:
     seed: int = 0
     dist: str = "normal"
     tags: tuple = ()                # e.g. ("decode", "batch1"), ("prefill", "long"), ("adversarial",)
-    expect: str | None = None       # declared expected divergence (reason + link), never a loosened bound
     tier: str = "fast"              # fast (every run) | full (big shapes: `--tier full`, which nox -s cpu uses)
 
     def make_inputs(self) -> dict:
