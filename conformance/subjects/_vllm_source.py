@@ -11,7 +11,13 @@ the kernel's source file and takes from it only the definitions the requested na
 * names a definition imports from another vLLM module are taken from that module's file the same way;
   ``from vllm.triton_utils import tl, triton`` is the one stand-in: it becomes ``import triton`` /
   ``import triton.language as tl`` (vLLM's ``triton_utils`` only re-exports those);
-* imports of anything else (torch, triton, math, functools, typing) are kept as written.
+* imports of anything else (torch, triton, math, functools, typing) are kept as written;
+* a requested name that the module only re-exports (``from .x import y as y`` in a package ``__init__``) is
+  taken from the module that defines it;
+* ``from vllm.platforms import current_platform`` is the second stand-in: ``SourcePlatform``, which answers
+  the platform questions vLLM's kernel files ask at import or launch (``is_rocm()``, ``is_cuda()``) from the
+  torch build and device this runs on, and raises ``SourceError`` naming any other attribute, so a question
+  it cannot answer truthfully stops the run instead of guessing.
 
 Every definition is copied verbatim (dedented, and ``@staticmethod`` dropped for a method) into a
 generated module file whose comments give the source file and line range, so Triton compiles vLLM's text
@@ -40,7 +46,28 @@ from pathlib import Path
 
 ENV = "DSV4_VLLM_SRC"
 _STANDIN = {("vllm.triton_utils", "triton"): "import triton",
-            ("vllm.triton_utils", "tl"): "import triton.language as tl"}
+            ("vllm.triton_utils", "tl"): "import triton.language as tl",
+            ("vllm.platforms", "current_platform"):
+                "current_platform = __import__('conformance.subjects._vllm_source', fromlist=['_']).SourcePlatform()"}
+
+
+class SourcePlatform:
+    """Stand-in for ``vllm.platforms.current_platform`` in source-loaded kernels: the platform this process
+    really runs on, read from torch (a ROCm build answers ROCm, a CUDA build with a device answers CUDA)."""
+
+    def is_rocm(self) -> bool:
+        import torch
+
+        return torch.version.hip is not None
+
+    def is_cuda(self) -> bool:
+        import torch
+
+        return torch.version.hip is None and torch.version.cuda is not None and torch.cuda.is_available()
+
+    def __getattr__(self, name):
+        raise SourceError(f"vLLM source: current_platform.{name} is not answered by the source-loading stand-in "
+                          "(only is_rocm / is_cuda)")
 
 
 class SourceError(RuntimeError):
@@ -127,6 +154,8 @@ class Source:
                     raise SourceError(f"vLLM source: {module}.{n} not found in {rel} ({self.version})")
                 methods[n] = m
                 work.append(m)
+            elif n not in defs and n in imports and imports[n][1].startswith("vllm") and imports[n][2]:
+                need_imports[n] = imports[n]     # a re-export: the defining module's object
             else:
                 if n not in defs:
                     raise SourceError(f"vLLM source: {module}.{n} not found in {rel} ({self.version})")
@@ -278,6 +307,13 @@ KERNELS = (
     ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm", "FusedMTPInputRMSNormKernel.kernel"),
     ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm", "MTPSharedHeadRMSNormKernel.kernel"),
     ("vllm.model_executor.kernels.mhc.triton", "_hc_head_triton"),
+    ("vllm.models.deepseek_v41.common.engram", "_hash_ids_kernel"),
+    ("vllm.models.deepseek_v41.common.engram", "_engram_lookup_kernel"),
+    ("vllm.models.deepseek_v41.common.engram", "_fused_engram_post_wkv_kernel"),
+    ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_block_scores_kernel"),
+    ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_store_candidates_kernel"),
+    ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_candidate_flags_kernel"),
+    ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_mask_candidates_kernel"),
 )
 
 

@@ -14,6 +14,7 @@ import torch
 from .base import Unsupported
 
 BF = torch.bfloat16
+CANDIDATES = "vllm.model_executor.kernels.attention.dsa.candidate_blocks"
 K_BLOCK = 64        # indexer-K cache block size (tokens per block), as the tiny checkpoint's block_size
 
 
@@ -26,6 +27,9 @@ def make_k_latent(p: dict):
         GPT-J RoPE from vLLM's cos_sin_cache at (t // m) m, FP8 quant, paged store; the SHUFFLE layout when the
         platform answers ROCm, as the wrapper decides); the bytes read back block-flat or SHUFFLE and decoded in
         the platform reader's dialect (code x fp32 scale)."""
+        if p.get("src") is not None:
+            raise Unsupported("the adapter builds vLLM's cos_sin_cache with vLLM's get_rope (the installed package), "
+                              "which vllm-triton-gpu does not load")
         from vllm.models.deepseek_v41.common.ops.indexer_k_store import indexer_k_norm_rope_store
         from vllm.platforms import current_platform
 
@@ -75,30 +79,36 @@ def make_topk_two_level(p: dict):
         consumer's ``apply_candidate_mask``'s (_candidate_flags_kernel, _mask_candidates_kernel), launched with the
         wrappers' arguments (the wrappers assert CUDA tensors); then the row top-k by ``row_topk_standin``."""
         import triton
-        from vllm.model_executor.kernels.attention.dsa import candidate_blocks as cb
 
+        if p.get("src") is not None:     # vllm-triton-gpu: the kernels from vLLM's source files
+            from .vllm_triton import _SourceModule
+
+            cb = _SourceModule(p["src"], CANDIDATES)
+        else:
+            from vllm.model_executor.kernels.attention.dsa import candidate_blocks as cb
+        dev = p.get("dev", "cpu")
         if variant != "dense":
             raise Unsupported(f"variant {variant!r} is the opt-in sparse-logits path (SparseMQAIndexer: DeepGEMM "
                               "fp8_fp4_sparse_mqa_logits + DeepSelect, SM100 only); this drives the dense path")
         T, N = scores.shape
-        ke = torch.div(positions.long() + 1, ratio, rounding_mode="floor").clamp(0, N).to(torch.int32)
-        ks = torch.zeros(T, dtype=torch.int32)
+        ke = torch.div(positions.long() + 1, ratio, rounding_mode="floor").clamp(0, N).to(dev, torch.int32)
+        ks = torch.zeros(T, dtype=torch.int32, device=dev)
         nblocks = triton.cdiv(N, block_size)
-        src = src_scores.float().contiguous().clone()
+        src = src_scores.float().contiguous().to(dev).clone()
         bs = src.new_empty((T, nblocks))
         cb._block_scores_kernel[(T, triton.cdiv(nblocks, 128))](
             src, ks, ke, bs, *src.stride(), ks.stride(0), ke.stride(0), N, nblocks, block_size, True, 1, 128)
         top = bs.topk(min(topk_blocks, nblocks), dim=-1)
-        cand = torch.empty(T, topk_blocks, dtype=torch.int32)
+        cand = torch.empty(T, topk_blocks, dtype=torch.int32, device=dev)
         cb._store_candidates_kernel[(T, triton.cdiv(topk_blocks, 256))](
             top.values.contiguous(), top.indices.contiguous(), cand, *cand.stride(), top.values.shape[1],
             topk_blocks, 256)
-        logits = scores.float().contiguous().clone()
-        flags = torch.empty((T, nblocks + 1), dtype=torch.uint8)
+        logits = scores.float().contiguous().to(dev).clone()
+        flags = torch.empty((T, nblocks + 1), dtype=torch.uint8, device=dev)
         cb._candidate_flags_kernel[(T,)](cand, ks, flags, *cand.stride(), ks.stride(0), N, nblocks, block_size,
                                         cand.shape[1], True, 1)
         cb._mask_candidates_kernel[(T, triton.cdiv(N, 1024))](
             logits, ks, ke, flags, *logits.stride(), ks.stride(0), ke.stride(0), N, nblocks, block_size, True, 1,
             1024)
-        return {"candidates": cand.long(), "idx": row_topk_standin(logits, ke, topk)}
+        return {"candidates": cand.long().cpu(), "idx": row_topk_standin(logits.cpu(), ke.cpu(), topk)}
     return topk_two_level

@@ -499,6 +499,26 @@ def make_topk_two_level(p: dict):
 ENGRAM = "vllm.models.deepseek_v41.common.engram"
 
 
+class _SourceModule:
+    """Attribute access to one vLLM module's definitions through the source loader (vllm-triton-gpu)."""
+
+    def __init__(self, src, module: str):
+        self._src, self._module = src, module
+
+    def __getattr__(self, name):
+        return self._src.get(self._module, name)
+
+
+def _engram_kernels(p: dict):
+    """vLLM's engram module: the installed package's (vllm-triton, interpreter) or its kernels taken from vLLM's
+    source files (vllm-triton-gpu: no vllm package on the device)."""
+    if p.get("src") is not None:
+        return _SourceModule(p["src"], ENGRAM)
+    import vllm.models.deepseek_v41.common.engram as E
+
+    return E
+
+
 def make_engram_hash(p: dict):
     def engram_hash(input_ids, positions, query_start_loc, token_map, dead_mask, lookback_token_ids,
                     lookback_dead_mask, multipliers, primes, offsets, *, pad_id):
@@ -506,33 +526,30 @@ def make_engram_hash(p: dict):
         from the chunk, then lookback_token_ids; unknown -> pad id), one program column per engram layer; the
         layout tensors (multipliers, primes [L, N-1, H], offsets) are the case's (equal to EngramLayout's and
         compute_hash_multipliers' on the case configs: tests/vllm/test_engram_triton.py)."""
-        from .base import Unsupported
-
-        if p.get("src") is not None:
-            raise Unsupported("the engram kernels are taken from the installed vllm package (deepseek_v41), which "
-                              "vllm-triton-gpu does not load")
         import triton
-        import vllm.models.deepseek_v41.common.engram as E
 
+        E = _engram_kernels(p)
+        dev = p.get("dev", "cpu")
         T = input_ids.shape[0]
         L, N = multipliers.shape
         H = primes.shape[1] // (N - 1)
-        out = torch.full((T, L, (N - 1) * H), -7, dtype=torch.int32)
+        out = torch.full((T, L, (N - 1) * H), -7, dtype=torch.int32, device=dev)
         if T == 0:
-            return {"hashes": out}
-        lb = lookback_token_ids.to(torch.int32).contiguous()
-        lbd = lookback_dead_mask.bool().contiguous()
-        qsl = query_start_loc.to(torch.int32).contiguous()
+            return {"hashes": out.cpu()}
+        lb = lookback_token_ids.to(dev, torch.int32).contiguous()
+        lbd = lookback_dead_mask.to(dev).bool().contiguous()
+        qsl = query_start_loc.to(dev, torch.int32).contiguous()
         E._hash_ids_kernel[(triton.cdiv(T, 32), L)](
-            input_ids.to(torch.int32).contiguous(), token_map.to(torch.int32).contiguous(),
-            dead_mask.bool().contiguous(), positions.long().contiguous(), None, qsl, multipliers.long().contiguous(),
-            primes.long().reshape(L, N - 1, H).contiguous(), offsets.long().contiguous(), None, lb, lbd, out, T, 0,
+            input_ids.to(dev, torch.int32).contiguous(), token_map.to(dev, torch.int32).contiguous(),
+            dead_mask.to(dev).bool().contiguous(), positions.to(dev).long().contiguous(), None, qsl,
+            multipliers.to(dev).long().contiguous(), primes.to(dev).long().reshape(L, N - 1, H).contiguous(),
+            offsets.to(dev).long().contiguous(), None, lb, lbd, out, T, 0,
             int(pad_id), input_stride=1, mask_stride=1, position_stride=1, table_stride=0, table_col_stride=0,
             query_stride=1, num_query_rows=qsl.numel() - 1, num_table_rows=0, max_blocks=0, cache_block_size=1,
             MAX_NGRAM=N, num_heads=H, BLOCK_T=32, BLOCK_H=triton.next_power_of_2(H), dead_id=E.DEAD_ID,
             lookback_depth=lb.shape[1], lookback_row_stride=lb.stride(0), lookback_col_stride=lb.stride(1),
             lookback_mask_row_stride=lbd.stride(0), lookback_mask_col_stride=lbd.stride(1), num_warps=4)
-        return {"hashes": out}
+        return {"hashes": out.cpu()}
     return engram_hash
 
 
@@ -542,31 +559,27 @@ def make_engram_memory(p: dict):
         as torch.float8_e4m3fn, vLLM's dtype for it on every platform, so the profile does not change it), the
         wkv GEMM as a bf16 torch matmul (fp32 accumulation, bf16 kv: harness code, see the component's scope),
         then _fused_engram_post_wkv_kernel with Engram.forward's launch (one program per token x hc copy)."""
-        from .base import Unsupported
-
-        if p.get("src") is not None:
-            raise Unsupported("the engram kernels are taken from the installed vllm package (deepseek_v41), which "
-                              "vllm-triton-gpu does not load")
         import triton
-        import vllm.models.deepseek_v41.common.engram as E
 
+        E = _engram_kernels(p)
+        dev = p.get("dev", "cpu")
         T, hc, D = stream.shape
-        ids = hash_ids.to(torch.int32).contiguous()
+        ids = hash_ids.to(dev, torch.int32).contiguous()
         cols, hd = ids.shape[1], table.shape[1]
         rows_n = T * cols
-        rows = torch.zeros(T, cols, hd, dtype=BF)
-        weight = table.contiguous().view(torch.float8_e4m3fn)
+        rows = torch.zeros(T, cols, hd, dtype=BF, device=dev)
+        weight = table.contiguous().to(dev).view(torch.float8_e4m3fn)
         if rows_n:
             grid = triton.cdiv(rows_n, 16)
             E._engram_lookup_kernel[(grid,)](
-                weight, table_scale.contiguous(), ids, ids, rows, 0, table.shape[0], rows_n, ids.stride(0),
+                weight, table_scale.to(dev).contiguous(), ids, ids, rows, 0, table.shape[0], rows_n, ids.stride(0),
                 ids.stride(1), HEAD_START=0, LOCAL_HEADS=cols, TOTAL_HEADS=cols, DIM=hd, QUANT_BLOCK=32, BLOCK_R=16,
                 GRID=grid, SORTED=False, PACKED=False, OUT_STRIDE=rows.stride(0))
-        kv = (rows.reshape(T, -1).float() @ wkv.to(BF).float().T).to(BF)
-        x = stream.to(BF).contiguous()
+        kv = (rows.reshape(T, -1).float() @ wkv.to(dev, BF).float().T).to(BF)
+        x = stream.to(dev, BF).contiguous()
         out = torch.empty_like(x)
-        qw, kw_ = q_weight.to(BF).contiguous(), k_weight.to(BF).contiguous()
-        mask = token_mask.bool().contiguous() if token_mask is not None else None
+        qw, kw_ = q_weight.to(dev, BF).contiguous(), k_weight.to(dev, BF).contiguous()
+        mask = token_mask.to(dev).bool().contiguous() if token_mask is not None else None
         block = triton.next_power_of_2(D)
         if T:
             E._fused_engram_post_wkv_kernel[(T * hc,)](
@@ -575,7 +588,7 @@ def make_engram_memory(p: dict):
                 mask.stride(0) if mask is not None else 0, out.stride(0), out.stride(1), out.stride(2), eps, 1e-6,
                 DIM=D, HC_MULT=hc, BLOCK_SIZE=block, HAS_MASK=mask is not None,
                 num_warps=8 if block >= 2048 else 4)
-        return {"rows": rows.float(), "out": out.float()}
+        return {"rows": rows.float().cpu(), "out": out.float().cpu()}
     return engram_memory
 
 
