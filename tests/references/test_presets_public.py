@@ -147,3 +147,12 @@ def test_dspark_stage_ratios_are_dropped_only_as_trailing_zeros():
     assert len(c.compress_ratios) == 44 and c.compress_ratios[-1] == 0
     exact = dict(d, compress_ratios=d["compress_ratios"][:44])      # the 43 + 1 form parses to the same preset
     assert from_hf_dict(exact, name="flash-0731")[0] == FLASH_0731
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_checkpoint_layout_refuses_the_unmodelled_draft_rather_than_omitting_it(name):
+    from references.checkpoints.layout import expected_tensors
+
+    with pytest.raises(ValueError, match=r"layout: the .*DSpark.* not modelled"):
+        expected_tensors(PUBLIC[name])
+    assert expected_tensors(FLASH)   # the preview Flash (no draft) still has its layout
