@@ -241,7 +241,7 @@ def cmd_findings(a) -> int:
 
 def preset_lines() -> list[str]:
     """One line per model preset (references.config.PRESETS): version, shape, attention schedule, sharing."""
-    from references.config import PRESETS, V41_FLASH_FACTS
+    from references.config import PRESETS
 
     out = []
     for c in PRESETS.values():
@@ -254,12 +254,12 @@ def preset_lines() -> list[str]:
         if c.is_v41:
             bits += [f"kv sources {list(c.kv_source_layer_ids)}", f"index sources {list(c.index_source_layer_ids)}",
                      f"candidate source {c.candidate_source_layer_id}"]
+        if c.dspark_block_size:
+            bits.append(f"dspark targets {list(c.dspark_target_layer_ids)} block {c.dspark_block_size} (draft not "
+                        "modelled)")
         out.append(f"preset {c.name}: " + "; ".join(bits))
-    out.append("not a preset: v41-flash (the installed vLLM states only " + ", ".join(sorted(V41_FLASH_FACTS))
-               + "; the layer count, vocab and attention schedule come from the checkpoint's config.json)")
-    out.append("not a preset: flash-0731, pro-0813 (no source on this machine states their config.json: neither the "
-               "installed vLLM nor transformers names them; the V4.1 DSpark fields (dspark_target_layer_ids, ...) "
-               "are parsed, the draft head is not modelled)")
+    out.append("presets v41-flash, flash-0731, pro-0813 are the released config.json as transcribed in public "
+               "repositories (provenance and the sources' disagreements: docs/presets.md)")
     return out
 
 

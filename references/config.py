@@ -8,7 +8,8 @@ Versions (``DSV4Config.version``):
 
 * ``"v4"``: the preview DeepSeek-V4 Flash / Pro (spec section 1). Every V4.1 field keeps its default.
 * ``"v4.1"``: DeepSeek-V4.1. What is known of it comes from the vLLM package installed in the project venv
-  (``site-packages/vllm``, paths below relative to it); no V4.1 ``config.json`` was available to read:
+  (``site-packages/vllm``, paths below relative to it), cross-checked against public transcriptions of the
+  DeepSeek-V4.1-Flash ``config.json`` (preset ``V41_FLASH``; provenance in docs/presets.md):
 
   - ``compress_ratios`` entries are 0 (sliding window only), 1 (full-length compressed cache) or 2 (ratio-2
     compressed), not 4 / 128 (``models/deepseek_v41/attention.py:303-321``, ``compressor.py:196-199``);
@@ -130,6 +131,10 @@ class DSV4Config:
     dspark_markov_rank: int = 0
     dspark_n_routed_experts: int = 0
     dspark_num_experts_per_tok: int = 0
+    # DSpark draft block (tokens drafted per step) and the noise / mask token it fills a block with; carried by the
+    # V4.1-Flash, V4-Flash-0731 and V4-Pro-0813 config.json (docs/presets.md); parsed and checked, draft not modelled
+    dspark_block_size: int = 0
+    dspark_noise_token_id: int = -1
     vision_n_layers: int = 0   # only whether a vision tower exists (it adds ffn.gate.bias_vl); not modelled
 
     def __post_init__(self):
@@ -219,9 +224,10 @@ class DSV4Config:
 
 _TUPLE_FIELDS = ("kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
                  "dspark_target_layer_ids")
+# DSpark fields are not V4.1-only: the V4-Flash-0731 / V4-Pro-0813 config.json (model_type deepseek_v4) carry them
+# (docs/presets.md), so a V4 config may set them.
 _V41_ONLY = {"kv_source_layer_ids": (), "index_source_layer_ids": (), "candidate_source_layer_id": -1,
-             "candidate_topk_blocks": 0, "candidate_block_size": 0, "engram_layer_ids": (),
-             "dspark_target_layer_ids": ()}
+             "candidate_topk_blocks": 0, "candidate_block_size": 0, "engram_layer_ids": ()}
 
 
 def _req(cond: bool, fieldname: str, msg: str):
@@ -277,8 +283,27 @@ def validate(c: DSV4Config) -> None:
     wb = c.quantization.weight_block_size
     _req(len(wb) == 2 and all(isinstance(b, int) and b > 0 and b & (b - 1) == 0 for b in wb),
          "quantization.weight_block_size", f"must be two positive powers of two, got {list(wb)}")
+    _validate_dspark(c)
     if c.is_v41:
         _validate_v41(c)
+
+
+def _validate_dspark(c: DSV4Config) -> None:
+    """The DSpark draft fields (V4 and V4.1 alike; the draft head itself is not modelled)."""
+    _layer_ids(c, "dspark_target_layer_ids", c.dspark_target_layer_ids)
+    if c.dspark_n_routed_experts or c.dspark_num_experts_per_tok:
+        _req(0 < c.dspark_num_experts_per_tok <= c.dspark_n_routed_experts, "dspark_num_experts_per_tok",
+             f"must be in [1, dspark_n_routed_experts={c.dspark_n_routed_experts}], got "
+             f"{c.dspark_num_experts_per_tok}")
+    _req(c.dspark_markov_rank >= 0, "dspark_markov_rank", f"must be >= 0, got {c.dspark_markov_rank}")
+    _req(c.dspark_block_size >= 0, "dspark_block_size", f"must be >= 0, got {c.dspark_block_size}")
+    # every public config that has a draft names both its target layers and its block size (docs/presets.md)
+    _req(bool(c.dspark_target_layer_ids) == (c.dspark_block_size > 0), "dspark_block_size",
+         f"a DSpark draft needs both dspark_target_layer_ids and dspark_block_size > 0 (or neither), got "
+         f"{list(c.dspark_target_layer_ids)} / {c.dspark_block_size}")
+    if c.dspark_block_size:
+        _req(0 <= c.dspark_noise_token_id < c.vocab_size, "dspark_noise_token_id",
+             f"must be a token id in [0, vocab_size={c.vocab_size}), got {c.dspark_noise_token_id}")
 
 
 def _layer_ids(c: DSV4Config, fieldname: str, ids: tuple[int, ...]) -> None:
@@ -321,12 +346,6 @@ def _validate_v41(c: DSV4Config) -> None:
              f"candidate filtering (source layer {cs}) needs candidate_topk_blocks and candidate_block_size > 0, "
              f"got {c.candidate_topk_blocks} / {c.candidate_block_size}")
     _layer_ids(c, "engram_layer_ids", c.engram_layer_ids)
-    _layer_ids(c, "dspark_target_layer_ids", c.dspark_target_layer_ids)
-    if c.dspark_n_routed_experts or c.dspark_num_experts_per_tok:
-        _req(0 < c.dspark_num_experts_per_tok <= c.dspark_n_routed_experts, "dspark_num_experts_per_tok",
-             f"must be in [1, dspark_n_routed_experts={c.dspark_n_routed_experts}], got "
-             f"{c.dspark_num_experts_per_tok}")
-    _req(c.dspark_markov_rank >= 0, "dspark_markov_rank", f"must be >= 0, got {c.dspark_markov_rank}")
 
 
 def _flash_ratios() -> tuple[int, ...]:
@@ -381,9 +400,53 @@ TINY_V41 = DSV4Config(
     quantization=QuantConfig(weight_block_size=(32, 32)),
 )
 
-# What the installed vLLM states about DeepSeek-V4.1-Flash (not enough for a preset: num_hidden_layers,
-# vocab_size, compress_ratios, the source layer ids, moe_intermediate_size and n_shared_experts are not in it;
-# parse the checkpoint's config.json instead). Paths relative to site-packages/vllm.
+# -- released checkpoints whose config.json is transcribed in public repositories (docs/presets.md) ------------------
+# Every value below is the checkpoint's config.json as transcribed by at least two independent public sources; the
+# per-field provenance, the sources' disagreements and how each was resolved are in docs/presets.md, and
+# tests/data/presets/*.json hold the transcribed config.json that tests/references/test_presets_public.py parses
+# into exactly these presets. "OpenTallas" = bojieli/OpenTallas compiler/frontend/deepseek_v4_releases.py
+# @066b562bcd29b52c808b7bf8507d75e8f7386921 (a pinned record per release with the config.json sha256).
+
+# DeepSeek-V4-Flash-0731 (deepseek-ai/DeepSeek-V4-Flash-0731, model_type deepseek_v4): the preview Flash architecture
+# unchanged (every FLASH field equal) plus a bundled DSpark draft. Its config.json lists 46 compress_ratios (43 +
+# three DSpark stages, all 0) while num_nextn_predict_layers says 1; the parser drops the surplus trailing zeros
+# (hf_config._drop_dspark_stage_ratios), so the preset keeps 43 + 1 entries.
+FLASH_0731 = FLASH.replace(
+    name="flash-0731", dspark_block_size=5, dspark_noise_token_id=128799, dspark_target_layer_ids=(40, 41, 42),
+    dspark_markov_rank=256,
+)
+
+# DeepSeek-V4-Pro-0813 (deepseek-ai/DeepSeek-V4-Pro-0813, model_type deepseek_v4): the preview Pro architecture (every
+# PRO field equal, index_topk 1024) plus a DSpark draft; 64 compress_ratios for 61 + 1 layers, as Flash-0731.
+PRO_0813 = PRO.replace(
+    name="pro-0813", dspark_block_size=5, dspark_noise_token_id=128799, dspark_target_layer_ids=(58, 59, 60),
+    dspark_markov_rank=512,
+)
+
+# DeepSeek-V4.1-Flash (deepseek-ai/DeepSeek-V4.1-Flash @dba1be0a40aa45a94ad051997016db3960a90277, model_type
+# deepseek_v41, text model under text_config): 40 backbone layers = 2 SWA + 18 ratio-2 ("encoder", kv sources 2/8/14)
+# + 20 ratio-1 ("decoder", kv source 20), 3 MTP (DSpark) layers; rms_norm_eps 1e-20 (not V4's 1e-6). One public
+# transcription gives compress_ratios [0,0]+[2]*10+[1]*28, which the sharing invariants refuse (docs/presets.md).
+V41_FLASH = DSV4Config(
+    name="v41-flash", version="v4.1", hidden_size=5120, num_hidden_layers=40, num_nextn_predict_layers=3,
+    vocab_size=129280, num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1280, o_groups=8,
+    o_lora_rank=1024, sliding_window=128, compress_ratios=(0, 0) + (2,) * 18 + (1,) * 20 + (0, 0, 0),
+    index_n_heads=32, index_head_dim=128, index_topk=512, n_routed_experts=384, num_experts_per_tok=6,
+    n_shared_experts=1, moe_intermediate_size=2304, num_hash_layers=0, routed_scaling_factor=1.5,
+    rms_norm_eps=1e-20, quantization=QuantConfig(weight_block_size=(32, 32)), expert_dtype="fp4",
+    kv_source_layer_ids=(2, 8, 14, 20), index_source_layer_ids=(2, 8, 14, 20, 24, 28, 32, 36),
+    candidate_source_layer_id=20, candidate_topk_blocks=2048, candidate_block_size=8,
+    engram_layer_ids=(1, 14), engram_num_embeddings=(384006168, 384016682), engram_max_ngram_size=4,
+    engram_n_heads=8, engram_head_dim=256, engram_compressed_vocab_size=99092, engram_pad_token_id=2,
+    engram_vocab_size=16000000, dspark_target_layer_ids=(37, 38, 39), dspark_markov_rank=256,
+    dspark_n_routed_experts=128, dspark_num_experts_per_tok=3, dspark_block_size=5, dspark_noise_token_id=128799,
+    vision_n_layers=32,
+)
+
+# What the installed vLLM states about DeepSeek-V4.1-Flash (not enough for a preset on its own: num_hidden_layers,
+# vocab_size, compress_ratios, the source layer ids, moe_intermediate_size and n_shared_experts are not in it).
+# V41_FLASH above (from public config.json transcriptions) agrees with every entry; a test checks it. Paths
+# relative to site-packages/vllm.
 V41_FLASH_FACTS = {
     # models/deepseek_v41/amd/mono/attention/plan.py:8-21 (the V4.1-Flash attention mega kernel's widths)
     "hidden_size": 5120, "q_lora_rank": 1280, "head_dim": 512, "qk_rope_head_dim": 64, "num_attention_heads": 64,
@@ -397,7 +460,7 @@ V41_FLASH_FACTS = {
     "weight_block_size": (32, 32),
 }
 
-PRESETS = {c.name: c for c in (FLASH, PRO, TINY, TINY_V41)}
+PRESETS = {c.name: c for c in (FLASH, PRO, TINY, TINY_V41, V41_FLASH, FLASH_0731, PRO_0813)}
 
 
 def get_preset(name: str) -> DSV4Config:

@@ -12,12 +12,21 @@ Only ``vision_config.num_hidden_layers`` is read here (a tower adds ``ffn.gate.b
 not modelled. ``compress_ratios`` may omit the MTP layers (they are sliding-window: vLLM
 ``models/deepseek_v41/attention.py:313-318``); the parser appends zeros for them.
 
+Released configs this parser is tested on (tests/data/presets/, docs/presets.md): DeepSeek-V4.1-Flash, V4-Flash-0731
+and V4-Pro-0813 as transcribed in public repositories. Real keys the references do not model are accepted by name,
+never by a catch-all: the DSpark draft fields (``_DSPARK``: parsed into the config and validated, the draft head not
+modelled), ``vision_config`` (``_VISION_KEYS``; only ``num_hidden_layers`` is read), ``image_token_id``
+(``_KNOWN_UNMODELLED_TOP``). The 0731 / 0813 configs list three DSpark-stage zeros past ``num_hidden_layers +
+num_nextn_predict_layers`` in ``compress_ratios``; they are dropped (``_drop_dspark_stage_ratios``).
+
 Every key must be known: a field the references use, or one of the keys listed in ``_IGNORED`` (HF and
 training bookkeeping that changes no value the references compute). Anything else is refused with a
 ``ConfigError`` naming the key, so a new model field is never silently dropped.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from ..config import ConfigError, DSV4Config, QuantConfig, RopeScaling
 
@@ -34,7 +43,11 @@ _V41_PLAIN = ("kv_source_layer_ids", "index_source_layer_ids", "candidate_source
               "candidate_topk_blocks", "candidate_block_size", "engram_layer_ids", "engram_num_embeddings",
               "engram_max_ngram_size", "engram_n_heads", "engram_head_dim", "engram_compressed_vocab_size",
               "engram_pad_token_id", "engram_vocab_size", "dspark_target_layer_ids", "dspark_markov_rank",
-              "dspark_n_routed_experts", "dspark_num_experts_per_tok")
+              "dspark_n_routed_experts", "dspark_num_experts_per_tok", "dspark_block_size", "dspark_noise_token_id")
+# DSpark draft fields a V4 (deepseek_v4) config may carry too: V4-Flash-0731 / V4-Pro-0813 have dspark_block_size,
+# dspark_noise_token_id, dspark_target_layer_ids, dspark_markov_rank (docs/presets.md); the draft is not modelled.
+_DSPARK = ("dspark_target_layer_ids", "dspark_markov_rank", "dspark_n_routed_experts", "dspark_num_experts_per_tok",
+           "dspark_block_size", "dspark_noise_token_id")
 _V41_TUPLES = {"kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
                "dspark_target_layer_ids"}
 
@@ -59,6 +72,13 @@ _IGNORED = {
     # (transformers models/deepseek_v4/configuration_deepseek_v4.py); compress_ratios stays authoritative
     "layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor",
 }
+# Known real keys of the released configs that the references do not model, accepted by name (docs/presets.md):
+# image_token_id is the V4.1 vision tower's image placeholder token (DeepSeek-V4.1-Flash config.json top level).
+_KNOWN_UNMODELLED_TOP = {"image_token_id"}
+# vision_config keys of DeepSeek-V4.1-Flash (docs/presets.md); only num_hidden_layers is read (vision_n_layers),
+# the tower is not modelled. Any other key is refused by name.
+_VISION_KEYS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                "patch_size", "rope_theta", "downsample_ratio", "max_image_tokens", "min_pixels", "max_wh_ratio"}
 # Accepted only at the value that means "not used" (vLLM reads n_group with default 1: grouped routing off).
 _NEUTRAL = {"n_group": 1, "topk_group": 1}
 _QUANT_KEYS = {"quant_method", "fmt", "weight_block_size", "activation_scheme", "scale_fmt", "moe_quant_algo"}
@@ -72,6 +92,10 @@ def to_hf_dict(cfg: DSV4Config, *, quantized: bool = True) -> dict:
     for k in _PLAIN:
         d[k] = getattr(cfg, k)
     d["compress_ratios"] = list(cfg.compress_ratios)
+    for k in _DSPARK:   # only the DSpark fields a config sets (a config without a draft carries none)
+        v = getattr(cfg, k)
+        if v != _DSPARK_DEFAULTS[k]:
+            d[k] = list(v) if isinstance(v, tuple) else v
     d["rope_scaling"] = _rope_dict(cfg)
     if quantized:
         d["expert_dtype"] = "fp4" if cfg.expert_dtype == "nvfp4" else cfg.expert_dtype
@@ -130,6 +154,24 @@ def _to_hf_dict_v41(cfg: DSV4Config, *, quantized: bool) -> dict:
     return d
 
 
+_DSPARK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DSV4Config) if f.name in _DSPARK}
+
+
+def _drop_dspark_stage_ratios(ratios: list, n_total: int, has_draft: bool, where: str) -> list:
+    """``compress_ratios`` longer than num_hidden_layers + num_nextn_predict_layers: the V4-Flash-0731 / V4-Pro-0813
+    config.json list 43 + 3 / 61 + 3 entries with num_nextn_predict_layers 1, the three trailing zeros being the
+    DSpark draft stages' (sliding-window) ratios (docs/presets.md). Accepted only for a config with a DSpark draft
+    and only when every surplus entry is 0; the surplus is dropped (the draft is not modelled)."""
+    extra = ratios[n_total:]
+    if not extra:
+        return ratios
+    if not has_draft or any(r != 0 for r in extra):
+        raise ConfigError(f"config.json: {where}compress_ratios has {len(ratios)} entries for num_hidden_layers + "
+                          f"num_nextn_predict_layers = {n_total}; surplus trailing entries {extra} are accepted only "
+                          f"as a DSpark draft's stages (dspark_block_size set, every surplus entry 0)")
+    return ratios[:n_total]
+
+
 def _refuse_unknown(d: dict, known, where: str) -> None:
     for k in d:
         if k in known or k in _IGNORED:
@@ -173,14 +215,19 @@ def from_hf_dict(d: dict, *, name: str = "checkpoint") -> tuple[DSV4Config, bool
         raise ConfigError(f"config.json: must hold an object, got {type(d).__name__}")
     if d.get("model_type") == "deepseek_v41" or "text_config" in d:
         return _from_hf_dict_v41(d, name=name)
-    known = set(_PLAIN) | {"compress_ratios", "rope_scaling", "rope_parameters", "quantization_config",
-                           "expert_dtype"}
+    known = set(_PLAIN) | set(_DSPARK) | {"compress_ratios", "rope_scaling", "rope_parameters",
+                                          "quantization_config", "expert_dtype"}
     _refuse_unknown(d, known, "")
     missing = [k for k in _PLAIN + ("compress_ratios",) if k not in d and k not in _OPTIONAL]
     if missing:
         raise ConfigError(f"config.json: missing field(s) {missing}")
     kw = {k: d[k] for k in _PLAIN if k in d}
-    kw["compress_ratios"] = tuple(d["compress_ratios"])
+    for k in _DSPARK:
+        if k in d:
+            kw[k] = tuple(d[k]) if k in _V41_TUPLES else d[k]
+    n_total = kw["num_hidden_layers"] + kw.get("num_nextn_predict_layers", 1)
+    kw["compress_ratios"] = tuple(_drop_dspark_stage_ratios(list(d["compress_ratios"]), n_total,
+                                                            bool(kw.get("dspark_block_size")), ""))
     kw["rope_scaling"] = _rope(d)
     qc = d.get("quantization_config")
     if qc is not None:
@@ -201,7 +248,7 @@ def _from_hf_dict_v41(d: dict, *, name: str) -> tuple[DSV4Config, bool]:
         raise ConfigError("config.json: a deepseek_v41 config needs a text_config object")
     fields = set(_PLAIN) | set(_V41_PLAIN) | {"compress_ratios", "rope_scaling", "rope_parameters",
                                              "expert_dtype", "n_mtp_layers"}
-    _refuse_unknown(d, fields | {"text_config", "vision_config", "quantization_config"}, "")
+    _refuse_unknown(d, fields | {"text_config", "vision_config", "quantization_config"} | _KNOWN_UNMODELLED_TOP, "")
     _refuse_unknown(text, fields | {"quantization_config"}, "text_config.")
     # model fields may also sit at the top level (vLLM passes them to PreTrainedConfig); the same field in both
     # places with different values is ambiguous
@@ -229,8 +276,9 @@ def _from_hf_dict_v41(d: dict, *, name: str) -> tuple[DSV4Config, bool]:
     for k in _V41_PLAIN:
         if k in t:
             kw[k] = tuple(t[k]) if k in _V41_TUPLES else t[k]
-    ratios = list(t["compress_ratios"])
     n_total = kw["num_hidden_layers"] + kw.get("num_nextn_predict_layers", 1)
+    ratios = _drop_dspark_stage_ratios(list(t["compress_ratios"]), n_total, bool(kw.get("dspark_block_size")),
+                                       "text_config.")
     if kw["num_hidden_layers"] <= len(ratios) < n_total:
         ratios += [0] * (n_total - len(ratios))   # MTP layers past the list: sliding window
     kw["compress_ratios"] = tuple(ratios)
@@ -238,6 +286,7 @@ def _from_hf_dict_v41(d: dict, *, name: str) -> tuple[DSV4Config, bool]:
     vis = d.get("vision_config") or {}
     if not isinstance(vis, dict):
         raise ConfigError(f"config.json: vision_config must be an object, got {type(vis).__name__}")
+    _refuse_unknown(vis, _VISION_KEYS, "vision_config.")
     kw["vision_n_layers"] = int(vis.get("num_hidden_layers", 0))
     if qc is not None:
         kw["quantization"] = _quantization(qc, "")

@@ -92,6 +92,10 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
     ratio = cfg.compress_ratio(layer)
     if cfg.is_v41:
         _v41_supported(cfg)
+    elif cfg.dspark_target_layer_ids:
+        # V4-Flash-0731 / V4-Pro-0813 (docs/presets.md) ship a DSpark draft whose tensors this layout does not list
+        raise ValueError(f"layout: the DSpark draft tensors are not modelled (dspark_target_layer_ids="
+                         f"{cfg.dspark_target_layer_ids!r})")
     out = [
         TensorSpec("attn_norm.weight", (D,), "bf16"),
         TensorSpec("ffn_norm.weight", (D,), "bf16"),
