@@ -65,8 +65,8 @@ _IGNORED = {
     # transformers' PretrainedConfig generic fields (a config written by to_dict / save_pretrained carries them)
     "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
     "is_encoder_decoder", "chunk_size_feed_forward",
-    # training-only (initialisation, dropout, router losses; DSV4 has no attention / MLP biases)
-    "initializer_range", "attention_dropout", "attention_bias", "mlp_bias", "output_router_logits",
+    # training-only (initialisation, dropout, router losses)
+    "initializer_range", "attention_dropout", "output_router_logits",
     "router_aux_loss_coef", "router_jitter_noise", "pad_token_id",
     # HF DeepseekV4Config's derived views of compress_ratios / num_hash_layers / qk_rope_head_dim
     # (transformers models/deepseek_v4/configuration_deepseek_v4.py); compress_ratios stays authoritative
@@ -80,7 +80,9 @@ _KNOWN_UNMODELLED_TOP = {"image_token_id"}
 _VISION_KEYS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
                 "patch_size", "rope_theta", "downsample_ratio", "max_image_tokens", "min_pixels", "max_wh_ratio"}
 # Accepted only at the value that means "not used" (vLLM reads n_group with default 1: grouped routing off).
-_NEUTRAL = {"n_group": 1, "topk_group": 1}
+# keys accepted only at the value that means "absent": DSV4 has no attention / MLP biases, so a true bias flag
+# describes weights the references do not compute
+_NEUTRAL = {"n_group": 1, "topk_group": 1, "attention_bias": False, "mlp_bias": False}
 _QUANT_KEYS = {"quant_method", "fmt", "weight_block_size", "activation_scheme", "scale_fmt", "moe_quant_algo"}
 _QUANT_METHODS = ("fp8", "deepseek_v4_fp8")   # vLLM models/deepseek_v41/quant_config.py:175-178
 

@@ -116,6 +116,12 @@ def test_ignored_and_neutral_keys_accepted():
         from_hf_dict(d)
         with pytest.raises(ConfigError, match=r"n_group=8 is not modelled"):
             from_hf_dict(dict(d, n_group=8))
+        from_hf_dict(dict(d, attention_bias=False, mlp_bias=False))
+        # a bias flag set describes weights the references do not compute: refused by name, never ignored
+        with pytest.raises(ConfigError, match=r"attention_bias=True is not modelled"):
+            from_hf_dict(dict(d, attention_bias=True))
+        with pytest.raises(ConfigError, match=r"mlp_bias=True is not modelled"):
+            from_hf_dict(dict(d, mlp_bias=True))
 
 
 def test_transformers_generic_config_fields_are_accepted():
