@@ -160,8 +160,13 @@ def config_label(cfg) -> str:
     arch = ("hidden_size", "num_hidden_layers", "vocab_size", "n_routed_experts", "num_attention_heads",
             "compress_ratios")
     match = [n for n, p in PRESETS.items() if all(getattr(p, f) == getattr(cfg, f) for f in arch)]
+    # presets of one architecture (flash / flash-0731: the same backbone, a DSpark draft or not) are told apart
+    # by the draft fields; if those do not decide, every matching name is given
+    exact = [n for n in match if PRESETS[n].dspark_target_layer_ids == cfg.dspark_target_layer_ids
+             and PRESETS[n].dspark_block_size == cfg.dspark_block_size]
+    names = "/".join(exact or match)
     dims = (f"L={cfg.num_hidden_layers} D={cfg.hidden_size} E={cfg.n_routed_experts} V={cfg.vocab_size}")
-    return f"{match[0]}-shaped ({dims})" if match else f"custom ({dims})"
+    return f"{names}-shaped ({dims})" if match else f"custom ({dims})"
 
 
 class CheckpointRefused(Exception):

@@ -156,3 +156,13 @@ def test_checkpoint_layout_refuses_the_unmodelled_draft_rather_than_omitting_it(
     with pytest.raises(ValueError, match=r"layout: the .*DSpark.* not modelled"):
         expected_tensors(PUBLIC[name])
     assert expected_tensors(FLASH)   # the preview Flash (no draft) still has its layout
+
+
+def test_e2e_config_label_tells_presets_of_one_backbone_apart():
+    """flash / flash-0731 (and pro / pro-0813) share every architecture field but the DSpark draft: the e2e row's
+    config label names the preset the checkpoint is, not the first of the same shape."""
+    from conformance.checks.e2e import config_label
+    from references.config import PRESETS
+
+    for name, cfg in PRESETS.items():
+        assert config_label(cfg).startswith(f"{name}-shaped ("), (name, config_label(cfg))
