@@ -30,7 +30,10 @@ What changes from :class:`references.model.DSV4Model` (provenance: the installed
 The compressor latent (the pooled, RMS-normalised, pre-RoPE row the index keys read) is produced by the compressor
 golden itself: ``compress`` with an all-zero frequency table rotates by angle 0, which is exactly the identity.
 
-Numerics: golden only (``numerics`` must be ``GOLDEN``): the serving rounding points of V4.1 are not derived here.
+Numerics: ``GOLDEN`` (default) is the golden. Other ``Numerics`` are passed to every component as
+``DSV4Model`` does (the V4 rounding model: bf16 activations at the component boundaries, FP8 linear inputs, FP8 KV
+nope dims, indexer q QAT); the V4.1-specific rounding points (the bf16 latent store, MXFP8 32x32 activations, the
+index-key store) are NOT modelled, so such a run is a measurement, not a derived serving model.
 
 Incremental decode: ``prefill(ids)`` then ``step(ids)`` (any chunking) carries one ``V41LayerState`` per layer
 (the compressor states, compressed entries and index keys live on the kv-source layers) and the token history
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .components._checks import round_act
 from .components.attention import kv_projection, output_projection, query_path, sparse_attention, swa_indices
 from .components.compressor import CompressorState, compress
 from .components.embedding import embed, hc_expand
@@ -56,7 +60,7 @@ from .components.norms import rms_norm
 from .components.qat import quant_kv_nope
 from .components.rope import apply_rope, layer_inv_freq
 from .config import DSV4Config
-from .model import TRACE_KEYS, as_source, layer_experts, layer_weights
+from .model import TRACE_KEYS, _round, as_source, layer_experts, layer_weights
 from .numerics import GOLDEN, Numerics
 
 __all__ = ["DSV41Model", "V41State", "V41LayerState", "V41_TRACE_KEYS", "ENGRAM_KEYS", "SCORE_CHUNK"]
@@ -107,8 +111,6 @@ class DSV41Model:
         if not cfg.is_v41:
             raise ValueError(f"cfg: DSV41Model needs a V4.1 config (version 'v4.1'), got {cfg.version!r} "
                              f"({cfg.name}); use references.model.DSV4Model")
-        if numerics != GOLDEN:
-            raise ValueError("numerics: DSV41Model is golden only (the V4.1 serving rounding points are not derived)")
         if cfg.num_nextn_predict_layers or cfg.dspark_target_layer_ids:
             raise ValueError("cfg: the V4.1 MTP / DSpark heads are not modelled (num_nextn_predict_layers, "
                              "dspark_target_layer_ids must be empty)")
@@ -217,19 +219,19 @@ class DSV41Model:
                                 w["engram.q_weight"], w["engram.k_weight"], None, eps=eps)["out"].to(self.dtype)
             X = eng
         a, post_a, comb_a, pre_a = hc_pre_lagged(X, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"],
-                                                 pre_prev, **kw)
-        x_attn = rms_norm(a, w["attn_norm"], eps)
+                                                 pre_prev, numerics=self.numerics, **kw)
+        x_attn = _round(rms_norm(a, w["attn_norm"], eps), self.numerics)
         attn, info = self.attention(x_attn, w, layer, positions, shared, st)
-        X1 = hc_post(attn, X, post_a, comb_a)
+        X1 = hc_post(attn, X, post_a, comb_a, numerics=self.numerics)
         f, post_f, comb_f, pre_f = hc_pre_lagged(X1, w["hc_ffn_fn"], w["hc_ffn_base"], w["hc_ffn_scale"], pre_a,
-                                                 **kw)
-        x_ffn = rms_norm(f, w["ffn_norm"], eps)
+                                                 numerics=self.numerics, **kw)
+        x_ffn = _round(rms_norm(f, w["ffn_norm"], eps), self.numerics)
         logits = gate_logits(x_ffn, w["ffn.gate"])
         rw, rid = route(logits, bias=w["ffn.gate.bias"], topk=cfg.num_experts_per_tok,
                         route_scale=cfg.routed_scaling_factor)
         shared_e = {k: w[f"ffn.shared_experts.{k}"] for k in ("w1", "w3", "w2")}
-        y = moe(x_ffn, rid, rw, layer_experts(w), shared_e, limit=cfg.swiglu_limit)
-        X2 = hc_post(y, X1, post_f, comb_f)
+        y = moe(x_ffn, rid, rw, layer_experts(w), shared_e, limit=cfg.swiglu_limit, numerics=self.numerics)
+        X2 = hc_post(y, X1, post_f, comb_f, numerics=self.numerics)
         if trace is not None:
             trace.update(X=X_in, engram_out=eng, attn_pre=a, attn_post=post_a, attn_comb=comb_a, attn_in=x_attn,
                          attn_out=attn, after_attn=X1, ffn_pre=f, ffn_post=post_f, ffn_comb=comb_f, ffn_in=x_ffn,
@@ -238,6 +240,10 @@ class DSV41Model:
         return X2, pre_f
 
     # -- attention -------------------------------------------------------------------------------------
+    def index_source_of(self, layer: int):
+        """The layer whose index top-k ``layer`` attends with (``cfg.index_source_of``; a hook for test mutants)."""
+        return self.cfg.index_source_of(layer)
+
     def attention(self, x, w, layer, positions, shared, st):
         """V4.1 attention of one layer on its attn_norm output ``x`` [T, D] -> (y [T, D], shared-state info)."""
         cfg, nm = self.cfg, self.numerics
@@ -247,9 +253,9 @@ class DSV41Model:
         p0 = int(positions[0]) if positions.numel() else 0
         qr, q = query_path(x, _w(w, "attn.wq_a"), _w(w, "attn.q_norm"), _w(w, "attn.wq_b"),
                            n_heads=cfg.num_attention_heads, eps=eps, numerics=nm, head_norm=False)
-        q = apply_rope(q, positions, inv_freq, r)
+        q = round_act(apply_rope(q, positions, inv_freq, r), nm)
         kv = kv_projection(x, _w(w, "attn.wkv"), _w(w, "attn.kv_norm"), eps=eps, numerics=nm)
-        kv = quant_kv_nope(apply_rope(kv, positions, inv_freq, r), d - r, nm)
+        kv = quant_kv_nope(round_act(apply_rope(kv, positions, inv_freq, r), nm), d - r, nm)
         prev = st.swa_kv if st is not None and st.swa_kv is not None else kv.new_zeros(0, d)
         kv_tokens, token_offset = torch.cat((prev, kv)), p0 - prev.shape[0]
         info = {"compressed_kv": None, "index_k": None, "topk": None, "candidates": None}
@@ -257,7 +263,7 @@ class DSV41Model:
         idx = torch.where(idx >= token_offset, idx - token_offset, torch.full_like(idx, -1))
         comp = None
         if ratio:
-            ks, isrc = cfg.kv_source_of(layer), cfg.index_source_of(layer)
+            ks, isrc = cfg.kv_source_of(layer), self.index_source_of(layer)
             if ks == layer:
                 self._compress(x, w, layer, positions, inv_freq, shared, st)
             if isrc == layer:
@@ -275,8 +281,8 @@ class DSV41Model:
             idx = torch.cat((idx, cidx), dim=1)
         kv_all = kv_tokens if comp is None else torch.cat((kv_tokens, comp.to(kv_tokens.dtype)))
         o = sparse_attention(q, kv_all, idx, _w(w, "attn.attn_sink"), scale=d ** -0.5, numerics=nm)
-        y = output_projection(o, positions, inv_freq, _w(w, "attn.wo_a"), _w(w, "attn.wo_b"), o_groups=cfg.o_groups,
-                              rope_dim=r, numerics=nm)
+        y = output_projection(round_act(o, nm), positions, inv_freq, _w(w, "attn.wo_a"), _w(w, "attn.wo_b"),
+                              o_groups=cfg.o_groups, rope_dim=r, numerics=nm)
         if st is not None:
             st.swa_kv = kv_tokens[-cfg.sliding_window:]
         return y, info
