@@ -207,6 +207,10 @@ class DSV41Model:
         return self.forward(ids, state=state)
 
     # -- one block -------------------------------------------------------------------------------------
+    def hc_pre_site(self, X, fn, base, scale, pre_prev, **kw):
+        """One HC pre site: V4.1's lagged collapse (``hc_pre_lagged``; a hook for test mutants)."""
+        return hc_pre_lagged(X, fn, base, scale, pre_prev, **kw)
+
     def decoder_layer(self, X, pre_prev, layer, ids, positions, shared, hashes, st, trace):
         cfg, w = self.cfg, self.layer(layer)
         eps, kw = cfg.rms_norm_eps, dict(norm_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps,
@@ -218,13 +222,13 @@ class DSV41Model:
             eng = engram_memory(X, hashes[:, j], w["engram.table"], w["engram.table_scale"], w["engram.wkv"],
                                 w["engram.q_weight"], w["engram.k_weight"], None, eps=eps)["out"].to(self.dtype)
             X = eng
-        a, post_a, comb_a, pre_a = hc_pre_lagged(X, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"],
-                                                 pre_prev, numerics=self.numerics, **kw)
+        a, post_a, comb_a, pre_a = self.hc_pre_site(X, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"],
+                                                    pre_prev, numerics=self.numerics, **kw)
         x_attn = _round(rms_norm(a, w["attn_norm"], eps), self.numerics)
         attn, info = self.attention(x_attn, w, layer, positions, shared, st)
         X1 = hc_post(attn, X, post_a, comb_a, numerics=self.numerics)
-        f, post_f, comb_f, pre_f = hc_pre_lagged(X1, w["hc_ffn_fn"], w["hc_ffn_base"], w["hc_ffn_scale"], pre_a,
-                                                 numerics=self.numerics, **kw)
+        f, post_f, comb_f, pre_f = self.hc_pre_site(X1, w["hc_ffn_fn"], w["hc_ffn_base"], w["hc_ffn_scale"], pre_a,
+                                                    numerics=self.numerics, **kw)
         x_ffn = _round(rms_norm(f, w["ffn_norm"], eps), self.numerics)
         logits = gate_logits(x_ffn, w["ffn.gate"])
         rw, rid = route(logits, bias=w["ffn.gate.bias"], topk=cfg.num_experts_per_tok,
@@ -269,8 +273,10 @@ class DSV41Model:
             if isrc == layer:
                 self._index(x, qr, w, layer, positions, inv_freq, shared)
             comp, topk = shared["kv"][ks], shared["topk"][isrc]
+            # candidates: what the candidate source published / what a later index source was restricted to
+            cs = cfg.candidate_source_layer_id
             info.update(compressed_kv=comp, index_k=shared["index_k"].get(ks), topk=topk,
-                        candidates=shared["candidates"] if isrc > cfg.candidate_source_layer_id >= 0 else None)
+                        candidates=shared["candidates"] if (isrc == layer and 0 <= cs <= layer) else None)
             bound = causal_bound(positions, ratio)
             bad = (topk >= bound[:, None]) | (topk < -1)
             if bad.any():

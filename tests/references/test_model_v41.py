@@ -115,7 +115,7 @@ def test_candidate_blocks_restrict_the_later_index_source(full64):
     _, (_, hid) = full64
     L = hid["layers"]
     cand, tk4 = L[4]["candidates"], L[4]["topk"]
-    assert L[2]["candidates"] is None and cand is not None       # published by layer 2, used by layer 4
+    assert cand is L[2]["candidates"] and L[3]["candidates"] is None    # published by layer 2, used by layer 4
     n = causal_bound(torch.arange(T_SEQ), 2)
     inside = candidate_mask(cand, T_SEQ // 2, CFG.candidate_block_size)
     vis = torch.arange(T_SEQ // 2)[None, :] < n[:, None]
