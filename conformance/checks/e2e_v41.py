@@ -272,6 +272,6 @@ def builtin_server(subject: str):
 def not_provided_reason(subject: str) -> str:
     if subject == "vllm" or subject.startswith("vllm:"):
         return NOT_PROVIDED["vllm"]
-    if subject in ("hf", "transformers") or subject.startswith("hf:"):
+    if subject in ("hf", "transformers") or subject.startswith(("hf:", "transformers:")):
         return NOT_PROVIDED["hf"]
     return f"subject {subject} serves no V4.1 model (no e2e_serve_v41 hook)"

@@ -52,7 +52,7 @@ def test_malformed_return_is_one_failing_row(ckdir):
 
 @pytest.mark.parametrize("subject,why", [("vllm", "cannot serve deepseek_v41 on the CPU"),
                                          ("vllm:sim-gfx942", "tilelang"),
-                                         ("hf", "transformers 5.19.0 has no deepseek_v41")])
+                                         ("transformers", "transformers 5.19.0 has no deepseek_v41")])
 def test_engine_rows_say_why_they_are_not_provided(subject, why):
     assert why in V.not_provided_reason(subject)
     assert V.builtin_server(subject) is None
