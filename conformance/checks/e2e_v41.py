@@ -96,13 +96,12 @@ def serve_with_model(model, prompts, *, max_tokens: int) -> list[ServedPrompt]:
         t0 = time.perf_counter()
         with torch.no_grad():
             st = V41State()
-            lg, _ = model.prefill(torch.tensor(p), st)
+            lg, hid = model.forward(torch.tensor(p), state=st, return_hidden=True)     # the prompt's prefill
             logits, gen = [lg], [int(lg[-1].argmax())]
             while len(gen) < max_tokens:
                 lg = model.step(torch.tensor(gen[-1:]), st)
                 logits.append(lg)
                 gen.append(int(lg[-1].argmax()))
-            _, hid = model.forward(torch.tensor(p), return_hidden=True)
         layers = [{k: tr[k] for k in LAYER_KEYS_V41} for tr in hid["layers"]]
         h = rms_norm(hid["h"], model.top("norm.weight"), model.cfg.rms_norm_eps)
         out.append(ServedPrompt(list(p), gen, torch.cat(logits).float(), layers, h.float(),
