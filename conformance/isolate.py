@@ -87,7 +87,7 @@ def describe(item, run) -> dict | None:
                 "check": check, "params": dict(c.params), "seed": c.seed}
     if "conformance_subject_only" in params:
         s = params["conformance_subject_only"]
-        comp = {"dialect": "dialect_map", "e2e": "model"}.get(check, check)
+        comp = {"dialect": "dialect_map", "e2e": "model", "e2e_v41": "model"}.get(check, check)
         return {"subject": s, "case_id": f"{check}/{'map' if check == 'dialect' else 'run'}", "component": comp,
                 "check": check, "params": {}, "seed": None}
     if "graph_case" in params:

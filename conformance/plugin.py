@@ -186,7 +186,8 @@ def _check_checkpoint_arg(path: str, opt: str = "--checkpoint") -> None:
 
 # Row families of the whole-suite tests (one test per subject, many rows): a --case of another family deselects
 # them, so a rerun or a bisect step of one case runs only the test that produces its row.
-WHOLE_SUITE = {"test_dialect_map": "dialect/", "test_e2e": "e2e/", "test_graph_replay": "graph/"}
+WHOLE_SUITE = {"test_dialect_map": "dialect/", "test_e2e": "e2e/", "test_graph_replay": "graph/",
+               "test_e2e_v41": "e2e-v41/"}
 WHOLE_SUITE_PREFIXES = tuple(WHOLE_SUITE.values())
 
 
