@@ -8,6 +8,11 @@ same call signature. Output tolerances are functions of the case parameters and 
   "fp32"     an independent fp32 implementation (transformers) against the fp32 golden
   "serving"  a serving-precision subject (bf16 activations, FP8 / FP4 formats) against the fp32 golden
   "emulated" a serving subject against the emulated serving numerics of its profile (tight)
+
+A *streamed* component (``ComponentSpec.stream``, docs/stateful-components.md) is a stateful form of a one-shot
+component: its ``reference`` / ``emulate`` are the one-shot golden / emulation (the whole prompt at once), and a
+subject provides it as an ``Impl`` whose ``fn`` is a ``conformance.subjects.base.Streamed`` (``new_state`` +
+``step``); the harness poisons the fresh state and feeds the case's ``splits`` chunk by chunk.
 """
 
 from __future__ import annotations
@@ -53,6 +58,48 @@ class ComponentSpec:
     # (``conformance.checks.numeric.JOINT_COMPARES``: "routing"), so case modules need not import checks, or
     # a callable compare(got, want, params, level, label, kwargs) -> list[metrics.Comparison].
     compare: str | Callable | None = None
+    # a streamed (stateful) form of a one-shot component: driven chunk by chunk from a poisoned state
+    stream: StreamSpec | None = None
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """The ``Impl.fn`` of a streamed (stateful) component (``ComponentSpec.stream``; docs/stateful-components.md).
+
+    new_state(**kwargs) -> dict[str, torch.Tensor]
+        A fresh state for one request, given the case's whole keyword inputs (the one-shot golden's). Its
+        contents are unspecified: the harness overwrites every floating tensor with NaN and every integer
+        tensor with -1 before the first step, so a step must write a slot before it reads it.
+    step(state, *, start, **kwargs) -> (outputs, state)
+        Feed one chunk: ``kwargs`` are the inputs with the spec's ``chunked`` inputs sliced to this chunk,
+        ``start`` is the absolute position of the chunk's first token. ``outputs`` has the one-shot
+        component's output structure, holding what this chunk produces; the harness concatenates the chunks'
+        outputs along dim 0. The returned state (the same object or a new one) is passed to the next step.
+
+    Calling a Streamed like a one-shot fn runs the whole input as one chunk from a fresh state."""
+    new_state: Callable
+    step: Callable
+
+    def __call__(self, **kwargs):
+        out, _ = self.step(self.new_state(**kwargs), start=0, **kwargs)
+        return out
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How a streamed component is driven (conformance.checks.stream).
+
+    one_shot: the one-shot component of the same math; a subject providing both is also compared streamed vs
+      its own one-shot output (reported bit-identical or not, judged at the tight level).
+    chunked: the keyword inputs sliced along dim 0 at the case's ``splits`` (one row per token); every other
+      input is passed whole to every step.
+    reference: () -> Streamed, the incremental golden (fp32, fp64 when given fp64 inputs; the reference subject).
+    emulate: (profile) -> Streamed, the serving numerics streamed (the emulated:<profile> subject).
+    """
+    one_shot: str
+    chunked: tuple[str, ...]
+    reference: Callable
+    emulate: Callable | None = None
 
 
 REGISTRY: dict[str, ComponentSpec] = {}

@@ -7,6 +7,7 @@ serving numerics of its profile, far tighter, so a bug hidden inside the FP8 bud
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 
@@ -19,7 +20,8 @@ from .. import components
 from ..cases import Case
 from ..metrics import Comparison, compare_exact, compare_float, compare_index_sets
 from ..results import VERDICT_RANK, CheckResult
-from ..subjects.base import Subject, SubjectInfo, Unsupported, absent_reason
+from ..subjects.base import Streamed, Subject, SubjectInfo, Unsupported, absent_reason
+from .stream import bit_identical, check_splits, run_stream
 
 
 def _as_outputs(spec: components.ComponentSpec, out) -> dict:
@@ -139,9 +141,28 @@ def comparisons_row(check: str, subject_name, info, impl, case, level, comps, t,
     )
 
 
-def _row(subject_name, info, impl, case, level, comps, t, ctx, rerun) -> CheckResult:
+def _row(subject_name, info, impl, case, level, comps, t, ctx, rerun, extra=None) -> CheckResult:
     return comparisons_row("numeric", subject_name, info, impl, case, level, comps, t, ctx, rerun,
-                           extra={"histogram": {c.output: c.histogram for c in comps}})
+                           extra=dict({"histogram": {c.output: c.histogram for c in comps}}, **(extra or {})))
+
+
+def _own_one_shot(spec, impls, kwargs, got, params, level, label) -> tuple[list[Comparison], dict]:
+    """A streamed component's second check: the subject's streamed outputs against its OWN one-shot outputs
+    (``spec.stream.one_shot``, when the subject provides it), judged at the tight level (fp64 for the reference
+    subject, the emulated bound otherwise), with bit-identity reported per output."""
+    one = impls.get(spec.stream.one_shot)
+    if one is None:
+        return [], {"stream_vs_one_shot": f"{spec.stream.one_shot} not provided by this subject"}
+    try:
+        own = _as_outputs(spec, one.fn(**_clone(kwargs)))
+    except Unsupported as e:
+        return [], {"stream_vs_one_shot": f"{one.function} does not support this case: {e}"}
+    tight = "fp64" if level == "fp64" else "emulated"
+    comps = [dataclasses.replace(c, output=f"{c.output}~one-shot")
+             for c in compare_outputs(spec, got, own, params, tight, label + f" streamed vs own one-shot "
+                                      f"({spec.stream.one_shot}, {tight} bound)", kwargs)]
+    return comps, {"stream_vs_one_shot": {"component": spec.stream.one_shot, "level": tight,
+                                          "bit_identical": bit_identical(got, own)}}
 
 
 def emulated_outputs(spec, case: Case, kwargs: dict, profile: str, cache: dict | None) -> dict:
@@ -178,8 +199,18 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
             want = _as_outputs(spec, spec.reference(**_clone(kwargs)))
     except Exception as e:  # the golden itself failing is a harness bug: say so loudly
         raise RuntimeError(f"golden reference for {case.component} failed on case {case.id}: {e}") from e
+    stream_info = None
+    if spec.stream is not None:   # a malformed row is a harness bug, not the subject's: raise it here
+        check_splits(case.params.get("splits", ()), kwargs[spec.stream.chunked[0]].shape[0], case.id)
     try:
-        got = _as_outputs(spec, impl.fn(**_clone(kwargs)))
+        if spec.stream is not None:
+            if not isinstance(impl.fn, Streamed):
+                raise TypeError(f"{case.component} is a streamed component: its Impl.fn must be a "
+                                f"conformance.subjects.Streamed(new_state, step), got {type(impl.fn).__name__}")
+            got, stream_info = run_stream(impl.fn, spec, _clone(kwargs), case.params["splits"], case_id=case.id)
+            got = _as_outputs(spec, got)
+        else:
+            got = _as_outputs(spec, impl.fn(**_clone(kwargs)))
     except Unsupported as e:
         return [CheckResult(name, case.id, case.component, "numeric", "-", "not-provided",
                             message=f"{impl.function} does not support this case: {e}", function=impl.function,
@@ -197,14 +228,18 @@ def run_numeric(subject: Subject, case: Case, *, subject_name: str | None = None
     t = time.perf_counter() - t0
     level = getattr(subject, "comparison_level", lambda: "serving")()
     label = f"[{case.component} | {case.id} | {name}]"
-    rows = [_row(name, info, impl, case, level, compare_outputs(spec, got, want, params, level, label, kwargs),
-                 t, ctx, rerun)]
+    comps, extra = compare_outputs(spec, got, want, params, level, label, kwargs), {}
+    if stream_info is not None:
+        own, extra = _own_one_shot(spec, impls, kwargs, got, params, level, label)
+        comps += own
+        extra["stream"] = stream_info
+    rows = [_row(name, info, impl, case, level, comps, t, ctx, rerun, extra)]
     profile = subject.emulation_profile()
     if profile and spec.emulate is not None:
         emu = emulated_outputs(spec, case, kwargs, profile, emulated_cache)
         rows.append(_row(name, info, impl, case, "emulated",
                          compare_outputs(spec, got, emu, params, "emulated", label + f" vs emulated:{profile}",
-                                         kwargs), t, ctx, rerun))
+                                         kwargs), t, ctx, rerun, {"stream": stream_info} if stream_info else None))
     return rows
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .base import Impl, Subject, SubjectError, SubjectInfo, Unsupported
+from .base import Impl, Streamed, Subject, SubjectError, SubjectInfo, Unsupported
 from .graph_api import GRAPH_MODES, GraphCase, GraphPiece
 
-__all__ = ["Impl", "Subject", "SubjectError", "SubjectInfo", "Unsupported", "load_subject", "prepare_process",
-           "BUILTIN", "GraphCase", "GraphPiece", "GRAPH_MODES"]
+__all__ = ["Impl", "Streamed", "Subject", "SubjectError", "SubjectInfo", "Unsupported", "load_subject",
+           "prepare_process", "BUILTIN", "GraphCase", "GraphPiece", "GRAPH_MODES"]
 
 # name -> "module:attribute" of a factory taking an optional profile
 BUILTIN = {

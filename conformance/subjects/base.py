@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..components import Streamed  # noqa: F401  (public: the Impl.fn of a streamed component)
+
 
 class SubjectError(RuntimeError):
     """A subject cannot be used here (unknown name, missing package, wrong version, no device)."""

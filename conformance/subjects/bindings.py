@@ -531,15 +531,32 @@ def _engram(platform: str) -> dict[str, list[Binding]]:
     return {"engram.hash": [hash_row], "engram.memory": [mem_row]}
 
 
+def _stateful(platform: str) -> dict[str, list[Binding]]:
+    """Streamed (stateful) components (docs/stateful-components.md): the same vLLM kernels as their one-shot rows,
+    driven chunk by chunk over a persistent, poisoned state cache."""
+    fn = (V + "models.deepseek_v4.common.ops.save_partial_states._SAVE_PARTIAL_STATES_KERNEL + " + FCQ
+          + "compress_norm_rope_store_triton over CompressorStateCache (models/deepseek_v4/compressor.py:139-175, "
+          ":350-420)")
+    return {"compressor.kv_stream": [Binding(
+        fn, "triton", "DeepseekCompressor.forward on every chunk of a request (chunked prefill, decode, spec-decode "
+        "verify): the save kernel writes the chunk's kv / score + ape rows into the request's fp32 state cache "
+        "(sliding window coff * ratio), the compress kernel pools every window the chunk closes from it",
+        reason="no streamed adapter yet: the one-shot adapter (compress_rocm) sizes a fresh zeroed state cache for "
+               "the whole prompt and one prefill; streaming needs per-chunk CompressorMetadata (slot_mapping, "
+               "block_table over the sliding window, token_to_req_indices) and the decode / two-stage dispatch "
+               "(num_decode_tokens); the one-shot rows of compressor.kv drive the same kernels")]}
+
+
 def table(platform: str) -> dict[str, list[Binding]]:
     if platform == "rocm-gfx942":
         return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
-            _engram(platform)
+            _engram(platform) | _stateful(platform)
     if platform == "rocm-gfx950":
         return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
-            _engram(platform)
+            _engram(platform) | _stateful(platform)
     if platform == "cuda":
-        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | _engram(platform)
+        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | _engram(platform) | \
+            _stateful(platform)
     raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
 
 

@@ -34,6 +34,12 @@ class EmulatedSubject(Subject):
     def provides(self) -> dict[str, Impl]:
         out = {}
         for name, spec in components.load_all().items():
+            if spec.stream is not None:
+                if spec.stream.emulate is not None:
+                    st = spec.stream.emulate(self.profile)
+                    out[name] = Impl(st, function=f"{st.step.__module__}.{st.step.__qualname__}",
+                                     backend="emulation", note=f"profile {self.profile}, streamed")
+                continue
             if spec.emulate is None:
                 continue
             fn = spec.emulate(self.profile)

@@ -11,7 +11,7 @@ import platform
 import torch
 
 from .. import components
-from .base import Impl, Subject, SubjectInfo
+from .base import Impl, Streamed, Subject, SubjectInfo
 
 
 def to_fp64(v):
@@ -30,6 +30,12 @@ def _fp64(ref):
     return fn
 
 
+def _fp64_stream(st: Streamed) -> Streamed:
+    """A streamed golden in fp64: the inputs (and so the state it makes) in fp64."""
+    return Streamed(lambda **kw: st.new_state(**to_fp64(kw)),
+                    lambda state, *, start, **kw: st.step(state, start=start, **to_fp64(kw)))
+
+
 class ReferenceSubject(Subject):
     name = "reference"
 
@@ -41,6 +47,11 @@ class ReferenceSubject(Subject):
     def provides(self) -> dict[str, Impl]:
         out = {}
         for name, spec in components.load_all().items():
+            if spec.stream is not None:
+                st = spec.stream.reference()
+                out[name] = Impl(_fp64_stream(st), function=f"{st.step.__module__}.{st.step.__qualname__}",
+                                 backend="reference", note="fp64, streamed from a poisoned state")
+                continue
             out[name] = Impl(_fp64(spec.reference), function=f"{spec.reference.__module__}."
                              f"{spec.reference.__qualname__}", backend="reference", note="fp64")
         return out
