@@ -3,8 +3,9 @@
 The case row's ``params["splits"]`` are the chunk lengths (they sum to the prompt length); the spec's
 ``stream.chunked`` inputs are sliced along dim 0 at them, every other input goes whole to every step. The
 state the subject's ``new_state`` returns is poisoned before the first step: every floating tensor filled with
-NaN, every integer tensor with -1 (vLLM's PAD slot), booleans with True, so a step that reads a carry slot it
-has not written propagates NaN (or an invalid slot) into its output instead of a benign zero. The chunks'
+NaN, every integer tensor with -1 (vLLM's PAD slot; uint8 byte buffers 0xFF, an e4m3 NaN code), booleans with
+True, so a step that reads a carry slot it has not written propagates NaN (or an invalid slot) into its output
+instead of a benign zero. The chunks'
 outputs are concatenated along dim 0 and compared with the one-shot golden under the component's bound.
 """
 
@@ -26,7 +27,7 @@ def poison_state(state, path: str = "state") -> list[str]:
             what = "True"
         else:
             state.fill_(-1)
-            what = "-1"
+            what = "0xFF" if state.dtype == torch.uint8 else "-1"   # uint8 byte buffers: 0xFF, an e4m3 NaN code
         done.append(f"{path} {list(state.shape)} {str(state.dtype).removeprefix('torch.')} <- {what}")
     elif isinstance(state, dict):
         for k, v in state.items():

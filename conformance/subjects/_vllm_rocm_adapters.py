@@ -221,6 +221,79 @@ def make_compress_rocm(p):
     return compress_rocm
 
 
+def make_compress_stream_rocm(p):
+    """compressor.kv_stream on ROCm: DeepseekCompressor.forward's kernels (compress_rocm) called once per chunk on
+    ONE persistent state: the fp32 state cache (paged by position, block size 4 / 8, identity block table) and the
+    compressed kv cache are the Streamed state, so the harness poisons both (NaN state rows, 0xFF cache bytes: an
+    e4m3fn NaN code). Each step runs _SAVE_PARTIAL_STATES_KERNEL on the chunk's positions, then the store kernel
+    with num_actual = the chunk (every chunk as a prefill: num_decode_tokens 0), which pools every window the chunk
+    closes from the state cache, then reads back the entries the chunk closed. V4.1 rows (ape None): Unsupported."""
+    from types import SimpleNamespace
+
+    from references.components.rope import rope_inv_freq
+    from references.config import RopeScaling
+
+    from ..components import Streamed
+    from .base import Unsupported
+
+    inv_freq, rope_dim = rope_inv_freq(64, 160000.0, RopeScaling()), 64
+
+    def _geom(ratio, head_dim):
+        coff = 2 if ratio == 4 else 1
+        return coff, (4 if ratio == 4 else 8), (584 if head_dim == 512 else 132)
+
+    def new_state(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps):
+        if ape is None:
+            raise Unsupported("the streamed adapter drives the V4 compressor kernels only (V4.1's fused_save_"
+                              "compress_norm + rope_quant_insert have no streamed adapter)")
+        T = x.shape[0]
+        coff, sbs, per_tok = _geom(ratio, head_dim)
+        ncb = (T // ratio + 3) // 4 + 1
+        return {"state_cache": torch.zeros((T + sbs - 1) // sbs, sbs, 2 * coff * head_dim),
+                "kv_cache": torch.zeros(ncb, 4 * per_tok, dtype=torch.uint8)}
+
+    def step(state, *, start, x, wkv, wgate, ape, norm, ratio, head_dim, eps):
+        from ._vllm_adapters import read_584, read_indexer_k, vllm_rope
+
+        n, m, d = x.shape[0], ratio, head_dim
+        coff, sbs, per_tok = _geom(m, d)
+        ov = coff == 2
+        st, cache = state["state_cache"], state["kv_cache"]
+        kv_score = x.to(BF) @ torch.cat([wkv, wgate], 0).to(BF).t()
+        kv, score = kv_score.split([coff * d, coff * d], dim=-1)
+        positions = torch.arange(start, start + n, dtype=torch.int64)
+        slot = positions.clone()
+        _vllm("_SAVE_PARTIAL_STATES_KERNEL")(kv=kv, score=score, ape=ape.float().contiguous(), positions=positions,
+                                             state_cache=st, slot_mapping=slot, block_size=sbs,
+                                             state_width=coff * d, compress_ratio=m, pdl_kwargs={})
+        fire = (positions + 1) % m == 0
+        kv_slot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
+        ncb = cache.shape[0]
+        kv_cache = cache.as_strided((ncb, 4, per_tok), (4 * per_tok, per_tok, 1))
+        rope = vllm_rope(inv_freq, rope_dim, 512, torch.arange(start + n))
+        qb, ts, sd = (64, 448 + 2 * 64, 448 // 64 + 1) if d == 512 else (128, 128, 4)
+        args = dict(state_cache=st, num_actual=n, token_to_req_indices=torch.zeros(n, dtype=torch.int32),
+                    positions=positions, slot_mapping=slot,
+                    block_table=torch.arange(st.shape[0], dtype=torch.int32)[None], block_size=sbs,
+                    state_width=coff * d, cos_sin_cache=rope.cos_sin_cache, kv_cache=kv_cache,
+                    k_cache_metadata=SimpleNamespace(slot_mapping=kv_slot), pdl_kwargs={}, head_dim=d,
+                    rope_head_dim=rope_dim, compress_ratio=m, overlap=ov, use_fp4_cache=False,
+                    rms_norm_weight=norm.float().contiguous(), rms_norm_eps=eps, quant_block=qb, token_stride=ts,
+                    scale_dim=sd)
+        if d == 512 and not ov:
+            _vllm("compress_norm_rope_store_two_stage_triton")(
+                **args, num_decode_tokens=0, compress_scratch=torch.empty(n, d, dtype=torch.float32))
+        else:
+            _vllm("compress_norm_rope_store_triton")(**args)
+        ids = kv_slot[fire].tolist()
+        if not ids:
+            return {"entries": torch.zeros(0, d)}, state
+        read = read_584 if d == 512 else read_indexer_k
+        return {"entries": read(cache, ids, 4)}, state
+
+    return Streamed(new_state, step)
+
+
 def compress_v41(x, wkv, wgate, norm, *, ratio, head_dim, eps, inv_freq, rope_dim, kind):
     """DeepSeek-V4.1's compressor (compressor.kv's v41 rows) as models/deepseek_v41 runs it on every platform: the
     fp32 kv_score GEMM from bf16 operands (attention.py:954-959, torch.mm out_dtype fp32: harness code), then

@@ -535,16 +535,17 @@ def _stateful(platform: str) -> dict[str, list[Binding]]:
     """Streamed (stateful) components (docs/stateful-components.md): the same vLLM kernels as their one-shot rows,
     driven chunk by chunk over a persistent, poisoned state cache."""
     fn = (V + "models.deepseek_v4.common.ops.save_partial_states._SAVE_PARTIAL_STATES_KERNEL + " + FCQ
-          + "compress_norm_rope_store_triton over CompressorStateCache (models/deepseek_v4/compressor.py:139-175, "
+          + "compress_norm_rope_store_triton (ratio 4) | compress_norm_rope_store_two_stage_triton (head 512, ratio "
+          "128) over CompressorStateCache (models/deepseek_v4/compressor.py:139-175, "
           ":350-420)")
-    return {"compressor.kv_stream": [Binding(
-        fn, "triton", "DeepseekCompressor.forward on every chunk of a request (chunked prefill, decode, spec-decode "
-        "verify): the save kernel writes the chunk's kv / score + ape rows into the request's fp32 state cache "
-        "(sliding window coff * ratio), the compress kernel pools every window the chunk closes from it",
-        reason="no streamed adapter yet: the one-shot adapter (compress_rocm) sizes a fresh zeroed state cache for "
-               "the whole prompt and one prefill; streaming needs per-chunk CompressorMetadata (slot_mapping, "
-               "block_table over the sliding window, token_to_req_indices) and the decode / two-stage dispatch "
-               "(num_decode_tokens); the one-shot rows of compressor.kv drive the same kernels")]}
+    cond = ("DeepseekCompressor.forward on every chunk of a request (chunked prefill, decode, spec-decode verify): "
+            "the save kernel writes the chunk's kv / score + ape rows into the request's fp32 state cache (sliding "
+            "window coff * ratio), the store kernel pools every window the chunk closes from it")
+    if platform == "cuda":
+        return {"compressor.kv_stream": [Binding(fn, "triton", cond,
+                                                 reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA)")]}
+    return {"compressor.kv_stream": [Binding(fn, "triton", cond, adapter="compress_stream_rocm",
+                                             runs=("compress_norm_rope_store_triton",))]}
 
 
 def table(platform: str) -> dict[str, list[Binding]]:

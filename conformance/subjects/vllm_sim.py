@@ -25,7 +25,7 @@ import torch
 from .. import components, triton_interp
 from . import _vllm_common as common
 from . import bindings
-from .base import Impl, Subject, SubjectError, SubjectInfo
+from .base import Impl, Streamed, Subject, SubjectError, SubjectInfo
 
 ARCHS = {"gfx942": dict(fnuz=True, fp8=torch.float8_e4m3fnuz, emulated_profile="gfx942", cus=304),
          "gfx950": dict(fnuz=False, fp8=torch.float8_e4m3fn, emulated_profile="ocp", cus=256)}
@@ -219,6 +219,9 @@ ADAPTERS = {
                        "amd.rocm.combine_topk_swa_indices called as _forward_prefill calls it (HCA: "
                        "build_c128a_topk_metadata's prefill-local list first), one request; its gathered-buffer "
                        "indices mapped to the golden's slot numbering"),
+    "compress_stream_rocm": (_rocm("make_compress_stream_rocm"),
+                             "compress_rocm's kernels called chunk by chunk on one persistent (harness-poisoned) "
+                             "state cache and kv cache; every chunk as a prefill (num_decode_tokens 0)"),
     "compress_rocm": (_rocm("make_compress_rocm"),
                       "bf16 projection, _SAVE_PARTIAL_STATES_KERNEL, then compress_norm_rope_store_triton / "
                       "compress_norm_rope_store_two_stage_triton as DeepseekCompressor.forward picks on ROCm; "
@@ -301,6 +304,12 @@ class VllmSimSubject(Subject):
                 missing[name] = f"{row.function} [{row.backend}]: {row.reason or 'no adapter'}"
                 continue
             make, how = ADAPTERS[row.adapter]
+            if spec.stream is not None:   # a streamed component: the adapter makes the Streamed itself
+                st = make(self.profile)
+                out[name] = Impl(Streamed(self._wrap(st.new_state), self._wrap(st.step)), function=row.function,
+                                 backend="triton-interpreter" if row.backend == "triton" else row.backend,
+                                 note=f"SIMULATED {self.arch}: {row.condition}; {how}")
+                continue
             fn, why = bind(spec, make(self.profile), fixed=FIXED.get(name))
             if fn is None:
                 missing[name] = f"{row.function}: {why}"

