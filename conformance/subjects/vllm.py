@@ -173,6 +173,10 @@ CPU_WHY = {
                                                    "select_candidate_blocks / :192 apply_candidate_mask, which also "
                                                    "assert CUDA tensors; the row top-k after them is the compiled "
                                                    "torch.ops._C.top_k_per_row_prefill"),
+    "compressor.kv_stream": "no streamed adapter for the CPU build: the CPU compressor adapter runs one whole prompt "
+                            "without vLLM's state cache; vLLM's stateful kernels (_SAVE_PARTIAL_STATES_KERNEL + "
+                            "compress_norm_rope_store_triton over a poisoned state cache) are driven chunk by chunk "
+                            "by vllm:sim-gfx942 (docs/stateful-components.md)",
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
