@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .. import components
 from . import _vllm_common as common
-from .base import Impl, Subject, SubjectInfo
+from .base import Impl, Streamed, Subject, SubjectInfo
 
 
 @dataclass(frozen=True)
@@ -385,6 +385,11 @@ class VllmSubject(Subject):
                 continue
             if row.adapter is None or row.adapter not in ADAPTERS:
                 self.skipped[name] = f"{row.function} [{row.backend}]: {row.reason or 'no adapter'}"
+                continue
+            if spec.stream is not None:   # a streamed component: the adapter makes the Streamed (state on the CPU
+                st = ADAPTERS[row.adapter][0](prof)   # between steps, moved to the GPU for each step)
+                out[name] = Impl(Streamed(_on_device(st.new_state), _on_device(st.step)), function=row.function,
+                                 backend=row.backend, note=f"{plat}: {row.condition}")
                 continue
             fn, why = bind(spec, ADAPTERS[row.adapter][0](prof), fixed=FIXED.get(name))
             if fn is None:
