@@ -68,8 +68,9 @@ class Streamed:
 
     new_state(**kwargs) -> dict[str, torch.Tensor]
         A fresh state for one request, given the case's whole keyword inputs (the one-shot golden's). Its
-        contents are unspecified: the harness overwrites every floating tensor with NaN and every integer
-        tensor with -1 before the first step, so a step must write a slot before it reads it.
+        contents are unspecified: the harness overwrites every floating tensor with NaN, every integer tensor
+        with -1 (uint8 bytes 0xFF, an e4m3 NaN code) and every bool tensor with True before the first step, so
+        a step must write a slot before it reads it.
     step(state, *, start, **kwargs) -> (outputs, state)
         Feed one chunk: ``kwargs`` are the inputs with the spec's ``chunked`` inputs sliced to this chunk,
         ``start`` is the absolute position of the chunk's first token. ``outputs`` has the one-shot
