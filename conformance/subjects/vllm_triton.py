@@ -443,6 +443,18 @@ def make_routing_metadata(p: dict):
     return routing_metadata
 
 
+# Why no vLLM MXFP4 indexer-K writer runs here (vLLM 0.32.0; paths relative to site-packages/vllm)
+MXFP4_K_CACHE_WHY = (
+    "vLLM's MXFP4 indexer-K writers cannot be driven on a key: gfx950's is aiter's k_norm_rope_mxfp4_cache "
+    "(models/deepseek_v41/amd/rocm.py:375-415, shuffle=rocm_paged_mxfp4_cache_layout; aiter is not installed); the "
+    "Triton ones (models/deepseek_v41/common/ops/indexer_k_store.py:210-239 USE_FP4, "
+    "models/deepseek_v4/common/ops/fused_compress_quant_cache.py:896 _fused_kv_compress_norm_rope_insert_indexer_"
+    "mxfp4_attn) pack with PTX inline asm cvt.rn.satfinite.e2m1x2.f32 (models/deepseek_v4/common/ops/"
+    "fused_indexer_q.py:39-55: NVIDIA only, no interpreter), fuse k_norm + RoPE (+ pooling) before the quant, and on "
+    "ROCm with block_size > 1 refuse FP4 (indexer_k_store.py:80-86: 'MXFP4 indexer K cache has no tiled ROCm "
+    "layout')")
+
+
 def make_indexer_k_cache(p: dict):
     def indexer_k_cache(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
         """vLLM's dedicated indexer-K pair, called through its wrappers with ``rocm_aiter_mla_sparse.FP8_DTYPE``
@@ -453,6 +465,10 @@ def make_indexer_k_cache(p: dict):
         pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows."""
         from .base import Unsupported
 
+        if layout in ("mxfp4", "mxfp4-gfx950"):
+            from ..cases.indexer_cache import GFX942_FP8_ONLY
+
+            raise Unsupported(GFX942_FP8_ONLY if p.get("fnuz") else MXFP4_K_CACHE_WHY)
         if p.get("src") is not None:   # vllm-triton-gpu: kernels from vLLM's source files, no vllm package
             raise Unsupported("this pair is called through vLLM's Python wrappers, imported from the installed vllm "
                               "package, which vllm-triton-gpu does not load (not in the source bundle)")
