@@ -168,6 +168,26 @@ def gather_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: 
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+def relative(slot_mapping: torch.Tensor, block_table: torch.Tensor, block_base: int, block_size: int,
+             rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot mapping, block table) relative to a pool whose row r holds block id ``block_base + r`` (the high-block
+    rows: slots and block ids are global, the blocks below ``block_base`` are not materialised); -1 kept. A slot or
+    block outside [block_base, block_base + rows) is refused in one line."""
+    if not isinstance(block_base, int) or block_base < 0:
+        raise ValueError(f"block_base: expected a non-negative int, got {block_base!r}")
+    if not block_base:
+        return slot_mapping, block_table
+    s, bt = slot_mapping.long(), block_table.long()
+    rel = torch.where(s >= 0, s - block_base * block_size, s)
+    bad = (s >= 0) & ((rel < 0) | (rel >= rows * block_size))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise IndexError(f"slot_mapping[{i}] = {int(s[i])}: block {int(s[i]) // block_size} is outside the pool's "
+                         f"blocks [{block_base}, {block_base + rows})")
+    rbt = torch.where(bt >= 0, bt - block_base, bt)
+    return rel, rbt.to(block_table.dtype)
+
+
 def _check(k, slot_mapping, cache, block_table, seq_lens, block_size, layout="normal"):
     lay = _layout(block_size, layout)
     cl._check_values(k, DIM, "k")
@@ -185,10 +205,11 @@ def _check(k, slot_mapping, cache, block_table, seq_lens, block_size, layout="no
 
 def indexer_k_cache_golden(k: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int = 64,
-                           layout: str = "normal") -> dict:
+                           layout: str = "normal", block_base: int = 0) -> dict:
     """-> {"k": the written key of every gathered slot [sum(seq_lens), 128], "cache": the pool as given}
     (golden: unquantised; the module docstring gives the layout and what each output is compared with).
-    layout: "normal" (DSV4's C4A block-flat pool) or "shuffle" (``KCacheLayout``)."""
+    layout: one of ``LAYOUTS`` (``KCacheLayout``); block_base: the block id of the pool's row 0 (``relative``)."""
+    slot_mapping, block_table = relative(slot_mapping, block_table, block_base, block_size, cache.shape[0])
     _, _, _, rows = _check(k, slot_mapping, cache, block_table, seq_lens, block_size, layout)
     dt = torch.promote_types(k.dtype, torch.float32)
     return {"k": k.to(dt)[rows], "cache": cache.clone()}
@@ -198,11 +219,14 @@ def _emulate(profile: str):
     dialect = "float8_e4m3fn" if profile == "ocp" else "float8_e4m3fnuz"
     fmax = K_FMAX[profile]
 
-    def indexer_k_cache_serving(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    def indexer_k_cache_serving(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal",
+                                block_base=0):
         """The writer (per-token pow2 scale, the profile's dialect and fmax; -1 rows skipped) and the reader
         (the case's layout, code x fp32 scale) of the module docstring. MXFP4 layouts: the OCP profile's (gfx950's
         and CUDA's) MXFP4 writer (E2M1, one UE8M0 scale per 32, ``blockscale.quantize_mxfp4``); the gfx942 profile
-        has no MXFP4 cache (``GFX942_FP8_ONLY``)."""
+        has no MXFP4 cache (``GFX942_FP8_ONLY``). Offsets from the pool's row 0 (block ``block_base``): Python
+        integers, no wrap."""
+        slot_mapping, block_table = relative(slot_mapping, block_table, block_base, block_size, cache.shape[0])
         lay, _, read, _ = _check(k, slot_mapping, cache, block_table, seq_lens, block_size, layout)
         if lay.value_format == "mxfp4" and profile == "gfx942":
             from ..subjects.base import Unsupported  # lazy: the subjects layer sits above the cases
@@ -357,6 +381,8 @@ def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str,
     lay = _layout(kwargs.get("block_size", 64), kwargs.get("layout", "normal"))
     fmt, mx = lay.value_format, lay.value_format == "mxfp4"
     pool = kwargs["cache"]
+    rel_sm, rel_bt = relative(kwargs["slot_mapping"], kwargs["block_table"], kwargs.get("block_base", 0),
+                              lay.block_size, pool.shape[0])
     out = []
     for name in ("k", "cache"):
         if name not in got:
@@ -367,7 +393,7 @@ def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str,
     c = compare_float(gk.float() if gk.dtype == torch.bfloat16 else gk, want["k"], _k_tol(level, fmt), output="k",
                       scale=_k_scale(want["k"], fmt) if level == "serving" else None, label=label, ulp_dtype=ulp,
                       level=level)
-    read = gather_slots(kwargs["block_table"], kwargs["seq_lens"], lay.block_size)
+    read = gather_slots(rel_bt, kwargs["seq_lens"], lay.block_size)
     emu = {}
 
     def served():   # the emulated serving values of this profile: the diagnosis' reference (computed on failure)
@@ -378,8 +404,8 @@ def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str,
         return emu
 
     ok_shape = gc.dtype == torch.uint8 and tuple(gc.shape) == tuple(pool.shape)
-    vals, scs, slots = _written(kwargs["slot_mapping"], pool, lay)
-    rows = [i for i, s in enumerate(kwargs["slot_mapping"].tolist()) if s >= 0]
+    vals, scs, slots = _written(rel_sm, pool, lay)
+    rows = [i for i, s in enumerate(rel_sm.tolist()) if s >= 0]
     wk = kwargs["k"].float()[rows]
     mxkw = dict(emu=None, lay=lay, read=read, slots=slots, keys=wk)
     if c.verdict != "pass" and level in ("serving", "emulated"):
@@ -395,7 +421,7 @@ def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str,
     if u.verdict != "pass":
         i = int(torch.nonzero(gc[keep] != pool[keep])[0])
         b, col = (int(v) for v in torch.nonzero(keep)[i])
-        vb = lay.value_bytes
+        vb, b = lay.value_bytes, b + kwargs.get("block_base", 0)     # global block id and slots
         where = (f"value bytes ({lay.layout} layout: slot {b * lay.block_size + col // vb} if block-flat)"
                  if col < lay.scale_region else
                  f"scale bytes of slot {b * lay.block_size + (col - lay.scale_region) // 4}"
@@ -463,7 +489,8 @@ def _make(g, p):
     bs, lens, nblocks, pad = p["block_size"], p["seq_lens"], p["blocks"], p["padding"]
     lay = _layout(bs, p.get("layout", "normal"))
     W = max(-(-n // bs) for n in lens)
-    perm = torch.randperm(nblocks, generator=g)      # each request's blocks scattered over the pool
+    base = p.get("block_base", 0)   # the pool's row r is block base + r (``relative``)
+    perm = torch.randperm(nblocks, generator=g) + base      # each request's blocks scattered over the pool
     bt = torch.full((len(lens), W), -1, dtype=torch.int32)
     used = 0
     for b, n in enumerate(lens):
@@ -506,7 +533,7 @@ def _make(g, p):
     mix = torch.randperm(N + pad, generator=g)
     return {"k": rows_k[mix].contiguous(), "slot_mapping": rows_s[mix].contiguous(),
             "cache": _garbage_pool(g, nblocks, lay), "block_table": bt, "seq_lens": seq, "block_size": bs,
-            "layout": p.get("layout", "normal")}
+            "layout": p.get("layout", "normal"), **({"block_base": base} if base else {})}
 
 
 for tag, lens, blocks, pad, dist, extra, seed in [
@@ -541,6 +568,20 @@ for tag, lens, blocks, pad, dist, layout, extra, seed in [
     add(Case(f"indexer.k_cache/{tag}/b{len(lens)}n{sum(lens)}p{pad}/{name}/s{seed}", "indexer.k_cache", _make,
              dict({"seq_lens": lens, "blocks": blocks, "padding": pad, "block_size": 64, "layout": layout},
                   **extra), seed, dist, (tag, "paged", "mxfp4") + (("gfx950",) if layout == "mxfp4-gfx950" else ())))
+# Pools past 2^31 bytes: block ids from HIGH_BLOCK = 466,100 (the blocks below not materialised, ``relative``), so
+# block_id * block_stride is in [2^31, 2^32) for both strides: FP8 466,100 x 8,640 = 4,027,104,000; MXFP4 466,100 x
+# 4,608 = 2,147,788,800 (2^31 = 2,147,483,648). An int32 offset wraps negative there (the writes are lost); vLLM's
+# Triton writer and gather cast the block id to int64 first (rocm_aiter_mla_sparse.py:143-145, :346-348).
+HIGH_BLOCK = 466_100
+for tag, lens, blocks, pad, layout, seed in [("decode", (1, 1, 1), 4, 3, "normal", 50),
+                                             ("prefill", (70, 9), 3, 2, "shuffle", 51),
+                                             ("prefill", (70, 9), 3, 2, "mxfp4", 52),
+                                             ("prefill", (40, 17), 3, 2, "mxfp4-gfx950", 53)]:
+    add(Case(f"indexer.k_cache/{tag}/b{len(lens)}n{sum(lens)}p{pad}/{layout}-high-block/s{seed}", "indexer.k_cache",
+             _make, {"seq_lens": lens, "blocks": blocks, "padding": pad, "block_size": 64, "layout": layout,
+                     "block_base": HIGH_BLOCK}, seed, "normal",
+             (tag, "paged", "high-block") + (("mxfp4",) if layout in FP4_LAYOUTS else ())
+             + (("gfx950",) if layout == "mxfp4-gfx950" else ()) + (("shuffle",) if layout == "shuffle" else ())))
 add(Case("indexer.k_cache/prefill/b3n1500p8/normal/s10", "indexer.k_cache", _make,
          {"seq_lens": (1000, 300, 200), "blocks": 30, "padding": 8, "block_size": 64}, 10, "normal",
          ("prefill", "paged", "long-context"), tier="full"))

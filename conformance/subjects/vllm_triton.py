@@ -456,13 +456,16 @@ MXFP4_K_CACHE_WHY = (
 
 
 def make_indexer_k_cache(p: dict):
-    def indexer_k_cache(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    def indexer_k_cache(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal",
+                        block_base=0):
         """vLLM's dedicated indexer-K pair, called through its wrappers with ``rocm_aiter_mla_sparse.FP8_DTYPE``
         the profile's fp8 dtype (the module reads it at import: the platform's on a device): the writer
         indexer_k_quant_and_cache_triton (one pow2 scale per token, scale_fmt "ue8m0", fmax 224 if IS_FNUZ else
         448; -1 slots skipped; SHUFFLE tiles since block_size > 1), then cp_gather_indexer_k_quant_cache_triton
         with its default layout (SHUFFLE), as rocm_aiter_sparse_attn_indexer pairs them when it inserts K. The
-        pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows."""
+        pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows. High-block rows
+        (``block_base``): the pool holds ``block_base + rows`` blocks, a sparse file (``_sparse_pool``) past 2^31 bytes, the case's
+        rows on top; slots and block ids go to the kernels global."""
         from .base import Unsupported
 
         if layout in ("mxfp4", "mxfp4-gfx950"):
@@ -478,8 +481,12 @@ def make_indexer_k_cache(p: dict):
         import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
 
         nb, stride = cache.shape
-        pool = cache.clone()
-        kv = pool.as_strided((nb, block_size, 132), (stride, 132, 1))
+        if block_base:
+            pool = _sparse_pool(block_base + nb, stride)
+            pool[block_base:] = cache
+        else:
+            pool = cache.clone()
+        kv = pool.as_strided((block_base + nb, block_size, 132), (stride, 132, 1))
         B = seq_lens.shape[0]
         M = int(seq_lens.sum())
         cu = torch.zeros(B + 1, dtype=torch.int32)
@@ -496,7 +503,9 @@ def make_indexer_k_cache(p: dict):
                 token_to_seq=torch.repeat_interleave(torch.arange(B, dtype=torch.int32), seq_lens.long()))
         finally:
             rams.FP8_DTYPE = old
-        return {"k": k_fp8.float() * k_scale.view(torch.float32), "cache": pool}
+        top = pool[block_base:].clone() if block_base else pool
+        del kv, pool
+        return {"k": k_fp8.float() * k_scale.view(torch.float32), "cache": top}
     return indexer_k_cache
 
 

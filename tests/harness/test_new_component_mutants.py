@@ -3,6 +3,8 @@ attn.q_path, attn.kv_insert, mtp.head, indexer.k_cache) and issue #18 (indexer.k
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
 from conformance.cases.indexer_cache import FP4_LAYOUTS, K_FMAX, KCacheLayout, gather_slots
+from conformance.cases.indexer_cache import _emulate as k_cache_emulate
+from conformance.cases.indexer_cache import relative as k_cache_relative
 from conformance.cases.linear import W_SPECS, fp8_linear_golden, quant_act_group
 from conformance.cases.linear import _emulate as linear_emulate
 from conformance.cases.mtp import mtp_head_golden
@@ -268,6 +272,16 @@ def mtp_zeroes_every_position(**kw):
 
 
 # -- indexer.k_cache: writers and readers of the paged indexer-K pool, each broken in one way -----------------
+def _global_slots(fn):
+    """The mutant on the high-block rows too: slots / block ids made relative to the pool's row 0 exactly (int64),
+    so each mutant is broken only in its own way."""
+    @functools.wraps(fn)
+    def wrapped(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal", block_base=0):
+        sm, bt = k_cache_relative(slot_mapping, block_table, block_base, block_size, cache.shape[0])
+        return fn(k, sm, cache, bt, seq_lens, block_size=block_size, layout=layout)
+    return wrapped
+
+
 def _kc_write(pool, slot_mapping, codes, scales, lay, *, padding_slot=None):
     """Raw writes of (codes [N, 128], fp32 scales [N]), rows in order; -1 rows skipped unless ``padding_slot``
     says where they go."""
@@ -319,31 +333,37 @@ def _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, *, di
     return {"k": _kc_read(pool, read, lay, dialect, scale_shift=scale_shift), "cache": pool}
 
 
+@_global_slots
 def k_cache_scale_per_block(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, per_block=True)
 
 
+@_global_slots
 def k_cache_padding_row_to_slot0(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, padding_slot=0)
 
 
+@_global_slots
 def k_cache_scale_read_at_next_entry(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                      layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, scale_shift=1)
 
 
+@_global_slots
 def k_cache_ocp_bytes_read_as_fnuz(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     # the DSV4 compressor's store on gfx942 (float8e4nv, 448) read by the fnuz gather: spec 4.1, x0.5
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, dialect="float8_e4m3fnuz",
                fmax=K_FMAX["gfx942"], write_dialect="float8_e4m3fn")
 
 
+@_global_slots
 def k_cache_fnuz_writer_emitting_0x80(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                       layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, dialect="float8_e4m3fnuz",
                fmax=K_FMAX["gfx942"], neg_zero_0x80=True)
 
 
+@_global_slots
 def k_cache_block_flat_on_shuffle_pool(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                        layout="normal"):
     # writer and reader agree with each other, but always lay the values out block-flat
@@ -397,32 +417,60 @@ def _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, *, sw
     return {"k": (torch.stack(out).reshape(-1, 128) if out else torch.empty(0, 128)).float(), "cache": pool}
 
 
+@_global_slots
 def k_cache_fp4_nibbles_swapped(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     # writer and reader agree: the even element in the high nibble (spec, vLLM: low nibble first)
     return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, swap=True)
 
 
+@_global_slots
 def k_cache_fp4_scale_per_16(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     # one UE8M0 scale per 16 values (NVFP4's block) instead of 32: 8 scale bytes an entry, reader consistent
     return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, block=16)
 
 
+@_global_slots
 def k_cache_fp4_shuffled_read_as_block_flat(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                             layout="normal"):
     # the right writer for the pool's layout; the reader always gathers block-flat (the CUDA/references order)
     return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, read_layout="mxfp4")
 
 
+@_global_slots
 def k_cache_fp4_scale_read_bias_128(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                     layout="normal"):
     # the right bytes; the reader decodes the UE8M0 byte as 2^(b - 128)
     return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, read_bias=128)
 
 
+@_global_slots
 def k_cache_fp4_scale_written_bias_128(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                        layout="normal"):
     # writer and reader agree on 2^(b - 128): the keys round-trip, the scale bytes are one too high
     return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, bias=128, read_bias=128)
+
+
+def k_cache_int32_block_offset(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal",
+                               block_base=0):
+    # the writer computes block_id * block_stride in int32 (vLLM's casts the block id to int64 first,
+    # rocm_aiter_mla_sparse.py:143-145): past 2^31 bytes the offset wraps negative, before the pool: the write is
+    # lost (modelled as nothing written); the reader (int64) then gathers the pool's old bytes. Below 2^31: exact.
+    kw = dict(k=k, slot_mapping=slot_mapping, cache=cache, block_table=block_table, seq_lens=seq_lens,
+              block_size=block_size, layout=layout, block_base=block_base)
+    out = k_cache_emulate("ocp")(**kw)
+    lay = KCacheLayout(block_size, layout)
+    sm = slot_mapping.long()
+    off = torch.where(sm >= 0, sm // block_size, 0) * lay.block_stride
+    lost = (sm >= 0) & (((off + 2**31) % 2**32 - 2**31) != off)
+    if not lost.any():
+        return out
+    rel, bt = k_cache_relative(slot_mapping, block_table, block_base, block_size, cache.shape[0])
+    pool = out["cache"]
+    for s_ in rel[lost].tolist():
+        b, o = divmod(s_, block_size)
+        for cols in (lay.value_cols(o), lay.scale_cols(o)):
+            pool[b, cols] = cache[b, cols]
+    return {"k": lay.read(pool, gather_slots(bt, seq_lens, block_size), "float8_e4m3fn"), "cache": pool}
 
 
 # -- indexer.k_latent (V4.1): the index key from the compressor latent, each broken in one way --------------------
@@ -625,6 +673,7 @@ MUTANTS = [
     ("indexer.k_cache", k_cache_fp4_shuffled_read_as_block_flat),
     ("indexer.k_cache", k_cache_fp4_scale_read_bias_128),
     ("indexer.k_cache", k_cache_fp4_scale_written_bias_128),
+    ("indexer.k_cache", k_cache_int32_block_offset),
     ("indexer.k_latent", k_latent_without_k_norm),
     ("indexer.k_latent", k_latent_rope_at_token_position),
     ("indexer.k_latent", k_latent_from_rotated_latent),
@@ -801,7 +850,7 @@ def test_fp4_nibble_swap_is_caught_on_the_bytes_with_its_diagnosis():
     """A writer/reader pair that packs the even element high: the keys round-trip; the bytes, decoded by the
     spec's layout, fail on every MXFP4 row, diagnosed as the nibble order."""
     rows = _mx_rows(k_cache_fp4_nibbles_swapped)
-    assert len(rows) == 8
+    assert len(rows) == 10      # 8 MXFP4 rows + 2 high-block ones
     for cid, (r,) in rows.items():
         assert _out(r, "k") == "pass" and _out(r, "cache.values") in ("fail", "catastrophic"), (cid, r.message)
         assert "MXFP4 diagnosis: E2M1 nibble order swapped" in r.message, r.message
@@ -832,6 +881,20 @@ def test_fp4_scale_byte_written_with_bias_128_is_caught_on_the_bytes():
     for cid, (r,) in _mx_rows(k_cache_fp4_scale_written_bias_128).items():
         assert _out(r, "k") == "pass" and _out(r, "cache.values") in ("fail", "catastrophic"), (cid, r.message)
         assert "exponent stored with bias 128 instead of 127" in r.message, r.message
+
+
+def test_k_cache_int32_block_offset_fails_exactly_the_rows_past_2_31_bytes():
+    """Block ids from 466,100 put block_id * block_stride in [2^31, 2^32) (FP8 and MXFP4 strides): an int32 offset
+    loses those writes; every other row (offsets below 2^31) is the emulation itself and passes."""
+    v = _verdicts("indexer.k_cache", k_cache_int32_block_offset)
+    assert sum("-high-block/" in c for c in v) == 4
+    for cid, rows in v.items():
+        if "-high-block/" in cid:
+            assert all(r.verdict in ("fail", "catastrophic") for r in rows), (cid, [r.message for r in rows])
+            (r,) = [r for r in rows if r.level == "serving"]
+            assert _out(r, "k") != "pass" and _out(r, "cache.values") != "pass", (cid, r.message)
+        else:
+            assert all(r.verdict == "pass" for r in rows), (cid, [r.message for r in rows])
 
 
 def index_set_padded_to_256(positions, topk_idx=None, *, layer_type, ratio, window=128):
