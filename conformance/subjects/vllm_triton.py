@@ -464,8 +464,8 @@ def make_indexer_k_cache(p: dict):
         448; -1 slots skipped; SHUFFLE tiles since block_size > 1), then cp_gather_indexer_k_quant_cache_triton
         with its default layout (SHUFFLE), as rocm_aiter_sparse_attn_indexer pairs them when it inserts K. The
         pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows. High-block rows
-        (``block_base``): the pool holds ``block_base + rows`` blocks, a sparse file (``_sparse_pool``) past 2^31 bytes, the case's
-        rows on top; slots and block ids go to the kernels global."""
+        (``block_base``): the pool holds ``block_base + rows`` blocks, a sparse file (``_sparse_pool``) past 2^31
+        bytes, the case's rows on top; slots and block ids go to the kernels global."""
         from .base import Unsupported
 
         if layout in ("mxfp4", "mxfp4-gfx950"):
