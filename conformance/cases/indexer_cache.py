@@ -377,6 +377,24 @@ def _codes_at(cache: torch.Tensor, slots, lay: KCacheLayout) -> torch.Tensor:
     return lay.read_tokens(cache, slots).values
 
 
+def _lost_writes(c: Comparison, got_pool, pool_in, slots, lay: KCacheLayout, block_base: int) -> Comparison:
+    """Append, to a failing cache comparison, which written slots still hold the pool's bytes as given (a write
+    that never landed), and whether they are exactly the slots past 2^31 bytes (an int32 block offset)."""
+    if c.verdict == "pass" or not slots:
+        return c
+    def untouched(s):
+        b, o = divmod(s, lay.block_size)
+        return all(torch.equal(got_pool[b, cols], pool_in[b, cols]) for cols in (lay.value_cols(o), lay.scale_cols(o)))
+    lost = [s for s in slots if untouched(s)]
+    if lost:
+        high = [s for s in slots if (s // lay.block_size + block_base) * lay.block_stride >= 2**31]
+        c.message += (f"; {len(lost)} of {len(slots)} written slots still hold the pool's bytes as given (the writes "
+                      f"never landed)" + (": exactly the slots whose byte offset block_id * block_stride passes 2^31 "
+                                          "(an int32 offset wraps)" if lost == high else ""))
+        c.worst = dict(c.worst, lost_writes=len(lost))
+    return c
+
+
 def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str, kwargs: dict) -> list[Comparison]:
     lay = _layout(kwargs.get("block_size", 64), kwargs.get("layout", "normal"))
     fmt, mx = lay.value_format, lay.value_format == "mxfp4"
@@ -436,7 +454,7 @@ def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str,
         cs = compare_exact(gc[scs], want["cache"][scs], output="cache.scales", label=label)
         if mx:
             cv, cs = (_diag_mx(x, got_pool=gc, **dict(mxkw, emu=want)) for x in (cv, cs))
-        out += [cv, cs]
+        out += [_lost_writes(cv, gc, pool, slots, lay, kwargs.get("block_base", 0)), cs]
     elif level == "serving":
         # the written slots decoded by the spec layout in the subject's dialect, against the keys written there
         tok = lay.read_tokens(gc, slots)
@@ -449,7 +467,7 @@ def compare_k_cache(got: dict, want: dict, params: dict, level: str, label: str,
             else:
                 sp = served()["cache"]
                 c = _diagnose(c, dec, lay.read(sp, slots, params.get("dialect", "float8_e4m3fn")), codes=tok.values)
-        out.append(c)
+        out.append(_lost_writes(c, gc, pool, slots, lay, kwargs.get("block_base", 0)))
     return out
 
 

@@ -893,6 +893,7 @@ def test_k_cache_int32_block_offset_fails_exactly_the_rows_past_2_31_bytes():
             assert all(r.verdict in ("fail", "catastrophic") for r in rows), (cid, [r.message for r in rows])
             (r,) = [r for r in rows if r.level == "serving"]
             assert _out(r, "k") != "pass" and _out(r, "cache.values") != "pass", (cid, r.message)
+            assert "exactly the slots whose byte offset block_id * block_stride passes 2^31" in r.message, r.message
         else:
             assert all(r.verdict == "pass" for r in rows), (cid, [r.message for r in rows])
 
