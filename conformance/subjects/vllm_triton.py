@@ -562,11 +562,14 @@ def make_engram_hash(p: dict):
 
 
 def make_engram_memory(p: dict):
-    def engram_memory(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps):
+    def engram_memory(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps,
+                      wkv_scale=None):
         """ParallelEngramEmbedding.lookup's _engram_lookup_kernel (tp 1, unsorted, bf16 rows: the table viewed
         as torch.float8_e4m3fn, vLLM's dtype for it on every platform, so the profile does not change it), the
-        wkv GEMM as a bf16 torch matmul (fp32 accumulation, bf16 kv: harness code, see the component's scope),
-        then _fused_engram_post_wkv_kernel with Engram.forward's launch (one program per token x hc copy)."""
+        wkv GEMM as a bf16 torch matmul (fp32 accumulation, bf16 kv: harness code, see the component's scope;
+        MXFP8 wkv rows: the harness's emulation of the profile's V4.1 MXFP8 linear, cases.linear._mxfp8_serving,
+        since vLLM's MXFP8 kernels are aiter / FlashInfer ones), then _fused_engram_post_wkv_kernel with
+        Engram.forward's launch (one program per token x hc copy)."""
         from .base import Unsupported
 
         if p.get("src") is not None:
@@ -587,7 +590,13 @@ def make_engram_memory(p: dict):
                 weight, table_scale.contiguous(), ids, ids, rows, 0, table.shape[0], rows_n, ids.stride(0),
                 ids.stride(1), HEAD_START=0, LOCAL_HEADS=cols, TOTAL_HEADS=cols, DIM=hd, QUANT_BLOCK=32, BLOCK_R=16,
                 GRID=grid, SORTED=False, PACKED=False, OUT_STRIDE=rows.stride(0))
-        kv = (rows.reshape(T, -1).float() @ wkv.to(BF).float().T).to(BF)
+        if wkv_scale is not None:
+            from ..cases.linear import _mxfp8_serving
+
+            kv = _mxfp8_serving("gfx942" if p["fnuz"] else "ocp", rows.reshape(T, -1).float(), wkv,
+                                wkv_scale)["y"].to(BF)
+        else:
+            kv = (rows.reshape(T, -1).float() @ wkv.to(BF).float().T).to(BF)
         x = stream.to(BF).contiguous()
         out = torch.empty_like(x)
         qw, kw_ = q_weight.to(BF).contiguous(), k_weight.to(BF).contiguous()
