@@ -22,6 +22,12 @@ from typing import Callable
 
 from .tolerances import EXACT, Tolerance
 
+
+class Unsupported(Exception):
+    """Raised by an ``Impl.fn`` (or a case's emulation) for inputs the implementation does not support (e.g. a
+    top-k the kernel has no variant for). The case is reported "not provided" with this reason, never as a pass
+    or an error. Public as ``conformance.subjects.Unsupported``."""
+
 LEVELS = ("fp64", "fp32", "serving", "emulated")
 
 

@@ -20,11 +20,24 @@ gate and the residual add (``_fused_engram_post_wkv_kernel``). Outputs ``rows`` 
 n_hash_cols, head_dim]) and ``out`` ([T, hc_mult, D]).
 
 Scope of wkv. vLLM builds wkv as a ``ColumnParallelLinear`` with the model's quant config (``engram.py:1555-1564``),
-so on a V4.1 checkpoint with 32x32 UE8M0 blocks it is an MXFP8 linear (``quant_config.py:221-243``: static MXFP8
-weights, dynamic MXFP8 activations). This project has no MXFP8 (1x32 e8m0 activation) linear emulation yet; this
-component takes wkv as a bf16 weight (what ``UnquantizedLinearMethod`` serves when wkv is in the checkpoint's
-ignored layers) so that its bounds test the lookup, the gate and the add. The MXFP8 wkv belongs to a V4.1 linear
-component (not yet written), not here.
+so on a V4.1 checkpoint with 32x32 UE8M0 blocks it is an MXFP8 linear (``quant_config.py:221-243``:
+``ModelOptLinearMethod(QuantSpec(weight=kMxfp8Static, activation=kMxfp8Dynamic), CkptCtx(scale_block_size=(32,
+32)))``; in the checkpoint's ignored layers it is ``UnquantizedLinearMethod``, bf16). Both are rows here:
+  * bf16 wkv (rows without ``wkv_scale``): ``wkv`` a float weight;
+  * MXFP8 wkv (rows ``.../mxfp8-wkv/...``): ``wkv`` uint8 OCP e4m3fn codes [(hc+1) D, K] and ``wkv_scale`` uint8
+    UE8M0 bytes [(hc+1) D / 32, K / 32] (one per 32x32 tile), as the checkpoint stores them. The golden
+    dequantises the weight exactly (a checkpoint value) and keeps the activations unquantised. Serving: the V4.1
+    MXFP8 linear of ``cases.linear._mxfp8_serving`` (module docstring of ``cases.linear``): gfx942
+    EmulationMxfp8LinearKernel, a bf16 GEMM on the exactly dequantised weight; native MX (gfx950
+    rocm_mxfp8_block32_gemm, SM100 FlashInfer; the ``ocp`` profile) MXFP8 activations in 1x32 K groups, one fp32
+    partial product per 32-wide block. On the Engram that activation quantisation is EXACT: wkv's input is the
+    looked-up rows, already e4m3fn codes x one UE8M0 scale per 32 values with the 32-blocks aligned to wkv's K
+    groups (head_dim a multiple of 32), so 2^ceil(log2(amax / 448)) <= the row block's own scale and every code
+    re-scales by a power of two within range; vLLM's DP-sharded batch path stages exactly those table bytes as
+    the MXFP8 input (``EngramBatch``, ``engram.py:1355-1390``, ``:1501-1510``). The bound therefore needs no
+    activation-rounding term; it uses the dequantised weight (``memory_bound``). A failing ``out`` on these rows
+    is tested against two known wkv mistakes (``_wkv_diagnosis``): the 32x32 scale grid read as 128x128 blocks
+    and the OCP weight codes read as fnuz.
 
 Serving numerics (``emulate(profile)``; the same kernels on ROCm and CUDA: everything is in ``common/engram.py``):
   * hashes: integer, identical on every platform;
@@ -307,11 +320,37 @@ for tag, cfg, lens, starts, extra, seed, tier in HASH_ROWS:
 
 
 # ------------------------------------------------------------------------------------------------ engram.memory
+def wkv_weight(wkv: torch.Tensor, wkv_scale: torch.Tensor | None, *, scale_block: int = 32,
+               dialect: str = "float8_e4m3fn") -> torch.Tensor:
+    """The wkv weight as a float tensor: ``wkv`` itself (bf16 wkv), or the MXFP8 checkpoint's codes x
+    2^(byte - 127) of their 32x32 tile (exact). ``scale_block`` / ``dialect`` exist for the diagnosis only."""
+    if wkv_scale is None:
+        return wkv
+    from references.formats.blockscale import dequantize_fp8
+
+    if wkv.dtype != torch.uint8 or wkv_scale.dtype != torch.uint8:
+        raise TypeError(f"wkv / wkv_scale: expected uint8 OCP e4m3fn codes and UE8M0 bytes, got {wkv.dtype} / "
+                        f"{wkv_scale.dtype}")
+    n, k = wkv.shape
+    if tuple(wkv_scale.shape) != (n // 32, k // 32) or n % 32 or k % 32:
+        raise ValueError(f"wkv_scale: expected [{n // 32}, {k // 32}] (one byte per 32x32 tile of wkv {n}x{k}), got "
+                         f"{tuple(wkv_scale.shape)}")
+    sc = wkv_scale
+    if scale_block != 32:   # the grid read as scale_block tiles: tile (i // b, j // b) of the 32-grid
+        r = scale_block // 32
+        sc = wkv_scale[::r, ::r].repeat_interleave(r, 0).repeat_interleave(r, 1)[: n // 32, : k // 32]
+    from references.formats.blockscale import BlockFP8
+
+    return dequantize_fp8(wkv, sc, BlockFP8.of(dialect, (32, 32)))
+
+
 def engram_memory_golden(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *,
-                         eps: float) -> dict:
+                         eps: float, wkv_scale=None) -> dict:
     """-> {"rows": [T, n_hash_cols, head_dim], "out": [T, hc, D]} (``references.components.engram
-    .engram_memory``; table: OCP e4m3fn codes, table_scale: UE8M0 bytes per 32 values; wkv unquantised)."""
-    return engram_memory(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, eps=eps)
+    .engram_memory``; table: OCP e4m3fn codes, table_scale: UE8M0 bytes per 32 values; wkv unquantised, or
+    MXFP8 codes with ``wkv_scale`` dequantised exactly: ``wkv_weight``)."""
+    w = wkv_weight(wkv, wkv_scale)
+    return engram_memory(stream, hash_ids, table, table_scale, w, q_weight, k_weight, token_mask, eps=eps)
 
 
 def _bf16(t):
@@ -319,12 +358,20 @@ def _bf16(t):
 
 
 def _emulate_memory(profile: str):
-    def engram_memory_serving(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps):
-        """Lookup (OCP decode on every platform, bf16 rows), bf16 wkv GEMM with fp32 accumulation and bf16 kv,
-        the fp32 gate kernel, out stored bf16 (module docstring)."""
+    def engram_memory_serving(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps,
+                              wkv_scale=None):
+        """Lookup (OCP decode on every platform, bf16 rows), bf16 wkv GEMM with fp32 accumulation and bf16 kv
+        (MXFP8 wkv: the profile's V4.1 MXFP8 linear, ``cases.linear._mxfp8_serving``), the fp32 gate kernel, out
+        stored bf16 (module docstring)."""
         rows = _bf16(engram_lookup(hash_ids, table, table_scale, dialect="float8_e4m3fn"))
         T = stream.shape[0]
-        kv = _bf16(rows.reshape(T, -1) @ _bf16(wkv).T)
+        if wkv_scale is not None:
+            from .linear import _mxfp8_serving
+
+            wkv_weight(wkv, wkv_scale)          # the input checks
+            kv = _mxfp8_serving(profile, rows.reshape(T, -1), wkv, wkv_scale)["y"]
+        else:
+            kv = _bf16(rows.reshape(T, -1) @ _bf16(wkv).T)
         out = engram_gate(_bf16(stream), kv, _bf16(q_weight), _bf16(k_weight), token_mask, eps=eps)
         return {"rows": rows, "out": _bf16(out)}
 
@@ -359,7 +406,7 @@ def memory_bound(kw: dict, level: str) -> torch.Tensor:
     x = kw["stream"].double()
     T, hc, D = x.shape
     rows = engram_lookup(kw["hash_ids"], kw["table"], kw["table_scale"]).double().reshape(T, -1)
-    w = kw["wkv"].double()
+    w = wkv_weight(kw["wkv"], kw.get("wkv_scale")).double()
     K = rows.shape[1]
     u_kv, a_kv, u_out, red = _levels(level, K, D)
     kv = rows @ w.T
@@ -433,8 +480,36 @@ def compare_memory(got: dict, want: dict, params: dict, level: str, label: str, 
         c.message += (f"; token {t} copy {h}" + (" is masked (gate must be 0: out = stream)" if dead else "")
                       + f"; max |out - stream| there: got {moved_got:.4g}, want {moved_want:.4g} (the gated "
                       "value's size: a missing or wrong gate shows here)")
+        if kwargs.get("wkv_scale") is not None:
+            d = _wkv_diagnosis(got["out"], kwargs, level)
+            if d:
+                c.message += f"; wkv diagnosis: {d}"
+                c.worst = dict(c.worst, wkv_diagnosis=d)
     out.append(c)
     return out
+
+
+WKV_MISTAKES = (
+    (dict(scale_block=128), "the wkv 32x32 UE8M0 grid read as 128x128 blocks (scale[i // 128, j // 128]; V4's "
+                            "block, not V4.1's 32x32: quant_config.py:221-243)"),
+    (dict(dialect="float8_e4m3fnuz"), "the OCP e4m3fn wkv codes read as e4m3fnuz (x0.5, 0x80 NaN): vLLM's MXFP8 "
+                                      "path never converts them to fnuz"),
+)
+
+
+def _wkv_diagnosis(got_out: torch.Tensor, kw: dict, level: str) -> str:
+    """The first known wkv mistake whose golden ``out`` the subject's lies within that golden's own bound of
+    (``memory_bound`` with the mistaken weight), or ''."""
+    for change, what in WKV_MISTAKES:
+        w = wkv_weight(kw["wkv"], kw["wkv_scale"], **change)
+        bound = memory_bound(dict(kw, wkv=w, wkv_scale=None), level)
+        alt = engram_memory(kw["stream"], kw["hash_ids"], kw["table"], kw["table_scale"], w, kw["q_weight"],
+                            kw["k_weight"], kw.get("token_mask"), eps=kw["eps"])["out"].double()
+        g = got_out.double()
+        ok = ((g - alt).abs() <= bound) | (torch.isnan(g) & torch.isnan(alt))
+        if bool(ok.all()):
+            return f"out matches the golden of {what}"
+    return ""
 
 
 register(ComponentSpec(
@@ -446,8 +521,9 @@ register(ComponentSpec(
                 "out = stream + gate * value (masked tokens untouched)",
     spec_section="V4.1 (vLLM models/deepseek_v41/common/engram.py)", emulate=_emulate_memory,
     compare=compare_memory,
-    divergences=("vLLM's wkv is an MXFP8 linear on V4.1 checkpoints (quant_config.py:221-243); this component "
-                 "takes it unquantised (bf16): the MXFP8 linear is a V4.1 linear component's, not modelled yet",),
+    divergences=("vLLM's wkv is an MXFP8 linear on V4.1 checkpoints (quant_config.py:221-243): rows "
+                 ".../mxfp8-wkv/... give it as 32x32-scaled codes (``wkv_scale``), the others as bf16 (wkv in the "
+                 "ignored layers)",),
 ))
 
 
@@ -475,11 +551,20 @@ def _make_memory(g, p):
     dead = hk["dead_mask"]
     # kv's key and value are O(1) (rows ~ 2^±4 codes of O(1) times wkv ~ K^-1/2 / row rms), the stream O(1):
     # the gated value moves out by O(0.5), far above the bf16 budget, so a lost gate shows
-    wkv = _bf16(torch.randn((hc + 1) * D, K, generator=g) * (K ** -0.5) / 8)
+    mx = {}
+    if p.get("mxfp8_wkv"):
+        # the checkpoint's MXFP8 wkv: OCP codes, one UE8M0 byte per 32x32 tile, tiles scaled 2^U{-2..2} apart (a
+        # 128x128 read of the grid changes most tiles' values)
+        from .linear import fp8_block_weight
+
+        codes, scales, _ = fp8_block_weight(g, (hc + 1) * D, K, std=K ** -0.5 / 8, spread=2, block=32)
+        wkv, mx = codes, {"wkv_scale": scales}
+    else:
+        wkv = _bf16(torch.randn((hc + 1) * D, K, generator=g) * (K ** -0.5) / 8)
     return {"stream": _bf16(dist_tensor(g, (T, hc, D), p["dist"])), "hash_ids": hashes.to(torch.int32),
             "table": table, "table_scale": table_scale, "wkv": wkv,
             "q_weight": _bf16(1 + 0.5 * torch.randn(hc, D, generator=g)),
-            "k_weight": _bf16(1 + 0.5 * torch.randn(hc, D, generator=g)), "token_mask": ~dead, "eps": EPS}
+            "k_weight": _bf16(1 + 0.5 * torch.randn(hc, D, generator=g)), "token_mask": ~dead, "eps": EPS, **mx}
 
 
 # (tag, cfg, lens, starts, extra, dist, seed, tier)
@@ -489,9 +574,16 @@ MEM_ROWS = [
     ("prefill", "tiny", (7, 6), (0, 20), {"layer": 1}, "outliers", 12, "fast"),
     ("prefill", "flash", (5, 3), (0, 11), {"dead": 0.1}, "normal", 13, "full"),
     ("prefill", "tiny", (600, 300), (0, 50), {"dead": 0.02, "last_rows": True}, "normal", 14, "full"),
+    # MXFP8 wkv (V4.1 checkpoints: 32x32 UE8M0 tiles)
+    ("decode", "tiny", (1, 1, 1, 1), (0, 3, 9, 40), {"mxfp8_wkv": True}, "normal", 20, "fast"),
+    ("prefill", "tiny", (2, 9, 5), (0, 0, 4), {"dead": 0.2, "mxfp8_wkv": True}, "normal", 21, "fast"),
+    ("prefill", "tiny", (7, 6), (0, 20), {"layer": 1, "mxfp8_wkv": True}, "outliers", 22, "fast"),
+    ("prefill", "flash", (5, 3), (0, 11), {"dead": 0.1, "mxfp8_wkv": True}, "normal", 23, "full"),
 ]
 for tag, cfg, lens, starts, extra, dist, seed, tier in MEM_ROWS:
     name = "-".join(k for k in ("dead", "last_rows", "layer") if k in extra) or "plain"
-    add(Case(f"engram.memory/{tag}/{cfg}/r{len(lens)}t{sum(lens)}/{name}/{dist}/s{seed}", "engram.memory",
+    mxw = ("mxfp8-wkv/" if extra.get("mxfp8_wkv") else "")
+    add(Case(f"engram.memory/{tag}/{cfg}/r{len(lens)}t{sum(lens)}/{mxw}{name}/{dist}/s{seed}", "engram.memory",
              _make_memory, dict({"cfg": cfg, "lens": lens, "starts": starts}, **extra), seed, dist,
-             (tag, "engram", "fp8-table") + (("long",) if tier == "full" else ()), tier=tier))
+             (tag, "engram", "fp8-table") + (("mxfp8-wkv",) if mxw else ())
+             + (("long",) if tier == "full" else ()), tier=tier))

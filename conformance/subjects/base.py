@@ -15,16 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..components import Streamed  # noqa: F401  (public: the Impl.fn of a streamed component)
+# public here: the Impl.fn of a streamed component, and the exception an Impl.fn raises for inputs it does not
+# support (defined with the registry, below the cases layer, so a case's emulation can raise it too)
+from ..components import Streamed, Unsupported  # noqa: F401
 
 
 class SubjectError(RuntimeError):
     """A subject cannot be used here (unknown name, missing package, wrong version, no device)."""
 
 
-class Unsupported(Exception):
-    """Raised by an ``Impl.fn`` for inputs the implementation does not support (e.g. a top-k the kernel has
-    no variant for). The case is reported "not provided" with this reason, never as a pass or an error."""
 
 
 @dataclass(frozen=True)

@@ -527,7 +527,8 @@ def _engram(platform: str) -> dict[str, list[Binding]]:
                       "triton", "the engram layers (engram_layer_ids), between the previous sublayer's mHC post "
                       "and the attention mHC pre (amd/model.py:341-358, nvidia/model.py:531-560); on CUDA with "
                       "DP-sharded tables EngramBatch stages MXFP8 wkv inputs instead (engram.py:1391-1510)",
-                      reason="no sim adapter: " + ENGRAM_WHY + "; wkv's MXFP8 linear is not in this component")
+                      reason="no sim adapter: " + ENGRAM_WHY + "; its wkv (an MXFP8 linear on V4.1 checkpoints, "
+                             "rows .../mxfp8-wkv/...) runs there as the harness's MXFP8 emulation")
     return {"engram.hash": [hash_row], "engram.memory": [mem_row]}
 
 

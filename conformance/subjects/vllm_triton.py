@@ -443,16 +443,35 @@ def make_routing_metadata(p: dict):
     return routing_metadata
 
 
+# Why no vLLM MXFP4 indexer-K writer runs here (vLLM 0.32.0; paths relative to site-packages/vllm)
+MXFP4_K_CACHE_WHY = (
+    "vLLM's MXFP4 indexer-K writers cannot be driven on a key: gfx950's is aiter's k_norm_rope_mxfp4_cache "
+    "(models/deepseek_v41/amd/rocm.py:375-415, shuffle=rocm_paged_mxfp4_cache_layout; aiter is not installed); the "
+    "Triton ones (models/deepseek_v41/common/ops/indexer_k_store.py:210-239 USE_FP4, "
+    "models/deepseek_v4/common/ops/fused_compress_quant_cache.py:896 _fused_kv_compress_norm_rope_insert_indexer_"
+    "mxfp4_attn) pack with PTX inline asm cvt.rn.satfinite.e2m1x2.f32 (models/deepseek_v4/common/ops/"
+    "fused_indexer_q.py:39-55: NVIDIA only, no interpreter), fuse k_norm + RoPE (+ pooling) before the quant, and on "
+    "ROCm with block_size > 1 refuse FP4 (indexer_k_store.py:80-86: 'MXFP4 indexer K cache has no tiled ROCm "
+    "layout')")
+
+
 def make_indexer_k_cache(p: dict):
-    def indexer_k_cache(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    def indexer_k_cache(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal",
+                        block_base=0):
         """vLLM's dedicated indexer-K pair, called through its wrappers with ``rocm_aiter_mla_sparse.FP8_DTYPE``
         the profile's fp8 dtype (the module reads it at import: the platform's on a device): the writer
         indexer_k_quant_and_cache_triton (one pow2 scale per token, scale_fmt "ue8m0", fmax 224 if IS_FNUZ else
         448; -1 slots skipped; SHUFFLE tiles since block_size > 1), then cp_gather_indexer_k_quant_cache_triton
         with its default layout (SHUFFLE), as rocm_aiter_sparse_attn_indexer pairs them when it inserts K. The
-        pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows."""
+        pool is the case's, viewed [blocks, block_size, 132] over its 576-aligned rows. High-block rows
+        (``block_base``): the pool holds ``block_base + rows`` blocks, a sparse file (``_sparse_pool``) past 2^31
+        bytes, the case's rows on top; slots and block ids go to the kernels global."""
         from .base import Unsupported
 
+        if layout in ("mxfp4", "mxfp4-gfx950"):
+            from ..cases.indexer_cache import GFX942_FP8_ONLY
+
+            raise Unsupported(GFX942_FP8_ONLY if p.get("fnuz") else MXFP4_K_CACHE_WHY)
         if p.get("src") is not None:   # vllm-triton-gpu: kernels from vLLM's source files, no vllm package
             raise Unsupported("this pair is called through vLLM's Python wrappers, imported from the installed vllm "
                               "package, which vllm-triton-gpu does not load (not in the source bundle)")
@@ -462,8 +481,12 @@ def make_indexer_k_cache(p: dict):
         import vllm.v1.attention.ops.rocm_aiter_mla_sparse as rams
 
         nb, stride = cache.shape
-        pool = cache.clone()
-        kv = pool.as_strided((nb, block_size, 132), (stride, 132, 1))
+        if block_base:
+            pool = _sparse_pool(block_base + nb, stride)
+            pool[block_base:] = cache
+        else:
+            pool = cache.clone()
+        kv = pool.as_strided((block_base + nb, block_size, 132), (stride, 132, 1))
         B = seq_lens.shape[0]
         M = int(seq_lens.sum())
         cu = torch.zeros(B + 1, dtype=torch.int32)
@@ -480,7 +503,9 @@ def make_indexer_k_cache(p: dict):
                 token_to_seq=torch.repeat_interleave(torch.arange(B, dtype=torch.int32), seq_lens.long()))
         finally:
             rams.FP8_DTYPE = old
-        return {"k": k_fp8.float() * k_scale.view(torch.float32), "cache": pool}
+        top = pool[block_base:].clone() if block_base else pool
+        del kv, pool
+        return {"k": k_fp8.float() * k_scale.view(torch.float32), "cache": top}
     return indexer_k_cache
 
 
@@ -554,11 +579,14 @@ def make_engram_hash(p: dict):
 
 
 def make_engram_memory(p: dict):
-    def engram_memory(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps):
+    def engram_memory(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps,
+                      wkv_scale=None):
         """ParallelEngramEmbedding.lookup's _engram_lookup_kernel (tp 1, unsorted, bf16 rows: the table viewed
         as torch.float8_e4m3fn, vLLM's dtype for it on every platform, so the profile does not change it), the
-        wkv GEMM as a bf16 torch matmul (fp32 accumulation, bf16 kv: harness code, see the component's scope),
-        then _fused_engram_post_wkv_kernel with Engram.forward's launch (one program per token x hc copy)."""
+        wkv GEMM as a bf16 torch matmul (fp32 accumulation, bf16 kv: harness code, see the component's scope;
+        MXFP8 wkv rows: the harness's emulation of the profile's V4.1 MXFP8 linear, cases.linear._mxfp8_serving,
+        since vLLM's MXFP8 kernels are aiter / FlashInfer ones), then _fused_engram_post_wkv_kernel with
+        Engram.forward's launch (one program per token x hc copy)."""
         import triton
 
         E = _engram_kernels(p)
@@ -575,7 +603,13 @@ def make_engram_memory(p: dict):
                 weight, table_scale.to(dev).contiguous(), ids, ids, rows, 0, table.shape[0], rows_n, ids.stride(0),
                 ids.stride(1), HEAD_START=0, LOCAL_HEADS=cols, TOTAL_HEADS=cols, DIM=hd, QUANT_BLOCK=32, BLOCK_R=16,
                 GRID=grid, SORTED=False, PACKED=False, OUT_STRIDE=rows.stride(0))
-        kv = (rows.reshape(T, -1).float() @ wkv.to(dev, BF).float().T).to(BF)
+        if wkv_scale is not None:
+            from ..cases.linear import _mxfp8_serving
+
+            kv = _mxfp8_serving("gfx942" if p["fnuz"] else "ocp", rows.reshape(T, -1).float().cpu(), wkv,
+                                wkv_scale)["y"].to(dev, BF)
+        else:
+            kv = (rows.reshape(T, -1).float() @ wkv.to(dev, BF).float().T).to(BF)
         x = stream.to(dev, BF).contiguous()
         out = torch.empty_like(x)
         qw, kw_ = q_weight.to(dev, BF).contiguous(), k_weight.to(dev, BF).contiguous()

@@ -2,11 +2,13 @@
 naming the component, the case, the worst element and what went wrong; the correct ones pass (reference and
 both emulations: test_subjects_and_suite.py runs every registered component)."""
 
+import functools
+
 import pytest
 import torch
 
 from conformance.cases import cases_for
-from conformance.cases.engram import _emulate_memory, engram_memory_golden
+from conformance.cases.engram import _emulate_memory, engram_memory_golden, wkv_weight
 from conformance.checks.numeric import run_numeric, worst_verdict
 from references.components.engram import engram_gate, engram_lookup
 
@@ -80,6 +82,17 @@ for _n, _f in list(globals().items()):
         _f.__name__ = _n
 
 
+def _bf16_wkv(fn):
+    """An engram.memory mutant on the MXFP8-wkv rows too: the weight dequantised exactly (wkv_weight) and passed
+    as a float wkv, so the mutant is broken only in its own way."""
+    @functools.wraps(fn)
+    def wrapped(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps, wkv_scale=None):
+        return fn(stream, hash_ids, table, table_scale, wkv_weight(wkv, wkv_scale), q_weight, k_weight, token_mask,
+                  eps=eps)
+    return wrapped
+
+
+@_bf16_wkv
 def memory_gate_missing(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps):
     # out = stream + value: the gate (and with it the mask) dropped
     rows = engram_lookup(hash_ids, table, table_scale)
@@ -88,10 +101,12 @@ def memory_gate_missing(stream, hash_ids, table, table_scale, wkv, q_weight, k_w
     return {"rows": rows, "out": stream.float() + kv[:, hc * D:].unsqueeze(1)}
 
 
+@_bf16_wkv
 def memory_mask_ignored(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps):
     return engram_memory_golden(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, None, eps=eps)
 
 
+@_bf16_wkv
 def memory_gate_without_signed_sqrt(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *,
                                     eps):
     # sigmoid(dot) instead of sigmoid(sign(dot) sqrt|dot|)
@@ -105,6 +120,7 @@ def memory_gate_without_signed_sqrt(stream, hash_ids, table, table_scale, wkv, q
     return {"rows": rows, "out": x + gate.unsqueeze(-1) * val}
 
 
+@_bf16_wkv
 def memory_table_read_as_fnuz(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps):
     # a gfx942 platform that "normalises" the engram table to its fp8 dtype: the OCP bytes read as fnuz
     rows = engram_lookup(hash_ids, table, table_scale, dialect="float8_e4m3fnuz").to(torch.bfloat16).float()
@@ -114,11 +130,40 @@ def memory_table_read_as_fnuz(stream, hash_ids, table, table_scale, wkv, q_weigh
     return {"rows": rows, "out": out.to(torch.bfloat16).float()}
 
 
+@_bf16_wkv
 def memory_scale_of_the_next_block(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *,
                                    eps):
     # each 32-value block scaled by its neighbour's UE8M0 byte (a misaligned scale read)
     return _emulate_memory("ocp")(stream, hash_ids, table, table_scale.roll(1, dims=1), wkv, q_weight, k_weight,
                                   token_mask, eps=eps)
+
+
+def _mx_only(fn):
+    @functools.wraps(fn)
+    def wrapped(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps, wkv_scale=None):
+        if wkv_scale is None:
+            from conformance.subjects import Unsupported
+
+            raise Unsupported("an MXFP8-wkv mutant: this row's wkv is bf16")
+        return fn(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, eps=eps,
+                  wkv_scale=wkv_scale)
+    return wrapped
+
+
+@_mx_only
+def memory_wkv_scale_per_128(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps,
+                             wkv_scale):
+    # the 32x32 UE8M0 grid of the V4.1 wkv read as V4's 128x128 blocks (scale[i // 128, j // 128])
+    w = wkv_weight(wkv, wkv_scale, scale_block=128).to(torch.bfloat16)
+    return _emulate_memory("ocp")(stream, hash_ids, table, table_scale, w, q_weight, k_weight, token_mask, eps=eps)
+
+
+@_mx_only
+def memory_wkv_read_as_fnuz(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps,
+                            wkv_scale):
+    # the OCP wkv codes decoded as e4m3fnuz (a gfx942 load path that "normalises" every FP8 weight)
+    w = wkv_weight(wkv, wkv_scale, dialect="float8_e4m3fnuz").to(torch.bfloat16)
+    return _emulate_memory("ocp")(stream, hash_ids, table, table_scale, w, q_weight, k_weight, token_mask, eps=eps)
 
 
 MUTANTS = [
@@ -132,6 +177,8 @@ MUTANTS = [
     ("engram.memory", memory_mask_ignored),
     ("engram.memory", memory_gate_without_signed_sqrt),
     ("engram.memory", memory_scale_of_the_next_block),
+    ("engram.memory", memory_wkv_scale_per_128),
+    ("engram.memory", memory_wkv_read_as_fnuz),
 ]
 MUTANTS_GFX942 = [("engram.memory", memory_table_read_as_fnuz)]
 
@@ -200,6 +247,24 @@ def test_table_read_as_fnuz_is_diagnosed_x0_5_and_nan_at_0x80():
 def test_masked_token_mutant_names_the_masked_token():
     for cid, rows in _verdicts("engram.memory", memory_mask_ignored).items():
         if "dead" in cid:
-            assert all(r.verdict == "fail" and "is masked (gate must be 0" in r.message for r in rows), cid
+            assert all(r.verdict in ("fail", "catastrophic") and "is masked (gate must be 0" in r.message
+                       for r in rows), cid
         else:
             assert all(r.verdict == "pass" for r in rows), cid
+
+
+@pytest.mark.parametrize("fn,says", [(memory_wkv_scale_per_128, "read as 128x128 blocks"),
+                                     (memory_wkv_read_as_fnuz, "read as e4m3fnuz")],
+                         ids=["scale_per_128", "read_as_fnuz"])
+def test_mxfp8_wkv_mutants_fail_every_mxfp8_row_with_the_wkv_diagnosis(fn, says):
+    """Each MXFP8-wkv mistake fails every fast MXFP8-wkv row (serving level), its diagnosis naming the mistake;
+    the bf16-wkv rows are not provided (they have no wkv scales)."""
+    v = _verdicts("engram.memory", fn)
+    assert sum("/mxfp8-wkv/" in c for c in v) == 3
+    for cid, rows in v.items():
+        if "/mxfp8-wkv/" not in cid:
+            assert [r.verdict for r in rows] == ["not-provided"], cid
+            continue
+        (r,) = [r for r in rows if r.level == "serving"]
+        assert r.verdict in ("fail", "catastrophic") and "wkv diagnosis: out matches the golden of" in r.message \
+            and says in r.message, (cid, r.message)

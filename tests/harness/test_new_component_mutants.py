@@ -3,6 +3,8 @@ attn.q_path, attn.kv_insert, mtp.head, indexer.k_cache) and issue #18 (indexer.k
 a deliberately broken implementation fails with a diagnosis naming the component, the case and the worst
 element, and the correct ones pass (the reference and both emulations: test_subjects_and_suite.py)."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,9 @@ import torch
 from conformance.cases import cases_for
 from conformance.cases.attention import attn_index_set
 from conformance.cases.head import embed_golden, lm_head_golden
-from conformance.cases.indexer_cache import K_FMAX, KCacheLayout, gather_slots
+from conformance.cases.indexer_cache import FP4_LAYOUTS, K_FMAX, KCacheLayout, gather_slots
+from conformance.cases.indexer_cache import _emulate as k_cache_emulate
+from conformance.cases.indexer_cache import relative as k_cache_relative
 from conformance.cases.linear import W_SPECS, fp8_linear_golden, quant_act_group
 from conformance.cases.linear import _emulate as linear_emulate
 from conformance.cases.mtp import mtp_head_golden
@@ -20,7 +24,7 @@ from conformance.cases.qkv import _pool_slots as kv_pool_slots
 from conformance.cases.qkv import _untouched as kv_untouched
 from conformance.cases.qkv import q_path_golden
 from conformance.checks.numeric import run_numeric, worst_verdict
-from conformance.subjects import Impl, SubjectInfo
+from conformance.subjects import Impl, SubjectInfo, Unsupported
 from references.components.attention import swa_indices
 from references.components.moe import shared_expert
 from references.components.norms import rms_norm, unweighted_rms_norm
@@ -268,6 +272,16 @@ def mtp_zeroes_every_position(**kw):
 
 
 # -- indexer.k_cache: writers and readers of the paged indexer-K pool, each broken in one way -----------------
+def _global_slots(fn):
+    """The mutant on the high-block rows too: slots / block ids made relative to the pool's row 0 exactly (int64),
+    so each mutant is broken only in its own way."""
+    @functools.wraps(fn)
+    def wrapped(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal", block_base=0):
+        sm, bt = k_cache_relative(slot_mapping, block_table, block_base, block_size, cache.shape[0])
+        return fn(k, sm, cache, bt, seq_lens, block_size=block_size, layout=layout)
+    return wrapped
+
+
 def _kc_write(pool, slot_mapping, codes, scales, lay, *, padding_slot=None):
     """Raw writes of (codes [N, 128], fp32 scales [N]), rows in order; -1 rows skipped unless ``padding_slot``
     says where they go."""
@@ -302,6 +316,8 @@ def _kc_quant(k, dialect, fmax, amax=None):
 
 def _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, *, dialect="float8_e4m3fn",
         fmax=448.0, write_dialect=None, per_block=False, padding_slot=None, scale_shift=0, neg_zero_0x80=False):
+    if layout in FP4_LAYOUTS:   # these mutants are FP8 writers/readers: the MXFP4 rows are not theirs
+        raise Unsupported("an FP8 indexer-K mutant: no MXFP4 pool")
     lay = KCacheLayout(block_size, layout)
     amax = None
     if per_block:   # one scale per 64-slot block: the amax over every key written to the block
@@ -317,35 +333,144 @@ def _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, *, di
     return {"k": _kc_read(pool, read, lay, dialect, scale_shift=scale_shift), "cache": pool}
 
 
+@_global_slots
 def k_cache_scale_per_block(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, per_block=True)
 
 
+@_global_slots
 def k_cache_padding_row_to_slot0(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, padding_slot=0)
 
 
+@_global_slots
 def k_cache_scale_read_at_next_entry(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                      layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, scale_shift=1)
 
 
+@_global_slots
 def k_cache_ocp_bytes_read_as_fnuz(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
     # the DSV4 compressor's store on gfx942 (float8e4nv, 448) read by the fnuz gather: spec 4.1, x0.5
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, dialect="float8_e4m3fnuz",
                fmax=K_FMAX["gfx942"], write_dialect="float8_e4m3fn")
 
 
+@_global_slots
 def k_cache_fnuz_writer_emitting_0x80(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                       layout="normal"):
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, dialect="float8_e4m3fnuz",
                fmax=K_FMAX["gfx942"], neg_zero_0x80=True)
 
 
+@_global_slots
 def k_cache_block_flat_on_shuffle_pool(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
                                        layout="normal"):
     # writer and reader agree with each other, but always lay the values out block-flat
+    if layout in FP4_LAYOUTS:
+        raise Unsupported("an FP8 indexer-K mutant: no MXFP4 pool")
     return _kc(k, slot_mapping, cache, block_table, seq_lens, block_size, "normal")
+
+
+# -- indexer.k_cache, MXFP4 pools: writers and readers each broken in one way (FP8 rows: not provided) ----------
+def _mx_quant(k, block=32):
+    """(e2m1 nibbles [N, 128] uint8, pow2 scales [N, 128 / block] float64): the spec's rule at ``block``."""
+    from references.formats.minifloat import FLOAT4_E2M1FN
+
+    x = k.double().reshape(k.shape[0], -1, block)
+    a = x.abs().amax(-1, keepdim=True).clamp(min=6.0 * 2.0**-126)
+    s = torch.exp2(torch.ceil(torch.log2(a / 6.0)))
+    nib = FLOAT4_E2M1FN.encode((x / s).numpy(), saturate=True).reshape(k.shape[0], -1)
+    return torch.from_numpy(nib.astype("uint8")), s.reshape(k.shape[0], -1)
+
+
+def _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, *, swap=False, block=32, bias=127,
+        read_bias=127, read_layout=None):
+    if layout not in FP4_LAYOUTS:
+        raise Unsupported("an MXFP4 indexer-K mutant: no FP8 pool")
+    from references.formats.minifloat import FLOAT4_E2M1FN
+
+    lay, rlay = KCacheLayout(block_size, layout), KCacheLayout(block_size, read_layout or layout)
+    nib, s = _mx_quant(k, block)
+    lo, hi = (1, 0) if swap else (0, 1)
+    packed = (nib[:, lo::2] | (nib[:, hi::2] << 4)).to(torch.uint8)
+    sb = (torch.log2(s).round().long() + bias).to(torch.uint8)      # one byte per block (8 for block 16)
+    nsc = sb.shape[1]
+    pool = cache.clone()
+    for i, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            b, o = divmod(slot, block_size)
+            pool[b, lay.value_cols(o)] = packed[i]
+            if nsc == 4:
+                pool[b, lay.scale_cols(o)] = sb[i]
+            else:   # per-16 scales: 8 bytes an entry, block-flat from the scale region (the next entry's clobbered)
+                pool[b, lay.scale_region + o * nsc + torch.arange(nsc)] = sb[i]
+    out = []
+    for slot in gather_slots(block_table, seq_lens, block_size).tolist():
+        b, o = divmod(slot, block_size)
+        v = pool[b, rlay.value_cols(o)]
+        n = torch.stack(((v >> 4), (v & 0xF)) if swap else ((v & 0xF), (v >> 4)), -1).reshape(-1)
+        sc = pool[b, rlay.scale_cols(o)] if nsc == 4 else pool[b, lay.scale_region + o * nsc + torch.arange(nsc)]
+        e = torch.exp2(sc.double() - read_bias)
+        e = torch.where(sc == 0xFF, torch.full_like(e, float("nan")), e)
+        out.append(torch.from_numpy(FLOAT4_E2M1FN.decode(n.numpy())).reshape(-1, block) * e[:, None])
+    return {"k": (torch.stack(out).reshape(-1, 128) if out else torch.empty(0, 128)).float(), "cache": pool}
+
+
+@_global_slots
+def k_cache_fp4_nibbles_swapped(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    # writer and reader agree: the even element in the high nibble (spec, vLLM: low nibble first)
+    return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, swap=True)
+
+
+@_global_slots
+def k_cache_fp4_scale_per_16(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal"):
+    # one UE8M0 scale per 16 values (NVFP4's block) instead of 32: 8 scale bytes an entry, reader consistent
+    return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, block=16)
+
+
+@_global_slots
+def k_cache_fp4_shuffled_read_as_block_flat(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
+                                            layout="normal"):
+    # the right writer for the pool's layout; the reader always gathers block-flat (the CUDA/references order)
+    return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, read_layout="mxfp4")
+
+
+@_global_slots
+def k_cache_fp4_scale_read_bias_128(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
+                                    layout="normal"):
+    # the right bytes; the reader decodes the UE8M0 byte as 2^(b - 128)
+    return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, read_bias=128)
+
+
+@_global_slots
+def k_cache_fp4_scale_written_bias_128(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64,
+                                       layout="normal"):
+    # writer and reader agree on 2^(b - 128): the keys round-trip, the scale bytes are one too high
+    return _mx(k, slot_mapping, cache, block_table, seq_lens, block_size, layout, bias=128, read_bias=128)
+
+
+def k_cache_int32_block_offset(k, slot_mapping, cache, block_table, seq_lens, *, block_size=64, layout="normal",
+                               block_base=0):
+    # the writer computes block_id * block_stride in int32 (vLLM's casts the block id to int64 first,
+    # rocm_aiter_mla_sparse.py:143-145): past 2^31 bytes the offset wraps negative, before the pool: the write is
+    # lost (modelled as nothing written); the reader (int64) then gathers the pool's old bytes. Below 2^31: exact.
+    kw = dict(k=k, slot_mapping=slot_mapping, cache=cache, block_table=block_table, seq_lens=seq_lens,
+              block_size=block_size, layout=layout, block_base=block_base)
+    out = k_cache_emulate("ocp")(**kw)
+    lay = KCacheLayout(block_size, layout)
+    sm = slot_mapping.long()
+    off = torch.where(sm >= 0, sm // block_size, 0) * lay.block_stride
+    lost = (sm >= 0) & (((off + 2**31) % 2**32 - 2**31) != off)
+    if not lost.any():
+        return out
+    rel, bt = k_cache_relative(slot_mapping, block_table, block_base, block_size, cache.shape[0])
+    pool = out["cache"]
+    for s_ in rel[lost].tolist():
+        b, o = divmod(s_, block_size)
+        for cols in (lay.value_cols(o), lay.scale_cols(o)):
+            pool[b, cols] = cache[b, cols]
+    return {"k": lay.read(pool, gather_slots(bt, seq_lens, block_size), "float8_e4m3fn"), "cache": pool}
 
 
 # -- indexer.k_latent (V4.1): the index key from the compressor latent, each broken in one way --------------------
@@ -543,6 +668,12 @@ MUTANTS = [
     ("indexer.k_cache", k_cache_padding_row_to_slot0),
     ("indexer.k_cache", k_cache_scale_read_at_next_entry),
     ("indexer.k_cache", k_cache_block_flat_on_shuffle_pool),
+    ("indexer.k_cache", k_cache_fp4_nibbles_swapped),
+    ("indexer.k_cache", k_cache_fp4_scale_per_16),
+    ("indexer.k_cache", k_cache_fp4_shuffled_read_as_block_flat),
+    ("indexer.k_cache", k_cache_fp4_scale_read_bias_128),
+    ("indexer.k_cache", k_cache_fp4_scale_written_bias_128),
+    ("indexer.k_cache", k_cache_int32_block_offset),
     ("indexer.k_latent", k_latent_without_k_norm),
     ("indexer.k_latent", k_latent_rope_at_token_position),
     ("indexer.k_latent", k_latent_from_rotated_latent),
@@ -659,7 +790,8 @@ def test_mtp_mutants_fail_on_every_case_the_embedding_reaches():
 
 
 def _kc_rows(fn):
-    return {cid: rows for cid, rows in _verdicts("indexer.k_cache", fn).items()}
+    """The FP8 rows (the MXFP4 rows are not provided by these FP8 mutants)."""
+    return {cid: rows for cid, rows in _verdicts("indexer.k_cache", fn).items() if "/mxfp4" not in cid}
 
 
 def test_k_cache_ocp_bytes_read_as_fnuz_is_diagnosed_x0_5():
@@ -699,6 +831,71 @@ def test_k_cache_self_consistent_block_flat_pair_fails_only_the_shuffle_rows():
         assert all(r.verdict in want for r in rows), (cid, [r.message for r in rows])
         for r in rows:
             assert r.extra["outputs"]["k"] == "pass", cid
+
+
+def _mx_rows(fn):
+    """The MXFP4 rows (the FP8 rows are not provided by the MXFP4 mutants, and say so)."""
+    v = _verdicts("indexer.k_cache", fn)
+    for cid, rows in v.items():
+        if "/mxfp4" not in cid:
+            assert [r.verdict for r in rows] == ["not-provided"] and "no FP8 pool" in rows[0].message, cid
+    return {cid: [r for r in rows if r.level == "serving"] for cid, rows in v.items() if "/mxfp4" in cid}
+
+
+def _out(r, name):
+    return r.extra["outputs"][name]
+
+
+def test_fp4_nibble_swap_is_caught_on_the_bytes_with_its_diagnosis():
+    """A writer/reader pair that packs the even element high: the keys round-trip; the bytes, decoded by the
+    spec's layout, fail on every MXFP4 row, diagnosed as the nibble order."""
+    rows = _mx_rows(k_cache_fp4_nibbles_swapped)
+    assert len(rows) == 10      # 8 MXFP4 rows + 2 high-block ones
+    for cid, (r,) in rows.items():
+        assert _out(r, "k") == "pass" and _out(r, "cache.values") in ("fail", "catastrophic"), (cid, r.message)
+        assert "MXFP4 diagnosis: E2M1 nibble order swapped" in r.message, r.message
+
+
+def test_fp4_scale_per_16_is_caught_with_its_diagnosis():
+    for cid, (r,) in _mx_rows(k_cache_fp4_scale_per_16).items():
+        assert r.verdict in ("fail", "catastrophic") and _out(r, "cache.values") != "pass", (cid, r.message)
+        assert "one scale per 16 values" in r.message, (cid, r.message)
+
+
+def test_fp4_shuffled_page_read_block_flat_fails_exactly_the_gfx950_rows():
+    for cid, (r,) in _mx_rows(k_cache_fp4_shuffled_read_as_block_flat).items():
+        if "/mxfp4-gfx950" in cid:
+            assert _out(r, "k") in ("fail", "catastrophic"), (cid, r.message)
+            assert "gfx950 shuffled pool read block-flat" in r.message, (cid, r.message)
+        else:
+            assert r.verdict == "pass", (cid, r.message)
+
+
+def test_fp4_scale_byte_read_with_bias_128_is_diagnosed_x0_5():
+    for cid, (r,) in _mx_rows(k_cache_fp4_scale_read_bias_128).items():
+        assert _out(r, "k") in ("fail", "catastrophic") and _out(r, "cache.values") == "pass", (cid, r.message)
+        assert "every value x0.5 of the emulation's: the UE8M0 scale byte decoded with bias 128" in r.message, r.message
+
+
+def test_fp4_scale_byte_written_with_bias_128_is_caught_on_the_bytes():
+    for cid, (r,) in _mx_rows(k_cache_fp4_scale_written_bias_128).items():
+        assert _out(r, "k") == "pass" and _out(r, "cache.values") in ("fail", "catastrophic"), (cid, r.message)
+        assert "exponent stored with bias 128 instead of 127" in r.message, r.message
+
+
+def test_k_cache_int32_block_offset_fails_exactly_the_rows_past_2_31_bytes():
+    """Block ids from 466,100 put block_id * block_stride in [2^31, 2^32) (FP8 and MXFP4 strides): an int32 offset
+    loses those writes; every other row (offsets below 2^31) is the emulation itself and passes."""
+    v = _verdicts("indexer.k_cache", k_cache_int32_block_offset)
+    assert sum("-high-block/" in c for c in v) == 4
+    for cid, rows in v.items():
+        if "-high-block/" in cid:
+            assert all(r.verdict in ("fail", "catastrophic") for r in rows), (cid, [r.message for r in rows])
+            (r,) = [r for r in rows if r.level == "serving"]
+            assert _out(r, "k") != "pass" and _out(r, "cache.values") != "pass", (cid, r.message)
+            assert "exactly the slots whose byte offset block_id * block_stride passes 2^31" in r.message, r.message
+        else:
+            assert all(r.verdict == "pass" for r in rows), (cid, [r.message for r in rows])
 
 
 def index_set_padded_to_256(positions, topk_idx=None, *, layer_type, ratio, window=128):

@@ -54,6 +54,10 @@ def test_reference_and_emulated_pass_every_case():
             if "long" in c.tags:
                 continue
             rows = run_numeric(s, c)
+            if name == "emulated:gfx942" and "mxfp4" in c.tags:   # gfx942 has no MXFP4 indexer cache: said so
+                assert [r.verdict for r in rows] == ["not-provided"], [r.message for r in rows]
+                assert "gfx942 uses the FP8 indexer cache" in rows[0].message, rows[0].message
+                continue
             assert all(r.verdict == "pass" for r in rows), [r.message for r in rows]
 
 

@@ -2,6 +2,7 @@
 kernel has (no request crosses another, chunked = whole, dead tokens block), the layout, the exact FP8 row
 decode in both dialects, the gate's mask, and the fp32 golden within its derived bound of fp64."""
 
+import pytest
 import torch
 
 from conformance.cases.engram import TINY, hash_inputs, layout, memory_bound, table_bytes
@@ -132,3 +133,46 @@ def test_fp32_golden_within_its_derived_bound_of_fp64():
                                     q_weight=kw["q_weight"].double(), k_weight=kw["k_weight"].double()))["out"]
         bound = memory_bound(kw, "fp64")
         assert bool(((got - want).abs() <= bound).all()), float(((got - want).abs() / bound).max())
+
+
+# -- MXFP8 wkv rows ------------------------------------------------------------------------------------------------
+def _mx_case(seed_id="engram.memory/prefill/tiny/r2t13/mxfp8-wkv/layer/outliers/s22"):
+    from conformance.cases import cases_for
+
+    (c,) = [c for c in cases_for("engram.memory") if c.id == seed_id]
+    return c.make_inputs()
+
+
+def test_wkv_weight_hand_checked():
+    """0x38 is 1.0 in e4m3fn (exponent 7 - bias 7, mantissa 0) and 0.5 in e4m3fnuz (bias 8); byte 128 = 2^1.
+    A 32x32 tile (i, j) takes byte (i, j); read as 128x128 blocks, every tile of rows/cols < 128 takes byte (0, 0)."""
+    from conformance.cases.engram import wkv_weight
+
+    codes = torch.full((64, 64), 0x38, dtype=torch.uint8)
+    sc = torch.tensor([[128, 126], [129, 127]], dtype=torch.uint8)
+    w = wkv_weight(codes, sc)
+    assert w[0, 0] == 2.0 and w[0, 32] == 0.5 and w[32, 0] == 4.0 and w[63, 63] == 1.0
+    assert torch.equal(wkv_weight(codes, sc, scale_block=128), torch.full((64, 64), 2.0))
+    assert torch.equal(wkv_weight(codes, sc, dialect="float8_e4m3fnuz"), w / 2)
+    with pytest.raises(ValueError, match="one byte per 32x32 tile"):
+        wkv_weight(codes, sc[:1])
+
+
+def test_mxfp8_activation_quant_of_the_table_rows_is_exact():
+    """The bound's premise (cases.engram docstring): 1x32 MXFP8 quantisation (mxfp8_utils' rule) of the looked-up
+    rows returns them unchanged, since they already are e4m3fn codes x one UE8M0 scale per aligned 32 values."""
+    from conformance.cases.linear import MX_ACT
+    from references.formats.blockscale import dequantize_fp8, quantize_fp8
+
+    kw = _mx_case()
+    rows = engram_lookup(kw["hash_ids"], kw["table"], kw["table_scale"]).reshape(kw["hash_ids"].shape[0], -1)
+    assert torch.equal(dequantize_fp8(*quantize_fp8(rows, MX_ACT), MX_ACT), rows)
+
+
+def test_mxfp8_golden_is_the_bf16_golden_of_the_dequantised_weight():
+    from conformance.cases.engram import engram_memory_golden, wkv_weight
+
+    kw = _mx_case()
+    a = engram_memory_golden(**kw)
+    b = engram_memory_golden(**dict(kw, wkv=wkv_weight(kw["wkv"], kw["wkv_scale"]), wkv_scale=None))
+    assert torch.equal(a["out"], b["out"]) and torch.equal(a["rows"], b["rows"])
