@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import (  # noqa: F401,E402
     attention,
     compressor,
+    dspark,
     engram,
     formats,
     head,

