@@ -41,11 +41,11 @@ import torch
 from references.components.dspark import (
     TAP_VARIANTS,
     confidence,
-    tap_stream_index,
     dspark_block,
     dspark_main_x,
     dspark_taps,
     markov_chain,
+    tap_stream_index,
 )
 from references.components.norms import rms_norm
 from references.formats.blockscale import dequantize_fp8
