@@ -23,7 +23,9 @@ Versions (``DSV4Config.version``):
     ``:1265-1268``; ``nvidia/model.py:711-723``).
   - Engram on ``engram_layer_ids`` with ``engram_*`` sizes (``common/engram.py:8``, ``:218-243``).
   - a bundled DSpark draft head: ``dspark_target_layer_ids``, ``dspark_markov_rank``, ``dspark_n_routed_experts``,
-    ``dspark_num_experts_per_tok`` (``nvidia/dspark.py:83``, ``:148-154``; ``nvidia/model.py:136-142``).
+    ``dspark_num_experts_per_tok`` (``nvidia/dspark.py:83``, ``:148-154``; ``nvidia/model.py:136-142``),
+    ``dspark_block_size`` (``config/speculative.py:1483-1490``: the default ``num_speculative_tokens``) and
+    ``dspark_noise_token_id`` (``v1/worker/gpu/spec_decode/utils.py:92-115``); docs/dspark.md.
   - no hash routing: vLLM builds every V4.1 MoE with ``num_hash_layers=0`` (``nvidia/model.py:149``,
     ``amd/model.py:102-114``), so ``is_hash_layer`` is False for V4.1 whatever ``num_hash_layers`` says.
   - dense FP8 linears with 32x32 UE8M0 weight-scale blocks (``quantization_config.weight_block_size`` [32, 32],
@@ -130,6 +132,8 @@ class DSV4Config:
     dspark_markov_rank: int = 0
     dspark_n_routed_experts: int = 0
     dspark_num_experts_per_tok: int = 0
+    dspark_block_size: int = 0          # draft block width N (v1/worker/gpu/spec_decode/dspark/speculator.py:46-55)
+    dspark_noise_token_id: int = -1     # the block's fill token (v1/worker/gpu/spec_decode/utils.py:92-115)
     vision_n_layers: int = 0   # only whether a vision tower exists (it adds ffn.gate.bias_vl); not modelled
 
     def __post_init__(self):
@@ -327,6 +331,11 @@ def _validate_v41(c: DSV4Config) -> None:
              f"must be in [1, dspark_n_routed_experts={c.dspark_n_routed_experts}], got "
              f"{c.dspark_num_experts_per_tok}")
     _req(c.dspark_markov_rank >= 0, "dspark_markov_rank", f"must be >= 0, got {c.dspark_markov_rank}")
+    _req(c.dspark_block_size >= 0, "dspark_block_size", f"must be >= 0, got {c.dspark_block_size}")
+    if c.dspark_block_size:
+        _req(0 <= c.dspark_noise_token_id < c.vocab_size, "dspark_noise_token_id",
+             f"must be a token id in [0, vocab_size={c.vocab_size}) when dspark_block_size is set, got "
+             f"{c.dspark_noise_token_id}")
 
 
 def _flash_ratios() -> tuple[int, ...]:

@@ -34,7 +34,7 @@ _V41_PLAIN = ("kv_source_layer_ids", "index_source_layer_ids", "candidate_source
               "candidate_topk_blocks", "candidate_block_size", "engram_layer_ids", "engram_num_embeddings",
               "engram_max_ngram_size", "engram_n_heads", "engram_head_dim", "engram_compressed_vocab_size",
               "engram_pad_token_id", "engram_vocab_size", "dspark_target_layer_ids", "dspark_markov_rank",
-              "dspark_n_routed_experts", "dspark_num_experts_per_tok")
+              "dspark_n_routed_experts", "dspark_num_experts_per_tok", "dspark_block_size", "dspark_noise_token_id")
 _V41_TUPLES = {"kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
                "dspark_target_layer_ids"}
 
