@@ -562,16 +562,18 @@ def _dspark(platform: str) -> dict[str, list[Binding]]:
                    "InputBatch / block tables (drivable under the interpreter, not adapted yet); the pieces are "
                    "driven one by one by linear.fp8_block and norm.rms")],
         "dspark.markov": [Binding(
-            DSPEC + "dspark.speculator.DSparkSpeculator._sample_sequential -> " + V
-            + "model_executor.models.qwen3_dspark.DSparkMarkovHead.embed / .bias (LogitsProcessor -> "
-            + gemm + ") + DSparkConfidenceHead.forward", "torch",
+            DSPEC + "dspark.speculator.DSparkSpeculator._sample_sequential / _sample_logits -> " + model.replace(
+                "DSparkDeepseekV4Model", "DSparkDeepseekV4ForCausalLM") + ".markov_embed / markov_bias / "
+            "compute_confidence (" + V + "model_executor.models.qwen3_dspark.DSparkMarkovHead.embed / .bias, "
+            "LogitsProcessor -> " + gemm + ", DSparkConfidenceHead.forward)", "torch",
             "every DSpark draft step without dspark_draft_topk (the V4 / V4.1 draft models have no "
             "apply_markov_bias_gathered, so the top-k path is Qwen3 only); greedy when the request needs no "
             "draft probabilities (draft_logits None: argmax), else gumbel_sample",
-            reason="no adapter: _sample_sequential is a method of a speculator built from a speculative "
-                   "VllmConfig on a device (DraftModelSpeculator.__init__ allocates its buffers there); the bias "
-                   "GEMM is " + gemm + "; the emulation follows the torch code (bf16 rows, bf16 GEMM, bf16 add, "
-                   "fp32 confidence)")],
+            **(dict(adapter="dspark_markov",
+                    runs=("_sample_sequential", "_sample_logits", "markov_embed", "markov_bias", "compute_confidence",
+                          "rocm_unquantized_gemm")) if amd else
+               dict(reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA); vllm:sim-<arch> drives the same "
+                           "torch code (the speculator and heads are platform-independent but for the bias GEMM)")))],
     }
 
 
