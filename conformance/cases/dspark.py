@@ -21,7 +21,7 @@ W1[prev_k]), ``tokens [B, N]`` (exact; greedy), ``confidence [B, N]``.
 Serving emulation (vLLM 0.32.0, paths relative to site-packages/vllm; no DSpark path differs by FP8 dialect
 except main_proj on native-MX platforms):
   * taps: bf16 streams, ``mhc_post(...).mean(dim=1)`` in bf16 (fp32 accumulation, bf16 result;
-    deepseek_v41/amd/model.py:667-673; NVIDIA: fused into mhc_shifted_post_pre, nvidia/model.py:566-591),
+    deepseek_v41/amd/model.py:667-673; NVIDIA: fused into mhc_shifted_post_pre, nvidia/model.py:565-591),
     ``torch.cat`` (dflash/speculator.py:383-386);
   * main_proj: ``ReplicatedLinear(quant_config=...)`` (nvidia/dspark.py:102-109): V4.1 32x32 -> MXFP8
     (linear.fp8_block's ``wb32`` emulation: gfx942 a bf16 GEMM, ocp MXFP8 activations), V4 -> block FP8 128

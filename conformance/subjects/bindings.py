@@ -545,7 +545,7 @@ def _dspark(platform: str) -> dict[str, list[Binding]]:
     model = DSP + ("amd" if amd else "nvidia") + ".dspark.DSparkDeepseekV4Model"
     taps = (DSP + ("amd.model.DeepseekV4Model.forward (mhc_post + mean(dim=1) at idx + 1 in aux_hidden_state_layers, "
                    "amd/model.py:667-673)" if amd else
-                   "nvidia.model (mhc_shifted_post_pre capture_aux, nvidia/model.py:566-591, 1103-1157)"))
+                   "nvidia.model (mhc_shifted_post_pre capture_aux, nvidia/model.py:565-591, 1103-1157)"))
     gemm = ("rocm_unquantized_gemm (compiled wvSplitK skinny GEMMs at small batch)" if amd else
             "a cuBLAS bf16 GEMM")
     return {
