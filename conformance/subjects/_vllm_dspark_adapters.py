@@ -1,5 +1,6 @@
 """Adapters that drive vLLM 0.32.0's DSpark draft-head code with the goldens' inputs on the CPU (paths relative to
-site-packages/vllm). Used by ``vllm:sim-<arch>`` (``vllm_sim.ADAPTERS``).
+site-packages/vllm). Used by ``vllm:sim-<arch>`` (``vllm_sim.ADAPTERS``: dspark.markov) and ``vllm-triton:<profile>``
+(``vllm_triton.KERNELS``: dspark.input's block construction, a Triton kernel).
 
 ``dspark.markov``: the V2 runner's sequential stage ``DSparkSpeculator._sample_sequential``
 (``v1/worker/gpu/spec_decode/dspark/speculator.py:156-199``) and the ``_sample_logits`` it calls (``:116-126``,
@@ -91,3 +92,69 @@ def make_dspark_markov(p: dict):
         return {"logits": torch.stack(logits, 1), "tokens": spec.draft_tokens.clone(),
                 "confidence": spec.draft_token_confidence_probs.clone()}
     return dspark_markov
+
+
+def launch_prepare_dflash_inputs(kernel, context_positions, query_start_loc, num_rejected, anchor, *, block_size,
+                                 noise_token_id, max_model_len, cache_block=64):
+    """vLLM's ``_prepare_dflash_inputs_kernel`` launched as ``prepare_dflash_inputs`` launches it for DSpark
+    (``v1/worker/gpu/spec_decode/dflash/speculator.py:733-815``: grid (requests, cdiv(max ctx + N, BLOCK)), BLOCK
+    = min(256, next_pow2(max ctx + N)), ``SAMPLE_FROM_ANCHOR=True``, ``num_query_per_req = num_speculative_steps =
+    N``, CP 1) on one batch: every request has sampled (``num_sampled`` 1: the anchor is ``last_sampled``), a block
+    table of distinct non-null blocks (ids 1..) covering ``max_model_len``. -> (input_ids [B N], positions [B N])."""
+    import triton
+
+    B = anchor.shape[0]
+    N = int(block_size)
+    T = int(context_positions.shape[0])
+    lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    max_tokens = max(lens) + N
+    blk = min(256, triton.next_power_of_2(max(1, max_tokens)))
+    n_blocks = triton.cdiv(max_tokens, blk)
+    nq = B * N
+    i32, i64 = dict(dtype=torch.int32), dict(dtype=torch.int64)
+    stride = triton.cdiv(int(max_model_len), cache_block) + 1
+    block_table = (torch.arange(B * stride, **i32).view(B, stride) + 1).contiguous()
+    out = dict(ids=torch.zeros(nq, **i32), pos=torch.zeros(nq, **i64), qsl=torch.zeros(B + 1, **i32),
+               seq_lens=torch.zeros(B, **i32), q_slots=torch.zeros(nq, **i64), c_pos=torch.zeros(T, **i64),
+               c_slots=torch.zeros(T, **i64), s_idx=torch.zeros(nq, **i64), s_pos=torch.zeros(nq, **i64),
+               s_map=torch.zeros(nq, **i64), temp=torch.zeros(B, dtype=torch.float32), seeds=torch.zeros(B, **i64))
+    kernel[(B, n_blocks)](
+        out["ids"], out["pos"], out["qsl"], out["seq_lens"], out["q_slots"], out["c_pos"], out["c_slots"],
+        out["s_idx"], out["s_pos"], out["s_map"], out["temp"], out["seeds"],
+        context_positions.to(torch.int64).contiguous(), query_start_loc.to(torch.int32).contiguous(),
+        torch.arange(B, **i32), anchor.to(torch.int64).contiguous(), torch.zeros(B, **i64), torch.ones(B, **i32),
+        num_rejected.to(torch.int32).contiguous(), torch.ones(B, dtype=torch.float32), torch.zeros(B, **i64),
+        block_table, block_table.stride(0), int(noise_token_id), cache_block, N, N, B, nq, int(max_model_len), 0,
+        SAMPLE_FROM_ANCHOR=True, PAD_SLOT_ID=-1, CP_SIZE=1, CP_INTERLEAVE=1, BLOCK_SIZE=blk)
+    return out["ids"].long(), out["pos"]
+
+
+def make_dspark_input(p: dict):
+    profile = "gfx942" if p.get("fnuz") else "ocp"
+
+    def dspark_input(streams, anchor, context_positions, query_start_loc, num_rejected, main_proj, main_proj_scale,
+                     main_norm, embed_table, *, target_layer_ids, block_size, noise_token_id, norm_eps, hc_mult=4,
+                     variant="v4.1", weight_block=32, max_model_len=1048576):
+        """The query block (ids, positions) from vLLM's ``_prepare_dflash_inputs_kernel`` under the interpreter
+        (``launch_prepare_dflash_inputs``); ``main_x`` and ``X0`` by the harness's serving chain (the case module's
+        emulation of the profile: vLLM computes the taps inside the target's forward and ``main_x`` inside the
+        draft model, neither callable alone)."""
+        from ..cases.dspark import _emulate_input
+        from .base import Unsupported
+
+        if p.get("src") is not None:
+            raise Unsupported("the DSpark block kernel is taken from the installed vllm package, which "
+                              "vllm-triton-gpu does not load")
+        from vllm.v1.worker.gpu.spec_decode.dflash.speculator import _prepare_dflash_inputs_kernel
+
+        out = _emulate_input(profile)(streams, anchor, context_positions, query_start_loc, num_rejected, main_proj,
+                                      main_proj_scale, main_norm, embed_table, target_layer_ids=target_layer_ids,
+                                      block_size=block_size, noise_token_id=noise_token_id, norm_eps=norm_eps,
+                                      hc_mult=hc_mult, variant=variant, weight_block=weight_block,
+                                      max_model_len=max_model_len)
+        ids, pos = launch_prepare_dflash_inputs(_prepare_dflash_inputs_kernel, context_positions, query_start_loc,
+                                                num_rejected, anchor, block_size=block_size,
+                                                noise_token_id=noise_token_id, max_model_len=max_model_len)
+        X0 = embed_table.to(BF).float()[ids].unsqueeze(-2).expand(-1, hc_mult, -1).contiguous()
+        return {"main_x": out["main_x"], "ids": ids, "positions": pos, "X0": X0}
+    return dspark_input

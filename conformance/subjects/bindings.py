@@ -558,9 +558,9 @@ def _dspark(platform: str) -> dict[str, list[Binding]]:
             "EmulationMxfp8LinearKernel)",
             reason="no adapter: the taps are computed inside the target model's forward and main_x inside "
                    "combine_hidden_states of the draft model, and " + _DSP_SPEC_WHY + "; the block "
-                   "construction is the Triton _prepare_dflash_inputs_kernel, which needs "
-                   "InputBatch / block tables (drivable under the interpreter, not adapted yet); the pieces are "
-                   "driven one by one by linear.fp8_block and norm.rms")],
+                   "construction is the Triton _prepare_dflash_inputs_kernel (vllm-triton:<profile> drives it, with "
+                   "main_x by the harness); main_proj and main_norm are driven one by one by linear.fp8_block and "
+                   "norm.rms")],
         "dspark.markov": [Binding(
             DSPEC + "dspark.speculator.DSparkSpeculator._sample_sequential / _sample_logits -> " + model.replace(
                 "DSparkDeepseekV4Model", "DSparkDeepseekV4ForCausalLM") + ".markov_embed / markov_bias / "

@@ -161,8 +161,9 @@ NAMES = {
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
     # V4.1 indexer: vllm-triton and vllm:sim only (vLLM's CPU build has no DeepSeek-V4.1 attention layer)
     "indexer.k_latent": "k_latent", "indexer.topk_two_level": "topk_two_level",
-    # DSpark draft head: no adapter on any subject yet (bindings._dspark says why per platform)
-    "dspark.input": None, "dspark.markov": None,
+    # DSpark draft head: vllm-triton drives dspark.input's block kernel (vllm_triton.KERNELS["dspark_input"]);
+    # dspark.markov is bound by vllm:sim only (bindings._dspark; its torch code has no Triton kernel)
+    "dspark.input": "dspark_input", "dspark.markov": None,
 }
 # why the CPU build binds nothing for a component with no CPU candidate, where more can be said than "no adapter"
 _V41_CPU = ("the CPU build has no DeepSeek-V4.1 path: models/deepseek_v41/__init__.py:9-14 imports the NVIDIA model "

@@ -57,3 +57,36 @@ def test_planted_markov_embedding_off_by_one_is_caught(sim, monkeypatch):
             bad = [r for r in rows if r.verdict in ("fail", "catastrophic")]
             assert any("logits:" in r.message and case.id in r.message for r in bad), [r.message for r in bad]
     assert caught
+
+
+@pytest.fixture(scope="module")
+def triton_subject():
+    try:
+        return load_subject("vllm-triton:gfx942")
+    except SubjectError as e:
+        pytest.skip(f"vllm-triton subject unavailable in this process: {e}")
+
+
+FAST_INPUT = [c for c in cases_for("dspark.input") if c.tier == "fast"]
+
+
+def test_vllm_triton_block_kernel_passes_every_fast_case(triton_subject):
+    impl = triton_subject.provides()["dspark.input"]
+    assert "_prepare_dflash_inputs_kernel" in impl.function
+    for case in FAST_INPUT:
+        rows = run_numeric(triton_subject, case)
+        assert worst_verdict(rows) == "pass", (case.id, [r.message for r in rows if r.verdict != "pass"])
+    assert "dspark.markov" in triton_subject.not_provided()
+
+
+def test_block_kernel_launched_with_the_wrong_fill_token_is_caught(triton_subject, monkeypatch):
+    from conformance.subjects import _vllm_dspark_adapters as da
+
+    real = da.launch_prepare_dflash_inputs
+
+    def wrong(kernel, *a, noise_token_id, **kw):   # e.g. mask_token_id resolved before dspark_noise_token_id
+        return real(kernel, *a, noise_token_id=noise_token_id - 1, **kw)
+
+    monkeypatch.setattr(da, "launch_prepare_dflash_inputs", wrong)
+    caught = [c.id for c in FAST_INPUT if worst_verdict(run_numeric(triton_subject, c)) in ("fail", "catastrophic")]
+    assert caught == [c.id for c in FAST_INPUT if c.params["block"] > 1]
