@@ -241,7 +241,8 @@ for (L, ids, d, vocab, noise, ctx, rej, start, block, variant, wb, dist, seed, t
              f"{'/clamp' if mml else ''}/{dist}/s{seed}", "dspark.input", _make_input,
              {"layers": L, "target_layer_ids": ids, "d": d, "vocab": vocab, "noise": noise, "ctx": ctx,
               "rejected": rej, "start": start, "block": block, "variant": variant, "weight_block": wb,
-              "max_model_len": mml}, seed, dist, (phase, "v4.1" if variant == "v4.1" else "v4"), tier=tier))
+              "max_model_len": mml}, seed, dist,
+             (phase, "v4.1" if variant == "v4.1" else "v4") + (("long",) if tier == "full" else ()), tier=tier))
 
 
 # -- dspark.markov ------------------------------------------------------------------------------------------------
@@ -372,6 +373,8 @@ def _make_markov(g, p):
     return {"U": U, "h": h, "anchor": anchor, "markov_w1": w1, "markov_w2": w2, "conf_w": conf_w}
 
 
+# full-tier rows are tagged long (production widths: minutes and several GB on the CPU; the conformance session runs
+# them, test_reference_and_emulated_pass_every_case leaves them out)
 # (batch, block, vocab, rank, d, dist, seed, tier): block 5 (the released dspark_block_size) and others, one
 # request and several, rank 256 (V4.1-Flash dspark_markov_rank) and small
 MARKOV_ROWS = [(1, 5, 1000, 16, 64, "normal", 0, "fast"), (3, 5, 1000, 64, 64, "normal", 1, "fast"),
@@ -381,4 +384,4 @@ MARKOV_ROWS = [(1, 5, 1000, 16, 64, "normal", 0, "fast"), (3, 5, 1000, 64, 64, "
 for (B, N, V, r, d, dist, seed, tier) in MARKOV_ROWS:
     add(Case(f"dspark.markov/b{B}n{N}v{V}r{r}d{d}/{dist}/s{seed}", "dspark.markov", _make_markov,
              {"batch": B, "block": N, "vocab": V, "rank": r, "d": d}, seed, dist,
-             ("decode", "v4.1"), tier=tier))
+             ("decode", "v4.1") + (("long",) if tier == "full" else ()), tier=tier))
