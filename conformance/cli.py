@@ -255,8 +255,8 @@ def preset_lines() -> list[str]:
             bits += [f"kv sources {list(c.kv_source_layer_ids)}", f"index sources {list(c.index_source_layer_ids)}",
                      f"candidate source {c.candidate_source_layer_id}"]
         if c.dspark_block_size:
-            bits.append(f"dspark targets {list(c.dspark_target_layer_ids)} block {c.dspark_block_size} (draft not "
-                        "modelled)")
+            bits.append(f"dspark targets {list(c.dspark_target_layer_ids)} block {c.dspark_block_size} (draft head: "
+                        "components dspark.input / dspark.markov)")
         out.append(f"preset {c.name}: " + "; ".join(bits))
     out.append("presets v41-flash, flash-0731, pro-0813 are the released config.json as transcribed in public "
                "repositories (provenance and the sources' disagreements: docs/presets.md)")

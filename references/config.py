@@ -24,7 +24,9 @@ Versions (``DSV4Config.version``):
     ``:1265-1268``; ``nvidia/model.py:711-723``).
   - Engram on ``engram_layer_ids`` with ``engram_*`` sizes (``common/engram.py:8``, ``:218-243``).
   - a bundled DSpark draft head: ``dspark_target_layer_ids``, ``dspark_markov_rank``, ``dspark_n_routed_experts``,
-    ``dspark_num_experts_per_tok`` (``nvidia/dspark.py:83``, ``:148-154``; ``nvidia/model.py:136-142``).
+    ``dspark_num_experts_per_tok`` (``nvidia/dspark.py:83``, ``:148-154``; ``nvidia/model.py:136-142``),
+    ``dspark_block_size`` (``config/speculative.py:1483-1490``: the default ``num_speculative_tokens``) and
+    ``dspark_noise_token_id`` (``v1/worker/gpu/spec_decode/utils.py:92-115``); docs/dspark.md.
   - no hash routing: vLLM builds every V4.1 MoE with ``num_hash_layers=0`` (``nvidia/model.py:149``,
     ``amd/model.py:102-114``), so ``is_hash_layer`` is False for V4.1 whatever ``num_hash_layers`` says.
   - dense FP8 linears with 32x32 UE8M0 weight-scale blocks (``quantization_config.weight_block_size`` [32, 32],
@@ -132,9 +134,10 @@ class DSV4Config:
     dspark_n_routed_experts: int = 0
     dspark_num_experts_per_tok: int = 0
     # DSpark draft block (tokens drafted per step) and the noise / mask token it fills a block with; carried by the
-    # V4.1-Flash, V4-Flash-0731 and V4-Pro-0813 config.json (docs/presets.md); parsed and checked, draft not modelled
-    dspark_block_size: int = 0
-    dspark_noise_token_id: int = -1
+    # V4.1-Flash, V4-Flash-0731 and V4-Pro-0813 config.json (docs/presets.md); the draft head is modelled by
+    # references/components/dspark.py (docs/dspark.md)
+    dspark_block_size: int = 0          # draft block width N (v1/worker/gpu/spec_decode/dspark/speculator.py:46-55)
+    dspark_noise_token_id: int = -1     # the block's fill token (v1/worker/gpu/spec_decode/utils.py:92-115)
     vision_n_layers: int = 0   # only whether a vision tower exists (it adds ffn.gate.bias_vl); not modelled
 
     def __post_init__(self):
@@ -289,7 +292,8 @@ def validate(c: DSV4Config) -> None:
 
 
 def _validate_dspark(c: DSV4Config) -> None:
-    """The DSpark draft fields (V4 and V4.1 alike; the draft head itself is not modelled)."""
+    """The DSpark draft fields (V4 and V4.1 alike). The draft head is tested component by component (dspark.input,
+    dspark.markov: docs/dspark.md); checkpoints and the whole-model goldens hold no draft."""
     _layer_ids(c, "dspark_target_layer_ids", c.dspark_target_layer_ids)
     if c.dspark_n_routed_experts or c.dspark_num_experts_per_tok:
         _req(0 < c.dspark_num_experts_per_tok <= c.dspark_n_routed_experts, "dspark_num_experts_per_tok",

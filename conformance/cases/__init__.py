@@ -9,6 +9,7 @@ from . import (  # noqa: F401,E402
     attention,
     compressor,
     compressor_stream,
+    dspark,
     engram,
     formats,
     head,

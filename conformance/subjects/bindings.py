@@ -548,17 +548,62 @@ def _stateful(platform: str) -> dict[str, list[Binding]]:
     return {"compressor.kv_stream": [Binding(fn, "triton", cond, adapter="compress_stream_rocm",
                                              runs=("compress_norm_rope_store_triton",))]}
 
+DSP = V + "models.deepseek_v41."
+DSPEC = V + "v1.worker.gpu.spec_decode."
+_DSP_SPEC_WHY = ("the DSpark draft model needs a speculative VllmConfig (DSparkDeepseekV4Model.__init__ asserts "
+                 "vllm_config.speculative_config, nvidia/dspark.py:75) and its layers a forward context")
+
+
+def _dspark(platform: str) -> dict[str, list[Binding]]:
+    """The DSpark draft head (conformance.cases.dspark; docs/dspark.md): vLLM 0.32.0's V4.1 draft model
+    (models/deepseek_v41/{amd,nvidia}/dspark.py) and the V2 runner's DSpark speculator
+    (v1/worker/gpu/spec_decode/dspark/speculator.py over dflash/speculator.py)."""
+    amd = platform != "cuda"
+    model = DSP + ("amd" if amd else "nvidia") + ".dspark.DSparkDeepseekV4Model"
+    taps = (DSP + ("amd.model.DeepseekV4Model.forward (mhc_post + mean(dim=1) at idx + 1 in aux_hidden_state_layers, "
+                   "amd/model.py:667-673)" if amd else
+                   "nvidia.model (mhc_shifted_post_pre capture_aux, nvidia/model.py:565-591, 1103-1157)"))
+    gemm = ("rocm_unquantized_gemm (compiled wvSplitK skinny GEMMs at small batch)" if amd else
+            "a cuBLAS bf16 GEMM")
+    return {
+        "dspark.input": [Binding(
+            taps + " -> " + model + ".combine_hidden_states (main_proj ReplicatedLinear, main_norm RMSNorm) + "
+            + DSPEC + "dflash.speculator._prepare_dflash_inputs_kernel (SAMPLE_FROM_ANCHOR=True) + embed_tokens",
+            "triton",
+            "speculative_config method 'dspark' on a DeepSeek-V4.1 target: every draft step (DSparkSpeculator."
+            "propose -> prepare_dflash_inputs; main_proj as linear.fp8_block's V4.1 rows: MXFP8, on gfx942 "
+            "EmulationMxfp8LinearKernel)",
+            reason="no adapter: the taps are computed inside the target model's forward and main_x inside "
+                   "combine_hidden_states of the draft model, and " + _DSP_SPEC_WHY + "; the block "
+                   "construction is the Triton _prepare_dflash_inputs_kernel (vllm-triton:<profile> drives it, with "
+                   "main_x by the harness); main_proj and main_norm are driven one by one by linear.fp8_block and "
+                   "norm.rms")],
+        "dspark.markov": [Binding(
+            DSPEC + "dspark.speculator.DSparkSpeculator._sample_sequential / _sample_logits -> " + model.replace(
+                "DSparkDeepseekV4Model", "DSparkDeepseekV4ForCausalLM") + ".markov_embed / markov_bias / "
+            "compute_confidence (" + V + "model_executor.models.qwen3_dspark.DSparkMarkovHead.embed / .bias, "
+            "LogitsProcessor -> " + gemm + ", DSparkConfidenceHead.forward)", "torch",
+            "every DSpark draft step without dspark_draft_topk (the V4 / V4.1 draft models have no "
+            "apply_markov_bias_gathered, so the top-k path is Qwen3 only); greedy when the request needs no "
+            "draft probabilities (draft_logits None: argmax), else gumbel_sample",
+            **(dict(adapter="dspark_markov",
+                    runs=("_sample_sequential", "_sample_logits", "markov_embed", "markov_bias", "compute_confidence",
+                          "rocm_unquantized_gemm")) if amd else
+               dict(reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA); vllm:sim-<arch> drives the same "
+                           "torch code (the speculator and heads are platform-independent but for the bias GEMM)")))],
+    }
+
 
 def table(platform: str) -> dict[str, list[Binding]]:
     if platform == "rocm-gfx942":
         return _rocm("gfx942") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
-            _engram(platform) | _stateful(platform)
+            _engram(platform) | _stateful(platform) | _dspark(platform)
     if platform == "rocm-gfx950":
         return _rocm("gfx950") | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | \
-            _engram(platform) | _stateful(platform)
+            _engram(platform) | _stateful(platform) | _dspark(platform)
     if platform == "cuda":
         return _cuda() | _no_adapter_yet(platform) | _qkv(platform) | _v41_indexer(platform) | _engram(platform) | \
-            _stateful(platform)
+            _stateful(platform) | _dspark(platform)
     raise KeyError(f"no binding table for platform {platform!r}; known: {PLATFORMS}")
 
 

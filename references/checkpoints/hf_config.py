@@ -45,7 +45,8 @@ _V41_PLAIN = ("kv_source_layer_ids", "index_source_layer_ids", "candidate_source
               "engram_pad_token_id", "engram_vocab_size", "dspark_target_layer_ids", "dspark_markov_rank",
               "dspark_n_routed_experts", "dspark_num_experts_per_tok", "dspark_block_size", "dspark_noise_token_id")
 # DSpark draft fields a V4 (deepseek_v4) config may carry too: V4-Flash-0731 / V4-Pro-0813 have dspark_block_size,
-# dspark_noise_token_id, dspark_target_layer_ids, dspark_markov_rank (docs/presets.md); the draft is not modelled.
+# dspark_noise_token_id, dspark_target_layer_ids, dspark_markov_rank (docs/presets.md); the draft head is tested as
+# components (dspark.input, dspark.markov), the checkpoint layout holds no draft weights.
 _DSPARK = ("dspark_target_layer_ids", "dspark_markov_rank", "dspark_n_routed_experts", "dspark_num_experts_per_tok",
            "dspark_block_size", "dspark_noise_token_id")
 _V41_TUPLES = {"kv_source_layer_ids", "index_source_layer_ids", "engram_layer_ids", "engram_num_embeddings",
