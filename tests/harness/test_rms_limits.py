@@ -102,3 +102,12 @@ def test_fp8_intermediate_experts_are_caught_by_the_rms_limit_inside_the_element
     assert by["serving"].verdict == "fail" and RMS_FAIL.search(by["serving"].message), by["serving"].message
     good = {r.level: r for r in run_routing(load_subject("emulated:gfx942"), CASES[row])}
     assert good["serving"].verdict == "pass", good["serving"].message
+
+
+def test_the_report_names_the_calc_diff_limit_of_a_failing_row():
+    from reports.render import measured_vs_allowed
+
+    w = torch.randn(64, 512, dtype=torch.float64)
+    c = compare_float(w * (1 + 4 * UB), w, _tol(8), output="y", level="serving")
+    row = {"metrics": {f"y.{k}": v for k, v in c.metrics.items()}, "bounds": {f"y.{k}": v for k, v in c.bounds.items()}}
+    assert measured_vs_allowed(row).startswith("y.calc_diff = "), measured_vs_allowed(row)
