@@ -14,6 +14,7 @@ import torch
 
 from references.formats.minifloat import get_format
 
+from .rms import rms_judgement
 from .tolerances import EXACT, Tolerance, unit_roundoff, verdict_from_errors
 
 VERDICT_TIER_RANK = {"pass": 0, "degraded": 1, "fail": 2, "catastrophic": 3}
@@ -144,9 +145,11 @@ def structure_mismatch(got, want, output: str) -> str | None:
 
 def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, output: str,
                   scale: torch.Tensor | None = None, label: str = "", ulp_dtype=None,
-                  level: str = "") -> Comparison:
+                  level: str = "", rms_magnitude: torch.Tensor | None = None) -> Comparison:
     """Elementwise comparison against ``tol`` (bound = atol + rtol * |scale or want|), and, with ``ulp_dtype``,
-    the systematic-error statistics (judged at the SYSTEMATIC_LEVELS, measured elsewhere)."""
+    the systematic-error statistics (judged at the SYSTEMATIC_LEVELS, measured elsewhere), and the derived
+    RMS-error (calc_diff) limit of ``conformance.rms`` (judged at its RMS_LEVELS; ``rms_magnitude``: the
+    magnitude the tolerance's quadrature model is relative to, default |want|)."""
     bad = structure_mismatch(got, want, output)
     if bad:
         return Comparison(output, "fail", message=f"{label} {bad}")
@@ -173,6 +176,7 @@ def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, outp
     }
     bounds = {"worst_over_bound": 1.0, "violations": 0}
     systematic = None
+    st = None
     if ulp_dtype is not None:
         # error in units of the target format's rounding at the bound's magnitude scale (one ulp = 2u x)
         metrics["ulp_max"] = float((err / (2 * unit_roundoff(ulp_dtype) * s.abs().clamp_min(1e-300))).max()) \
@@ -185,6 +189,19 @@ def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, outp
             if judged:
                 bounds.update(bias_gain_dev=st["gain_allowed"], bias_mean_err=st["mean_allowed"])
                 systematic = systematic_verdict(st, output)
+    rj = rms_judgement(g, w, s, tol, level=level,
+                       magnitude=rms_magnitude.detach().cpu().double() if rms_magnitude is not None else None)
+    rms_fail = None
+    if "rms_vs_model" in rj:
+        metrics["rms_vs_model"] = rj["rms_vs_model"]
+        if rj["judged"]:
+            bounds["calc_diff"] = rj["calc_diff_limit"]
+            if rj["sse"] > rj["limit"]:
+                gain = f"; least-squares gain-1 {st['gain_dev']:+.2g}" if st is not None else ""
+                rms_fail = (f"calc_diff {rj['calc_diff']:.3g} > limit {rj['calc_diff_limit']:.3g} (RMS error "
+                            f"{rj['rms_vs_model']:.3g}x the rounding model's, allowed "
+                            f"{math.sqrt(rj['limit'] / rj['expected']):.3g}x; cosine {metrics['cosine']:.6g}, "
+                            f"bound >= {rj['cosine_min']:.6g}{gain}) on {output}")
     worst = {"index": list(idx), "got": float(g[idx]) if idx else float("nan"),
              "want": float(w[idx]) if idx else float("nan"),
              "bound": float(bound[idx]) if idx else float("nan")}
@@ -194,6 +211,9 @@ def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, outp
             f"allowed {worst['bound']:.3g} ({v.worst_ratio:.3g}x bound); bound: {tol.derivation}")
     if v.reasons:
         body += "; " + "; ".join(v.reasons)
+    if not rj.get("judged") and rj.get("reason", "").startswith("not judged"):
+        body += f"; RMS limit {rj['reason']}"
+    systematic = "; ".join(x for x in (systematic, rms_fail) if x) or None
     tier = v.tier
     if systematic and VERDICT_TIER_RANK[tier] < VERDICT_TIER_RANK["fail"]:
         # within every elementwise bound or not, a consistent bias is a failure of its own, diagnosed first
@@ -207,6 +227,7 @@ def compare_float(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, *, outp
         derivation["systematic"] = (f"|gain-1| and |mean error| within max({Z_SYSTEMATIC:g} cluster-robust "
                                     f"standard errors (rows as clusters), {FLOOR_SYSTEMATIC:g} u) with u = "
                                     f"{ulp_dtype} unit roundoff: round-to-nearest is unbiased")
+    derivation["rms"] = rj.get("derivation") or rj.get("reason", "")
     return Comparison(output, tier, metrics, bounds, derivation, worst, msg.strip(), _histogram(ratio))
 
 

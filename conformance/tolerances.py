@@ -60,12 +60,31 @@ class Tolerance:
     derivation: str
     degraded_factor: float = 4.0       # errors up to this multiple of the bound on few elements: degraded
     degraded_share: float = 1e-3       # ... on at most this share of elements
+    # quadrature rounding model (conformance.rms, docs/rms-limits.md): the expected sum of squared errors is
+    # ms_rel * sum m^2 + ms_scale * sum scale^2 (m = |want| or the magnitude the comparison passes); nan = not
+    # declared (the family fallback then applies); flip_ulp > 0: the errors are RNE disagreements of one
+    # output ulp (flip_ulp relative to m), counted as Poisson events for the finite-sample allowance
+    ms_rel: float = math.nan
+    ms_scale: float = math.nan
+    flip_ulp: float = 0.0
+    ms_derivation: str = ""
 
     def join(self, other: Tolerance, reason: str) -> Tolerance:
+        def mx(a, b):   # an undeclared (nan) model on either side leaves the joined model undeclared
+            return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
         return Tolerance(max(self.atol, other.atol), max(self.rtol, other.rtol),
                          f"{self.derivation}; joined with max: {other.derivation} ({reason})",
                          max(self.degraded_factor, other.degraded_factor),
-                         max(self.degraded_share, other.degraded_share))
+                         max(self.degraded_share, other.degraded_share),
+                         mx(self.ms_rel, other.ms_rel), mx(self.ms_scale, other.ms_scale),
+                         max(self.flip_ulp, other.flip_ulp),
+                         "; ".join(d for d in (self.ms_derivation, other.ms_derivation) if d))
+
+    def with_rms(self, *, ms_rel: float = 0.0, ms_scale: float = 0.0, flip_ulp: float = 0.0,
+                 derivation: str) -> Tolerance:
+        """The same elementwise bound with a declared quadrature rounding model (``conformance.rms``)."""
+        from dataclasses import replace
+        return replace(self, ms_rel=ms_rel, ms_scale=ms_scale, flip_ulp=flip_ulp, ms_derivation=derivation)
 
     def bound(self, scale: torch.Tensor) -> torch.Tensor:
         return self.atol + self.rtol * scale.abs()

@@ -132,7 +132,9 @@ def comparisons_row(check: str, subject_name, info, impl, case, level, comps, t,
         verdict=worst.verdict, message=prefix + msg,
         metrics={f"{c.output}.{k}": v for c in comps for k, v in c.metrics.items()},
         bounds={f"{c.output}.{k}": v for c in comps for k, v in c.bounds.items()},
-        derivation={c.output: c.derivation.get("tolerance", "") for c in comps},
+        derivation={c.output: c.derivation.get("tolerance", "") + (f"; RMS: {c.derivation['rms']}"
+                                                                  if c.derivation.get("rms") else "")
+                    for c in comps},
         worst=dict(worst.worst, output=worst.output), function=impl.function, backend=impl.backend,
         device=info.device, dialect=info.dialect, emulated=info.emulated,
         params=dict(case.params, **ctx, dist=case.dist), seed=case.seed, duration_s=t, rerun=rerun,
