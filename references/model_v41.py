@@ -42,7 +42,7 @@ Incremental decode: ``prefill(ids)`` then ``step(ids)`` (any chunking) carries o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -293,21 +293,31 @@ class DSV41Model:
             st.swa_kv = kv_tokens[-cfg.sliding_window:]
         return y, info
 
+    def latent_numerics(self, cnm: Numerics) -> Numerics:
+        """The compressor latent's numerics: the compressed-cache numerics without its FP8 store (vLLM keeps the
+        latent in bf16, ``common/ops/fused_compress_quant_cache.py:216-221``; a hook for test mutants)."""
+        return replace(cnm, kv_nope=None)
+
     def _compress(self, x, w, layer, positions, inv_freq, shared, st):
         """A kv source: its compressed entries (RoPE'd, for attention) and, with an indexer K projection, the
         index keys from the pre-RoPE latent; all entries so far are published in ``shared``."""
         cfg, nm = self.cfg, self.numerics
         m, d = cfg.compress_ratio(layer), cfg.head_dim
         cw = (_w(w, "attn.compressor.wkv"), w.get("attn.compressor.wgate"), None, _w(w, "attn.compressor.norm"))
-        kw = dict(ratio=m, head_dim=d, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim, numerics=nm, kind="attn")
+        # V4.1 serving (numerics.serving_v41): the compressed cache has its own nope record, the latent the index
+        # keys read is the bf16 row before any FP8 store (variant "vllm41": fp32 pooling + norm, one bf16 latent)
+        cnm = nm if nm.kv_nope_compressed is None else replace(nm, kv_nope=nm.kv_nope_compressed)
+        kw = dict(ratio=m, head_dim=d, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim, kind="attn",
+                  variant="vllm41")
+        lnm = self.latent_numerics(cnm)
         zero = torch.zeros_like(inv_freq)   # angle 0: the pre-RoPE latent, exactly
         if st is None:
-            comp = compress(x, *cw, inv_freq=inv_freq, **kw)
-            lat_all, first = compress(x, *cw, inv_freq=zero, **kw), 0
+            comp = compress(x, *cw, inv_freq=inv_freq, numerics=cnm, **kw)
+            lat_all, first = compress(x, *cw, inv_freq=zero, numerics=lnm, **kw), 0
         else:
             if st.compressor is None:
-                st.compressor = CompressorState(*cw, inv_freq=inv_freq, **kw)
-                st.latent = CompressorState(*cw, inv_freq=zero, **kw)
+                st.compressor = CompressorState(*cw, inv_freq=inv_freq, numerics=cnm, **kw)
+                st.latent = CompressorState(*cw, inv_freq=zero, numerics=lnm, **kw)
             new, _ = st.compressor.update(x, positions)
             lat_all, _ = st.latent.update(x, positions)
             first = 0 if st.compressed_kv is None else st.compressed_kv.shape[0]
@@ -317,7 +327,7 @@ class DSV41Model:
         if "attn.indexer.wk" in w:
             bpos = torch.arange(first, first + lat_all.shape[0]) * m + (m - 1)
             newk = indexer_k_latent(lat_all, w["attn.indexer.wk"], w["attn.indexer.k_norm"], bpos, inv_freq,
-                                    ratio=m, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim)
+                                    ratio=m, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim, numerics=nm)
             if st is not None:
                 st.index_k = newk if st.index_k is None else torch.cat((st.index_k, newk))
                 newk = st.index_k
