@@ -31,9 +31,13 @@ The compressor latent (the pooled, RMS-normalised, pre-RoPE row the index keys r
 golden itself: ``compress`` with an all-zero frequency table rotates by angle 0, which is exactly the identity.
 
 Numerics: ``GOLDEN`` (default) is the golden. Other ``Numerics`` are passed to every component as
-``DSV4Model`` does (the V4 rounding model: bf16 activations at the component boundaries, FP8 linear inputs, FP8 KV
-nope dims, indexer q QAT); the V4.1-specific rounding points (the bf16 latent store, MXFP8 32x32 activations, the
-index-key store) are NOT modelled, so such a run is a measurement, not a derived serving model.
+``DSV4Model`` does (bf16 activations at the component boundaries, ``linear_act`` on the FP8 linears' inputs, FP8 KV
+nope dims, indexer q). ``references.numerics.serving_v41(profile)`` adds V4.1's own rounding points, which this
+model routes to the components: the compressed cache's nope record (``kv_nope_compressed``, e4m3fn 448 on every
+platform), the bf16 compressor latent the index keys read (compressor variant "vllm41", no FP8 store on the latent:
+``latent_numerics``), the index keys' bf16 chain and FP8 store (``indexer_k_latent(numerics=...)``), and MXFP8 1x32
+linear inputs (``linear_act``, ocp only). Not routed: Engram (``engram_memory`` runs unrounded) and the attention q
+quantisation of NVIDIA's FlashMLA / FlashInfer paths (docs/v41-serving-numerics.md).
 
 Incremental decode: ``prefill(ids)`` then ``step(ids)`` (any chunking) carries one ``V41LayerState`` per layer
 (the compressor states, compressed entries and index keys live on the kv-source layers) and the token history

@@ -16,10 +16,14 @@ Rows (check "e2e", case ids ``e2e-v41/...``):
   and the compressed entries / index keys / top-k / candidate blocks the subject's source layers published; the
   first component out of its bound names the layer and component.
 
-Which subjects: ``reference`` (the golden in fp32, judged), ``emulated:<profile>`` (the golden with that
-profile's serving numerics: V4.1's own rounding points are not modelled, so its rows are measurements,
-"not-run"), a plugin with an ``e2e_serve_v41(checkpoint_dir, prompts, *, max_tokens)`` hook (judged like the
-reference); vLLM and transformers rows say why they are not provided (``NOT_PROVIDED``).
+Which subjects: ``reference`` (the golden in fp32, judged), ``emulated:<profile>`` (the golden in
+``references.numerics.serving_v41(profile)``, V4.1's own rounding points: its layers row is judged at the emulated
+level, each layer replayed in the same numerics, bound beside ``EMULATED_LOGITS_WHY``; its logits / greedy rows are
+measurements against the unquantised golden, "not-run" with the reason), a plugin with an
+``e2e_serve_v41(checkpoint_dir, prompts, *, max_tokens)`` hook (judged like the reference; like emulated:<profile>
+when it declares ``e2e_v41_profile``); vLLM and transformers rows say why they are not provided (``NOT_PROVIDED``).
+The layers row also compares each kv source's ``compressed_kv`` and each index-K owner's ``index_k`` at that layer
+(``SHARED_KEYS``), before its attn_out.
 """
 
 from __future__ import annotations
@@ -272,8 +276,7 @@ def run_e2e_v41(subject: str, serve, info, *, out_dir="out/e2e", seed: int = 0, 
             msg = (f"{name} ({len(p)} tokens): first divergence at layer {layer}, component {k}: relative error "
                    f"{rel:.3g} > bound {b:.3g} ({TOL[k][1]}; {rep_words} replay)")
             worst_d = {"layer": layer, "component": k, "rel": rel, "bound": b}
-        rows.append(CheckResult(**base, case_id=f"e2e-v41/{name}/layers",
-                                level="per-layer" if profile is None else "per-layer-emulated",
+        rows.append(CheckResult(**base, case_id=f"e2e-v41/{name}/layers", level="per-layer",
                                 verdict=verdict(first is None), message=msg + note, metrics=metrics,
                                 bounds=bounds, derivation={f"L*.{k}": d for k, (_, d) in TOL.items()},
                                 worst=worst_d, params={"prompt_tokens": len(p)}))
