@@ -109,6 +109,17 @@ def v4_block_fp8_v41_server():
     return V41Server("tests.harness.e2e_subjects_v41:v4_block_fp8_v41_server", profile="ocp", numerics=nm)
 
 
+def compressed_cache_v4_record_v41_server():
+    """gfx942: the compressed cache written in V4's record (the profile's e4m3fnuz at fmax 240) where V4.1's writer
+    stores e4m3fn at 448 on every platform (``fused_compress_quant_cache.py:304-350``). NOT a caught mutant: the
+    fnuz grid is the fn grid halved, so with power-of-two scales both round every normal element to the same value
+    (docs/v41-serving-numerics.md: measured, within the emulated bound)."""
+    nm = dataclasses.replace(serving_v41("gfx942"), name="serving-v41:gfx942-v4-compressed-record",
+                             kv_nope_compressed=None)
+    return V41Server("tests.harness.e2e_subjects_v41:compressed_cache_v4_record_v41_server", profile="gfx942",
+                     numerics=nm)
+
+
 def mxfp8_1x128_v41_server():
     """ocp MXFP8 in 1x128 groups instead of 1x32, still with E8M0 scales. NOT a caught mutant: with power-of-two
     scales the e4m3 rounding of an element is scale-invariant while it stays normal, so only elements below
@@ -121,4 +132,4 @@ def mxfp8_1x128_v41_server():
 
 __all__ = ["golden_v41_server", "own_topk_v41_server", "per_sublayer_hc_v41_server", "emulated_v41_server",
            "latent_fp8_v41_server", "keys_ocp_as_fnuz_v41_server", "v4_block_fp8_v41_server",
-           "mxfp8_1x128_v41_server"]
+           "mxfp8_1x128_v41_server", "compressed_cache_v4_record_v41_server"]
