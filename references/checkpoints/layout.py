@@ -265,7 +265,8 @@ def sharing_problems(cfg: DSV4Config, names) -> list[str]:
     (one line each, empty when consistent; always empty for V4). Compressor weights belong to kv sources only and
     indexer weights to index sources only; the indexer's K projection (``wk`` / ``k_norm``) to layers that are
     both. A layer holding its own copy where the config makes it reuse a source's is the V4-style layout read with
-    a V4.1 config (or a config that lost a source); a source without them is a checkpoint that lost them."""
+    a V4.1 config (or a config that lost a source); a source without them is a checkpoint that lost them. Engram
+    tensors (``layers.{l}.engram.*``) belong to ``engram_layer_ids`` only."""
     if not cfg.is_v41:
         return []
     by_layer: dict[tuple[int, str], list[str]] = {}
@@ -311,6 +312,17 @@ def sharing_problems(cfg: DSV4Config, names) -> list[str]:
                 out.append(f"layer {layer} is {what} but has no {part} weights (layers.{layer}.{missing[0]} missing)"
                            if len(missing) == len([w for w in want if w.startswith(f"attn.{part}.")]) else
                            f"layer {layer} is {what} but lacks layers.{layer}.{missing[0]}")
+    # Engram tensors on a layer the config gives none: a config that lost engram_layer_ids (or the wrong layer ids)
+    # would otherwise serve the checkpoint without its memory, silently
+    stray = {}
+    for n in sorted(names):
+        parts = n.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] == "engram" \
+                and int(parts[1]) not in cfg.engram_layer_ids:
+            stray.setdefault(int(parts[1]), n)
+    for layer, n in sorted(stray.items()):
+        out.append(f"layer {layer} has Engram tensors ({n}) but is not in engram_layer_ids "
+                   f"{list(cfg.engram_layer_ids)}")
     return out
 
 

@@ -228,3 +228,19 @@ def test_uint8_storage_is_accepted_and_reads_the_same(ckpts, tmp_path):
     d2 = tmp_path / "w"
     write_checkpoint(d2, CFG, seed=0, scale_dtype="uint8")
     assert _stored(d2, SCALE)[0] == "U8" and torch.equal(CheckpointReader(d2).get(TABLE), ckpts["fp8"][1][TABLE])
+
+
+def test_engram_tensors_on_a_layer_without_engram_are_refused(ckpts, tmp_path):
+    """A config that lost ``engram_layer_ids`` (or names other layers) would serve the checkpoint without its
+    memory: the reader refuses it at open, naming the layer and a tensor."""
+    d = _copy(ckpts["bf16"][0], tmp_path / "c")
+    cf = d / "config.json"
+    j = json.loads(cf.read_text())
+    tc = j.get("text_config", j)
+    for k in [k for k in tc if k.startswith("engram_")]:
+        del tc[k]
+    cf.write_text(json.dumps(j))
+    with pytest.raises(CheckpointError) as ei:
+        CheckpointReader(d)
+    _one_line_naming(ei, "model.safetensors.index.json", "layer 1 has Engram tensors (layers.1.engram.embed.scale) but "
+                     "is not in engram_layer_ids []")
