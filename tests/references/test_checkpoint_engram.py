@@ -244,3 +244,19 @@ def test_engram_tensors_on_a_layer_without_engram_are_refused(ckpts, tmp_path):
         CheckpointReader(d)
     _one_line_naming(ei, "model.safetensors.index.json", "layer 1 has Engram tensors (layers.1.engram.embed.scale) but "
                      "is not in engram_layer_ids []")
+
+
+def test_golden_model_reads_either_layout_to_the_same_logits(ckpts):
+    """DSV41Model over the FP8 checkpoint (FP8 wkv + block scales) and over the bf16 one (bf16 wkv) reads the same
+    dequantised weights and the same table bytes: bitwise equal logits; Engram changes them (a zero table would not:
+    tests/references/test_model_v41.py)."""
+    from references.model_v41 import DSV41Model
+
+    ids = torch.randint(0, CFG.vocab_size, (24,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = DSV41Model(CheckpointReader(ckpts["fp8"][0]), CFG).forward(ids)
+        b = DSV41Model(CheckpointReader(ckpts["bf16"][0]), CFG).forward(ids)
+        no_eng = CFG.replace(engram_layer_ids=(), engram_num_embeddings=())
+        c = DSV41Model(ckpts["bf16"][1], no_eng).forward(ids)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
