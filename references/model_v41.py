@@ -24,8 +24,9 @@ What changes from :class:`references.model.DSV4Model` (provenance: the installed
 * **Routing**: every layer biased top-k (no hash layers, ``nvidia/model.py:149``).
 * **Engram** on ``engram_layer_ids``: the n-gram memory (``references.components.engram``) is injected into the
   stream before the layer's attention HC pre, so the mixes see the injected stream (``nvidia/model.py:531-560``).
-  Its weights (not in ``references.checkpoints.layout``, which refuses Engram configs) are read as
-  ``layers.{l}.engram.{table,table_scale,wkv,q_weight,k_weight}``; the token map is an input (identity by default).
+  Its weights are read as ``layers.{l}.engram.{table,table_scale,wkv,q_weight,k_weight}`` (a dict source spells
+  them so; ``CheckpointReader`` maps them onto the checkpoint's ``engram.embed.weight`` / ``.scale`` / ``wkv.weight``,
+  ``references.checkpoints.layout.ENGRAM_GOLDEN_NAMES``); the token map is an input (identity by default).
 
 The compressor latent (the pooled, RMS-normalised, pre-RoPE row the index keys read) is produced by the compressor
 golden itself: ``compress`` with an all-zero frequency table rotates by angle 0, which is exactly the identity.
@@ -105,6 +106,10 @@ class DSV41Model:
     dtype: float32 golden or float64 cross-check (weights cast to it). token_map: Engram's token id -> compressed
     id map [vocab] (default: identity, which needs ``engram_compressed_vocab_size == vocab_size``).
     """
+
+    # how the Engram table's bytes are read: the checkpoint's (and vLLM's, on every platform) OCP e4m3
+    # (common/engram.py:1045-1052); a hook for test mutants
+    engram_dialect = "float8_e4m3fn"
 
     def __init__(self, weights, cfg: DSV4Config, *, numerics: Numerics = GOLDEN, dtype=torch.float32,
                  token_map: torch.Tensor | None = None):
@@ -220,7 +225,8 @@ class DSV41Model:
         if layer in cfg.engram_layer_ids:
             j = cfg.engram_layer_ids.index(layer)
             eng = engram_memory(X, hashes[:, j], w["engram.table"], w["engram.table_scale"], w["engram.wkv"],
-                                w["engram.q_weight"], w["engram.k_weight"], None, eps=eps)["out"].to(self.dtype)
+                                w["engram.q_weight"], w["engram.k_weight"], None, eps=eps,
+                                dialect=self.engram_dialect)["out"].to(self.dtype)
             X = eng
         a, post_a, comb_a, pre_a = self.hc_pre_site(X, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"],
                                                     pre_prev, numerics=self.numerics, **kw)

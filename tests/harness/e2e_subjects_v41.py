@@ -32,6 +32,25 @@ class PerSublayerHCModel(DSV41Model):
         return (pre.unsqueeze(-1) * X).sum(dim=-2), post, comb, pre
 
 
+class FnuzEngramTableModel(DSV41Model):
+    """Reads the Engram table's bytes as float8_e4m3fnuz (the gfx942 dialect) where the checkpoint (and vLLM on
+    every platform) stores OCP float8_e4m3fn: every finite row value halves exactly (exponent bias 8, not 7; the
+    -0 code 0x80 becomes NaN)."""
+
+    engram_dialect = "float8_e4m3fnuz"
+
+
+class NoEngramTableScaleModel(DSV41Model):
+    """Ignores the Engram table's UE8M0 scales (reads every scale byte as 127, i.e. 2^0): rows come out as raw
+    e4m3 codes, 2^-k too large."""
+
+    def layer(self, layer):
+        w = super().layer(layer)
+        if "engram.table_scale" in w:
+            w = dict(w, **{"engram.table_scale": w["engram.table_scale"].clone().fill_(127)})
+        return w
+
+
 class V41Server(Subject):
     def __init__(self, name, model_cls=DSV41Model):
         self.name, self.model_cls = name, model_cls
@@ -60,4 +79,13 @@ def per_sublayer_hc_v41_server():
     return V41Server("tests.harness.e2e_subjects_v41:per_sublayer_hc_v41_server", PerSublayerHCModel)
 
 
-__all__ = ["golden_v41_server", "own_topk_v41_server", "per_sublayer_hc_v41_server"]
+def fnuz_engram_table_v41_server():
+    return V41Server("tests.harness.e2e_subjects_v41:fnuz_engram_table_v41_server", FnuzEngramTableModel)
+
+
+def no_engram_table_scale_v41_server():
+    return V41Server("tests.harness.e2e_subjects_v41:no_engram_table_scale_v41_server", NoEngramTableScaleModel)
+
+
+__all__ = ["golden_v41_server", "own_topk_v41_server", "per_sublayer_hc_v41_server", "fnuz_engram_table_v41_server",
+           "no_engram_table_scale_v41_server"]
