@@ -24,8 +24,9 @@ What changes from :class:`references.model.DSV4Model` (provenance: the installed
 * **Routing**: every layer biased top-k (no hash layers, ``nvidia/model.py:149``).
 * **Engram** on ``engram_layer_ids``: the n-gram memory (``references.components.engram``) is injected into the
   stream before the layer's attention HC pre, so the mixes see the injected stream (``nvidia/model.py:531-560``).
-  Its weights (not in ``references.checkpoints.layout``, which refuses Engram configs) are read as
-  ``layers.{l}.engram.{table,table_scale,wkv,q_weight,k_weight}``; the token map is an input (identity by default).
+  Its weights are read as ``layers.{l}.engram.{table,table_scale,wkv,q_weight,k_weight}`` (a dict source spells
+  them so; ``CheckpointReader`` maps them onto the checkpoint's ``engram.embed.weight`` / ``.scale`` / ``wkv.weight``,
+  ``references.checkpoints.layout.ENGRAM_GOLDEN_NAMES``); the token map is an input (identity by default).
 
 The compressor latent (the pooled, RMS-normalised, pre-RoPE row the index keys read) is produced by the compressor
 golden itself: ``compress`` with an all-zero frequency table rotates by angle 0, which is exactly the identity.
@@ -36,8 +37,9 @@ nope dims, indexer q). ``references.numerics.serving_v41(profile)`` adds V4.1's 
 model routes to the components: the compressed cache's nope record (``kv_nope_compressed``, e4m3fn 448 on every
 platform), the bf16 compressor latent the index keys read (compressor variant "vllm41", no FP8 store on the latent:
 ``latent_numerics``), the index keys' bf16 chain and FP8 store (``indexer_k_latent(numerics=...)``), and MXFP8 1x32
-linear inputs (``linear_act``, ocp only). Not routed: Engram (``engram_memory`` runs unrounded) and the attention q
-quantisation of NVIDIA's FlashMLA / FlashInfer paths (docs/v41-serving-numerics.md).
+linear inputs (``linear_act``, ocp only), the bf16 store of Engram's injected stream. Not routed: Engram's inner bf16
+kv (``engram_memory`` has no numerics) and the attention q quantisation of NVIDIA's FlashMLA / FlashInfer paths
+(docs/v41-serving-numerics.md).
 
 Incremental decode: ``prefill(ids)`` then ``step(ids)`` (any chunking) carries one ``V41LayerState`` per layer
 (the compressor states, compressed entries and index keys live on the kv-source layers) and the token history
@@ -109,6 +111,10 @@ class DSV41Model:
     dtype: float32 golden or float64 cross-check (weights cast to it). token_map: Engram's token id -> compressed
     id map [vocab] (default: identity, which needs ``engram_compressed_vocab_size == vocab_size``).
     """
+
+    # how the Engram table's bytes are read: the checkpoint's (and vLLM's, on every platform) OCP e4m3
+    # (common/engram.py:1045-1052); a hook for test mutants
+    engram_dialect = "float8_e4m3fn"
 
     def __init__(self, weights, cfg: DSV4Config, *, numerics: Numerics = GOLDEN, dtype=torch.float32,
                  token_map: torch.Tensor | None = None):
@@ -224,7 +230,12 @@ class DSV41Model:
         if layer in cfg.engram_layer_ids:
             j = cfg.engram_layer_ids.index(layer)
             eng = engram_memory(X, hashes[:, j], w["engram.table"], w["engram.table_scale"], w["engram.wkv"],
-                                w["engram.q_weight"], w["engram.k_weight"], None, eps=eps)["out"].to(self.dtype)
+                                w["engram.q_weight"], w["engram.k_weight"], None, eps=eps,
+                                dialect=self.engram_dialect)["out"].to(self.dtype)
+            # serving: the gate kernel stores the injected stream in the stream's dtype (bf16: output =
+            # torch.empty_like(hidden_states), common/engram.py:1704-1717); the bf16 kv = rows . wkv inside
+            # engram_memory is not routed
+            eng = round_act(eng, self.numerics)
             X = eng
         a, post_a, comb_a, pre_a = self.hc_pre_site(X, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"],
                                                     pre_prev, numerics=self.numerics, **kw)

@@ -48,12 +48,17 @@ from ..tolerances import Tolerance, gamma_prob
 
 U32 = 2.0**-24
 UB = 2.0**-8
+FP8_U = 2.0**-4  # e4m3 unit roundoff (3 mantissa bits), both dialects
 
 
 def level_tolerance(*, n: int, k_inputs: int, ops: int = 4, cond: float = 1.0, what: str,
                     extra_serving: float = 0.0, extra_reason: str = "", atol: float = 0.0,
-                    extra_fp32: float = 0.0, stored_fp8: bool = False):
-    """A tolerance function (params, level) -> Tolerance following the module docstring."""
+                    extra_fp32: float = 0.0, stored_fp8: bool = False, fp8_inputs: int = 0):
+    """A tolerance function (params, level) -> Tolerance following the module docstring.
+
+    ``fp8_inputs``: how many of the k inputs the serving path also rounds to e4m3 (one block per 128-vector,
+    power-of-two scale) before the op (the indexer's q and K): each adds one e4m3 rounding, unit 2^-4, at the
+    serving level only (the emulation applies the same quantisation, so the emulated level is unchanged)."""
 
     def tol(params: dict, level: str) -> Tolerance:
         t = _tol(params, level)
@@ -80,10 +85,11 @@ def level_tolerance(*, n: int, k_inputs: int, ops: int = 4, cond: float = 1.0, w
                 f"{what}: one intermediate bf16 rounding placed differently (ub^2/3, decorrelating both output "
                 f"roundings: 2 ub^2/3) + bf16 flips of the fp32 order disagreement r = sqrt(2({n}+{ops})/3) u32 "
                 f"= {r:.3g}: ub^2 + 2 ub r + r^2 = {bf:.3g} want^2"))
-        rel = (cond**2 * k_inputs + 1) * UB**2 / 3
+        rel = (cond**2 * k_inputs + 1) * UB**2 / 3 + cond**2 * fp8_inputs * FP8_U**2 / 3
         sc = (n * U32**2 + extra_serving**2) / 3
         return dict(ms_rel=rel, ms_scale=sc, derivation=(
-            f"{what}: ({cond:g}^2*{k_inputs} bf16 input + 1 output) ub^2/3 = {rel:.3g} want^2 + "
+            f"{what}: ({cond:g}^2*{k_inputs} bf16 input + 1 output) ub^2/3"
+            + (f" + {cond:g}^2*{fp8_inputs} e4m3 input (2^-4)^2/3" if fp8_inputs else "") + f" = {rel:.3g} want^2 + "
             f"({n} u32^2" + (f" + extra {extra_serving:.3g}^2" if extra_serving else "") + f")/3 = {sc:.3g} scale^2"))
 
     def _tol(params: dict, level: str) -> Tolerance:
@@ -107,9 +113,11 @@ def level_tolerance(*, n: int, k_inputs: int, ops: int = 4, cond: float = 1.0, w
                 return Tolerance(atol * UB, r, f"{what}: one e4m3 ulp of the FP8 store (2*2^-4) + one bf16 ulp "
                                  f"(2*2^-8) + fp32 order 2*6*sqrt({n})*u32 = {r:.3g}")
             return Tolerance(atol * UB, r, f"{what}: one bf16 ulp (2*2^-8) + fp32 order 2*6*sqrt({n})*u32 = {r:.3g}")
-        r = cond * k_inputs * UB + UB + g + extra_serving
-        return Tolerance(atol * UB, r, f"{what}: {cond:g}*{k_inputs} bf16 input roundings + bf16 output "
-                         f"+ 6*sqrt({n})*u32" + (f" + {extra_serving:.3g} ({extra_reason})" if extra_serving else "")
+        r = cond * k_inputs * UB + cond * fp8_inputs * FP8_U + UB + g + extra_serving
+        return Tolerance(atol * UB, r, f"{what}: {cond:g}*{k_inputs} bf16 input roundings "
+                         + (f"+ {cond:g}*{fp8_inputs} e4m3 input roundings (2^-4) " if fp8_inputs else "")
+                         + f"+ bf16 output + 6*sqrt({n})*u32"
+                         + (f" + {extra_serving:.3g} ({extra_reason})" if extra_serving else "")
                          + f" = {r:.3g}")
 
     return tol

@@ -41,7 +41,8 @@ from .e2e_golden import ORDER
 U32 = 2.0 ** -24
 CHAIN = 34_000          # tests/references/test_model_v41.py: the whole-model chain of the tiny V4.1 model
 PROMPT_LEN = 150
-LAYER_KEYS_V41 = ("X",) + ORDER + ("attn_mix_pre", "ffn_mix_pre", "compressed_kv", "index_k", "topk", "candidates")
+LAYER_KEYS_V41 = ("X", "engram_out") + ORDER + ("attn_mix_pre", "ffn_mix_pre", "compressed_kv", "index_k", "topk",
+                                                "candidates")
 
 # Teacher-forced bound of each trace key: the replay and the subject each compute the layer in fp32 from the same
 # inputs, so each is within gamma_c = c u32 (relative, forward analysis) of the exact value, c the longest reduction
@@ -89,10 +90,39 @@ NOT_PROVIDED = {
 }
 
 
+# Engram in the e2e model (docs/e2e-v41.md, "Engram in the tiny checkpoint"): layer 1 (not layer 0: vLLM's first-layer
+# path injects none; layer 1 as in V4.1-Flash, the first compressed layer, a kv and index source, so the injected
+# stream reaches every later layer's shared entries), 2-grams and 3-grams (N = 3), one head of 64 values (two UE8M0
+# scale blocks per table row), bucket ranges the primes 101 and 103 (204 rows, every row reachable); the compressed
+# vocabulary is the vocabulary (identity token map: the tiny checkpoint has no tokenizer); pad token 2.
+E2E_ENGRAM = dict(engram_layer_ids=(1,), engram_num_embeddings=(204,), engram_max_ngram_size=3, engram_n_heads=1,
+                  engram_head_dim=64, engram_compressed_vocab_size=1024, engram_pad_token_id=2, engram_vocab_size=101)
+
+
 def e2e_config():
     from references.config import TINY_V41
 
-    return TINY_V41.replace(index_topk=32)
+    return TINY_V41.replace(index_topk=32, **E2E_ENGRAM)
+
+
+def engram_chain(cfg) -> int:
+    """The fp32 reduction chain Engram adds in front of a layer's attention HC pre: kv = rows . wkv is a
+    K = (N - 1) H head_dim term dot (the table rows are exact: code x 2^k), then the key's RMS (D terms; the gate's
+    q.k.key dot of D terms runs beside it), rsqrt / sqrt / sigmoid and x + gate v (4 more roundings)."""
+    return (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads * cfg.engram_head_dim + cfg.hidden_size + 4
+
+
+def layer_tol(cfg, layer: int, key: str) -> tuple[float, str]:
+    """Teacher-forced bound of one trace key of one layer: ``TOL`` (2 gamma_c), and on an Engram layer c grows by
+    ``engram_chain`` (every key reads the injected stream), ``engram_out`` itself 2 gamma_c with c that chain."""
+    if layer not in cfg.engram_layer_ids:
+        return TOL[key]
+    ce = engram_chain(cfg)
+    if key == "engram_out":
+        return 2 * ce * U32, (f"2 gamma_c, c = {ce} (Engram's fp32 chain: the rows . wkv dot, the key's RMS, 4 "
+                              "roundings; the table rows are exact)")
+    c = {**_C, **_C_SHARED}[key] + ce
+    return 2 * c * U32, f"2 gamma_c, c = {c} (fp32 chain from the layer input, Engram's {ce} included)"
 
 
 def prompts_v41(cfg, seed: int = 4141) -> dict[str, list[int]]:
@@ -102,11 +132,19 @@ def prompts_v41(cfg, seed: int = 4141) -> dict[str, list[int]]:
 
 def write_tiny_v41(out_dir, seed: int = 0):
     """The tiny V4.1 checkpoint (bf16) under ``out_dir/tiny-v41-bf16``; returns (cfg, path)."""
+    import json
+    import shutil
+
+    from references.checkpoints.hf_config import to_hf_dict
     from references.checkpoints.writer import write_checkpoint
 
     cfg = e2e_config()
     path = Path(out_dir) / f"tiny-v41-bf16-seed{seed}"
-    if not (path / "config.json").exists():
+    cfg_file = path / "config.json"
+    want = json.loads(json.dumps(to_hf_dict(cfg, quantized=False)))
+    if cfg_file.exists() and json.loads(cfg_file.read_text()) != want:
+        shutil.rmtree(path)     # written for another e2e config (e.g. before Engram was added): write it again
+    if not cfg_file.exists():
         write_checkpoint(path, cfg, seed=seed, dtype="bf16")
     return cfg, path
 
@@ -139,6 +177,8 @@ def replay(golden, layers, ids) -> list[dict]:
     """Teacher-forced fp32 replay of every layer on the subject's captured inputs (module docstring)."""
     cfg = golden.cfg
     positions = torch.arange(len(ids))
+    # Engram layers hash the prompt's n-grams (a function of the token ids only: the replay recomputes them)
+    hashes = golden._hashes(ids, positions, None) if cfg.engram_layer_ids else None
     out = []
     for layer, v in enumerate(layers):
         shared = {"kv": {}, "index_k": {}, "topk": {}, "candidates": None}
@@ -153,7 +193,7 @@ def replay(golden, layers, ids) -> list[dict]:
                 shared["candidates"] = layers[s]["candidates"].long()
         pre = None if layer == 0 else layers[layer - 1]["ffn_mix_pre"].to(golden.dtype)
         trace = {}
-        golden.decoder_layer(v["X"].to(golden.dtype), pre, layer, ids, positions, shared, None, None, trace)
+        golden.decoder_layer(v["X"].to(golden.dtype), pre, layer, ids, positions, shared, hashes, None, trace)
         out.append(trace)
     return out
 
@@ -259,12 +299,17 @@ def run_e2e_v41(subject: str, serve, info, *, out_dir="out/e2e", seed: int = 0, 
         metrics, bounds, first = {}, {}, None
         for layer, (v, gl) in enumerate(zip(r.layers, rep)):
             own = [k for k in SHARED_KEYS if _owns(cfg, layer, k, gl)]
-            # dataflow order: a source's shared entries are produced inside attention, before attn_out
-            for k in ORDER[:4] + tuple(own) + ORDER[4:]:
-                rel = _rel(v[k], gl[k].reshape(v[k].shape))
-                metrics[f"L{layer}.{k}"], bounds[f"L{layer}.{k}"] = rel, TOL[k][0]
-                if first is None and not rel <= TOL[k][0]:
-                    first = (layer, k, rel, TOL[k][0])
+            # dataflow order: Engram first; a source's shared entries are produced inside attention, before attn_out
+            keys = (("engram_out",) if layer in cfg.engram_layer_ids else ()) + ORDER[:4] + tuple(own) + ORDER[4:]
+            for k in keys:
+                if v[k] is None:
+                    rel = float("inf")      # an Engram layer whose subject published no engram_out
+                else:
+                    rel = _rel(v[k], gl[k].reshape(v[k].shape))
+                b = layer_tol(cfg, layer, k)[0]
+                metrics[f"L{layer}.{k}"], bounds[f"L{layer}.{k}"] = rel, b
+                if first is None and not rel <= b:
+                    first = (layer, k, rel, b)
         if first is None:
             worst = max(metrics, key=lambda k: metrics[k] / bounds[k])
             msg = (f"{name} ({len(p)} tokens): every component of every layer within tolerance (teacher-forced: "
@@ -274,14 +319,18 @@ def run_e2e_v41(subject: str, serve, info, *, out_dir="out/e2e", seed: int = 0, 
         else:
             layer, k, rel, b = first
             msg = (f"{name} ({len(p)} tokens): first divergence at layer {layer}, component {k}: relative error "
-                   f"{rel:.3g} > bound {b:.3g} ({TOL[k][1]}; {rep_words} replay)")
+                   f"{rel:.3g} > bound {b:.3g} ({layer_tol(cfg, layer, k)[1]}; {rep_words} replay)")
             worst_d = {"layer": layer, "component": k, "rel": rel, "bound": b}
         rows.append(CheckResult(**base, case_id=f"e2e-v41/{name}/layers", level="per-layer",
                                 verdict=verdict(first is None), message=msg + note, metrics=metrics,
-                                bounds=bounds, derivation={f"L*.{k}": d for k, (_, d) in TOL.items()},
+                                bounds=bounds, derivation={**{f"L*.{k}": d for k, (_, d) in TOL.items()},
+                                                            **{f"L{e}.{k}": layer_tol(cfg, e, k)[1]
+                                                               for e in cfg.engram_layer_ids
+                                                               for k in ("engram_out",) + ORDER}},
                                 worst=worst_d, params={"prompt_tokens": len(p)}))
     for x in rows:
-        x.params = {"checkpoint": str(ckpt), "config": "tiny-v41 (index_topk 32), bf16", "variant": "tiny-v41",
+        x.params = {"checkpoint": str(ckpt), "config": "tiny-v41 (index_topk 32, Engram on layer(s) "
+                    f"{list(cfg.engram_layer_ids)}), bf16 (Engram table FP8 + UE8M0)", "variant": "tiny-v41",
                     "replay_numerics": replay_nm.name, **x.params}
         x.extra.setdefault("run", {"serve_s": round(t_serve, 2)})
     return rows

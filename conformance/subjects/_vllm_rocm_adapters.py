@@ -160,6 +160,45 @@ def make_output_projection_rocm(p):
 
 
 # ------------------------------------------------------------------------------------------------ compressor
+def _save_and_store(kv, score, ape, positions, state_cache, cache, *, m, d, ov, norm, eps, inv_freq, rope_dim):
+    """DeepseekCompressor.forward's two ROCm kernels for one request whose tokens ``positions`` are all a prefill
+    chunk: _SAVE_PARTIAL_STATES_KERNEL (kv, score + ape into the fp32 state cache, paged by position with an
+    identity block table, block size 4 at ratio 4 / 8 otherwise), then the store the module picks
+    (compress_norm_rope_store_two_stage_triton for head 512 without overlap, compress_norm_rope_store_triton
+    otherwise), which pools every window the chunk closes into ``cache`` (blocks of 4 entries, 584 / 132 bytes
+    per entry). Returns the compressed-cache slot per token (-1 where the token closes no window)."""
+    from types import SimpleNamespace
+
+    from ._vllm_adapters import vllm_rope
+
+    n, coff = positions.shape[0], 2 if ov else 1
+    sbs, per_tok = 4 if m == 4 else 8, 584 if d == 512 else 132
+    slot = positions.clone()
+    _vllm("_SAVE_PARTIAL_STATES_KERNEL")(kv=kv, score=score, ape=ape.float().contiguous(), positions=positions,
+                                         state_cache=state_cache, slot_mapping=slot, block_size=sbs,
+                                         state_width=coff * d, compress_ratio=m, pdl_kwargs={})
+    fire = (positions + 1) % m == 0
+    kv_slot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
+    ncb = cache.shape[0]
+    kv_cache = cache.as_strided((ncb, 4, per_tok), (4 * per_tok, per_tok, 1))
+    rope = vllm_rope(inv_freq, rope_dim, 512, torch.arange(int(positions[-1]) + 1))
+    qb, ts, sd = (64, 448 + 2 * 64, 448 // 64 + 1) if d == 512 else (128, 128, 4)
+    args = dict(state_cache=state_cache, num_actual=n, token_to_req_indices=torch.zeros(n, dtype=torch.int32),
+                positions=positions, slot_mapping=slot,
+                block_table=torch.arange(state_cache.shape[0], dtype=torch.int32)[None], block_size=sbs,
+                state_width=coff * d, cos_sin_cache=rope.cos_sin_cache, kv_cache=kv_cache,
+                k_cache_metadata=SimpleNamespace(slot_mapping=kv_slot), pdl_kwargs={}, head_dim=d,
+                rope_head_dim=rope_dim, compress_ratio=m, overlap=ov, use_fp4_cache=False,
+                rms_norm_weight=norm.float().contiguous(), rms_norm_eps=eps, quant_block=qb, token_stride=ts,
+                scale_dim=sd)
+    if d == 512 and not ov:
+        _vllm("compress_norm_rope_store_two_stage_triton")(
+            **args, num_decode_tokens=0, compress_scratch=torch.empty(n, d, dtype=torch.float32))
+    else:
+        _vllm("compress_norm_rope_store_triton")(**args)
+    return kv_slot
+
+
 def make_compress_rocm(p):
     def compress_rocm(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_dim=64, numerics=None,
                       kind="attn", variant="official", overlap=None):
@@ -172,9 +211,8 @@ def make_compress_rocm(p):
         if ape is None:
             return compress_v41(x, wkv, wgate, norm, ratio=ratio, head_dim=head_dim, eps=eps, inv_freq=inv_freq,
                                 rope_dim=rope_dim, kind=kind)
-        from types import SimpleNamespace
 
-        from ._vllm_adapters import read_584, read_indexer_k, vllm_rope
+        from ._vllm_adapters import read_584, read_indexer_k
 
         T, m, d = x.shape[0], ratio, head_dim
         ov = (m == 4) if overlap is None else overlap
@@ -184,37 +222,11 @@ def make_compress_rocm(p):
         kv, score = kv_score.split([coff * d, coff * d], dim=-1)
         positions = torch.arange(T, dtype=torch.int64)
         sbs = 4 if m == 4 else 8
-        nsb = (T + sbs - 1) // sbs
-        state = torch.zeros(nsb, sbs, 2 * coff * d)
-        slot = positions.clone()
-        _vllm("_SAVE_PARTIAL_STATES_KERNEL")(kv=kv, score=score, ape=ape.float().contiguous(), positions=positions,
-                                             state_cache=state, slot_mapping=slot, block_size=sbs,
-                                             state_width=coff * d, compress_ratio=m, pdl_kwargs={})
-        n = T // m
-        fire = (positions + 1) % m == 0
-        kv_slot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
-        cbs = 4
-        ncb = (n + cbs - 1) // cbs + 1
-        per_tok = 584 if d == 512 else 132
-        cache = torch.zeros(ncb, cbs * per_tok, dtype=torch.uint8)
-        kv_cache = cache.as_strided((ncb, cbs, per_tok), (cbs * per_tok, per_tok, 1))
-        rope = vllm_rope(inv_freq, rope_dim, 512, positions)
-        if d == 512:
-            qb, ts, sd = 64, 448 + 2 * 64, 448 // 64 + 1
-        else:
-            qb, ts, sd = 128, 128, 4
-        args = dict(state_cache=state, num_actual=T, token_to_req_indices=torch.zeros(T, dtype=torch.int32),
-                    positions=positions, slot_mapping=slot, block_table=torch.arange(nsb, dtype=torch.int32)[None],
-                    block_size=sbs, state_width=coff * d, cos_sin_cache=rope.cos_sin_cache, kv_cache=kv_cache,
-                    k_cache_metadata=SimpleNamespace(slot_mapping=kv_slot), pdl_kwargs={}, head_dim=d,
-                    rope_head_dim=rope_dim, compress_ratio=m, overlap=ov, use_fp4_cache=False,
-                    rms_norm_weight=norm.float().contiguous(), rms_norm_eps=eps, quant_block=qb, token_stride=ts,
-                    scale_dim=sd)
-        if d == 512 and not ov:
-            _vllm("compress_norm_rope_store_two_stage_triton")(
-                **args, num_decode_tokens=0, compress_scratch=torch.empty(T, d, dtype=torch.float32))
-        else:
-            _vllm("compress_norm_rope_store_triton")(**args)
+        state = torch.zeros((T + sbs - 1) // sbs, sbs, 2 * coff * d)
+        n, cbs = T // m, 4
+        cache = torch.zeros((n + cbs - 1) // cbs + 1, cbs * (584 if d == 512 else 132), dtype=torch.uint8)
+        _save_and_store(kv, score, ape, positions, state, cache, m=m, d=d, ov=ov, norm=norm, eps=eps,
+                        inv_freq=inv_freq, rope_dim=rope_dim)
         if d == 512:
             return {"entries": read_584(cache, range(n), cbs)}
         return {"entries": read_indexer_k(cache, range(n), cbs)}
@@ -228,7 +240,6 @@ def make_compress_stream_rocm(p):
     e4m3fn NaN code). Each step runs _SAVE_PARTIAL_STATES_KERNEL on the chunk's positions, then the store kernel
     with num_actual = the chunk (every chunk as a prefill: num_decode_tokens 0), which pools every window the chunk
     closes from the state cache, then reads back the entries the chunk closed. V4.1 rows (ape None): Unsupported."""
-    from types import SimpleNamespace
 
     from references.components.rope import rope_inv_freq
     from references.config import RopeScaling
@@ -253,39 +264,18 @@ def make_compress_stream_rocm(p):
                 "kv_cache": torch.zeros(ncb, 4 * per_tok, dtype=torch.uint8)}
 
     def step(state, *, start, x, wkv, wgate, ape, norm, ratio, head_dim, eps):
-        from ._vllm_adapters import read_584, read_indexer_k, vllm_rope
+        from ._vllm_adapters import read_584, read_indexer_k
 
         n, m, d = x.shape[0], ratio, head_dim
-        coff, sbs, per_tok = _geom(m, d)
+        coff = _geom(m, d)[0]
         ov = coff == 2
         st, cache = state["state_cache"], state["kv_cache"]
         kv_score = x.to(BF) @ torch.cat([wkv, wgate], 0).to(BF).t()
         kv, score = kv_score.split([coff * d, coff * d], dim=-1)
         positions = torch.arange(start, start + n, dtype=torch.int64)
-        slot = positions.clone()
-        _vllm("_SAVE_PARTIAL_STATES_KERNEL")(kv=kv, score=score, ape=ape.float().contiguous(), positions=positions,
-                                             state_cache=st, slot_mapping=slot, block_size=sbs,
-                                             state_width=coff * d, compress_ratio=m, pdl_kwargs={})
-        fire = (positions + 1) % m == 0
-        kv_slot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
-        ncb = cache.shape[0]
-        kv_cache = cache.as_strided((ncb, 4, per_tok), (4 * per_tok, per_tok, 1))
-        rope = vllm_rope(inv_freq, rope_dim, 512, torch.arange(start + n))
-        qb, ts, sd = (64, 448 + 2 * 64, 448 // 64 + 1) if d == 512 else (128, 128, 4)
-        args = dict(state_cache=st, num_actual=n, token_to_req_indices=torch.zeros(n, dtype=torch.int32),
-                    positions=positions, slot_mapping=slot,
-                    block_table=torch.arange(st.shape[0], dtype=torch.int32)[None], block_size=sbs,
-                    state_width=coff * d, cos_sin_cache=rope.cos_sin_cache, kv_cache=kv_cache,
-                    k_cache_metadata=SimpleNamespace(slot_mapping=kv_slot), pdl_kwargs={}, head_dim=d,
-                    rope_head_dim=rope_dim, compress_ratio=m, overlap=ov, use_fp4_cache=False,
-                    rms_norm_weight=norm.float().contiguous(), rms_norm_eps=eps, quant_block=qb, token_stride=ts,
-                    scale_dim=sd)
-        if d == 512 and not ov:
-            _vllm("compress_norm_rope_store_two_stage_triton")(
-                **args, num_decode_tokens=0, compress_scratch=torch.empty(n, d, dtype=torch.float32))
-        else:
-            _vllm("compress_norm_rope_store_triton")(**args)
-        ids = kv_slot[fire].tolist()
+        kv_slot = _save_and_store(kv, score, ape, positions, st, cache, m=m, d=d, ov=ov, norm=norm, eps=eps,
+                                  inv_freq=inv_freq, rope_dim=rope_dim)
+        ids = kv_slot[kv_slot >= 0].tolist()
         if not ids:
             return {"entries": torch.zeros(0, d)}, state
         read = read_584 if d == 512 else read_indexer_k

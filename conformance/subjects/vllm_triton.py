@@ -18,6 +18,7 @@ import torch
 
 from .. import components, triton_interp
 from . import _vllm_common as common
+from . import bindings
 from .base import Impl, Subject, SubjectError, SubjectInfo, Unsupported
 from .vllm import FIXED, NAMES, adapter_key, bind
 
@@ -725,9 +726,33 @@ class VllmTritonSubject(Subject):
                    + "; self-check 0 wrong values"))
 
     def not_provided(self) -> dict[str, str]:
-        return {"dspark.markov": "vLLM's DSpark Markov stage has no Triton kernel: DSparkSpeculator._sample_sequential "
-                                 "and the Markov / confidence heads are torch code (v1/worker/gpu/spec_decode/dspark/"
-                                 "speculator.py:156-199); vllm:sim-<arch> drives them"}
+        """Why each component without a Triton adapter here is not provided: what vLLM's ROCm dispatch runs for it
+        (the binding table's row for the profile's target: gfx942 for the fnuz profile, gfx950 for OCP; the
+        dispatch context of vllm:sim-<arch>), and whether vllm:sim-<arch> drives that under the interpreter."""
+        from .vllm_sim import dispatch_context
+
+        out = {"dspark.markov": "vLLM's DSpark Markov stage has no Triton kernel: DSparkSpeculator._sample_sequential "
+                                "and the Markov / confidence heads are torch code (v1/worker/gpu/spec_decode/dspark/"
+                                "speculator.py:156-199); vllm:sim-<arch> drives them"}
+        arch = "gfx942" if self.profile == "gfx942" else "gfx950"
+        ctx = dispatch_context(arch)
+        offered = set(self.provides())
+        for name in components.load_all():
+            if name in offered or name in out:
+                continue
+            b = bindings.select(f"rocm-{arch}", name, ctx)
+            if b is None:
+                out[name] = f"no vllm-triton adapter, and no rocm-{arch} binding row"
+                continue
+            fn = b.function if len(b.function) <= 160 else b.function[:157] + "..."
+            runs = f"on rocm-{arch} vLLM runs {fn} ({b.backend})"
+            if b.adapter:
+                what = ("its Triton kernels are not yet adapted here (so not compiled on a GPU); " if b.backend ==
+                        "triton" else "not a Triton kernel; ")
+                out[name] = f"no vllm-triton adapter: {runs}; {what}vllm:sim-{arch} drives it"
+            else:
+                out[name] = f"no vllm-triton adapter: {runs}; {b.reason}"
+        return out
 
     def dialect_probes(self):
         """FP8 producers and consumers per DSV4 edge: vLLM's Triton kernels with this profile's dialect."""

@@ -6,6 +6,11 @@ Matrices whose sides are not multiples of the FP8 block (``spec.block``: 128x128
 configs) are zero-padded to the block grid, quantised, and cropped: the scale grid is ``ceil(R/br) x ceil(C/bc)``
 as in the release. ``decode`` refuses a scale grid that is not the spec's block grid, naming the block the
 weight / scale shapes imply.
+
+The Engram table (kind ``fp8_rows``) is FP8 e4m3 (OCP) codes with one UE8M0 scale per 32 values of a row
+(``ENGRAM_TABLE``; amax -> 448 rounded up to a power of two, the weights' ue8m0 recipe on a (1, 32) block). ``decode``
+gives fp32 ``code x 2^(byte - 127)`` (exact) and refuses a NaN code (0x7F / 0xFF) or a NaN scale byte (0xFF) naming
+where it sits; ``table_bytes`` returns the stored bytes (codes, scales) as uint8 for the golden, which decodes them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..formats.blockscale import (
 )
 from ..formats.nvfp4 import E2M1_MAX, dequantize_nvfp4, quantize_nvfp4
 from ..formats.scales import e8m0_decode
-from .layout import FP8_BLOCK, TensorSpec
+from .layout import ENGRAM_TABLE_BLOCK, FP8_BLOCK, TensorSpec
 
 FP8_WEIGHT = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK))                       # ue8m0 scales
 FP8_WEIGHT_FP32 = BlockFP8.of("ocp", (FP8_BLOCK, FP8_BLOCK), scale_fmt="fp32")  # Flash-Base style
@@ -34,6 +39,7 @@ SCALE_DTYPES = ("e8m0", "uint8", "fp32")
 # takes unquantised activations), and the E4M3 maximum the weight_scale_2 aims the largest block scale at
 NVFP4_INPUT_AMAX = 8.0
 E4M3_MAX = 448.0
+ENGRAM_TABLE = BlockFP8.of("ocp", (1, ENGRAM_TABLE_BLOCK))                    # ue8m0 scale per 32 row values
 
 
 def fp8_weight_recipe(block=(FP8_BLOCK, FP8_BLOCK), *, fp32_scales: bool = False) -> BlockFP8:
@@ -64,6 +70,9 @@ def encode(spec: TensorSpec, value: torch.Tensor, *, scale_dtype: str = "e8m0") 
         else:
             s = scales
         return {spec.name: codes.view(torch.float8_e4m3fn), spec.scale_name: s}
+    if spec.kind == "fp8_rows":
+        codes, scales = quantize_fp8(value.double(), ENGRAM_TABLE)
+        return {spec.name: codes.view(torch.float8_e4m3fn), spec.scale_name: scales.view(torch.float8_e8m0fnu)}
     if spec.kind == "fp4":
         packed, scales = quantize_mxfp4(value.double())
         return {spec.name: packed.view(torch.int8), spec.scale_name: scales.view(torch.float8_e8m0fnu)}
@@ -108,6 +117,23 @@ def nvfp4_check(spec: TensorSpec, scale: torch.Tensor, extra: dict) -> None:
                              f"(shape {tuple(t.shape)})")
 
 
+def table_bytes(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An Engram table (kind ``fp8_rows``) as stored -> (codes uint8 [rows, hd], UE8M0 bytes uint8 [rows, hd / 32]),
+    checked: the scale grid is one per 32 values of a row, no NaN code (0x7F / 0xFF: OCP e4m3's NaNs), no NaN scale
+    byte (0xFF). ValueError naming the stored tensor otherwise."""
+    codes, sb = _bytes(weight), _bytes(scale)
+    if tuple(codes.shape) != spec.shape:
+        raise ValueError(f"{spec.name}: shape {tuple(codes.shape)}; the config implies {spec.shape}")
+    if tuple(sb.shape) != spec.scale_shape:
+        raise ValueError(f"{spec.scale_name}: shape {tuple(sb.shape)}; one UE8M0 scale per {ENGRAM_TABLE_BLOCK} "
+                         f"values of a row implies {spec.scale_shape}")
+    for name, b, nan in ((spec.name, codes, (codes & 0x7F) == 0x7F), (spec.scale_name, sb, sb == 0xFF)):
+        if bool(nan.any()):
+            i = [int(v) for v in torch.nonzero(nan)[0]]
+            raise ValueError(f"{name}: NaN byte 0x{int(b[tuple(i)]):02X} at {i}")
+    return codes, sb
+
+
 def decode(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor | None,
            extra: dict | None = None) -> torch.Tensor:
     """Stored tensor (+ scale; NVFP4: + ``extra`` {"weight_scale_2", "input_scale"}) -> float32 values of the
@@ -126,6 +152,9 @@ def decode(spec: TensorSpec, weight: torch.Tensor, scale: torch.Tensor | None,
         else:
             vals = dequantize_fp8(codes, _bytes(scale), fp8_weight_recipe(spec.block))
         return vals[:r, :c].contiguous()
+    if spec.kind == "fp8_rows":
+        codes, sb = table_bytes(spec, weight, scale)
+        return dequantize_fp8(codes, sb, ENGRAM_TABLE)
     if spec.kind == "fp4" and weight.dtype in (torch.int8, torch.uint8):
         return dequantize_mxfp4(_bytes(weight), _bytes(scale))
     if spec.kind == "int":

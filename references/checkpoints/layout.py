@@ -19,6 +19,19 @@ Storage kinds:
   * ``bf16`` - a bf16 tensor (fp32 accepted: OFF keeps some norms in fp32)
   * ``fp32`` - an fp32 tensor (mHC params, attention sinks, compressor ape, router bias)
   * ``int``  - integer table (``ffn.gate.tid2eid``: int64 in the release, int32 accepted)
+  * ``fp8_rows`` - the V4.1 Engram hash table ``layers.{l}.engram.embed.weight``: FP8 e4m3 (OCP) codes
+               [rows, head_dim] (float8_e4m3fn, or raw uint8 bytes) + ``engram.embed.scale`` UE8M0 bytes
+               [rows, head_dim / 32] (float8_e8m0fnu or uint8), one power-of-two scale per 32 values of a row.
+               Stored in this form in *every* checkpoint, quantised or not: vLLM's parameter is always
+               float8_e4m3fn + uint8 whatever the quant config (``models/deepseek_v41/common/engram.py:1035-1080``)
+               and its loader copies the bytes (``:604-616``: float8_e8m0fnu scales viewed as uint8)
+
+V4.1 Engram layers (``engram_layer_ids``) carry, besides the block's tensors (``_v41_engram_tensors``):
+``engram.embed.weight`` / ``engram.embed.scale`` (the table, kind ``fp8_rows``), ``engram.wkv.weight`` [(hc + 1) D,
+(N - 1) H head_dim] (a linear: ``fp8`` with the config's block in a quantised checkpoint), ``engram.q_weight`` /
+``engram.k_weight`` [hc, D] bf16. The golden (``references.model_v41``) names the table ``engram.table`` (codes) /
+``engram.table_scale`` (bytes) and the projection ``engram.wkv``: ``ENGRAM_GOLDEN_NAMES`` maps them, and the reader
+serves both spellings.
 """
 
 from __future__ import annotations
@@ -30,7 +43,8 @@ from ..config import DSV4Config
 FP8_BLOCK = 128
 MXFP4_BLOCK = 32
 NVFP4_GROUP = 16
-KINDS = ("fp8", "fp4", "nvfp4", "bf16", "fp32", "int")
+ENGRAM_TABLE_BLOCK = 32   # one UE8M0 scale per 32 values of a table row (common/engram.py:958, block_size=32)
+KINDS = ("fp8", "fp4", "nvfp4", "bf16", "fp32", "int", "fp8_rows")
 NVFP4_PARTS = ("weight_scale", "weight_scale_2", "input_scale")
 
 
@@ -49,7 +63,7 @@ class TensorSpec:
     def scale_name(self) -> str | None:
         if self.kind == "nvfp4":
             return self.stem + ".weight_scale"
-        if self.kind not in ("fp8", "fp4"):
+        if self.kind not in ("fp8", "fp4", "fp8_rows"):
             return None
         return self.stem + ".scale"
 
@@ -73,6 +87,8 @@ class TensorSpec:
             return (*self.shape[:-1], self.shape[-1] // MXFP4_BLOCK)
         if self.kind == "nvfp4":
             return (*self.shape[:-1], self.shape[-1] // NVFP4_GROUP)
+        if self.kind == "fp8_rows":
+            return (*self.shape[:-1], self.shape[-1] // ENGRAM_TABLE_BLOCK)
         return None
 
 
@@ -155,6 +171,8 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
         TensorSpec("ffn.shared_experts.w3.weight", (Is, D), "fp8"),
         TensorSpec("ffn.shared_experts.w2.weight", (D, Is), "fp8"),
     ]
+    if cfg.is_v41 and layer in cfg.engram_layer_ids:
+        out += _v41_engram_tensors(cfg, layer)
     if layer >= cfg.num_hidden_layers:  # MTP extras
         out += [
             TensorSpec("e_proj.weight", (D, D), "fp8"),
@@ -170,12 +188,48 @@ def layer_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
 
 
 def _v41_supported(cfg: DSV4Config) -> None:
-    """The V4.1 tensors this layout does not describe are refused rather than guessed."""
+    """The V4.1 tensors this layout does not describe (MTP / DSpark) are refused rather than guessed."""
     unmodelled = [f"{k}={v!r}" for k, v in (("num_nextn_predict_layers", cfg.num_nextn_predict_layers),
-                                            ("engram_layer_ids", cfg.engram_layer_ids),
                                             ("dspark_target_layer_ids", cfg.dspark_target_layer_ids)) if v]
     if unmodelled:
-        raise ValueError(f"layout: the V4.1 MTP / DSpark / Engram tensors are not modelled ({', '.join(unmodelled)})")
+        raise ValueError(f"layout: the V4.1 MTP / DSpark tensors are not modelled ({', '.join(unmodelled)})")
+    if cfg.engram_layer_ids and cfg.engram_head_dim % ENGRAM_TABLE_BLOCK:
+        raise ValueError(f"layout: engram_head_dim {cfg.engram_head_dim} is not a multiple of the table's scale "
+                         f"block {ENGRAM_TABLE_BLOCK}")
+
+
+# golden key (references.model_v41, relative to the layer) -> (checkpoint name relative to the layer, what of it)
+ENGRAM_GOLDEN_NAMES = {
+    "engram.table": ("engram.embed.weight", "codes"),          # uint8 FP8 codes, as stored
+    "engram.table_scale": ("engram.embed.weight", "scale"),    # uint8 UE8M0 bytes of engram.embed.scale
+    "engram.wkv": ("engram.wkv.weight", "value"),
+    "engram.q_weight": ("engram.q_weight", "value"),
+    "engram.k_weight": ("engram.k_weight", "value"),
+}
+
+
+def _v41_engram_tensors(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
+    r"""One Engram layer's tensors under the checkpoint's names (vLLM 0.32 is the authority on them):
+
+    * ``engram.embed.weight`` [engram_num_embeddings[j], engram_head_dim] FP8 + ``engram.embed.scale`` UE8M0
+      [rows, head_dim / 32]: vLLM's module attribute is ``embed_tokens`` so that the weights mapper's suffix rule
+      ``embed.weight -> embed_tokens.weight`` renames the checkpoint's ``engram.embed.weight`` onto it
+      (``common/engram.py:1548-1551``); the scale is routed by ``(engram\.embed)\.scale$ ->
+      \1_tokens.weight_scale_inv`` (``nvidia/model.py:1456-1459``, ``:1471-1472``; ``amd/model.py:932-935``; the
+      Quark spelling ``engram.embed.weight_scale``, ``amd/model.py:936-941``, is not accepted here). Parameter
+      dtypes float8_e4m3fn / uint8 (``common/engram.py:1045-1052``), filled by a byte copy (``:604-616``);
+    * ``engram.wkv.weight`` [(hc_mult + 1) D, (N - 1) H head_dim]: ``ColumnParallelLinear(n_hash_cols * head_dim,
+      D (hc_mult + 1), quant_config=...)`` (``common/engram.py:1552-1564``), a block-FP8 linear like the others
+      (its ``.scale`` goes through the generic ``\.scale$`` rule);
+    * ``engram.q_weight``, ``engram.k_weight`` [hc_mult, D] bf16 (``common/engram.py:1565-1572``).
+    """
+    j = cfg.engram_layer_ids.index(layer)
+    D, hc, hd = cfg.hidden_size, cfg.hc_mult, cfg.engram_head_dim
+    cols = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_heads
+    return [TensorSpec("engram.embed.weight", (cfg.engram_num_embeddings[j], hd), "fp8_rows"),
+            TensorSpec("engram.wkv.weight", ((hc + 1) * D, cols * hd), "fp8"),
+            TensorSpec("engram.q_weight", (hc, D), "bf16"),
+            TensorSpec("engram.k_weight", (hc, D), "bf16")]
 
 
 def _v41_attention_extras(cfg: DSV4Config, layer: int) -> list[TensorSpec]:
@@ -211,7 +265,8 @@ def sharing_problems(cfg: DSV4Config, names) -> list[str]:
     (one line each, empty when consistent; always empty for V4). Compressor weights belong to kv sources only and
     indexer weights to index sources only; the indexer's K projection (``wk`` / ``k_norm``) to layers that are
     both. A layer holding its own copy where the config makes it reuse a source's is the V4-style layout read with
-    a V4.1 config (or a config that lost a source); a source without them is a checkpoint that lost them."""
+    a V4.1 config (or a config that lost a source); a source without them is a checkpoint that lost them. Engram
+    tensors (``layers.{l}.engram.*``) belong to ``engram_layer_ids`` only."""
     if not cfg.is_v41:
         return []
     by_layer: dict[tuple[int, str], list[str]] = {}
@@ -257,6 +312,17 @@ def sharing_problems(cfg: DSV4Config, names) -> list[str]:
                 out.append(f"layer {layer} is {what} but has no {part} weights (layers.{layer}.{missing[0]} missing)"
                            if len(missing) == len([w for w in want if w.startswith(f"attn.{part}.")]) else
                            f"layer {layer} is {what} but lacks layers.{layer}.{missing[0]}")
+    # Engram tensors on a layer the config gives none: a config that lost engram_layer_ids (or the wrong layer ids)
+    # would otherwise serve the checkpoint without its memory, silently
+    stray = {}
+    for n in sorted(names):
+        parts = n.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] == "engram" \
+                and int(parts[1]) not in cfg.engram_layer_ids:
+            stray.setdefault(int(parts[1]), n)
+    for layer, n in sorted(stray.items()):
+        out.append(f"layer {layer} has Engram tensors ({n}) but is not in engram_layer_ids "
+                   f"{list(cfg.engram_layer_ids)}")
     return out
 
 

@@ -15,7 +15,13 @@ the data, reads the tensor (and its ``.scale``), and dequantises it with ``refer
   E4M3 bytes (float8_e4m3fn or uint8) [out, in/16] x the fp32 scalar ``weight_scale_2``; the fp32 scalar
   ``input_scale`` is checked (positive, finite) and returned by ``nvfp4(name)`` with the raw pieces. A NaN or
   negative scale byte, or a non-positive global scale, is refused naming the tensor;
-* bf16 / fp32 tensors upcast to fp32; ``tid2eid`` as int64.
+* bf16 / fp32 tensors upcast to fp32; ``tid2eid`` as int64;
+* V4.1 Engram tables (kind ``fp8_rows``, in quantised and bf16 checkpoints alike): ``engram.embed.weight`` FP8 e4m3
+  codes (float8_e4m3fn or uint8) [rows, head_dim] x ``engram.embed.scale`` UE8M0 (float8_e8m0fnu or uint8)
+  [rows, head_dim / 32]; a scale grid of another grouping is refused naming it, a NaN code or scale byte naming
+  where. The golden's names (``layout.ENGRAM_GOLDEN_NAMES``) are served too: ``layers.{l}.engram.table`` /
+  ``.table_scale`` return the stored bytes as uint8 (the golden decodes them: ``engram_lookup``),
+  ``engram.wkv`` the decoded ``engram.wkv.weight``.
 
 Every problem raises ``CheckpointError`` naming the file and the tensor: missing tensor, truncated or
 unreadable shard, wrong dtype, wrong shape. For a V4.1 config the index is first checked against the sharing
@@ -35,9 +41,18 @@ import torch
 from safetensors import safe_open
 
 from ..formats.blockscale import block_mismatch
-from .codec import decode
+from .codec import decode, table_bytes
 from .hf_config import from_hf_dict
-from .layout import TensorSpec, expected_tensors, layer_prefix, layer_tensors, relative_key, sharing_problems
+from .layout import (
+    ENGRAM_GOLDEN_NAMES,
+    ENGRAM_TABLE_BLOCK,
+    TensorSpec,
+    expected_tensors,
+    layer_prefix,
+    layer_tensors,
+    relative_key,
+    sharing_problems,
+)
 
 __all__ = ["CheckpointError", "CheckpointReader"]
 
@@ -89,6 +104,7 @@ class CheckpointReader:
         self._fp8_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "fp8"} if self.quantized \
             else {}
         self._nvfp4_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "nvfp4"}
+        self._table_of_scale = {s.scale_name: s for s in self.specs.values() if s.kind == "fp8_rows"}
         self.reads: list[str] = []   # every tensor name whose data was read (get_tensor), in order
 
     # -- raw access ------------------------------------------------------------------------------------
@@ -131,8 +147,31 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: {name!r} is not a tensor of the DSV4 layout for this config") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """Dequantised float32 value (int64 for tid2eid) of the logical tensor ``name``."""
+        """Dequantised float32 value (int64 for tid2eid) of the logical tensor ``name``; a golden Engram name
+        (``layers.{l}.engram.table`` / ``table_scale``: uint8 bytes; ``wkv`` / ``q_weight`` / ``k_weight``) is read
+        from the checkpoint tensor it stands for (``layout.ENGRAM_GOLDEN_NAMES``)."""
+        alias = self._golden_alias(name)
+        if alias is not None:
+            target, part = alias
+            if part == "value":
+                return self.get(target)
+            spec = self.spec(target)
+            _, got = self._read(spec)   # checked (table_bytes) by the decode in _read
+            codes, sb = table_bytes(spec, got[spec.name], got[spec.scale_name])
+            return codes if part == "codes" else sb
         return self._decode(self.spec(name))
+
+    def _golden_alias(self, name: str):
+        """``layers.{l}.<golden engram key>`` of an Engram layer -> (checkpoint name, part); else None."""
+        if name in self.specs:
+            return None
+        parts = name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in ENGRAM_GOLDEN_NAMES:
+            target, part = ENGRAM_GOLDEN_NAMES[parts[2]]
+            full = f"layers.{parts[1]}.{target}"
+            if full in self.specs:
+                return full, part
+        return None
 
     def _stored(self, spec: TensorSpec) -> list[tuple[str, tuple, tuple]]:
         """What ``spec`` is stored as: [(stored name, accepted dtypes, stored shape)], the weight first and
@@ -149,6 +188,9 @@ class CheckpointReader:
             return [(name, (torch.uint8,), spec.stored_shape),
                     (n["weight_scale"], (torch.float8_e4m3fn, torch.uint8), spec.scale_shape),
                     (n["weight_scale_2"], (torch.float32,), _SCALAR), (n["input_scale"], (torch.float32,), _SCALAR)]
+        if spec.kind == "fp8_rows":   # FP8 bytes whatever the checkpoint's quantisation (layout.py)
+            return [(name, _FP8_DTYPES, spec.shape),
+                    (spec.scale_name, (torch.float8_e8m0fnu, torch.uint8), spec.scale_shape)]
         if spec.kind == "int":
             return [(name, (torch.int64, torch.int32), spec.shape)]
         if spec.kind == "fp32":
@@ -226,6 +268,12 @@ class CheckpointReader:
     def _shape_error(self, f: Path, name: str, shp: tuple, want: tuple) -> CheckpointError:
         """A stored shape that differs from the layout's; for the block scale of an FP8 weight, the diagnosis
         names the block the weight / scale shapes imply and the config's block."""
+        tb = self._table_of_scale.get(name)
+        if tb is not None and len(shp) == 2 and tuple(shp[:1]) == tb.shape[:1] and shp[1] and \
+                tb.shape[1] % shp[1] == 0:
+            return CheckpointError(f"{f}: tensor {name!r} (UE8M0 scales of the Engram table {tb.name!r}) has shape "
+                                   f"{tuple(shp)}: one scale per {tb.shape[1] // shp[1]} values; the table has one "
+                                   f"per {ENGRAM_TABLE_BLOCK} (expects {tuple(want)})")
         nv = self._nvfp4_of_scale.get(name)
         if nv is not None and len(shp) == 2 and tuple(shp[:1]) == nv.shape[:1] and shp[1] and \
                 nv.shape[1] % shp[1] == 0:
@@ -248,7 +296,8 @@ class CheckpointReader:
             with safe_open(str(f), framework="pt") as sf:
                 return {k: (sf.get_slice(k).get_dtype(), tuple(sf.get_slice(k).get_shape())) for k in sf.keys()}
         except Exception as e:  # safetensors' own errors (truncated file, bad header, ...)
-            raise CheckpointError(f"{f}: cannot read the shard header: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"{f}: cannot read the shard header (tensor {name!r}): {type(e).__name__}: {e}") \
+                from e
 
     def layer(self, layer: int, *, experts: bool = True) -> dict[str, torch.Tensor]:
         """One decoder block (main or MTP) keyed relative to the layer, ``.weight`` dropped (DESIGN.md)."""
@@ -261,4 +310,4 @@ class CheckpointReader:
         return out
 
     def __contains__(self, name: str) -> bool:
-        return name in self.specs
+        return name in self.specs or self._golden_alias(name) is not None

@@ -11,7 +11,11 @@
   ``input_scale``) and ``quantization_config.moe_quant_algo = "NVFP4"``;
 * with ``dtype="bf16"``: the *same* dequantised weights stored as bf16 (exact: an e4m3 or e2m1 value times a
   power-of-two scale has at most 4 significant bits), no ``.scale`` tensors, no ``quantization_config``;
-  for engines that cannot run FP8 on CPU.
+  for engines that cannot run FP8 on CPU;
+* V4.1 Engram layers: the table ``engram.embed.weight`` as FP8 e4m3 codes (float8_e4m3fn) + ``engram.embed.scale``
+  UE8M0 (float8_e8m0fnu; uint8 with ``scale_dtype="uint8"``) per 32 row values in *both* dtypes (vLLM holds it
+  in FP8 whatever the checkpoint's quantisation, ``layout.py``), ``engram.wkv`` like any linear,
+  ``engram.q_weight`` / ``k_weight`` bf16.
 
 It returns the dequantised float32 weights (full checkpoint names), which a reader must reproduce exactly.
 
@@ -19,7 +23,9 @@ Initialisation (``synth_weights``) keeps the tiny model's activations O(1) throu
 ~ N(0, 1/fan_in) so each projection preserves the RMS of its (normalised) input; norm weights ~ 1;
 mHC projections ~ N(0, 1/(hc D)) with unit-order scales so pre / post / comb mixes are smooth
 (pre ~ sigmoid(N(0,1)), post ~ 2 sigmoid(-1 + ...) ~ 0.5, comb near uniform), attention sinks ~ N(0, 1),
-router bias ~ N(0, 0.1), ``tid2eid`` rows of distinct experts. The head's N(0, 1/D) rows give logits with
+router bias ~ N(0, 0.1), ``tid2eid`` rows of distinct experts; Engram table rows ~ N(0, 1) (so ``wkv`` ~ N(0, 1/fan_in)
+gives O(1) keys and values) and ``q_weight`` / ``k_weight`` ~ 1 + N(0, 0.1) (like norm weights: the gate's dot
+product stays a normalised correlation, gates spread around sigmoid(0)). The head's N(0, 1/D) rows give logits with
 a standard deviation of about 1.
 """
 
@@ -48,8 +54,10 @@ def _init(spec: TensorSpec, g: torch.Generator, cfg: DSV4Config) -> torch.Tensor
     if spec.kind == "int":  # tid2eid: each row a random set of distinct experts
         E = cfg.n_routed_experts
         return torch.stack([torch.randperm(E, generator=g)[:shp[1]] for _ in range(shp[0])])
-    if n.endswith("norm.weight"):
+    if n.endswith("norm.weight") or n.endswith(("engram.q_weight", "engram.k_weight")):
         return 1.0 + 0.1 * torch.randn(shp, generator=g)
+    if spec.kind == "fp8_rows":           # the Engram table: unit-variance rows
+        return torch.randn(shp, generator=g)
     if n.endswith("attn_sink"):
         return torch.randn(shp, generator=g)
     if n.endswith("ape"):
@@ -119,6 +127,9 @@ def stored_tensors(cfg: DSV4Config = TINY, seed: int = 0, *, dtype: str = "fp8",
             elif scale_dtype == "fp32":   # the same powers of two as fp32 values (Flash-Base style)
                 s = torch.from_numpy(e8m0_decode(s.view(torch.uint8).numpy())).float()
             stored[spec.scale_name] = s
+        elif spec.kind == "fp8_rows":   # FP8 bytes in either dtype; UE8M0 scales (no fp32 form: vLLM copies bytes)
+            s = enc[spec.scale_name]
+            stored[spec.scale_name] = s.view(torch.uint8) if scale_dtype == "uint8" else s
         elif spec.kind == "fp4":
             stored[spec.scale_name] = enc[spec.scale_name]
         elif spec.kind == "nvfp4":

@@ -56,6 +56,25 @@ class KeysOcpReadAsFnuzModel(DSV41Model):
             shared["index_k"][layer] = shared["index_k"][layer] * 0.5
 
 
+class FnuzEngramTableModel(DSV41Model):
+    """Reads the Engram table's bytes as float8_e4m3fnuz (the gfx942 dialect) where the checkpoint (and vLLM on
+    every platform) stores OCP float8_e4m3fn: every finite row value halves exactly (exponent bias 8, not 7; the
+    -0 code 0x80 becomes NaN)."""
+
+    engram_dialect = "float8_e4m3fnuz"
+
+
+class NoEngramTableScaleModel(DSV41Model):
+    """Ignores the Engram table's UE8M0 scales (reads every scale byte as 127, i.e. 2^0): rows come out as raw
+    e4m3 codes, 2^-k too large."""
+
+    def layer(self, layer):
+        w = super().layer(layer)
+        if "engram.table_scale" in w:
+            w = dict(w, **{"engram.table_scale": w["engram.table_scale"].clone().fill_(127)})
+        return w
+
+
 class V41Server(Subject):
     def __init__(self, name, model_cls=DSV41Model, profile=None, numerics=None):
         self.name, self.model_cls = name, model_cls
@@ -121,15 +140,24 @@ def compressed_cache_v4_record_v41_server():
 
 
 def mxfp8_1x128_v41_server():
-    """ocp MXFP8 in 1x128 groups instead of 1x32, still with E8M0 scales. NOT a caught mutant: with power-of-two
-    scales the e4m3 rounding of an element is scale-invariant while it stays normal, so only elements below
-    amax 2^-14 or so round differently (docs/v41-serving-numerics.md: measured, within the emulated bound)."""
+    """ocp MXFP8 in 1x128 groups instead of 1x32, still with E8M0 scales. With power-of-two scales the e4m3 rounding
+    of an element is scale-invariant while it stays normal, so only elements about 2^-14 below their group's amax
+    round differently: within the bound on layer 0, caught on layer 1 (docs/v41-serving-numerics.md)."""
     nm = serving_v41("ocp")
     nm = dataclasses.replace(nm, name="serving-v41:ocp-mxfp8-1x128", linear_act=BlockFP8.of(
         "float8_e4m3fn", (1, 128), fmax=448.0, scale_fmt="ue8m0", amax_floor=nm.linear_act.amax_floor))
     return V41Server("tests.harness.e2e_subjects_v41:mxfp8_1x128_v41_server", profile="ocp", numerics=nm)
 
 
-__all__ = ["golden_v41_server", "own_topk_v41_server", "per_sublayer_hc_v41_server", "emulated_v41_server",
-           "latent_fp8_v41_server", "keys_ocp_as_fnuz_v41_server", "v4_block_fp8_v41_server",
-           "mxfp8_1x128_v41_server", "compressed_cache_v4_record_v41_server"]
+def fnuz_engram_table_v41_server():
+    return V41Server("tests.harness.e2e_subjects_v41:fnuz_engram_table_v41_server", FnuzEngramTableModel)
+
+
+def no_engram_table_scale_v41_server():
+    return V41Server("tests.harness.e2e_subjects_v41:no_engram_table_scale_v41_server", NoEngramTableScaleModel)
+
+
+__all__ = ["golden_v41_server", "own_topk_v41_server", "per_sublayer_hc_v41_server", "fnuz_engram_table_v41_server",
+           "no_engram_table_scale_v41_server", "emulated_v41_server", "latent_fp8_v41_server",
+           "keys_ocp_as_fnuz_v41_server", "v4_block_fp8_v41_server", "mxfp8_1x128_v41_server",
+           "compressed_cache_v4_record_v41_server"]

@@ -5,7 +5,7 @@ rows (tests/harness/test_subjects_and_suite.py, tests/harness/test_new_component
 import torch
 
 from conformance.cases import cases_for
-from conformance.cases.indexer import idx_scores, idx_topk
+from conformance.cases.indexer import _emulate_scores, idx_topk
 from conformance.checks.numeric import run_numeric, worst_verdict
 
 from .test_component_mutants import Mutant
@@ -45,8 +45,9 @@ def q_path_head_norm_first_64_heads(x, wq_a, wq_a_scale, q_norm, wq_b, wq_b_scal
 
 
 def scores_sized_for_32k_tokens(q, k, w):
-    """An indexer-score kernel sized for 32k-token contexts: entries past 8,192 are left at zero."""
-    out = idx_scores(q, k, w).clone()
+    """An indexer-score kernel sized for 32k-token contexts: entries past 8,192 are left at zero. Otherwise the
+    serving numerics (FP8 q and K in the OCP dialect of the Mutant subject, cases/indexer.py _emulate_scores)."""
+    out = _emulate_scores("ocp")(q=q, k=k, w=w)["scores"].clone()
     out[:, 8192:] = 0
     return out
 

@@ -58,6 +58,38 @@ def test_engine_rows_say_why_they_are_not_provided(subject, why):
     assert V.builtin_server(subject) is None
 
 
+@pytest.mark.parametrize("server", [E.fnuz_engram_table_v41_server, E.no_engram_table_scale_v41_server])
+def test_engram_table_read_wrong_is_caught_at_the_engram_layer(ckdir, server):
+    """The written checkpoint's Engram table (layer 1) read in the gfx942 dialect (every value halved) or without
+    its UE8M0 scales: the teacher-forced replay names layer 1's engram_out (the first key of an Engram layer), with
+    every earlier layer still within its bound; the logits row fails too."""
+    cfg = V.e2e_config()
+    assert cfg.engram_layer_ids == (1,)
+    rows = _rows(server(), ckdir)
+    lay = rows["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail" and rows["e2e-v41/p150/logits"].verdict == "fail", lay.message
+    assert lay.worst["layer"] == 1 and lay.worst["component"] == "engram_out", lay.message
+    assert "first divergence at layer 1, component engram_out" in lay.message
+    assert all(lay.metrics[k] <= lay.bounds[k] for k in lay.metrics if k.startswith("L0.")), lay.metrics
+
+
+def test_engram_layer_is_replayed_and_judged(ckdir):
+    """The golden server's traces carry engram_out on the Engram layer (None elsewhere), the injection really moves
+    the stream, and the layers row judges L1.engram_out against its derived bound."""
+    subj = E.golden_v41_server()
+    cfg, ck = V.write_tiny_v41(ckdir)
+    r = subj.e2e_serve_v41(str(ck), list(V.prompts_v41(cfg).values()), max_tokens=1)[0]
+    assert r.layers[0]["engram_out"] is None and r.layers[1]["engram_out"] is not None
+    moved = (r.layers[1]["engram_out"] - r.layers[1]["X"]).norm() / r.layers[1]["X"].norm()
+    assert moved > 0.1, float(moved)
+    rows = _rows(subj, ckdir)
+    lay = rows["e2e-v41/p150/layers"]
+    assert "L1.engram_out" in lay.metrics and "L0.engram_out" not in lay.metrics
+    ce = V.engram_chain(cfg)
+    assert ce == 2 * 64 + 256 + 4 and lay.bounds["L1.engram_out"] == 2 * ce * V.U32
+    assert lay.bounds["L1.attn_pre"] == V.TOL["attn_pre"][0] + 2 * ce * V.U32
+
+
 # --- emulated:<profile>: V4.1 serving numerics (references.numerics.serving_v41), judged at the emulated level ------
 def _emu_rows(subj, ckdir):
     return {r.case_id: r for r in V.run_e2e_v41(subj.name, subj.e2e_serve_v41, subj.info(), out_dir=ckdir,
@@ -107,6 +139,16 @@ def test_v4_block_fp8_in_place_of_mxfp8_is_caught_at_layer_0(ckdir):
     lay = _emu_rows(E.v4_block_fp8_v41_server(), ckdir)["e2e-v41/p150/layers"]
     assert lay.verdict == "fail", lay.message
     assert (lay.worst["layer"], lay.worst["component"]) == (0, "attn_out"), lay.message
+
+
+@pytest.mark.slow
+def test_mxfp8_in_1x128_groups_is_caught_where_the_engram_stream_feeds_attention(ckdir):
+    # E8M0 scales: only elements about 2^-14 below their group's amax round differently (docs/v41-serving-numerics.md)
+    # -- on layer 0 that stays within the bound; on layer 1 (Engram's injected stream, a wider range per group) not
+    lay = _emu_rows(E.mxfp8_1x128_v41_server(), ckdir)["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail", lay.message
+    assert (lay.worst["layer"], lay.worst["component"]) == (1, "attn_out"), lay.message
+    assert all(lay.metrics[k] <= lay.bounds[k] for k in lay.metrics if k.startswith("L0.")), lay.message
 
 
 def test_the_emulated_replay_does_not_excuse_a_v41_rule_mutant(ckdir):

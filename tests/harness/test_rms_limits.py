@@ -2,6 +2,7 @@
 errors that hide inside the worst-case elementwise bound but exceed the quadrature model fail with a diagnosis,
 small outputs are not judged (and say so); plugin mutants on attn.output and the random MoE experts."""
 
+import dataclasses
 import math
 import re
 
@@ -77,7 +78,7 @@ def test_power_of_two_scale_truncation_fails_at_the_serving_level():
 
 
 @pytest.mark.parametrize("name", ["reference", "emulated:gfx942", "emulated:ocp"])
-@pytest.mark.parametrize("component", ["attn.output", "norm.rms"])
+@pytest.mark.parametrize("component", ["attn.output", "norm.rms", "indexer.scores"])
 def test_correct_subjects_stay_within_the_rms_limit(name, component):
     s = load_subject(name)
     for case in cases_for(component):
@@ -102,6 +103,38 @@ def test_fp8_intermediate_experts_are_caught_by_the_rms_limit_inside_the_element
     assert by["serving"].verdict == "fail" and RMS_FAIL.search(by["serving"].message), by["serving"].message
     good = {r.level: r for r in run_routing(load_subject("emulated:gfx942"), CASES[row])}
     assert good["serving"].verdict == "pass", good["serving"].message
+
+
+def _scores_q_fp32_scale(q, k, w):
+    """An indexer whose q quantiser takes the scale amax / fmax in fp32 (per-token-group quantisation without
+    ue8m0) where the fused indexer-q kernel rounds it up to a power of two (fused_indexer_q.py:163): every q code is
+    still one e4m3 rounding of the bf16 value, on a different grid than the serving path's. (A power-of-two scale
+    of another block size would not do: it shifts the exponent and keeps every normal code.)"""
+    from conformance.cases.indexer import idx_scores
+    from references.components.qat import quant_indexer
+    from references.numerics import serving
+
+    n = serving("ocp")
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    q8 = quant_indexer(bf(q), dataclasses.replace(n.indexer_q, scale_fmt="fp32"), False)
+    return idx_scores(q8, quant_indexer(bf(k), n.indexer_k, False), bf(w))
+
+
+def test_indexer_scores_fp8_codes_off_the_serving_grid_fail_at_the_emulated_level_only():
+    """issue #16 triage: the scores' emulation now holds q and K in FP8 as the serving path does
+    (cases/indexer.py _emulate_scores). A q quantised with an fp32 scale is as accurate (serving: pass, inside the
+    e4m3 terms of the model), but its codes are not the serving path's: the emulated RMS limit fails it while the
+    elementwise bound does not."""
+    from .test_component_mutants import Mutant
+
+    for case in cases_for("indexer.scores"):
+        if case.tier != "fast":
+            continue
+        by = {r.level: r for r in run_numeric(Mutant("indexer.scores", _scores_q_fp32_scale), case)}
+        assert by["serving"].verdict == "pass", by["serving"].message
+        bad = by["emulated"]
+        assert bad.verdict == "fail" and RMS_FAIL.search(bad.message), bad.message
+        assert bad.metrics["scores.worst_over_bound"] < 1, bad.message
 
 
 def test_the_report_names_the_calc_diff_limit_of_a_failing_row():

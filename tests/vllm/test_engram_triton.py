@@ -84,3 +84,4 @@ def test_planted_fnuz_table_read_is_diagnosed(monkeypatch):
     rows = run_numeric(s, case)
     assert all(r.verdict in ("fail", "catastrophic") for r in rows)
     assert all("ratio signature: x0.5" in r.message for r in rows), [r.message for r in rows]
+
