@@ -66,7 +66,7 @@ from .components.norms import rms_norm
 from .components.qat import quant_kv_nope
 from .components.rope import apply_rope, layer_inv_freq
 from .config import DSV4Config
-from .model import TRACE_KEYS, _round, as_source, layer_experts, layer_weights
+from .model import TRACE_KEYS, SequenceModel, _round, as_source, layer_experts, layer_weights
 from .numerics import GOLDEN, Numerics
 
 __all__ = ["DSV41Model", "V41State", "V41LayerState", "V41_TRACE_KEYS", "ENGRAM_KEYS", "SCORE_CHUNK"]
@@ -105,7 +105,7 @@ def _w(w, key):
         raise KeyError(f"w: missing weight {key!r}") from None
 
 
-class DSV41Model:
+class DSV41Model(SequenceModel):
     """Golden DeepSeek-V4.1 forward over a ``WeightSource`` (module docstring).
 
     dtype: float32 golden or float64 cross-check (weights cast to it). token_map: Engram's token id -> compressed
@@ -115,6 +115,7 @@ class DSV41Model:
     # how the Engram table's bytes are read: the checkpoint's (and vLLM's, on every platform) OCP e4m3
     # (common/engram.py:1045-1052); a hook for test mutants
     engram_dialect = "float8_e4m3fn"
+    state_cls = V41State   # prefill / step (references.model.SequenceModel)
 
     def __init__(self, weights, cfg: DSV4Config, *, numerics: Numerics = GOLDEN, dtype=torch.float32,
                  token_map: torch.Tensor | None = None):
@@ -206,15 +207,6 @@ class DSV41Model:
         return logits
 
     __call__ = forward
-
-    def prefill(self, ids: torch.Tensor, state: V41State | None = None):
-        state = state if state is not None else V41State()
-        return self.forward(ids, state=state), state
-
-    def step(self, ids: torch.Tensor, state: V41State):
-        if state is None:
-            raise ValueError("state: step() needs the V41State returned by prefill()")
-        return self.forward(ids, state=state)
 
     # -- one block -------------------------------------------------------------------------------------
     def hc_pre_site(self, X, fn, base, scale, pre_prev, **kw):
