@@ -178,8 +178,9 @@ def make_experts_nvfp4(p: dict, *, select: bool):
         w13 = torch.cat([w1, w3], 1).contiguous()
         w13_s = read(torch.cat([w1_scale, w3_scale], 1).contiguous())
         w2_s = read(w2_scale.contiguous())
-        w13_s2 = torch.stack([w1_scale_2.float(), w3_scale_2.float()], 1)[:, 0].contiguous()   # modelopt.py:1032
-        w2_s2 = HOOKS.get("w2_scale_2", lambda t: t)(w2_scale_2.float().contiguous())
+        g2 = HOOKS.get("weight_scale_2", lambda t: t)
+        w13_s2 = g2(torch.stack([w1_scale_2.float(), w3_scale_2.float()], 1)[:, 0].contiguous())  # modelopt.py:1032
+        w2_s2 = g2(w2_scale_2.float().contiguous())
         (w13, w13_s, w13_s2, a13, w2q, w2_s, w2_s2, a2) = orc.convert_to_nvfp4_moe_kernel_format(
             nvfp4_backend=orc.NvFp4MoeBackend.EMULATION, layer=None, w13=w13, w13_scale=w13_s,
             w13_scale_2=w13_s2, a13_scale=w13_input_scale.float(), w2=w2.contiguous(), w2_scale=w2_s,
