@@ -3,10 +3,10 @@
 What runs (paths relative to the installed ``site-packages/vllm``):
   * ``model_executor/layers/fused_moe/oracle/nvfp4.py``: ``convert_to_nvfp4_moe_kernel_format`` (EMULATION branch,
     :480-505: the activation scales become the encode global scales 1 / max_e(input_scale)) and
-    ``make_nvfp4_moe_quant_config`` (:593-604: ``nvfp4_moe_quant_config`` with the swiglu clamp), called as
+    ``make_nvfp4_moe_quant_config`` (:566-577: ``nvfp4_moe_quant_config`` with the swiglu clamp), called as
     ``ModelOptNvFp4FusedMoE.process_weights_after_loading`` calls them (``quantization/modelopt.py:1008-1060``:
     w13 = [w1; w3] rows, one weight_scale_2 per expert taken from w1, ``[:, 0]`` at :1032);
-  * under ``vllm:sim-<arch>`` first ``select_nvfp4_moe_backend`` (:191-313) with the simulated ROCm platform and
+  * under ``vllm:sim-<arch>`` first ``select_nvfp4_moe_backend`` (:191-321) with the simulated ROCm platform and
     (kNvfp4Static, kNvfp4Dynamic): the adapter refuses unless it answers EMULATION /
     ``Nvfp4QuantizationEmulationTritonExperts`` (the witness that the dispatch reaches this backend);
   * ``fused_moe/experts/nvfp4_emulation_moe.py``: ``Nvfp4QuantizationEmulationTritonExperts(moe_config,
@@ -31,7 +31,7 @@ written here from their contract, not from their source):
     (``_torchdynamo_orig_callable``) runs: bf16 rounding after silu and after the product, where a device's
     inductor kernel may round once (both within the emulated bound's one-ulp allowance on the hidden activation).
   * ``vllm-triton:<profile>`` only: ``current_platform.is_cuda_alike()`` answers True around the call, so
-    ``ref_nvfp4_quant_dequant`` takes the Triton kernel the device takes (``nvfp4_emulation_utils.py:665-666``)
+    ``ref_nvfp4_quant_dequant`` takes the Triton kernel the device takes (``nvfp4_emulation_utils.py:664-665``)
     instead of the CPU torch fallback ``ref_nvfp4_quant``.
 
 Dropped slots (id -1): vLLM's routers never emit -1 and the compiled alignment op indexes its counters with the
@@ -41,7 +41,7 @@ does for cpu_fused_moe): the kernel multiplies the fp32 W2 accumulator by the we
 
 Dialect: the checkpoint's scale bytes are handed over as the checkpoint holds them (``float8_e4m3fn``, OCP) on
 every profile and arch; the kernel bitcasts them to ``tl.float8e4nv`` (OCP, :223) whatever the platform's FP8
-dtype, and the activation scales are cast to ``tl.float8e4nv`` too (``nvfp4_emulation_utils.py:401``).
+dtype, and the activation scales are cast to ``tl.float8e4nv`` too (``nvfp4_emulation_utils.py:402``).
 """
 
 from __future__ import annotations

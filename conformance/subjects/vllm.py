@@ -187,7 +187,7 @@ CPU_WHY = {
        for c in ("dspark.input", "dspark.markov")},
     "moe.experts_nvfp4": "the CPU build reaches no NVFP4 MoE backend: select_nvfp4_moe_backend raises 'No NvFp4 MoE "
                          "backend supports the deployment configuration' (model_executor/layers/fused_moe/oracle/"
-                         "nvfp4.py:311-313; EMULATION's TritonExperts needs is_cuda_alike or is_xpu, experts/"
+                         "nvfp4.py:319-321; EMULATION's TritonExperts needs is_cuda_alike or is_xpu, experts/"
                          "triton_moe.py:118-119), and torch.ops._moe_C (moe_align_block_size, moe_sum) is not built",
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
