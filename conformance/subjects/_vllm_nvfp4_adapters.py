@@ -205,3 +205,77 @@ def make_experts_nvfp4(p: dict, *, select: bool):
             out.copy_(y)
         return {"y": y}
     return experts_nvfp4
+
+
+# the launch config: what vLLM 0.32's get_default_config (fused_moe/fused_moe.py:1296-1370) answers for up to 32
+# tokens (config name None; above, BLOCK_SIZE_M grows: rows grouped differently, the same K loop, so the same
+# values; tests/harness/test_nvfp4_vllm_mutants.py compares); its module needs vllm.envs, which the source loader
+# does not follow. The kernels' source files must be in the source root (the installed vLLM; a bundle made by
+# _vllm_source's `bundle` does not carry them yet: the GPU row then errors naming the missing file).
+LAUNCH = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1}
+NVE = "vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe"
+NVU = "vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils"
+
+
+def make_experts_nvfp4_kernels(p: dict):
+    """``vllm-triton-gpu:<profile>``: vLLM's NVFP4 EMULATION kernels compiled for this GPU, taken from vLLM's source
+    files (``_vllm_source``: no vllm package there), launched with the arguments ``apply`` passes
+    (``nvfp4_emulation_moe.py:441-543``): the default launch config ``LAUNCH``, ``_triton_nvfp4_quant_dequant``
+    for both activation QDQs, ``invoke_fused_moe_nvfp4_emulation_kernel`` for w13 (no routing weight, top_k k)
+    and w2 (routing weight, top_k 1).
+    The glue is the harness's: the alignment and top-k sum stand-ins (module docstring), the encode global scales
+    1 / max(input_scale) as ``convert_to_nvfp4_moe_kernel_format`` computes them (``oracle/nvfp4.py:480-505``), and
+    the clamp-SiLU-mul as ``_swiglu_limit_torch``'s text does it in bf16 (``fused_moe/utils.py:576-589``; its
+    ``torch.compile`` wrapper asks a platform question the source loader does not answer)."""
+    src, dev = p["src"], p.get("dev", "cuda")
+
+    def experts_nvfp4(x, ids, weights, w1, w1_scale, w1_scale_2, w3, w3_scale, w3_scale_2, w2, w2_scale,
+                      w2_scale_2, w13_input_scale, w2_input_scale, *, limit, out=None):
+        import triton.language as tl
+
+        invoke = src.get(NVE, "invoke_fused_moe_nvfp4_emulation_kernel")
+        qdq = src.get(NVU, "_triton_nvfp4_quant_dequant")
+        T, D = x.shape
+        E, I = w1.shape[0], w1.shape[1]
+        k = ids.shape[1]
+        read = HOOKS.get("scale_bytes", lambda b: b.view(torch.float8_e4m3fn))
+        g2 = HOOKS.get("weight_scale_2", lambda t: t)
+        w13 = torch.cat([w1, w3], 1).contiguous().to(dev)
+        w13_s = read(torch.cat([w1_scale, w3_scale], 1).contiguous()).to(dev)
+        w2q, w2_s = w2.contiguous().to(dev), read(w2_scale.contiguous()).to(dev)
+        w13_s2 = g2(w1_scale_2.float().contiguous()).to(dev)      # w1's global scale for w3 too (modelopt.py:1032)
+        w2_s2 = g2(w2_scale_2.float().contiguous()).to(dev)
+        a13 = (1.0 / w13_input_scale.float().max()).reshape(1).to(dev)
+        a2 = (1.0 / w2_input_scale.float().max()).reshape(1).to(dev)
+        local = ids.to(torch.int32)
+        dropped = local < 0
+        tid = torch.where(dropped, torch.zeros_like(local), local).contiguous()
+        tw = torch.where(dropped, torch.zeros_like(weights.float()), weights.float())
+        tw = HOOKS.get("topk_weights", lambda t: t)(tw).contiguous().to(dev)
+        config = dict(LAUNCH)
+        bm = config["BLOCK_SIZE_M"]
+        # moe_align_block_size's buffer sizes (moe_align_block_size.py:137-151), filled by the stand-in on the CPU
+        n_pad = tid.numel() + E * (bm - 1)
+        if tid.numel() < E:
+            n_pad = min(tid.numel() * bm, n_pad)
+        s_ids = torch.empty(n_pad, dtype=torch.int32)
+        e_ids = torch.empty(-(-n_pad // bm), dtype=torch.int32)
+        npp = torch.empty(1, dtype=torch.int32)
+        HOOKS.get("align", align_block_size_standin)(tid, E, bm, s_ids, e_ids, npp)
+        s_ids, e_ids, npp = s_ids.to(dev), e_ids.to(dev), npp.to(dev)
+        xq = qdq(x.to(BF).contiguous().to(dev), a13, 16)
+        c1 = torch.empty(T, k, 2 * I, dtype=BF, device=dev)
+        invoke(xq, w13, c1, w13_s, a13, w13_s2, None, s_ids, e_ids, npp, False, k, config, compute_type=tl.bfloat16)
+        h = c1.view(-1, 2 * I)
+        gate, up = h[:, :I].clamp(max=limit), h[:, I:].clamp(min=-limit, max=limit)
+        c2 = (torch.nn.functional.silu(gate) * up).contiguous()
+        c2q = qdq(c2, a2, 16)
+        c3 = torch.empty(T, k, D, dtype=BF, device=dev)
+        invoke(c2q, w2q, c3, w2_s, a2, w2_s2, tw, s_ids, e_ids, npp, True, 1, config, compute_type=tl.bfloat16)
+        y = torch.empty(T, D, dtype=BF, device=dev)
+        HOOKS.get("moe_sum", moe_sum_standin)(c3, y)
+        y = y.float().cpu()
+        if out is not None:
+            out.copy_(y)
+        return {"y": y}
+    return experts_nvfp4

@@ -633,18 +633,11 @@ def make_dspark_input(p: dict):
 
 
 def make_experts_nvfp4(p: dict):
-    from ._vllm_nvfp4_adapters import make_experts_nvfp4 as make
+    from . import _vllm_nvfp4_adapters as nv
 
-    return make(p, select=False)
-
-
-# KERNELS entries whose adapter drives vLLM's Python around the kernels and so needs the vllm package, which
-# the GPU subject (kernels from vLLM's source files) does not import
-NEEDS_VLLM_PACKAGE = {
-    "experts_nvfp4": "its adapter calls Nvfp4QuantizationEmulationTritonExperts.apply and the NVFP4 oracle's "
-                     "Python (FusedMoEConfig, FusedMoEQuantConfig, moe_align_block_size), which need the vllm package; "
-                     "this subject takes vLLM's kernels from its source files without importing vllm",
-}
+    # the GPU subject (kernels from vLLM's source files, no vllm package): the kernels launched with apply's
+    # arguments; the interpreter subject: apply itself
+    return nv.make_experts_nvfp4_kernels(p) if "src" in p else nv.make_experts_nvfp4(p, select=False)
 
 
 KERNELS = {
@@ -656,7 +649,8 @@ KERNELS = {
                       "conversion and quant config, then the experts' apply as is (activation QDQ and both GEMMs "
                       "Triton; is_cuda_alike answered True so the QDQ takes the Triton kernel); harness stand-ins "
                       "for the compiled moe_align_block_size / moe_sum; scale bytes float8_e4m3fn on every profile "
-                      "(the kernel reads float8e4nv)"),
+                      "(the kernel reads float8e4nv). vllm-triton-gpu: the same kernels from vLLM's source files "
+                      "launched with apply's arguments (no vllm package there; glue by the harness)"),
     "dspark_input": (make_dspark_input,
                      "harness serving chain (taps, main_proj, main_norm: cases.dspark's emulation) + "
                      "vllm.v1.worker.gpu.spec_decode.dflash.speculator._prepare_dflash_inputs_kernel "
@@ -769,8 +763,6 @@ class VllmTritonSubject(Subject):
             key = adapter_key(name, spec)
             if key not in KERNELS:
                 continue
-            if key in NEEDS_VLLM_PACKAGE and "src" in p:
-                continue
             make, function, why = KERNELS[key]
             fn, err = bind(spec, make(p), fixed=FIXED.get(name))
             if fn is None:
@@ -867,14 +859,6 @@ class VllmTritonGpuSubject(VllmTritonSubject):
 
     def dialect_probes(self):
         return None
-
-    def not_provided(self) -> dict[str, str]:
-        out = super().not_provided()
-        for name, spec in components.load_all().items():
-            key = adapter_key(name, spec)
-            if key in NEEDS_VLLM_PACKAGE:
-                out[name] = "not provided on the GPU subject: " + NEEDS_VLLM_PACKAGE[key]
-        return out
 
     def graph_cases(self) -> list:
         """vLLM's kernels captured on this GPU (``_vllm_graph``): the K-cache writer + ragged sparse decode, and

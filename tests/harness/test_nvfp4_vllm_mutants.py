@@ -121,3 +121,26 @@ def test_alignment_standin_follows_the_documented_layout():
     assert e[:4].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="outside"):
         nv.align_block_size_standin(ids - 1, 4, 4, s, e, n)
+
+
+def test_gpu_kernel_launch_adapter_matches_apply_under_the_interpreter():
+    """vllm-triton-gpu's adapter (kernels from vLLM's source files, launched with apply's arguments; no vllm package
+    needed) gives apply's output bit for bit when both run under the interpreter (the T33 case: apply launches with
+    BLOCK_SIZE_M 32, the adapter 16: rows are grouped differently, the K loop is the same), and its fixed launch
+    config has vLLM's default BLOCK_SIZE_K (the accumulation order) on every fast case and is vLLM's whole default
+    config up to 32 tokens."""
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
+
+    from conformance.subjects._vllm_source import source_root
+
+    fk = nv.make_experts_nvfp4_kernels({"dev": "cpu", "src": source_root()})
+    fa = nv.make_experts_nvfp4({}, select=False)
+    for c in _fast()[:3]:
+        kw = c.make_inputs()
+        assert torch.equal(fk(**kw)["y"], fa(**kw)["y"]), c.id
+    for c in _fast():
+        p = c.params
+        got = get_default_config(p["tokens"], p["experts"], p["inter"] // 2, p["dim"] // 2, p["topk"], None, None)
+        assert got["BLOCK_SIZE_K"] == nv.LAUNCH["BLOCK_SIZE_K"], (c.id, got)
+        if p["tokens"] <= 32:
+            assert {k: got[k] for k in nv.LAUNCH} == nv.LAUNCH, (c.id, got)
