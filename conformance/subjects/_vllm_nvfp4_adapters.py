@@ -211,7 +211,7 @@ def make_experts_nvfp4(p: dict, *, select: bool):
 # tokens (config name None; above, BLOCK_SIZE_M grows: rows grouped differently, the same K loop, so the same
 # values; tests/harness/test_nvfp4_vllm_mutants.py compares); its module needs vllm.envs, which the source loader
 # does not follow. The kernels' source files must be in the source root (the installed vLLM; a bundle made by
-# _vllm_source's `bundle` does not carry them yet: the GPU row then errors naming the missing file).
+# _vllm_source's `bundle` does not carry them yet: the GPU row is then not provided, naming the missing module).
 LAUNCH = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1}
 NVE = "vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe"
 NVU = "vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils"
@@ -233,8 +233,15 @@ def make_experts_nvfp4_kernels(p: dict):
                       w2_scale_2, w13_input_scale, w2_input_scale, *, limit, out=None):
         import triton.language as tl
 
-        invoke = src.get(NVE, "invoke_fused_moe_nvfp4_emulation_kernel")
-        qdq = src.get(NVU, "_triton_nvfp4_quant_dequant")
+        from ._vllm_source import SourceError
+        from .base import Unsupported
+
+        try:
+            invoke = src.get(NVE, "invoke_fused_moe_nvfp4_emulation_kernel")
+            qdq = src.get(NVU, "_triton_nvfp4_quant_dequant")
+        except SourceError as e:   # a bundle without these files: not provided (one sentence), not an error row
+            raise Unsupported(f"vLLM's NVFP4 emulation kernels are not in this source root ({e}); make the bundle "
+                              "with these modules or point $DSV4_VLLM_SRC at an installed vLLM's files") from None
         T, D = x.shape
         E, I = w1.shape[0], w1.shape[1]
         k = ids.shape[1]

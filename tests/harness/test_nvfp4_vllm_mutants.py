@@ -144,3 +144,18 @@ def test_gpu_kernel_launch_adapter_matches_apply_under_the_interpreter():
         assert got["BLOCK_SIZE_K"] == nv.LAUNCH["BLOCK_SIZE_K"], (c.id, got)
         if p["tokens"] <= 32:
             assert {k: got[k] for k in nv.LAUNCH} == nv.LAUNCH, (c.id, got)
+
+
+def test_gpu_adapter_without_the_kernels_in_the_source_root_is_not_provided(tmp_path):
+    """A source bundle without the NVFP4 emulation modules: the row is "not provided" with the reason, never an
+    error row (the indexer-K precedent, tests/vllm/test_vllm_mutants.py)."""
+    from conformance.subjects._vllm_source import SourceError
+    from conformance.subjects.base import Unsupported
+
+    class Empty:
+        def get(self, module, name):
+            raise SourceError(f"vLLM source: {module} not found under {tmp_path}")
+
+    fn = nv.make_experts_nvfp4_kernels({"dev": "cpu", "src": Empty()})
+    with pytest.raises(Unsupported, match="not in this source root"):
+        fn(**_fast()[0].make_inputs())
