@@ -159,3 +159,20 @@ def test_gpu_adapter_without_the_kernels_in_the_source_root_is_not_provided(tmp_
     fn = nv.make_experts_nvfp4_kernels({"dev": "cpu", "src": Empty()})
     with pytest.raises(Unsupported, match="not in this source root"):
         fn(**_fast()[0].make_inputs())
+
+
+def test_sim_adapter_follows_the_oracle(monkeypatch):
+    """vllm:sim's adapter asks select_nvfp4_moe_backend first: on the CPU platform (no simulation) the oracle finds
+    no backend and says so; an oracle planted to answer MARLIN makes the adapter refuse instead of running the
+    emulation anyway."""
+    from vllm.model_executor.layers.fused_moe.oracle import nvfp4 as orc
+
+    from conformance.subjects.base import Unsupported
+
+    kw = _fast()[0].make_inputs()
+    with pytest.raises(NotImplementedError, match="No NvFp4 MoE backend"):
+        nv.make_experts_nvfp4({}, select=True)(**kw)
+    marlin = (orc.NvFp4MoeBackend.MARLIN, type("Marlin", (), {}))
+    monkeypatch.setattr(orc, "select_nvfp4_moe_backend", lambda *a: marlin)
+    with pytest.raises(Unsupported, match="chose MARLIN"):
+        nv.make_experts_nvfp4({}, select=True)(**kw)
