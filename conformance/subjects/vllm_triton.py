@@ -633,7 +633,25 @@ def make_dspark_input(p: dict):
     return make(p)
 
 
+def make_experts_nvfp4(p: dict):
+    from . import _vllm_nvfp4_adapters as nv
+
+    # the GPU subject (kernels from vLLM's source files, no vllm package): the kernels launched with apply's
+    # arguments; the interpreter subject: apply itself
+    return nv.make_experts_nvfp4_kernels(p) if "src" in p else nv.make_experts_nvfp4(p, select=False)
+
+
 KERNELS = {
+    "experts_nvfp4": (make_experts_nvfp4,
+                      "vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe."
+                      "Nvfp4QuantizationEmulationTritonExperts.apply (fused_moe_nvfp4_emulation_kernel + "
+                      "nvfp4_emulation_utils._nvfp4_quant_dequant_kernel)",
+                      "vLLM's NVFP4 MoE EMULATION backend (what ROCm serves): the oracle's EMULATION weight / scale "
+                      "conversion and quant config, then the experts' apply as is (activation QDQ and both GEMMs "
+                      "Triton; is_cuda_alike answered True so the QDQ takes the Triton kernel); harness stand-ins "
+                      "for the compiled moe_align_block_size / moe_sum; scale bytes float8_e4m3fn on every profile "
+                      "(the kernel reads float8e4nv). vllm-triton-gpu: the same kernels from vLLM's source files "
+                      "launched with apply's arguments (no vllm package there; glue by the harness)"),
     "dspark_input": (make_dspark_input,
                      "harness serving chain (taps, main_proj, main_norm: cases.dspark's emulation) + "
                      "vllm.v1.worker.gpu.spec_decode.dflash.speculator._prepare_dflash_inputs_kernel "
