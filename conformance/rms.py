@@ -213,7 +213,8 @@ def head_rms(level: str, d: int, *, what: str = "head.lm", g32: float) -> dict:
         f"(S-|z|)^2 + bf16 logits ub^2/3 z^2 + fp32 chain {g32:.3g}^2/3 S^2"))
 
 
-def random_sum_rms(level: str, n: int, *, what: str, lam: float = 6.0, u_src: float = U_ACT_) -> dict:
+def random_sum_rms(level: str, n: int, *, what: str, lam: float = 6.0, u_src: float = U_ACT_,
+                   extra: float = 0.0) -> dict:
     """An output y whose scale is S = lam R + |y| with R^2 = sum over rounding sources of their squared
     sensitivity-weighted magnitudes (``cases.moe._shared_scale``: x and a rounded bf16 then e4m3 (U_ACT), g, u
     bf16 (ub < U_ACT: counted at U_ACT, an upper bound), fp32 GEMMs of length <= n in its random-sum terms).
@@ -222,7 +223,13 @@ def random_sum_rms(level: str, n: int, *, what: str, lam: float = 6.0, u_src: fl
                 bf16 flips under the fp32 order r = sqrt(2 (n + 4)/3) u32 (2 ub r R^2); a's e4m3 code flips under
                 a pre-store disagreement r_a = sqrt(ub^2 + 2 ub r) (probability r_a / (2 u8), cost (2 u8)^2:
                 2 u8 r_a R^2); y: (ub^2 + 2 ub r + r^2) y^2
-      fp64/fp32 ((n + 4) u32)^2/3 S^2, twice at fp32 (measured, not judged)"""
+      fp64/fp32 ((n + 4) u32)^2/3 S^2, twice at fp32 (measured, not judged)
+    ``extra``: a further worst-case term of the elementwise bound relative to S (the q path's fp32 RoPE phase,
+    the MTP projections' bf16 outputs) kept as one uniform step, extra^2/3 S^2, at serving and emulated.
+    Also the q path (attn.q_path qr: S = 6 R + 2 |qr|; q: the head norm's Jacobian bound (B_i + |nh_i| ||B_h||) /
+    rms adds a factor 2 in variance, (a + b)^2 <= 2 (a^2 + b^2): lam = 6 / sqrt 2) and the MTP mixing (mtp.head X:
+    S = Q_h + |y_h| + Q_e + |y_e| >= (Q_h + Q_e) + |X|, lam = 1; its FP8 activation codes are made in-component
+    from bf16 norm outputs, the emulated e4m3 flips below)."""
     g32 = (n + 4) * U32_
     if level in ("fp64", "fp32"):
         c = (g32 if level == "fp64" else 2 * g32) ** 2 / 3
@@ -233,10 +240,55 @@ def random_sum_rms(level: str, n: int, *, what: str, lam: float = 6.0, u_src: fl
         ra = math.sqrt(UB_**2 + 2 * UB_ * r)
         c = UB_**2 / 3 + 2 * UB_ * r + 2 * U8_ * ra
         rel = UB_**2 + 2 * UB_ * r + r * r
-        return dict(ms_rel=rel, ms_excess=c / l2, derivation=(
+        return dict(ms_rel=rel, ms_excess=c / l2, ms_scale=extra**2 / 3, derivation=(
             f"{what}: one intermediate bf16 rounding placed differently + bf16 flips of g, u (r = {r:.3g}) + e4m3 "
-            f"flips of a (2 u8 r_a, r_a = {ra:.3g}): {c:.3g} R^2 (R = (S-|y|)/{lam:g}); y {rel:.3g} y^2"))
+            f"flips of a (2 u8 r_a, r_a = {ra:.3g}): {c:.3g} R^2 (R = (S-|y|)/{lam:g}); y {rel:.3g} y^2"
+            + (f" + extra {extra:.3g}^2/3 S^2" if extra else "")))
     ex = u_src**2 / 3 / l2
-    return dict(ms_rel=UB_**2 / 3, ms_excess=ex, ms_scale=g32**2 / 3, derivation=(
+    return dict(ms_rel=UB_**2 / 3, ms_excess=ex, ms_scale=(g32**2 + extra**2) / 3, derivation=(
         f"{what}: every source at {u_src:.4g}^2/3 of its magnitude: {ex:.3g} (S-|y|)^2 (R = (S-|y|)/{lam:g}) + "
-        f"bf16 y ub^2/3 y^2 + fp32 (({n}+4) u32)^2/3 S^2"))
+        f"bf16 y ub^2/3 y^2 + fp32 (({n}+4) u32)^2/3 S^2" + (f" + extra {extra:.3g}^2/3 S^2" if extra else "")))
+
+
+def kv_insert_rms(level: str, n: int, *, phase: float) -> dict:
+    """attn.kv_insert's read-back kv against ``cases.qkv._kv_scale`` S = (6 R + 2|kv|, pair-summed on the rope
+    dims) + e + 2^-12 amax, e = max(|kv|, 2^-12 amax of its 64-block): the chain sources at U_ACT (as the q path's
+    qr: U_ACT^2/108 (S - |kv|)^2, an upper bound since S - |kv| >= 6 R) and the FP8 store of the nope dims,
+    u8^2/3 e^2 <= u8^2/3 ((1 + 2^-12) kv^2 + (2^-12 + 2^-24) S^2) (e <= |kv| + 2^-12 S); the fp32 chain and the
+    fp32 RoPE phase as one step each ((n+4) u32, phase: /3 S^2).
+    Emulated: both sides store FP8 from the same bf16 kv up to bf16 flips: the e4m3 store flips one ulp (2 u8)
+    where the pre-store values disagree, r8 = sqrt(ub^2 + 2 ub r), r = sqrt(2 (n+4)/3) u32 (``cases._serving``
+    stored_fp8): E[e^2] <= r8 2 u8 kv^2, counted as flips (Bennett / Poisson allowance); the bf16 rope dims flip
+    at ub^2 + 2 ub r < r8 2 u8 (covered)."""
+    g32 = (n + 4) * U32_
+    if level in ("fp64", "fp32"):
+        c = (g32 if level == "fp64" else 2 * g32 + phase) ** 2 / 3
+        return dict(ms_scale=c, derivation=f"kv read back: fp32 as one step = {c:.3g} S^2")
+    if level == "emulated":
+        r = math.sqrt(2 * (n + 4) / 3) * U32_
+        r8 = math.sqrt(UB_**2 + 2 * UB_ * r)
+        ms = r8 * 2 * U8_
+        return dict(ms_rel=ms, flip_ulp=2 * U8_, ms_scale=phase**2 / 3, derivation=(
+            f"kv read back: e4m3 store flips under the pre-store disagreement r8 = {r8:.3g}: {ms:.3g} kv^2 + fp32 "
+            f"phase {phase:.3g}^2/3 S^2"))
+    ex = U_ACT_**2 / 108
+    rel = U8_**2 / 3 * (1 + 2.0**-12)
+    sc = U8_**2 / 3 * (2.0**-12 + 2.0**-24) + (g32**2 + phase**2) / 3
+    return dict(ms_rel=rel, ms_excess=ex, ms_scale=sc, derivation=(
+        f"kv read back: chain sources U_ACT^2/108 = {ex:.3g} (S-|kv|)^2 + FP8 store u8^2/3 e^2 <= {rel:.3g} kv^2 + "
+        f"{sc:.3g} S^2 (the store's subnormal floor, fp32 ({n}+4) u32 and the RoPE phase as one step)"))
+
+
+def kv_rope_rms(level: str, n: int, *, phase: float) -> dict:
+    """attn.kv_insert's stored bf16 rope values (compared at the emulated level only) against the pair magnitude
+    S = |r_2i| + |r_2i+1| + 2^-12 max: the three bf16 steps of the elementwise bound (kv store, y through the norm,
+    the stored value) in quadrature: each source ONE intermediate rounding placed differently (ub^2/3) or a flip
+    under the fp32 order r = sqrt(2 (n+4)/3) u32 (2 ub r), both members of the pair mixed by the rotation
+    (|cos|, |sin| <= 1: relative to S): 2 (ub^2/3 + 2 ub r) S^2; the stored value (ub^2 + 2 ub r + r^2) r^2; the
+    fp32 phase as one step."""
+    r = math.sqrt(2 * (n + 4) / 3) * U32_
+    sc = 2 * (UB_**2 / 3 + 2 * UB_ * r) + phase**2 / 3
+    rel = UB_**2 + 2 * UB_ * r + r * r
+    return dict(ms_rel=rel, ms_scale=sc, derivation=(
+        f"stored rope: kv store and y through the norm {2 * (UB_**2 / 3 + 2 * UB_ * r):.3g} S^2 + phase "
+        f"{phase:.3g}^2/3 S^2; the stored value's flips {rel:.3g} r^2"))
