@@ -3,6 +3,7 @@ docs/rms-limits.md "Models of the former fallback components"): a mutant with a 
 inside the elementwise bound on most rows but fails the derived RMS limit, with a message naming the component,
 the calc_diff, the limit and the RMS ratio; the correct implementations stay within it."""
 
+import math
 import re
 
 import pytest
@@ -153,3 +154,26 @@ def test_correct_subjects_stay_within_the_new_rms_limits(name):
                 for k, lim in r.bounds.items():
                     if k.endswith("calc_diff"):
                         assert r.metrics[k] <= lim, (r.case_id, r.level, r.metrics[k], lim)
+
+
+def test_the_excess_term_models_the_random_sum_part_of_the_scale():
+    """``Tolerance.ms_excess``: E = ms_excess * sum (s - |want|)^2. Errors uniform in +-u Q on a scale Q + |y| sit at
+    RMS ~1x the model u^2/3 Q^2 and pass; twice that RMS fails, inside an elementwise bound of 6 u (Q + |y|)."""
+    from conformance.metrics import compare_float
+    from conformance.tolerances import Tolerance
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 256, generator=g, dtype=torch.float64)
+    Q = 0.5 + torch.rand(64, 256, generator=g, dtype=torch.float64)
+    u = 2.0**-4
+    d = (2 * torch.rand(64, 256, generator=g, dtype=torch.float64) - 1) * u * Q
+    tol = Tolerance(0.0, 6 * u, "6 u (Q + |y|)").with_rms(ms_excess=u * u / 3, derivation="u^2/3 Q^2")
+    ok = compare_float(w + d, w, tol, output="y", scale=Q + w.abs(), level="serving")
+    assert ok.verdict == "pass" and 0.9 < ok.metrics["rms_vs_model"] < 1.1, ok.message
+    bad = compare_float(w + 2 * d, w, tol, output="y", scale=Q + w.abs(), level="serving")
+    assert bad.metrics["worst_over_bound"] < 1 and bad.verdict == "fail", bad.message
+    m = RMS_FAIL.search(bad.message)
+    assert m and 1.9 < float(m.group(3)) < 2.1, bad.message
+    # E is exactly u^2/3 sum (s - |y|)^2 = u^2/3 sum Q^2
+    assert math.isclose(ok.metrics["rms_vs_model"] ** 2 * (u * u / 3) * float(Q.square().sum()),
+                        float(d.square().sum()), rel_tol=1e-9)
