@@ -191,14 +191,17 @@ def head_rms(level: str, d: int, *, what: str = "head.lm", g32: float) -> dict:
     and a radial part rho |z|), n's bf16 rounding (Q) and the logits' (|z|); weights and X are bf16-exact.
       serving   ub^2/3 (2 Q^2 + rho^2 z^2) + ub^2/3 z^2; since (S - |z|)^2 / 36 = (2Q + rho|z|)^2
                 >= 4 Q^2 + rho^2 z^2: c_Q Q^2 + c_rho rho^2 z^2 <= max(c_Q / 4, c_rho) (S - |z|)^2 / 36 with
-                c_Q = 2 ub^2/3, c_rho = ub^2/3 -> ub^2/108 (S - |z|)^2; the fp32 chain (5D + 8) u32 of S kept as
-                one uniform step (g32^2/3 S^2)
+                c_Q = 2 ub^2/3, c_rho = ub^2/3 -> ub^2/108 (S - |z|)^2; the fp32 chain's (5D + 8) roundings, each
+                <= u32 S in the elementwise count, in quadrature: (5D + 8) u32^2/3 S^2
       emulated  h and n: one intermediate bf16 rounding placed differently (ub^2/3) and flips under the fp32 order
                 r = sqrt(2 (5D + 8)/3) u32 (2 ub r each): c_Q = ub^2/3 + 4 ub r + 2 r^2, c_rho = ub^2/3 + 2 ub r
                 + r^2; the logits' flips + their intermediate: (ub^2 + 2 ub r + r^2) z^2
-      fp64/fp32 g32^2/3 S^2 (one step; measured, not judged)"""
+      fp64/fp32 (5D + 8) u32^2/3 S^2, twice at fp32 (measured, not judged)"""
+    # the fp32 chain in quadrature: (5D + 8) roundings, each <= u32 S in the elementwise count (g32 = (5D+8) u32 S
+    # summed worst case): (5D + 8) u32^2/3 S^2 (twice at fp32)
+    fp = g32 * U32_ / 3
     if level in ("fp64", "fp32"):
-        return dict(ms_scale=g32**2 / 3, derivation=f"{what}: fp32 chain as one step {g32:.3g}^2/3 S^2")
+        return dict(ms_scale=fp, derivation=f"{what}: fp32 chain, {g32 / U32_:.0f} roundings u32^2/3 = {fp:.3g} S^2")
     if level == "emulated":
         r = math.sqrt(2 * (5 * d + 8) / 3) * U32_
         cq, cr = UB_**2 / 3 + 4 * UB_ * r + 2 * r * r, UB_**2 / 3 + 2 * UB_ * r + r * r
@@ -208,9 +211,9 @@ def head_rms(level: str, d: int, *, what: str = "head.lm", g32: float) -> dict:
             f"{what}: h / n one intermediate bf16 rounding placed differently + flips under the fp32 order r = "
             f"{r:.3g}: max(c_Q/4, c_rho)/36 = {ex:.3g} (S-|z|)^2; logits (ub^2 + 2 ub r + r^2) = {rel:.3g} z^2"))
     ex = max(2 * UB_**2 / 3 / 4, UB_**2 / 3) / 36
-    return dict(ms_rel=UB_**2 / 3, ms_excess=ex, ms_scale=g32**2 / 3, derivation=(
+    return dict(ms_rel=UB_**2 / 3, ms_excess=ex, ms_scale=fp, derivation=(
         f"{what}: bf16 h (tangential Q, radial rho|z|) and n (Q): max(c_Q/4, c_rho)/36 = ub^2/108 = {ex:.3g} "
-        f"(S-|z|)^2 + bf16 logits ub^2/3 z^2 + fp32 chain {g32:.3g}^2/3 S^2"))
+        f"(S-|z|)^2 + bf16 logits ub^2/3 z^2 + fp32 chain {g32 / U32_:.0f} u32^2/3 = {fp:.3g} S^2"))
 
 
 def random_sum_rms(level: str, n: int, *, what: str, lam: float = 6.0, u_src: float = U_ACT_,

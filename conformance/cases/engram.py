@@ -445,11 +445,12 @@ def memory_rms_variance(kw: dict, level: str) -> tuple[torch.Tensor, str]:
     """Per-element expected squared error E[e^2] of out [T, hc, D] (fp64): the quadrature (RMS) model of the
     sources ``memory_bound`` sums worst case (``conformance.rms``: a round-to-nearest step of unit roundoff u has
     variance <= u^2/3 of its value; independent sources add; docs/rms-limits.md).
-      kv     serving: bf16 kv ub^2/3 kv^2 + the fp32 K-long accumulation as one step ((K+1) u32 S)^2/3;
+      kv     serving: bf16 kv ub^2/3 kv^2 + the fp32 K-long accumulation, K + 1 roundings of partial sums <= S:
+             (K+1) u32^2/3 S^2;
              emulated: one intermediate bf16 rounding placed differently + flips under the fp32 order
              r = sqrt(2 (K+1)/3) u32 of S: ub^2 kv^2 + 2 ub r |kv| S + r^2 S^2 (as ``cases._serving``)
       dot    linearised: d dot = sum_d c_d dkey_d, c_d = f x_d qk_d - dot key_d / (sum key^2 + D eps) (the key's
-             own rsqrt moves with it), var = sum_d c_d^2 var(key_d) + (red A)^2/3 (fp32 reductions, one step)
+             own rsqrt moves with it), var = sum_d c_d^2 var(key_d) + (D+6) u32^2/3 A^2 (fp32 reductions)
       gate   g'(dot) = sigmoid'(g_in) / (2 sqrt|dot|) where the linearisation holds (6 sd(dot) <= |dot| / 2 and
              |dot| / 2 >= the 1e-6 clamp); elsewhere (a sign change or the clamp within reach) the element's whole
              elementwise bound as one uniform step, bound^2/3 (the fallback, per element); 0 on masked tokens
@@ -460,7 +461,10 @@ def memory_rms_variance(kw: dict, level: str) -> tuple[torch.Tensor, str]:
     rows = engram_lookup(kw["hash_ids"], kw["table"], kw["table_scale"]).double().reshape(T, -1)
     w = wkv_weight(kw["wkv"], kw.get("wkv_scale")).double()
     K = rows.shape[1]
-    _, a_kv, _, red = _levels(level, K, D)
+    # the fp32 reductions in quadrature: K + 1 (D + 6) roundings, each of a partial sum <= the magnitude sum S
+    # (A), variance u32^2/3 each: (K + 1) u32^2/3 S^2 in place of the worst-case ((K + 1) u32 S)^2 (twice at fp32)
+    f32 = 1 if level == "fp64" else 2
+    a2_kv, red2 = f32 * (K + 1) * U32**2, f32 * (D + 6) * U32**2
     kv = rows @ w.T
     S = rows.abs() @ w.abs().T
     if level == "emulated":
@@ -469,10 +473,10 @@ def memory_rms_variance(kw: dict, level: str) -> tuple[torch.Tensor, str]:
         ro = math.sqrt(2 * (D + 6) / 3) * U32
         u_out2 = UB**2 + 2 * UB * ro + ro * ro
     elif level == "serving":
-        vkv = UB**2 / 3 * kv.square() + (a_kv * S).square() / 3
+        vkv = UB**2 / 3 * kv.square() + a2_kv * S.square() / 3
         u_out2 = UB**2 / 3
     else:
-        vkv = (a_kv * S).square() / 3
+        vkv = a2_kv * S.square() / 3
         u_out2 = (U32 if level == "fp64" else 2 * U32) ** 2 / 3
     key, vkey = kv[:, :hc * D].reshape(T, hc, D), vkv[:, :hc * D].reshape(T, hc, D)
     val, vval = kv[:, hc * D:].unsqueeze(1), vkv[:, hc * D:].unsqueeze(1)
@@ -484,7 +488,7 @@ def memory_rms_variance(kw: dict, level: str) -> tuple[torch.Tensor, str]:
     dot = (x * qk * key).sum(-1) * f
     A = (x * qk * key).abs().sum(-1) * f
     c = f.unsqueeze(-1) * x * qk - (dot / (key.square().sum(-1) + D * eps)).unsqueeze(-1) * key
-    vdot = (c.square() * vkey).sum(-1) + (red * A).square() / 3
+    vdot = (c.square() * vkey).sum(-1) + red2 * A.square() / 3
     g_in = torch.sqrt(dot.abs().clamp_min(GATE_CLAMP))
     gate = torch.sigmoid(torch.where(dot < 0, -g_in, g_in))
     gprime = gate * (1 - gate) / (2 * g_in)

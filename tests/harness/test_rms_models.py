@@ -56,7 +56,7 @@ def head_logit_gain(*a, **kw):
     """The logits 2^-6 small on every element (a final-norm weight folded into the bf16 head weight with a
     gain error of 1.6%: a plain systematic gain, invisible elementwise)."""
     out = _base("head.lm")(*a, **kw)
-    return {"logits": (out["logits"] * (1 - 2.0**-7)).to(torch.bfloat16).float()}
+    return {"logits": (out["logits"] * (1 - 2.0**-6)).to(torch.bfloat16).float()}
 
 
 def shared_down_act_scale_pow2_truncated(x, w1, w3, w2, *, limit):
@@ -68,6 +68,25 @@ def shared_down_act_scale_pow2_truncated(x, w1, w3, w2, *, limit):
     g, u = bf(xq @ w1.float().T), bf(xq @ w3.float().T)
     a = bf(torch.nn.functional.silu(g.clamp(max=limit)) * u.clamp(-limit, limit))
     return {"y": bf(_pow2_truncated_act(a) @ w2.float().T)}
+
+
+def engram_fp8_key(stream, hash_ids, table, table_scale, wkv, q_weight, k_weight, token_mask, *, eps,
+                   wkv_scale=None):
+    """engram.memory as served on gfx942, but the key half of kv quantised to MXFP8 (e4m3fn, 1x32 groups,
+    power-of-two scale) before the gate's dot where bf16 is served: an FP8 intermediate; the value stays bf16."""
+    from conformance.cases.engram import engram_gate, engram_lookup, wkv_weight
+    from conformance.cases.linear import MX_ACT, _mxfp8_serving
+
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    rows = bf(engram_lookup(hash_ids, table, table_scale, dialect="float8_e4m3fn"))
+    T, hc, D = stream.shape
+    if wkv_scale is not None:
+        kv = _mxfp8_serving("gfx942", rows.reshape(T, -1), wkv, wkv_scale)["y"]
+    else:
+        kv = bf(rows.reshape(T, -1) @ bf(wkv_weight(wkv, None)).T)
+    kv = torch.cat((dequantize_fp8(*quantize_fp8(kv[:, :hc * D], MX_ACT), MX_ACT), kv[:, hc * D:]), 1)
+    out = engram_gate(bf(stream), kv, bf(q_weight), bf(k_weight), token_mask, eps=eps)
+    return {"rows": rows, "out": bf(out)}
 
 
 def _bf16_truncated(t: torch.Tensor) -> torch.Tensor:
