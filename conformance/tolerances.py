@@ -68,6 +68,8 @@ class Tolerance:
     ms_scale: float = math.nan
     flip_ulp: float = 0.0
     ms_derivation: str = ""
+    # + ms_excess * sum (scale - |want|)^2: the random-sum part of a ``lambda Q + |y|`` scale (conformance.rms)
+    ms_excess: float = 0.0
 
     def join(self, other: Tolerance, reason: str) -> Tolerance:
         def mx(a, b):   # an undeclared (nan) model on either side leaves the joined model undeclared
@@ -78,13 +80,15 @@ class Tolerance:
                          max(self.degraded_share, other.degraded_share),
                          mx(self.ms_rel, other.ms_rel), mx(self.ms_scale, other.ms_scale),
                          max(self.flip_ulp, other.flip_ulp),
-                         "; ".join(d for d in (self.ms_derivation, other.ms_derivation) if d))
+                         "; ".join(d for d in (self.ms_derivation, other.ms_derivation) if d),
+                         max(self.ms_excess, other.ms_excess))
 
     def with_rms(self, *, ms_rel: float = 0.0, ms_scale: float = 0.0, flip_ulp: float = 0.0,
-                 derivation: str) -> Tolerance:
+                 derivation: str, ms_excess: float = 0.0) -> Tolerance:
         """The same elementwise bound with a declared quadrature rounding model (``conformance.rms``)."""
         from dataclasses import replace
-        return replace(self, ms_rel=ms_rel, ms_scale=ms_scale, flip_ulp=flip_ulp, ms_derivation=derivation)
+        return replace(self, ms_rel=ms_rel, ms_scale=ms_scale, flip_ulp=flip_ulp, ms_derivation=derivation,
+                       ms_excess=ms_excess)
 
     def bound(self, scale: torch.Tensor) -> torch.Tensor:
         return self.atol + self.rtol * scale.abs()

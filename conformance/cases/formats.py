@@ -39,9 +39,16 @@ def _act_quant_tol(params: dict, level: str) -> Tolerance:
     fmax = params["fmax"]
     atol = 2 * params["inputs_absmax"] / fmax * fmt.smallest_subnormal / 2
     # Serving paths take bf16 activations: one more rounding of 2^-8 relative before the FP8 one.
-    return Tolerance(atol, 2.0**-4 + 2.0**-8,
+    r = 2.0**-4 + 2.0**-8
+    # RMS (calc_diff) model, conformance.rms: ONE rounding chain per element (bf16 then e4m3 at the block's scale):
+    # the error is at most r |x| (+ atol below e4m3's normal range) and round-to-nearest spreads it uniformly over
+    # +-half a cell, variance <= (r |x|)^2 / 3 (+ atol^2 / 3, counted by rms_judgement): the one-uniform-step form,
+    # exact for a single rounding (no reduction, no chain to split)
+    return Tolerance(atol, r,
                      f"bf16 input (2^-8) + e4m3 rounding (2^-4, half ulp); atol (2*{params['inputs_absmax']:.3g}"
-                     f"/{fmax})*{fmt.smallest_subnormal:.3g}/2 = {atol:.3g} for subnormal results")
+                     f"/{fmax})*{fmt.smallest_subnormal:.3g}/2 = {atol:.3g} for subnormal results").with_rms(
+        ms_rel=r * r / 3, derivation=f"quant.act_fp8: one rounding chain (bf16 then e4m3), uniform in +-half a "
+                                     f"cell: (2^-4 + 2^-8)^2/3 = {r * r / 3:.3g} x^2 + atol^2/3")
 
 
 def _make_act(g: torch.Generator, p: dict) -> dict:

@@ -17,6 +17,7 @@ from references.components.mhc import hc_head
 from references.components.norms import rms_norm
 
 from ..components import ComponentSpec, OutputSpec, register
+from ..rms import head_rms
 from ..tolerances import Tolerance
 from ._case import Case, add, dist_tensor
 from ._serving import U32, UB
@@ -107,6 +108,13 @@ def _head_scale(kw, want):
 
 
 def _head_tol(params, level):
+    """The elementwise bound below with its quadrature (RMS) model ``conformance.rms.head_rms``."""
+    D = params["d"]
+    g32 = (5 * D + 8) * U32 * (2 if level == "fp32" else 1)
+    return _head_elementwise(params, level).with_rms(**head_rms(level, D, g32=g32))
+
+
+def _head_elementwise(params, level):
     D = params["d"]
     # fp32 arithmetic of the golden, relative to S: the head GEMM's accumulation 6 sqrt(D) u32 sum|W n| <=
     # 6 D u32 Q (Cauchy-Schwarz), h's 4-term mix and the pre weights (a 4D-long fp32 dot product through a

@@ -244,6 +244,18 @@ def _emulate(profile: str):
 
 
 def _k_tol(level: str, fmt: str = "fp8") -> Tolerance:
+    """The elementwise bound below; at serving with its RMS (calc_diff) model (conformance.rms): the key is ONE
+    rounding (e4m3 or E2M1 at a power-of-two scale; the keys are bf16-exact), at most rtol x scale and uniform over
+    +-half a cell for round-to-nearest, so E[e^2] <= rtol^2/3 scale^2: the one-uniform-step form is the exact
+    model of a single rounding. Elsewhere the bound is exact (0) and the elementwise comparison decides."""
+    t = _k_elementwise(level, fmt)
+    if level == "serving":
+        t = t.with_rms(ms_scale=t.rtol**2 / 3, derivation=f"indexer K: one {'E2M1' if fmt == 'mxfp4' else 'e4m3'} "
+                       f"rounding at a power-of-two scale, uniform in +-half a cell: {t.rtol:g}^2/3 scale^2")
+    return t
+
+
+def _k_elementwise(level: str, fmt: str = "fp8") -> Tolerance:
     if level != "serving":
         return Tolerance(0.0, 0.0, "indexer K: the golden is the key itself (fp32 and fp64 alike); against the "
                          "emulation the same bytes and scale decode to the same value (code x 2^e, exact in fp32)")

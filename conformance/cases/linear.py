@@ -41,6 +41,7 @@ from references.formats.conversion import ocp_to_fnuz
 from references.numerics import serving
 
 from ..components import ComponentSpec, OutputSpec, register
+from ..rms import block_fp8_gemm_rms
 from ..tolerances import Tolerance
 from ._case import Case, add, dist_tensor
 from ._serving import U32, UB
@@ -174,6 +175,10 @@ def gemm_tol(k: int, what: str):
     acc = 6 * k * U32
 
     def tol(params, level):
+        # the quadrature (RMS) model of the same steps: conformance.rms.block_fp8_gemm_rms (s = Q + |y|)
+        return _elementwise(params, level).with_rms(**block_fp8_gemm_rms(level, k, what=what))
+
+    def _elementwise(params, level):
         if level == "fp64":
             r = 2 * U32 + acc
             return Tolerance(0.0, r, f"{what}: fp32 golden: accumulation 6*{k}*u32 + 2 u32 = {r:.3g} of Q+|y|")

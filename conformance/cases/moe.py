@@ -563,6 +563,15 @@ def _shared_scale(kw, want):
 
 
 def _shared_tol(params, level):
+    """The elementwise bound below with its quadrature (RMS) model ``conformance.rms.random_sum_rms`` (S = 6 R +
+    |y|, ``_shared_scale``)."""
+    from ..rms import random_sum_rms
+
+    n = max(params["dim"], params["inter"])
+    return _shared_elementwise(params, level).with_rms(**random_sum_rms(level, n, what="shared expert"))
+
+
+def _shared_elementwise(params, level):
     from ._serving import U32, UB
 
     n = max(params["dim"], params["inter"])

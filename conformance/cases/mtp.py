@@ -136,6 +136,17 @@ def _mix_scale(kw, want):
 
 
 def _mix_tol(params, level):
+    """The elementwise bound below with its quadrature (RMS) model ``conformance.rms.random_sum_rms`` (lam 1: S =
+    Q_h + |y_h| + Q_e + |y_e|; the two projections' bf16 outputs, ub |y_h| + ub |y_e| <= ub S, as one step; the
+    fp32 accumulation and norm in the (2D + 8) u32 step)."""
+    from ..rms import random_sum_rms
+
+    D = params["d"]
+    return _mix_elementwise(params, level).with_rms(**random_sum_rms(level, 2 * D + 4, what="mtp.head X", lam=1.0,
+                                                                     extra=UB))
+
+
+def _mix_elementwise(params, level):
     D = params["d"]
     acc = 6 * D * U32          # each linear's fp32 accumulation, Cauchy-Schwarz against 6 Q (linear.gemm_tol)
     norm = (D + 8) * U32       # RMSNorm's D-long mean of squares and rsqrt / products, relative to the activation

@@ -28,6 +28,7 @@ from references.config import RopeScaling
 from references.formats.blockscale import dequantize_fp8
 
 from ..components import ComponentSpec, OutputSpec, register
+from ..rms import kv_insert_rms, kv_rope_rms, random_sum_rms
 from ..tolerances import Tolerance
 from ._case import Case, add, dist_tensor
 from ._serving import U32, UB
@@ -191,6 +192,14 @@ def _phase(params) -> float:
 
 def _q_tol(what: str, rotated: bool):
     def tol(params, level):
+        # the quadrature (RMS) model of the same sources: conformance.rms.random_sum_rms (qr: S = 6 R + 2|qr|;
+        # q: lam 6 / sqrt 2 for the head norm's Jacobian bound; the fp32 phase as one step)
+        n = max(params["d"], params["q_lora"], HEAD_DIM)
+        ph = _phase(params) if rotated else 0.0
+        rms = random_sum_rms(level, n + 4, what=what, lam=6 / math.sqrt(2) if rotated else 6.0, extra=ph)
+        return _elementwise(params, level).with_rms(**rms)
+
+    def _elementwise(params, level):
         n = max(params["d"], params["q_lora"], HEAD_DIM)
         # fp32 arithmetic: each GEMM's accumulation 6 sqrt(n) u32 sum|.| <= 6 n u32 sqrt(sum (.)^2) (Cauchy-Schwarz)
         # against S's random-sum magnitudes (which carry LAMBDA = 6), plus 8 elementwise ops (norms, rotation)
@@ -430,6 +439,12 @@ def _rope_scale(kw, want):
 
 
 def _kv_tol(params, level):
+    """The elementwise bound below with its quadrature (RMS) model ``conformance.rms.kv_insert_rms``."""
+    n = max(params["d"], HEAD_DIM)
+    return _kv_elementwise(params, level).with_rms(**kv_insert_rms(level, n + 4, phase=_phase(params)))
+
+
+def _kv_elementwise(params, level):
     n = max(params["d"], HEAD_DIM)
     g32 = (n + 8) * U32          # as q_path: each GEMM's fp32 accumulation + 8 elementwise ops, against S
     ph = _phase(params)
@@ -457,6 +472,12 @@ def _kv_tol(params, level):
 
 
 def _rope_tol(params, level):
+    """The elementwise bound below with its quadrature (RMS) model ``conformance.rms.kv_rope_rms``."""
+    n = max(params["d"], HEAD_DIM)
+    return _rope_elementwise(params, level).with_rms(**kv_rope_rms(level, n + 4, phase=_phase(params)))
+
+
+def _rope_elementwise(params, level):
     # Only the emulated level compares it (the golden has no stored rope). Same bf16 x, FP8 activation bytes and
     # weights: the bf16 kv the op reads can differ by one bf16 ulp per element (2 ub: its own store, and a flip of
     # y_k through the norm w_k dy_k / rms: 2 ub |kv_k|), both mixed into the pair by the rotation (|cos|, |sin| <=
