@@ -84,8 +84,8 @@ class Ops:
     is vLLM's own callables on the CPU; ``vllm-triton[-gpu]`` passes launchers of the same Triton kernels
     (``_vllm_triton_rocm.triton_ops``)."""
 
-    def __init__(self, lookup, dev="cpu", rope=None, v41_why=None):
-        self.lookup, self.dev, self.v41_why = lookup, dev, v41_why     # v41_why: V4.1 rows not driven, why
+    def __init__(self, lookup, dev="cpu", rope=None):
+        self.lookup, self.dev = lookup, dev
         if rope is None:
             from ._vllm_adapters import vllm_rope as rope
         self.rope = rope
@@ -239,12 +239,8 @@ def make_compress_rocm(p, ops=None):
         indexer's head 128). One request, all tokens a prefill; the entries are the cache bytes decoded as
         float8_e4m3fn, the dtype those kernels write (tl.float8e4nv, FP8_MAX 448, no fnuz branch)."""
         if ape is None:
-            if ops.v41_why:
-                from .base import Unsupported
-
-                raise Unsupported(ops.v41_why)
             return compress_v41(x, wkv, wgate, norm, ratio=ratio, head_dim=head_dim, eps=eps, inv_freq=inv_freq,
-                                rope_dim=rope_dim, kind=kind)
+                                rope_dim=rope_dim, kind=kind, ops=ops)
 
         from ._vllm_adapters import read_584, read_indexer_k
 
@@ -323,46 +319,49 @@ def make_compress_stream_rocm(p, ops=None):
     return Streamed(new_state, step)
 
 
-def compress_v41(x, wkv, wgate, norm, *, ratio, head_dim, eps, inv_freq, rope_dim, kind):
+def compress_v41(x, wkv, wgate, norm, *, ratio, head_dim, eps, inv_freq, rope_dim, kind, ops=None):
     """DeepSeek-V4.1's compressor (compressor.kv's v41 rows) as models/deepseek_v41 runs it on every platform: the
     fp32 kv_score GEMM from bf16 operands (attention.py:954-959, torch.mm out_dtype fp32: harness code), then
     vLLM's Triton kernels interpreted: fused_save_compress_norm (ratio 2: the open pair's rows in a one-request
     ring of capacity 8, the pair pooled by its per-channel softmax, RMSNorm, bf16 latent; ratio 1: no ring, one
     program per token) and rope_quant_insert into a 584-byte fp8_ds_mla record (_rope_quant_insert_kernel: GPT-J
     RoPE at position // ratio * ratio, e4m3fn nope blocks of 64, UE8M0 scales). One request, all tokens a prefill;
-    the entries are the cache bytes decoded."""
-    from ._vllm_adapters import read_584, vllm_rope
+    the entries are the cache bytes decoded. ``ops``: as ``_save_and_store``'s."""
+    from ._vllm_adapters import read_584
     from .base import Unsupported
+
+    ops = _sim_ops(ops)
+    dev = ops.dev
 
     if head_dim != 512 or kind != "attn" or rope_dim != 64:
         raise Unsupported("V4.1's compressor writes the attention cache (head 512, rope 64); its indexer K comes "
                           "from the latent (indexer_k_norm_rope_store), not this store")
     T, m = x.shape[0], ratio
     W = wkv if wgate is None else torch.cat([wkv, wgate], 0)      # fused_wkv_wgate: [wkv; wgate]
-    kv_score = (x.to(BF).float() @ W.to(BF).float().t()).contiguous()
-    positions = torch.arange(T, dtype=torch.int64)
+    kv_score = (x.to(dev, BF).float() @ W.to(dev, BF).float().t()).contiguous()
+    positions = torch.arange(T, dtype=torch.int64, device=dev)
     if m == 1:
         state = qsl = t2r = None
         slot = positions.clone()                                  # ratio 1: slot_mapping marks valid tokens
     else:
         cap = 8                                                   # CompressorStateCache: max(8, pow2(specs + 2))
-        state = torch.zeros(1, cap, 1024)
+        state = torch.zeros(1, cap, 1024, device=dev)
         slot = positions % cap                                    # block 0 of the ring: block * cap + p % cap
-        qsl = torch.tensor([0, T], dtype=torch.int32)
-        t2r = torch.zeros(T, dtype=torch.int32)
-    latent = torch.zeros(T, 512, dtype=BF)
-    _vllm("fused_save_compress_norm")(kv_score, positions, state, slot, qsl, t2r, norm.to(BF).contiguous(), eps, m,
-                                      latent)
+        qsl = torch.tensor([0, T], dtype=torch.int32, device=dev)
+        t2r = torch.zeros(T, dtype=torch.int32, device=dev)
+    latent = torch.zeros(T, 512, dtype=BF, device=dev)
+    ops.lookup("fused_save_compress_norm")(kv_score, positions, state, slot, qsl, t2r,
+                                           norm.to(dev, BF).contiguous(), eps, m, latent)
     n = T // m
     fire = (positions + 1) % m == 0
     kslot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
     cbs = 4
     ncb = (n + cbs - 1) // cbs + 1
-    cache = torch.zeros(ncb, cbs * 584, dtype=torch.uint8)
+    cache = torch.zeros(ncb, cbs * 584, dtype=torch.uint8, device=dev)
     kv_cache = cache.as_strided((ncb, cbs, 584), (cbs * 584, 584, 1))
-    rope = vllm_rope(inv_freq, rope_dim, 512, positions)
-    _vllm("rope_quant_insert")(latent, positions, rope.cos_sin_cache, kv_cache, kslot, m)
-    return {"entries": read_584(cache, range(n), cbs)}
+    rope = ops.rope(inv_freq, rope_dim, 512, positions)
+    ops.lookup("rope_quant_insert")(latent, positions, rope.cos_sin_cache, kv_cache, kslot, m)
+    return {"entries": read_584(cache.cpu(), range(n), cbs)}
 
 
 # ------------------------------------------------------------------------------------------------ linear

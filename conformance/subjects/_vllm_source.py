@@ -322,6 +322,8 @@ KERNELS = (
                           "_finalize_norm_rope_quant_store_sparse_attn")),
     ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "rocm_inverse_rope_rows_"),
     ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "rocm_inv_rope_einsum"),
+    ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", "fused_save_compress_norm"),
+    ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", "_rope_quant_insert_kernel"),
 )
 
 

@@ -1,5 +1,5 @@
 """The ROCm adapters of ``vllm:sim-<arch>`` (``_vllm_rocm_adapters``) re-used by ``vllm-triton[-gpu]:<profile>``
-for compressor.kv (V4 rows), compressor.kv_stream, attn.output and mhc.head.
+for compressor.kv (V4 and V4.1 rows), compressor.kv_stream (V4 rows), attn.output and mhc.head.
 
 The adapter bodies are written once, in ``_vllm_rocm_adapters``; they call what they need through an ``Ops``
 (lookup, device, RoPE table). ``vllm:sim`` passes vLLM's own callables on the CPU; this module passes
@@ -27,6 +27,11 @@ Why launchers and not vLLM's wrappers (vLLM 0.32.0, paths relative to site-packa
   ``_dsv4_wo_a_bf16`` (``_get_cached_wo_a_bf16``, :1647-1700) is filled before the call with the value vLLM
   computes for an unquantised bf16 module (``wo_a.weight.view(G, R, D).to(bf16)``, :1695-1698), because its
   fill path imports vllm's fp8_utils, absent on the device.
+* V4.1 compressor: ``fused_save_compress_norm`` (models/deepseek_v41/common/ops/fused_compress_quant_cache.py:22-115)
+  is a plain function, vLLM's own, called as it is (``JOIN_ROW_PTRS`` = ``not current_platform.is_rocm()``, :19:
+  True on the CPU build and on CUDA; a gfx942 device loads the two rows separately, the same values);
+  ``rope_quant_insert`` (:224-278) reads ``_ON_GFX950`` from the same platform branch (:11-14), so its
+  ``_rope_quant_insert_kernel`` launch for the 584-byte record is made here (launch_pdl False on CUDA, as vLLM).
 * mhc.head: ``HCHeadOp.forward_hip`` without TileLang (model_executor/layers/mhc.py:684-726) allocates a bf16
   [T, D] out and calls ``torch.ops.vllm.hc_head_triton`` = ``_hc_head_triton`` (kernels/mhc/triton.py:302-334);
   the op registration needs vLLM, so the same call is made to ``_hc_head_triton`` itself.
@@ -44,8 +49,6 @@ import torch
 BF = torch.bfloat16
 CPU_CUS = {True: 304, False: 256}      # the CPU stands in for MI300X (fnuz) / MI355X (OCP) when sizing grids
 
-V41_WHY = ("V4.1's compressor (fused_save_compress_norm + rope_quant_insert, models/deepseek_v41/common/ops/"
-           "fused_compress_quant_cache.py) has no vllm-triton adapter yet; vllm:sim-gfx942 drives it")
 
 
 def _kernel(name, p):
@@ -151,6 +154,31 @@ def compress_store_two_stage(p):
     return launch
 
 
+def _pdl_off(p) -> dict:
+    """vLLM passes launch_pdl=False on CUDA (current_platform.is_cuda()); the interpreter and ROCm get nothing."""
+    return {"launch_pdl": False} if p.get("dev", "cpu") != "cpu" and torch.version.hip is None else {}
+
+
+def rope_quant_insert(p):
+    def launch(latent, positions, cos_sin_cache, kv_cache, slot_mapping, compress_ratio, fp8_scale=None):
+        """V4.1's rope_quant_insert for the 584-byte fp8_ds_mla record (models/deepseek_v41/common/ops/
+        fused_compress_quant_cache.py:224-278): _rope_quant_insert_kernel on grid (slots,), 4 warps,
+        SANITIZE_CACHE_NANS = _ON_GFX950 (False here, see the module docstring)."""
+        from .base import Unsupported
+
+        if kv_cache.dtype != torch.uint8 or kv_cache.shape[-1] != 584:
+            raise Unsupported(f"V4.1 record width {kv_cache.shape[-1]} ({kv_cache.dtype}): only the 584-byte "
+                              "fp8_ds_mla record is launched here")
+        n = slot_mapping.numel()
+        if n == 0:
+            return
+        _kernel("_rope_quant_insert_kernel", p)[(n,)](
+            latent, positions, cos_sin_cache, kv_cache, slot_mapping, COS_STRIDE=cos_sin_cache.stride(0),
+            CACHE_STRIDE=kv_cache.stride(0), CACHE_BLOCK=kv_cache.shape[1], COMPRESS_RATIO=compress_ratio,
+            SANITIZE_CACHE_NANS=_sanitize(p), num_warps=4, **_pdl_off(p))
+    return launch
+
+
 def hc_head_forward(p):
     def forward(self, hidden_states, hc_fn, hc_scale, hc_base, rms_norm_eps, hc_eps):
         """HCHeadOp.forward_hip's non-TileLang branch (mhc.py:693-726) with _hc_head_triton called directly."""
@@ -203,6 +231,8 @@ LAUNCHERS = {
     "HCHeadOp.forward_hip": hc_head_forward,
     "rocm_inv_rope_einsum": inv_rope_einsum,
     "rocm_inverse_rope_rows_": lambda p: _kernel("rocm_inverse_rope_rows_", p),
+    "fused_save_compress_norm": lambda p: _kernel("fused_save_compress_norm", p),
+    "rope_quant_insert": rope_quant_insert,
 }
 
 
@@ -213,7 +243,7 @@ def triton_ops(p):
         if name not in LAUNCHERS:
             raise KeyError(f"vllm-triton ROCm adapter: no launcher for {name!r}")
         return LAUNCHERS[name](p)
-    return Ops(lookup, p.get("dev", "cpu"), rope_for(p), v41_why=V41_WHY)
+    return Ops(lookup, p.get("dev", "cpu"), rope_for(p))
 
 
 def make_compress(p):

@@ -59,6 +59,8 @@ class _K:
             "_compress_gather_split_sparse_attn", "_finalize_norm_rope_quant_store_sparse_attn")},
         **{k: ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", k) for k in (
             "rocm_inverse_rope_rows_", "rocm_inv_rope_einsum")},
+        **{k: ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", k) for k in (
+            "fused_save_compress_norm", "_rope_quant_insert_kernel")},
     }
 
     @classmethod
@@ -670,7 +672,9 @@ FCQ = "vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache."
 COMPRESS_FN = ("harness bf16 fused_wkv_wgate GEMM + vllm.models.deepseek_v4.common.ops.save_partial_states."
                "SavePartialStatesKernel.kernel + " + FCQ + "_fused_kv_compress_norm_rope_insert_sparse_attn / "
                "_fused_kv_compress_norm_rope_insert_indexer_attn / _compress_gather_split_sparse_attn + "
-               "_finalize_norm_rope_quant_store_sparse_attn")
+               "_finalize_norm_rope_quant_store_sparse_attn; V4.1 rows: harness fp32 kv_score GEMM + "
+               "vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache.fused_save_compress_norm + "
+               "_rope_quant_insert_kernel")
 # component -> KERNELS key where vllm.adapter_key has none for this subject
 TRITON_KEYS = {"compressor.kv_stream": "compress_stream"}
 
@@ -686,7 +690,8 @@ KERNELS = {
                  "vllm:sim's ROCm compressor adapter (_vllm_rocm_adapters.make_compress_rocm) with the kernel lookup "
                  "given vLLM's Triton kernels: _SAVE_PARTIAL_STATES_KERNEL's launch, then the store "
                  "DeepseekCompressor picks on ROCm (two-stage for head 512 without overlap, single pass otherwise; "
-                 "tl.float8e4nv at 448 on every arch); V4.1 rows not provided"),
+                 "tl.float8e4nv at 448 on every arch); V4.1 rows: fused_save_compress_norm + rope_quant_insert's "
+                 "kernel (compress_v41)"),
     "compress_stream": (make_compress_stream, COMPRESS_FN + " (chunk by chunk on one poisoned state)",
                         "vllm:sim's streamed ROCm compressor adapter (make_compress_stream_rocm) with vLLM's "
                         "Triton kernels launched per chunk on one persistent state cache and kv cache"),

@@ -1,4 +1,4 @@
-"""vllm-triton[-gpu]: compressor.kv (V4 rows), compressor.kv_stream, attn.output and mhc.head through vllm:sim's
+"""vllm-triton[-gpu]: compressor.kv (V4 and V4.1 rows), compressor.kv_stream (V4 rows), attn.output and mhc.head through vllm:sim's
 ROCm adapters with the kernel lookup given vLLM's Triton kernels (conformance.subjects._vllm_triton_rocm).
 
 * the launchers made here equal vLLM's own wrappers: the same adapter under vllm:sim-gfx942 (vLLM's
@@ -7,8 +7,8 @@ ROCm adapters with the kernel lookup given vLLM's Triton kernels (conformance.su
 * the kernels taken from vLLM's source files (the GPU path) equal the imported ones bitwise under the interpreter
   (with the same RoPE table), and the harness's RoPE table for the source path is within its derived bound of
   vLLM's;
-* planted kernels (store with the wrong COMPRESS_RATIO, save-partial-states with the wrong COMPRESS_RATIO, the
-  inverse RoPE skipping a row, the hc head with a wrong RMSNorm eps) are caught, naming the component and the
+* planted kernels (store with the wrong COMPRESS_RATIO, save-partial-states with the wrong COMPRESS_RATIO, V4.1's
+  rope insert with ratio 1 for 2, the inverse RoPE skipping a row, the hc head with a wrong RMSNorm eps) are caught, naming the component and the
   output.
 
 Skipped where vLLM is not installed."""
@@ -33,7 +33,8 @@ from conformance.results import FAILING  # noqa: E402
 from conformance.subjects import load_subject  # noqa: E402
 
 ROWS = {"compressor.kv": ["compressor.kv/csa/t30hd128/s1", "compressor.kv/csa/t64hd512/s0",
-                          "compressor.kv/hca/t259hd512/s3"],
+                          "compressor.kv/hca/t259hd512/s3", "compressor.kv/v41-r2/t129hd512/s45",
+                          "compressor.kv/v41-r1/t2hd512/s51"],
         "attn.output": ["attn.output/t9h8g2/theta160000/s1"],
         "mhc.head": ["mhc.head/t9d256/outliers/s1"]}
 STREAM = ["compressor.kv_stream/csa/t30hd128/13-17/s301", "compressor.kv_stream/hca/t259hd512/129-130/s323"]
@@ -81,11 +82,11 @@ def test_triton_stream_passes_and_equals_its_one_shot(subjects, cid):
     assert any("state_cache" in p and "<- NaN" in p for p in rows[0].extra["stream"]["poisoned"])
 
 
-def test_v41_compressor_rows_say_why_not_provided(subjects):
+def test_v41_stream_rows_say_why_not_provided(subjects):
     tri, _ = subjects
-    rows = run_numeric(tri, CASES["compressor.kv/v41-r2/t3hd512/s42"])
+    rows = run_numeric(tri, CASES["compressor.kv_stream/v41-r2/t129hd512/64-65/s342"])
     assert {r.verdict for r in rows} == {"not-provided"}, _explain(rows)
-    assert "fused_save_compress_norm" in rows[0].message and "vllm:sim-gfx942" in rows[0].message
+    assert "V4.1" in rows[0].message and "no streamed adapter" in rows[0].message
 
 
 @pytest.mark.parametrize("comp", ["compressor.kv", "attn.output", "mhc.head"])
@@ -158,7 +159,8 @@ def _caught(tri, cid, name, planted):
     ("compressor.kv/csa/t64hd512/s0", "_fused_kv_compress_norm_rope_insert_sparse_attn", {"COMPRESS_RATIO": 8}),
     ("compressor.kv/csa/t30hd128/s1", "_fused_kv_compress_norm_rope_insert_indexer_attn", {"OVERLAP": False}),
     ("compressor.kv/hca/t259hd512/s3", "save_partial_states_kernel", {"COMPRESS_RATIO": 4}),
-], ids=["store-ratio8-for-4", "indexer-store-no-overlap", "ape-row-mod-4-for-128"])
+    ("compressor.kv/v41-r2/t129hd512/s45", "_rope_quant_insert_kernel", {"COMPRESS_RATIO": 1}),
+], ids=["store-ratio8-for-4", "indexer-store-no-overlap", "ape-row-mod-4-for-128", "v41-rope-ratio1-for-2"])
 def test_planted_compressor_kernels_are_caught(subjects, cid, name, planted):
     from conformance.subjects import vllm_triton as vt
 
