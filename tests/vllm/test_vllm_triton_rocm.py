@@ -1,5 +1,6 @@
-"""vllm-triton[-gpu]: compressor.kv (V4 and V4.1 rows), compressor.kv_stream (V4 rows), attn.output and mhc.head through vllm:sim's
-ROCm adapters with the kernel lookup given vLLM's Triton kernels (conformance.subjects._vllm_triton_rocm).
+"""vllm-triton[-gpu]: compressor.kv (V4 and V4.1 rows), compressor.kv_stream (V4 rows), attn.output and mhc.head
+through vllm:sim's ROCm adapters with the kernel lookup given vLLM's Triton kernels
+(conformance.subjects._vllm_triton_rocm).
 
 * the launchers made here equal vLLM's own wrappers: the same adapter under vllm:sim-gfx942 (vLLM's
   _SAVE_PARTIAL_STATES_KERNEL, compress_norm_rope_store[_two_stage]_triton, HCHeadOp.forward_hip) and under
@@ -8,8 +9,8 @@ ROCm adapters with the kernel lookup given vLLM's Triton kernels (conformance.su
   (with the same RoPE table), and the harness's RoPE table for the source path is within its derived bound of
   vLLM's;
 * planted kernels (store with the wrong COMPRESS_RATIO, save-partial-states with the wrong COMPRESS_RATIO, V4.1's
-  rope insert with ratio 1 for 2, the inverse RoPE skipping a row, the hc head with a wrong RMSNorm eps) are caught, naming the component and the
-  output.
+  rope insert with ratio 1 for 2, the inverse RoPE skipping a row, the hc head with a wrong RMSNorm eps) are
+  caught, naming the component and the output.
 
 Skipped where vLLM is not installed."""
 
