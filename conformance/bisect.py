@@ -45,6 +45,26 @@ PASSING = {"pass", "degraded", "xfail"}
 # implementation there, the run broke): never a behaviour. A step with any of them is a skip, in both modes.
 UNJUDGED = {"error", "not-provided", "not-run", "needs-gpu", "skipped", "usage-error"}
 HARNESS_DEPS = ["numpy", "ml_dtypes", "pandas", "jinja2", "pytest", "pytest-xdist", "safetensors"]
+# Pinned to the tested set (constraints/cpu.txt) where vLLM does not constrain the package itself, so every step
+# of a bisect runs the same harness stack; numpy, ml_dtypes and safetensors are left to pip's resolver because
+# vLLM releases pin them differently (a pin from the newest release would turn an older release into a skip).
+UNPINNED_HARNESS_DEPS = {"numpy", "ml_dtypes", "safetensors"}
+
+
+def harness_requirements(constraints: Path = REPO_ROOT / "constraints" / "cpu.txt") -> list[str]:
+    """HARNESS_DEPS as pip requirements: ``name==version`` from ``constraints`` where it pins the package and vLLM
+    does not constrain it, the bare name otherwise (no constraints file: every name bare)."""
+    pins = {}
+    if constraints.exists():
+        for line in constraints.read_text().splitlines():
+            name, sep, ver = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[re.sub(r"[-_.]+", "-", name.lower())] = ver.strip()
+    out = []
+    for dep in HARNESS_DEPS:
+        key = re.sub(r"[-_.]+", "-", dep.lower())
+        out.append(f"{dep}=={pins[key]}" if key in pins and dep not in UNPINNED_HARNESS_DEPS else dep)
+    return out
 
 
 class SkipVersion(Exception):
@@ -187,7 +207,7 @@ class _VenvSource:
         cmd = [py, "-m", "pip", "install", "--disable-pip-version-check"]   # not -q: the log must say why
         for fl in self.find_links:
             cmd += ["--find-links", fl]
-        cmd += self.requirement(version) + (HARNESS_DEPS if self.harness_deps else [])
+        cmd += self.requirement(version) + (harness_requirements() if self.harness_deps else [])
         rc = _run(cmd, log, self.install_timeout)
         if rc != 0:
             reason = install_failure(log.read_text(), f"{self.package}=={version}", rc, log)

@@ -256,7 +256,24 @@ class ModelState:
     mtp: AttentionState = field(default_factory=AttentionState)
 
 
-class DSV4Model:
+class SequenceModel:
+    """prefill / step over ``forward(ids, state=...)`` for a model whose decode state is ``state_cls()``."""
+
+    state_cls: type = ModelState
+
+    def prefill(self, ids: torch.Tensor, state=None):
+        """Start (or continue) a sequence; returns (logits, state)."""
+        state = state if state is not None else self.state_cls()
+        return self.forward(ids, state=state), state
+
+    def step(self, ids: torch.Tensor, state):
+        """Decode one or more further tokens of the sequence held by ``state``; returns their logits."""
+        if state is None:
+            raise ValueError(f"state: step() needs the {self.state_cls.__name__} returned by prefill()")
+        return self.forward(ids, state=state)
+
+
+class DSV4Model(SequenceModel):
     """Golden DSV4 forward over a ``WeightSource``.
 
     dtype: the compute dtype (float32 golden, float64 cross-check); weights are cast to it.
@@ -349,17 +366,6 @@ class DSV4Model:
         return logits
 
     __call__ = forward
-
-    def prefill(self, ids: torch.Tensor, state: ModelState | None = None):
-        """Start (or continue) a sequence; returns (logits, state)."""
-        state = state if state is not None else ModelState()
-        return self.forward(ids, state=state), state
-
-    def step(self, ids: torch.Tensor, state: ModelState):
-        """Decode one or more further tokens of the sequence held by ``state``; returns their logits."""
-        if state is None:
-            raise ValueError("state: step() needs the ModelState returned by prefill()")
-        return self.forward(ids, state=state)
 
     # -- MTP ------------------------------------------------------------------------------------------
     def mtp(self, X_main: torch.Tensor, next_ids: torch.Tensor, *, positions: torch.Tensor | None = None,

@@ -32,9 +32,14 @@ The compressor latent (the pooled, RMS-normalised, pre-RoPE row the index keys r
 golden itself: ``compress`` with an all-zero frequency table rotates by angle 0, which is exactly the identity.
 
 Numerics: ``GOLDEN`` (default) is the golden. Other ``Numerics`` are passed to every component as
-``DSV4Model`` does (the V4 rounding model: bf16 activations at the component boundaries, FP8 linear inputs, FP8 KV
-nope dims, indexer q QAT); the V4.1-specific rounding points (the bf16 latent store, MXFP8 32x32 activations, the
-index-key store) are NOT modelled, so such a run is a measurement, not a derived serving model.
+``DSV4Model`` does (bf16 activations at the component boundaries, ``linear_act`` on the FP8 linears' inputs, FP8 KV
+nope dims, indexer q). ``references.numerics.serving_v41(profile)`` adds V4.1's own rounding points, which this
+model routes to the components: the compressed cache's nope record (``kv_nope_compressed``, e4m3fn 448 on every
+platform), the bf16 compressor latent the index keys read (compressor variant "vllm41", no FP8 store on the latent:
+``latent_numerics``), the index keys' bf16 chain and FP8 store (``indexer_k_latent(numerics=...)``), and MXFP8 1x32
+linear inputs (``linear_act``, ocp only), the bf16 store of Engram's injected stream. Not routed: Engram's inner bf16
+kv (``engram_memory`` has no numerics) and the attention q quantisation of NVIDIA's FlashMLA / FlashInfer paths
+(docs/v41-serving-numerics.md).
 
 Incremental decode: ``prefill(ids)`` then ``step(ids)`` (any chunking) carries one ``V41LayerState`` per layer
 (the compressor states, compressed entries and index keys live on the kv-source layers) and the token history
@@ -43,7 +48,7 @@ Incremental decode: ``prefill(ids)`` then ``step(ids)`` (any chunking) carries o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -61,7 +66,7 @@ from .components.norms import rms_norm
 from .components.qat import quant_kv_nope
 from .components.rope import apply_rope, layer_inv_freq
 from .config import DSV4Config
-from .model import TRACE_KEYS, _round, as_source, layer_experts, layer_weights
+from .model import TRACE_KEYS, SequenceModel, _round, as_source, layer_experts, layer_weights
 from .numerics import GOLDEN, Numerics
 
 __all__ = ["DSV41Model", "V41State", "V41LayerState", "V41_TRACE_KEYS", "ENGRAM_KEYS", "SCORE_CHUNK"]
@@ -100,7 +105,7 @@ def _w(w, key):
         raise KeyError(f"w: missing weight {key!r}") from None
 
 
-class DSV41Model:
+class DSV41Model(SequenceModel):
     """Golden DeepSeek-V4.1 forward over a ``WeightSource`` (module docstring).
 
     dtype: float32 golden or float64 cross-check (weights cast to it). token_map: Engram's token id -> compressed
@@ -110,6 +115,7 @@ class DSV41Model:
     # how the Engram table's bytes are read: the checkpoint's (and vLLM's, on every platform) OCP e4m3
     # (common/engram.py:1045-1052); a hook for test mutants
     engram_dialect = "float8_e4m3fn"
+    state_cls = V41State   # prefill / step (references.model.SequenceModel)
 
     def __init__(self, weights, cfg: DSV4Config, *, numerics: Numerics = GOLDEN, dtype=torch.float32,
                  token_map: torch.Tensor | None = None):
@@ -202,15 +208,6 @@ class DSV41Model:
 
     __call__ = forward
 
-    def prefill(self, ids: torch.Tensor, state: V41State | None = None):
-        state = state if state is not None else V41State()
-        return self.forward(ids, state=state), state
-
-    def step(self, ids: torch.Tensor, state: V41State):
-        if state is None:
-            raise ValueError("state: step() needs the V41State returned by prefill()")
-        return self.forward(ids, state=state)
-
     # -- one block -------------------------------------------------------------------------------------
     def hc_pre_site(self, X, fn, base, scale, pre_prev, **kw):
         """One HC pre site: V4.1's lagged collapse (``hc_pre_lagged``; a hook for test mutants)."""
@@ -227,6 +224,10 @@ class DSV41Model:
             eng = engram_memory(X, hashes[:, j], w["engram.table"], w["engram.table_scale"], w["engram.wkv"],
                                 w["engram.q_weight"], w["engram.k_weight"], None, eps=eps,
                                 dialect=self.engram_dialect)["out"].to(self.dtype)
+            # serving: the gate kernel stores the injected stream in the stream's dtype (bf16: output =
+            # torch.empty_like(hidden_states), common/engram.py:1704-1717); the bf16 kv = rows . wkv inside
+            # engram_memory is not routed
+            eng = round_act(eng, self.numerics)
             X = eng
         a, post_a, comb_a, pre_a = self.hc_pre_site(X, w["hc_attn_fn"], w["hc_attn_base"], w["hc_attn_scale"],
                                                     pre_prev, numerics=self.numerics, **kw)
@@ -299,21 +300,31 @@ class DSV41Model:
             st.swa_kv = kv_tokens[-cfg.sliding_window:]
         return y, info
 
+    def latent_numerics(self, cnm: Numerics) -> Numerics:
+        """The compressor latent's numerics: the compressed-cache numerics without its FP8 store (vLLM keeps the
+        latent in bf16, ``common/ops/fused_compress_quant_cache.py:216-221``; a hook for test mutants)."""
+        return replace(cnm, kv_nope=None)
+
     def _compress(self, x, w, layer, positions, inv_freq, shared, st):
         """A kv source: its compressed entries (RoPE'd, for attention) and, with an indexer K projection, the
         index keys from the pre-RoPE latent; all entries so far are published in ``shared``."""
         cfg, nm = self.cfg, self.numerics
         m, d = cfg.compress_ratio(layer), cfg.head_dim
         cw = (_w(w, "attn.compressor.wkv"), w.get("attn.compressor.wgate"), None, _w(w, "attn.compressor.norm"))
-        kw = dict(ratio=m, head_dim=d, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim, numerics=nm, kind="attn")
+        # V4.1 serving (numerics.serving_v41): the compressed cache has its own nope record, the latent the index
+        # keys read is the bf16 row before any FP8 store (variant "vllm41": fp32 pooling + norm, one bf16 latent)
+        cnm = nm if nm.kv_nope_compressed is None else replace(nm, kv_nope=nm.kv_nope_compressed)
+        kw = dict(ratio=m, head_dim=d, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim, kind="attn",
+                  variant="vllm41")
+        lnm = self.latent_numerics(cnm)
         zero = torch.zeros_like(inv_freq)   # angle 0: the pre-RoPE latent, exactly
         if st is None:
-            comp = compress(x, *cw, inv_freq=inv_freq, **kw)
-            lat_all, first = compress(x, *cw, inv_freq=zero, **kw), 0
+            comp = compress(x, *cw, inv_freq=inv_freq, numerics=cnm, **kw)
+            lat_all, first = compress(x, *cw, inv_freq=zero, numerics=lnm, **kw), 0
         else:
             if st.compressor is None:
-                st.compressor = CompressorState(*cw, inv_freq=inv_freq, **kw)
-                st.latent = CompressorState(*cw, inv_freq=zero, **kw)
+                st.compressor = CompressorState(*cw, inv_freq=inv_freq, numerics=cnm, **kw)
+                st.latent = CompressorState(*cw, inv_freq=zero, numerics=lnm, **kw)
             new, _ = st.compressor.update(x, positions)
             lat_all, _ = st.latent.update(x, positions)
             first = 0 if st.compressed_kv is None else st.compressed_kv.shape[0]
@@ -323,7 +334,7 @@ class DSV41Model:
         if "attn.indexer.wk" in w:
             bpos = torch.arange(first, first + lat_all.shape[0]) * m + (m - 1)
             newk = indexer_k_latent(lat_all, w["attn.indexer.wk"], w["attn.indexer.k_norm"], bpos, inv_freq,
-                                    ratio=m, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim)
+                                    ratio=m, eps=cfg.rms_norm_eps, rope_dim=cfg.qk_rope_head_dim, numerics=nm)
             if st is not None:
                 st.index_k = newk if st.index_k is None else torch.cat((st.index_k, newk))
                 newk = st.index_k

@@ -211,7 +211,8 @@ register(ComponentSpec(
                  "the kv-source compressor's latent (models/deepseek_v41/attention.py:1255-1263)",
                  "vLLM 0.32.0's V4.1 FP8 key writer (common/ops/indexer_k_store.py:112, :246) stores "
                  "tl.float8e4nv with FP8_MAX 448 on every platform: OCP bytes, which the gfx942 readers decode as "
-                 "fnuz (x0.5), and a type Triton does not compile for gfx942"),
+                 "fnuz (x0.5), and a type CDNA3 has no native conversion for (Triton's HIP backend "
+                 "software-emulates fp8e4nv there, triton/backends/amd/compiler.py)"),
 ))
 
 

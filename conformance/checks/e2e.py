@@ -560,8 +560,9 @@ class ServedPrompt:
 LAYER_KEYS = ("X",) + G.ORDER
 
 
-def served_problems(r, cfg) -> list[str]:
-    """Why a served prompt cannot be compared (empty: it can): every field the rows read, with its shape."""
+def served_problems(r, cfg, layer_keys=LAYER_KEYS) -> list[str]:
+    """Why a served prompt cannot be compared (empty: it can): every field the rows read, with its shape
+    (``layer_keys``: the per-layer trace keys the layer rows read; e2e_v41 passes V4.1's)."""
     bad = []
     T, n_gen = len(r.prompt), len(r.generated)
     want = (T + n_gen - 1, cfg.vocab_size)
@@ -570,7 +571,7 @@ def served_problems(r, cfg) -> list[str]:
     if len(r.layers or []) != cfg.num_hidden_layers:
         bad.append(f"layers: expected {cfg.num_hidden_layers} traces, got {len(r.layers or [])}")
     for i, d in enumerate(r.layers or []):
-        miss = [k for k in LAYER_KEYS if k not in d]
+        miss = [k for k in layer_keys if k not in d]
         if miss:
             bad.append(f"layers[{i}]: missing {miss}")
             break

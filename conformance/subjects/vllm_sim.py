@@ -182,8 +182,22 @@ def _dspark(maker):
     return make
 
 
+def _make_experts_nvfp4(p):
+    from ._vllm_nvfp4_adapters import make_experts_nvfp4
+
+    return make_experts_nvfp4(p, select=True)
+
+
 # adapter key (bindings.Binding.adapter) -> (maker(profile) -> core, Impl note on how the row is driven)
 ADAPTERS = {
+    "experts_nvfp4_emulation": (_make_experts_nvfp4,
+                                "select_nvfp4_moe_backend under the simulated platform (refused unless EMULATION), "
+                                "then convert_to_nvfp4_moe_kernel_format / make_nvfp4_moe_quant_config and "
+                                "Nvfp4QuantizationEmulationTritonExperts.apply called as is (the activation QDQ and "
+                                "both GEMMs Triton, interpreted); harness stand-ins for the compiled "
+                                "_moe_C.moe_align_block_size (its documented contract) and moe_sum (fp32 sum, one "
+                                "rounding); _swiglu_limit_torch eager (not torch.compile); dropped slots as expert 0 "
+                                "with weight 0"),
     "dspark_markov": (_dspark("make_dspark_markov"),
                       "DSparkSpeculator._sample_sequential / _sample_logits (greedy) called as they are on a stand-in "
                       "speculator holding the device buffers, over DSparkDeepseekV4ForCausalLM's markov_embed / "

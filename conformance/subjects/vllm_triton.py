@@ -685,6 +685,14 @@ def make_dspark_input(p: dict):
     return make(p)
 
 
+def make_experts_nvfp4(p: dict):
+    from . import _vllm_nvfp4_adapters as nv
+
+    # the GPU subject (kernels from vLLM's source files, no vllm package): the kernels launched with apply's
+    # arguments; the interpreter subject: apply itself
+    return nv.make_experts_nvfp4_kernels(p) if "src" in p else nv.make_experts_nvfp4(p, select=False)
+
+
 KERNELS = {
     "compress": (make_compress, COMPRESS_FN,
                  "vllm:sim's ROCm compressor adapter (_vllm_rocm_adapters.make_compress_rocm) with the kernel lookup "
@@ -704,6 +712,16 @@ KERNELS = {
                 "vllm.model_executor.kernels.mhc.triton._hc_head_triton (HCHeadOp.forward_hip without TileLang)",
                 "vllm:sim's ROCm mHC head adapter (make_hc_head_triton) with HCHeadOp.forward_hip's Triton branch "
                 "made directly: bf16 out, _hc_head_triton"),
+    "experts_nvfp4": (make_experts_nvfp4,
+                      "vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe."
+                      "Nvfp4QuantizationEmulationTritonExperts.apply (fused_moe_nvfp4_emulation_kernel + "
+                      "nvfp4_emulation_utils._nvfp4_quant_dequant_kernel)",
+                      "vLLM's NVFP4 MoE EMULATION backend (what ROCm serves): the oracle's EMULATION weight / scale "
+                      "conversion and quant config, then the experts' apply as is (activation QDQ and both GEMMs "
+                      "Triton; is_cuda_alike answered True so the QDQ takes the Triton kernel); harness stand-ins "
+                      "for the compiled moe_align_block_size / moe_sum; scale bytes float8_e4m3fn on every profile "
+                      "(the kernel reads float8e4nv). vllm-triton-gpu: the same kernels from vLLM's source files "
+                      "launched with apply's arguments (no vllm package there; glue by the harness)"),
     "dspark_input": (make_dspark_input,
                      "harness serving chain (taps, main_proj, main_norm: cases.dspark's emulation) + "
                      "vllm.v1.worker.gpu.spec_decode.dflash.speculator._prepare_dflash_inputs_kernel "
@@ -854,23 +872,34 @@ class VllmTritonSubject(Subject):
 
 
 def fp8_dialect_unsupported(profile: str, hip: str | None = None, arch: str | None = None) -> str | None:
-    """Why this GPU's Triton cannot compile ``profile``'s FP8 dialect, or None. Triton's float8 types are per
-    architecture: fp8e4b8 (float8_e4m3fnuz) exists only on gfx942 (CDNA3), fp8e4nv (OCP float8_e4m3fn) on
-    NVIDIA sm89+ and gfx950, not on gfx942 (seen on an H100: "type fp8e4b8 not supported in this
-    architecture"). Refusing up front gives one sentence instead of a compile error in every case."""
+    """Why this GPU cannot run ``profile``'s FP8 dialect as vLLM runs it there, or None.
+
+    NVIDIA: Triton's CUDA backend has no fp8e4b8 (float8_e4m3fnuz) type at all (seen on an H100: "type fp8e4b8 not
+    supported in this architecture"), so the fnuz profile cannot compile. AMD: Triton's HIP backend accepts both
+    dialects on every arch (triton/backends/amd/compiler.py HIPOptions.supported_fp8_dtypes: fnuz native on CDNA3,
+    OCP native from CDNA4, the other one software-emulated), so the refusal there is about vLLM, not Triton: vLLM's
+    platform FP8 type is float8_e4m3fnuz on gfx942 and float8_e4m3fn on gfx950, and a profile in the other dialect
+    would compile a branch vLLM never takes on this GPU. Refusing up front gives one sentence instead of a compile
+    error (NVIDIA) or a confident run of the wrong path (AMD) in every case."""
     if hip is None and arch is None:
         hip = getattr(torch.version, "hip", None)
         arch = (getattr(torch.cuda.get_device_properties(0), "gcnArchName", "") or "") if hip else \
             "sm%d%d" % torch.cuda.get_device_capability(0)
     arch = (arch or "").split(":")[0]
     fnuz = PROFILES[profile]["fnuz"]
+    if not hip:
+        if fnuz:
+            return (f"profile {profile!r} is vLLM's float8_e4m3fnuz (fp8e4b8) path, which Triton's CUDA backend "
+                    f"cannot compile (no fp8e4b8 type on {arch}); here use vllm-triton-gpu:ocp, or "
+                    f"vllm-triton:{profile} (Triton's interpreter, no device claim)")
+        return None
     if fnuz and not arch.startswith("gfx94"):
-        return (f"profile {profile!r} is vLLM's float8_e4m3fnuz (fp8e4b8) path, which Triton compiles only for "
-                f"gfx942 (MI300X/MI325X), and this GPU is {arch}; here use vllm-triton-gpu:ocp, or "
-                f"vllm-triton:{profile} (Triton's interpreter, no device claim)")
+        return (f"profile {profile!r} is vLLM's float8_e4m3fnuz path, which vLLM takes only on gfx942 (MI300X/"
+                f"MI325X); on {arch} vLLM's FP8 type is float8_e4m3fn, so use vllm-triton-gpu:ocp")
     if not fnuz and arch.startswith("gfx94"):
-        return (f"profile {profile!r} is vLLM's OCP float8_e4m3fn (fp8e4nv) path, which Triton does not compile "
-                f"for {arch}; on gfx942 use vllm-triton-gpu:gfx942")
+        return (f"profile {profile!r} is vLLM's OCP float8_e4m3fn path, which vLLM does not take on {arch} (its FP8 "
+                f"type there is float8_e4m3fnuz; Triton would only software-emulate fp8e4nv); on gfx942 use "
+                f"vllm-triton-gpu:gfx942")
     return None
 
 

@@ -59,9 +59,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import compute_dtype, finite, float_tensor, index_tensor
+from ..numerics import GOLDEN, Numerics
+from ._checks import compute_dtype, finite, float_tensor, index_tensor, round_act
 from .indexer import causal_bound
 from .norms import rms_norm
+from .qat import quant_indexer
 from .rope import apply_rope
 
 TWO_LEVEL_VARIANTS = ("dense", "candidates_only")
@@ -87,9 +89,14 @@ def _check_boundaries(positions: torch.Tensor, ratio: int) -> None:
 
 
 def indexer_k_latent(latent: torch.Tensor, wk: torch.Tensor, k_norm: torch.Tensor, positions: torch.Tensor,
-                     inv_freq: torch.Tensor, *, ratio: int, eps: float = 1e-6, rope_dim: int = 64) -> torch.Tensor:
+                     inv_freq: torch.Tensor, *, ratio: int, eps: float = 1e-6, rope_dim: int = 64,
+                     numerics: Numerics = GOLDEN) -> torch.Tensor:
     """V4.1 index keys [N, hd] from the compressor latents ``latent`` [N, Dl] of group-boundary tokens
-    ``positions`` [N]: ``RoPE(k_norm(wk latent))`` at (t // ratio) * ratio (module docstring)."""
+    ``positions`` [N]: ``RoPE(k_norm(wk latent))`` at (t // ratio) * ratio (module docstring).
+
+    numerics: ``act_dtype`` rounds after the GEMM, after k_norm and after RoPE, then ``indexer_k`` is the store
+    (``indexer_k_store.py:158-190``, ``:237-253``: bf16 k_pre, bf16 normed, bf16 rotated, one FP8 block of 128);
+    GOLDEN rounds nothing."""
     float_tensor("latent", latent, ndim=2)
     float_tensor("wk", wk, ndim=2, last=latent.shape[1])
     float_tensor("k_norm", k_norm, ndim=1, last=wk.shape[0])
@@ -99,9 +106,10 @@ def indexer_k_latent(latent: torch.Tensor, wk: torch.Tensor, k_norm: torch.Tenso
     if wk.shape[0] < rope_dim:
         raise ValueError(f"wk: {wk.shape[0]} output dims, fewer than rope_dim {rope_dim}")
     dt = compute_dtype(latent)
-    k = finite("latent", latent).to(dt) @ finite("wk", wk).to(dt).T
-    k = rms_norm(k, k_norm, eps)
-    return apply_rope(k, group_positions(positions, ratio), inv_freq, rope_dim)
+    k = round_act(finite("latent", latent).to(dt) @ finite("wk", wk).to(dt).T, numerics)
+    k = round_act(rms_norm(k, k_norm, eps), numerics)
+    k = round_act(apply_rope(k, group_positions(positions, ratio), inv_freq, rope_dim), numerics)
+    return quant_indexer(k, numerics.indexer_k, False) if numerics.indexer_k is not None else k
 
 
 # --------------------------------------------------------------------------- two-level candidate top-k

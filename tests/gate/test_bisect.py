@@ -291,3 +291,17 @@ def test_bisect_page_written_for_results_and_refusals(tmp_path):
     assert "REFUSED" in page and "--good 0.29.0 cannot be judged" in page
     assert "<script>alert" not in page and "&lt;script&gt;" in page          # messages are escaped
     assert json.loads((tmp_path / "refused" / "bisect.json").read_text())["refused"].startswith("--good 0.29.0")
+
+
+def test_harness_deps_are_pinned_to_the_tested_set_where_vllm_does_not_constrain_them(tmp_path):
+    """Every bisect step installs the same harness stack: the constraints file's pins for the packages vLLM does
+    not pin itself; numpy / ml_dtypes / safetensors stay with the resolver (vLLM releases pin them)."""
+    from conformance.bisect import HARNESS_DEPS, UNPINNED_HARNESS_DEPS, harness_requirements
+
+    c = tmp_path / "c.txt"
+    c.write_text("# tested set\nJinja2==3.1.6\npytest_xdist==3.8.0\nnumpy==2.3.5\npytest==9.2.0  # runner\n")
+    got = harness_requirements(c)
+    assert "jinja2==3.1.6" in got and "pytest-xdist==3.8.0" in got and "pytest==9.2.0" in got, got
+    assert "numpy" in got and "pandas" in got, got          # vLLM-constrained / not in the file: bare
+    assert len(got) == len(HARNESS_DEPS) and UNPINNED_HARNESS_DEPS <= set(HARNESS_DEPS)
+    assert harness_requirements(tmp_path / "missing.txt") == HARNESS_DEPS

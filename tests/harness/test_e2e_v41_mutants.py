@@ -88,3 +88,71 @@ def test_engram_layer_is_replayed_and_judged(ckdir):
     ce = V.engram_chain(cfg)
     assert ce == 2 * 64 + 256 + 4 and lay.bounds["L1.engram_out"] == 2 * ce * V.U32
     assert lay.bounds["L1.attn_pre"] == V.TOL["attn_pre"][0] + 2 * ce * V.U32
+
+
+# --- emulated:<profile>: V4.1 serving numerics (references.numerics.serving_v41), judged at the emulated level ------
+def _emu_rows(subj, ckdir):
+    return {r.case_id: r for r in V.run_e2e_v41(subj.name, subj.e2e_serve_v41, subj.info(), out_dir=ckdir,
+                                                max_tokens=3, profile=subj.e2e_v41_profile)}
+
+
+def _builtin_rows(subject, ckdir):
+    serve, judged, why = V.builtin_server(subject)
+    assert judged and serve.e2e_v41_profile == subject.split(":")[1]
+    return {r.case_id: r for r in V.run_e2e_v41(subject, serve, E.golden_v41_server().info(), out_dir=ckdir,
+                                                max_tokens=3, judged=judged, why_not_judged=why,
+                                                profile=serve.e2e_v41_profile)}
+
+
+@pytest.mark.parametrize("subject", ["emulated:gfx942", pytest.param("emulated:ocp", marks=pytest.mark.slow)])
+def test_emulated_builtin_layers_pass_at_the_emulated_level(subject, ckdir):
+    rows = _builtin_rows(subject, ckdir)
+    lay = rows["e2e-v41/p150/layers"]
+    assert lay.verdict == "pass", lay.message
+    assert lay.params["replay_numerics"] == f"serving-v41:{subject.split(':')[1]}"
+    # the shared entries are compared at their source layers (kv sources 1 and 2 of TINY_V41)
+    assert {"L1.compressed_kv", "L1.index_k", "L2.compressed_kv"} <= set(lay.metrics), sorted(lay.metrics)
+    assert all(lay.metrics[k] <= lay.bounds[k] for k in lay.metrics)
+    # logits / greedy: measured against the unquantised golden, not judged, and they say why
+    for k in ("e2e-v41/p150/logits", "e2e-v41/p150/greedy"):
+        assert rows[k].verdict == "not-run" and "NOT JUDGED: the serving-level logit" in rows[k].message
+    # the serving numerics really moved the model away from the golden (the rounding points are live)
+    assert rows["e2e-v41/p150/logits"].metrics["max_abs_logit_err"] > 1e-3
+
+
+def test_latent_stored_fp8_is_caught_at_the_first_index_key_owner(ckdir):
+    lay = _emu_rows(E.latent_fp8_v41_server(), ckdir)["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail", lay.message
+    assert (lay.worst["layer"], lay.worst["component"]) == (1, "index_k"), lay.message
+    assert "first divergence at layer 1, component index_k" in lay.message and "serving-v41:gfx942" in lay.message
+
+
+def test_index_keys_ocp_bytes_read_as_fnuz_are_caught(ckdir):
+    lay = _emu_rows(E.keys_ocp_as_fnuz_v41_server(), ckdir)["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail", lay.message
+    assert (lay.worst["layer"], lay.worst["component"]) == (1, "index_k"), lay.message
+    assert abs(lay.worst["rel"] - 0.5) < 1e-6, lay.message      # every key read at half its value
+
+
+@pytest.mark.slow
+def test_v4_block_fp8_in_place_of_mxfp8_is_caught_at_layer_0(ckdir):
+    lay = _emu_rows(E.v4_block_fp8_v41_server(), ckdir)["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail", lay.message
+    assert (lay.worst["layer"], lay.worst["component"]) == (0, "attn_out"), lay.message
+
+
+@pytest.mark.slow
+def test_mxfp8_in_1x128_groups_is_caught_where_the_engram_stream_feeds_attention(ckdir):
+    # E8M0 scales: only elements about 2^-14 below their group's amax round differently (docs/v41-serving-numerics.md)
+    # -- on layer 0 that stays within the bound; on layer 1 (Engram's injected stream, a wider range per group) not
+    lay = _emu_rows(E.mxfp8_1x128_v41_server(), ckdir)["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail", lay.message
+    assert (lay.worst["layer"], lay.worst["component"]) == (1, "attn_out"), lay.message
+    assert all(lay.metrics[k] <= lay.bounds[k] for k in lay.metrics if k.startswith("L0.")), lay.message
+
+
+def test_the_emulated_replay_does_not_excuse_a_v41_rule_mutant(ckdir):
+    # a V4.1 dataflow mutant served in the correct serving numerics still fails where the fp32 mutant fails
+    subj = E.V41Server("own-topk-gfx942", E.OwnTopkModel, profile="gfx942")
+    lay = _emu_rows(subj, ckdir)["e2e-v41/p150/layers"]
+    assert lay.verdict == "fail" and (lay.worst["layer"], lay.worst["component"]) == (3, "attn_out"), lay.message

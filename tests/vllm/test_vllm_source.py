@@ -181,12 +181,12 @@ def test_missing_kernels_and_modules_are_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("profile,hip,arch,refused", [
-    ("gfx942", None, "sm90", "compiles only for gfx942"),        # H100: seen as a compile error in every case
-    ("gfx942", "6.4", "gfx950", "compiles only for gfx942"),     # MI355 speaks OCP
+    ("gfx942", None, "sm90", "cannot compile (no fp8e4b8 type on sm90)"),  # H100: a compile error in every case
+    ("gfx942", "6.4", "gfx950", "vLLM takes only on gfx942"),    # MI355: vLLM's FP8 type is OCP
     ("gfx942", "6.4", "gfx942:sramecc+:xnack-", None),
     ("ocp", None, "sm90", None),
     ("ocp", "6.4", "gfx950", None),
-    ("ocp", "6.4", "gfx942:sramecc+:xnack-", "does not compile for gfx942"),
+    ("ocp", "6.4", "gfx942:sramecc+:xnack-", "vLLM does not take on gfx942"),
 ])
 def test_fp8_dialect_the_gpu_cannot_compile_is_refused_in_one_line(profile, hip, arch, refused):
     from conformance.subjects.vllm_triton import fp8_dialect_unsupported
