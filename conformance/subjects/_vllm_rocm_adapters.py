@@ -77,6 +77,24 @@ def _vllm(name):
 OVER: dict = {}
 
 
+class Ops:
+    """What a ROCm adapter below calls, so that one adapter body serves two subjects: ``lookup(name)`` the vLLM
+    callable by its ``_vllm`` name, ``dev`` the device the tensors go to, ``rope(inv_freq, rope_dim, head_size,
+    positions)`` an object whose ``cos_sin_cache`` is vLLM's [P, rope_dim] table on ``dev``. ``SIM`` (vllm:sim)
+    is vLLM's own callables on the CPU; ``vllm-triton[-gpu]`` passes launchers of the same Triton kernels
+    (``_vllm_triton_rocm.triton_ops``)."""
+
+    def __init__(self, lookup, dev="cpu", rope=None):
+        self.lookup, self.dev = lookup, dev
+        if rope is None:
+            from ._vllm_adapters import vllm_rope as rope
+        self.rope = rope
+
+
+def _sim_ops(ops):
+    return ops if ops is not None else Ops(_vllm)
+
+
 # ------------------------------------------------------------------------------------------------ mHC
 def make_hc_post_torch(p):
     def hc_post_torch(F, X, post, comb, *, variant="official", numerics=None):
@@ -87,16 +105,20 @@ def make_hc_post_torch(p):
     return hc_post_torch
 
 
-def make_hc_head_triton(p):
+def make_hc_head_triton(p, ops=None):
+    ops = _sim_ops(ops)
+
     def hc_head_triton(X, fn, base, scale, *, norm_eps, hc_eps, numerics=None):
         """HCHeadOp.forward_hip (no TileLang) -> torch.ops.vllm.hc_head_triton = _hc_head_triton: the
         weight-free Triton RMSNorm (bf16 out), an fp32 linear with hc_fn, sigmoid, the Triton reduce."""
         lead = X.shape[:-2]
         hc, D = X.shape[-2:]
-        y = _vllm("HCHeadOp.forward_hip")(None, X.to(BF).reshape(-1, hc, D).contiguous(), fn.float().contiguous(),
-                                          scale.float().reshape(1).contiguous(), base.float().contiguous(),
-                                          norm_eps, hc_eps)
-        return {"h": y.reshape(*lead, D).float()}
+        dev = ops.dev
+        y = ops.lookup("HCHeadOp.forward_hip")(None, X.to(dev, BF).reshape(-1, hc, D).contiguous(),
+                                               fn.to(dev).float().contiguous(),
+                                               scale.to(dev).float().reshape(1).contiguous(),
+                                               base.to(dev).float().contiguous(), norm_eps, hc_eps)
+        return {"h": y.reshape(*lead, D).float().cpu()}
     return hc_head_triton
 
 
@@ -137,69 +159,77 @@ def make_indexer_scores_prefill(p):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def make_output_projection_rocm(p):
+def make_output_projection_rocm(p, ops=None):
+    ops = _sim_ops(ops)
+
     def output_projection_rocm(o, positions, inv_freq, wo_a, wo_b, *, o_groups, rope_dim=64, numerics=None):
         """DeepseekV4ROCMAiterMLAAttention on the BF16 wo_a path (gfx942 always; gfx950 without the AITER
         FP8 BMM): rocm_inverse_rope_rows_ (Triton _inverse_rope_gptj_kernel, in place on the bf16 attention
         output: the rows no decode reduce rotated), then _o_proj's rocm_inv_rope_einsum(inverse_rope=False)
         (bf16 einsum against the module's bf16 wo_a), then wo_b as a bf16 linear (unquantised checkpoint)."""
-        from ._vllm_adapters import vllm_rope
-
         T, H, D = o.shape
         G = o_groups
         R = wo_a.shape[0] // G
-        rope = vllm_rope(inv_freq, rope_dim, D, positions)
-        ob = o.to(BF).contiguous().clone()
-        _vllm("rocm_inverse_rope_rows_")(ob, positions.long(), rope.cos_sin_cache, rope_dim)
+        dev = ops.dev
+        rope = ops.rope(inv_freq, rope_dim, D, positions)
+        pos = positions.long().to(dev)
+        ob = o.to(dev, BF).contiguous().clone()
+        ops.lookup("rocm_inverse_rope_rows_")(ob, pos, rope.cos_sin_cache, rope_dim)
         mod = torch.nn.Module()
-        mod.weight = torch.nn.Parameter(wo_a.to(BF), requires_grad=False)
-        z = _vllm("rocm_inv_rope_einsum")(rope, ob, positions.long(), rope_dim, G, R, mod, inverse_rope=False)
-        y = z.flatten(1) @ wo_b.to(BF).t()
-        return {"y": y.float()}
+        mod.weight = torch.nn.Parameter(wo_a.to(dev, BF), requires_grad=False)
+        z = ops.lookup("rocm_inv_rope_einsum")(rope, ob, pos, rope_dim, G, R, mod, inverse_rope=False)
+        y = z.flatten(1) @ wo_b.to(dev, BF).t()
+        return {"y": y.float().cpu()}
     return output_projection_rocm
 
 
 # ------------------------------------------------------------------------------------------------ compressor
-def _save_and_store(kv, score, ape, positions, state_cache, cache, *, m, d, ov, norm, eps, inv_freq, rope_dim):
+def _save_and_store(kv, score, ape, positions, state_cache, cache, *, m, d, ov, norm, eps, inv_freq, rope_dim,
+                    ops=None):
     """DeepseekCompressor.forward's two ROCm kernels for one request whose tokens ``positions`` are all a prefill
     chunk: _SAVE_PARTIAL_STATES_KERNEL (kv, score + ape into the fp32 state cache, paged by position with an
     identity block table, block size 4 at ratio 4 / 8 otherwise), then the store the module picks
     (compress_norm_rope_store_two_stage_triton for head 512 without overlap, compress_norm_rope_store_triton
     otherwise), which pools every window the chunk closes into ``cache`` (blocks of 4 entries, 584 / 132 bytes
-    per entry). Returns the compressed-cache slot per token (-1 where the token closes no window)."""
+    per entry). Returns the compressed-cache slot per token (-1 where the token closes no window). ``ops``: the
+    callables and device (``Ops``; None: vLLM's own on the CPU); every tensor argument is on ``ops.dev``."""
     from types import SimpleNamespace
 
-    from ._vllm_adapters import vllm_rope
-
+    ops = _sim_ops(ops)
+    dev = ops.dev
     n, coff = positions.shape[0], 2 if ov else 1
     sbs, per_tok = 4 if m == 4 else 8, 584 if d == 512 else 132
     slot = positions.clone()
-    _vllm("_SAVE_PARTIAL_STATES_KERNEL")(kv=kv, score=score, ape=ape.float().contiguous(), positions=positions,
-                                         state_cache=state_cache, slot_mapping=slot, block_size=sbs,
-                                         state_width=coff * d, compress_ratio=m, pdl_kwargs={})
+    ops.lookup("_SAVE_PARTIAL_STATES_KERNEL")(kv=kv, score=score, ape=ape.float().contiguous(), positions=positions,
+                                              state_cache=state_cache, slot_mapping=slot, block_size=sbs,
+                                              state_width=coff * d, compress_ratio=m, pdl_kwargs={})
     fire = (positions + 1) % m == 0
     kv_slot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
     ncb = cache.shape[0]
     kv_cache = cache.as_strided((ncb, 4, per_tok), (4 * per_tok, per_tok, 1))
-    rope = vllm_rope(inv_freq, rope_dim, 512, torch.arange(int(positions[-1]) + 1))
+    rope = ops.rope(inv_freq, rope_dim, 512, torch.arange(int(positions[-1]) + 1))
     qb, ts, sd = (64, 448 + 2 * 64, 448 // 64 + 1) if d == 512 else (128, 128, 4)
-    args = dict(state_cache=state_cache, num_actual=n, token_to_req_indices=torch.zeros(n, dtype=torch.int32),
+    args = dict(state_cache=state_cache, num_actual=n,
+                token_to_req_indices=torch.zeros(n, dtype=torch.int32, device=dev),
                 positions=positions, slot_mapping=slot,
-                block_table=torch.arange(state_cache.shape[0], dtype=torch.int32)[None], block_size=sbs,
+                block_table=torch.arange(state_cache.shape[0], dtype=torch.int32, device=dev)[None],
+                block_size=sbs,
                 state_width=coff * d, cos_sin_cache=rope.cos_sin_cache, kv_cache=kv_cache,
                 k_cache_metadata=SimpleNamespace(slot_mapping=kv_slot), pdl_kwargs={}, head_dim=d,
                 rope_head_dim=rope_dim, compress_ratio=m, overlap=ov, use_fp4_cache=False,
-                rms_norm_weight=norm.float().contiguous(), rms_norm_eps=eps, quant_block=qb, token_stride=ts,
+                rms_norm_weight=norm.to(dev).float().contiguous(), rms_norm_eps=eps, quant_block=qb, token_stride=ts,
                 scale_dim=sd)
     if d == 512 and not ov:
-        _vllm("compress_norm_rope_store_two_stage_triton")(
-            **args, num_decode_tokens=0, compress_scratch=torch.empty(n, d, dtype=torch.float32))
+        ops.lookup("compress_norm_rope_store_two_stage_triton")(
+            **args, num_decode_tokens=0, compress_scratch=torch.empty(n, d, dtype=torch.float32, device=dev))
     else:
-        _vllm("compress_norm_rope_store_triton")(**args)
+        ops.lookup("compress_norm_rope_store_triton")(**args)
     return kv_slot
 
 
-def make_compress_rocm(p):
+def make_compress_rocm(p, ops=None):
+    ops = _sim_ops(ops)
+
     def compress_rocm(x, wkv, wgate, ape, norm, *, ratio, head_dim, eps, inv_freq, rope_dim=64, numerics=None,
                       kind="attn", variant="official", overlap=None):
         """DeepseekCompressor.forward on ROCm: bf16 fused_wkv_wgate projection (torch), then
@@ -210,30 +240,33 @@ def make_compress_rocm(p):
         float8_e4m3fn, the dtype those kernels write (tl.float8e4nv, FP8_MAX 448, no fnuz branch)."""
         if ape is None:
             return compress_v41(x, wkv, wgate, norm, ratio=ratio, head_dim=head_dim, eps=eps, inv_freq=inv_freq,
-                                rope_dim=rope_dim, kind=kind)
+                                rope_dim=rope_dim, kind=kind, ops=ops)
 
         from ._vllm_adapters import read_584, read_indexer_k
 
         T, m, d = x.shape[0], ratio, head_dim
+        dev = ops.dev
         ov = (m == 4) if overlap is None else overlap
         coff = 2 if ov else 1
-        xb = x.to(BF)
-        kv_score = xb @ torch.cat([wkv, wgate], 0).to(BF).t()      # MergedColumnParallelLinear, bf16 out
+        xb = x.to(dev, BF)
+        kv_score = xb @ torch.cat([wkv, wgate], 0).to(dev, BF).t()      # MergedColumnParallelLinear, bf16 out
         kv, score = kv_score.split([coff * d, coff * d], dim=-1)
-        positions = torch.arange(T, dtype=torch.int64)
+        positions = torch.arange(T, dtype=torch.int64, device=dev)
         sbs = 4 if m == 4 else 8
-        state = torch.zeros((T + sbs - 1) // sbs, sbs, 2 * coff * d)
+        state = torch.zeros((T + sbs - 1) // sbs, sbs, 2 * coff * d, device=dev)
         n, cbs = T // m, 4
-        cache = torch.zeros((n + cbs - 1) // cbs + 1, cbs * (584 if d == 512 else 132), dtype=torch.uint8)
-        _save_and_store(kv, score, ape, positions, state, cache, m=m, d=d, ov=ov, norm=norm, eps=eps,
-                        inv_freq=inv_freq, rope_dim=rope_dim)
+        cache = torch.zeros((n + cbs - 1) // cbs + 1, cbs * (584 if d == 512 else 132), dtype=torch.uint8,
+                            device=dev)
+        _save_and_store(kv, score, ape.to(dev), positions, state, cache, m=m, d=d, ov=ov, norm=norm, eps=eps,
+                        inv_freq=inv_freq, rope_dim=rope_dim, ops=ops)
+        cache = cache.cpu()
         if d == 512:
             return {"entries": read_584(cache, range(n), cbs)}
         return {"entries": read_indexer_k(cache, range(n), cbs)}
     return compress_rocm
 
 
-def make_compress_stream_rocm(p):
+def make_compress_stream_rocm(p, ops=None):
     """compressor.kv_stream on ROCm: DeepseekCompressor.forward's kernels (compress_rocm) called once per chunk on
     ONE persistent state: the fp32 state cache (paged by position, block size 4 / 8, identity block table) and the
     compressed kv cache are the Streamed state, so the harness poisons both (NaN state rows, 0xFF cache bytes: an
@@ -247,6 +280,8 @@ def make_compress_stream_rocm(p):
     from ..components import Streamed
     from .base import Unsupported
 
+    ops = _sim_ops(ops)
+    dev = ops.dev
     inv_freq, rope_dim = rope_inv_freq(64, 160000.0, RopeScaling()), 64
 
     def _geom(ratio, head_dim):
@@ -260,8 +295,8 @@ def make_compress_stream_rocm(p):
         T = x.shape[0]
         coff, sbs, per_tok = _geom(ratio, head_dim)
         ncb = (T // ratio + 3) // 4 + 1
-        return {"state_cache": torch.zeros((T + sbs - 1) // sbs, sbs, 2 * coff * head_dim),
-                "kv_cache": torch.zeros(ncb, 4 * per_tok, dtype=torch.uint8)}
+        return {"state_cache": torch.zeros((T + sbs - 1) // sbs, sbs, 2 * coff * head_dim, device=dev),
+                "kv_cache": torch.zeros(ncb, 4 * per_tok, dtype=torch.uint8, device=dev)}
 
     def step(state, *, start, x, wkv, wgate, ape, norm, ratio, head_dim, eps):
         from ._vllm_adapters import read_584, read_indexer_k
@@ -270,60 +305,63 @@ def make_compress_stream_rocm(p):
         coff = _geom(m, d)[0]
         ov = coff == 2
         st, cache = state["state_cache"], state["kv_cache"]
-        kv_score = x.to(BF) @ torch.cat([wkv, wgate], 0).to(BF).t()
+        kv_score = x.to(dev, BF) @ torch.cat([wkv, wgate], 0).to(dev, BF).t()
         kv, score = kv_score.split([coff * d, coff * d], dim=-1)
-        positions = torch.arange(start, start + n, dtype=torch.int64)
-        kv_slot = _save_and_store(kv, score, ape, positions, st, cache, m=m, d=d, ov=ov, norm=norm, eps=eps,
-                                  inv_freq=inv_freq, rope_dim=rope_dim)
+        positions = torch.arange(start, start + n, dtype=torch.int64, device=dev)
+        kv_slot = _save_and_store(kv, score, ape.to(dev), positions, st, cache, m=m, d=d, ov=ov, norm=norm, eps=eps,
+                                  inv_freq=inv_freq, rope_dim=rope_dim, ops=ops)
         ids = kv_slot[kv_slot >= 0].tolist()
         if not ids:
             return {"entries": torch.zeros(0, d)}, state
         read = read_584 if d == 512 else read_indexer_k
-        return {"entries": read(cache, ids, 4)}, state
+        return {"entries": read(cache.cpu(), ids, 4)}, state
 
     return Streamed(new_state, step)
 
 
-def compress_v41(x, wkv, wgate, norm, *, ratio, head_dim, eps, inv_freq, rope_dim, kind):
+def compress_v41(x, wkv, wgate, norm, *, ratio, head_dim, eps, inv_freq, rope_dim, kind, ops=None):
     """DeepSeek-V4.1's compressor (compressor.kv's v41 rows) as models/deepseek_v41 runs it on every platform: the
     fp32 kv_score GEMM from bf16 operands (attention.py:954-959, torch.mm out_dtype fp32: harness code), then
     vLLM's Triton kernels interpreted: fused_save_compress_norm (ratio 2: the open pair's rows in a one-request
     ring of capacity 8, the pair pooled by its per-channel softmax, RMSNorm, bf16 latent; ratio 1: no ring, one
     program per token) and rope_quant_insert into a 584-byte fp8_ds_mla record (_rope_quant_insert_kernel: GPT-J
     RoPE at position // ratio * ratio, e4m3fn nope blocks of 64, UE8M0 scales). One request, all tokens a prefill;
-    the entries are the cache bytes decoded."""
-    from ._vllm_adapters import read_584, vllm_rope
+    the entries are the cache bytes decoded. ``ops``: as ``_save_and_store``'s."""
+    from ._vllm_adapters import read_584
     from .base import Unsupported
+
+    ops = _sim_ops(ops)
+    dev = ops.dev
 
     if head_dim != 512 or kind != "attn" or rope_dim != 64:
         raise Unsupported("V4.1's compressor writes the attention cache (head 512, rope 64); its indexer K comes "
                           "from the latent (indexer_k_norm_rope_store), not this store")
     T, m = x.shape[0], ratio
     W = wkv if wgate is None else torch.cat([wkv, wgate], 0)      # fused_wkv_wgate: [wkv; wgate]
-    kv_score = (x.to(BF).float() @ W.to(BF).float().t()).contiguous()
-    positions = torch.arange(T, dtype=torch.int64)
+    kv_score = (x.to(dev, BF).float() @ W.to(dev, BF).float().t()).contiguous()
+    positions = torch.arange(T, dtype=torch.int64, device=dev)
     if m == 1:
         state = qsl = t2r = None
         slot = positions.clone()                                  # ratio 1: slot_mapping marks valid tokens
     else:
         cap = 8                                                   # CompressorStateCache: max(8, pow2(specs + 2))
-        state = torch.zeros(1, cap, 1024)
+        state = torch.zeros(1, cap, 1024, device=dev)
         slot = positions % cap                                    # block 0 of the ring: block * cap + p % cap
-        qsl = torch.tensor([0, T], dtype=torch.int32)
-        t2r = torch.zeros(T, dtype=torch.int32)
-    latent = torch.zeros(T, 512, dtype=BF)
-    _vllm("fused_save_compress_norm")(kv_score, positions, state, slot, qsl, t2r, norm.to(BF).contiguous(), eps, m,
-                                      latent)
+        qsl = torch.tensor([0, T], dtype=torch.int32, device=dev)
+        t2r = torch.zeros(T, dtype=torch.int32, device=dev)
+    latent = torch.zeros(T, 512, dtype=BF, device=dev)
+    ops.lookup("fused_save_compress_norm")(kv_score, positions, state, slot, qsl, t2r,
+                                           norm.to(dev, BF).contiguous(), eps, m, latent)
     n = T // m
     fire = (positions + 1) % m == 0
     kslot = torch.where(fire, (positions + 1) // m - 1, torch.full_like(positions, -1))
     cbs = 4
     ncb = (n + cbs - 1) // cbs + 1
-    cache = torch.zeros(ncb, cbs * 584, dtype=torch.uint8)
+    cache = torch.zeros(ncb, cbs * 584, dtype=torch.uint8, device=dev)
     kv_cache = cache.as_strided((ncb, cbs, 584), (cbs * 584, 584, 1))
-    rope = vllm_rope(inv_freq, rope_dim, 512, positions)
-    _vllm("rope_quant_insert")(latent, positions, rope.cos_sin_cache, kv_cache, kslot, m)
-    return {"entries": read_584(cache, range(n), cbs)}
+    rope = ops.rope(inv_freq, rope_dim, 512, positions)
+    ops.lookup("rope_quant_insert")(latent, positions, rope.cos_sin_cache, kv_cache, kslot, m)
+    return {"entries": read_584(cache.cpu(), range(n), cbs)}
 
 
 # ------------------------------------------------------------------------------------------------ linear

@@ -296,6 +296,7 @@ def source_root() -> Source:
 
 
 # the kernels the harness loads from source; ``bundle`` copies exactly the files they read
+_FCQ = "vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache"
 KERNELS = (
     ("vllm.models.deepseek_v4.common.ops.cache_utils", "quantize_and_insert_k_kernel"),
     ("vllm.models.deepseek_v4.common.ops.cache_utils", "DequantizeAndGatherKCacheKernel.kernel"),
@@ -314,6 +315,15 @@ KERNELS = (
     ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_store_candidates_kernel"),
     ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_candidate_flags_kernel"),
     ("vllm.model_executor.kernels.attention.dsa.candidate_blocks", "_mask_candidates_kernel"),
+    # the V4 compressor's stateful kernels and the ROCm output projection (conformance.subjects._vllm_triton_rocm)
+    ("vllm.models.deepseek_v4.common.ops.save_partial_states", "SavePartialStatesKernel.kernel"),
+    *((_FCQ, k) for k in ("_fused_kv_compress_norm_rope_insert_sparse_attn",
+                          "_fused_kv_compress_norm_rope_insert_indexer_attn", "_compress_gather_split_sparse_attn",
+                          "_finalize_norm_rope_quant_store_sparse_attn")),
+    ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "rocm_inverse_rope_rows_"),
+    ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "rocm_inv_rope_einsum"),
+    ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", "fused_save_compress_norm"),
+    ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", "_rope_quant_insert_kernel"),
 )
 
 

@@ -51,6 +51,16 @@ class _K:
         "mtp_shared_head_rmsnorm_kernel": ("vllm.models.deepseek_v4.common.ops.fused_mtp_input_rmsnorm",
                                            "MTPSharedHeadRMSNormKernel.kernel"),
         "_hc_head_triton": ("vllm.model_executor.kernels.mhc.triton", "_hc_head_triton"),
+        # the compressor's stateful kernels and the ROCm output projection's inverse RoPE (_vllm_triton_rocm)
+        "save_partial_states_kernel": ("vllm.models.deepseek_v4.common.ops.save_partial_states",
+                                       "SavePartialStatesKernel.kernel"),
+        **{k: ("vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache", k) for k in (
+            "_fused_kv_compress_norm_rope_insert_sparse_attn", "_fused_kv_compress_norm_rope_insert_indexer_attn",
+            "_compress_gather_split_sparse_attn", "_finalize_norm_rope_quant_store_sparse_attn")},
+        **{k: ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", k) for k in (
+            "rocm_inverse_rope_rows_", "rocm_inv_rope_einsum")},
+        **{k: ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", k) for k in (
+            "fused_save_compress_norm", "_rope_quant_insert_kernel")},
     }
 
     @classmethod
@@ -110,6 +120,13 @@ class _K:
             if name not in cls.built:
                 cls.built[name] = vllm_pow2_safe_builder()[0]
             k = cls.built[name]
+        elif name in cls.SOURCE:      # the rest: the installed module's object of the same dotted name
+            import importlib
+
+            module, attr = cls.SOURCE[name]
+            k = importlib.import_module(module)
+            for a in attr.split("."):
+                k = getattr(k, a)
         else:
             raise KeyError(name)
         return k
@@ -627,6 +644,41 @@ def make_engram_memory(p: dict):
     return engram_memory
 
 
+def make_compress(p: dict):
+    from ._vllm_triton_rocm import make_compress as make
+
+    return make(p)
+
+
+def make_compress_stream(p: dict):
+    from ._vllm_triton_rocm import make_compress_stream as make
+
+    return make(p)
+
+
+def make_output_projection(p: dict):
+    from ._vllm_triton_rocm import make_output_projection as make
+
+    return make(p)
+
+
+def make_hc_head(p: dict):
+    from ._vllm_triton_rocm import make_hc_head as make
+
+    return make(p)
+
+
+FCQ = "vllm.models.deepseek_v4.common.ops.fused_compress_quant_cache."
+COMPRESS_FN = ("harness bf16 fused_wkv_wgate GEMM + vllm.models.deepseek_v4.common.ops.save_partial_states."
+               "SavePartialStatesKernel.kernel + " + FCQ + "_fused_kv_compress_norm_rope_insert_sparse_attn / "
+               "_fused_kv_compress_norm_rope_insert_indexer_attn / _compress_gather_split_sparse_attn + "
+               "_finalize_norm_rope_quant_store_sparse_attn; V4.1 rows: harness fp32 kv_score GEMM + "
+               "vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache.fused_save_compress_norm + "
+               "_rope_quant_insert_kernel")
+# component -> KERNELS key where vllm.adapter_key has none for this subject
+TRITON_KEYS = {"compressor.kv_stream": "compress_stream"}
+
+
 def make_dspark_input(p: dict):
     from ._vllm_dspark_adapters import make_dspark_input as make
 
@@ -642,6 +694,24 @@ def make_experts_nvfp4(p: dict):
 
 
 KERNELS = {
+    "compress": (make_compress, COMPRESS_FN,
+                 "vllm:sim's ROCm compressor adapter (_vllm_rocm_adapters.make_compress_rocm) with the kernel lookup "
+                 "given vLLM's Triton kernels: _SAVE_PARTIAL_STATES_KERNEL's launch, then the store "
+                 "DeepseekCompressor picks on ROCm (two-stage for head 512 without overlap, single pass otherwise; "
+                 "tl.float8e4nv at 448 on every arch); V4.1 rows: fused_save_compress_norm + rope_quant_insert's "
+                 "kernel (compress_v41)"),
+    "compress_stream": (make_compress_stream, COMPRESS_FN + " (chunk by chunk on one poisoned state)",
+                        "vllm:sim's streamed ROCm compressor adapter (make_compress_stream_rocm) with vLLM's "
+                        "Triton kernels launched per chunk on one persistent state cache and kv cache"),
+    "output_projection": (make_output_projection,
+                          "vllm.v1.attention.ops.rocm_aiter_mla_sparse.rocm_inverse_rope_rows_ "
+                          "(_inverse_rope_gptj_kernel) + rocm_inv_rope_einsum(inverse_rope=False) + bf16 wo_b",
+                          "vllm:sim's ROCm output projection adapter (make_output_projection_rocm) with vLLM's "
+                          "Triton inverse RoPE in place, the bf16 wo_a einsum, the bf16 wo_b linear"),
+    "hc_head": (make_hc_head,
+                "vllm.model_executor.kernels.mhc.triton._hc_head_triton (HCHeadOp.forward_hip without TileLang)",
+                "vllm:sim's ROCm mHC head adapter (make_hc_head_triton) with HCHeadOp.forward_hip's Triton branch "
+                "made directly: bf16 out, _hc_head_triton"),
     "experts_nvfp4": (make_experts_nvfp4,
                       "vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe."
                       "Nvfp4QuantizationEmulationTritonExperts.apply (fused_moe_nvfp4_emulation_kernel + "
@@ -785,10 +855,13 @@ class VllmTritonSubject(Subject):
         p = self.params()
         out = {}
         for name, spec in components.load_all().items():
-            key = adapter_key(name, spec)
+            key = TRITON_KEYS.get(name) or adapter_key(name, spec)
             if key not in KERNELS:
                 continue
             make, function, why = KERNELS[key]
+            if spec.stream is not None:    # a streamed component: the adapter makes the Streamed itself
+                out[name] = Impl(make(p), function=function, backend=self.backend, note=why.format(**p))
+                continue
             fn, err = bind(spec, make(p), fixed=FIXED.get(name))
             if fn is None:
                 continue

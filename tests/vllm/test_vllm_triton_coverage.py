@@ -25,5 +25,8 @@ def test_every_component_vllm_triton_does_not_provide_says_why(profile):
     missing = [n for n in components.load_all() if n not in provided and not why.get(n)]
     assert not missing, missing
     arch = "gfx942" if profile == "gfx942" else "gfx950"
-    assert f"on rocm-{arch} vLLM runs" in why["compressor.kv"] and f"vllm:sim-{arch} drives it" in why["compressor.kv"]
+    w = why["indexer.scores"]
+    assert f"on rocm-{arch} vLLM runs" in w and f"vllm:sim-{arch} drives it" in w
+    # adapted through vllm:sim's ROCm adapters with the Triton kernel lookup (_vllm_triton_rocm)
+    assert {"compressor.kv", "compressor.kv_stream", "attn.output", "mhc.head"} <= provided
     assert not provided & set(why), provided & set(why)
