@@ -11,9 +11,10 @@ physical block holds which logical block, per chunk) is the KV cache manager's, 
 
 * SWA (``SlidingWindowMLASpec``, ``v1/attention/backends/mla/sparse_swa.py:116-134``): before a chunk starting at
   position s, every block whose positions all lie below s - 127 (out of every window the chunk's queries read) is
-  freed to the back of the free list, then the chunk's new logical blocks take blocks from the front: blocks are
-  recycled (block 0, with slot 0, is the first logical block's and comes back round), so a reader that reads past
-  its window, or before the chunk's write, sees another token or the poison.
+  freed to the back of the free list, then the chunk's new logical blocks take blocks from the front; the pool
+  holds just the most blocks live at once, so blocks are recycled (block 0, with slot 0, is the first logical
+  block's and comes back round), and a reader that reads past its window, or before the chunk's write, sees
+  another token or the poison.
 * indexer K (compressed entries, ratio 4: entry j closes at token 4j + 3): one slot per entry, blocks of 64
   entries, allocated when first needed, never freed (the indexer reads every entry); logical block 0 is block 0.
 
@@ -65,13 +66,14 @@ def schedule(token_splits, *, pad: int, kind: str, ratio: int = 4, g: torch.Gene
     T = sum(token_splits)
     index = (lambda p: p) if kind == "swa" else (lambda p: p // ratio)   # the cache index of position p
     L = index(T - 1) // BS + 1
-    # dry run: the most blocks live at once (SWA) / all of them (indexer); one spare so a freed block waits
+    # dry run: the most blocks live at once (SWA) / all of them (indexer): a pool that tight reuses a freed block
+    # at the next allocation
     live_max, s = 0, 0
     for n in token_splits:
         lo = max(s - W + 1, 0) if kind == "swa" else 0
         live_max = max(live_max, index(s + n - 1) // BS - index(lo) // BS + 1)
         s += n
-    blocks = live_max + 1
+    blocks = live_max
     order = [0] + (torch.randperm(blocks - 1, generator=g) + 1).tolist()
     free, table = list(order), [-1] * L
     pos, slots, bts, row_splits, s = [], [], [], [], 0
@@ -245,10 +247,9 @@ def _ds_mla():
     return _layout()
 
 
-def _kv_stream(profile: str | None, bug: str | None = None) -> Streamed:
+def _kv_stream(profile: str | None) -> Streamed:
     """attn.kv_stream as a Streamed: ``profile`` None = the golden (fp32; fp64 on fp64 x) over an unquantised
-    pool; a profile = its serving chain and the fp8_ds_mla pool in its dialect (fnuz_fmax on fnuz). ``bug``: the
-    mutants of tests/harness/test_cache_stream_mutants.py (None in the product)."""
+    pool; a profile = its serving chain and the fp8_ds_mla pool in its dialect (fnuz_fmax on fnuz)."""
     chain = None if profile is None else _serving_kv(profile)
 
     def new(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, block_table, read, *, blocks, eps, theta, yarn,
@@ -263,8 +264,7 @@ def _kv_stream(profile: str | None, bug: str | None = None) -> Streamed:
         kv = (_kv_roped if chain is None else chain)(*args, eps=eps, theta=theta, yarn=yarn)
         if profile is None:
             return cs.swa_step(state, kv, positions=positions, slot_mapping=slot_mapping, block_table=block_table,
-                               read=read) if bug is None else _buggy_swa(bug, state, kv, positions, slot_mapping,
-                                                                         block_table, read, start)
+                               read=read)
         dialect, _ = _dialect(profile)
         fmax = fnuz_fmax if dialect == "float8_e4m3fnuz" else None
         pool = state["cache"]
@@ -279,31 +279,6 @@ def _kv_stream(profile: str | None, bug: str | None = None) -> Streamed:
                  "lens": torch.tensor(lens, dtype=torch.long)}, state)
 
     return Streamed(new, stp)
-
-
-def _buggy_swa(bug, state, kv, positions, slot_mapping, block_table, read, start):
-    """The reference step with one state bug (tests/harness/test_cache_stream_mutants.py names them)."""
-    pool = state["pool"]
-    slots = slot_mapping.clone()
-    snapshot = pool.clone()
-    real = torch.nonzero(slots >= 0).flatten()
-    if bug == "pad_to_slot0":
-        slots = slots.clamp(min=0)                       # -1 treated as slot 0
-    if bug == "verify_first_pos" and start > 0 and len(real) > 1:
-        slots[real] = slots[real[0]]                     # every token of the verify chunk at the first one's slot
-    for i in torch.nonzero(slots >= 0).flatten().tolist():
-        pool[int(slots[i])] = kv[i].to(pool.dtype)
-    src = snapshot if bug == "stale_read" else pool      # stale_read: the reads see the pool as of the chunk start
-    out, lens = [], []
-    for r in torch.nonzero(read).flatten().tolist():
-        p = int(positions[r])
-        qs = list(cs.window(p))
-        if bug == "ring_off_by_one" and p >= W:
-            qs = [q - 1 for q in qs]                     # the window wraps one slot late
-        out.append(src[torch.tensor([cs.slot_of(block_table[r], q, BS, "mutant") for q in qs])])
-        lens.append(len(qs))
-    return {"window": torch.cat(out) if out else pool.new_zeros(0, HEAD_DIM),
-            "lens": torch.tensor(lens, dtype=torch.long)}, state
 
 
 def _emulate_kv_stream(profile: str):
@@ -397,7 +372,7 @@ def k_stream_golden(k, positions, slot_mapping, block_table, read, *, blocks, la
                         slot_mapping=slot_mapping, read=read, ratio=RATIO)
 
 
-def _k_stream(profile: str | None, bug: str | None = None) -> Streamed:
+def _k_stream(profile: str | None) -> Streamed:
     """indexer.k_stream as a Streamed: the golden over an unquantised pool (``profile`` None), or the profile's
     writer / reader (indexer.k_cache's emulation: per-token pow2 scale, fmax 224 fnuz / 448 OCP) over the uint8
     indexer-K pool (``KCacheLayout``, 132 bytes an entry)."""
@@ -411,9 +386,7 @@ def _k_stream(profile: str | None, bug: str | None = None) -> Streamed:
     def stp(state, *, start, k, positions, slot_mapping, block_table, read, blocks, layout="normal"):
         if profile is None:
             return cs.k_step(state, k, positions=positions, slot_mapping=slot_mapping, block_table=block_table,
-                             read=read, ratio=RATIO) if bug is None else _buggy_k(bug, state, k, positions,
-                                                                                  slot_mapping, block_table, read,
-                                                                                  start)
+                             read=read, ratio=RATIO)
         lay, pool = KCacheLayout(BS, layout), state["cache"]
         rows = (slot_mapping >= 0) & cs.closes(positions, RATIO)
         if rows.any():
@@ -429,32 +402,6 @@ def _k_stream(profile: str | None, bug: str | None = None) -> Streamed:
                 state)
 
     return Streamed(new, stp)
-
-
-def _buggy_k(bug, state, k, positions, slot_mapping, block_table, read, start):
-    pool = state["pool"]
-    snapshot = pool.clone()
-    slots, pos = slot_mapping.clone(), positions.clone()
-    real = torch.nonzero(slots >= 0).flatten()
-    if bug == "pad_to_slot0":
-        slots = slots.clamp(min=0)
-    if bug == "verify_first_pos" and start > 0 and len(real) > 1:
-        slots[real], pos[real] = slots[real[0]], pos[real[0]]     # every row at the first row's position
-    for i in torch.nonzero((slots >= 0) & cs.closes(pos, RATIO)).flatten().tolist():
-        pool[int(slots[i])] = k[i].to(pool.dtype)
-    src = snapshot if bug == "stale_read" else pool
-    out, lens = [], []
-    for r in torch.nonzero(read).flatten().tolist():
-        n = (int(positions[r]) + 1) // RATIO
-        ss = []
-        for j in range(n):
-            if bug == "ring_off_by_one" and j and j % BS == 0:
-                ss.append(cs.slot_of(block_table[r], j - BS, BS, "mutant"))   # the new block read through the old
-            else:
-                ss.append(cs.slot_of(block_table[r], j, BS, "mutant"))
-        out.append(src[torch.tensor(ss, dtype=torch.long)])
-        lens.append(n)
-    return {"k": torch.cat(out) if out else pool.new_zeros(0, DIM), "lens": torch.tensor(lens, dtype=torch.long)}, state
 
 
 def _emulate_k_stream(profile: str):
