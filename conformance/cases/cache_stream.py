@@ -26,7 +26,10 @@ Outputs after each chunk, for every ``read`` row (concatenated over rows, in row
   and dequantised (positions max(p - 127, 0) .. p, left-aligned as ``_compute_swa_indices_and_lens_kernel``
   gathers them, ``sparse_swa.py:1042-1124``), and ``lens`` (exact). Golden: attn.kv_insert's golden kv
   (unquantised rope(kv_norm(wkv x))) of those positions, computed by position from the whole prompt; bound:
-  attn.kv_insert's ``kv`` bound (``qkv._kv_tol``) relative to its scale (``qkv._kv_scale``) at the entry's token.
+  attn.kv_insert's ``kv`` bound (``qkv._kv_tol``) relative to its scale (``qkv._kv_scale``) at the entry's token;
+  serving subjects also return the window entries' stored bytes, ``codes`` [.., 448] (FP8 nope) and ``scales``
+  [.., 8] (UE8M0), compared exactly with the emulation at the emulated level (the tight check: the window's
+  dequantised values have attn.kv_insert's loose emulated bound).
 * ``indexer.k_stream``: ``k`` [sum of counts, 128], the (p + 1) // 4 entries closed by position p, gathered and
   dequantised (code x pow2 scale), and ``lens``; row t's ``k`` input is the key of the entry it closes (rows that
   close nothing carry other keys, which a writer must not store). Golden: the keys; bound: indexer.k_cache's
@@ -184,7 +187,14 @@ def _compare(kind: str):
         if c.verdict != "pass":
             s = (scale if scale is not None else want[name]).detach().cpu().double().abs()
             c = _diagnose(c, gv, want[name], kwargs, kind, _candidates(kwargs, kind), tol.bound(s))
-        return [c, compare_exact(got["lens"], want["lens"], output="lens", label=label)]
+        out = [c, compare_exact(got["lens"], want["lens"], output="lens", label=label)]
+        for n in ("codes", "scales"):   # SWA, against the emulation: the window's stored bytes exactly
+            if n in want and level == "emulated":
+                out.append(compare_exact(got[n], want[n], output=n, label=label,
+                                         fp8_format=params.get("dialect") if n == "codes" else None) if n in got
+                           else Comparison(n, "fail", message=f"{label} {n}: the subject returned no {n!r} output "
+                                                             f"(returned {sorted(got)})"))
+        return out
     return compare
 
 
@@ -220,7 +230,10 @@ def kv_stream_golden(x, wkv, wkv_scale, kv_norm, positions, slot_mapping, block_
 
 def _serving_kv(profile: str):
     """attn.kv_insert's serving chain up to the store (qkv._emulate_kv_insert: wkv FP8 linear, kv_norm in fp32 with
-    a bf16 store, RoPE in fp32 on the bf16 kv), row by row."""
+    a bf16 store, RoPE in fp32 on the bf16 kv), the GEMM row by row: a CPU fp32 matmul rounds differently with the
+    number of rows (measured: 6 window entries' codes of attn.kv_stream/t260/127-1x2-131 flipped between the
+    chunked and the whole-prompt GEMM), and the emulation must not depend on the chunking, so that the streamed
+    window's bytes can be compared exactly with the one-shot emulation's."""
     from references.components.norms import rms_norm
     from references.components.rope import apply_rope
 
@@ -230,7 +243,8 @@ def _serving_kv(profile: str):
     lin = linear_emulate(profile)
 
     def kv(x, wkv, wkv_scale, kv_norm, positions, *, eps, theta, yarn):
-        y = lin(x, wkv, wkv_scale)["y"]
+        y = torch.cat([lin(x[i:i + 1], wkv, wkv_scale)["y"] for i in range(x.shape[0])]) if x.shape[0] else \
+            lin(x, wkv, wkv_scale)["y"]
         return apply_rope(_bf(rms_norm(y, _bf(kv_norm), eps)), positions, _inv_freq(theta, yarn), ROPE_DIM)
     return kv
 
@@ -273,12 +287,22 @@ def _kv_stream(profile: str | None) -> Streamed:
         for r in torch.nonzero(read).flatten().tolist():
             p = int(positions[r])
             ss = [cs.slot_of(block_table[r], q, BS, f"SWA read of row {r}") for q in cs.window(p)]
-            out.append(cl.dequantize_ds_mla_tokens(cl.read_ds_mla_tokens(pool, ss, layout=_ds_mla()), dialect))
+            tok = cl.read_ds_mla_tokens(pool, ss, layout=_ds_mla())
+            out.append((cl.dequantize_ds_mla_tokens(tok, dialect), tok.nope, tok.scales))
             lens.append(len(ss))
-        return ({"window": torch.cat(out) if out else torch.zeros(0, HEAD_DIM),
-                 "lens": torch.tensor(lens, dtype=torch.long)}, state)
+        return ({"window": torch.cat([o[0] for o in out]) if out else torch.zeros(0, HEAD_DIM),
+                 "lens": torch.tensor(lens, dtype=torch.long),
+                 "codes": torch.cat([o[1] for o in out]) if out else torch.zeros(0, 448, dtype=torch.uint8),
+                 "scales": torch.cat([o[2] for o in out]) if out else torch.zeros(0, 8, dtype=torch.uint8)}, state)
 
     return Streamed(new, stp)
+
+
+def window_rows(positions, slot_mapping, read) -> torch.Tensor:
+    """The row of every window entry's token (entry order of ``swa_windows``)."""
+    by_pos = {int(p): r for r, (p, s) in enumerate(zip(positions.tolist(), slot_mapping.tolist())) if s >= 0}
+    return torch.tensor([by_pos[q] for r in torch.nonzero(read).flatten().tolist()
+                         for q in cs.window(int(positions[r]))], dtype=torch.long)
 
 
 def _emulate_kv_stream(profile: str):
@@ -291,8 +315,11 @@ def _emulate_kv_stream(profile: str):
         dialect, _ = _dialect(profile)
         kv = chain(x, wkv, wkv_scale, kv_norm, positions, eps=eps, theta=theta, yarn=yarn)
         fmax = fnuz_fmax if dialect == "float8_e4m3fnuz" else None
-        dec = cl.dequantize_ds_mla_tokens(cl.encode_ds_mla_tokens(kv, dialect, fmax), dialect)
-        return cs.swa_windows(dec, positions=positions, slot_mapping=slot_mapping, read=read)
+        tok = cl.encode_ds_mla_tokens(kv, dialect, fmax)
+        rows = window_rows(positions, slot_mapping, read)
+        return dict(cs.swa_windows(cl.dequantize_ds_mla_tokens(tok, dialect), positions=positions,
+                                   slot_mapping=slot_mapping, read=read),
+                    codes=tok.nope[rows], scales=tok.scales[rows])
 
     kv_stream_serving.__qualname__ = f"kv_stream_serving[{profile}]"
     return kv_stream_serving
@@ -300,7 +327,8 @@ def _emulate_kv_stream(profile: str):
 
 register(ComponentSpec(
     name="attn.kv_stream", family="attention", reference=kv_stream_golden,
-    outputs=(OutputSpec("window", tol=_kv_tol, scale=_window_scale), OutputSpec("lens", "exact")),
+    outputs=(OutputSpec("window", tol=_kv_tol, scale=_window_scale), OutputSpec("lens", "exact"),
+             OutputSpec("codes", "fp8-codes"), OutputSpec("scales", "exact")),
     description="attn.kv_insert fed chunk by chunk into the recycled paged fp8_ds_mla SWA pool (poisoned, slot -1 "
                 "padding rows), each query's 128-token window read back after its chunk; against the one-shot "
                 "golden under attn.kv_insert's bound",

@@ -4,11 +4,13 @@ per chunk on one persistent pool that the harness poisons (the Streamed's state)
 block tables (vLLM 0.32.0; paths relative to site-packages/vllm).
 
 * attn.kv_stream: kv by the harness's serving chain (attn.kv_insert's: wkv FP8 linear, kv_norm, RoPE on bf16 kv,
-  as ``vllm_triton.make_kv_insert``), written by ``quantize_and_insert_k_kernel`` (models/deepseek_v4/common/ops/
-  cache_utils.py:43-100: -1 slots skipped, use_fnuz / fp8_max as quantize_and_insert_k_cache passes), each read
-  row's window read back by ``DequantizeAndGatherKCacheKernel`` as the ROCm sparse prefill gathers the SWA window
-  (models/deepseek_v4/amd/rocm.py:1492-1502: seq_lens, gather_lens, the SWA block table; here one request per read
-  row, seq_len p + 1, gather_len min(p + 1, 128), the row's block table).
+  as ``vllm_triton.make_kv_insert``; the GEMM row by row, ``cache_stream._serving_kv``), written by
+  ``quantize_and_insert_k_kernel`` (models/deepseek_v4/common/ops/cache_utils.py:43-100: -1 slots skipped,
+  use_fnuz / fp8_max as quantize_and_insert_k_cache passes), each read row's window read back by
+  ``DequantizeAndGatherKCacheKernel`` as the ROCm sparse prefill gathers the SWA window (models/deepseek_v4/amd/
+  rocm.py:1492-1502: seq_lens, gather_lens, the SWA block table; here one request per read row, seq_len p + 1,
+  gather_len min(p + 1, 128), the row's block table); the window entries' stored bytes (``codes``, ``scales``)
+  read with the golden layout.
 * indexer.k_stream (SHUFFLE rows only, as the one-shot indexer_k_cache adapter): vLLM's dedicated writer
   ``indexer_k_quant_and_cache_triton`` on the rows that close an entry (the harness makes the compressor's
   closing-token choice, fused_compress_quant_cache.py:201-202, by masking the other rows' slots to -1), then
@@ -41,21 +43,20 @@ def make_kv_stream(p: dict) -> Streamed:
 
     def step(state, *, start, x, wkv, wkv_scale, kv_norm, positions, slot_mapping, block_table, read, blocks, eps,
              theta, yarn, fnuz_fmax=240.0):
-        from references.components.norms import rms_norm
-        from references.components.rope import apply_rope
+        from ..cases.cache_stream import _serving_kv
+        from ..cases.qkv import _layout
 
-        from ..cases.linear import _emulate as linear_emulate
-        from ..cases.qkv import _bf, _inv_freq, _layout
-
-        y = linear_emulate("gfx942" if p["fnuz"] else "ocp")(x, wkv, wkv_scale)["y"]
-        kv = apply_rope(_bf(rms_norm(y, _bf(kv_norm), eps)), positions, _inv_freq(theta, yarn), 64)
+        kv = _serving_kv("gfx942" if p["fnuz"] else "ocp")(x, wkv, wkv_scale, kv_norm, positions, eps=eps,
+                                                            theta=theta, yarn=yarn)
         pool, lay = state["cache"], _layout()
         launch_insert_k(_K.get("quantize_and_insert_k_kernel", p.get("src")), kv.to(dev, BF).contiguous(),
                         slot_mapping.to(dev, torch.int64).contiguous(), pool, lay.block_size, p)
         rows = torch.nonzero(read).flatten()
         n = len(rows)
         if n == 0:
-            return {"window": torch.zeros(0, 512), "lens": torch.zeros(0, dtype=torch.long)}, state
+            return {"window": torch.zeros(0, 512), "lens": torch.zeros(0, dtype=torch.long),
+                    "codes": torch.zeros(0, 448, dtype=torch.uint8),
+                    "scales": torch.zeros(0, 8, dtype=torch.uint8)}, state
         seq = positions[rows].long() + 1
         glen = seq.clamp(max=128)
         bt = block_table[rows].to(dev, torch.int32).contiguous()
@@ -66,8 +67,17 @@ def make_kv_stream(p: dict) -> Streamed:
             glen.to(dev, torch.int32).contiguous(), max_blocks_per_seq=bt.shape[1], fp8_dim=448, bf16_dim=64,
             scale_dim=8, quant_block=64, cache_block_size=lay.block_size, token_data_size=576,
             block_stride=pool.stride(0), output_dim=512, fp8_max=448.0, n_quant_blocks=7, use_fnuz=bool(p["fnuz"]))
+        from references.components.cache_stream import slot_of, window
+        from references.formats.cache_layouts import read_ds_mla_tokens
+
         out = out.float().cpu()
-        return {"window": torch.cat([out[i, :int(glen[i])] for i in range(n)]), "lens": glen}, state
+        # the stored bytes of every window entry (its slot through the row's block table), read with the golden
+        # layout, as the one-shot kv_insert adapter reads them
+        host = pool.cpu()
+        toks = [read_ds_mla_tokens(host, [slot_of(block_table[r], q, lay.block_size, "window bytes")
+                                          for q in window(int(positions[r]))], layout=lay) for r in rows.tolist()]
+        return {"window": torch.cat([out[i, :int(glen[i])] for i in range(n)]), "lens": glen,
+                "codes": torch.cat([t.nope for t in toks]), "scales": torch.cat([t.scales for t in toks])}, state
 
     return Streamed(new, step)
 
