@@ -97,13 +97,15 @@ class StreamSpec:
     """How a streamed component is driven (conformance.checks.stream).
 
     one_shot: the one-shot component of the same math; a subject providing both is also compared streamed vs
-      its own one-shot output (reported bit-identical or not, judged at the tight level).
+      its own one-shot output (reported bit-identical or not, judged at the tight level). None: no one-shot
+      component takes the same inputs (the cache streams: rows of different chunks carry different block tables
+      over recycled blocks, so one call with all of them is no schedule an engine produces); no second check.
     chunked: the keyword inputs sliced along dim 0 at the case's ``splits`` (one row per token); every other
       input is passed whole to every step.
     reference: () -> Streamed, the incremental golden (fp32, fp64 when given fp64 inputs; the reference subject).
     emulate: (profile) -> Streamed, the serving numerics streamed (the emulated:<profile> subject).
     """
-    one_shot: str
+    one_shot: str | None
     chunked: tuple[str, ...]
     reference: Callable
     emulate: Callable | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import (  # noqa: F401,E402
     attention,
+    cache_stream,
     compressor,
     compressor_stream,
     dspark,

@@ -152,6 +152,8 @@ def _own_one_shot(spec, impls, kwargs, got, params, level, label) -> tuple[list[
     """A streamed component's second check: the subject's streamed outputs against its OWN one-shot outputs
     (``spec.stream.one_shot``, when the subject provides it), judged at the tight level (fp64 for the reference
     subject, the emulated bound otherwise), with bit-identity reported per output."""
+    if spec.stream.one_shot is None:   # no one-shot component takes these inputs (StreamSpec.one_shot)
+        return [], {"stream_vs_one_shot": f"{spec.name} has no one-shot component of the same inputs"}
     one = impls.get(spec.stream.one_shot)
     if one is None:
         return [], {"stream_vs_one_shot": f"{spec.stream.one_shot} not provided by this subject"}

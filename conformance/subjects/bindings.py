@@ -555,9 +555,35 @@ def _stateful(platform: str) -> dict[str, list[Binding]]:
             "window coff * ratio), the store kernel pools every window the chunk closes from it")
     if platform == "cuda":
         return {"compressor.kv_stream": [Binding(fn, "triton", cond,
-                                                 reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA)")]}
+                                                 reason="sim of CUDA not provided (run `nox -s cuda` on NVIDIA)")]
+                } | _cache_streams(platform)
     return {"compressor.kv_stream": [Binding(fn, "triton", cond, adapter="compress_stream_rocm",
-                                             runs=("compress_norm_rope_store_triton",))]}
+                                             runs=("compress_norm_rope_store_triton",))]} | _cache_streams(platform)
+
+
+def _cache_streams(platform: str) -> dict[str, list[Binding]]:
+    """attn.kv_stream / indexer.k_stream (conformance.cases.cache_stream): attn.kv_insert's and indexer.k_cache's
+    writers and readers over a persistent, recycled, poisoned pool; unbound on the sim for their one-shot rows'
+    reasons."""
+    swa = (V + "models.deepseek_v4.attention.DeepseekV4Attention._fused_qnorm_rope_kv_insert -> " + QKV_OP
+           + " (writer, slot_mapping of DeepseekSparseSWAMetadata) + " + V + "v1.attention.backends.mla.sparse_swa."
+           "_compute_swa_indices_and_lens_kernel (the window's slots through the block table) + the sparse MLA "
+           "reader")
+    swa_cond = ("every chunk of a request (chunked prefill, decode, spec-decode verify) on the uint8 fp8_ds_mla SWA "
+                "cache (SlidingWindowMLASpec: out-of-window blocks freed and reused)")
+    k = (FCQ + "compress_norm_rope_store_triton (writer: the compressor's indexer store at closing tokens, "
+         "k_cache_metadata.slot_mapping) + " + RAMS + "cp_gather_indexer_k_quant_cache_triton (reader)")
+    k_cond = ("every chunk of a request: the compressor stores each indexer entry when its 4th token arrives, the "
+              "indexer's prefill gathers the closed entries (skip_k_cache_insert=True)")
+    if platform == "cuda":
+        return {"attn.kv_stream": [Binding(swa, "cuda-only", swa_cond, reason=CUDA_ONLY)],
+                "indexer.k_stream": [Binding(k, "triton", k_cond, reason="sim of CUDA not provided (run `nox -s "
+                                             "cuda` on NVIDIA); the reader is a CUDA op")]}
+    return {"attn.kv_stream": [Binding(swa, "compiled", swa_cond, reason=HIP_OP + "; the writer is attn.kv_insert's "
+                                       "(no ROCm Triton insert for this cache in vLLM 0.32.0)")],
+            "indexer.k_stream": [Binding(k, "triton", k_cond, reason="no adapter: the writer is fused into the "
+                                         "compressor and takes no key to write (indexer.k_cache's reason); "
+                                         "compressor.kv_stream drives the same store kernel chunk by chunk")]}
 
 DSP = V + "models.deepseek_v41."
 DSPEC = V + "v1.worker.gpu.spec_decode."

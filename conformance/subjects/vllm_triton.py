@@ -224,6 +224,12 @@ def _sparse_pool(rows: int, stride: int):
     return torch.from_numpy(mm)
 
 
+def _streams():
+    from . import _vllm_triton_streams
+
+    return _vllm_triton_streams
+
+
 def make_kv_insert(p: dict):
     dev = p.get("dev", "cpu")
 
@@ -771,6 +777,18 @@ KERNELS = {
                         "vLLM's dedicated indexer-K writer (IS_FNUZ={fnuz}: fmax 224 / 448, ue8m0 scales) and gather "
                         "in their SHUFFLE layout (block_size > 1); the C4A block-flat rows are not provided (DSV4 "
                         "writes them with the compressor's store, skip_k_cache_insert=True)"),
+    # streamed caches (conformance.subjects._vllm_triton_streams): make() returns the Streamed itself
+    "kv_stream": (lambda p: _streams().make_kv_stream(p),
+                  "vllm.models.deepseek_v4.common.ops.cache_utils.quantize_and_insert_k_kernel + "
+                  "DequantizeAndGatherKCacheKernel (the SWA window gather), per chunk on one pool",
+                  "the SWA K-cache writer (use_fnuz={fnuz}, fp8_max {cache_fmax}) fed chunk by chunk into the "
+                  "case's recycled pool, each query's window gathered by vLLM's reader through its block table "
+                  "(amd/rocm.py:1492-1502); kv from the emulated serving chain"),
+    "k_stream": (lambda p: _streams().make_k_stream(p),
+                 "vllm.v1.attention.ops.rocm_aiter_mla_sparse.indexer_k_quant_and_cache_triton + "
+                 "cp_gather_indexer_k_quant_cache_triton, per chunk on one pool",
+                 "vLLM's dedicated indexer-K writer (IS_FNUZ={fnuz}) on the closing rows of each chunk and its "
+                 "gather of the closed entries, SHUFFLE layout rows only (block-flat: the compressor's store)"),
     "fp8_block_linear": (make_fp8_block_linear,
                          "vllm.model_executor.layers.quantization.utils.fp8_utils._w8a8_triton_block_scaled_mm",
                          "vLLM's block-FP8 GEMM (TritonFp8BlockScaledMMKernel: the ROCm linear without aiter) on "
