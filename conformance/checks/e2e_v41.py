@@ -213,7 +213,11 @@ def _rel(got, want) -> float:
 
 
 def served_problems(r, cfg) -> list[str]:
-    """Why a served V4.1 prompt cannot be compared: e2e's checks with V4.1's layer keys."""
+    """Why a served V4.1 prompt cannot be compared: e2e's checks with V4.1's layer keys. ``engram_out`` may be left
+    out on a layer without Engram (the hook's contract before Engram was in the checkpoint): it is None there."""
+    for i, d in enumerate(r.layers or []):
+        if isinstance(d, dict) and i not in cfg.engram_layer_ids:
+            d.setdefault("engram_out", None)
     return _served_problems(r, cfg, layer_keys=LAYER_KEYS_V41)
 
 

@@ -50,6 +50,26 @@ def test_malformed_return_is_one_failing_row(ckdir):
     assert "layers: expected 5 traces, got 4" in rows["e2e-v41/p150/serve"].message
 
 
+def test_engram_out_may_be_left_out_on_layers_without_engram_but_not_on_the_engram_layer(ckdir):
+    """The hook's contract before Engram was in the checkpoint (no engram_out key) still serves and passes; dropping
+    the key on the Engram layer is one failing serve row naming it."""
+    subj = E.golden_v41_server()
+    eng = set(V.e2e_config().engram_layer_ids)
+
+    def serve(drop_on_engram):
+        def f(ck, prompts, *, max_tokens):
+            out = subj.e2e_serve_v41(ck, prompts, max_tokens=max_tokens)
+            for i, d in enumerate(out[0].layers):
+                if (i in eng) == drop_on_engram:
+                    d.pop("engram_out")
+            return out
+        return f
+    ok = {r.case_id: r for r in V.run_e2e_v41(subj.name, serve(False), subj.info(), out_dir=ckdir, max_tokens=2)}
+    assert {r.verdict for r in ok.values()} == {"pass"}, {k: r.message for k, r in ok.items()}
+    bad = {r.case_id: r for r in V.run_e2e_v41(subj.name, serve(True), subj.info(), out_dir=ckdir, max_tokens=2)}
+    assert set(bad) == {"e2e-v41/p150/serve"} and "missing ['engram_out']" in bad["e2e-v41/p150/serve"].message
+
+
 @pytest.mark.parametrize("subject,why", [("vllm", "cannot serve deepseek_v41 on the CPU"),
                                          ("vllm:sim-gfx942", "tilelang"),
                                          ("transformers", "transformers 5.19.0 has no deepseek_v41")])
