@@ -210,8 +210,9 @@ def make_experts_nvfp4(p: dict, *, select: bool):
 # the launch config: what vLLM 0.32's get_default_config (fused_moe/fused_moe.py:1296-1370) answers for up to 32
 # tokens (config name None; above, BLOCK_SIZE_M grows: rows grouped differently, the same K loop, so the same
 # values; tests/harness/test_nvfp4_vllm_mutants.py compares); its module needs vllm.envs, which the source loader
-# does not follow. The kernels' source files must be in the source root (the installed vLLM; a bundle made by
-# _vllm_source's `bundle` does not carry them yet: the GPU row is then not provided, naming the missing module).
+# does not follow. The kernels' source files must be in the source root: the installed vLLM, or a bundle made by
+# _vllm_source's `bundle` (which carries them since branch gpubundle: _vllm_source.KERNELS names both launchers);
+# a source root without them gives a not-provided row naming the missing module.
 LAUNCH = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1}
 NVE = "vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe"
 NVU = "vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils"

@@ -80,6 +80,8 @@ class Source:
     version: str
     how: str                   # "bundle $DSV4_VLLM_SRC=..." | "installed vLLM's files (not imported)"
     touched: set = field(default_factory=set)      # vllm/... relative paths read
+    # (importing module, imported-from module, name): each 'from vllm.x import name' a taken definition follows
+    followed: set = field(default_factory=set)
     _mods: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ public
@@ -194,6 +196,7 @@ class Source:
             else:
                 out.append(ast.get_source_segment(src, node))
         for alias, base, name in deps:
+            self.followed.add((module, base, name))
             obj_mod = self._dep(base, name)
             out.append(f"{alias} = __import__('sys').modules[{obj_mod.__name__!r}]._DSV4_NAMES[{name!r}]")
         out.append("")
@@ -324,6 +327,15 @@ KERNELS = (
     ("vllm.v1.attention.ops.rocm_aiter_mla_sparse", "rocm_inv_rope_einsum"),
     ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", "fused_save_compress_norm"),
     ("vllm.models.deepseek_v41.common.ops.fused_compress_quant_cache", "_rope_quant_insert_kernel"),
+    # moe.experts_nvfp4 on the GPU subject (_vllm_nvfp4_adapters.make_experts_nvfp4_kernels): apply's two launchers,
+    # which reach fused_moe_nvfp4_emulation_kernel and _nvfp4_quant_dequant_kernel and the @triton.jit helpers they
+    # call (_e2m1_inline, fused_moe.write_zeros_to_output) and scalar_type.scalar_types
+    ("vllm.model_executor.layers.fused_moe.experts.nvfp4_emulation_moe", "invoke_fused_moe_nvfp4_emulation_kernel"),
+    ("vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils", "_triton_nvfp4_quant_dequant"),
+    # indexer.k_latent on the GPU subject (_vllm_v41_adapters.make_k_latent): vLLM's launcher, which reaches
+    # _indexer_k_norm_rope_quant_store_kernel and (through the ops package's re-export) fused_indexer_q's
+    # _fp32x2_to_fp4x2
+    ("vllm.models.deepseek_v41.common.ops.indexer_k_store", "indexer_k_norm_rope_store"),
 )
 
 
@@ -344,7 +356,8 @@ def bundle(out: Path) -> dict:
         shutil.copyfile(src.root / rel, dst)
         size += dst.stat().st_size
     (out / "VERSION").write_text(src.version + "\n")
-    return {"version": src.version, "files": sorted(src.touched), "bytes": size, "out": str(out)}
+    return {"version": src.version, "files": sorted(src.touched), "bytes": size, "out": str(out),
+            "followed": sorted(src.followed)}
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from .base import Unsupported
 BF = torch.bfloat16
 CANDIDATES = "vllm.model_executor.kernels.attention.dsa.candidate_blocks"
 K_BLOCK = 64        # indexer-K cache block size (tokens per block), as the tiny checkpoint's block_size
+K_STORE = "vllm.models.deepseek_v41.common.ops.indexer_k_store"
 
 
 def make_k_latent(p: dict):
@@ -26,34 +27,54 @@ def make_k_latent(p: dict):
         ReplicatedLinear (unquantised: F.linear in bf16), then ``indexer_k_norm_rope_store`` called as is (k_norm,
         GPT-J RoPE from vLLM's cos_sin_cache at (t // m) m, FP8 quant, paged store; the SHUFFLE layout when the
         platform answers ROCm, as the wrapper decides); the bytes read back block-flat or SHUFFLE and decoded in
-        the platform reader's dialect (code x fp32 scale)."""
-        if p.get("src") is not None:
-            raise Unsupported("the adapter builds vLLM's cos_sin_cache with vLLM's get_rope (the installed package), "
-                              "which vllm-triton-gpu does not load")
-        from vllm.models.deepseek_v41.common.ops.indexer_k_store import indexer_k_norm_rope_store
-        from vllm.platforms import current_platform
-
+        the platform reader's dialect (code x fp32 scale). On vllm-triton-gpu (``p["src"]``: no vllm package) the
+        same launcher comes from vLLM's source file and the table is the harness's fp32 cos | sin
+        (``harness_cos_sin``); the wk GEMM, the pool and the launch run on ``p["dev"]``."""
         from references.formats import cache_layouts as cl
 
         from ..cases.indexer_cache import KCacheLayout
-        from ._vllm_adapters import cos_sin
 
+        if p.get("src") is not None:
+            # vllm-triton-gpu (no vllm package): vLLM's launcher from its source file (_vllm_source; its
+            # current_platform questions answered by SourcePlatform from the torch build), and the harness's fp32
+            # cos | sin table (_vllm_triton_rocm.harness_cos_sin, bounded against vLLM's table in
+            # tests/vllm/test_vllm_triton_rocm.py): vLLM's get_rope needs the package
+            from ._vllm_source import SourcePlatform
+            from ._vllm_triton_rocm import harness_cos_sin
+
+            store = p["src"].get(K_STORE, "indexer_k_norm_rope_store")
+            rocm = SourcePlatform().is_rocm()
+
+            def table(f, n):
+                return harness_cos_sin(f, 64, n)
+        else:
+            from vllm.models.deepseek_v41.common.ops.indexer_k_store import indexer_k_norm_rope_store as store
+            from vllm.platforms import current_platform
+
+            from ._vllm_adapters import cos_sin
+
+            rocm = current_platform.is_rocm()
+
+            def table(f, n):
+                return cos_sin(f, 64, 512, positions)
+        dev = p.get("dev", "cpu")
         N, hd = latent.shape[0], wk.shape[0]
         if hd != 128:
             raise Unsupported(f"indexer_k_norm_rope_store asserts a 128-dim key, got {hd}")
         if ratio not in (1, 2):
             raise Unsupported(f"indexer_k_norm_rope_store asserts compress_ratio in (1, 2), got {ratio}")
-        k_pre = torch.nn.functional.linear(latent.to(BF), wk.to(BF)).contiguous()
+        k_pre = torch.nn.functional.linear(latent.to(BF).to(dev), wk.to(BF).to(dev)).contiguous()
         nb = -(-N // K_BLOCK)
-        lay = KCacheLayout(K_BLOCK, "shuffle" if current_platform.is_rocm() else "normal")
+        lay = KCacheLayout(K_BLOCK, "shuffle" if rocm else "normal")
         # the paged pool as vLLM binds it: [blocks, block_size, 132] over rows padded to the page alignment (576)
-        pool = torch.zeros(nb, lay.block_stride, dtype=torch.uint8)
+        pool = torch.zeros(nb, lay.block_stride, dtype=torch.uint8, device=dev)
         cache = pool.as_strided((nb, K_BLOCK, 132), (lay.block_stride, 132, 1))
-        slots = torch.arange(N, dtype=torch.int64)
-        cs = cos_sin(inv_freq, 64, 512, positions)
-        indexer_k_norm_rope_store(k_pre, positions.long().contiguous(), cs, k_norm.to(BF).contiguous(), eps,
-                                  cache, slots, ratio, False)
-        tok = lay.read_tokens(pool, range(N))
+        slots = torch.arange(N, dtype=torch.int64, device=dev)
+        n = int(positions.max()) + 1 if positions.numel() else 1
+        cs = table(inv_freq, n).float().contiguous().to(dev)
+        store(k_pre, positions.long().contiguous().to(dev), cs, k_norm.to(BF).contiguous().to(dev), eps,
+              cache, slots, ratio, False)
+        tok = lay.read_tokens(pool.cpu(), range(N))
         return {"k": cl.dequantize_indexer_k_tokens(tok, dialect)}
     return k_latent
 

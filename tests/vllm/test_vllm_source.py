@@ -33,20 +33,25 @@ def test_kernels_load_from_source_without_importing_vllm(tmp_path):
             "objs = [s.get(m, n) for m, n in KERNELS]\n"
             "print(sorted(k for k in sys.modules if k == 'vllm' or k.startswith('vllm.')))\n"
             "print([type(o).__name__ for o in objs])\n"
-            "print(s.provenance(*KERNELS[0]))\n")
+            "print(s.provenance(*KERNELS[0]))\n"
+            "print(len({m.__name__ for m in s._mods.values()}))\n")
     env = dict(os.environ, DSV4_VLLM_SRC_CACHE=str(tmp_path / "gen"))
     env.pop("TRITON_INTERPRET", None)   # decorated for the compiler, as on a GPU
     env.pop("DSV4_VLLM_SRC", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    mods, kinds, where = out.stdout.strip().splitlines()
+    mods, kinds, where, n_generated = out.stdout.strip().splitlines()
     assert mods == "[]", f"the source loader imported vLLM: {mods}"
     assert kinds == ("['JITFunction', 'JITFunction', 'JITFunction', 'JITFunction', 'function', 'JITFunction', "
                      "'function', 'JITFunction', 'JITFunction', 'function'" + ", 'JITFunction'" * 12
-                     + ", 'function', 'function', 'function', 'JITFunction']"), kinds
+                     + ", 'function', 'function', 'function', 'JITFunction'"
+                     + ", 'function'" * 3 + "]"), kinds
     assert where.startswith("vllm/models/deepseek_v4/common/ops/cache_utils.py:"), where
     gen = sorted((tmp_path / "gen").glob("*.py"))
-    assert len(gen) == len(KERNELS)
+    # one generated module per extraction: the KERNELS' and those of the names they import from other vLLM
+    # modules (the NVFP4 kernels' _e2m1_inline / write_zeros_to_output / scalar_types, the index-key writer's
+    # _fp32x2_to_fp4x2 through the ops package)
+    assert len(gen) == int(n_generated) > len(KERNELS), (len(gen), n_generated)
     text = next(p for p in gen if "cache_utils" in p.name).read_text()
     assert "verbatim" in text and "import triton.language as tl" in text
     assert "\nfrom vllm" not in text and "\nimport vllm" not in text
@@ -125,9 +130,22 @@ def test_bundle_round_trip_and_a_planted_edit_is_seen(interp_vllm, tmp_path, mon
 
     monkeypatch.delenv("DSV4_VLLM_SRC", raising=False)
     info = bundle(tmp_path / "b")
-    # one file per kernel module (the SWA writer and reader share cache_utils.py, the two MTP RMSNorm kernels
-    # fused_mtp_input_rmsnorm.py)
-    assert len(info["files"]) == len({m for m, _ in KERNELS}) and info["bytes"] < 1_000_000
+    # every kernel module's file, plus the files of the vLLM modules a taken definition imports a name from
+    # (followed), and nothing else. Until the NVFP4 and V4.1 index-key entries this was "one file per kernel
+    # module": those kernels import helpers from modules no KERNELS entry names (fused_moe.write_zeros_to_output,
+    # scalar_type.scalar_types, the deepseek_v41 ops package's re-export of fused_indexer_q._fp32x2_to_fp4x2)
+    def rel(module):
+        return next(f for f in info["files"] if f in (module.replace(".", "/") + ".py",
+                                                       module.replace(".", "/") + "/__init__.py"))
+
+    kernel_files = {rel(m) for m, _ in KERNELS}
+    followed_files = {rel(b) for _, b, _ in info["followed"]}
+    assert set(info["files"]) == kernel_files | followed_files, sorted(set(info["files"]) - kernel_files)
+    assert len(kernel_files) == len({m for m, _ in KERNELS})
+    assert sorted(set(info["files"]) - kernel_files) == [
+        "vllm/model_executor/layers/fused_moe/fused_moe.py", "vllm/models/deepseek_v41/common/ops/__init__.py",
+        "vllm/scalar_type.py"]
+    assert info["bytes"] < 1_000_000     # far under the device tool's 64 MiB carry limit
     assert (tmp_path / "b" / "VERSION").read_text().strip() == info["version"]
     monkeypatch.setenv("DSV4_VLLM_SRC", str(tmp_path / "b"))
     monkeypatch.setenv("DSV4_VLLM_SRC_CACHE", str(tmp_path / "gen"))
