@@ -320,12 +320,15 @@ def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
                   + va @ W2^2 ]                                                  a: NVFP4 qdq (g2), _qdq_moments
                 + uq^2/3 (w ye)^2 (the pair's bf16 output), summed over pairs; + uq^2/3 y^2 (bf16 y).
       emulated  (the same W4A4 bf16 pipeline: same x codes, same weights; fp32 order r = sqrt(2 (n+4)/3) u32)
-                a's pre-quantisation disagreement, as ``conformance.rms`` (one intermediate bf16 rounding placed
-                differently, decorrelating a's own rounding: ub^2; g, u flips: 2 ub r): E[da^2] = c_a A2,
-                c_a = ub^2 + 2 ub r, A2 = fg^2 G2 + fu^2 U2 + a^2. The dequantised a' is the same unless a code
-                flips: probability E|da| / (cell sigma) <= r_a A / (cell sigma), cost (cell sigma)^2, so
-                E[e^2] <= r_a A cell sigma (+ c_a A2, the same disagreement where it is not absorbed); a block's
-                scale byte flips with probability <= r_a A_m (g2 / 6) / c_s (A_m at the block's amax), every value of
+                a's pre-quantisation disagreement: vLLM rounds SiLU(g) to bf16 before the product with u
+                (``fused_moe/utils.py:575-589``, clamp, F.silu, * up in bf16; the emulation rounds the fp32
+                product once): one intermediate bf16 rounding placed differently, relative to |a| (ub^2/3 a^2), and
+                it decorrelates the two sides' output roundings (2 ub^2/3 a^2); g, u bf16 flips under the fp32 order,
+                E|dg| 2 ub |g| <= 2 ub r G2, through fg / fu: E[da^2] <= d_a^2 = ub^2 a^2 + 2 ub r A2w,
+                A2w = fg^2 G2 + fu^2 U2. The dequantised a' is the same unless a code flips: probability
+                E|da| / (cell sigma) <= d_a / (cell sigma) (code boundaries one cell apart), cost (cell sigma)^2,
+                so E[e^2] <= d_a cell sigma (+ d_a^2 where da exceeds a cell); a block's scale byte flips with
+                probability <= d_a(m) (g2 / 6) / c_s (m the block's amax element), every value of
                 the block then re-rounded on a grid 2^-3 .. 2^-4 apart: 2 cell^2 sigma^2 / 12 each. Through W2:
                 (.) @ W2^2; the pair's output: bf16 flips under r (ub r (R2 + ye^2), R2 = a^2 @ W2^2) and one
                 rounding placed differently (ub^2 ye^2); y: (ub^2 + 2 ub r + r^2) y^2.
@@ -339,8 +342,6 @@ def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
     u32 = (n + 4) * U32
     uq2 = U_BF16**2 + u32**2
     r = math.sqrt(2 * (n + 4) / 3) * U32
-    c_a = U_BF16**2 + 2 * U_BF16 * r
-    r_a = math.sqrt(c_a)
     g1 = 1.0 / float(kw["w13_input_scale"].double().max())
     g2 = 1.0 / float(kw["w2_input_scale"].double().max())
     L = kw["limit"]
@@ -376,14 +377,14 @@ def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
             vp = t_x + uq2 / 3 * (A2w @ W2sq) + uq2 * (a.square() @ W2sq) + va @ W2sq
             V.index_add_(0, tok, wt.square() * vp + uq2 / 3 * (wt * ye).square())
         elif level == "emulated":
-            A2 = A2w + a.square()
+            d2 = U_BF16**2 * a.square() + 2 * U_BF16 * r * A2w                   # E[da^2] (docstring)
             _, cell, sig = _qdq_moments(a, g2)
-            ea = r_a * A2.sqrt() * cell * sig + c_a * A2                      # a-code flips
+            ea = d2.sqrt() * cell * sig + d2                                      # a-code flips
             ab = a.reshape(*a.shape[:-1], -1, NVFP4_BLOCK)
             s_star = (g2 * ab.abs().amax(-1) / E2M1_MAX).clamp(max=E4M3_OCP_MAX)
             cs = _e4m3_cell(s_star)
-            am = torch.gather(A2.reshape(ab.shape), -1, ab.abs().argmax(-1, keepdim=True)).sqrt()[..., 0]
-            p_b = torch.where(cs > 0, (r_a * am * g2 / E2M1_MAX / cs.clamp_min(1e-300)).clamp(max=1.0),
+            am = torch.gather(d2.reshape(ab.shape), -1, ab.abs().argmax(-1, keepdim=True)).sqrt()[..., 0]
+            p_b = torch.where(cs > 0, (am * g2 / E2M1_MAX / cs.clamp_min(1e-300)).clamp(max=1.0),
                               torch.zeros_like(cs))
             eb = (p_b[..., None] * (cell * sig).reshape(ab.shape).square() / 6).reshape(a.shape)
             R2 = a.square() @ W2sq
@@ -405,8 +406,9 @@ def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
         ey = U_BF16**2 + 2 * U_BF16 * r + r * r
         V = V + ey * y.square()
         b_max = max(b_max, float(((2 * U_BF16 * y).square()).max()))
-        how = ("moe.experts_nvfp4 emulated: a's pre-quantisation disagreement c_a = ub^2 + 2 ub r = "
-               f"{c_a:.3g} A^2 turned into e2m1 code flips (r_a A cell sigma) and block-scale flips (p_b 2 cell^2 "
+        how = ("moe.experts_nvfp4 emulated: a's pre-quantisation disagreement d_a^2 = ub^2 a^2 + 2 ub r A2w "
+               "(vLLM's bf16 SiLU before the product) turned into e2m1 code flips (d_a cell sigma) and block-scale "
+               "flips (p_b 2 cell^2 "
                f"sigma^2/12), through W2; pair outputs ub r (R2 + ye^2) + ub^2 ye^2; y {ey:.3g} y^2 (r = {r:.3g})")
     else:
         V = V + u32**2 / 3 * y.square()
