@@ -194,3 +194,16 @@ def test_qdq_moments_bound_the_measured_quantisation_error():
             sse = float((nv.nvfp4_act_qdq(x, g_enc).double() - x.double()).square().sum())
             model = float(nv._qdq_moments(x.double(), g_enc)[0].sum())
             assert lo_c * model <= sse <= 1.001 * model, (g_enc, sse / model)
+
+
+def test_fnuz_scale_reading_now_fails_the_serving_rms_limit():
+    """The checkpoint's OCP scale bytes read as fnuz (x0.5 per weight scale: y x 0.25) sat inside the loose W4A4
+    elementwise bound at serving (0.53x - 0.82x) and was caught there only through the catastrophic rule; the
+    derived RMS limit now fails it on every fast row (RMS 2.8x - 4.6x the model, allowed 1.5x - 1.85x)."""
+    from tests.harness.test_new_component_mutants import nvfp4_scales_read_as_fnuz
+
+    for cid, rows in _rows(Wrapped(nvfp4_scales_read_as_fnuz)).items():
+        serving = next(r for r in rows if r.level == "serving")
+        assert serving.metrics["y.worst_over_bound"] < 1, (cid, serving.message)
+        cd, lim, ratio, allowed = _rms(serving)
+        assert cd > lim and ratio > allowed, serving.message
