@@ -290,7 +290,8 @@ def _qdq_moments(v: torch.Tensor, g_enc: float) -> tuple[torch.Tensor, torch.Ten
     c_s, E[s^2] = s*^2 + c_s^2/12) scales that: sigma^2 -> (s*^2 + c_s^2/12) / g^2. A scale rounded down puts the
     block's amax at t <= 6 / (1 - 2^-4) = 6.4: clipped to 6, an error <= 0.4 sigma, inside the top cell's
     sqrt(1/3) sigma. Where s* is clamped at 448 (calibration below the block's amax) the values beyond 6 sigma clip:
-    (|v| - 6 sigma)^2, deterministic; a scale below half the smallest subnormal (s* < 2^-10) rounds to 0: the
+    (|v| - 6 sigma)^2, deterministic; a subnormal s* (< 2^-6) rounds by up to 2^-10 absolute, so its values clip
+    at most to (|v| - 6 (s* - 2^-10) / g)^2; a scale below half the smallest subnormal (s* < 2^-10) rounds to 0: the
     block encodes as zeros, error v^2."""
     b = v.reshape(*v.shape[:-1], v.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     s_star = (g_enc * b.abs().amax(-1) / E2M1_MAX).clamp(max=E4M3_OCP_MAX)
@@ -299,7 +300,10 @@ def _qdq_moments(v: torch.Tensor, g_enc: float) -> tuple[torch.Tensor, torch.Ten
     sig = sig2.sqrt()
     t = b.abs() / (s_star / g_enc).clamp_min(1e-300)[..., None]
     cell = torch.where(t < 2, 0.5, torch.where(t < 4, 1.0, 2.0)).to(torch.float64)
-    var = sig2 * cell.square() / 12 + (b.abs() - 6 * s_star[..., None] / g_enc).clamp(min=0.0).square()
+    # clipping: at the 448 clamp (s* itself), and for a subnormal s* (< 2^-6) whose rounding down by up to half the
+    # subnormal step 2^-10 can put values well past 6 sigma: bounded at sigma_lo = (s* - 2^-10) / g
+    s_lo = torch.where(s_star < 2.0**-6, (s_star - 2.0**-10).clamp(min=0.0), s_star)
+    var = sig2 * cell.square() / 12 + (b.abs() - 6 * s_lo[..., None] / g_enc).clamp(min=0.0).square()
     zero = (s_star < 2.0**-10)[..., None].expand_as(b)
     var = torch.where(zero, b.square(), var)
     cell = torch.where(zero, torch.zeros_like(cell), cell)
