@@ -325,8 +325,9 @@ def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
                 + uq^2/3 (w ye)^2 (the pair's bf16 output), summed over pairs; + uq^2/3 y^2 (bf16 y).
       emulated  (the same W4A4 bf16 pipeline: same x codes, same weights; fp32 order r = sqrt(2 (n+4)/3) u32)
                 a's pre-quantisation disagreement: vLLM rounds SiLU(g) to bf16 before the product with u
-                (``fused_moe/utils.py:575-589``, clamp, F.silu, * up in bf16; the emulation rounds the fp32
-                product once): one intermediate bf16 rounding placed differently, relative to |a| (ub^2/3 a^2), and
+                (``model_executor/layers/fused_moe/utils.py:575-589``: clamp, F.silu, * up in bf16, eager on CPU;
+                a device's inductor kernel may round once), the emulation rounds the fp32 product once: one
+                intermediate bf16 rounding placed differently, relative to |a| (ub^2/3 a^2), and
                 it decorrelates the two sides' output roundings (2 ub^2/3 a^2); g, u bf16 flips under the fp32 order,
                 E|dg| 2 ub |g| <= 2 ub r G2, through fg / fu: E[da^2] <= d_a^2 = ub^2 a^2 + 2 ub r A2w,
                 A2w = fg^2 G2 + fu^2 U2. The dequantised a' is the same unless a code flips: probability
