@@ -268,6 +268,162 @@ def _bounds(kw) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# RMS (calc_diff) model: the same sources as ``_bounds``, each as a variance instead of a worst-case magnitude
+# (conformance.rms: round-to-nearest leaves an error uniform over its cell, variance cell^2/12; independent sources
+# add). docs/rms-limits.md "moe.experts_nvfp4".
+def _e4m3_cell(s_star: torch.Tensor) -> torch.Tensor:
+    """The OCP E4M3 cell (ulp) the block scale s* = g amax / 6 rounds in: 2^(floor(log2 s*) - 3) for a normal s*
+    (>= 2^-6), 2^-9 below (subnormal step), 0 at the clamp (448 is exact)."""
+    e = torch.floor(torch.log2(s_star.clamp_min(2.0**-6)))
+    return torch.where(s_star >= E4M3_OCP_MAX, torch.zeros_like(s_star), torch.exp2(e - 3))
+
+
+def _qdq_moments(v: torch.Tensor, g_enc: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(variance, cell, sigma) of the NVFP4 activation quantise-dequantise error per element, v [..., K] fp64.
+
+    sigma = s / g with s = e4m3(s*), s* = min(g amax / 6, 448) of the element's block of 16 (from the golden
+    values; the served block's amax differs by the upstream errors, a second-order change of sigma^2). The value's
+    code is its e2m1 rounding at t = |v| / sigma: cells of 0.5 on [0, 2) (codes 0, .5, 1, 1.5, 2), 1 on [2, 4)
+    (2, 3, 4) and 2 on [4, 6] (4, 6): the error is uniform over the cell the value lands in, variance
+    sigma^2 cell(t)^2 / 12 (the per-code ulp^2/12, not one unit roundoff: the relative half-step is 1/4 on every
+    binade but 1/6 .. 1/4 across a cell, and 1 at t < 0.5); the scale's own E4M3 rounding (uniform over its cell
+    c_s, E[s^2] = s*^2 + c_s^2/12) scales that: sigma^2 -> (s*^2 + c_s^2/12) / g^2. A scale rounded down puts the
+    block's amax at t <= 6 / (1 - 2^-4) = 6.4: clipped to 6, an error <= 0.4 sigma, inside the top cell's
+    sqrt(1/3) sigma. Where s* is clamped at 448 (calibration below the block's amax) the values beyond 6 sigma clip:
+    (|v| - 6 sigma)^2, deterministic; a subnormal s* (< 2^-6) rounds by up to 2^-10 absolute, so its values clip
+    at most to (|v| - 6 (s* - 2^-10) / g)^2; a scale below half the smallest subnormal (s* < 2^-10) rounds to 0: the
+    block encodes as zeros, error v^2."""
+    b = v.reshape(*v.shape[:-1], v.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    s_star = (g_enc * b.abs().amax(-1) / E2M1_MAX).clamp(max=E4M3_OCP_MAX)
+    cs = _e4m3_cell(s_star)
+    sig2 = ((s_star.square() + cs.square() / 12) / g_enc**2)[..., None]
+    sig = sig2.sqrt()
+    t = b.abs() / (s_star / g_enc).clamp_min(1e-300)[..., None]
+    cell = torch.where(t < 2, 0.5, torch.where(t < 4, 1.0, 2.0)).to(torch.float64)
+    # clipping: at the 448 clamp (s* itself), and for a subnormal s* (< 2^-6) whose rounding down by up to half the
+    # subnormal step 2^-10 can put values well past 6 sigma: bounded at sigma_lo = (s* - 2^-10) / g
+    s_lo = torch.where(s_star < 2.0**-6, (s_star - 2.0**-10).clamp(min=0.0), s_star)
+    var = sig2 * cell.square() / 12 + (b.abs() - 6 * s_lo[..., None] / g_enc).clamp(min=0.0).square()
+    zero = (s_star < 2.0**-10)[..., None].expand_as(b)
+    var = torch.where(zero, b.square(), var)
+    cell = torch.where(zero, torch.zeros_like(cell), cell)
+    shape = v.shape
+    return var.reshape(shape), cell.reshape(shape), (sig.expand_as(b)).reshape(shape)
+
+
+def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
+    """Per-element expected squared error V [T, D] of ``y`` at ``level``, its derivation, and the largest single
+    flip event's squared-error cost b (emulated level: the Bennett / Poisson allowance counts lambda = sum V / b
+    events; 0 elsewhere). Notation as ``_bounds`` (J = W2 M the pair's Jacobian to x, G2 / U2 the random-sum
+    magnitudes of g / u, fg / fu the SwiGLU sensitivities); uq^2 = ub^2 + ((n + 4) u32)^2 (a bf16 rounding with
+    the fp32 accumulation that rides on it, each uniform: /3).
+      serving   per routed pair (t, e, w), w^2 x [ sum_j J_ij^2 vx_j                         x: NVFP4 qdq (g1) +
+                                                                                               bf16 x', _qdq_moments
+                  + uq^2/3 ((fg^2 G2 + fu^2 U2) @ W2^2)                                      W1 / W3 bf16, g, u bf16
+                  + 3 uq^2/3 (a^2 @ W2^2)                                 a bf16, dequantised a' bf16, W2 bf16
+                  + va @ W2^2 ]                                                  a: NVFP4 qdq (g2), _qdq_moments
+                + uq^2/3 (w ye)^2 (the pair's bf16 output), summed over pairs; + uq^2/3 y^2 (bf16 y).
+      emulated  (the same W4A4 bf16 pipeline: same x codes, same weights; fp32 order r = sqrt(2 (n+4)/3) u32)
+                a's pre-quantisation disagreement: vLLM rounds SiLU(g) to bf16 before the product with u
+                (``model_executor/layers/fused_moe/utils.py:575-589``: clamp, F.silu, * up in bf16, eager on CPU;
+                a device's inductor kernel may round once), the emulation rounds the fp32 product once: one
+                intermediate bf16 rounding placed differently, relative to |a| (ub^2/3 a^2), and
+                it decorrelates the two sides' output roundings (2 ub^2/3 a^2); g, u bf16 flips under the fp32 order,
+                E|dg| 2 ub |g| <= 2 ub r G2, through fg / fu: E[da^2] <= d_a^2 = ub^2 a^2 + 2 ub r A2w,
+                A2w = fg^2 G2 + fu^2 U2. The dequantised a' is the same unless a code flips: probability
+                E|da| / (cell sigma) <= d_a / (cell sigma) (code boundaries one cell apart), cost (cell sigma)^2,
+                so E[e^2] <= d_a cell sigma (+ d_a^2 where da exceeds a cell); a block's scale byte flips with
+                probability <= d_a(m) (g2 / 6) / c_s (m the block's amax element), every value of
+                the block then re-rounded on a grid 2^-3 .. 2^-4 apart: 2 cell^2 sigma^2 / 12 each. Through W2:
+                (.) @ W2^2; the pair's output: bf16 flips under r (ub r (R2 + ye^2), R2 = a^2 @ W2^2) and one
+                rounding placed differently (ub^2 ye^2); y: (ub^2 + 2 ub r + r^2) y^2.
+      fp32/fp64 uq32^2/3 x the bf16 terms' magnitudes with (n+4) u32 in place of ub (x exact, no qdq), twice at
+                fp32 (two evaluations); measured, not judged."""
+    x = kw["x"].double()
+    D = x.shape[1]
+    w = {n: t.double() for n, t in _weights(kw).items()}
+    I = w["w1"].shape[1]
+    n = max(D, I)
+    u32 = (n + 4) * U32
+    uq2 = U_BF16**2 + u32**2
+    r = math.sqrt(2 * (n + 4) / 3) * U32
+    g1 = 1.0 / float(kw["w13_input_scale"].double().max())
+    g2 = 1.0 / float(kw["w2_input_scale"].double().max())
+    L = kw["limit"]
+    vq_x, _, _ = _qdq_moments(x, g1)
+    vx = vq_x + uq2 / 3 * x.square()
+    local = _local_ids(kw["ids"], None)
+    T = x.shape[0]
+    V = torch.zeros(T, D, dtype=torch.float64)
+    y = torch.zeros(T, D, dtype=torch.float64)
+    b_max = 0.0
+    for e in torch.unique(local[local >= 0]).tolist():
+        tok, slot = torch.nonzero(local == e, as_tuple=True)
+        wt = kw["weights"][tok, slot].double()[:, None]
+        W1, W3, W2 = w["w1"][e], w["w3"][e], w["w2"][e]
+        W2sq = W2.square().T
+        xe = x[tok]
+        g, u = xe @ W1.T, xe @ W3.T
+        gc, uc = g.clamp(max=L), u.clamp(-L, L)
+        sg = torch.sigmoid(gc)
+        fg = (sg * (1 + gc * (1 - sg))) * uc * (g < L)
+        fu = gc * sg * (u.abs() < L)
+        a = gc * sg * uc
+        ye = a @ W2.T
+        y.index_add_(0, tok, wt * ye)
+        G2 = xe.square() @ W1.square().T + g.square()
+        U2 = xe.square() @ W3.square().T + u.square()
+        A2w = fg.square() * G2 + fu.square() * U2
+        if level == "serving":
+            M = fg[:, :, None] * W1 + fu[:, :, None] * W3                       # [P, I, D]
+            J = torch.einsum("di,pij->pdj", W2, M)                               # [P, D, D]
+            t_x = (J.square() * vx[tok][:, None, :]).sum(-1)
+            va, _, _ = _qdq_moments(a, g2)
+            vp = t_x + uq2 / 3 * (A2w @ W2sq) + uq2 * (a.square() @ W2sq) + va @ W2sq
+            V.index_add_(0, tok, wt.square() * vp + uq2 / 3 * (wt * ye).square())
+        elif level == "emulated":
+            d2 = U_BF16**2 * a.square() + 2 * U_BF16 * r * A2w                   # E[da^2] (docstring)
+            _, cell, sig = _qdq_moments(a, g2)
+            ea = d2.sqrt() * cell * sig + d2                                      # a-code flips
+            ab = a.reshape(*a.shape[:-1], -1, NVFP4_BLOCK)
+            s_star = (g2 * ab.abs().amax(-1) / E2M1_MAX).clamp(max=E4M3_OCP_MAX)
+            cs = _e4m3_cell(s_star)
+            am = torch.gather(d2.reshape(ab.shape), -1, ab.abs().argmax(-1, keepdim=True)).sqrt()[..., 0]
+            p_b = torch.where(cs > 0, (am * g2 / E2M1_MAX / cs.clamp_min(1e-300)).clamp(max=1.0),
+                              torch.zeros_like(cs))
+            eb = (p_b[..., None] * (cell * sig).reshape(ab.shape).square() / 6).reshape(a.shape)
+            R2 = a.square() @ W2sq
+            vp = (ea + eb) @ W2sq + U_BF16 * r * (R2 + ye.square()) + U_BF16**2 * ye.square()
+            V.index_add_(0, tok, wt.square() * vp)
+            # the largest single event: one a code flipping by a cell, its cost over the token's D outputs
+            cost = wt.square() * (cell * sig).square() * W2.square().sum(0)[None, :]
+            b_max = max(b_max, float(cost.max()))
+        else:
+            unit = (A2w + a.square()) @ W2sq + a.square() @ W2sq
+            V.index_add_(0, tok, wt.square() * (u32**2 / 3 * unit) + u32**2 / 3 * (wt * ye).square())
+    if level == "serving":
+        V = V + uq2 / 3 * y.square()
+        how = ("moe.experts_nvfp4 serving: per-element quadrature of _bounds' sources (rms_variance): x and a "
+               "NVFP4 qdq at the e2m1 cell of each value (cell^2/12 sigma^2, the E4M3 scale's rounding in E[s^2], "
+               f"clipping beyond 6 sigma), bf16 weights / g / u / a / a' / outputs at uq^2/3, "
+               f"uq = {math.sqrt(uq2):.4g}")
+    elif level == "emulated":
+        ey = U_BF16**2 + 2 * U_BF16 * r + r * r
+        V = V + ey * y.square()
+        b_max = max(b_max, float(((2 * U_BF16 * y).square()).max()))
+        how = ("moe.experts_nvfp4 emulated: a's pre-quantisation disagreement d_a^2 = ub^2 a^2 + 2 ub r A2w "
+               "(vLLM's bf16 SiLU before the product) turned into e2m1 code flips (d_a cell sigma) and block-scale "
+               "flips (p_b 2 cell^2 "
+               f"sigma^2/12), through W2; pair outputs ub r (R2 + ye^2) + ub^2 ye^2; y {ey:.3g} y^2 (r = {r:.3g})")
+    else:
+        V = V + u32**2 / 3 * y.square()
+        if level == "fp32":
+            V = 4 * V     # two fp32 evaluations, each bound doubled in _bounds: variance x 2 covered by x 4
+        how = f"moe.experts_nvfp4 {level}: the bf16 sources' magnitudes at ((n+4) u32)^2/3 = {u32**2 / 3:.3g}"
+    return V, how, b_max
+
+
+# ---------------------------------------------------------------------------------------------------
 # comparison with the misreading diagnosis
 MISREADINGS = (
     ("x0.5: the checkpoint's OCP E4M3 scale bytes read as fnuz (bias 8: the same byte, half the value)",
@@ -307,8 +463,17 @@ def compare_experts_nvfp4(got, want, params, level, label, kwargs) -> list[Compa
                                                  f"{sorted(got)})")]
     Bs = _bounds(kwargs)
     B = Bs[level]
-    c = compare_float(got["y"].float(), want["y"], _tol(level), output="y", scale=B, label=label,
-                      ulp_dtype="float32" if level in ("fp64", "fp32") else "bfloat16", level=level)
+    # RMS (calc_diff) limit: E = sum of the per-element quadrature variance, passed as the magnitude m with
+    # ms_rel = 1 (conformance.rms: E = ms_rel * sum m^2); emulated: the errors are counted flips, flip_ulp set so
+    # that the Bennett / Poisson allowance counts lambda = E / b events (b the largest single event's cost)
+    var, how, b = rms_variance(kwargs, level)
+    n_el = int(torch.isfinite(var).sum())
+    e_sum = float(var.sum())
+    flip = math.sqrt(n_el * b / e_sum) if b > 0 and e_sum > 0 else 0.0
+    tol = _tol(level).with_rms(ms_rel=1.0, flip_ulp=flip, derivation=how)
+    c = compare_float(got["y"].float(), want["y"], tol, output="y", scale=B, label=label,
+                      ulp_dtype="float32" if level in ("fp64", "fp32") else "bfloat16", level=level,
+                      rms_magnitude=var.sqrt())
     if c.verdict != "pass" and level in ("serving", "emulated") and got["y"].shape == want["y"].shape:
         gold = want["y"] if level == "serving" else experts_nvfp4_golden(**kwargs)["y"]
         c.message += _diagnose(got["y"], gold, Bs["serving"], kwargs)
