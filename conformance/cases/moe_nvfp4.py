@@ -195,6 +195,25 @@ def _qdq_bound(v: torch.Tensor, g_enc: float) -> torch.Tensor:
     return e.reshape(v.shape)
 
 
+def _expert_passes(local, x, kw, w, L):
+    """Per expert routed to: (tok, wt, W1, W3, W2, xe, g, u, fg, fu, a, ye) in fp64 for the tokens ``tok`` sent to
+    it, with ``wt`` their routing weights, g = x W1^T, u = x W3^T, the clamped SwiGLU a = SiLU(min(g, L)) clamp(u,
+    +-L), its partial derivatives fg = da/dg, fu = da/du (0 where the clamp is active) and ye = a W2^T: the one
+    forward pass the elementwise bound (_bounds) and the RMS model (rms_variance) propagate their terms through."""
+    for e in torch.unique(local[local >= 0]).tolist():
+        tok, slot = torch.nonzero(local == e, as_tuple=True)
+        wt = kw["weights"][tok, slot].double()[:, None]
+        W1, W3, W2 = w["w1"][e], w["w3"][e], w["w2"][e]
+        xe = x[tok]
+        g, u = xe @ W1.T, xe @ W3.T
+        gc, uc = g.clamp(max=L), u.clamp(-L, L)
+        sg = torch.sigmoid(gc)
+        fg = (sg * (1 + gc * (1 - sg))) * uc * (g < L)
+        fu = gc * sg * (u.abs() < L)
+        a = gc * sg * uc
+        yield tok, wt, W1, W3, W2, xe, g, u, fg, fu, a, a @ W2.T
+
+
 def _bounds(kw) -> dict:
     """Per-element magnitudes B [T, D] per level: |got - want| <= B[level] (first order, x1.1 for the second).
 
@@ -232,18 +251,7 @@ def _bounds(kw) -> dict:
     lin = {lvl: torch.zeros(T, D, dtype=torch.float64) for lvl in acc}
     y = torch.zeros(T, D, dtype=torch.float64)
     rho = 2.0**-4
-    for e in torch.unique(local[local >= 0]).tolist():
-        tok, slot = torch.nonzero(local == e, as_tuple=True)
-        wt = kw["weights"][tok, slot].double()[:, None]
-        W1, W3, W2 = w["w1"][e], w["w3"][e], w["w2"][e]
-        xe = x[tok]
-        g, u = xe @ W1.T, xe @ W3.T
-        gc, uc = g.clamp(max=L), u.clamp(-L, L)
-        sg = torch.sigmoid(gc)
-        fg = (sg * (1 + gc * (1 - sg))) * uc * (g < L)
-        fu = gc * sg * (u.abs() < L)
-        a = gc * sg * uc
-        ye = a @ W2.T
+    for tok, wt, W1, W3, W2, xe, g, u, fg, fu, a, ye in _expert_passes(local, x, kw, w, L):
         y.index_add_(0, tok, wt * ye)
         M = fg[:, :, None] * W1 + fu[:, :, None] * W3                       # [P, I, D]
         t_x = torch.einsum("di,pij->pdj", W2, M * ex[tok][:, None, :]).square().sum(-1)
@@ -357,19 +365,8 @@ def rms_variance(kw, level: str) -> tuple[torch.Tensor, str, float]:
     V = torch.zeros(T, D, dtype=torch.float64)
     y = torch.zeros(T, D, dtype=torch.float64)
     b_max = 0.0
-    for e in torch.unique(local[local >= 0]).tolist():
-        tok, slot = torch.nonzero(local == e, as_tuple=True)
-        wt = kw["weights"][tok, slot].double()[:, None]
-        W1, W3, W2 = w["w1"][e], w["w3"][e], w["w2"][e]
+    for tok, wt, W1, W3, W2, xe, g, u, fg, fu, a, ye in _expert_passes(local, x, kw, w, L):
         W2sq = W2.square().T
-        xe = x[tok]
-        g, u = xe @ W1.T, xe @ W3.T
-        gc, uc = g.clamp(max=L), u.clamp(-L, L)
-        sg = torch.sigmoid(gc)
-        fg = (sg * (1 + gc * (1 - sg))) * uc * (g < L)
-        fu = gc * sg * (u.abs() < L)
-        a = gc * sg * uc
-        ye = a @ W2.T
         y.index_add_(0, tok, wt * ye)
         G2 = xe.square() @ W1.square().T + g.square()
         U2 = xe.square() @ W3.square().T + u.square()
